@@ -1,0 +1,505 @@
+"""Image-to-video sampling, video files, and validation during training.
+
+The sampler follows the official LongCat-Video I2V pipeline: the start image, fitted to the nearest
+aspect bucket, is VAE-encoded alone and normalised; it is latent frame 0 of every DiT input (timestep 0,
+``num_cond_latents=1``), so the first frame never drifts. The remaining latent frames start as noise
+and follow flow-match Euler steps over ``linspace(1, 0.001, steps)`` sigmas shifted by ``shift`` (12 at
+480p). With guidance > 1 the conditional and unconditional (empty prompt) passes run as one batch and
+are combined with CFG-Zero*. The DiT predicts ``x0 - eps``; the flow velocity ``dx/dsigma`` is its
+negative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from longcat_data.buckets import (
+    VAE_TEMPORAL_STRIDE,
+    InputTooSmall,
+    aspect_distance,
+    choose_bucket,
+    cover_scale,
+    latent_frames,
+    make_buckets,
+)
+from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
+from longcat_data.video import IMAGE_EXTENSIONS, resize_center_crop
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AREA = (480, 832)
+DEFAULT_FRAMES = 93
+DEFAULT_STEPS = 40
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_SHIFT = 12.0
+DEFAULT_FPS = 15
+# Sampling may enlarge a start image a little (unlike data prep, which never invents pixels), but past
+# 2x most of the condition frame would be interpolation and the video inherits the blur.
+MAX_UPSCALE = 2.0
+# Cropping a start image to its bucket may drop at most half of it; beyond that the video would start
+# from a different picture than the one the user chose.
+MIN_KEPT_FRACTION = 0.5
+
+StepCallback = Callable[[int, int], None]
+
+
+class SampleInputError(ValueError):
+    """Input the sampler refuses; the message is one line a user can act on."""
+
+
+# ---------------------------------------------------------------- schedule and guidance
+
+
+def flow_scheduler(steps: int, shift: float = DEFAULT_SHIFT) -> FlowMatchEulerDiscreteScheduler:
+    """Flow-match Euler over ``linspace(1, 0.001, steps)`` shifted: s' = shift*s / (1 + (shift-1)*s).
+
+    ``scheduler.sigmas`` holds the ``steps`` shifted sigmas and a final 0; ``scheduler.timesteps`` is
+    1000 * sigma. Built fresh per video because the scheduler counts its own steps.
+    """
+    if steps < 1:
+        raise SampleInputError(f"steps must be at least 1, got {steps}")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    # torch's float32 linspace, as upstream builds it (numpy's differs in the last bit for some steps).
+    scheduler.set_timesteps(steps, sigmas=torch.linspace(1.0, 0.001, steps).numpy())
+    return scheduler
+
+
+def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """CFG-Zero*: ``st * u + g * (c - st * u)`` with ``st = <c, u> / ||u||^2`` per sample.
+
+    ``st`` rescales the unconditional prediction onto the conditional one before guiding, which keeps
+    early, inaccurate steps from overshooting. Computed over the whole prediction, condition frame
+    included, as upstream does.
+    """
+    batch = cond.shape[0]
+    c = cond.reshape(batch, -1).float()
+    u = uncond.reshape(batch, -1).float()
+    st = (c * u).sum(dim=1) / (u.square().sum(dim=1) + 1e-8)
+    st = st.view(batch, *([1] * (cond.ndim - 1)))
+    return st * uncond + guidance * (cond - st * uncond)
+
+
+def round_frames(frames: int) -> int:
+    """A 4k+1 frame count (the VAE's temporal stride): others are rounded to the nearest, with a warning."""
+    if frames < 1 + VAE_TEMPORAL_STRIDE:
+        raise SampleInputError(f"frames must be at least {1 + VAE_TEMPORAL_STRIDE}, got {frames}")
+    k = max(1, round((frames - 1) / VAE_TEMPORAL_STRIDE))
+    rounded = 1 + VAE_TEMPORAL_STRIDE * k
+    if rounded != frames:
+        log.warning("frames must be 4k+1 for the VAE: using %d instead of %d", rounded, frames)
+    return rounded
+
+
+# ---------------------------------------------------------------- start image
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """A start image as uint8 [H, W, 3] RGB, upright (EXIF orientation applied)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SampleInputError(f"start image not found: {path}")
+    return decode_image(path.read_bytes(), name=str(path))
+
+
+def decode_image(data: bytes, name: str = "upload") -> np.ndarray:
+    """Image file bytes (PNG, JPEG, WebP, ...) as uint8 [H, W, 3] RGB, upright."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise SampleInputError(f"{name} is not an image that can be read (PNG, JPEG or WebP expected)") from err
+
+
+def fit_start_image(image: np.ndarray, area: tuple[int, int] = DEFAULT_AREA) -> np.ndarray:
+    """Resize and centre-crop a start image to the bucket of ``area`` nearest its aspect ratio."""
+    h, w = image.shape[:2]
+    buckets = make_buckets(area)
+    try:
+        bucket = choose_bucket(h, w, buckets, allow_upscale=True)
+    except InputTooSmall as err:  # raised only for sizes that are not positive
+        raise SampleInputError(f"start image: {err}") from err
+    kept = math.exp(-aspect_distance(h, w, bucket))
+    if kept < MIN_KEPT_FRACTION:
+        raise SampleInputError(
+            f"start image {w}x{h} (WxH) has an extreme aspect ratio {max(w, h) / min(w, h):.1f}:1; its nearest "
+            f"bucket {bucket[1]}x{bucket[0]} would crop away {1 - kept:.0%} of it. Crop it to at most "
+            f"{max(bucket) / min(bucket):.0f}:1 first"
+        )
+    scale = cover_scale(h, w, bucket)
+    if scale > MAX_UPSCALE:
+        smallest = min(buckets, key=lambda b: b[0] * b[1])
+        raise SampleInputError(
+            f"start image {w}x{h} (WxH) is too small: its bucket {bucket[1]}x{bucket[0]} would need {scale:.1f}x "
+            f"upscaling (at most {MAX_UPSCALE:g}x; the smallest bucket of this size family is "
+            f"{smallest[1]}x{smallest[0]}). Use a larger image or a smaller --size"
+        )
+    if scale > 1.0:
+        log.info("start image %dx%d upscaled %.2fx to its bucket %dx%d", w, h, scale, bucket[1], bucket[0])
+    return resize_center_crop(image, *bucket)[0]
+
+
+# ---------------------------------------------------------------- denoising
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters())
+    return param.device, param.dtype
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """fp32 noise [B, *shape]; sample i comes from its own CPU generator seeded ``seeds[i]``.
+
+    Per-sample CPU generators make a video depend only on its own seed: the same on any device and
+    whatever else shares its batch.
+    """
+    noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(noise)
+
+
+@torch.no_grad()
+def denoise(
+    model: torch.nn.Module,
+    cond_latents: torch.Tensor,
+    prompt_embeds: Sequence[torch.Tensor],
+    negative_embeds: torch.Tensor | None,
+    *,
+    frames: int,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    shift: float = DEFAULT_SHIFT,
+    seeds: Sequence[int] = (0,),
+    on_step: StepCallback | None = None,
+    on_latents: Callable[[int, torch.Tensor], None] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Latents [B, 16, T, h, w] (normalised, fp32) for B start frames and prompts.
+
+    ``cond_latents`` [B, 16, 1, h, w] are the encoded start frames; ``prompt_embeds`` B real-token
+    embeddings [L_i, D]; ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1.
+    ``on_step(i, steps)`` is called after each step; ``on_latents(i, latents)`` sees the full latents
+    (condition frame included) the model is given at step i.
+    """
+    batch = cond_latents.shape[0]
+    if len(prompt_embeds) != batch or len(seeds) != batch:
+        raise ValueError(f"{batch} start frames need as many prompts and seeds, got {len(prompt_embeds)}, {len(seeds)}")
+    use_cfg = guidance > 1.0
+    if use_cfg and negative_embeds is None:
+        raise ValueError("guidance > 1 needs the empty negative prompt's embedding")
+    device, dtype = _model_device_dtype(model)
+    cond = cond_latents.to(device, torch.float32)
+    _, channels, _, h, w = cond.shape
+
+    # The unconditional half comes first, as upstream orders it; one forward serves both halves.
+    texts = ([negative_embeds] * batch if use_cfg else []) + list(prompt_embeds)
+    text, mask = pad_text_embeds([t.to(device, dtype) for t in texts])
+
+    noisy = initial_noise((channels, latent_frames(frames) - 1, h, w), seeds).to(device)
+    scheduler = flow_scheduler(steps, shift)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress)):
+        # The clean condition frame is put back in front of the noisy frames at every step.
+        latents = torch.cat([cond, noisy], dim=2)
+        if on_latents is not None:
+            on_latents(i, latents)
+        x = latents.to(dtype)
+        if use_cfg:
+            x = torch.cat([x, x])
+        # Upstream hands the timestep over in the DiT's dtype (bf16 rounds 1000*sigma); matching it keeps
+        # base-model samples the same as the official pipeline's.
+        timestep = t.to(device=device, dtype=dtype).expand(x.shape[0])
+        pred = model(
+            hidden_states=x,
+            timestep=timestep,
+            encoder_hidden_states=text,
+            encoder_attention_mask=mask,
+            num_cond_latents=1,
+        ).float()
+        if use_cfg:
+            uncond, pred = pred.chunk(2)
+            pred = cfg_zero_star(pred, uncond, guidance)
+        # The DiT predicts x0 - eps; the Euler step wants d x / d sigma = eps - x0.
+        noisy = scheduler.step(-pred[:, :, 1:], t, noisy).prev_sample
+        if on_step is not None:
+            on_step(i + 1, steps)
+    return torch.cat([cond, noisy], dim=2)
+
+
+def sample_i2v(
+    model: torch.nn.Module,
+    vae: torch.nn.Module,
+    image: np.ndarray,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    *,
+    frames: int = DEFAULT_FRAMES,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    shift: float = DEFAULT_SHIFT,
+    seed: int = 0,
+    area: tuple[int, int] = DEFAULT_AREA,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """One video, uint8 [F, H, W, 3], from a start image (any size; fitted to its bucket) and a prompt."""
+    frames = round_frames(frames)
+    start = fit_start_image(image, area)
+    cond = encode_image(vae, start[None])
+    latents = denoise(
+        model,
+        cond,
+        [prompt_embeds],
+        negative_embeds,
+        frames=frames,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        seeds=[seed],
+        on_step=on_step,
+        progress=progress,
+    )
+    return decode_latents(vae, latents)[0].numpy()
+
+
+# ---------------------------------------------------------------- video files
+
+
+def _partial_path(path: Path) -> Path:
+    # Written under a temporary name in the same folder and renamed, so a reader (the web page, a
+    # watcher of the validation folder) never sees half a file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int = DEFAULT_FPS, crf: int = 18) -> Path:
+    """uint8 [F, H, W, 3] -> H.264 MP4 (yuv420p, playable in browsers), ``fps`` frames per second."""
+    path = Path(path)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"write_mp4 wants uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    tmp = _partial_path(path)
+    # faststart puts the index first so a browser can start playing before the download ends.
+    with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return tmp.replace(path)
+
+
+def read_mp4(path: str | Path) -> np.ndarray:
+    """All frames of a video file as uint8 [F, H, W, 3]."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def write_gif(frames: np.ndarray, path: str | Path, fps: int = DEFAULT_FPS, max_side: int = 320) -> Path:
+    """A small looping GIF preview, scaled so its longer side is at most ``max_side``."""
+    path = Path(path)
+    h, w = frames.shape[1:3]
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    images = [Image.fromarray(f).resize(size, Image.Resampling.BICUBIC) for f in frames]
+    tmp = _partial_path(path)
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return tmp.replace(path)
+
+
+def write_frames(frames: np.ndarray, directory: str | Path) -> list[Path]:
+    """Each frame as ``directory/frame_00000.png``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"frame_{i:05d}.png" for i in range(len(frames))]
+    for frame, p in zip(frames, paths, strict=True):
+        Image.fromarray(frame).save(p)
+    return paths
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass
+class ValidationPair:
+    """A fixed (start image, prompt) the trainer samples at every validation."""
+
+    key: str
+    image: np.ndarray  # uint8 [H, W, 3]
+    prompt: str
+
+
+def _safe_key(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._") or "pair"
+
+
+def load_validation_pairs(source: str, limit: int) -> list[ValidationPair]:
+    """Up to ``limit`` pairs, in a fixed order, from a folder of images + same-stem ``.txt`` captions,
+    or from eval shards (``cond.png`` + ``txt`` of each sample; any spec ``expand_shard_spec`` takes)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
+        pairs = _folder_pairs(folder, limit)
+    else:
+        pairs = _shard_pairs(source, limit)
+    if not pairs:
+        raise SampleInputError(f"no validation pairs in {source} (expected images with .txt captions, or eval shards)")
+    log.info("validation: %d pairs from %s", len(pairs), source)
+    return pairs
+
+
+def _folder_pairs(folder: Path, limit: int) -> list[ValidationPair]:
+    pairs = []
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]:
+        caption = image.with_suffix(".txt")
+        if not caption.is_file():
+            raise SampleInputError(f"validation image {image} has no caption: write its prompt to {caption}")
+        prompt = caption.read_text(encoding="utf-8").strip()
+        if not prompt:
+            raise SampleInputError(f"validation caption {caption} is empty")
+        pairs.append(ValidationPair(_safe_key(image.stem), load_image(image), prompt))
+    return pairs
+
+
+def _shard_pairs(spec: str, limit: int) -> list[ValidationPair]:
+    import webdataset as wds
+    from longcat_data.stream import expand_shard_spec
+
+    urls = expand_shard_spec(spec)
+    pairs: list[ValidationPair] = []
+    # Shards in the order listed, samples in file order, no shuffling: the same pairs every run.
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        if "cond.png" not in sample or "txt" not in sample:
+            continue
+        pairs.append(
+            ValidationPair(
+                _safe_key(sample["__key__"]),
+                decode_image(sample["cond.png"], name=f"{sample['__key__']}/cond.png"),
+                sample["txt"].decode("utf-8").strip(),
+            )
+        )
+        if len(pairs) == limit:
+            break
+    return pairs
+
+
+def contact_sheet(
+    start: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], columns: int = 4, height: int = 160
+) -> np.ndarray:
+    """A PNG-ready uint8 sheet: per row a label, the start frame, then ``columns`` evenly spaced frames."""
+    scale = height / start.shape[0]
+    width = max(1, round(start.shape[1] * scale))
+    label_w, gap = 72, 4
+    cells = 1 + columns
+    sheet = Image.new("RGB", (label_w + cells * (width + gap), len(rows) * (height + gap) + 18), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((label_w, 2), "start", fill="black")
+
+    def paste(frame: np.ndarray, col: int, row: int) -> None:
+        cell = Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC)
+        sheet.paste(cell, (label_w + col * (width + gap), 18 + row * (height + gap)))
+
+    for r, (label, video) in enumerate(rows):
+        draw.text((4, 18 + r * (height + gap) + height // 2), label, fill="black")
+        paste(start, 0, r)
+        for c, index in enumerate(np.linspace(0, len(video) - 1, columns).round().astype(int)):
+            if r == 0:
+                draw.text((label_w + (c + 1) * (width + gap), 2), f"frame {index}", fill="black")
+            paste(video[index], c + 1, r)
+    return np.asarray(sheet)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def run_validation(
+    model: torch.nn.Module,
+    vae: torch.nn.Module,
+    pairs: Sequence[ValidationPair],
+    embeds: dict[str, torch.Tensor],
+    *,
+    step: int,
+    output_dir: str | Path,
+    frames: int = DEFAULT_FRAMES,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    seed: int = 0,
+    tb_writer: object | None = None,
+    shift: float = DEFAULT_SHIFT,
+    area: tuple[int, int] = DEFAULT_AREA,
+    fps: int = DEFAULT_FPS,
+) -> list[Path]:
+    """Sample every pair with the model as it is (LoRA on) and, where the model carries a peft adapter,
+    with the adapter off; write ``validation/step_XXXXXX/<key>.mp4`` and ``<key>_sheet.png``.
+
+    ``embeds`` maps each prompt, and ``""`` (the negative prompt) when guidance > 1, to its [L, D]
+    embedding. Base-model videos do not change during training, so each is sampled once and kept in
+    ``validation/base/`` under a name carrying its settings. Returns the files written.
+    """
+    root = Path(output_dir) / "validation"
+    step_dir = root / f"step_{step:06d}"
+    negative = embeds.get("") if guidance > 1.0 else None
+    if guidance > 1.0 and negative is None:
+        raise KeyError('validation embeds need the empty negative prompt "" when guidance > 1')
+    settings = dict(frames=frames, steps=steps, guidance=guidance, shift=shift, seed=seed, area=area, progress=False)
+    has_adapter = hasattr(model, "disable_adapter")
+    written: list[Path] = []
+    with _eval_mode(model):
+        for pair in pairs:
+            if pair.prompt not in embeds:
+                raise KeyError(f"validation embeds have no entry for the prompt of {pair.key!r}")
+            video = sample_i2v(model, vae, pair.image, embeds[pair.prompt], negative, **settings)
+            written.append(write_mp4(video, step_dir / f"{pair.key}.mp4", fps=fps))
+            rows = [("LoRA" if has_adapter else "model", video)]
+            if has_adapter:
+                rows.insert(0, ("base", _base_video(model, vae, pair, embeds, negative, root, settings, fps)))
+            sheet = contact_sheet(fit_start_image(pair.image, area), rows)
+            sheet_path = step_dir / f"{pair.key}_sheet.png"
+            Image.fromarray(sheet).save(sheet_path)
+            written.append(sheet_path)
+            if tb_writer is not None:
+                # add_video needs moviepy, which this project does not install; the sheet shows the same.
+                tb_writer.add_image(f"validation/{pair.key}", sheet, global_step=step, dataformats="HWC")
+    log.info("validation at step %d: %d files in %s", step, len(written), step_dir)
+    return written
+
+
+def _base_video(
+    model: torch.nn.Module,
+    vae: torch.nn.Module,
+    pair: ValidationPair,
+    embeds: dict[str, torch.Tensor],
+    negative: torch.Tensor | None,
+    root: Path,
+    settings: dict,
+    fps: int,
+) -> np.ndarray:
+    # The name carries everything the base video depends on, so a changed pair or setting resamples.
+    identity = hashlib.sha256(pair.image.tobytes() + repr((pair.image.shape, pair.prompt, sorted(settings.items()))).encode())
+    name = f"{pair.key}_{identity.hexdigest()[:12]}.mp4"
+    cached = root / "base" / name
+    if cached.is_file():
+        return read_mp4(cached)
+    with model.disable_adapter():
+        video = sample_i2v(model, vae, pair.image, embeds[pair.prompt], negative, **settings)
+    write_mp4(video, cached, fps=fps)
+    return video
