@@ -1,0 +1,198 @@
+"""Generated demo media: small real H.264 clips with captions, and a folder of broken inputs.
+
+The demo and the tests need videos without downloading any. Content moves (a drifting gradient and a
+bouncing disc) so consecutive frames differ, a red square marks the top-left corner as displayed (so a
+wrong rotation shows), and a grey patch in the bottom-right corner has brightness
+``FRAME_INDEX_STEP * i`` in frame i, so tests can tell which source frame they got back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Sizes for prepping the demo clips: every clip covers a bucket of this area without upscaling.
+DEMO_AREA = (192, 320)
+DEMO_FRAMES = 17
+
+FRAME_INDEX_STEP = 6
+MARKER_SIZE = 16
+INDEX_PATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class DemoClip:
+    name: str
+    width: int  # as displayed
+    height: int
+    frames: int
+    fps: int
+    caption: str | None  # None: no sidecar, the missing-caption case
+    rotation: int = 0  # counter-clockwise display rotation stored as metadata
+
+
+DEMO_CLIPS = (
+    DemoClip("beach_waves", 352, 208, 33, 24, "Gentle waves roll onto a sandy beach at sunset, warm light."),
+    DemoClip(
+        "city_night_portrait", 208, 352, 33, 30, "A tall view of a city street at night with moving lights."
+    ),
+    DemoClip("spinning_top", 272, 272, 25, 24, "A colourful spinning top turns on a wooden table, close-up."),
+    DemoClip("long_country_drive", 320, 192, 40, 24, "A car drives along a country road past green fields."),
+    DemoClip("uncaptioned_clip", 320, 240, 21, 30, None),
+    # Phones store portrait video as landscape frames plus a rotation; -90 is what they write.
+    DemoClip(
+        "phone_rotated", 192, 320, 21, 30, "A handheld phone video of a dog running in a park.", rotation=-90
+    ),
+)
+
+
+def synthetic_frames(height: int, width: int, count: int, seed: int = 0) -> np.ndarray:
+    """Moving test pattern, uint8 [count, height, width, 3]; see the module docstring for its marks."""
+    rng = np.random.default_rng(seed)
+    tint = rng.uniform(0.3, 1.0, size=3)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    radius = max(4.0, min(height, width) / 6)
+    frames = np.empty((count, height, width, 3), dtype=np.uint8)
+    for i in range(count):
+        phase = i / max(count - 1, 1)
+        wave = 0.5 + 0.5 * np.sin(2 * np.pi * (x / width + y / height + phase))
+        image = (wave[..., None] * tint * 200).astype(np.uint8)
+        cy = radius + (height - 2 * radius) * abs(np.sin(np.pi * phase * 1.5))
+        cx = radius + (width - 2 * radius) * phase
+        image[(y - cy) ** 2 + (x - cx) ** 2 < radius**2] = (250, 220, 40)
+        image[:MARKER_SIZE, :MARKER_SIZE] = (255, 0, 0)
+        image[-INDEX_PATCH_SIZE:, -INDEX_PATCH_SIZE:] = min(255, FRAME_INDEX_STEP * i)
+        frames[i] = image
+    return frames
+
+
+def frame_indices(frames: np.ndarray) -> list[int]:
+    """The source frame index each frame of ``synthetic_frames`` carries in its grey patch."""
+    patch = frames[:, -INDEX_PATCH_SIZE + 8 : -8, -INDEX_PATCH_SIZE + 8 : -8].astype(np.float32)
+    return [round(float(value) / FRAME_INDEX_STEP) for value in patch.mean(axis=(1, 2, 3))]
+
+
+def write_clip(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: int,
+    *,
+    rotation: int = 0,
+    timestamps: Sequence[float] | None = None,
+    faststart: bool = False,
+) -> Path:
+    """Encode display-oriented uint8 [F, H, W, 3] frames as an H.264 MP4.
+
+    ``rotation`` stores the frames turned back by that angle plus display metadata, as a phone does.
+    ``timestamps`` (seconds, one per frame) make a variable-frame-rate file. ``faststart`` puts the
+    index before the frame data, as streaming sites do.
+    """
+    path = Path(path)
+    quarter_turns = round(rotation / 90)
+    coded = np.rot90(frames, -quarter_turns, axes=(1, 2))
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", format="mp4", options=options) as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "16", "g": "8"})
+        stream.width, stream.height = coded.shape[2], coded.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if timestamps is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if quarter_turns:
+            stream.set_display_rotation(quarter_turns * 90)
+        for i, image in enumerate(coded):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if timestamps is not None:
+                frame.pts, frame.time_base = round(timestamps[i] * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def write_demo_clips(
+    out_dir: str | Path, clips: Sequence[DemoClip] = DEMO_CLIPS, seed: int = 0
+) -> list[Path]:
+    """Write the demo clips (and their sidecar captions) into ``out_dir``; returns the video paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, clip in enumerate(clips):
+        frames = synthetic_frames(clip.height, clip.width, clip.frames, seed=seed + index)
+        path = write_clip(out_dir / f"{clip.name}.mp4", frames, clip.fps, rotation=clip.rotation)
+        if clip.caption is not None:
+            path.with_suffix(".txt").write_text(clip.caption + "\n", encoding="utf-8")
+        paths.append(path)
+    log.info("wrote %d demo clips to %s", len(paths), out_dir)
+    return paths
+
+
+def make_bad_inputs(directory: str | Path) -> dict[str, Path]:
+    """Write one file per input problem prep must survive; returns {problem: path}.
+
+    Unusable: ``zero_byte``, ``truncated`` (MP4 cut short, its index lost), ``truncated_index`` (index
+    first, frame data cut short), ``image`` (a PNG named .mp4), ``audio_only``. Decodable but too
+    small for a clip: ``three_frames``, ``tiny`` (64x48). Valid but tricky: ``unicode_name``,
+    ``variable_rate``, ``rotated`` (display-matrix rotation). ``bad_caption``: a valid clip whose sidecar
+    caption is not UTF-8. Valid clips come with sidecar captions and are 320x192 x 17 frames, so they fit
+    ``DEMO_AREA``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    height, width = DEMO_AREA
+    frames = synthetic_frames(height, width, DEMO_FRAMES, seed=7)
+    paths: dict[str, Path] = {}
+
+    paths["zero_byte"] = directory / "zero_byte.mp4"
+    paths["zero_byte"].write_bytes(b"")
+
+    for name, faststart in (("truncated", False), ("truncated_index", True)):
+        whole = write_clip(directory / f"{name}.mp4", frames, 24, faststart=faststart).read_bytes()
+        paths[name] = directory / f"{name}.mp4"
+        paths[name].write_bytes(whole[: len(whole) * 3 // 5])
+
+    paths["image"] = directory / "still_image.mp4"
+    Image.fromarray(frames[0]).save(paths["image"], format="PNG")
+
+    paths["audio_only"] = _write_audio_only(directory / "audio_only.mp4")
+
+    paths["three_frames"] = write_clip(directory / "three_frames.mp4", frames[:3], 24)
+    paths["tiny"] = write_clip(directory / "tiny.mp4", synthetic_frames(48, 64, DEMO_FRAMES), 24)
+    paths["unicode_name"] = write_clip(directory / "café au lait ☕ 01.mp4", frames, 24)
+    # Frame gaps of 1/30 s and 1/15 s alternate: a phone dropping frames in low light.
+    times = np.cumsum([0.0] + [1 / 30 if i % 2 else 1 / 15 for i in range(DEMO_FRAMES - 1)])
+    paths["variable_rate"] = write_clip(
+        directory / "variable_rate.mp4", frames, 30, timestamps=times.tolist()
+    )
+    paths["rotated"] = write_clip(
+        directory / "rotated.mp4", synthetic_frames(width, height, DEMO_FRAMES, seed=8), 30, rotation=-90
+    )
+    for name in ("three_frames", "tiny", "unicode_name", "variable_rate", "rotated"):
+        paths[name].with_suffix(".txt").write_text(
+            f"A test clip: {name.replace('_', ' ')}.\n", encoding="utf-8"
+        )
+
+    paths["bad_caption"] = write_clip(directory / "bad_caption.mp4", frames, 24)
+    paths["bad_caption"].with_suffix(".txt").write_bytes(b"caf\xe9 \xff\xfe not utf-8\n")
+    return paths
+
+
+def _write_audio_only(path: Path) -> Path:
+    sample_rate, samples = 16000, 1024
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=sample_rate)
+        stream.layout = "mono"
+        tone = np.sin(np.arange(samples * 8) * 2 * np.pi * 440 / sample_rate).astype(np.float32) * 0.2
+        for i, chunk in enumerate(tone.reshape(-1, samples)):
+            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = sample_rate, i * samples
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path

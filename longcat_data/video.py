@@ -1,0 +1,384 @@
+"""Video decoding: probe a file, read the frames of one clip by timestamp, resize and centre-crop.
+
+Frames are chosen by presentation time, not by decode order, so variable-frame-rate files and fps
+resampling are one code path: output frame k of a clip read at ``rate`` fps is the decoded frame whose
+timestamp is nearest to ``start_time + (start + k) / rate``. Frames come out as the viewer sees them:
+rotation metadata (phone videos) is applied.
+
+PyAV is the decoder. decord, when importable, reads constant-frame-rate unrotated files: there frame
+indices are exact and its batched C++ reader avoids PyAV's per-frame Python overhead. It knows nothing
+of rotation or timestamps, so every other file stays on PyAV.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Literal, NamedTuple
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from longcat_data.buckets import cover_scale
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".gif"}
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+# A timestamp gap this much wider or narrower than the typical one marks the file as variable rate.
+VFR_TOLERANCE = 0.1
+
+REENCODE_HINT = "re-encode it, e.g. ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4"
+
+Backend = Literal["auto", "pyav", "decord"]
+
+
+class VideoError(Exception):
+    """A file that cannot be used as a training video; the message is one line: file, reason, fix."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = " ".join(reason.split())
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+class CropBox(NamedTuple):
+    """The source region that became the output, in source pixels (display orientation)."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What ``probe`` learns about a file without decoding more than its first frame."""
+
+    path: Path
+    width: int  # as displayed, after rotation
+    height: int
+    fps: float  # nominal rate for constant-rate files, frames / duration otherwise
+    frame_count: int
+    duration: float  # seconds, first frame shown to last frame gone
+    span: float  # seconds from the first frame's timestamp to the last frame's
+    start_time: float  # timestamp of the first frame, seconds
+    rotation: int  # counter-clockwise degrees applied to decoded frames: 0, 90, 180 or 270
+    variable_frame_rate: bool
+    codec: str
+
+    def frames_at(self, rate: float | None = None) -> int:
+        """How many frames ``read_frames`` can return at ``rate`` fps (None: the file's own frames)."""
+        if rate is None and not self.variable_frame_rate:
+            return self.frame_count
+        return math.floor(self.span * (rate or self.fps) + 1e-6) + 1
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Size, rate, frame count, rotation and codec of a video; VideoError if it cannot be one."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(path, "file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise VideoError(
+            path, "empty file (0 bytes), probably an interrupted copy; copy it again or delete it"
+        )
+    with _open(path) as container:
+        stream = _video_stream(path, container)
+        codec = stream.codec_context.name
+        timestamps, data_end = _frame_timestamps(path, container, stream)
+        if data_end > size:
+            raise VideoError(
+                path,
+                f"truncated: {size} bytes but its index points to byte {data_end}; download it again or {REENCODE_HINT}",
+            )
+        first = _first_frame(path, container, stream)
+        rotation = _rotation(first, stream)
+
+    deltas = np.diff(timestamps)
+    typical = statistics.median(deltas) if len(deltas) else 0.0
+    variable = bool(len(deltas) > 1 and (deltas.max() - deltas.min()) > VFR_TOLERANCE * typical)
+    span = float(timestamps[-1] - timestamps[0])
+    frame_count = len(timestamps)
+    nominal = stream.average_rate or stream.guessed_rate
+    if not variable and nominal:
+        fps = float(nominal)
+    elif span > 0:
+        fps = (frame_count - 1) / span
+    else:
+        fps = float(nominal or 1.0)
+    frame_time = typical if typical > 0 else 1.0 / fps
+    width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+    info = VideoInfo(
+        path=path,
+        width=width,
+        height=height,
+        fps=fps,
+        frame_count=frame_count,
+        duration=span + frame_time,
+        span=span,
+        # Index times are decode times, which B-frames shift; the first decoded frame has the real start.
+        start_time=float(first.time) if first.time is not None else float(timestamps[0]),
+        rotation=rotation,
+        variable_frame_rate=variable,
+        codec=codec,
+    )
+    log.debug("probed %s", info)
+    return info
+
+
+def read_frames(
+    path: str | Path,
+    start: int,
+    count: int,
+    target_fps: float | None = None,
+    *,
+    info: VideoInfo | None = None,
+    backend: Backend = "auto",
+) -> np.ndarray:
+    """Frames ``start .. start + count - 1`` as uint8 [count, H, W, 3] RGB, upright.
+
+    ``start`` and ``count`` are in frames at ``target_fps`` (default: the file's own frames; a
+    variable-rate file is read at its average rate so motion keeps its real speed). Only the frames
+    needed are decoded: a seek to the keyframe before the clip, and decoding stops at its last frame.
+    Pass ``info`` from an earlier ``probe`` to skip probing again.
+    """
+    path = Path(path)
+    info = info or probe(path)
+    rate = target_fps or info.fps
+    if target_fps is not None and target_fps <= 0:
+        raise ValueError(f"target_fps must be positive, got {target_fps}")
+    available = info.frames_at(target_fps)
+    if start < 0 or count < 1 or start + count > available:
+        raise ValueError(
+            f"{path}: frames {start}..{start + count - 1} requested, {available} available at {rate:g} fps"
+        )
+    times = info.start_time + (start + np.arange(count)) / rate
+
+    decord = _decord() if backend in ("auto", "decord") else None
+    if backend == "decord" and decord is None:
+        raise ValueError("backend='decord' requested but decord is not installed (pip install decord)")
+    if decord is not None and (backend == "decord" or (not info.variable_frame_rate and info.rotation == 0)):
+        return _read_decord(decord, info, times)
+    return _read_pyav(info, times)
+
+
+def resize_center_crop(frames: np.ndarray, height: int, width: int) -> tuple[np.ndarray, CropBox]:
+    """Scale [F, H, W, 3] (or one [H, W, 3] image) to cover ``height`` x ``width``, then centre-crop.
+
+    The aspect ratio is kept exactly (the crop box is fractional, so no sub-pixel stretch either);
+    bicubic resampling widens its kernel when shrinking, which is the antialiasing.
+    """
+    single = frames.ndim == 3
+    batch = frames[None] if single else frames
+    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
+        raise ValueError(f"expected uint8 [F, H, W, 3] or [H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    src_h, src_w = batch.shape[1:3]
+    scale = cover_scale(src_h, src_w, (height, width))
+    crop_w, crop_h = width / scale, height / scale
+    left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
+    box = CropBox(left, top, left + crop_w, top + crop_h)
+    out = np.empty((len(batch), height, width, 3), dtype=np.uint8)
+    for i, frame in enumerate(batch):
+        resized = Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC, box=box)
+        out[i] = np.asarray(resized)
+    return (out[0] if single else out), box
+
+
+def find_start_frame(video: str | Path, videos_dir: str | Path, frames_dir: str | Path) -> Path:
+    """The user's start-frame image for ``video``: same relative path and name, an image extension.
+
+    Looks for ``frames_dir/<relative path without extension>.<png|jpg|jpeg|webp>``, then the bare file
+    name at the top of ``frames_dir`` (a flat folder of start frames, as SimpleTuner datasets often are).
+    """
+    video, frames_dir = Path(video), Path(frames_dir)
+    relative = video.relative_to(videos_dir).with_suffix("")
+    for stem in dict.fromkeys((relative, Path(relative.name))):
+        for ext in IMAGE_EXTENSIONS:
+            candidate = frames_dir / stem.with_name(stem.name + ext)
+            if candidate.is_file():
+                return candidate
+    raise VideoError(
+        video,
+        f"no start frame in {frames_dir} (looked for {relative}{{{','.join(IMAGE_EXTENSIONS)}}}); "
+        "add one with the same name or leave out the start-frame folder",
+    )
+
+
+def load_start_frame(image: str | Path, height: int, width: int) -> tuple[np.ndarray, CropBox]:
+    """A start-frame image as uint8 [height, width, 3], upright (EXIF orientation), resized and cropped."""
+    image = Path(image)
+    try:
+        with Image.open(image) as opened:
+            pixels = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise VideoError(image, f"not a readable image ({err}); re-save it as PNG or JPEG") from err
+    return resize_center_crop(pixels, height, width)
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    try:
+        return av.open(str(path), metadata_errors="replace")
+    except av.error.FFmpegError as err:
+        raise VideoError(
+            path,
+            f"not a readable video: corrupt, truncated or not a video (ffmpeg: {_ffmpeg_reason(err)}); {REENCODE_HINT}",
+        ) from err
+
+
+def _video_stream(path: Path, container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    format_name = container.format.name
+    if format_name == "image2" or format_name.endswith("_pipe"):
+        kind = format_name.removesuffix("_pipe").upper()
+        raise VideoError(
+            path, f"is a {kind} image, not a video; rename it or move it out of the video folder"
+        )
+    if not container.streams.video:
+        if container.streams.audio:
+            raise VideoError(path, "audio only, no video stream; move it out of the video folder")
+        raise VideoError(
+            path, f"no video stream (corrupt or truncated: a cut-off MP4 loses its index); {REENCODE_HINT}"
+        )
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _frame_timestamps(
+    path: Path, container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> tuple[np.ndarray, int]:
+    """Sorted frame times in seconds, and the byte offset where the frame data ends (0 if unknown).
+
+    MP4/MOV keep an index of every frame, read without touching the frame data; other containers index
+    only keyframes, so their packets are demuxed (still no decoding).
+    """
+    time_base = float(stream.time_base)
+    entries = [entry for entry in stream.index_entries if not entry.is_discard]
+    if entries and len(entries) == stream.frames:
+        ticks = [entry.timestamp for entry in entries]
+        data_end = max(entry.pos + entry.size for entry in entries)
+    else:
+        try:
+            ticks = [
+                packet.pts if packet.pts is not None else packet.dts
+                for packet in container.demux(stream)
+                if packet.size and (packet.pts is not None or packet.dts is not None)
+            ]
+        except av.error.FFmpegError as err:
+            raise VideoError(path, f"corrupt ({_ffmpeg_reason(err)}); {REENCODE_HINT}") from err
+        container.seek(0)
+        data_end = 0
+    if not ticks:
+        raise VideoError(path, f"the video stream has no frames; {REENCODE_HINT}")
+    return np.sort(np.asarray(ticks, dtype=np.float64)) * time_base, data_end
+
+
+def _first_frame(
+    path: Path, container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> av.VideoFrame:
+    try:
+        for frame in container.decode(stream):
+            return frame
+    except av.error.FFmpegError as err:
+        raise VideoError(
+            path, f"cannot decode its first frame ({_ffmpeg_reason(err)}); {REENCODE_HINT}"
+        ) from err
+    raise VideoError(path, f"no decodable frames (corrupt or truncated); {REENCODE_HINT}")
+
+
+def _rotation(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> int:
+    """Counter-clockwise display rotation, snapped to a quarter turn.
+
+    The display matrix (what phones write) arrives as frame side data; files from older tools carry a
+    clockwise ``rotate`` tag instead.
+    """
+    degrees = frame.rotation
+    if not degrees:
+        tag = stream.metadata.get("rotate", "0")
+        degrees = -int(tag) if tag.lstrip("-").isdigit() else 0
+    return round(degrees / 90) % 4 * 90
+
+
+def _read_pyav(info: VideoInfo, times: np.ndarray) -> np.ndarray:
+    """Nearest decoded frame to each of the ascending ``times``, decoding as little as possible."""
+    quarter_turns = info.rotation // 90
+    picked: list[np.ndarray] = []
+    with _open(info.path) as container:
+        stream = _video_stream(info.path, container)
+        lead_in = times[0] - 1.0 / info.fps
+        if lead_in > info.start_time:
+            container.seek(int(lead_in / float(stream.time_base)), stream=stream, backward=True)
+        previous: tuple[float, av.VideoFrame] | None = None
+        previous_pixels: np.ndarray | None = None
+
+        def pixels_of(frame: av.VideoFrame) -> np.ndarray:
+            return np.rot90(frame.to_ndarray(format="rgb24"), quarter_turns)
+
+        try:
+            for frame in container.decode(stream):
+                now = (
+                    frame.time
+                    if frame.time is not None
+                    else (previous[0] + 1.0 / info.fps if previous else 0.0)
+                )
+                if previous is None and now > times[0]:
+                    # A frame later than the first target, with none before it: the clip starts here.
+                    previous = (now, frame)
+                    continue
+                if previous is not None:
+                    midpoint = (previous[0] + now) / 2
+                    while len(picked) < len(times) and times[len(picked)] <= midpoint:
+                        if previous_pixels is None:
+                            previous_pixels = pixels_of(previous[1])
+                        picked.append(previous_pixels)
+                if len(picked) == len(times):
+                    break
+                previous, previous_pixels = (now, frame), None
+        except av.error.FFmpegError as err:
+            raise VideoError(
+                info.path,
+                f"decoding failed near {len(picked)} frames in ({_ffmpeg_reason(err)}); {REENCODE_HINT}",
+            ) from err
+        if previous is not None and len(picked) < len(times):
+            # The stream ended: targets within one frame of the last frame still belong to it.
+            last_shown_until = previous[0] + 1.0 / info.fps
+            while len(picked) < len(times) and times[len(picked)] < last_shown_until:
+                picked.append(previous_pixels if previous_pixels is not None else pixels_of(previous[1]))
+    if len(picked) < len(times):
+        raise VideoError(
+            info.path,
+            f"truncated: frame data ends near {previous[0] if previous else info.start_time:.2f}s, "
+            f"{info.duration:.2f}s expected; download it again or {REENCODE_HINT}",
+        )
+    return np.ascontiguousarray(np.stack(picked))
+
+
+def _decord() -> ModuleType | None:
+    try:
+        return importlib.import_module("decord")
+    except ImportError:
+        return None
+
+
+def _read_decord(decord: ModuleType, info: VideoInfo, times: np.ndarray) -> np.ndarray:
+    indices = np.clip(np.rint((times - info.start_time) * info.fps), 0, info.frame_count - 1).astype(int)
+    try:
+        reader = decord.VideoReader(str(info.path), ctx=decord.cpu(0))
+        frames = reader.get_batch(indices.tolist()).asnumpy()
+    except Exception as err:  # decord raises its own DECORDError and plain RuntimeErrors alike
+        raise VideoError(info.path, f"decord could not read it ({err}); {REENCODE_HINT}") from err
+    return np.ascontiguousarray(frames, dtype=np.uint8)
+
+
+def _ffmpeg_reason(err: av.error.FFmpegError) -> str:
+    return err.strerror or str(err)

@@ -1,0 +1,232 @@
+import sys
+import types
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from longcat_data.buckets import InputTooSmall, choose_bucket, make_buckets, trim_to_4k_plus_1
+from longcat_data.demo import (
+    DEMO_AREA,
+    DEMO_CLIPS,
+    DEMO_FRAMES,
+    frame_indices,
+    make_bad_inputs,
+    write_demo_clips,
+)
+from longcat_data.video import (
+    CropBox,
+    VideoError,
+    find_start_frame,
+    load_start_frame,
+    probe,
+    read_frames,
+    resize_center_crop,
+)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("demo")
+    write_demo_clips(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_bad_inputs(tmp_path_factory.mktemp("bad inputs"))
+
+
+def is_red(pixel: np.ndarray) -> bool:
+    return bool(pixel[0] > 200 and pixel[1] < 60 and pixel[2] < 60)
+
+
+@pytest.mark.parametrize("clip", DEMO_CLIPS, ids=lambda clip: clip.name)
+def test_demo_clips_probe_and_decode_every_frame_upright(demo_dir: Path, clip) -> None:
+    path = demo_dir / f"{clip.name}.mp4"
+    info = probe(path)
+    assert (info.width, info.height, info.frame_count) == (clip.width, clip.height, clip.frames)
+    assert info.fps == pytest.approx(clip.fps)
+    assert info.duration == pytest.approx(clip.frames / clip.fps)
+    assert info.codec == "h264" and not info.variable_frame_rate
+    assert info.rotation == clip.rotation % 360
+    frames = read_frames(path, 0, clip.frames, info=info)
+    assert frames.dtype == np.uint8 and frames.shape == (clip.frames, clip.height, clip.width, 3)
+    assert frame_indices(frames) == list(range(clip.frames))
+    assert is_red(frames[0, 4, 4]) and not is_red(frames[0, -4, 4]) and not is_red(frames[0, 4, -4])
+    assert path.with_suffix(".txt").exists() == (clip.caption is not None)
+
+
+def test_demo_clips_all_fit_the_demo_buckets(demo_dir: Path) -> None:
+    buckets = make_buckets(DEMO_AREA)
+    for clip in DEMO_CLIPS:
+        choose_bucket(clip.height, clip.width, buckets)
+        assert trim_to_4k_plus_1(clip.frames, DEMO_FRAMES) == DEMO_FRAMES
+    long_clip = max(DEMO_CLIPS, key=lambda clip: clip.frames)
+    assert long_clip.frames >= 2 * DEMO_FRAMES
+
+
+def test_read_from_the_middle_seeks_and_stops(demo_dir: Path) -> None:
+    frames = read_frames(demo_dir / "long_country_drive.mp4", 20, 17)
+    assert frame_indices(frames) == list(range(20, 37))
+
+
+def test_resample_to_a_lower_and_a_higher_rate(demo_dir: Path) -> None:
+    path = demo_dir / "long_country_drive.mp4"  # 40 frames at 24 fps
+    info = probe(path)
+    assert info.frames_at(12) == 20 and info.frames_at(30) == 49
+    assert frame_indices(read_frames(path, 3, 10, target_fps=12)) == list(range(6, 26, 2))
+    # At 30 fps, output frame k shows the source frame nearest k/30 s: round(k * 24 / 30).
+    expected = [int(np.floor(k * 24 / 30 + 0.5)) for k in range(5, 45)]
+    assert frame_indices(read_frames(path, 5, 40, target_fps=30)) == expected
+
+
+def test_variable_frame_rate_is_flagged_and_read_by_timestamp(bad: dict[str, Path]) -> None:
+    path = bad["variable_rate"]
+    info = probe(path)
+    assert info.variable_frame_rate
+    # Gaps alternate 1/15 s and 1/30 s, so 16 gaps span 0.8 s.
+    timestamps = np.cumsum([0.0] + [1 / 30 if i % 2 else 1 / 15 for i in range(DEMO_FRAMES - 1)])
+    assert info.span == pytest.approx(0.8, abs=2e-3)
+    assert info.frames_at(30) == 25
+    frames = read_frames(path, 0, 25, target_fps=30)
+    for k, source in enumerate(frame_indices(frames)):
+        # Each output frame is the source frame nearest k/30 s (at an exact midpoint, either one).
+        assert abs(timestamps[source] - k / 30) <= np.abs(timestamps - k / 30).min() + 2e-3
+    # Without a target rate a variable-rate file is read at its average rate, evenly in time.
+    assert len(read_frames(path, 0, info.frames_at())) == info.frames_at()
+
+
+def test_rotated_phone_video_comes_out_upright(bad: dict[str, Path]) -> None:
+    info = probe(bad["rotated"])
+    assert (info.width, info.height, info.rotation) == (192, 320, 270)
+    frames = read_frames(bad["rotated"], 0, 5, info=info)
+    assert frames.shape == (5, 320, 192, 3)
+    assert is_red(frames[0, 4, 4]) and not is_red(frames[0, -4, -40])
+
+
+@pytest.mark.parametrize(
+    ("problem", "reason"),
+    [
+        ("zero_byte", "empty file"),
+        ("truncated", "truncated"),
+        ("truncated_index", "truncated"),
+        ("image", "PNG image, not a video"),
+        ("audio_only", "audio only"),
+    ],
+)
+def test_unusable_inputs_raise_a_one_line_video_error(
+    bad: dict[str, Path], problem: str, reason: str
+) -> None:
+    with pytest.raises(VideoError, match=reason) as err:
+        probe(bad[problem])
+    message = str(err.value)
+    assert message.startswith(str(bad[problem])) and "\n" not in message
+    assert err.value.path == bad[problem]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(VideoError, match="not found"):
+        probe(tmp_path / "nope.mp4")
+
+
+def test_garbage_with_a_video_extension(tmp_path: Path) -> None:
+    path = tmp_path / "noise.mp4"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoError, match="not a readable video"):
+        probe(path)
+
+
+def test_decodable_but_too_small_inputs_are_rejected_by_the_rules(bad: dict[str, Path]) -> None:
+    assert probe(bad["three_frames"]).frame_count == 3
+    with pytest.raises(InputTooSmall, match="only 3 frames"):
+        trim_to_4k_plus_1(3)
+    tiny = probe(bad["tiny"])
+    with pytest.raises(InputTooSmall, match="64x48"):
+        choose_bucket(tiny.height, tiny.width, make_buckets(DEMO_AREA))
+
+
+def test_unicode_and_spaces_in_the_name(bad: dict[str, Path]) -> None:
+    path = bad["unicode_name"]
+    assert "☕" in path.name and " " in path.name
+    assert read_frames(path, 0, DEMO_FRAMES).shape == (DEMO_FRAMES, 192, 320, 3)
+
+
+def test_requesting_frames_past_the_end(demo_dir: Path) -> None:
+    with pytest.raises(ValueError, match="21 available"):
+        read_frames(demo_dir / "uncaptioned_clip.mp4", 10, 12)
+
+
+def test_resize_center_crop_covers_then_crops_without_stretching() -> None:
+    # 100 x 300 source: thirds red / green / blue. A square output keeps only the green middle.
+    source = np.zeros((2, 100, 300, 3), np.uint8)
+    source[:, :, :100, 0] = source[:, :, 100:200, 1] = source[:, :, 200:, 2] = 255
+    out, box = resize_center_crop(source, 64, 64)
+    assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
+    assert box == CropBox(100.0, 0.0, 200.0, 100.0)
+    assert out[:, 4:-4, 4:-4, 1].min() > 240 and out[:, 4:-4, 4:-4, [0, 2]].max() < 15
+    single, single_box = resize_center_crop(source[0], 48, 96)
+    assert single.shape == (48, 96, 3)
+    assert (single_box.right - single_box.left) / (single_box.bottom - single_box.top) == pytest.approx(2.0)
+
+
+def test_start_frames_from_a_conditioning_folder(tmp_path: Path) -> None:
+    videos, starts = tmp_path / "videos", tmp_path / "starts"
+    (starts / "sub").mkdir(parents=True)
+    Image.new("RGB", (90, 60), (0, 0, 255)).save(starts / "sub" / "a.png")
+    Image.new("RGB", (60, 90), (0, 255, 0)).save(starts / "b.jpg")
+    assert find_start_frame(videos / "sub" / "a.mp4", videos, starts) == starts / "sub" / "a.png"
+    assert find_start_frame(videos / "other" / "b.mov", videos, starts) == starts / "b.jpg"
+    with pytest.raises(VideoError, match="no start frame") as err:
+        find_start_frame(videos / "c.mp4", videos, starts)
+    assert str(videos / "c.mp4") in str(err.value)
+    image, box = load_start_frame(starts / "sub" / "a.png", 32, 32)
+    assert image.shape == (32, 32, 3) and box == CropBox(15.0, 0.0, 75.0, 60.0)
+    (starts / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(VideoError, match="not a readable image"):
+        load_start_frame(starts / "broken.png", 32, 32)
+
+
+def test_start_frame_image_honours_exif_orientation(tmp_path: Path) -> None:
+    landscape = np.zeros((40, 80, 3), np.uint8)
+    landscape[:10, :10] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored landscape, shown turned 90 degrees counter-clockwise
+    Image.fromarray(landscape).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    image, _ = load_start_frame(tmp_path / "phone.jpg", 80, 40)
+    assert image.shape == (80, 40, 3) and is_red(image[-4, 4])
+
+
+def test_decord_is_used_when_present_for_plain_files_only(
+    demo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[int]] = []
+
+    class FakeBatch:
+        def __init__(self, frames: np.ndarray) -> None:
+            self.frames = frames
+
+        def asnumpy(self) -> np.ndarray:
+            return self.frames
+
+    class FakeReader:
+        def __init__(self, path: str, ctx: object) -> None:
+            with av.open(path) as container:
+                self.frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+        def get_batch(self, indices: list[int]) -> FakeBatch:
+            calls.append(indices)
+            return FakeBatch(self.frames[indices])
+
+    fake = types.ModuleType("decord")
+    fake.VideoReader = FakeReader
+    fake.cpu = lambda index: index
+    monkeypatch.setitem(sys.modules, "decord", fake)
+
+    frames = read_frames(demo_dir / "long_country_drive.mp4", 4, 8, target_fps=12)
+    assert calls == [list(range(8, 24, 2))] and frame_indices(frames) == list(range(8, 24, 2))
+    upright = read_frames(demo_dir / "phone_rotated.mp4", 0, 5)
+    assert len(calls) == 1 and upright.shape == (5, 320, 192, 3)
+    assert frame_indices(read_frames(demo_dir / "phone_rotated.mp4", 0, 5, backend="pyav")) == list(range(5))
