@@ -1,0 +1,452 @@
+"""Shards -> training batches: a webdataset pipeline of small iterator stages with an exact resume point.
+
+Stages, each a generator over dict samples (webdataset style):
+
+    shard_urls -> read_tars -> keep_share -> check_samples -> shuffle_samples -> bucket_batches
+               -> skip_batches -> decode_batches
+
+Everything a reader sees is a deterministic function of (seed, epoch, rank, worker): shard order, the
+split of shards (or samples) over ranks and DataLoader workers, and the sample shuffle. Batches are
+formed *before* tensors are decoded, from a cheap header check that rejects corrupt members, so the
+stream position is fully described by one number, the batches this rank has consumed. Resuming at
+batch k replays the stream up to k without decoding a single tensor.
+
+A ``DataLoader`` with W workers takes batches round-robin from worker 0, 1, ... W-1. Worker slot j plays
+the *logical* worker ``(j + k) % W`` when the loader is started at batch k, so the batch the loader
+yields first after a resume is the one the uninterrupted run would have yielded next.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import count
+from math import prod
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from longcat_data.encode import pad_text_embeds
+from longcat_data.hub import is_hf_spec, resolve_hf_shards
+from longcat_data.shards import CAPTION, COND, LATENTS, MANIFEST, META
+from longcat_data.shards import TEXT_EMBEDS as EMBEDS
+
+log = logging.getLogger(__name__)
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+class ShardError(ValueError):
+    """Shards that cannot be trained on as given (none found, wrong encoder or frame count, ...)."""
+
+
+# ---------------------------------------------------------------- shard specs and manifest
+
+
+def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
+    """URLs webdataset can open from: a directory of ``*.tar``, a brace pattern or glob, a list, ``a::b``,
+    ``pipe:cmd`` (braces expand to one command per shard), or a Hugging Face dataset
+    (``hf://datasets/user/name`` or ``user/name``)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for item in specs:
+        urls.extend(_expand_one(str(item)))
+    if not urls:
+        raise ShardError(f"no shards in {spec!r}")
+    return urls
+
+
+def _expand_one(spec: str) -> list[str]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        listed = _manifest_shards(path)
+        tars = listed if listed is not None else sorted(str(p) for p in path.glob("*.tar"))
+        if not tars:
+            raw = any(p.suffix.lower() in {".mp4", ".mov", ".mkv", ".webm", ".avi"} for p in path.iterdir())
+            hint = f"; it holds videos: run `longcat-prep shard {spec} OUT_DIR` first" if raw else ""
+            raise ShardError(f"no shards (*.tar) in directory {spec}{hint}")
+        return tars
+    if is_hf_spec(spec):
+        return resolve_hf_shards(spec)
+    urls = expand_urls(spec)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if local and any(c in spec for c in "*?["):
+        return sorted(f for u in local for f in glob.glob(os.path.expanduser(u)))
+    missing = [u for u in local if not Path(u).expanduser().is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ShardError(f"shard {missing[0]} does not exist{more}")
+    return [os.path.expanduser(u) if u in local else u for u in urls]
+
+
+def _manifest_shards(directory: Path) -> list[str] | None:
+    # The manifest lists finished shards; a half-written one from a running prep must not be read.
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None
+    names = [s["name"] for s in json.loads(manifest.read_text()).get("shards", [])]
+    return [str(directory / n) for n in names if (directory / n).is_file()]
+
+
+def find_manifest(urls: Sequence[str]) -> dict | None:
+    """The ``manifest.json`` beside the first local shard, or None for remote shards without one."""
+    first = urls[0]
+    if "://" in first or first.startswith("pipe:"):
+        return None
+    path = Path(first).expanduser().parent / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_manifest(manifest: dict, *, encoders: dict | None, frames: int | None, where: str = "shards") -> None:
+    """Raise ShardError when the shards were made with other encoders or another frame count."""
+    if encoders is not None and manifest.get("encoders") and manifest["encoders"] != encoders:
+        diff = sorted(k for k in set(encoders) | set(manifest["encoders"]) if encoders.get(k) != manifest["encoders"].get(k))
+        raise ShardError(
+            f"{where} were encoded with other encoders than --model (differ in {', '.join(diff)}: "
+            f"{manifest['encoders'].get(diff[0])!r} vs {encoders.get(diff[0])!r}); re-run longcat-prep shard"
+        )
+    shard_frames = {int(k.rsplit("x", 1)[-1]) for k in manifest.get("buckets", {})}
+    if frames is not None and shard_frames and shard_frames != {frames}:
+        raise ShardError(
+            f"{where} hold clips of {sorted(shard_frames)} frames but the config trains on {frames} frames; "
+            f"set frames to match or re-run longcat-prep shard --frames {frames}"
+        )
+    if manifest.get("complete") is False:
+        log.warning("%s: manifest says prep did not finish; training on the shards written so far", where)
+
+
+# ---------------------------------------------------------------- stream settings and seeding
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int = 1
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    resampled: bool = False  # draw shards with replacement forever instead of shuffled passes
+    shuffle_buffer: int = 64  # samples held for shuffling in each worker
+    need_cond: bool = True  # image-to-video: every sample must carry cond.safetensors
+    latent_frames: int | None = None  # refuse samples with another latent frame count
+    encoders: dict | None = None  # refuse samples whose json names other encoders
+
+
+def _rng(*parts: object) -> random.Random:
+    # Seeding with a string hashes it with sha512: stable across processes, unlike hash().
+    return random.Random("/".join(map(str, parts)))
+
+
+class SkipCounter:
+    """webdataset handler: log and count a bad shard or member, keep streaming."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        if self.count <= 10:
+            log.warning("skipping corrupt data (%d so far): %s", self.count, str(exn).splitlines()[0][:300])
+        return True
+
+
+# ---------------------------------------------------------------- stages
+
+
+def shard_urls(urls: Sequence[str], cfg: StreamConfig, worker: int, workers: int) -> Iterator[dict]:
+    """Shard URLs for one (rank, worker), epoch after epoch, forever.
+
+    Passes shuffle the list with (seed, epoch) and deal it over all ranks x workers; resampled mode
+    draws with (seed, rank, worker). With fewer shards than readers every reader gets every shard and
+    ``keep_share`` deals samples instead.
+    """
+    readers, me = cfg.world_size * workers, cfg.rank * workers + worker
+    if cfg.resampled:
+        rng = _rng(cfg.seed, "resample", cfg.rank, worker)
+        while True:
+            yield dict(url=rng.choice(urls))
+    for epoch in count():
+        order = list(urls)
+        _rng(cfg.seed, "shards", epoch).shuffle(order)
+        yield from (dict(url=u) for u in (order[me::readers] if len(urls) >= readers else order))
+
+
+def read_tars(sources: Iterable[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    """Samples (member bytes keyed by extension) from opened tars; unreadable data goes to ``handler``."""
+    files = tar_file_expander(url_opener(sources, handler=handler), handler=handler)
+    return group_by_keys(files, handler=handler)
+
+
+def keep_share(samples: Iterable[dict], me: int, readers: int) -> Iterator[dict]:
+    """Every ``readers``-th sample, for when there are too few shards to split by shard."""
+    for i, sample in enumerate(samples):
+        if i % readers == me:
+            yield sample
+
+
+def safetensors_header(data: bytes) -> dict[str, dict]:
+    """Tensor name -> {dtype, shape, data_offsets}, checking the byte sizes add up (no tensor decoded)."""
+    if len(data) < 8:
+        raise ValueError("safetensors member shorter than its header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("safetensors header runs past the end of the member")
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        start, stop = info["data_offsets"]
+        if stop - start != _DTYPE_BYTES[info["dtype"]] * prod(info["shape"]):
+            raise ValueError(f"safetensors tensor {name} has the wrong byte size")
+        end = max(end, stop)
+    if 8 + n + end != len(data):
+        raise ValueError(f"safetensors member is {len(data)} bytes, header says {8 + n + end}")
+    return header
+
+
+def _tensor_shape(sample: dict, member: str, name: str) -> tuple[int, ...]:
+    if member not in sample:
+        raise ValueError(f"missing {member}")
+    header = safetensors_header(sample[member])
+    if name not in header:
+        raise ValueError(f"{member} has no tensor {name!r}")
+    return tuple(header[name]["shape"])
+
+
+def check_samples(samples: Iterable[dict], cfg: StreamConfig, handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    """Validate members from their headers and tag each sample with its bucket (latent shape).
+
+    Corrupt or incomplete samples go to ``handler``; samples from other encoders or another frame
+    count stop the run with a ShardError.
+    """
+    for sample in samples:
+        try:
+            shape = _tensor_shape(sample, LATENTS, "latents")
+            if cfg.need_cond:
+                cond = _tensor_shape(sample, COND, "cond_latents")
+                if cond != (shape[0], 1, *shape[2:]):
+                    raise ValueError(f"cond_latents {cond} do not match latents {shape}")
+            if EMBEDS in sample:
+                _tensor_shape(sample, EMBEDS, "embeds")
+            elif CAPTION not in sample:
+                raise ValueError(f"neither {EMBEDS} nor a caption")
+            meta = json.loads(sample[META]) if META in sample else {}
+        except Exception as exn:
+            exn.args = (f"{sample.get('__url__')}: sample {sample.get('__key__')}: {exn}",)
+            if handler(exn):
+                continue
+            raise
+        where = f"{sample.get('__url__')} (sample {sample['__key__']})"
+        if cfg.latent_frames is not None and shape[1] != cfg.latent_frames:
+            raise ShardError(
+                f"{where} has {shape[1]} latent frames, the config wants {cfg.latent_frames}; "
+                f"set frames to match the shards or re-run longcat-prep shard"
+            )
+        found = meta.get("encoders")
+        if cfg.encoders is not None and found is not None and found != cfg.encoders:
+            raise ShardError(f"{where} was encoded with other encoders than --model ({found.get('model')!r})")
+        sample["__shape__"] = shape
+        yield sample
+
+
+def shuffle_samples(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Reservoir shuffle: fill a buffer, then emit a random element for each new sample."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def bucket_batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
+    """Batches whose samples share one latent shape; each bucket fills independently."""
+    pending: dict[tuple[int, ...], list[dict]] = {}
+    for sample in samples:
+        group = pending.setdefault(sample["__shape__"], [])
+        group.append(sample)
+        if len(group) == batch_size:
+            yield pending.pop(sample["__shape__"])
+
+
+def skip_batches(batches: Iterable[list[dict]], n: int) -> Iterator[list[dict]]:
+    """Drop the first n batches undecoded: the resume fast-forward."""
+    it = iter(batches)
+    for _ in range(n):
+        next(it)
+    yield from it
+
+
+class TextCache:
+    """Caption -> [L, D] embeddings for shards stored without ``t5.safetensors`` (see ``write_text_cache``).
+
+    Opened lazily, so each DataLoader worker maps the file itself.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._file = None
+
+    def __getitem__(self, caption: str) -> torch.Tensor:
+        if self._file is None:
+            self._file = safetensors.safe_open(self.path, framework="pt")
+        return self._file.get_tensor(caption_key(caption))
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_file": None}
+
+
+def caption_key(caption: str) -> str:
+    return hashlib.sha1(caption.encode("utf-8")).hexdigest()
+
+
+def decode_batch(samples: list[dict], text_cache: TextCache | None) -> dict:
+    """Raw samples of one bucket -> tensors: latents [B,16,T,h,w], cond_latents [B,16,1,h,w] (when
+    present), embeds [B,L,D] + embeds_mask [B,L] for the real tokens, keys and captions."""
+    loaded = [{m: safetensors.torch.load(s[m]) for m in (LATENTS, COND, EMBEDS) if m in s} for s in samples]
+    captions = [s[CAPTION].decode("utf-8") if CAPTION in s else "" for s in samples]
+    embeds = []
+    for tensors, sample, caption in zip(loaded, samples, captions, strict=True):
+        if EMBEDS in tensors:
+            embeds.append(tensors[EMBEDS]["embeds"])
+        elif text_cache is not None:
+            embeds.append(text_cache[caption])
+        else:
+            raise ShardError(f"sample {sample['__key__']} has no {EMBEDS} and no text-embedding cache was built")
+    padded, mask = pad_text_embeds(embeds)
+    batch = {
+        "latents": torch.stack([t[LATENTS]["latents"] for t in loaded]),
+        "embeds": padded,
+        "embeds_mask": mask,
+        "keys": [s["__key__"] for s in samples],
+        "captions": captions,
+    }
+    if all(COND in t for t in loaded):
+        batch["cond_latents"] = torch.stack([t[COND]["cond_latents"] for t in loaded])
+    return batch
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+def logical_worker(slot: int, workers: int, start_batch: int) -> tuple[int, int]:
+    """(logical worker id, batches it already produced) for DataLoader worker ``slot`` resuming at a
+    global batch index ``start_batch`` of this rank."""
+    worker = (slot + start_batch) % workers
+    return worker, max(0, (start_batch - worker + workers - 1) // workers)
+
+
+class ShardStream(IterableDataset):
+    """Infinite stream of same-bucket batches for one rank; see the module docstring for the order."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        cfg: StreamConfig,
+        *,
+        start_batch: int = 0,
+        text_cache: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if not urls:
+            raise ShardError("empty shard list")
+        self.urls = list(urls)
+        self.cfg = cfg
+        self.start_batch = start_batch
+        self.text_cache = TextCache(text_cache) if text_cache is not None else None
+
+    def raw_batches(self, worker: int, workers: int, handler: Callable[[BaseException], bool]) -> Iterator[list[dict]]:
+        """Undecoded batches of logical ``worker`` from the start of the stream."""
+        cfg = self.cfg
+        readers, me = cfg.world_size * workers, cfg.rank * workers + worker
+        # An infinite stream over shards that give no sample would hang the trainer silently.
+        since_sample = 0
+
+        def counted(sources: Iterator[dict]) -> Iterator[dict]:
+            nonlocal since_sample
+            for source in sources:
+                since_sample += 1
+                if since_sample > 2 * len(self.urls) + 2:
+                    raise ShardError(
+                        f"rank {cfg.rank} worker {worker}: no readable sample in {since_sample - 1} shard reads "
+                        f"of {len(self.urls)} shard(s)" + (" (fewer samples than ranks x workers?)" if readers > 1 else "")
+                    )
+                yield source
+
+        def mark(samples: Iterator[dict]) -> Iterator[dict]:
+            nonlocal since_sample
+            for sample in samples:
+                since_sample = 0
+                yield sample
+
+        samples = read_tars(counted(shard_urls(self.urls, cfg, worker, workers)), handler)
+        if not cfg.resampled and len(self.urls) < readers:
+            # Every reader gets every shard, so deal samples: else two readers train on the same clips.
+            samples = keep_share(samples, me, readers)
+        samples = mark(check_samples(samples, cfg, handler))
+        samples = shuffle_samples(samples, cfg.shuffle_buffer, _rng(cfg.seed, "samples", cfg.rank, worker))
+        return bucket_batches(samples, cfg.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        slot, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, done = logical_worker(slot, workers, self.start_batch)
+        handler = SkipCounter()
+        for batch in skip_batches(self.raw_batches(worker, workers, handler), done):
+            out = decode_batch(batch, self.text_cache)
+            out["skipped"] = handler.count
+            out["worker"] = worker
+            yield out
+
+
+def make_loader(dataset: ShardStream, num_workers: int = 2, pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader over the stream: batching is the stream's, so ``batch_size=None``."""
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin,
+        prefetch_factor=4 if num_workers > 0 else None,
+        # The order must not depend on the global torch RNG (resume restores it after this is built).
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def write_text_cache(path: str | Path, embeds: dict[str, torch.Tensor]) -> Path:
+    """Store caption -> [L, D] embeddings where every loader worker can map them (atomic rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    safetensors.torch.save_file(
+        {caption_key(c): e.to(torch.bfloat16).contiguous().cpu() for c, e in embeds.items()}, str(tmp)
+    )
+    tmp.replace(path)
+    return path
+
+
+def captions_without_embeds(urls: Sequence[str]) -> list[str]:
+    """Captions of samples that carry no ``t5.safetensors``, read from the tars in order (unique)."""
+    handler = SkipCounter()
+    sources = (dict(url=u) for u in urls)
+    found: dict[str, None] = {}
+    for sample in read_tars(sources, handler):
+        if EMBEDS not in sample and CAPTION in sample:
+            found.setdefault(sample[CAPTION].decode("utf-8"))
+    return list(found)
