@@ -13,13 +13,15 @@ of rotation or timestamps, so every other file stays on PyAV.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import math
 import statistics
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import av
 import numpy as np
@@ -40,6 +42,7 @@ VFR_TOLERANCE = 0.1
 REENCODE_HINT = "re-encode it, e.g. ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4"
 
 Backend = Literal["auto", "pyav", "decord"]
+T = TypeVar("T")
 
 
 class VideoError(Exception):
@@ -154,10 +157,10 @@ def read_frames(
     Pass ``info`` from an earlier ``probe`` to skip probing again.
     """
     path = Path(path)
-    info = info or probe(path)
-    rate = target_fps or info.fps
     if target_fps is not None and target_fps <= 0:
         raise ValueError(f"target_fps must be positive, got {target_fps}")
+    info = info or probe(path)
+    rate = target_fps or info.fps
     available = info.frames_at(target_fps)
     if start < 0 or count < 1 or start + count > available:
         raise ValueError(
@@ -304,63 +307,73 @@ def _rotation(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> int:
     """
     degrees = frame.rotation
     if not degrees:
-        tag = stream.metadata.get("rotate", "0")
+        # Matroska upper-cases tag names, so "rotate" may come back as "ROTATE".
+        tag = next((value for key, value in stream.metadata.items() if key.lower() == "rotate"), "0")
         degrees = -int(tag) if tag.lstrip("-").isdigit() else 0
     return round(degrees / 90) % 4 * 90
 
 
-def _read_pyav(info: VideoInfo, times: np.ndarray) -> np.ndarray:
+def _read_pyav(info: VideoInfo, times: np.ndarray, seek: bool = True) -> np.ndarray:
     """Nearest decoded frame to each of the ascending ``times``, decoding as little as possible."""
-    quarter_turns = info.rotation // 90
-    picked: list[np.ndarray] = []
     with _open(info.path) as container:
         stream = _video_stream(info.path, container)
         lead_in = times[0] - 1.0 / info.fps
-        if lead_in > info.start_time:
+        seek = seek and lead_in > info.start_time
+        if seek:
             container.seek(int(lead_in / float(stream.time_base)), stream=stream, backward=True)
-        previous: tuple[float, av.VideoFrame] | None = None
-        previous_pixels: np.ndarray | None = None
-
-        def pixels_of(frame: av.VideoFrame) -> np.ndarray:
-            return np.rot90(frame.to_ndarray(format="rgb24"), quarter_turns)
-
         try:
-            for frame in container.decode(stream):
-                now = (
-                    frame.time
-                    if frame.time is not None
-                    else (previous[0] + 1.0 / info.fps if previous else 0.0)
-                )
-                if previous is None and now > times[0]:
-                    # A frame later than the first target, with none before it: the clip starts here.
-                    previous = (now, frame)
-                    continue
-                if previous is not None:
-                    midpoint = (previous[0] + now) / 2
-                    while len(picked) < len(times) and times[len(picked)] <= midpoint:
-                        if previous_pixels is None:
-                            previous_pixels = pixels_of(previous[1])
-                        picked.append(previous_pixels)
-                if len(picked) == len(times):
-                    break
-                previous, previous_pixels = (now, frame), None
+            timed = _timed_frames(container, stream, info.fps)
+            first = next(timed, None)
+            if seek and first is not None and first[0] > times[0] + 0.5 / info.fps:
+                log.debug("%s: seek landed after %.3fs, decoding from the start", info.path, times[0])
+                return _read_pyav(info, times, seek=False)
+            picked = _nearest_frames(itertools.chain([first] if first else [], timed), times, 1.0 / info.fps)
+            pixels: dict[int, np.ndarray] = {}
+            for frame in picked:
+                if id(frame) not in pixels:
+                    pixels[id(frame)] = np.rot90(frame.to_ndarray(format="rgb24"), info.rotation // 90)
         except av.error.FFmpegError as err:
-            raise VideoError(
-                info.path,
-                f"decoding failed near {len(picked)} frames in ({_ffmpeg_reason(err)}); {REENCODE_HINT}",
-            ) from err
-        if previous is not None and len(picked) < len(times):
-            # The stream ended: targets within one frame of the last frame still belong to it.
-            last_shown_until = previous[0] + 1.0 / info.fps
-            while len(picked) < len(times) and times[len(picked)] < last_shown_until:
-                picked.append(previous_pixels if previous_pixels is not None else pixels_of(previous[1]))
+            raise VideoError(info.path, f"decoding failed ({_ffmpeg_reason(err)}); {REENCODE_HINT}") from err
     if len(picked) < len(times):
         raise VideoError(
             info.path,
-            f"truncated: frame data ends near {previous[0] if previous else info.start_time:.2f}s, "
-            f"{info.duration:.2f}s expected; download it again or {REENCODE_HINT}",
+            f"truncated: frames stop before {times[len(picked)]:.2f}s of {info.duration:.2f}s; "
+            f"download it again or {REENCODE_HINT}",
         )
-    return np.ascontiguousarray(np.stack(picked))
+    return np.ascontiguousarray(np.stack([pixels[id(frame)] for frame in picked]))
+
+
+def _timed_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, fps: float
+) -> Iterator[tuple[float, av.VideoFrame]]:
+    """Decoded frames with their presentation time; a frame without one follows its predecessor."""
+    now = 0.0
+    for frame in container.decode(stream):
+        now = frame.time if frame.time is not None else now + 1.0 / fps
+        yield now, frame
+
+
+def _nearest_frames(timed: Iterable[tuple[float, T]], times: np.ndarray, frame_time: float) -> list[T]:
+    """For each ascending target time, the item with the nearest timestamp (at a tie, the earlier).
+
+    Items arrive in time order; an item is settled once the next one shows where its half of the gap
+    ends, and iteration stops as soon as every target is settled. Targets after the last item are its
+    own while it is still on screen (``frame_time``); beyond that the list comes back short.
+    """
+    picked: list[T] = []
+    previous: tuple[float, T] | None = None
+    for now, item in timed:
+        if previous is not None:
+            midpoint = (previous[0] + now) / 2
+            while len(picked) < len(times) and times[len(picked)] <= midpoint:
+                picked.append(previous[1])
+            if len(picked) == len(times):
+                return picked
+        previous = (now, item)
+    if previous is not None:
+        while len(picked) < len(times) and times[len(picked)] < previous[0] + frame_time:
+            picked.append(previous[1])
+    return picked
 
 
 def _decord() -> ModuleType | None:

@@ -14,6 +14,7 @@ from longcat_data.demo import (
     DEMO_FRAMES,
     frame_indices,
     make_bad_inputs,
+    synthetic_frames,
     write_demo_clips,
 )
 from longcat_data.video import (
@@ -105,6 +106,27 @@ def test_rotated_phone_video_comes_out_upright(bad: dict[str, Path]) -> None:
     frames = read_frames(bad["rotated"], 0, 5, info=info)
     assert frames.shape == (5, 320, 192, 3)
     assert is_red(frames[0, 4, 4]) and not is_red(frames[0, -4, -40])
+
+
+def test_matroska_with_an_old_style_rotate_tag(tmp_path: Path) -> None:
+    # Older tools wrote a clockwise "rotate" tag instead of a display matrix; Matroska keeps only tags,
+    # and has no per-frame index, so this also covers the demux-and-count path.
+    upright = synthetic_frames(320, 192, 24)
+    path = tmp_path / "old_phone.mkv"
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("libx264", rate=24, options={"g": "8"})
+        stream.width, stream.height, stream.pix_fmt = 320, 192, "yuv420p"
+        stream.metadata["rotate"] = "90"
+        for image in np.rot90(upright, 1, axes=(1, 2)):
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+            )
+        container.mux(stream.encode())
+    info = probe(path)
+    assert (info.width, info.height, info.frame_count, info.rotation) == (192, 320, 24, 270)
+    frames = read_frames(path, 13, 9, info=info)
+    assert frames.shape == (9, 320, 192, 3) and is_red(frames[0, 4, 4])
+    assert frame_indices(frames) == list(range(13, 22))
 
 
 @pytest.mark.parametrize(
