@@ -1,0 +1,454 @@
+"""Preview page: upload a start frame, type a prompt, watch progress, play and download the video.
+
+A small Starlette app with one plain HTML page (no external scripts or styles: the page must work on
+machines without network). Generation is slow and holds the GPU, so jobs go into a queue served by one
+worker thread, one at a time; the page polls the job's state. The app knows nothing about models: it
+calls a ``generate(request, on_step)`` function that returns the video frames, which makes the page
+testable with a stand-in and lets the CLI plug in the real sampler.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from longcat_train.sample import (
+    DEFAULT_AREA,
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    SampleInputError,
+    StepCallback,
+    decode_image,
+    fit_start_image,
+    round_frames,
+    write_mp4,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_MB = 20
+MAX_QUEUED = 16
+MAX_PROMPT_CHARS = 4000
+MAX_STEPS = 200
+MAX_FRAMES = 257
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One video to make, as the page asked for it (already validated)."""
+
+    image: np.ndarray  # uint8 [H, W, 3], fitted to its bucket
+    prompt: str
+    lora: str | None  # a name from the server's LoRA list, None for the base model
+    lora_strength: float
+    steps: int
+    seed: int
+    frames: int
+    guidance: float
+
+
+GenerateFn = Callable[[GenerationRequest, StepCallback], np.ndarray]
+
+
+@dataclass
+class Job:
+    id: str
+    request: GenerationRequest
+    state: str = "queued"  # queued -> running -> done | error
+    step: int = 0
+    error: str | None = None
+    video: Path | None = None
+    seconds: float | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class JobQueue:
+    """Jobs in submission order, run one at a time by a worker thread."""
+
+    def __init__(self, generate: GenerateFn, output_dir: Path, fps: int = DEFAULT_FPS) -> None:
+        self.generate = generate
+        self.output_dir = output_dir
+        self.fps = fps
+        self.jobs: dict[str, Job] = {}
+        self._pending: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._work, name="longcat-generate", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._pending.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, request: GenerationRequest) -> Job:
+        with self._lock:
+            waiting = sum(j.state == "queued" for j in self.jobs.values())
+            if waiting >= MAX_QUEUED:
+                raise HTTPException(429, f"the queue is full ({waiting} videos waiting); try again later")
+            # A counter, not a random id: the server is local and single-user, ids only need to be unique.
+            job = Job(id=f"{next(self._ids):05d}", request=request)
+            self.jobs[job.id] = job
+        self._pending.put(job)
+        log.info("job %s queued: %r", job.id, request.prompt[:80])
+        return job
+
+    def position(self, job: Job) -> int:
+        """How many jobs run or wait before this one."""
+        with self._lock:
+            return sum(
+                j.state in ("queued", "running") and j.submitted < job.submitted for j in self.jobs.values()
+            )
+
+    def _work(self) -> None:
+        while (job := self._pending.get()) is not None:
+            job.state = "running"
+            started = time.monotonic()
+
+            def on_step(step: int, total: int, job: Job = job) -> None:
+                job.step = step
+
+            try:
+                video = self.generate(job.request, on_step)
+                job.video = write_mp4(video, self.output_dir / f"longcat_{job.id}.mp4", fps=self.fps)
+                job.state = "done"
+            except Exception as err:  # the page shows any failure; the worker must stay alive for the next job
+                log.exception("job %s failed", job.id)
+                job.error = str(err) or type(err).__name__
+                job.state = "error"
+            job.seconds = time.monotonic() - started
+
+
+def _job_json(jobs: JobQueue, job: Job) -> dict:
+    return {
+        "id": job.id,
+        "state": job.state,
+        "step": job.step,
+        "steps": job.request.steps,
+        "position": jobs.position(job) if job.state == "queued" else 0,
+        "error": job.error,
+        "video": f"/videos/{job.id}.mp4" if job.state == "done" else None,
+        "seconds": job.seconds,
+        "prompt": job.request.prompt,
+    }
+
+
+def _field(form, name: str, cast: type, low: float, high: float, default: float | int | None = None):
+    raw = form.get(name)
+    if raw is None or str(raw).strip() == "":
+        if default is None:
+            raise HTTPException(400, f"{name} is missing")
+        return default
+    try:
+        value = cast(str(raw).strip())
+    except ValueError:
+        raise HTTPException(400, f"{name} must be a number, got {str(raw)[:40]!r}") from None
+    if not low <= value <= high:
+        raise HTTPException(400, f"{name} must be between {low:g} and {high:g}, got {value:g}")
+    return value
+
+
+def create_app(
+    generate: GenerateFn,
+    *,
+    output_dir: str | Path,
+    loras: list[str] | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    area: tuple[int, int] = DEFAULT_AREA,
+    frames: int = DEFAULT_FRAMES,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    fps: int = DEFAULT_FPS,
+) -> Starlette:
+    """The preview app. ``loras`` are the names offered in the page's LoRA menu (besides none)."""
+    jobs = JobQueue(generate, Path(output_dir), fps=fps)
+    lora_names = list(loras or [])
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    defaults = dict(frames=frames, steps=steps, guidance=guidance)
+
+    async def page(request: Request) -> Response:
+        options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>' for n in lora_names)
+        body = (
+            PAGE.replace("{{LORA_OPTIONS}}", options)
+            .replace("{{MAX_MB}}", f"{max_upload_mb:g}")
+            .replace("{{AREA}}", f"{area[0]}x{area[1]}")
+        )
+        for key, value in defaults.items():
+            body = body.replace("{{" + key.upper() + "}}", f"{value:g}")
+        return HTMLResponse(body)
+
+    async def submit(request: Request) -> Response:
+        # Refuse big uploads before reading them; the header is what a browser's form upload sends.
+        length = request.headers.get("content-length")
+        if length is None:
+            raise HTTPException(411, "the upload must state its size (Content-Length)")
+        if int(length) > max_bytes + 64 * 1024:
+            raise HTTPException(413, f"the upload is {int(length) / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
+        async with request.form(max_files=1, max_fields=16) as form:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile) or not upload.filename:
+                raise HTTPException(400, "choose a start image first")
+            data = await upload.read()
+            if len(data) > max_bytes:
+                raise HTTPException(413, f"the image is {len(data) / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
+            prompt = str(form.get("prompt") or "").strip()
+            if not prompt:
+                raise HTTPException(400, "type a prompt describing the motion")
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise HTTPException(400, f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+            lora = str(form.get("lora") or "") or None
+            if lora is not None and lora not in lora_names:
+                raise HTTPException(400, f"unknown LoRA {lora!r}")
+            wanted_frames = _field(form, "frames", int, 5, MAX_FRAMES, frames)
+            try:
+                image = fit_start_image(decode_image(data, name=upload.filename), area)
+            except SampleInputError as err:
+                raise HTTPException(400, str(err)) from None
+            request_ = GenerationRequest(
+                image=image,
+                prompt=prompt,
+                lora=lora,
+                lora_strength=_field(form, "lora_strength", float, -4.0, 4.0, 1.0),
+                steps=_field(form, "steps", int, 1, MAX_STEPS, steps),
+                seed=_field(form, "seed", int, 0, 2**63 - 1, 0),
+                frames=round_frames(wanted_frames),
+                guidance=_field(form, "guidance", float, 0.0, 20.0, guidance),
+            )
+        job = jobs.submit(request_)
+        payload = _job_json(jobs, job)
+        if request_.frames != wanted_frames:
+            payload["note"] = f"frames must be 4k+1: using {request_.frames}"
+        return JSONResponse(payload, status_code=202)
+
+    async def status(request: Request) -> Response:
+        job = jobs.jobs.get(request.path_params["job_id"])
+        if job is None:
+            raise HTTPException(404, "no such job")
+        return JSONResponse(_job_json(jobs, job))
+
+    async def video(request: Request) -> Response:
+        job = jobs.jobs.get(request.path_params["job_id"])
+        if job is None or job.video is None:
+            raise HTTPException(404, "no such video")
+        return FileResponse(job.video, media_type="video/mp4", filename=job.video.name)
+
+    async def error(request: Request, exc: HTTPException) -> Response:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        jobs.start()
+        try:
+            yield
+        finally:
+            jobs.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/", page),
+            Route("/api/jobs", submit, methods=["POST"]),
+            Route("/api/jobs/{job_id}", status),
+            Route("/videos/{job_id}.mp4", video),
+        ],
+        exception_handlers={HTTPException: error},
+        lifespan=lifespan,
+    )
+    app.state.jobs = jobs
+    return app
+
+
+def serve(app: Starlette, host: str = "127.0.0.1", port: int = 7860) -> None:
+    import uvicorn
+
+    log.info("preview page on http://%s:%d", host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>longcat preview</title>
+<style>
+  body { font: 15px/1.45 system-ui, sans-serif; margin: 0; background: #f4f4f6; color: #1d1d22; }
+  header { background: #1d1d22; color: #fff; padding: 10px 20px; font-weight: 600; }
+  main { display: flex; flex-wrap: wrap; gap: 20px; padding: 20px; }
+  section { background: #fff; border-radius: 8px; padding: 16px; box-shadow: 0 1px 3px #0002; }
+  #form { flex: 0 1 380px; }
+  #results { flex: 1 1 480px; }
+  label { display: block; margin: 10px 0 3px; font-weight: 600; font-size: 13px; }
+  input, select, textarea, button { font: inherit; box-sizing: border-box; width: 100%; }
+  textarea { height: 90px; }
+  .row { display: flex; gap: 10px; }
+  .row > div { flex: 1; }
+  button { margin-top: 14px; padding: 8px; background: #3457d5; color: #fff; border: 0; border-radius: 6px; }
+  button:disabled { background: #999; }
+  #preview { max-width: 100%; max-height: 200px; margin-top: 8px; display: none; border-radius: 4px; }
+  .hint { color: #666; font-size: 12px; }
+  #message { margin-top: 12px; padding: 8px; border-radius: 6px; display: none; }
+  #message.error { display: block; background: #fde8e8; color: #a01919; }
+  #message.note { display: block; background: #eef3fd; color: #22408f; }
+  progress { width: 100%; }
+  .job { border-top: 1px solid #ddd; padding: 10px 0; }
+  .job video { max-width: 100%; max-height: 480px; display: block; background: #000; }
+  .job .meta { color: #555; font-size: 13px; margin: 4px 0; }
+</style>
+</head>
+<body>
+<header>longcat &middot; image-to-video preview</header>
+<main>
+<section id="form">
+  <form id="generate">
+    <label for="image">Start frame</label>
+    <input id="image" name="image" type="file" accept="image/png,image/jpeg,image/webp">
+    <div class="hint">PNG, JPEG or WebP, up to {{MAX_MB}} MB; resized and cropped to the bucket of {{AREA}} pixels nearest its shape.</div>
+    <img id="preview" alt="start frame preview">
+    <label for="prompt">Prompt</label>
+    <textarea id="prompt" name="prompt" placeholder="What happens in the video"></textarea>
+    <div class="row">
+      <div><label for="lora">LoRA</label>
+        <select id="lora" name="lora"><option value="">none (base model)</option>{{LORA_OPTIONS}}</select></div>
+      <div><label for="lora_strength">Strength</label>
+        <input id="lora_strength" name="lora_strength" type="number" value="1.0" step="0.05"></div>
+    </div>
+    <div class="row">
+      <div><label for="steps">Steps</label><input id="steps" name="steps" type="number" value="{{STEPS}}" min="1"></div>
+      <div><label for="seed">Seed</label><input id="seed" name="seed" type="number" value="0" min="0"></div>
+    </div>
+    <div class="row">
+      <div><label for="frames">Frames</label><input id="frames" name="frames" type="number" value="{{FRAMES}}" min="5"></div>
+      <div><label for="guidance">Guidance</label>
+        <input id="guidance" name="guidance" type="number" value="{{GUIDANCE}}" step="0.5" min="0"></div>
+    </div>
+    <button id="submit" type="submit">Generate</button>
+    <div id="message" role="alert"></div>
+  </form>
+</section>
+<section id="results">
+  <div id="empty" class="hint">Videos appear here, newest first. One is made at a time; others wait in the queue.</div>
+  <div id="jobs"></div>
+</section>
+</main>
+<script>
+const form = document.getElementById("generate");
+const message = document.getElementById("message");
+const imageInput = document.getElementById("image");
+const preview = document.getElementById("preview");
+
+function show(text, kind) {
+  message.textContent = text;
+  message.className = text ? kind : "";
+}
+
+imageInput.addEventListener("change", () => {
+  const file = imageInput.files[0];
+  if (file && file.type.startsWith("image/")) {
+    preview.src = URL.createObjectURL(file);
+    preview.style.display = "block";
+  } else {
+    preview.style.display = "none";
+  }
+});
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  show("", "");
+  const button = document.getElementById("submit");
+  button.disabled = true;
+  try {
+    const response = await fetch("/api/jobs", { method: "POST", body: new FormData(form) });
+    const job = await response.json().catch(() => ({ error: "the server answered " + response.status }));
+    if (!response.ok) { show(job.error || ("error " + response.status), "error"); return; }
+    if (job.note) show(job.note, "note");
+    addJob(job);
+  } catch (err) {
+    show("could not reach the server: " + err, "error");
+  } finally {
+    button.disabled = false;
+  }
+});
+
+function addJob(job) {
+  document.getElementById("empty").style.display = "none";
+  const card = document.createElement("div");
+  card.className = "job";
+  card.id = "job-" + job.id;
+  const title = document.createElement("div");
+  title.className = "meta";
+  title.textContent = "#" + job.id + ": " + job.prompt;
+  const bar = document.createElement("progress");
+  bar.max = job.steps;
+  bar.value = 0;
+  const state = document.createElement("div");
+  state.className = "meta state";
+  card.append(title, bar, state);
+  document.getElementById("jobs").prepend(card);
+  poll(job.id, card, bar, state);
+}
+
+async function poll(id, card, bar, state) {
+  let job;
+  try {
+    job = await (await fetch("/api/jobs/" + id)).json();
+  } catch (err) {
+    state.textContent = "lost contact with the server, retrying";
+    setTimeout(() => poll(id, card, bar, state), 2000);
+    return;
+  }
+  bar.value = job.step;
+  if (job.state === "queued") {
+    state.textContent = "waiting: " + job.position + " ahead in the queue";
+  } else if (job.state === "running") {
+    state.textContent = "step " + job.step + " of " + job.steps;
+  } else if (job.state === "error") {
+    bar.remove();
+    state.textContent = "failed: " + job.error;
+    state.style.color = "#a01919";
+    return;
+  } else if (job.state === "done") {
+    bar.remove();
+    const video = document.createElement("video");
+    video.src = job.video;
+    video.controls = true;
+    video.loop = true;
+    video.autoplay = true;
+    video.muted = true;
+    const link = document.createElement("a");
+    link.href = job.video;
+    link.download = "longcat_" + id + ".mp4";
+    link.textContent = "download MP4";
+    state.textContent = "done in " + job.seconds.toFixed(1) + " s \u00b7 ";
+    state.append(link);
+    card.insertBefore(video, state);
+    return;
+  }
+  setTimeout(() => poll(id, card, bar, state), 500);
+}
+</script>
+</body>
+</html>
+"""
