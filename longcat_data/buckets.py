@@ -72,10 +72,10 @@ def choose_bucket(h: int, w: int, buckets: list[Bucket], allow_upscale: bool = F
     Rule for small sources: the frame is resized by ``cover_scale`` to cover the bucket; a scale above
     1.0 would invent pixels, so without ``allow_upscale`` such a source raises ``InputTooSmall`` naming
     the size it would need. Only the nearest-aspect bucket is considered: falling back to a far aspect
-    would crop away most of the frame.
+    would crop away most of the frame. A source with no pixels raises InputTooSmall too.
     """
     if h <= 0 or w <= 0:
-        raise ValueError(f"source size must be positive, got {h}x{w}")
+        raise InputTooSmall(f"{w}x{h} (WxH) has no pixels")
     if not buckets:
         raise ValueError("no buckets to choose from")
     bucket = min(buckets, key=lambda b: (aspect_distance(h, w, b), b[0] * b[1]))

@@ -1,7 +1,8 @@
 """Captions for clips: a sidecar .txt, a jsonl/csv mapping, the file name, or a captioner.
 
-Every caption goes through ``clean_caption``, the same normalisation the official pipeline gives a
-prompt before the text encoder, so training text matches what users will type at inference.
+Every caption goes through ``clean_caption``, which normalises text the way the official pipeline
+cleans a prompt before its text encoder (broken encodings, HTML entities, whitespace), so training text
+matches what users will type at inference.
 ``resolve_caption`` also returns where the caption came from, which prep records per sample.
 """
 
@@ -19,8 +20,8 @@ from typing import Literal, Protocol
 
 log = logging.getLogger(__name__)
 
+# Both the strategy asked for and the source recorded per sample.
 CaptionSource = Literal["textfile", "mapping", "filename", "captioner"]
-Strategy = Literal["textfile", "mapping", "filename", "captioner"]
 
 # Column / field names accepted in mapping files; Hugging Face's metadata.jsonl uses file_name + text.
 FILE_FIELDS = ("file_name", "file", "filename", "path", "video")
@@ -107,7 +108,7 @@ def load_caption_mapping(path: str | Path) -> dict[str, str]:
 
 def resolve_caption(
     video: str | Path,
-    strategy: Strategy = "textfile",
+    strategy: CaptionSource = "textfile",
     *,
     videos_dir: str | Path | None = None,
     mapping: Mapping[str, str] | None = None,

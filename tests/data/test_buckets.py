@@ -74,6 +74,8 @@ def test_orientations_land_in_matching_buckets() -> None:
     assert choose_bucket(1080, 1080, buckets) == (640, 640)
     with pytest.raises(InputTooSmall, match="320x240"):
         choose_bucket(240, 320, buckets)
+    with pytest.raises(InputTooSmall, match="no pixels"):
+        choose_bucket(0, 320, buckets)
 
 
 @given(available=st.integers(0, 500), max_frames=st.integers(5, 200))
