@@ -1,0 +1,617 @@
+"""The LongCat-Video DiT (13.6B, single stream), with image-to-video conditioning.
+
+One file, bottom-up: config, rotary tables, numerics helpers, embedders, attention, feed-forward, the block,
+the final layer, the model. Parameter names and shapes are those of the official ``dit/`` checkpoint, so it
+loads with ``strict=True``; the arithmetic follows the official model, including where it runs in fp32
+(timestep embedding, adaLN modulation, the modulated LayerNorms, q/k RMSNorm and RoPE, the output layer).
+
+Image-to-video: the first ``num_cond_latents`` latent frames are the clean condition. Their timestep is
+forced to 0; in self-attention they attend only to each other while noisy tokens attend to all tokens;
+they get no text cross-attention. All three rules are visible in :class:`LongCatBlock`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from longcat_train.attention import IMPLEMENTATIONS, AttentionImplementation, attention
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_CLASS_NAME = "LongCatVideoTransformer3DModel"
+CheckpointMode = Literal["none", "full", "selective"]
+CHECKPOINT_MODES: tuple[str, ...] = ("none", "full", "selective")
+
+# Official config keys that select kernels or multi-GPU layout in the official code. They do not change
+# what the model computes; we keep them so a saved config.json still loads in the official code.
+_OFFICIAL_RUNTIME_KEYS = frozenset(
+    {"enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "cp_split_hw"}
+)
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class DiTConfig:
+    """Hyper-parameters of the DiT. Field names follow the official ``dit/config.json``."""
+
+    hidden_size: int = 4096
+    depth: int = 48
+    num_heads: int = 32
+    in_channels: int = 16
+    out_channels: int = 16
+    caption_channels: int = 4096
+    mlp_ratio: float = 4
+    adaln_tembed_dim: int = 512
+    frequency_embedding_size: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    # Official: padded text positions are zeroed after the caption embedder and still attended to.
+    text_tokens_zero_pad: bool = True
+    # Length the official pipeline pads every prompt to (tokenizer max_length).
+    text_max_length: int = 512
+    attention_implementation: AttentionImplementation = "sdpa"
+    # Keyword arguments for the block-sparse kernel (the official config's ``bsa_params``).
+    block_sparse_params: dict[str, Any] | None = None
+    # Official keys read from a config.json that do not affect the computation, written back on save.
+    official_extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(self.patch_size)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 8:
+            raise ValueError(f"head dim {self.head_dim} must be a multiple of 8 for the 3D RoPE split")
+        if len(self.patch_size) != 3 or self.patch_size[0] != 1:
+            # Timesteps and modulation are per latent frame, so patches must not merge frames.
+            raise ValueError(f"patch_size must be (1, ph, pw), got {self.patch_size}")
+        if self.frequency_embedding_size % 2:
+            raise ValueError("frequency_embedding_size must be even (cos and sin halves)")
+        if self.attention_implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation {self.attention_implementation!r} is not one of {IMPLEMENTATIONS}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """SwiGLU width: 2/3 of ``mlp_ratio * hidden``, rounded up to a multiple of 256 (11008 for full)."""
+        hidden = int(2 * int(self.hidden_size * self.mlp_ratio) / 3)
+        return 256 * math.ceil(hidden / 256)
+
+    @classmethod
+    def full(cls) -> DiTConfig:
+        """The released 13.6B model."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> DiTConfig:
+        """A few-hundred-thousand-parameter model with the same structure, for tests and ``--model tiny``."""
+        return cls(hidden_size=128, depth=2, num_heads=2, caption_channels=64, adaln_tembed_dim=64)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> DiTConfig:
+        """Read an official ``dit/config.json`` (or one written by :meth:`to_dict`)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"official_extras", "block_sparse_params"}
+        kwargs: dict[str, Any] = {}
+        extras: dict[str, Any] = {}
+        for key, value in config.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in ("bsa_params", "block_sparse_params"):
+                kwargs["block_sparse_params"] = value
+            else:
+                extras[key] = value
+        unknown = sorted(k for k in extras if k not in _OFFICIAL_RUNTIME_KEYS and not k.startswith("_"))
+        if unknown:
+            log.warning("DiT config: unknown keys kept but unused: %s", ", ".join(unknown))
+        runtime = sorted(k for k in extras if k in _OFFICIAL_RUNTIME_KEYS)
+        if runtime:
+            log.info(
+                "DiT config: official runtime keys recorded, not used (%s); the attention kernel is chosen by "
+                "attention_implementation=%r",
+                ", ".join(f"{k}={extras[k]}" for k in runtime),
+                kwargs.get("attention_implementation", cls.attention_implementation),
+            )
+        return cls(**kwargs, official_extras=extras)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A config.json the official ``LongCatVideoTransformer3DModel`` and :meth:`from_dict` both read."""
+        out: dict[str, Any] = {"_class_name": OFFICIAL_CLASS_NAME, **self.official_extras}
+        for f in dataclasses.fields(self):
+            if f.name == "official_extras":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "block_sparse_params":
+                if value is not None:
+                    out["bsa_params"] = value
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+# ------------------------------------------------------------------------------------------ 3D RoPE
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of one head given to the t / h / w axes: 44 / 42 / 42 for ``head_dim`` 128."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(
+    latent_shape: tuple[int, int, int], head_dim: int, device: torch.device | str, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine and sign-folded sine tables for 3D RoPE over a ``(T, H, W)`` patch grid, fp32.
+
+    Each axis rotates its own channel range (t first, then h, then w) with frequencies
+    ``base ** (-2j / axis_dim)`` at integer grid positions. Channels rotate in adjacent pairs
+    ``(2i, 2i + 1)``, so both tables repeat each angle twice; the sine table carries the sign of the pair
+    rotation (``-sin`` on even, ``+sin`` on odd channels) so that :func:`apply_rope` is one multiply-add.
+
+    Returns:
+        ``(cos, sin)``, each ``[T*H*W, 1, head_dim]`` (the 1 broadcasts over heads).
+    """
+    angles = []
+    for axis, (size, dim) in enumerate(zip(latent_shape, rope_split(head_dim), strict=True)):
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        axis_angles = (
+            torch.arange(size, dtype=torch.float32, device=device)[:, None] * inv_freq
+        )  # [size, dim/2]
+        view = [1, 1, 1, dim // 2]
+        view[axis] = size
+        angles.append(axis_angles.view(view).expand(*latent_shape, dim // 2))
+    angles = torch.cat(angles, dim=-1).flatten(0, 2)  # [N, head_dim/2]
+    cos = angles.cos().repeat_interleave(2, dim=-1)  # [N, head_dim]
+    sin = angles.sin()
+    sin = torch.stack((-sin, sin), dim=-1).flatten(-2)  # [N, head_dim]
+    return cos[:, None], sin[:, None]
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate channel pairs of ``x`` ``[B, N, H, D]`` (fp32) by the angles of :func:`rope_tables`."""
+    cos, sin = rope
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+
+def _fp32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # The official model runs its timestep MLP, adaLN projections and output layer under fp32 autocast:
+    # fp32 arithmetic on weights that may be stored in bf16.
+    bias = None if linear.bias is None else linear.bias.float()
+    return F.linear(x.float(), linear.weight.float(), bias)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Affine-free LayerNorm then ``* (1 + scale) + shift`` in fp32; result in ``x``'s dtype.
+
+    x: ``[B, T, S, C]``; shift, scale: ``[B, T, 1, C]`` fp32 (one modulation per latent frame).
+    """
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
+    return torch.addcmul(shift, normed, 1 + scale).to(x.dtype)
+
+
+def _gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``x + gate * update`` with the sum in fp32 (gate is fp32), as the official model; back to x's dtype."""
+    return torch.addcmul(x, gate, update).to(x.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the activation and weight dtypes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over each head's channels. Returns fp32: callers fuse it with RoPE or cast it themselves."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+
+
+# ------------------------------------------------------------------------------------------ embedders
+
+
+class PatchEmbed3D(nn.Module):
+    """Latent video to tokens: one Conv3d whose kernel equals its stride."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # [B, C, T, H/ph, W/pw]
+        return x.flatten(2).transpose(1, 2).contiguous()  # [B, N, C], tokens ordered (t, h, w)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t in [0, 1000] through a SiLU MLP, in fp32."""
+
+    def __init__(self, embed_dim: int, frequency_embedding_size: int) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        # Kept as a Sequential for the checkpoint's key names (mlp.0, mlp.2); run in fp32 in forward.
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, embed_dim),
+            nn.SiLU(),
+            nn.Linear(embed_dim, embed_dim),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_embedding_size // 2
+        freqs = torch.exp(
+            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t.float()[..., None] * freqs  # [..., half]
+        features = torch.cat([args.cos(), args.sin()], dim=-1)  # [..., frequency_embedding_size]
+        return _fp32_linear(self.mlp[2], F.silu(_fp32_linear(self.mlp[0], features)))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text-encoder states to the model width (in the compute dtype)."""
+
+    def __init__(self, caption_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.y_proj = nn.Sequential(
+            nn.Linear(caption_channels, hidden_size),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(y)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+class SelfAttention(nn.Module):
+    """Video self-attention: fused qkv, per-head RMSNorm on q and k, 3D RoPE, I2V visibility rule."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        # Shared with the model, so changing config.attention_implementation switches every block.
+        self.config = config
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        latent_shape: tuple[int, int, int],
+        num_cond_latents: int,
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # [B, N, H, D] views
+        # Norm and rotation in fp32 in one pass each (the official rounds between them; this is as exact).
+        q = apply_rope(self.q_norm(q), rope).to(x.dtype)
+        k = apply_rope(self.k_norm(k), rope).to(x.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
+        kwargs = dict(
+            implementation=self.config.attention_implementation,
+            block_sparse_params=self.config.block_sparse_params,
+        )
+        if num_cond_latents:
+            _, height, width = latent_shape
+            n = num_cond_latents * height * width
+            # Condition tokens see only the condition; noisy tokens see every token.
+            out_cond = attention(
+                q[:, :, :n],
+                k[:, :, :n],
+                v[:, :, :n],
+                latent_shape=(num_cond_latents, height, width),
+                **kwargs,
+            )
+            out_noisy = attention(
+                q[:, :, n:], k, v, latent_shape=latent_shape, num_cond_latents=num_cond_latents, **kwargs
+            )
+            out = torch.cat([out_cond.transpose(1, 2), out_noisy.transpose(1, 2)], dim=1)  # [B, N, H, D]
+        else:
+            out = attention(q, k, v, latent_shape=latent_shape, **kwargs).transpose(1, 2)  # [B, N, H, D]
+        return self.proj(out.reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens (queries) attend to text tokens; q and k get per-head RMSNorm, no RoPE."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.q_linear = nn.Linear(config.hidden_size, config.hidden_size)
+        self.kv_linear = nn.Linear(config.hidden_size, 2 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        B, M, C = x.shape
+        L = text.shape[1]
+        q = self.q_norm(self.q_linear(x).view(B, M, self.num_heads, self.head_dim)).to(x.dtype)
+        k, v = self.kv_linear(text).view(B, L, 2, self.num_heads, self.head_dim).unbind(2)  # [B, L, H, D]
+        k = self.k_norm(k).to(x.dtype)
+        out = attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            implementation=self.config.attention_implementation,
+            attn_mask=text_mask,
+        )  # [B, H, M, D]
+        return self.proj(out.transpose(1, 2).reshape(B, M, C))
+
+
+# ------------------------------------------------------------------------------------------ block
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``, no biases."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class LongCatBlock(nn.Module):
+    """adaLN-modulated self-attention, text cross-attention, adaLN-modulated SwiGLU."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        C = config.hidden_size
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.adaln_tembed_dim, 6 * C))
+        self.pre_crs_attn_norm = FP32LayerNorm(C, eps=1e-6)
+        self.attn = SelfAttention(config)
+        self.cross_attn = CrossAttention(config)
+        self.ffn = FeedForward(C, config.ffn_hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        latent_shape: tuple[int, int, int],
+        num_cond_latents: int,
+    ) -> torch.Tensor:
+        """x ``[B, N, C]``, temb ``[B, T, C_t]`` fp32, text ``[B, L, C]`` -> ``[B, N, C]``."""
+        B, N, C = x.shape
+        T, height, width = latent_shape
+        n_cond = num_cond_latents * height * width
+        modulation = _fp32_linear(self.adaLN_modulation[1], F.silu(temb)).unsqueeze(2)  # [B, T, 1, 6C]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
+
+        frames = x.view(B, T, -1, C)  # [B, T, H*W, C]: modulation is per latent frame
+        h = self.attn(
+            _modulate(frames, shift_msa, scale_msa).view(B, N, C), rope, latent_shape, num_cond_latents
+        )
+        x = _gated_residual(frames, gate_msa, h.view(B, T, -1, C)).view(B, N, C)
+
+        # Condition tokens take no text: only the noisy tokens go through cross-attention.
+        h = self.cross_attn(self.pre_crs_attn_norm(x[:, n_cond:]), text, text_mask)  # [B, N - n_cond, C]
+        x = torch.cat([x[:, :n_cond], x[:, n_cond:] + h], dim=1) if n_cond else x + h
+
+        frames = x.view(B, T, -1, C)
+        h = self.ffn(_modulate(frames, shift_mlp, scale_mlp))
+        return _gated_residual(frames, gate_mlp, h).view(B, N, C)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map to patch pixels, in fp32."""
+
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, adaln_tembed_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x ``[B, N, C]``, temb ``[B, T, C_t]`` -> ``[B, N, patch_volume * C_out]`` fp32."""
+        B, N, C = x.shape
+        shift, scale = _fp32_linear(self.adaLN_modulation[1], F.silu(temb)).unsqueeze(2).chunk(2, dim=-1)
+        x = _modulate(x.view(B, num_frames, -1, C), shift, scale).view(B, N, C)
+        return _fp32_linear(self.linear, x)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+_SDPA_OPS = frozenset(
+    {
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    }
+)
+
+
+def _keep_self_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective checkpointing: keep self-attention outputs, recompute everything else.
+
+    Self-attention is recognised by shape, which works eagerly and under torch.compile: its queries are a
+    subset of the video tokens and its keys all of them (keys >= queries), while cross-attention puts every
+    noisy video token against at most ``text_max_length`` text keys. Saving is always correct; a cross-
+    attention this rule also keeps (fewer video tokens than text tokens) only costs its small output.
+    """
+    if op in _SDPA_OPS and args[1].shape[-2] >= args[0].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _keep_self_attention)
+
+
+class LongCatVideoTransformer(nn.Module):
+    """The LongCat-Video DiT. Outputs the flow ``x0 - eps`` for latents ``[B, 16, T, H, W]``."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.adaln_tembed_dim, config.frequency_embedding_size)
+        self.y_embedder = CaptionEmbedder(config.caption_channels, config.hidden_size)
+        self.blocks = nn.ModuleList(LongCatBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(
+            config.hidden_size, math.prod(config.patch_size), config.out_channels, config.adaln_tembed_dim
+        )
+        self._gradient_checkpointing: CheckpointMode = "full"
+
+    @property
+    def gradient_checkpointing(self) -> CheckpointMode:
+        """Per-block activation checkpointing while gradients are enabled.
+
+        ``full`` recomputes each block in backward; ``selective`` keeps the self-attention outputs and
+        recomputes the rest (more memory, no second attention forward); ``none`` stores everything.
+        """
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, mode: CheckpointMode) -> None:
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINT_MODES}, got {mode!r}")
+        self._gradient_checkpointing = mode
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
+    ) -> LongCatVideoTransformer:
+        """``tiny``, an official checkpoint directory, or a hub id: see :func:`longcat_train.loading.load_dit`."""
+        from longcat_train.loading import load_dit  # loading builds on this module
+
+        return load_dit(model, dtype=dtype, device=device)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        num_cond_latents: int = 0,
+    ) -> torch.Tensor:
+        """Predict ``x0 - eps``.
+
+        Args:
+            hidden_states: noisy latents ``[B, C_in, T, H, W]``; the first ``num_cond_latents`` frames hold
+                the clean condition.
+            timestep: ``[B]`` or per latent frame ``[B, T]``, in [0, 1000]. Condition frames are set to 0.
+            encoder_hidden_states: text-encoder states ``[B, L, caption_channels]``, padded or not.
+            encoder_attention_mask: ``[B, L]``, 1 for real tokens, 0 for padding; None = all real.
+            num_cond_latents: leading latent frames that are the clean condition (1 for image-to-video).
+
+        Returns:
+            ``[B, C_out, T, H, W]`` float32.
+        """
+        config = self.config
+        if hidden_states.ndim != 5 or hidden_states.shape[1] != config.in_channels:
+            raise ValueError(
+                f"hidden_states must be [B, {config.in_channels}, T, H, W], got {tuple(hidden_states.shape)}"
+            )
+        B, _, T, H, W = hidden_states.shape
+        _, ph, pw = config.patch_size
+        if H % ph or W % pw:
+            raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {ph}x{pw}")
+        if not 0 <= num_cond_latents < T:
+            raise ValueError(f"num_cond_latents={num_cond_latents} must be in [0, {T}) for {T} latent frames")
+        latent_shape = (T, H // ph, W // pw)
+        dtype = self.x_embedder.proj.weight.dtype
+
+        x = self.x_embedder(hidden_states.to(dtype))  # [B, N, C]
+        # The official model casts timesteps to the weight dtype before embedding them; so do we.
+        temb = self.t_embedder(
+            self._frame_timesteps(timestep, B, T, num_cond_latents).to(dtype)
+        )  # [B, T, C_t]
+        text, text_mask = self._embed_text(
+            encoder_hidden_states.to(dtype), encoder_attention_mask
+        )  # [B, L, C]
+        rope = rope_tables(latent_shape, config.head_dim, x.device)
+
+        for block in self.blocks:
+            args = (x, temb, text, text_mask, rope, latent_shape, num_cond_latents)
+            if self._gradient_checkpointing == "none" or not torch.is_grad_enabled():
+                x = block(*args)
+            elif self._gradient_checkpointing == "full":
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = checkpoint(block, *args, use_reentrant=False, context_fn=_SELECTIVE_CONTEXT)
+
+        x = self.final_layer(x, temb, T)  # [B, N, ph*pw*C_out] fp32
+        return self._unpatchify(x, latent_shape)
+
+    @staticmethod
+    def _frame_timesteps(
+        timestep: torch.Tensor, batch: int, frames: int, num_cond_latents: int
+    ) -> torch.Tensor:
+        """``[B]`` or ``[B, T]`` -> ``[B, T]`` with the condition frames at t = 0."""
+        if timestep.ndim == 1:
+            timestep = timestep[:, None].expand(batch, frames)
+        if timestep.shape != (batch, frames):
+            raise ValueError(
+                f"timestep must be [B] or [B, T] = [{batch}, {frames}], got {tuple(timestep.shape)}"
+            )
+        is_cond = torch.arange(frames, device=timestep.device) < num_cond_latents
+        return timestep.masked_fill(is_cond, 0)
+
+    def _embed_text(
+        self, text: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption embedding and the cross-attention mask (None when every key is attended).
+
+        With ``text_tokens_zero_pad`` (the official setting) the text is brought to ``text_max_length``
+        tokens with zero embeddings and every position is attended, exactly what the official model does
+        with the pipeline's max-length padding: padded keys are bias-only and do take softmax weight.
+        Otherwise padded tokens are masked out and padding length does not matter.
+        """
+        B, L, _ = text.shape
+        mask = torch.ones(B, L, dtype=torch.bool, device=text.device) if mask is None else mask.to(torch.bool)
+        text = self.y_embedder(text)  # [B, L, C]
+        if not self.config.text_tokens_zero_pad:
+            if not bool(mask.any(dim=1).all()):
+                raise ValueError("every prompt needs at least one real text token when padding is masked out")
+            return text, None if bool(mask.all()) else mask[:, None, None, :]  # [B, 1, 1, L]
+        max_length = self.config.text_max_length
+        if L > max_length:
+            if bool(mask[:, max_length:].any()):
+                raise ValueError(f"more than text_max_length={max_length} text tokens")
+            text, mask = text[:, :max_length], mask[:, :max_length]
+        text = text * mask[..., None]
+        return F.pad(text, (0, 0, 0, max_length - text.shape[1])), None  # [B, text_max_length, C]
+
+    def _unpatchify(self, x: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """``[B, N, pt*ph*pw*C_out]`` -> ``[B, C_out, T*pt, H*ph, W*pw]``."""
+        B = x.shape[0]
+        T, H, W = latent_shape
+        pt, ph, pw = self.config.patch_size
+        x = x.view(B, T, H, W, pt, ph, pw, self.config.out_channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C_out, T, pt, H, ph, W, pw]
+        return x.reshape(B, self.config.out_channels, T * pt, H * ph, W * pw)

@@ -1,0 +1,142 @@
+"""Numerical parity with the official LongCat-Video transformer (tiny config, CPU, fp32).
+
+Skipped unless ``LONGCAT_OFFICIAL_DIR`` names a directory holding the official ``longcat_video`` package
+(its modules import einops and triton). The official attention needs flash-attn / xformers, so its two
+attention kernels are replaced here by plain SDPA with the same semantics; everything else runs as
+released: embedders, modulation, norms, RoPE, I2V split, text zero-padding, final layer, unpatchify.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longcat_train.model import DiTConfig, LongCatVideoTransformer
+
+OFFICIAL_DIR = os.environ.get("LONGCAT_OFFICIAL_DIR")
+pytestmark = pytest.mark.skipif(not OFFICIAL_DIR, reason="set LONGCAT_OFFICIAL_DIR to an official checkout")
+
+TOLERANCE = 1e-5
+
+
+def _sdpa_self_attention(self, q, k, v, shape):
+    return F.scaled_dot_product_attention(q, k, v)  # [B, H, S, D] in and out
+
+
+def _sdpa_cross_attention(self, x, cond, kv_seqlen):
+    # The official packs every prompt's valid tokens into one sequence [1, sum(L_b), C] and runs varlen
+    # attention: sample b's queries see only its own kv_seqlen[b] keys.
+    B, N, C = x.shape
+    q = self.q_norm(self.q_linear(x).view(B, N, self.num_heads, self.head_dim))
+    k, v = self.kv_linear(cond).view(1, -1, 2, self.num_heads, self.head_dim).unbind(2)
+    k = self.k_norm(k)
+    outputs = []
+    for b, (k_b, v_b) in enumerate(zip(k[0].split(kv_seqlen), v[0].split(kv_seqlen), strict=True)):
+        outputs.append(
+            F.scaled_dot_product_attention(q[b].transpose(0, 1), k_b.transpose(0, 1), v_b.transpose(0, 1))
+        )  # [H, N, D]
+    return self.proj(torch.stack(outputs).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def official_module(monkeypatch_module):
+    pytest.importorskip("einops")
+    pytest.importorskip("triton")
+    monkeypatch_module.syspath_prepend(OFFICIAL_DIR)
+    dit = pytest.importorskip("longcat_video.modules.longcat_video_dit")
+    attention = sys.modules["longcat_video.modules.attention"]
+    monkeypatch_module.setattr(attention.Attention, "_process_attn", _sdpa_self_attention)
+    monkeypatch_module.setattr(
+        attention.MultiHeadCrossAttention, "_process_cross_attn", _sdpa_cross_attention
+    )
+    return dit
+
+
+def _pair(official_module, zero_pad: bool) -> tuple[torch.nn.Module, LongCatVideoTransformer]:
+    config = DiTConfig.tiny()
+    config.text_tokens_zero_pad = zero_pad
+    torch.manual_seed(0)
+    official = official_module.LongCatVideoTransformer3DModel(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        hidden_size=config.hidden_size,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        caption_channels=config.caption_channels,
+        mlp_ratio=config.mlp_ratio,
+        adaln_tembed_dim=config.adaln_tembed_dim,
+        frequency_embedding_size=config.frequency_embedding_size,
+        patch_size=config.patch_size,
+        cp_split_hw=[1, 1],
+        text_tokens_zero_pad=zero_pad,
+    ).eval()
+    # Default init leaves norm weights at 1: perturb every parameter so a swapped one cannot hide.
+    with torch.no_grad():
+        for name, p in official.named_parameters():
+            p.add_(torch.randn_like(p) * (0.2 if "norm" in name else 0.02))
+    ours = LongCatVideoTransformer(config).eval()
+    ours.load_state_dict(official.state_dict(), strict=True)
+    return official, ours
+
+
+def _inputs(config: DiTConfig, lengths: list[int], frames: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    B = len(lengths)
+    latents = torch.randn(B, config.in_channels, frames, 4, 6, generator=g)
+    text = torch.randn(B, config.text_max_length, config.caption_channels, generator=g)
+    mask = (torch.arange(config.text_max_length)[None] < torch.tensor(lengths)[:, None]).long()
+    timestep = torch.tensor([700.0, 250.0])[:B]
+    return dict(latents=latents, text=text, mask=mask, timestep=timestep)
+
+
+def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() / b.abs().max().item()
+
+
+@pytest.mark.parametrize("num_cond_latents", [0, 1])
+def test_matches_official_zero_pad(official_module, num_cond_latents: int) -> None:
+    official, ours = _pair(official_module, zero_pad=True)
+    x = _inputs(ours.config, lengths=[5, 9])
+    frames = x["latents"].shape[2]
+    t_frames = x["timestep"][:, None].repeat(1, frames)
+    t_frames[:, :num_cond_latents] = 0  # the official pipeline zeroes the condition frame's timestep
+    with torch.no_grad():
+        expected = official(
+            x["latents"],
+            t_frames,
+            x["text"][:, None],  # the official pipeline passes [B, 1, 512, C]
+            x["mask"],
+            num_cond_latents=num_cond_latents,
+        )
+        padded = ours(x["latents"], x["timestep"], x["text"], x["mask"], num_cond_latents=num_cond_latents)
+        # Callers may also pass only the real tokens: the model pads to text_max_length itself.
+        unpadded = ours(
+            x["latents"], x["timestep"], x["text"][:, :9], x["mask"][:, :9], num_cond_latents=num_cond_latents
+        )
+    assert expected.dtype == padded.dtype == torch.float32
+    error = max(_max_error(padded, expected), _max_error(unpadded, expected))
+    print(f"official parity (zero-pad, num_cond_latents={num_cond_latents}): max rel error {error:.2e}")
+    assert error < TOLERANCE
+
+
+def test_matches_official_masked_text(official_module) -> None:
+    official, ours = _pair(official_module, zero_pad=False)
+    x = _inputs(ours.config, lengths=[5, 9])
+    t_frames = x["timestep"][:, None].repeat(1, x["latents"].shape[2])
+    t_frames[:, :1] = 0
+    with torch.no_grad():
+        expected = official(x["latents"], t_frames, x["text"][:, None], x["mask"], num_cond_latents=1)
+        actual = ours(x["latents"], x["timestep"], x["text"][:, :9], x["mask"][:, :9], num_cond_latents=1)
+    error = _max_error(actual, expected)
+    print(f"official parity (masked text, num_cond_latents=1): max rel error {error:.2e}")
+    assert error < TOLERANCE
