@@ -38,6 +38,10 @@ class CaptionError(Exception):
         self.reason = " ".join(reason.split())
         super().__init__(f"{self.path}: {self.reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        # Prep decodes in worker processes; the default pickling would call __init__ with the message only.
+        return type(self), (self.path, self.reason)
+
 
 class Captioner(Protocol):
     """Writes a caption for a video that has none (e.g. a vision-language model)."""

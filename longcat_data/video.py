@@ -53,6 +53,10 @@ class VideoError(Exception):
         self.reason = " ".join(reason.split())
         super().__init__(f"{self.path}: {self.reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        # Prep decodes in worker processes; the default pickling would call __init__ with the message only.
+        return type(self), (self.path, self.reason)
+
 
 class CropBox(NamedTuple):
     """The source region that became the output, in source pixels (display orientation)."""

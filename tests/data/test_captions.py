@@ -1,3 +1,4 @@
+import pickle
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,12 @@ def test_missing_sidecar_is_an_error_unless_a_fallback_is_given(tmp_path: Path) 
         "an owl in snowy_owl",
         "captioner",
     )
+
+
+def test_caption_error_pickles(tmp_path: Path) -> None:
+    error = CaptionError(tmp_path / "a.mp4", "no caption:\n a.txt is missing")
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) == f"{tmp_path / 'a.mp4'}: no caption: a.txt is missing"
 
 
 def test_empty_sidecar_counts_as_missing(tmp_path: Path) -> None:

@@ -1,3 +1,4 @@
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -147,6 +148,13 @@ def test_unusable_inputs_raise_a_one_line_video_error(
     message = str(err.value)
     assert message.startswith(str(bad[problem])) and "\n" not in message
     assert err.value.path == bad[problem]
+
+
+def test_video_error_survives_a_trip_to_a_worker_process(bad: dict[str, Path]) -> None:
+    with pytest.raises(VideoError) as err:
+        probe(bad["zero_byte"])
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert (copy.path, copy.reason, str(copy)) == (err.value.path, err.value.reason, str(err.value))
 
 
 def test_missing_file(tmp_path: Path) -> None:
