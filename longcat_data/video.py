@@ -331,20 +331,31 @@ def _read_pyav(info: VideoInfo, times: np.ndarray, seek: bool = True) -> np.ndar
             if seek and first is not None and first[0] > times[0] + 0.5 / info.fps:
                 log.debug("%s: seek landed after %.3fs, decoding from the start", info.path, times[0])
                 return _read_pyav(info, times, seek=False)
-            picked = _nearest_frames(itertools.chain([first] if first else [], timed), times, 1.0 / info.fps)
-            pixels: dict[int, np.ndarray] = {}
-            for frame in picked:
-                if id(frame) not in pixels:
-                    pixels[id(frame)] = np.rot90(frame.to_ndarray(format="rgb24"), info.rotation // 90)
+            frames = _nearest_frames(itertools.chain([first] if first else [], timed), times, 1.0 / info.fps)
+            # Convert each frame as it is settled into one preallocated array: memory stays at the clip.
+            clip = np.empty((len(times), info.height, info.width, 3), dtype=np.uint8)
+            filled = 0
+            last: av.VideoFrame | None = None
+            for frame in frames:
+                if frame is not last:
+                    last, pixels = frame, np.rot90(frame.to_ndarray(format="rgb24"), info.rotation // 90)
+                    if pixels.shape != clip.shape[1:]:
+                        raise VideoError(
+                            info.path,
+                            f"frame size changes mid-stream ({info.width}x{info.height} to "
+                            f"{pixels.shape[1]}x{pixels.shape[0]}); {REENCODE_HINT}",
+                        )
+                clip[filled] = pixels
+                filled += 1
         except av.error.FFmpegError as err:
             raise VideoError(info.path, f"decoding failed ({_ffmpeg_reason(err)}); {REENCODE_HINT}") from err
-    if len(picked) < len(times):
+    if filled < len(times):
         raise VideoError(
             info.path,
-            f"truncated: frames stop before {times[len(picked)]:.2f}s of {info.duration:.2f}s; "
+            f"truncated: frames stop before {times[filled]:.2f}s of {info.duration:.2f}s; "
             f"download it again or {REENCODE_HINT}",
         )
-    return np.ascontiguousarray(np.stack([pixels[id(frame)] for frame in picked]))
+    return clip
 
 
 def _timed_frames(
@@ -357,27 +368,27 @@ def _timed_frames(
         yield now, frame
 
 
-def _nearest_frames(timed: Iterable[tuple[float, T]], times: np.ndarray, frame_time: float) -> list[T]:
+def _nearest_frames(timed: Iterable[tuple[float, T]], times: np.ndarray, frame_time: float) -> Iterator[T]:
     """For each ascending target time, the item with the nearest timestamp (at a tie, the earlier).
 
     Items arrive in time order; an item is settled once the next one shows where its half of the gap
     ends, and iteration stops as soon as every target is settled. Targets after the last item are its
-    own while it is still on screen (``frame_time``); beyond that the list comes back short.
+    own while it is still on screen (``frame_time``); beyond that fewer items than targets come out.
     """
-    picked: list[T] = []
+    settled = 0
     previous: tuple[float, T] | None = None
     for now, item in timed:
         if previous is not None:
             midpoint = (previous[0] + now) / 2
-            while len(picked) < len(times) and times[len(picked)] <= midpoint:
-                picked.append(previous[1])
-            if len(picked) == len(times):
-                return picked
+            while settled < len(times) and times[settled] <= midpoint:
+                settled += 1
+                yield previous[1]
+            if settled == len(times):
+                return
         previous = (now, item)
-    if previous is not None:
-        while len(picked) < len(times) and times[len(picked)] < previous[0] + frame_time:
-            picked.append(previous[1])
-    return picked
+    while previous is not None and settled < len(times) and times[settled] < previous[0] + frame_time:
+        settled += 1
+        yield previous[1]
 
 
 def _decord() -> ModuleType | None:

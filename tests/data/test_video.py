@@ -1,3 +1,4 @@
+import dataclasses
 import pickle
 import sys
 import types
@@ -155,6 +156,15 @@ def test_video_error_survives_a_trip_to_a_worker_process(bad: dict[str, Path]) -
         probe(bad["zero_byte"])
     copy = pickle.loads(pickle.dumps(err.value))
     assert (copy.path, copy.reason, str(copy)) == (err.value.path, err.value.reason, str(err.value))
+
+
+def test_frames_missing_from_the_data_are_reported_as_truncation(demo_dir: Path) -> None:
+    path = demo_dir / "spinning_top.mp4"
+    info = probe(path)
+    # What a probe of a file whose index promises twice the frames its data holds would say.
+    promised = dataclasses.replace(info, frame_count=2 * info.frame_count, span=2 * info.span + 1 / info.fps)
+    with pytest.raises(VideoError, match="truncated: frames stop before"):
+        read_frames(path, info.frame_count - 3, 10, info=promised)
 
 
 def test_missing_file(tmp_path: Path) -> None:
