@@ -1,0 +1,194 @@
+"""Block-sparse attention against a dense reference under the same block mask: the torch path on CPU,
+the Triton kernels under the Triton interpreter on CPU, and the Triton kernels on CUDA (`-m gpu`)."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from longcat_kernels import block_selection, block_sparse_attention, dense_attention, masked_attention
+from longcat_kernels.selection import selection_mask
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def reference(q, k, v, layout, indices, counts, scale):
+    """Softmax attention in float64 under the selection's token mask, written out by hand."""
+    tiles = selection_mask(indices, counts, layout.num_tiles)
+    allowed = tiles[:, :, layout.token_tile][:, :, :, layout.token_tile]
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    weights = torch.softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
+    return weights @ v.double()
+
+
+def relative_error(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+def qkv(batch, heads, tokens, dim, dtype=torch.float32, device="cpu", seed=0):
+    generator = torch.Generator(device).manual_seed(seed)
+    return [
+        torch.randn(batch, heads, tokens, dim, generator=generator, device=device).to(dtype) for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize("cond", [0, 1])
+def test_torch_path_matches_reference(cond):
+    shape = (6, 5, 9)  # 5 and 9 leave partial blocks
+    q, k, v = qkv(2, 3, math.prod(shape), 16)
+    for x in (q, k, v):
+        x.requires_grad_()
+    out = block_sparse_attention(q, k, v, shape, density=0.25, num_cond_latents=cond, implementation="torch")
+    layout, indices, counts = block_selection(q, k, shape, density=0.25, num_cond_latents=cond)
+    ref = reference(q, k, v, layout, indices, counts, 16**-0.5)
+    assert relative_error(out, ref) < 1e-5
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g, w) < 1e-5
+
+
+def test_full_density_is_dense_attention():
+    shape = (5, 6, 7)
+    q, k, v = qkv(1, 2, math.prod(shape), 16)
+    out = block_sparse_attention(q, k, v, shape, density=1.0, implementation="torch")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    out = block_sparse_attention(q, k, v, shape, density=1.0, num_cond_latents=2, implementation="torch")
+    torch.testing.assert_close(out, dense_attention(q, k, v, shape, num_cond_latents=2))
+
+
+def test_dense_attention_condition_split():
+    shape = (4, 3, 5)
+    q, k, v = qkv(1, 2, math.prod(shape), 8)
+    cond = 15  # one frame of 3 x 5 tokens
+    allowed = torch.ones(60, 60, dtype=torch.bool)
+    allowed[:cond, cond:] = False
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(dense_attention(q, k, v, shape, num_cond_latents=1), expected)
+
+
+def test_auto_on_cpu_is_the_torch_path():
+    shape = (5, 6, 7)
+    q, k, v = qkv(1, 2, math.prod(shape), 16)
+    auto = block_sparse_attention(q, k, v, shape, num_cond_latents=1)
+    torch.testing.assert_close(
+        auto, block_sparse_attention(q, k, v, shape, num_cond_latents=1, implementation="torch")
+    )
+
+
+def test_bad_arguments():
+    q, k, v = qkv(1, 1, 60, 8)
+    with pytest.raises(ValueError, match="tokens"):
+        block_sparse_attention(q, k, v, (4, 4, 4))
+    with pytest.raises(ValueError, match="implementation"):
+        block_sparse_attention(q, k, v, (4, 3, 5), implementation="flash")
+    with pytest.raises(RuntimeError, match="Triton"):
+        block_sparse_attention(q, k, v, (4, 3, 5), implementation="triton")
+
+
+# The Triton interpreter of triton 3.6 turns a loaded scalar into a 1-element array, which numpy 2
+# refuses to convert with int(); the patch reads the element instead. Interpreter only, never on GPU.
+INTERPRETED = textwrap.dedent(
+    """
+    import math, torch
+    import triton.runtime.interpreter as interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    interpreter._patch_lang_tensor = patched
+
+    from longcat_kernels import block_selection, masked_attention
+    from longcat_kernels.block_sparse import BlockSparseAttention, KernelConfig, pool_tiles_triton
+    from longcat_kernels.selection import pool_tiles
+
+    torch.manual_seed(0)
+    shape, dim = (6, 5, 7), 64
+    # fp16: the interpreter's bf16 dot is wrong (numpy has no bf16); the kernel is dtype-generic
+    q, k, v = (torch.randn(1, 2, math.prod(shape), dim).half() for _ in range(3))
+    layout, indices, counts = block_selection(q, k, shape, density=0.3, num_cond_latents=1)
+    torch.testing.assert_close(pool_tiles_triton(q, layout), pool_tiles(q, layout))
+    ref_inputs = [x.float().requires_grad_() for x in (q, k, v)]
+    ref = masked_attention(*ref_inputs, layout, indices, counts, dim**-0.5)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    for tiles in (1, 2):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        configs = {name: KernelConfig(tiles=tiles) for name in ("fwd", "dq", "dkdv")}
+        out = BlockSparseAttention.apply(*inputs, layout, indices, counts, dim**-0.5, configs)
+        out.backward(grad.half())
+        for got, want in [(out, ref)] + [(a.grad, b.grad) for a, b in zip(inputs, ref_inputs)]:
+            error = float((got.float() - want).norm() / want.norm())
+            assert error < 2e-3, error
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+GPU_CASES = [
+    ((6, 5, 9), 0, 64, torch.bfloat16),
+    ((9, 10, 11), 1, 128, torch.bfloat16),
+    ((9, 10, 11), 2, 128, torch.float16),
+    ((13, 30, 52), 1, 128, torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("shape", "cond", "dim", "dtype"), GPU_CASES)
+def test_triton_matches_masked_reference(shape, cond, dim, dtype):
+    batch = 2 if math.prod(shape) < 5000 else 1  # the reference's N x N mask and weights must fit
+    q, k, v = qkv(batch, 2, math.prod(shape), dim, dtype=dtype, device="cuda", seed=sum(shape) + cond)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = block_sparse_attention(
+        *inputs, shape, density=1 / 16, num_cond_latents=cond, implementation="triton"
+    )
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    layout, indices, counts = block_selection(
+        q, k, shape, density=1 / 16, num_cond_latents=cond, use_triton=True
+    )
+    ref_inputs = [x.float().requires_grad_() for x in (q, k, v)]
+    ref = masked_attention(*ref_inputs, layout, indices, counts, dim**-0.5)
+    ref.backward(grad.float())
+    assert relative_error(out, ref) < 1e-2
+    for a, b in zip(inputs, ref_inputs, strict=True):
+        assert relative_error(a.grad, b.grad) < 1e-2
+
+
+@pytest.mark.gpu
+def test_triton_pooling_and_selection_match_torch():
+    from longcat_kernels.block_sparse import pool_tiles_triton
+    from longcat_kernels.selection import block_layout, pool_tiles
+
+    shape = (24, 30, 52)
+    q, _, _ = qkv(1, 4, math.prod(shape), 128, dtype=torch.bfloat16, device="cuda")
+    layout = block_layout(shape, (4, 4, 4), 1, "cuda:0")
+    torch.testing.assert_close(pool_tiles_triton(q, layout), pool_tiles(q, layout), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_strided_inputs_from_a_fused_qkv():
+    shape = (9, 10, 11)
+    batch, heads, dim, tokens = 1, 4, 128, math.prod(shape)
+    qkv_out = torch.randn(batch, tokens, 3, heads, dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv_out.permute(2, 0, 3, 1, 4).unbind(0)  # the model's views: [B, H, N, D], not contiguous
+    out = block_sparse_attention(q, k, v, shape, implementation="triton")
+    ref = block_sparse_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), shape, implementation="triton"
+    )
+    torch.testing.assert_close(out, ref)
