@@ -53,9 +53,9 @@ def _tile_rows(TILE_TOKENS, tile, TILE: tl.constexpr):
 
 
 @triton.jit
-def _listed_rows(LIST, pos, count, TILE_TOKENS, TILE: tl.constexpr, TILES: tl.constexpr):
-    """Token rows of the tiles LIST[pos : pos + TILES]; -1 for empty slots and for entries past count."""
-    slot = tl.arange(0, TILES * TILE)
+def _listed_rows(LIST, pos, count, TILE_TOKENS, TILE: tl.constexpr, STEP_TILES: tl.constexpr):
+    """Token rows of the tiles LIST[pos : pos + STEP_TILES]; -1 for empty slots and for entries past count."""
+    slot = tl.arange(0, STEP_TILES * TILE)
     entry = pos + slot // TILE
     tile = tl.load(LIST + entry, mask=entry < count, other=-1)
     return tl.load(TILE_TOKENS + tile * TILE + slot % TILE, mask=tile >= 0, other=-1)
@@ -82,7 +82,7 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     H, N, N_TILES, WIDTH,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, KV_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, STEP_TILES: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -101,8 +101,8 @@ def _fwd_kernel(
     m_i = tl.full([TILE], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TILE], dtype=tl.float32)
     acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
-    for pos in range(0, count, KV_TILES):
-        kv_rows = _listed_rows(selected, pos, count, TILE_TOKENS, TILE, KV_TILES)
+    for pos in range(0, count, STEP_TILES):
+        kv_rows = _listed_rows(selected, pos, count, TILE_TOKENS, TILE, STEP_TILES)
         k = _load_rows(K, kv_rows, stride_kn, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         # empty key slots must not enter the normaliser; every selected tile has at least one real
@@ -147,7 +147,7 @@ def _dq_kernel(
     stride_gb, stride_gh, stride_gn,
     stride_db, stride_dh, stride_dn,
     H, N, N_TILES, WIDTH,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, KV_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, STEP_TILES: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -166,8 +166,8 @@ def _dq_kernel(
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     dq = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
-    for pos in range(0, count, KV_TILES):
-        kv_rows = _listed_rows(selected, pos, count, TILE_TOKENS, TILE, KV_TILES)
+    for pos in range(0, count, STEP_TILES):
+        kv_rows = _listed_rows(selected, pos, count, TILE_TOKENS, TILE, STEP_TILES)
         k = _load_rows(K, kv_rows, stride_kn, HEAD_DIM)
         v = _load_rows(V, kv_rows, stride_vn, HEAD_DIM)
         # empty key slots need no mask here: their k rows are zero, so they add nothing to dq
@@ -188,7 +188,7 @@ def _dkdv_kernel(
     stride_gb, stride_gh, stride_gn,
     stride_db, stride_dh, stride_dn,
     H, N, N_TILES,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, Q_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, STEP_TILES: tl.constexpr,
 ):  # fmt: skip
     task = tl.load(ORDER + tl.program_id(0))
     bh = task // N_TILES
@@ -207,8 +207,8 @@ def _dkdv_kernel(
     DELTA += bh.to(tl.int64) * N
     dk = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
-    for pos in range(0, count, Q_TILES):
-        q_rows = _listed_rows(readers, pos, count, TILE_TOKENS, TILE, Q_TILES)
+    for pos in range(0, count, STEP_TILES):
+        q_rows = _listed_rows(readers, pos, count, TILE_TOKENS, TILE, STEP_TILES)
         q = _load_rows(Q, q_rows, stride_qn, HEAD_DIM)
         do = _load_rows(DO, q_rows, stride_gn, HEAD_DIM)
         # an empty query slot gets lse = +inf, hence probability 0 and no share of dk or dv
@@ -267,9 +267,14 @@ def pool_tiles_triton(x: Tensor, layout: BlockLayout) -> Tensor:
     return out
 
 
-def _launch(cfg: KernelConfig) -> dict[str, int]:
-    # The interpreter ignores warps and stages; keep them out so it runs the same code path.
-    return {} if _interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+def _launch(cfg: KernelConfig, tile: int) -> dict[str, int]:
+    """Kernel launch arguments for a layout's tile size. `CONFIGS` is tuned for 64-token tiles; other
+    tiles keep the rows per loop step (tiles * 64) and get a warp per 16 rows at least."""
+    launch = {"STEP_TILES": max(1, cfg.tiles * 64 // tile)}
+    # The interpreter ignores warps and stages; leave them out so it runs the same code path.
+    if not _interpreting():
+        launch.update(num_warps=max(cfg.num_warps, tile // 16), num_stages=cfg.num_stages)
+    return launch
 
 
 def sparse_forward(
@@ -286,7 +291,7 @@ def sparse_forward(
         scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         heads, tokens, layout.num_tiles, indices.shape[-1],
-        HEAD_DIM=dim, TILE=layout.tile, KV_TILES=cfg.tiles, **_launch(cfg),
+        HEAD_DIM=dim, TILE=layout.tile, **_launch(cfg, layout.tile),
     )  # fmt: skip
     return out, lse
 
@@ -311,7 +316,7 @@ def sparse_backward(
         scale * LOG2E, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dq),
         heads, tokens, n_tiles, indices.shape[-1],
-        HEAD_DIM=dim, TILE=layout.tile, KV_TILES=cfg.tiles, **_launch(cfg),
+        HEAD_DIM=dim, TILE=layout.tile, **_launch(cfg, layout.tile),
     )  # fmt: skip
 
     query_tiles, starts, lengths = transpose_selection(indices, counts, n_tiles)
@@ -328,7 +333,7 @@ def sparse_backward(
         scale * LOG2E, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk),
         heads, tokens, n_tiles,
-        HEAD_DIM=dim, TILE=layout.tile, Q_TILES=cfg.tiles, **_launch(cfg),
+        HEAD_DIM=dim, TILE=layout.tile, **_launch(cfg, layout.tile),
     )  # fmt: skip
     return dq, dk, dv
 

@@ -141,27 +141,26 @@ def test_triton_kernels_under_interpreter():
 
 
 GPU_CASES = [
-    ((6, 5, 9), 0, 64, torch.bfloat16),
-    ((9, 10, 11), 1, 128, torch.bfloat16),
-    ((9, 10, 11), 2, 128, torch.float16),
-    ((13, 30, 52), 1, 128, torch.bfloat16),
+    ((6, 5, 9), 0, 64, torch.bfloat16, (4, 4, 4)),
+    ((9, 10, 11), 1, 128, torch.bfloat16, (4, 4, 4)),
+    ((9, 10, 11), 2, 128, torch.float16, (4, 4, 4)),
+    ((9, 10, 11), 1, 128, torch.bfloat16, (4, 4, 8)),  # 128-token tiles (the official default block)
+    ((9, 10, 11), 0, 64, torch.bfloat16, (2, 4, 4)),  # 32-token tiles
+    ((13, 30, 52), 1, 128, torch.bfloat16, (4, 4, 4)),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("shape", "cond", "dim", "dtype"), GPU_CASES)
-def test_triton_matches_masked_reference(shape, cond, dim, dtype):
+@pytest.mark.parametrize(("shape", "cond", "dim", "dtype", "block"), GPU_CASES)
+def test_triton_matches_masked_reference(shape, cond, dim, dtype, block):
     batch = 2 if math.prod(shape) < 5000 else 1  # the reference's N x N mask and weights must fit
     q, k, v = qkv(batch, 2, math.prod(shape), dim, dtype=dtype, device="cuda", seed=sum(shape) + cond)
+    selection = {"density": 1 / 16, "block": block, "num_cond_latents": cond}
     inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = block_sparse_attention(
-        *inputs, shape, density=1 / 16, num_cond_latents=cond, implementation="triton"
-    )
+    out = block_sparse_attention(*inputs, shape, **selection, implementation="triton")
     grad = torch.randn_like(out)
     out.backward(grad)
-    layout, indices, counts = block_selection(
-        q, k, shape, density=1 / 16, num_cond_latents=cond, use_triton=True
-    )
+    layout, indices, counts = block_selection(q, k, shape, **selection, use_triton=True)
     ref_inputs = [x.float().requires_grad_() for x in (q, k, v)]
     ref = masked_attention(*ref_inputs, layout, indices, counts, dim**-0.5)
     ref.backward(grad.float())
