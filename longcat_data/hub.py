@@ -30,10 +30,12 @@ from typing import Any
 
 from huggingface_hub import DatasetCardData, HfApi, get_token, hf_hub_url
 
+from longcat_data.shards import MANIFEST, META, OutputMismatch, build_manifest, read_states
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CARD = "README.md"
+CONTACT_SHEET = "contact_sheet.png"  # written by longcat-prep inspect; shown on the card when present
 HF_SCHEME = "hf://"
 DATASETS_PREFIX = "hf://datasets/"
 
@@ -155,7 +157,8 @@ def load_finished_manifest(out_dir: str | Path) -> dict:
     """The manifest of an output dir that is safe to publish, or PushError saying why it is not.
 
     Safe means: prep finished (``complete``), every shard it lists is on disk at its recorded size, no
-    other shard sits beside them, and every sample was encoded by the manifest's encoders.
+    other shard sits beside them, the writers' resume states agree on encoders and settings, and every
+    sample was encoded by the manifest's encoders.
     """
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
@@ -188,6 +191,14 @@ def load_finished_manifest(out_dir: str | Path) -> dict:
             f"{out_dir}: {len(strays)} shard(s) not in {MANIFEST} (first: {strays[0]}), possibly from another "
             "prep run with other encoders; move them out or prep into a fresh dir"
         )
+    states = read_states(out_dir)
+    if states:
+        try:
+            build_manifest(states)
+        except OutputMismatch as err:
+            raise PushError(
+                f"{out_dir}: this dir mixes encoders or settings ({err}); re-run prep into a fresh dir"
+            ) from err
     for name in names:
         _check_shard_encoders(out_dir / name, manifest["encoders"])
     return manifest
@@ -200,7 +211,7 @@ def _check_shard_encoders(shard: Path, encoders: dict) -> None:
     """
     with tarfile.open(shard) as tar:
         for member in tar:
-            if not member.name.endswith(".json"):
+            if not member.name.endswith(f".{META}"):
                 continue
             meta = json.load(tar.extractfile(member))
             found = meta.get("encoders")
@@ -229,7 +240,7 @@ def bucket_table(buckets: dict[str, int]) -> tuple[str, int, int]:
     return "\n".join(rows), clips, frames
 
 
-def dataset_card(manifest: dict, repo_id: str, *, license: str = "other") -> str:
+def dataset_card(manifest: dict, repo_id: str, *, license: str = "other", contact_sheet: bool = False) -> str:
     """README.md for the dataset repo: YAML metadata the hub and ``datasets`` read, then the human part."""
     patterns = split_patterns(shard["name"] for shard in manifest["shards"])
     data = DatasetCardData(
@@ -256,6 +267,7 @@ def dataset_card(manifest: dict, repo_id: str, *, license: str = "other") -> str
         if rejected
         else "No input was rejected during prep."
     )
+    sheet_line = f"![start frames and captions]({CONTACT_SHEET})\n\n" if contact_sheet else ""
     body = f"""
 # {repo_id}
 
@@ -265,7 +277,7 @@ prepared by `longcat-prep shard`: {clips} clips in {len(shards)} WebDataset shar
 the clip's normalised VAE latents, the start frame encoded alone (the I2V condition), the start frame as
 an image, the caption, and optionally its umT5 text embeddings, so training needs no VAE or video decoding.
 
-## Train on it
+{sheet_line}## Train on it
 
 ```bash
 longcat-train --shards hf://datasets/{repo_id} --output-dir out/
@@ -314,9 +326,11 @@ Latents and text embeddings were made by these encoders; train with the same one
     return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
-def upload_patterns(manifest: dict) -> list[str]:
-    """The files a push uploads: the manifest, the card, and exactly the shards the manifest lists."""
-    return [MANIFEST, CARD, *(shard["name"] for shard in manifest["shards"])]
+def upload_patterns(manifest: dict, out_dir: Path) -> list[str]:
+    """The files a push uploads: the manifest, the card, exactly the shards the manifest lists, and the
+    contact sheet when there is one. Partial shards and prep's resume state stay local."""
+    sheet = [CONTACT_SHEET] if (out_dir / CONTACT_SHEET).is_file() else []
+    return [MANIFEST, CARD, *sheet, *(shard["name"] for shard in manifest["shards"])]
 
 
 def push_dataset(
@@ -337,9 +351,10 @@ def push_dataset(
     manifest = load_finished_manifest(out_dir)
     card = out_dir / CARD
     tmp = card.with_name(f".{CARD}.tmp")
-    tmp.write_text(dataset_card(manifest, repo_id, license=license))
+    sheet = (out_dir / CONTACT_SHEET).is_file()
+    tmp.write_text(dataset_card(manifest, repo_id, license=license, contact_sheet=sheet))
     os.replace(tmp, card)
-    patterns = upload_patterns(manifest)
+    patterns = upload_patterns(manifest, out_dir)
     if dry_run:
         log.info("dry run: wrote %s; would upload %d files to datasets/%s", card, len(patterns), repo_id)
         return patterns
@@ -357,7 +372,7 @@ def push_dataset(
             folder_path=out_dir,
             repo_type="dataset",
             allow_patterns=patterns,
-            commit_message=f"longcat-prep push: {len(patterns) - 2} shards",
+            commit_message=f"longcat-prep push: {len(manifest['shards'])} shards",
         )
     log.info("pushed %d files to https://huggingface.co/datasets/%s", len(patterns), repo_id)
     return patterns

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import save
 
 from longcat_data import hub
+from longcat_data.shards import StreamState, state_path, write_json_atomic
 
 ENCODERS = {"vae": "tiny-vae@0", "text_encoder": "tiny-umt5@0"}
 
@@ -85,7 +86,7 @@ def front_matter(card: str) -> dict:
 
 def test_push_uploads_shards_manifest_and_card(tmp_path: Path) -> None:
     manifest = make_out_dir(tmp_path / "out")
-    (tmp_path / "out" / "train-000001.tar.tmp").write_bytes(b"partial")  # an unfinished shard stays local
+    (tmp_path / "out" / "train-000002.tar.partial").write_bytes(b"partial")  # an unfinished shard stays local
     api = FakeUploadApi()
     uploaded = hub.push_dataset(tmp_path / "out", "me/clips", private=True, license="cc-by-4.0", api=api)
 
@@ -114,6 +115,14 @@ def test_push_uploads_shards_manifest_and_card(tmp_path: Path) -> None:
     assert "| 32 | 64 | 9 | 4 |" in card and "| 64 | 32 | 5 | 2 |" in card
     assert "6 clips in 2 WebDataset shards" in card and f"{4 * 9 + 2 * 5} video frames" in card
     assert manifest["rejected"] and "1 inputs were rejected" in card
+
+
+def test_contact_sheet_goes_up_and_onto_the_card(tmp_path: Path) -> None:
+    make_out_dir(tmp_path / "out")
+    Image.new("RGB", (8, 8)).save(tmp_path / "out" / "contact_sheet.png")
+    uploaded = hub.push_dataset(tmp_path / "out", "me/clips", dry_run=True)
+    assert "contact_sheet.png" in uploaded
+    assert "![start frames and captions](contact_sheet.png)" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_push_prefers_upload_large_folder_when_the_client_has_it(tmp_path: Path) -> None:
@@ -160,6 +169,16 @@ def test_push_refuses_mixed_encoders(tmp_path: Path) -> None:
     manifest["shards"].append({"name": "train-000001.tar", "samples": 1})
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(hub.PushError, match="mixes encoders"):
+        hub.push_dataset(out, "me/clips", api=FakeUploadApi())
+
+
+def test_push_refuses_writers_with_different_encoders(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    make_out_dir(out)
+    for rank, encoders in enumerate([ENCODERS, {**ENCODERS, "vae": "real-vae@1"}]):
+        state = StreamState(f"train-r{rank}", rank, 2, "listing", {"frames": 9}, encoders, complete=True)
+        write_json_atomic(state_path(out, state.stream), state.to_dict())
+    with pytest.raises(hub.PushError, match="mixes encoders or settings"):
         hub.push_dataset(out, "me/clips", api=FakeUploadApi())
 
 
