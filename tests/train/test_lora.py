@@ -1,0 +1,132 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from longcat_train import lora
+from longcat_train.config import DEFAULT_LORA_TARGETS, ConfigError
+from longcat_train.model import DiTConfig, LongCatVideoTransformer
+
+OFFICIAL_LORA_UTILS = Path(__file__).parents[2] / ".official/longcat_video/modules/lora_utils.py"
+
+
+def tiny(seed: int = 0) -> LongCatVideoTransformer:
+    torch.manual_seed(seed)
+    return LongCatVideoTransformer(DiTConfig.tiny())
+
+
+def inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 3, 4, 4, generator=g)
+    return dict(hidden_states=x, timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(1, 5, 64, generator=g), num_cond_latents=1)
+
+
+def trained(model: torch.nn.Module, seed: int = 2) -> None:
+    """Give every LoRA matrix non-zero values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_apply_lora_freezes_the_base_and_starts_as_identity():
+    base_out = tiny()(**inputs())
+    model = lora.apply_lora(tiny(), rank=4, targets=list(DEFAULT_LORA_TARGETS))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 8 * 2  # 2 blocks x 8 linears x (A, B)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    assert torch.equal(model(**inputs()), base_out)  # lora_B starts at zero
+    with model.disable_adapter():
+        trained(model)
+        assert torch.equal(model(**inputs()), base_out)
+    assert not torch.equal(model(**inputs()), base_out)
+
+
+def test_bad_targets_and_rank_are_clear_errors():
+    with pytest.raises(ConfigError, match="attn.qkvv match no Linear.*attn.qkv"):
+        lora.apply_lora(tiny(), rank=4, targets=["attn.qkv", "attn.qkvv"])
+    with pytest.raises(ConfigError, match="exceeds the narrowest"):
+        lora.apply_lora(tiny(), rank=100000, targets=["attn.qkv"])
+    with pytest.raises(ConfigError, match="at least 1"):
+        lora.apply_lora(tiny(), rank=0, targets=["attn.qkv"])
+
+
+def test_canonical_names_strip_wrappers():
+    for name in ["module.base_model.model.blocks.0.attn.qkv.lora_A.default.weight",
+                 "base_model.model.blocks.0.attn.qkv.lora_A.default.weight",
+                 "_orig_mod.base_model.model.blocks.0.attn.qkv.lora_A.weight"]:
+        assert lora.canonical_name(name) == "blocks.0.attn.qkv.lora_A.weight"
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "official"])
+def test_save_load_round_trip(tmp_path, fmt):
+    model = lora.apply_lora(tiny(), rank=4, alpha=8, targets=list(DEFAULT_LORA_TARGETS))
+    trained(model)
+    expected = model(**inputs())
+    weights, settings = lora.lora_weights(model), lora.adapter_settings(model)
+    save = lora.save_diffusers if fmt == "diffusers" else lora.save_official
+    path = save(weights, tmp_path / "lora.safetensors", settings)
+
+    read, read_settings = lora.read_lora(path)
+    assert set(read) == set(weights) and read_settings["r"] == 4
+    if fmt == "diffusers":
+        assert all(torch.equal(read[k], weights[k]) for k in weights)
+        assert read_settings["lora_alpha"] == 8 and read_settings["target_modules"] == sorted(DEFAULT_LORA_TARGETS)
+    # Into a bare base model (a new adapter shaped by the file) and into an adapter with another alpha.
+    for target in (tiny(), lora.apply_lora(tiny(), rank=4, alpha=4, targets=list(DEFAULT_LORA_TARGETS))):
+        loaded = lora.load_lora(target, path)
+        torch.testing.assert_close(loaded(**inputs()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_official_key_names(tmp_path):
+    model = lora.apply_lora(tiny(), rank=4, alpha=8, targets=["attn.qkv"])
+    path = lora.save_official(lora.lora_weights(model), tmp_path / "o.safetensors", lora.adapter_settings(model))
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        scale = f.get_tensor("lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv.alpha_scale")
+    name = "lora___lorahyphen___blocks___lorahyphen___1___lorahyphen___attn___lorahyphen___qkv"
+    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha_scale"} <= keys
+    assert len(keys) == 2 * 3 and scale.ndim == 0 and scale.item() == 2.0
+
+
+def test_wrong_shapes_are_refused(tmp_path):
+    model = lora.apply_lora(tiny(), rank=4, targets=["attn.qkv"])
+    path = lora.save_diffusers(lora.lora_weights(model), tmp_path / "a.safetensors", lora.adapter_settings(model))
+    other = lora.apply_lora(tiny(), rank=2, targets=["attn.qkv"])
+    with pytest.raises(ValueError, match="shape"):
+        lora.load_lora(other, path)
+    narrower = lora.apply_lora(tiny(), rank=4, targets=["attn.qkv", "ffn.w1"])
+    with pytest.raises(ValueError, match="missing"):
+        lora.load_lora(narrower, path)
+
+
+@pytest.mark.skipif(not OFFICIAL_LORA_UTILS.is_file(), reason="official LongCat-Video code not checked out")
+def test_official_loader_reads_our_file_and_computes_the_same_delta(tmp_path):
+    """The official LoRANetwork loads our export with strict=True, and its delta (up(down(x)) * alpha_scale)
+    equals the peft adapter's."""
+    spec = importlib.util.spec_from_file_location("official_lora_utils", OFFICIAL_LORA_UTILS)
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+
+    model = lora.apply_lora(tiny(), rank=4, alpha=8, targets=list(DEFAULT_LORA_TARGETS))
+    trained(model)
+    path = lora.save_official(lora.lora_weights(model), tmp_path / "o.safetensors", lora.adapter_settings(model))
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    base = tiny()
+    network = official.create_lora_network(base, state, 1.0, 4, 8)
+    network.load_state_dict(state, strict=True)
+    assert len(network.loras) == 16
+    for module in network.loras:
+        path_name = module.lora_name.removeprefix("lora___lorahyphen___").replace("___lorahyphen___", ".")
+        layer = model.get_submodule(f"base_model.model.{path_name}")
+        x = torch.randn(3, layer.in_features)
+        ours = layer(x) - layer.base_layer(x)
+        theirs = module.lora_up(module.lora_down(x)) * module.multiplier * module.alpha_scale
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
