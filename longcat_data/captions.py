@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -335,38 +335,42 @@ class QwenCaptioner:
         dtype: torch.dtype | None = None,
         video_input: bool | None = None,
     ) -> None:
-        from transformers import (
-            AutoImageProcessor,
-            AutoProcessor,
-            AutoTokenizer,
-            Qwen2_5_VLForConditionalGeneration,
-        )
         from transformers.utils import is_torchvision_available
 
-        # Loaded here, not at import: reading sidecars and mappings must not pay for transformers.
+        self.model_id = model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.prompt = prompt_template
         self.fps, self.max_frames, self.max_pixels = fps, max_frames, max_pixels
         self.max_new_tokens = max_new_tokens
         self.video_input = is_torchvision_available() if video_input is None else video_input
+        if not self.video_input and video_input is None:
+            log.warning("torchvision is not installed: captioning from frames given as images, not as video")
+        # Loaded by the first caption call: a rerun with nothing left to caption loads no weights.
+        self.model: Any = None
+
+    def _load(self) -> None:
+        # transformers is imported here, not at the top: reading sidecars and mappings must stay light.
+        from transformers import (
+            AutoImageProcessor,
+            AutoProcessor,
+            AutoTokenizer,
+            Qwen2_5_VLForConditionalGeneration,
+        )
+
         if self.video_input:
-            self.processor = AutoProcessor.from_pretrained(model)
+            self.processor = AutoProcessor.from_pretrained(self.model_id)
             self.tokenizer = self.processor.tokenizer
         else:
-            if video_input is None:
-                log.warning(
-                    "torchvision is not installed: captioning from frames given as images, not as video"
-                )
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.image_processor = AutoImageProcessor.from_pretrained(model)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+            self.image_processor = AutoImageProcessor.from_pretrained(self.model_id)
         # Batched generation appends to the right end of every row, so prompts are padded on the left.
         self.tokenizer.padding_side = "left"
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_id, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
         log.info(
             "captioner %s on %s (%s, %s input)",
-            model,
+            self.model_id,
             self.device,
             self.dtype,
             "video" if self.video_input else "image",
@@ -382,6 +386,8 @@ class QwenCaptioner:
     @torch.inference_mode()
     def caption(self, clips: Sequence[CaptionFrames]) -> list[str]:
         """One caption per clip, generated greedily as one batch; whitespace folded into one paragraph."""
+        if self.model is None:
+            self._load()
         inputs = self._video_inputs(clips) if self.video_input else self._image_inputs(clips)
         inputs = {
             name: value.to(self.device, self.dtype if value.is_floating_point() else None)
@@ -545,3 +551,34 @@ class _JsonlCaptions:
             json.dumps({"file_name": k, "caption": v}, ensure_ascii=False) for k, v in self.entries.items()
         )
         _write_atomic(self.path, "".join(line + "\n" for line in lines))
+
+
+@dataclass(frozen=True)
+class CaptionCache:
+    """A ``Captioner`` that answers from captions made beforehand by ``precompute_captions``.
+
+    Prep decodes (and so captions) in worker processes: a dict of captions travels there, a
+    vision-language model on a GPU does not.
+    """
+
+    captions: Mapping[str, str]
+    videos_dir: Path
+
+    def __call__(self, video: Path) -> str:
+        caption = _lookup(self.captions, Path(video), self.videos_dir)
+        if caption is None:
+            raise CaptionError(video, "the captioner could not caption it (its warning says why)")
+        return caption
+
+
+def precompute_captions(
+    videos_dir: str | Path, videos: Sequence[str | Path], captioner: QwenCaptioner, cache: str | Path
+) -> CaptionCache:
+    """Caption ``videos`` (relative to ``videos_dir``) into the jsonl ``cache``, resumably, and return
+    the hook that serves them. Captioning runs to the end before encoding starts, so the captioner and
+    the encoders never need the GPU at the same time."""
+    cache = Path(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    report = caption_videos(videos_dir, videos, captioner, jsonl=cache)
+    log.info("%s", report.summary())
+    return CaptionCache(load_caption_mapping(cache) if cache.is_file() else {}, Path(videos_dir))

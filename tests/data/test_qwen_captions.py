@@ -7,6 +7,7 @@ captions are noise, so only the path is checked (decode, prompt, batch, generate
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,13 @@ def test_jsonl_output_is_a_caption_mapping(captioner: QwenCaptioner, videos: Pat
     assert (again.written, again.skipped) == (0, 3)
     redo = caption_videos(videos, SOURCES, captioner, jsonl=jsonl, overwrite=True)
     assert redo.written == 3 and len(jsonl.read_text().splitlines()) == 3  # replaced, not appended
+
+
+def test_precomputed_captions_serve_the_hook(captioner: QwenCaptioner, videos: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "out" / ".prep" / "captions.jsonl"
+    hook = captions.precompute_captions(videos, SOURCES, captioner, cache)
+    caption, source = resolve_caption(videos / "sub" / "pan.mp4", "captioner", captioner=hook)
+    assert caption and source == "captioner"
+    with pytest.raises(captions.CaptionError, match="could not caption"):
+        resolve_caption(videos / "broken.mp4", "captioner", captioner=hook)
+    assert pickle.loads(pickle.dumps(hook)) == hook  # it travels to prep's decode workers
