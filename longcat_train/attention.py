@@ -43,6 +43,17 @@ def _block_sparse_attention() -> Callable[..., torch.Tensor] | None:
         return None
 
 
+def _dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, implementation: str, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    if implementation == "xformers" and attn_mask is None:
+        kernel = _xformers_attention()
+        if kernel is not None:
+            # xformers takes [B, N, H, D]: the transposes are views back to the projection layout.
+            return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -54,31 +65,35 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     block_sparse_params: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Softmax attention ``softmax(q k^T / sqrt(D)) v``.
+    """Softmax attention ``softmax(q k^T / sqrt(D)) v``; for video self-attention, with the I2V rule.
 
     Args:
         q: ``[B, H, Nq, D]``; k, v: ``[B, H, Nk, D]``. Any strides with a contiguous last dimension; the
             model passes transposed views of ``[B, N, H, D]`` projections, which flash kernels read directly.
         implementation: ``sdpa`` (torch chooses flash / cuDNN / efficient / math), ``xformers``, or
-            ``block_sparse`` (``longcat_kernels``).
-        latent_shape: ``(T, H, W)`` patch grid of the keys when this is video self-attention; the queries are
-            the last ``Nq / (H * W)`` latent frames of that grid. Block-sparse attention needs it; calls
-            without it (text cross-attention) always run dense.
-        num_cond_latents: leading latent frames of the key grid that are the clean condition.
-        attn_mask: boolean ``[B, 1, 1, Nk]`` (True = attend) or additive float mask; only SDPA takes masks,
-            so a masked call always runs through SDPA.
-        block_sparse_params: keyword arguments for the block-sparse kernel (block shape, sparsity).
+            ``block_sparse`` (``longcat_kernels``; video self-attention over more than one frame only).
+        latent_shape: ``(T, H, W)`` patch grid when this is video self-attention (q, k, v are all
+            ``T * H * W`` tokens in (t, h, w) order). None for text cross-attention, which is always dense.
+        num_cond_latents: with ``latent_shape``: the leading latent frames that are the clean condition.
+            Their tokens attend only to condition tokens; noisy tokens attend to every token. The rule is
+            applied here rather than by the caller because the block-sparse kernel tiles the whole
+            sequence in one call.
+        attn_mask: boolean ``[B, 1, 1, Nk]`` (True = attend); masked calls run through SDPA.
+        block_sparse_params: keyword arguments for ``longcat_kernels.block_sparse_attention``
+            (``density``, ``block``).
 
     Returns:
-        ``[B, H, Nq, D]``.
+        ``[B, H, Nq, D]``; for video self-attention laid out in memory as ``[B, N, H, D]``, so that the
+        caller's transpose-and-flatten to ``[B, N, H * D]`` is free.
     """
-    if (
-        implementation == "block_sparse"
-        and latent_shape is not None
-        and latent_shape[0] > 1
-        and attn_mask is None
-    ):
-        # A single-frame grid (an image, or the condition frame alone) is too small to be worth sparsifying.
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}"
+        )
+    if latent_shape is None:
+        return _dense(q, k, v, implementation, attn_mask)
+    # The official model runs images (a single latent frame) densely even with block-sparse enabled.
+    if implementation == "block_sparse" and latent_shape[0] > 1:
         kernel = _block_sparse_attention()
         if kernel is not None:
             return kernel(
@@ -89,14 +104,10 @@ def attention(
                 num_cond_latents=num_cond_latents,
                 **(block_sparse_params or {}),
             )
-    elif implementation == "xformers" and attn_mask is None:
-        kernel = _xformers_attention()
-        if kernel is not None:
-            # xformers takes [B, N, H, D]: the transposes are views back to the projection layout.
-            out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return out.transpose(1, 2)
-    elif implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}"
-        )
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if not num_cond_latents:
+        return _dense(q, k, v, implementation, None)
+    n = num_cond_latents * latent_shape[1] * latent_shape[2]
+    out_cond = _dense(q[:, :, :n], k[:, :, :n], v[:, :, :n], implementation, None)  # condition -> condition
+    out_noisy = _dense(q[:, :, n:], k, v, implementation, None)  # noisy -> everything
+    # Joined along tokens in [B, N, H, D] memory order, handed back as a [B, H, N, D] view.
+    return torch.cat([out_cond.transpose(1, 2), out_noisy.transpose(1, 2)], dim=1).transpose(1, 2)

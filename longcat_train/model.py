@@ -6,8 +6,9 @@ loads with ``strict=True``; the arithmetic follows the official model, including
 (timestep embedding, adaLN modulation, the modulated LayerNorms, q/k RMSNorm and RoPE, the output layer).
 
 Image-to-video: the first ``num_cond_latents`` latent frames are the clean condition. Their timestep is
-forced to 0; in self-attention they attend only to each other while noisy tokens attend to all tokens;
-they get no text cross-attention. All three rules are visible in :class:`LongCatBlock`.
+forced to 0 (``LongCatVideoTransformer._frame_timesteps``); in self-attention they attend only to each
+other while noisy tokens attend to all tokens (``longcat_train.attention.attention``, called with the grid
+by :class:`SelfAttention`); they get no text cross-attention (:class:`LongCatBlock`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ CHECKPOINT_MODES: tuple[str, ...] = ("none", "full", "selective")
 # Official config keys that select kernels or multi-GPU layout in the official code. They do not change
 # what the model computes; we keep them so a saved config.json still loads in the official code.
 _OFFICIAL_RUNTIME_KEYS = frozenset(
-    {"enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "cp_split_hw"}
+    {"enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "bsa_params", "cp_split_hw"}
 )
 
 
@@ -61,7 +62,8 @@ class DiTConfig:
     # Length the official pipeline pads every prompt to (tokenizer max_length).
     text_max_length: int = 512
     attention_implementation: AttentionImplementation = "sdpa"
-    # Keyword arguments for the block-sparse kernel (the official config's ``bsa_params``).
+    # Keyword arguments for longcat_kernels.block_sparse_attention (density, block); from_dict derives them
+    # from the official ``bsa_params`` when not given.
     block_sparse_params: dict[str, Any] | None = None
     # Official keys read from a config.json that do not affect the computation, written back on save.
     official_extras: dict[str, Any] = field(default_factory=dict)
@@ -105,16 +107,16 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> DiTConfig:
         """Read an official ``dit/config.json`` (or one written by :meth:`to_dict`)."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"official_extras", "block_sparse_params"}
-        kwargs: dict[str, Any] = {}
-        extras: dict[str, Any] = {}
-        for key, value in config.items():
-            if key in known:
-                kwargs[key] = value
-            elif key in ("bsa_params", "block_sparse_params"):
-                kwargs["block_sparse_params"] = value
-            else:
-                extras[key] = value
+        known = {f.name for f in dataclasses.fields(cls)} - {"official_extras"}
+        kwargs = {k: v for k, v in config.items() if k in known}
+        extras = {k: v for k, v in config.items() if k not in known}
+        bsa = extras.get("bsa_params")
+        if bsa and "block_sparse_params" not in kwargs:
+            # Official: drop `sparsity` of the key blocks per query block, blocks of chunk_3d_shape tokens.
+            kwargs["block_sparse_params"] = {
+                "density": 1.0 - bsa["sparsity"],
+                "block": tuple(bsa["chunk_3d_shape_k"]),
+            }
         unknown = sorted(k for k in extras if k not in _OFFICIAL_RUNTIME_KEYS and not k.startswith("_"))
         if unknown:
             log.warning("DiT config: unknown keys kept but unused: %s", ", ".join(unknown))
@@ -135,10 +137,6 @@ class DiTConfig:
             if f.name == "official_extras":
                 continue
             value = getattr(self, f.name)
-            if f.name == "block_sparse_params":
-                if value is not None:
-                    out["bsa_params"] = value
-                continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -314,29 +312,18 @@ class SelfAttention(nn.Module):
         # Norm and rotation in fp32 in one pass each (the official rounds between them; this is as exact).
         q = apply_rope(self.q_norm(q), rope).to(x.dtype)
         k = apply_rope(self.k_norm(k), rope).to(x.dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
-        kwargs = dict(
+        # The I2V visibility rule (condition tokens see only the condition, noisy tokens see everything)
+        # is applied inside attention(), where the block-sparse kernel needs the whole sequence at once.
+        out = attention(
+            q.transpose(1, 2),  # [B, H, N, D] views
+            k.transpose(1, 2),
+            v.transpose(1, 2),
             implementation=self.config.attention_implementation,
+            latent_shape=latent_shape,
+            num_cond_latents=num_cond_latents,
             block_sparse_params=self.config.block_sparse_params,
-        )
-        if num_cond_latents:
-            _, height, width = latent_shape
-            n = num_cond_latents * height * width
-            # Condition tokens see only the condition; noisy tokens see every token.
-            out_cond = attention(
-                q[:, :, :n],
-                k[:, :, :n],
-                v[:, :, :n],
-                latent_shape=(num_cond_latents, height, width),
-                **kwargs,
-            )
-            out_noisy = attention(
-                q[:, :, n:], k, v, latent_shape=latent_shape, num_cond_latents=num_cond_latents, **kwargs
-            )
-            out = torch.cat([out_cond.transpose(1, 2), out_noisy.transpose(1, 2)], dim=1)  # [B, N, H, D]
-        else:
-            out = attention(q, k, v, latent_shape=latent_shape, **kwargs).transpose(1, 2)  # [B, N, H, D]
-        return self.proj(out.reshape(B, N, C))
+        )  # [B, H, N, D]
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
 class CrossAttention(nn.Module):
