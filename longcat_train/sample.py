@@ -25,8 +25,10 @@ import av
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from peft.tuners.lora import LoraLayer
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
+from webdataset.handlers import reraise_exception
 
 from longcat_data.buckets import (
     VAE_TEMPORAL_STRIDE,
@@ -37,8 +39,22 @@ from longcat_data.buckets import (
     latent_frames,
     make_buckets,
 )
-from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
+from longcat_data.encode import (
+    DEFAULT_MODEL,
+    decode_latents,
+    default_dtype,
+    encode_image,
+    encode_text,
+    load_text_encoder,
+    load_vae,
+    pad_text_embeds,
+)
+from longcat_data.shards import CAPTION, COND_IMAGE
+from longcat_data.stream import expand_shard_spec, read_tars
 from longcat_data.video import IMAGE_EXTENSIONS, resize_center_crop
+from longcat_train.loading import load_dit
+from longcat_train.lora import ADAPTER as LORA_ADAPTER
+from longcat_train.lora import load_lora
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +234,7 @@ def denoise(
         x = latents.to(dtype)
         if use_cfg:
             x = torch.cat([x, x])
-        # Upstream hands the timestep over in the DiT's dtype (bf16 rounds 1000*sigma); matching it keeps
-        # base-model samples the same as the official pipeline's.
-        timestep = t.to(device=device, dtype=dtype).expand(x.shape[0])
+        timestep = t.to(device).expand(x.shape[0])  # the model sets the condition frame's to 0
         pred = model(
             hidden_states=x,
             timestep=timestep,
@@ -272,6 +286,132 @@ def sample_i2v(
         progress=progress,
     )
     return decode_latents(vae, latents)[0].numpy()
+
+
+# ---------------------------------------------------------------- loaded models
+
+
+class Sampler:
+    """The DiT, VAE and text encoder loaded once, for the CLI and the preview page.
+
+    The DiT stays on ``device``. With ``offload`` the text encoder and VAE live on the CPU and visit the
+    device only for their own step, so the DiT's activations at 480x832x93 have the GPU to themselves.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        offload: bool = True,
+        vae_tiling: bool = False,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or default_dtype(self.device)
+        self.offload = offload and self.device.type != "cpu"
+        self.vae_tiling = vae_tiling
+        home = "cpu" if self.offload else self.device
+        log.info("loading %s (DiT on %s, %s; text encoder and VAE on %s)", model, self.device, self.dtype, home)
+        self.tokenizer, self.text_encoder = load_text_encoder(model, device=home, dtype=self.dtype)
+        self.vae = load_vae(model, device=home, dtype=self.dtype)
+        self.model = model
+        self.dit: torch.nn.Module = load_dit(model, dtype=self.dtype, device=self.device).eval().requires_grad_(False)
+        self.lora: tuple[str, float] | None = None  # the unmerged LoRA and strength now on the DiT
+        self.merged: str | None = None
+
+    def use_lora(self, path: str | None, strength: float = 1.0, *, merge: bool = False) -> None:
+        """Sample with the LoRA file at ``path`` (ours or the official format; None: the base model), its
+        update scaled by ``strength``.
+
+        ``merge`` folds it into the base weights: no extra cost per step, but it stays for good (the CLI,
+        which makes one set of videos). Unmerged, the next call can swap or rescale it (the preview page).
+        """
+        if self.merged is not None:
+            raise RuntimeError(f"LoRA {self.merged} is merged into the weights; load a new Sampler to change it")
+        if self.lora is not None and (path is None or self.lora[0] != path):
+            self.dit = self.dit.unload()  # back to the untouched base weights
+            self.lora = None
+        if path is None:
+            return
+        if self.lora is None:
+            if not Path(path).is_file():
+                raise SampleInputError(f"LoRA file not found: {path}")
+            try:
+                self.dit = load_lora(self.dit, path).eval()
+            except (ValueError, OSError) as err:
+                raise SampleInputError(f"LoRA {path} does not fit the DiT of --model {self.model}: {err}") from err
+        for module in self.dit.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale(LORA_ADAPTER, strength)
+        self.lora = (path, strength)
+        log.info("LoRA %s at strength %g%s", path, strength, " (merged)" if merge else "")
+        if merge:
+            self.dit = self.dit.merge_and_unload()
+            self.lora, self.merged = None, path
+
+    @contextmanager
+    def _visiting(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if not self.offload:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            torch.cuda.empty_cache()
+
+    def generate(
+        self,
+        image: np.ndarray,
+        prompts: Sequence[str],
+        *,
+        frames: int = DEFAULT_FRAMES,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        shift: float = DEFAULT_SHIFT,
+        seed: int = 0,
+        area: tuple[int, int] = DEFAULT_AREA,
+        negative_prompt: str = "",
+        on_step: StepCallback | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """uint8 [B, F, H, W, 3]: one video per prompt from the same start image; prompt i uses seed + i."""
+        prompts = [p.strip() for p in prompts]
+        if not prompts or not all(prompts):
+            raise SampleInputError("the prompt is empty: describe what should happen in the video")
+        frames = round_frames(frames)
+        start = fit_start_image(image, area)
+        use_cfg = guidance > 1.0
+        with self._visiting(self.text_encoder) as text_encoder:
+            texts = prompts + ([negative_prompt] if use_cfg else [])
+            embeds = encode_text(self.tokenizer, text_encoder, texts)
+        negative = embeds.pop() if use_cfg else None
+        with self._visiting(self.vae) as vae:
+            cond = encode_image(vae, start[None]).expand(len(prompts), -1, -1, -1, -1)
+        latents = denoise(
+            self.dit,
+            cond,
+            embeds,
+            negative,
+            frames=frames,
+            steps=steps,
+            guidance=guidance,
+            shift=shift,
+            seeds=[seed + i for i in range(len(prompts))],
+            on_step=on_step,
+            progress=progress,
+        )
+        with self._visiting(self.vae) as vae:
+            if self.vae_tiling:
+                vae.enable_tiling()
+            try:
+                # One video at a time: decoding memory grows with the batch, and the batch gains nothing.
+                videos = [decode_latents(vae, latents[i : i + 1])[0].numpy() for i in range(len(prompts))]
+            finally:
+                vae.disable_tiling()
+        return np.stack(videos)
 
 
 # ---------------------------------------------------------------- video files
@@ -374,22 +514,15 @@ def _folder_pairs(folder: Path, limit: int) -> list[ValidationPair]:
 
 
 def _shard_pairs(spec: str, limit: int) -> list[ValidationPair]:
-    import webdataset as wds
-    from longcat_data.stream import expand_shard_spec
-
-    urls = expand_shard_spec(spec)
     pairs: list[ValidationPair] = []
     # Shards in the order listed, samples in file order, no shuffling: the same pairs every run.
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        if "cond.png" not in sample or "txt" not in sample:
+    sources = ({"url": url} for url in expand_shard_spec(spec))
+    for sample in read_tars(sources, handler=reraise_exception):
+        if COND_IMAGE not in sample or CAPTION not in sample:
             continue
-        pairs.append(
-            ValidationPair(
-                _safe_key(sample["__key__"]),
-                decode_image(sample["cond.png"], name=f"{sample['__key__']}/cond.png"),
-                sample["txt"].decode("utf-8").strip(),
-            )
-        )
+        key = sample["__key__"]
+        image = decode_image(sample[COND_IMAGE], name=f"{key}/{COND_IMAGE}")
+        pairs.append(ValidationPair(_safe_key(key), image, sample[CAPTION].decode("utf-8").strip()))
         if len(pairs) == limit:
             break
     return pairs

@@ -206,3 +206,162 @@ def test_gif_and_frames(tmp_path) -> None:
     with Image.open(gif) as image:
         assert image.n_frames == 5
     assert len(sample.write_frames(video, tmp_path / "frames")) == 5
+
+
+# ---------------------------------------------------------------- the tiny model end to end
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    from longcat_data.encode import encode_text, load_text_encoder, load_vae
+    from longcat_train.loading import tiny_dit
+
+    model = tiny_dit().eval()
+    tokenizer, text_encoder = load_text_encoder("tiny")
+    prompt, negative = encode_text(tokenizer, text_encoder, ["a cat walks across a sunny garden", ""])
+    return dict(model=model, vae=load_vae("tiny"), prompt=prompt, negative=negative)
+
+
+def test_tiny_condition_frame_equals_the_encoded_start_image(tiny: dict) -> None:
+    from longcat_data.encode import encode_image
+
+    start = fit_start_image(_image(96, 80), area=(64, 64))
+    cond = encode_image(tiny["vae"], start[None])
+    seen: list[torch.Tensor] = []
+    out = denoise(
+        tiny["model"], cond, [tiny["prompt"]], tiny["negative"], frames=9, steps=3,
+        on_latents=lambda i, x: seen.append(x.clone()), progress=False,
+    )  # fmt: skip
+    assert len(seen) == 3 and out.shape == (1, 16, 3, 8, 8)
+    for latents in [*seen, out]:
+        assert torch.equal(latents[:, :, :1], cond)
+    assert not torch.equal(seen[0][:, :, 1:], out[:, :, 1:])  # the noisy frames did move
+
+
+def test_tiny_sample_i2v_is_a_video_of_the_bucket_size_set_by_the_seed(tiny: dict) -> None:
+    kwargs = dict(frames=5, steps=2, area=(64, 64), progress=False)
+    video = sample.sample_i2v(tiny["model"], tiny["vae"], _image(70, 70), tiny["prompt"], tiny["negative"], **kwargs)
+    assert video.shape == (5, 64, 64, 3) and video.dtype == np.uint8
+    other = sample.sample_i2v(
+        tiny["model"], tiny["vae"], _image(70, 70), tiny["prompt"], tiny["negative"], seed=1, **kwargs
+    )
+    assert not np.array_equal(video, other)
+
+
+# ---------------------------------------------------------------- validation pairs
+
+
+def test_validation_pairs_from_a_folder(tmp_path) -> None:
+    for name, size in [("b_dog", (80, 120)), ("a_cat", (64, 64))]:
+        Image.fromarray(_image(*size)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"a {name[2:]} runs\n")
+    pairs = sample.load_validation_pairs(str(tmp_path), limit=5)
+    assert [(p.key, p.prompt, p.image.shape) for p in pairs] == [
+        ("a_cat", "a cat runs", (64, 64, 3)),
+        ("b_dog", "a dog runs", (80, 120, 3)),
+    ]
+    assert len(sample.load_validation_pairs(str(tmp_path), limit=1)) == 1
+    (tmp_path / "c_bird.png").write_bytes((tmp_path / "a_cat.png").read_bytes())
+    with pytest.raises(SampleInputError, match="c_bird.png has no caption"):
+        sample.load_validation_pairs(str(tmp_path), limit=5)
+
+
+def test_validation_pairs_from_eval_shards(tmp_path) -> None:
+    import webdataset as wds
+
+    from longcat_data.shards import encode_sample
+
+    with wds.TarWriter(str(tmp_path / "eval-000000.tar")) as tar:
+        for i in range(3):
+            image = np.roll(_image(64, 64), i, axis=0)
+            latents = torch.zeros(16, 3, 8, 8)
+            tar.write(encode_sample(f"clip{i}", latents, latents[:, :1], image, f"caption {i}", {"fps": 15}))
+    pairs = sample.load_validation_pairs(str(tmp_path), limit=2)
+    assert [(p.key, p.prompt) for p in pairs] == [("clip0", "caption 0"), ("clip1", "caption 1")]
+    np.testing.assert_array_equal(pairs[1].image, np.roll(_image(64, 64), 1, axis=0))
+
+
+def test_contact_sheet_layout() -> None:
+    video = np.stack([np.full((32, 48, 3), 10 * i, np.uint8) for i in range(9)])
+    sheet = sample.contact_sheet(_image(32, 48), [("base", video), ("LoRA", video)], columns=4, height=40)
+    # Two rows of 40 px plus the header; a label column plus five cells of 60 px.
+    assert sheet.shape == (18 + 2 * 44, 72 + 5 * 64, 3)
+
+
+# ---------------------------------------------------------------- the Sampler and LoRA files
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory) -> str:
+    from longcat_train.loading import tiny_dit
+    from longcat_train.lora import adapter_settings, apply_lora, lora_weights, save_diffusers
+
+    model = apply_lora(tiny_dit(), rank=4, targets=["attn.qkv", "ffn.w1"])
+    with torch.no_grad():  # lora_B starts at zero; a trained adapter does not
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    path = tmp_path_factory.mktemp("lora") / "lora.safetensors"
+    return str(save_diffusers(lora_weights(model), path, adapter_settings(model)))
+
+
+def _latents(sampler: sample.Sampler) -> torch.Tensor:
+    cond, _, _ = _denoise_inputs()
+    text = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    return denoise(sampler.dit, cond[:, :, :, :4, :4], [text], None, frames=5, steps=2, guidance=1.0, progress=False)
+
+
+def test_lora_strength_swap_and_merge(lora_file: str) -> None:
+    sampler = sample.Sampler("tiny", device="cpu")
+    base = _latents(sampler)
+    sampler.use_lora(lora_file, 1.0)
+    full = _latents(sampler)
+    assert not torch.allclose(full, base, atol=1e-3)
+    sampler.use_lora(lora_file, 0.0)
+    torch.testing.assert_close(_latents(sampler), base)
+    sampler.use_lora(lora_file, 0.5)
+    half = _latents(sampler)
+    assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, full, atol=1e-4)
+    sampler.use_lora(None)
+    torch.testing.assert_close(_latents(sampler), base)
+
+    merged = sample.Sampler("tiny", device="cpu")
+    merged.use_lora(lora_file, 1.0, merge=True)
+    assert not any("lora" in name for name, _ in merged.dit.named_parameters())
+    torch.testing.assert_close(_latents(merged), full, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_of_another_model_is_refused(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    sampler = sample.Sampler("tiny", device="cpu")
+    other = tmp_path / "sdxl_style.safetensors"
+    save_file(
+        {
+            "transformer.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 320),
+            "transformer.down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(320, 4),
+        },
+        str(other),
+    )
+    with pytest.raises(SampleInputError, match="does not fit the DiT of --model tiny.*match no Linear"):
+        sampler.use_lora(str(other))
+    wrong_rank = tmp_path / "wrong_rank.safetensors"
+    save_file(
+        {
+            "transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(4, 128),
+            "transformer.blocks.0.attn.qkv.lora_B.weight": torch.zeros(384, 8),
+        },
+        str(wrong_rank),
+    )
+    with pytest.raises(SampleInputError, match="does not fit.*shape"):
+        sampler.use_lora(str(wrong_rank))
+    with pytest.raises(SampleInputError, match="not found"):
+        sampler.use_lora(str(tmp_path / "missing.safetensors"))
+
+
+def test_sampler_makes_one_video_per_prompt() -> None:
+    sampler = sample.Sampler("tiny", device="cpu")
+    videos = sampler.generate(_image(64, 64), ["a cat", "a dog"], frames=5, steps=2, area=(64, 64), progress=False)
+    assert videos.shape == (2, 5, 64, 64, 3)
+    with pytest.raises(SampleInputError, match="prompt is empty"):
+        sampler.generate(_image(64, 64), ["  "], frames=5, steps=2, area=(64, 64))
