@@ -109,7 +109,8 @@ class DiTConfig:
         """Read an official ``dit/config.json`` (or one written by :meth:`to_dict`)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"official_extras"}
         kwargs = {k: v for k, v in config.items() if k in known}
-        extras = {k: v for k, v in config.items() if k not in known}
+        # _class_name is always written by to_dict; other keys the model does not use are kept for it.
+        extras = {k: v for k, v in config.items() if k not in known and k != "_class_name"}
         bsa = extras.get("bsa_params")
         if bsa and "block_sparse_params" not in kwargs:
             # Official: drop `sparsity` of the key blocks per query block, blocks of chunk_3d_shape tokens.
