@@ -365,3 +365,37 @@ def test_sampler_makes_one_video_per_prompt() -> None:
     assert videos.shape == (2, 5, 64, 64, 3)
     with pytest.raises(SampleInputError, match="prompt is empty"):
         sampler.generate(_image(64, 64), ["  "], frames=5, steps=2, area=(64, 64))
+
+
+def test_run_validation_writes_videos_sheets_and_tensorboard(tiny: dict, tmp_path, monkeypatch) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from longcat_train.loading import tiny_dit
+    from longcat_train.lora import apply_lora
+
+    model = apply_lora(tiny_dit(), rank=4, targets=["attn.qkv"])
+    model.train()
+    pairs = [sample.ValidationPair("cat", _image(64, 64), "a cat walks across a sunny garden")]
+    embeds = {pairs[0].prompt: tiny["prompt"], "": tiny["negative"]}
+    calls: list[bool] = []
+    real_sample = sample.sample_i2v
+
+    def counting(*args, **kwargs):
+        calls.append(True)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "sample_i2v", counting)
+    settings = dict(output_dir=tmp_path, frames=5, steps=2, area=(64, 64))
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        first = sample.run_validation(model, tiny["vae"], pairs, embeds, step=10, tb_writer=writer, **settings)
+        second = sample.run_validation(model, tiny["vae"], pairs, embeds, step=20, tb_writer=writer, **settings)
+    step_dir = tmp_path / "validation" / "step_000010"
+    assert first == [step_dir / "cat.mp4", step_dir / "cat_sheet.png"]
+    assert [p.name for p in second] == ["cat.mp4", "cat_sheet.png"]
+    assert len(sample.read_mp4(first[0])) == 5
+    with Image.open(first[1]) as sheet:  # label column, start frame, four frames; base and LoRA rows
+        assert sheet.size == (72 + 5 * 164, 18 + 2 * 164)
+    assert len(list((tmp_path / "validation" / "base").glob("cat_*.mp4"))) == 1
+    assert len(calls) == 3  # LoRA at both steps, the base model once
+    assert model.training  # the trainer's mode comes back
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
