@@ -1,0 +1,366 @@
+"""Block swap: keep the frozen weights of the last N transformer blocks off the GPU and stream them in.
+
+Applied from outside the model (the model never knows): forward pre-hooks on the swapped blocks make each
+block's weights resident on the compute device just before it runs and start copying the next block in on
+a side CUDA stream, so the copy overlaps the current block's compute.
+
+How one training step flows, with the last N blocks swapped and gradient checkpointing on:
+
+- forward: resident blocks run while the first swapped block is prefetched (root pre-hook); each swapped
+  block then prefetches the next one. Under checkpointing the autograd graph keeps no reference to the
+  weights, so a block's buffer can be reused as soon as its forward is enqueued.
+- backward: checkpointing re-runs each block's forward in reverse order, inside the backward pass. The
+  same pre-hook fires there; it sees that it runs inside backward and prefetches the *previous* block.
+  The last block of the forward is also the first of the backward, so it simply stays resident.
+
+Memory: the swapped blocks' frozen tensors live in one flat buffer per block on the offload device
+(pinned host memory for CPU offload, so host-to-device copies are asynchronous DMA). On the compute
+device a fixed pool of two block-sized buffers takes turns: the one in use and the one being filled.
+No device memory is allocated per step.
+
+Trainable parameters (LoRA) on swapped blocks stay on the compute device: they are tiny, and their
+identity must not change under the optimizer. Frozen tensors are re-bound on every load (module attributes
+point into the pool buffer while resident, into the offload buffer otherwise), so hold modules, not
+references to frozen weights. Tensor subclasses (optimum-quanto int8, torchao float8 weights) are streamed
+through their inner tensors, so a quantised base swaps at its quantised size.
+
+Order: call :func:`apply_block_swap` last, after quantisation and LoRA injection, and instead of
+``model.to(device)`` (it places the model). A block whose modules or tensors change afterwards is refused.
+Training through swapped blocks needs gradient checkpointing on them: without it autograd would keep
+views of the pooled buffers for backward, and they are refilled with other blocks by then.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+logger = logging.getLogger(__name__)
+
+# Byte alignment of every tensor inside a flat buffer: a view must start where its dtype's `view` accepts it,
+# and vectorised kernels want 16-byte aligned rows; 256 matches what the CUDA caching allocator hands out.
+_ALIGN = 256
+
+# One buffer in use plus one being filled is enough: a prefetch waits only for the block before the current
+# one to finish, and its copy then runs during the current block's compute.
+_POOL_SIZE = 2
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """A plain tensor kept at byte `offset` of its block's flat buffer."""
+
+    offset: int
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _Wrapped:
+    """A wrapper tensor subclass, rebuilt from its inner tensors with ``__tensor_unflatten__``."""
+
+    cls: type
+    ctx: Any
+    size: torch.Size
+    stride: tuple[int, ...]
+    inner: dict[str, _Leaf | _Wrapped]
+
+
+_Spec = _Leaf | _Wrapped
+
+
+def _plan(t: torch.Tensor, cursor: list[int]) -> _Spec:
+    """Give `t` (and its inner tensors, for a subclass) a place in a flat buffer; advance `cursor[0]`."""
+    if is_traceable_wrapper_subclass(t):
+        names, ctx = t.__tensor_flatten__()
+        inner = {name: _plan(getattr(t, name), cursor) for name in names}
+        return _Wrapped(type(t), ctx, t.size(), tuple(t.stride()), inner)
+    # The strided extent covers non-contiguous layouts (a transposed inner weight) without reordering them.
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+    leaf = _Leaf(cursor[0], t.dtype, tuple(t.shape), tuple(t.stride()), span * t.element_size())
+    cursor[0] += -(-leaf.nbytes // _ALIGN) * _ALIGN
+    return leaf
+
+
+def _view(flat: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """The tensor `spec` describes, as a view of the uint8 buffer `flat` (no copy)."""
+    if isinstance(spec, _Wrapped):
+        inner = {name: _view(flat, s) for name, s in spec.inner.items()}
+        return spec.cls.__tensor_unflatten__(inner, spec.ctx, spec.size, spec.stride)
+    raw = flat[spec.offset : spec.offset + spec.nbytes].view(spec.dtype)
+    return raw.as_strided(spec.size, spec.stride)
+
+
+def _write(flat: torch.Tensor, spec: _Spec, t: torch.Tensor) -> None:
+    if isinstance(spec, _Wrapped):
+        for name, s in spec.inner.items():
+            _write(flat, s, getattr(t, name))
+    else:
+        _view(flat, spec).copy_(t.detach())
+
+
+class _CudaStreams:
+    """Copies on a side stream; events order them against the compute (current) stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None) -> torch.cuda.Event:
+        with torch.cuda.stream(self.copy_stream):
+            if after is not None:
+                self.copy_stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return done
+
+    def mark(self) -> torch.cuda.Event:
+        # Recorded on the compute stream: completes once everything enqueued so far (the users of a buffer) ran.
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def wait(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+
+class _SyncStreams:
+    """Stand-in where the compute device has no streams (CPU): every copy is complete when it returns."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: None) -> None:
+        dst.copy_(src)
+
+    def mark(self) -> None:
+        return None
+
+    def wait(self, event: None) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A block-sized buffer on the compute device, holding one swapped block at a time."""
+
+    buffer: torch.Tensor
+    block: _SwappedBlock | None = None
+    free: Any = None  # event: the previous holder's compute is done, the buffer may be overwritten
+    last_use: int = 0
+
+
+@dataclass(eq=False)
+class _SwappedBlock:
+    index: int
+    module: nn.Module
+    # (owning module, attribute name, is a parameter, place in the flat buffers)
+    entries: list[tuple[nn.Module, str, bool, _Spec]]
+    storage: torch.Tensor  # flat uint8 on the offload device
+    slot: _Slot | None = None
+    ready: Any = None  # event: the copy into `slot` is done
+    members: list[object] = field(default_factory=list)
+
+
+def _members(module: nn.Module) -> list[object]:
+    """Every module and tensor object of a block, to notice changes made behind the swap's back."""
+    return [*module.modules(), *module.parameters(), *module.buffers()]
+
+
+def _find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer's ``blocks`` ModuleList, also when the model is wrapped (peft ``base_model.model``)."""
+    found = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "blocks"]
+    found = [m for m in found if isinstance(m, nn.ModuleList)]
+    if len(found) != 1:
+        raise ValueError(f"expected one nn.ModuleList named 'blocks' in the model, found {len(found)}")
+    return found[0]
+
+
+def _in_backward() -> bool:
+    # Checkpointing re-runs block forwards from inside the autograd engine; outside backward this is -1.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _saved_tensors_hooked() -> bool:
+    # Non-reentrant checkpointing runs the block under saved-tensor hooks that keep no tensor alive.
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+class BlockSwap:
+    """Handle of a model whose last blocks stream from the offload device. Built by :func:`apply_block_swap`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        offload_device: torch.device,
+        compute_device: torch.device,
+    ) -> None:
+        blocks = _find_blocks(model)
+        if not 0 <= num_blocks <= len(blocks):
+            raise ValueError(f"cannot swap {num_blocks} blocks of a model with {len(blocks)}")
+        self.offload_device = offload_device
+        self.compute_device = compute_device
+        self.indices = list(range(len(blocks) - num_blocks, len(blocks)))
+        swapped = {id(m) for i in self.indices for m in blocks[i].modules()}
+        for module in model.modules():
+            if id(module) not in swapped:
+                module._apply(lambda t: t.to(compute_device), recurse=False)
+
+        pin = offload_device.type == "cpu" and compute_device.type == "cuda"
+        self._blocks = [self._pack(i, blocks[i], pin) for i in self.indices]
+        self._streams = _CudaStreams(compute_device) if compute_device.type == "cuda" else _SyncStreams()
+        self.block_bytes = max((b.storage.numel() for b in self._blocks), default=0)
+        self._slots = [
+            _Slot(torch.empty(self.block_bytes, dtype=torch.uint8, device=compute_device))
+            for _ in range(min(_POOL_SIZE, num_blocks))
+        ]
+        self._clock = 0
+        self._handles = [
+            b.module.register_forward_pre_hook(self._make_pre_hook(n)) for n, b in enumerate(self._blocks)
+        ]
+        if self._blocks:
+            self._handles.append(model.register_forward_pre_hook(self._prefetch_first))
+        logger.info(
+            "block swap: %d of %d blocks on %s (%.2f GB each, pinned=%s), pool of %d on %s",
+            num_blocks,
+            len(blocks),
+            offload_device,
+            self.block_bytes / 1e9,
+            pin,
+            len(self._slots),
+            compute_device,
+        )
+
+    @property
+    def loaded_blocks(self) -> list[int]:
+        """Indices (in the model's ``blocks``) of the swapped blocks now resident on the compute device."""
+        return sorted(s.block.index for s in self._slots if s.block is not None)
+
+    def _pack(self, index: int, module: nn.Module, pin: bool) -> _SwappedBlock:
+        """Move a block's frozen tensors into one flat buffer on the offload device; trainable ones to compute."""
+        entries: list[tuple[nn.Module, str, bool, _Spec]] = []
+        tensors: list[torch.Tensor] = []
+        cursor = [0]
+        for owner in module.modules():
+            for name, p in owner._parameters.items():
+                if p is None:
+                    continue
+                if p.requires_grad:
+                    if is_traceable_wrapper_subclass(p):
+                        raise TypeError(f"block {index}: trainable tensor-subclass parameter {name!r}")
+                    p.data = p.data.to(self.compute_device)
+                    continue
+                entries.append((owner, name, True, _plan(p, cursor)))
+                tensors.append(p)
+            for name, b in owner._buffers.items():
+                if b is not None:
+                    entries.append((owner, name, False, _plan(b, cursor)))
+                    tensors.append(b)
+        storage = torch.empty(cursor[0], dtype=torch.uint8, device=self.offload_device, pin_memory=pin)
+        for (_, _, _, spec), t in zip(entries, tensors, strict=True):
+            _write(storage, spec, t)
+        block = _SwappedBlock(index, module, entries, storage)
+        self._bind(block, storage)
+        return block
+
+    def _bind(self, block: _SwappedBlock, flat: torch.Tensor) -> None:
+        """Point the block's frozen attributes at views of `flat` (its offload buffer or a pool buffer)."""
+        for owner, name, is_param, spec in block.entries:
+            t = _view(flat, spec)
+            if is_param:
+                owner._parameters[name] = nn.Parameter(t, requires_grad=False)
+            else:
+                owner._buffers[name] = t
+        block.members = _members(block.module)
+
+    def _check(self, block: _SwappedBlock) -> None:
+        now = _members(block.module)
+        if len(now) != len(block.members) or any(
+            a is not b for a, b in zip(now, block.members, strict=False)
+        ):
+            raise RuntimeError(
+                f"block {block.index} changed after apply_block_swap (new modules or re-assigned tensors): "
+                "quantise and inject LoRA first, then apply block swap"
+            )
+
+    def _load(self, block: _SwappedBlock, keep: _SwappedBlock) -> None:
+        """Start copying `block` into a pool buffer, evicting the least recently used block other than `keep`."""
+        self._clock += 1
+        if block.slot is not None:
+            block.slot.last_use = self._clock
+            return
+        self._check(block)
+        slot = min((s for s in self._slots if s.block is not keep), key=lambda s: s.last_use)
+        if slot.block is not None:
+            old = slot.block
+            self._check(old)
+            self._bind(old, old.storage)
+            old.slot = None
+            # Everything that reads the old block is enqueued by now (its forward ran, and in backward the
+            # autograd engine finishes a block before the one below it starts); the copy waits for it.
+            slot.free = self._streams.mark()
+        nbytes = block.storage.numel()
+        block.ready = self._streams.copy(slot.buffer[:nbytes], block.storage, slot.free)
+        self._bind(block, slot.buffer)
+        block.slot, slot.block, slot.last_use = slot, block, self._clock
+
+    def _make_pre_hook(self, n: int):
+        @torch.compiler.disable
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            block = self._blocks[n]
+            backward = _in_backward()
+            if torch.is_grad_enabled() and not backward and not _saved_tensors_hooked():
+                raise RuntimeError(
+                    f"block {block.index} is swapped and runs with autograd but without gradient "
+                    "checkpointing: enable the model's gradient checkpointing to train with block swap"
+                )
+            self._check(block)
+            self._load(block, keep=block)
+            self._streams.wait(block.ready)
+            block.ready = None
+            nxt = n - 1 if backward else n + 1
+            if 0 <= nxt < len(self._blocks):
+                self._load(self._blocks[nxt], keep=block)
+
+        return pre_hook
+
+    @torch.compiler.disable
+    def _prefetch_first(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        # The resident blocks run first: time enough to bring in the first swapped one.
+        if not _in_backward():
+            self._load(self._blocks[0], keep=self._blocks[0])
+
+
+def default_compute_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def apply_block_swap(
+    model: nn.Module,
+    num_blocks: int,
+    device: torch.device | str = "cpu",
+    *,
+    compute_device: torch.device | str | None = None,
+) -> BlockSwap:
+    """Keep the frozen weights of the last `num_blocks` of ``model.blocks`` on `device` and stream them in.
+
+    Places the whole model: everything else (resident blocks, embedders, final layer, all trainable
+    parameters) moves to `compute_device` (default: the current CUDA device, else CPU). Call it last, after
+    :func:`longcat_train.quant.quantize_base` and LoRA injection, and instead of ``model.to(...)``.
+    ``num_blocks=0`` only moves the model. Training needs gradient checkpointing on the swapped blocks.
+    """
+    compute = torch.device(compute_device) if compute_device is not None else default_compute_device()
+    if compute.type == "cuda" and compute.index is None:
+        compute = torch.device("cuda", torch.cuda.current_device())
+    return BlockSwap(model, num_blocks, torch.device(device), compute)

@@ -1,0 +1,138 @@
+"""Quantised frozen base: right layers quantised, output close to bf16, LoRA gradients flow through it."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.quant import quantize_base
+
+LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2"]
+QUANTISED = [
+    "attn.qkv",
+    "attn.proj",
+    "cross_attn.q_linear",
+    "cross_attn.kv_linear",
+    "cross_attn.proj",
+    "ffn.w1",
+]
+PACKAGE = {"int8-quanto": "optimum.quanto", "fp8-torchao": "torchao"}
+# Relative L2 error of the tiny model's output against bf16; measured 0.3% (int8) and 0.6% (float8 e4m3).
+TOLERANCE = {"int8-quanto": 0.01, "fp8-torchao": 0.03}
+
+
+def make_model(device: str = "cpu") -> LongCatVideoTransformer:
+    torch.manual_seed(0)
+    config = dataclasses.replace(DiTConfig.tiny(), depth=3)
+    return LongCatVideoTransformer(config).to(device, torch.bfloat16).requires_grad_(False)
+
+
+def add_lora(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False)
+    return inject_adapter_in_model(lora, model)
+
+
+def make_inputs(device: str = "cpu"):
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(1, 16, 3, 4, 4, generator=g).to(device)
+    return latents, torch.tensor([700.0], device=device), torch.randn(1, 6, 64, generator=g).to(device)
+
+
+def run(model: torch.nn.Module, device: str = "cpu") -> torch.Tensor:
+    return model(*make_inputs(device), num_cond_latents=1)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def block_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the frozen block weights: quantised ones counted through their inner tensors."""
+    return sum(tensor_bytes(p) for n, p in model.blocks.named_parameters() if "lora_" not in n)
+
+
+def weight_type(model: torch.nn.Module, name: str) -> type:
+    module = model.blocks[0].get_submodule(name)
+    return type(getattr(module, "base_layer", module).weight)
+
+
+def test_unknown_precision_and_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="base_model_precision must be one of"):
+        quantize_base(make_model(), "int4")
+    real = importlib.import_module
+
+    def no_quanto(name: str, *args):
+        if name == "optimum.quanto":
+            raise ImportError("No module named 'optimum.quanto'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_quanto)
+    with pytest.raises(ImportError, match="needs the optimum-quanto package"):
+        quantize_base(make_model(), "int8-quanto")
+
+
+def test_bf16_casts_the_base_not_lora() -> None:
+    model = add_lora(make_model().float())
+    for p in model.parameters():
+        p.data = p.data.float()
+    quantize_base(model, "bf16")
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if "lora_" in name else torch.bfloat16), name
+    assert quantize_base(model, "no_change") is model
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "fp8-torchao"])
+@pytest.mark.parametrize("lora_first", [False, True])
+def test_lora_trains_on_quantised_base(precision: str, lora_first: bool) -> None:
+    pytest.importorskip(PACKAGE[precision])
+    reference = run(add_lora(make_model())).detach()
+    model = make_model()
+    if lora_first:
+        model = quantize_base(add_lora(model), precision)
+    else:
+        model = add_lora(quantize_base(model, precision))
+
+    for name in QUANTISED:
+        assert weight_type(model, name) is not torch.nn.Parameter, name  # a quantised tensor subclass
+    assert type(model.blocks[0].adaLN_modulation[1].weight) is torch.nn.Parameter  # runs in fp32: kept
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert block_bytes(model) < 0.7 * block_bytes(make_model())  # one byte per weight, plus scales
+
+    out = run(model)
+    assert rel_error(out, reference) < TOLERANCE[precision]
+    out.float().square().mean().backward()
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(lora) == 2 * len(LORA_TARGETS) * 3
+    # Every factor in every block gets a gradient: it flows through the quantised layers above.
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+
+    torch.optim.SGD(lora.values(), lr=1e-2).step()
+    assert rel_error(run(model), out.detach()) > 1e-4  # the step changed what the model computes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8-quanto", "fp8-torchao"])
+def test_gpu_quantise_on_device(precision: str) -> None:
+    pytest.importorskip(PACKAGE[precision])
+    reference = run(add_lora(make_model("cuda")), "cuda").detach()
+    model = add_lora(quantize_base(make_model(), precision, device="cuda").to("cuda"))
+    qkv = model.blocks[0].attn.qkv.base_layer.weight
+    assert qkv.device.type == "cuda"
+    out = run(model, "cuda")
+    assert rel_error(out, reference) < TOLERANCE[precision]
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert block_bytes(model) < 0.7 * block_bytes(make_model())
