@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def official_kernel() -> Callable | None:
 
 
 def candidate_configs() -> list[KernelConfig]:
-    return [KernelConfig(t, w, s) for t, w, s in itertools.product((1, 2), (4, 8), (2, 3, 4))]
+    grid = [KernelConfig(t, w, s) for t, w, s in itertools.product((1, 2), (4, 8), (2, 3, 4))]
+    return grid + [KernelConfig(t, 4, 1) for t in (1, 2)]  # no pipelining: more programs per SM
 
 
 def sweep(shape: tuple[int, int, int], density: float) -> dict:
@@ -149,11 +151,52 @@ def bench_grid(
     record(case)
 
 
+def profile(shape: tuple[int, int, int], density: float, official: Callable | None) -> dict:
+    """Kernel-by-kernel device time of five forward+backward passes, and the host time of one forward
+    (launch overhead: it is on the critical path when the device work is short)."""
+    q, k, v = (
+        torch.randn(
+            1, HEADS, math.prod(shape), HEAD_DIM, device="cuda", dtype=torch.bfloat16
+        ).requires_grad_()
+        for _ in "qkv"
+    )
+    grad = torch.randn_like(q)
+    runs = {"ours": lambda: block_sparse_attention(q, k, v, shape, density=density, implementation="triton")}
+    if official is not None:
+        blocks = [4, 4, 4]
+        runs["official"] = lambda: official(
+            q, k, v, shape, shape, sparsity=1 - density, chunk_3d_shape_q=blocks, chunk_3d_shape_k=blocks
+        )
+    result = {}
+    for name, run in runs.items():
+        for _ in range(3):
+            run().backward(grad)
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            start = time.perf_counter()
+            for _ in range(10):
+                run()
+            host_s = (time.perf_counter() - start) / 10
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(5):
+                run().backward(grad)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(
+            sort_by="self_device_time_total", row_limit=30, max_name_column_width=60
+        )
+        print(f"== {name}: host time of one forward {host_s * 1e3:.3f} ms\n{table}", file=sys.stderr)
+        result[name] = {"host_s_per_forward": host_s, "table": table}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--density", type=float, default=1 / 16)
     parser.add_argument("--sweep", action="store_true", help="tune kernel launch configs first")
     parser.add_argument("--out", type=Path, help="also write the JSON here, after every case")
+    parser.add_argument("--profile", action="store_true", help="print a kernel profile of 24x32x48 first")
     args = parser.parse_args()
 
     report: dict = {
@@ -173,13 +216,15 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(report, indent=1))
 
+    official = official_kernel()
+    if args.profile:
+        report["profile"] = profile(GRIDS["24x32x48"], args.density, official)
     if args.sweep:
         tuned = sweep(GRIDS["480x832x93"], args.density)
         CONFIGS.update(tuned.pop("configs"))
         report["sweep"] = tuned
     report["configs"] = {name: vars(cfg) for name, cfg in CONFIGS.items()}
 
-    official = official_kernel()
     for grid_name, shape in GRIDS.items():
         bench_grid(grid_name, shape, args.density, official if grid_name == "24x32x48" else None, record)
 
