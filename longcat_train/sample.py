@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -39,6 +39,7 @@ from longcat_data.buckets import (
     latent_frames,
     make_buckets,
 )
+from longcat_data.demo import DEMO_AREA, DEMO_FRAMES
 from longcat_data.encode import (
     DEFAULT_MODEL,
     decode_latents,
@@ -55,6 +56,7 @@ from longcat_data.video import IMAGE_EXTENSIONS, resize_center_crop
 from longcat_train.loading import load_dit
 from longcat_train.lora import ADAPTER as LORA_ADAPTER
 from longcat_train.lora import load_lora
+from longcat_train.offload import BlockSwap, apply_block_swap
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +174,9 @@ def fit_start_image(image: np.ndarray, area: tuple[int, int] = DEFAULT_AREA) -> 
 # ---------------------------------------------------------------- denoising
 
 
-def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next(model.parameters())
-    return param.device, param.dtype
+def _model_device(model: torch.nn.Module) -> torch.device:
+    # The embedders stay on the compute device even when block swap parks the blocks on the CPU.
+    return next(model.parameters()).device
 
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
@@ -216,13 +218,14 @@ def denoise(
     use_cfg = guidance > 1.0
     if use_cfg and negative_embeds is None:
         raise ValueError("guidance > 1 needs the empty negative prompt's embedding")
-    device, dtype = _model_device_dtype(model)
+    # Latents and text stay fp32 here: the DiT casts its inputs to its own dtype, as upstream does.
+    device = _model_device(model)
     cond = cond_latents.to(device, torch.float32)
     _, channels, _, h, w = cond.shape
 
     # The unconditional half comes first, as upstream orders it; one forward serves both halves.
     texts = ([negative_embeds] * batch if use_cfg else []) + list(prompt_embeds)
-    text, mask = pad_text_embeds([t.to(device, dtype) for t in texts])
+    text, mask = pad_text_embeds([t.to(device, torch.float32) for t in texts])
 
     noisy = initial_noise((channels, latent_frames(frames) - 1, h, w), seeds).to(device)
     scheduler = flow_scheduler(steps, shift)
@@ -231,9 +234,7 @@ def denoise(
         latents = torch.cat([cond, noisy], dim=2)
         if on_latents is not None:
             on_latents(i, latents)
-        x = latents.to(dtype)
-        if use_cfg:
-            x = torch.cat([x, x])
+        x = torch.cat([latents, latents]) if use_cfg else latents
         timestep = t.to(device).expand(x.shape[0])  # the model sets the condition frame's to 0
         pred = model(
             hidden_states=x,
@@ -296,6 +297,9 @@ class Sampler:
 
     The DiT stays on ``device``. With ``offload`` the text encoder and VAE live on the CPU and visit the
     device only for their own step, so the DiT's activations at 480x832x93 have the GPU to themselves.
+    ``block_swap`` N keeps the weights of the DiT's last N blocks in host memory and streams them in
+    (``longcat_train.offload``), for GPUs smaller than the bf16 model; it is applied at the first video,
+    after the LoRA is merged, and fixes the weights from then on.
     """
 
     def __init__(
@@ -306,19 +310,23 @@ class Sampler:
         dtype: torch.dtype | None = None,
         offload: bool = True,
         vae_tiling: bool = False,
+        block_swap: int = 0,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
         self.offload = offload and self.device.type != "cpu"
         self.vae_tiling = vae_tiling
+        self.block_swap = block_swap if self.device.type != "cpu" else 0
         home = "cpu" if self.offload else self.device
         log.info("loading %s (DiT on %s, %s; text encoder and VAE on %s)", model, self.device, self.dtype, home)
         self.tokenizer, self.text_encoder = load_text_encoder(model, device=home, dtype=self.dtype)
         self.vae = load_vae(model, device=home, dtype=self.dtype)
         self.model = model
-        self.dit: torch.nn.Module = load_dit(model, dtype=self.dtype, device=self.device).eval().requires_grad_(False)
+        dit_home = "cpu" if self.block_swap else self.device
+        self.dit: torch.nn.Module = load_dit(model, dtype=self.dtype, device=dit_home).eval().requires_grad_(False)
         self.lora: tuple[str, float] | None = None  # the unmerged LoRA and strength now on the DiT
         self.merged: str | None = None
+        self.swap: BlockSwap | None = None
 
     def use_lora(self, path: str | None, strength: float = 1.0, *, merge: bool = False) -> None:
         """Sample with the LoRA file at ``path`` (ours or the official format; None: the base model), its
@@ -327,8 +335,9 @@ class Sampler:
         ``merge`` folds it into the base weights: no extra cost per step, but it stays for good (the CLI,
         which makes one set of videos). Unmerged, the next call can swap or rescale it (the preview page).
         """
-        if self.merged is not None:
-            raise RuntimeError(f"LoRA {self.merged} is merged into the weights; load a new Sampler to change it")
+        if self.merged is not None or self.swap is not None:
+            fixed = f"LoRA {self.merged} is merged" if self.merged else "block swap has packed the weights"
+            raise SampleInputError(f"{fixed}; the LoRA cannot change now (choose it before the first video)")
         if self.lora is not None and (path is None or self.lora[0] != path):
             self.dit = self.dit.unload()  # back to the untouched base weights
             self.lora = None
@@ -390,6 +399,8 @@ class Sampler:
         negative = embeds.pop() if use_cfg else None
         with self._visiting(self.vae) as vae:
             cond = encode_image(vae, start[None]).expand(len(prompts), -1, -1, -1, -1)
+        if self.block_swap and self.swap is None:
+            self.swap = apply_block_swap(self.dit, self.block_swap, "cpu", compute_device=self.device)
         latents = denoise(
             self.dit,
             cond,
@@ -412,6 +423,111 @@ class Sampler:
             finally:
                 vae.disable_tiling()
         return np.stack(videos)
+
+
+# ---------------------------------------------------------------- the longcat-sample command
+
+
+@dataclass
+class SampleConfig:
+    """What ``longcat-sample`` does; one field per flag. ``None`` sizes mean the model's defaults."""
+
+    model: str = DEFAULT_MODEL
+    image: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    output: str = "out.mp4"
+    lora: list[str] = field(default_factory=list)  # one to sample with; with serve, the page's choices
+    lora_strength: float = 1.0
+    frames: int | None = None  # default 93; 17 for the tiny model
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    shift: float = DEFAULT_SHIFT
+    seed: int = 0
+    size: tuple[int, int] | None = None  # bucket area; default 480x832, 192x320 for the tiny model
+    fps: int = DEFAULT_FPS
+    negative_prompt: str = ""
+    gif: bool = False
+    save_frames: bool = False
+    vae_tiling: bool = False
+    block_swap: int = 0
+    device: str | None = None
+    serve: bool = False
+    host: str = "127.0.0.1"
+    port: int = 7860
+    serve_dir: str = "longcat_previews"
+    max_upload_mb: float = 20.0
+
+    def __post_init__(self) -> None:
+        # The tiny model is for trying the tools on a CPU: its defaults are the demo clips' small size.
+        tiny = self.model == "tiny"
+        if self.size is None:
+            self.size = DEMO_AREA if tiny else DEFAULT_AREA
+        if self.frames is None:
+            self.frames = DEMO_FRAMES if tiny else DEFAULT_FRAMES
+
+
+def check_sample_config(config: SampleConfig) -> np.ndarray | None:
+    """Refuse bad input before any model loads; returns the start image (None when serving)."""
+    for lora in config.lora:
+        if not Path(lora).is_file():
+            raise SampleInputError(f"LoRA file not found: {lora}")
+    if config.steps < 1:
+        raise SampleInputError(f"--steps must be at least 1, got {config.steps}")
+    config.frames = round_frames(config.frames)
+    if config.block_swap < 0:
+        raise SampleInputError(f"--block-swap must be >= 0, got {config.block_swap}")
+    if config.serve:
+        if config.block_swap and config.lora:
+            raise SampleInputError("--serve with --block-swap cannot switch LoRAs (swapped weights are fixed)")
+        return None
+    if len(config.lora) > 1:
+        raise SampleInputError("give one --lora to sample with (several are for --serve, which offers them all)")
+    if config.image is None:
+        raise SampleInputError("--image is required: the start frame of the video")
+    image = load_image(config.image)
+    fit_start_image(image, config.size)
+    if not config.prompts or not all(p.strip() for p in config.prompts):
+        raise SampleInputError("--prompt is empty: describe what should happen in the video")
+    if Path(config.output).suffix.lower() != ".mp4":
+        raise SampleInputError(f"-o {config.output}: the output must be an .mp4 file")
+    return image
+
+
+def output_paths(output: str | Path, count: int) -> list[Path]:
+    """``out.mp4`` for one video; ``out_0.mp4``, ``out_1.mp4``, ... for several prompts."""
+    output = Path(output)
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+
+
+def run_sample(config: SampleConfig) -> list[Path]:
+    """Make one video per prompt from the start image and write them (plus GIF / frames if asked)."""
+    image = check_sample_config(config)
+    sampler = Sampler(config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap)
+    if config.lora:
+        sampler.use_lora(config.lora[0], config.lora_strength, merge=True)
+    videos = sampler.generate(
+        image,
+        config.prompts,
+        frames=config.frames,
+        steps=config.steps,
+        guidance=config.guidance,
+        shift=config.shift,
+        seed=config.seed,
+        area=config.size,
+        negative_prompt=config.negative_prompt,
+    )
+    written = []
+    for video, path in zip(videos, output_paths(config.output, len(videos)), strict=True):
+        written.append(write_mp4(video, path, fps=config.fps))
+        if config.gif:
+            written.append(write_gif(video, path.with_suffix(".gif"), fps=config.fps))
+        if config.save_frames:
+            write_frames(video, path.with_suffix(""))
+            written.append(path.with_suffix(""))
+        log.info("wrote %s (%d frames, %dx%d, %d fps)", path, len(video), video.shape[2], video.shape[1], config.fps)
+    return written
 
 
 # ---------------------------------------------------------------- video files

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -34,8 +35,11 @@ from longcat_train.sample import (
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    SampleConfig,
     SampleInputError,
+    Sampler,
     StepCallback,
+    check_sample_config,
     decode_image,
     fit_start_image,
     round_frames,
@@ -280,11 +284,45 @@ def create_app(
     return app
 
 
-def serve(app: Starlette, host: str = "127.0.0.1", port: int = 7860) -> None:
-    import uvicorn
+def sampler_generate(sampler: Sampler, config: SampleConfig) -> GenerateFn:
+    """The page's generate function on a loaded sampler; the page's LoRA names are ``config.lora`` paths."""
 
-    log.info("preview page on http://%s:%d", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    def generate(request: GenerationRequest, on_step: StepCallback) -> np.ndarray:
+        sampler.use_lora(request.lora, request.lora_strength)
+        videos = sampler.generate(
+            request.image,
+            [request.prompt],
+            frames=request.frames,
+            steps=request.steps,
+            guidance=request.guidance,
+            shift=config.shift,
+            seed=request.seed,
+            area=config.size,
+            negative_prompt=config.negative_prompt,
+            on_step=on_step,
+        )
+        return videos[0]
+
+    return generate
+
+
+def serve_sampler(config: SampleConfig) -> None:
+    """``longcat-sample --serve``: load the models once, then serve the page until interrupted."""
+    check_sample_config(config)
+    sampler = Sampler(config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap)
+    app = create_app(
+        sampler_generate(sampler, config),
+        output_dir=config.serve_dir,
+        loras=config.lora,
+        max_upload_mb=config.max_upload_mb,
+        area=config.size,
+        frames=config.frames,
+        steps=config.steps,
+        guidance=config.guidance,
+        fps=config.fps,
+    )
+    log.info("preview page on http://%s:%d (videos in %s)", config.host, config.port, config.serve_dir)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 
 
 PAGE = """<!doctype html>

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from av import open as av_open
 from PIL import Image
 
 pytest.importorskip("starlette")
@@ -69,6 +70,16 @@ def server(tmp_path) -> Iterator[str]:
     app = create_app(fake_generate, output_dir=tmp_path / "videos", loras=["style.safetensors"], max_upload_mb=0.25, area=AREA)
     with running(app) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def lora_path(tmp_path_factory) -> str:
+    from longcat_train.loading import tiny_dit
+    from longcat_train.lora import adapter_settings, apply_lora, lora_weights, save_diffusers
+
+    model = apply_lora(tiny_dit(), rank=2, targets=["attn.qkv"])
+    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
+    return str(save_diffusers(lora_weights(model), path, adapter_settings(model)))
 
 
 def post(url: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[int, dict]:
@@ -221,3 +232,21 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
     assert size == [256, 256]
     page.screenshot(path=str(tmp_path / "preview.png"), full_page=True)
     assert (tmp_path / "preview.png").stat().st_size > 10_000
+
+
+def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None:
+    from longcat_train.sample import SampleConfig, Sampler
+    from longcat_train.webui import sampler_generate
+
+    config = SampleConfig(model="tiny", size=(64, 64), frames=5, steps=2, lora=[lora_path])
+    generate = sampler_generate(Sampler("tiny", device="cpu"), config)
+    app = create_app(generate, output_dir=tmp_path / "videos", loras=config.lora, area=config.size, frames=5, steps=2)
+    with running(app) as url:
+        fields = {"prompt": "a cat walks", "lora": lora_path, "lora_strength": "0.8"}
+        status, job = post(f"{url}/api/jobs", fields, {"image": ("start.png", png_bytes(64, 64))})
+        assert status == 202, job
+        done = wait_done(url, job["id"])
+    assert done["state"] == "done", done["error"]
+    with av_open(tmp_path / "videos" / f"longcat_{job['id']}.mp4") as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 5 and (frames[0].height, frames[0].width) == (64, 64)
