@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from longcat_data import encode, shards
+from longcat_data import encode, hub, shards
 from longcat_data.buckets import (
     Bucket,
     InputTooSmall,
@@ -44,9 +44,13 @@ from longcat_data.buckets import (
     trim_to_4k_plus_1,
 )
 from longcat_data.captions import (
+    DEFAULT_CAPTION_MODEL,
+    DEFAULT_PROMPT_TEMPLATE,
     Captioner,
     CaptionError,
     CaptionSource,
+    QwenCaptioner,
+    caption_videos,
     load_caption_mapping,
     resolve_caption,
 )
@@ -173,6 +177,51 @@ class InspectConfig:
 @dataclass
 class MergeConfig:
     out_dir: str = field(metadata=_positional("a shard folder written by several ranks"))
+
+
+@dataclass
+class CaptionConfig:
+    videos_dir: str = field(metadata=_positional("folder of videos, searched recursively"))
+    model: str = field(default=DEFAULT_CAPTION_MODEL, metadata=_flag("Qwen-2.5-VL checkpoint: a local dir or hub id"))
+    jsonl: str | None = field(
+        default=None,
+        metadata=_flag("write captions to this jsonl (file_name + caption; shard reads it with --captions jsonl:FILE) "
+                       "instead of a VIDEO.txt beside each video"),
+    )
+    overwrite: bool = field(default=False, metadata=_flag("caption videos that already have a caption too"))
+    prompt_template: str | None = field(
+        default=None,
+        metadata=_flag("the instruction given to the model, or @FILE to read it from a file "
+                       "(default: one motion-centric paragraph: subject, action, camera, scene, style)"),
+    )
+    fps: float = field(default=2.0, metadata=_flag("frames per second shown to the model"))
+    max_frames: int = field(default=16, metadata=_flag("frames per video at most; longer videos are sampled sparser"))
+    max_pixels: int = field(default=360 * 640, metadata=_flag("pixels per frame at most (frames are shrunk to fit)"))
+    batch_size: int = field(default=4, metadata=_flag("videos captioned together"))
+    max_new_tokens: int = field(default=256, metadata=_flag("caption length limit in tokens"))
+    device: str | None = field(default=None, metadata=_flag("default: cuda if available, else cpu (bf16 on GPU)"))
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0 or self.max_frames < 1 or self.max_pixels < 1 or self.batch_size < 1:
+            raise ValueError("--fps must be > 0; --max-frames, --max-pixels and --batch-size >= 1")
+
+    def prompt(self) -> str:
+        if self.prompt_template is None:
+            return DEFAULT_PROMPT_TEMPLATE
+        if self.prompt_template.startswith("@"):
+            return Path(self.prompt_template[1:]).read_text(encoding="utf-8").strip()
+        return self.prompt_template
+
+
+@dataclass
+class PushConfig:
+    out_dir: str = field(metadata=_positional("a finished shard folder (its manifest.json says complete)"))
+    repo_id: str = field(metadata=_positional("the dataset repo to push to, user/name; created when missing"))
+    private: bool = field(default=False, metadata=_flag("create the repo private"))
+    license: str = field(
+        default="other", metadata=_flag("license id for the card, e.g. cc-by-4.0: the one your clips allow")
+    )
+    dry_run: bool = field(default=False, metadata=_flag("write the card (OUT_DIR/README.md) and upload nothing"))
 
 
 def parse_area(text: str) -> Bucket:
@@ -691,6 +740,42 @@ def run_shard_command(cfg: PrepConfig) -> None:
     print(stats.summary())
 
 
+def run_caption(cfg: CaptionConfig) -> None:
+    videos_dir = Path(cfg.videos_dir)
+    if not videos_dir.is_dir():
+        raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
+    captioner = QwenCaptioner(
+        cfg.model, prompt_template=cfg.prompt(), fps=cfg.fps, max_frames=cfg.max_frames,
+        max_pixels=cfg.max_pixels, max_new_tokens=cfg.max_new_tokens, device=cfg.device,
+    )
+    with logging_redirect_tqdm():
+        report = caption_videos(
+            videos_dir, sorted(list_videos(videos_dir)), captioner, jsonl=cfg.jsonl, overwrite=cfg.overwrite,
+            batch_size=cfg.batch_size,
+        )
+    for source, reason in report.failed:
+        print(f"  failed {source}: {reason}")
+    print(report.summary())
+
+
+def run_push(cfg: PushConfig) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        files = hub.push_dataset(
+            cfg.out_dir, cfg.repo_id, private=cfg.private, license=cfg.license, dry_run=cfg.dry_run
+        )
+    except HfHubHTTPError as err:
+        # The hub's own message says what failed; the usual cause is a missing or read-only token.
+        raise hub.PushError(f"{err} (log in with `hf auth login` or set HF_TOKEN to a write token)") from err
+    card = Path(cfg.out_dir) / hub.CARD
+    if cfg.dry_run:
+        print(f"wrote {card}; a push would upload {len(files)} files to datasets/{cfg.repo_id}")
+        return
+    print(f"pushed {len(files)} files to https://huggingface.co/datasets/{cfg.repo_id}")
+    print(f"train on it: longcat-train --shards hf://datasets/{cfg.repo_id}")
+
+
 # ---------------------------------------------------------------- parser
 
 SHARD_EPILOG = """\
@@ -707,11 +792,34 @@ Rerunning into the same OUT_DIR resumes: finished shards are kept and their vide
 --model or content setting is refused. Bad inputs are reported, listed in manifest.json, and skipped.
 """
 
+CAPTION_EPILOG = """\
+examples:
+  longcat-prep caption videos/                          # VIDEO.txt beside each video that has none
+  longcat-prep caption videos/ --jsonl captions.jsonl   # then: shard ... --captions jsonl:captions.jsonl
+  longcat-prep caption videos/ --prompt-template @my_prompt.txt --overwrite
+
+Each caption is written as soon as it exists, so an interrupted run resumes where it stopped. Needs a
+GPU for real use (Qwen2.5-VL-7B in bf16 takes ~17 GB). With torchvision installed the frames go in as a
+video; without it, as a series of images.
+"""
+
+PUSH_EPILOG = """\
+examples:
+  longcat-prep push shards/ me/my-clips --private --license cc-by-4.0
+  longcat-prep push shards/ me/my-clips --dry-run        # check the folder and write the card only
+
+Pushes manifest.json, the shards it lists, the dataset card (README.md) and the contact sheet when
+longcat-prep inspect made one. Refused when the folder is unfinished or mixes encoders. Rerunning after
+an interruption resumes the upload. Then: longcat-train --shards hf://datasets/me/my-clips
+"""
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str, str]] = {
     "demo": (DemoConfig, run_demo, "write a few generated demo clips with captions", ""),
     "shard": (PrepConfig, run_shard_command, "encode a folder of videos into WebDataset shards", SHARD_EPILOG),
     "inspect": (InspectConfig, run_inspect, "counts, bucket table and a contact sheet of a shard folder", ""),
     "merge": (MergeConfig, run_merge, "write one manifest.json for shards written by several ranks", ""),
+    "caption": (CaptionConfig, run_caption, "caption videos with Qwen-2.5-VL into VIDEO.txt files", CAPTION_EPILOG),
+    "push": (PushConfig, run_push, "upload a finished shard folder to a Hugging Face dataset repo", PUSH_EPILOG),
 }
 
 
@@ -767,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
         run(cfg)
-    except (ValueError, FileNotFoundError, shards.OutputMismatch, CaptionError) as err:
+    except (ValueError, FileNotFoundError, shards.OutputMismatch, CaptionError, hub.PushError) as err:
         print(f"longcat-prep {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -258,7 +258,8 @@ def dataset_card(manifest: dict, repo_id: str, *, license: str = "other", contac
     table, clips, frames = bucket_table(manifest.get("buckets", {}))
     encoders = "\n".join(f"- `{name}`: `{value}`" for name, value in sorted(manifest["encoders"].items()))
     shards = manifest["shards"]
-    size_gb = sum(shard.get("bytes", 0) for shard in shards) / 1e9
+    size = sum(shard.get("bytes", 0) for shard in shards)
+    size_text = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
     frames_per_clip = sorted({int(key.rsplit("x", 1)[1]) for key in manifest.get("buckets", {})})
     rejected = manifest.get("rejected", [])
     reasons = Counter(item.get("reason", "?").split(":", 1)[0] for item in rejected)
@@ -272,7 +273,7 @@ def dataset_card(manifest: dict, repo_id: str, *, license: str = "other", contac
 # {repo_id}
 
 Training data for an image-to-video LoRA on [LongCat-Video](https://huggingface.co/meituan-longcat/LongCat-Video),
-prepared by `longcat-prep shard`: {clips} clips in {len(shards)} WebDataset shards ({size_gb:.2f} GB),
+prepared by `longcat-prep shard`: {clips} clips in {len(shards)} WebDataset shard{"s" if len(shards) != 1 else ""} ({size_text}),
 {frames} video frames in total ({", ".join(str(f) for f in frames_per_clip)} frames per clip). Each sample holds
 the clip's normalised VAE latents, the start frame encoded alone (the I2V condition), the start frame as
 an image, the caption, and optionally its umT5 text embeddings, so training needs no VAE or video decoding.
@@ -347,6 +348,8 @@ def push_dataset(
     ``dry_run`` writes and checks the card only. The upload is resumable: run the same command again
     after an interruption and files already on the hub are not sent again.
     """
+    if not re.fullmatch(_REPO_ID, repo_id):
+        raise PushError(f"{repo_id!r} is not a dataset repo id; write user/name")
     out_dir = Path(out_dir)
     manifest = load_finished_manifest(out_dir)
     card = out_dir / CARD

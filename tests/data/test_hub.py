@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import save
 
-from longcat_data import hub
+from longcat_data import cli, hub, stream
+from longcat_data.demo import synthetic_frames, write_clip
 from longcat_data.shards import StreamState, state_path, write_json_atomic
 
 ENCODERS = {"vae": "tiny-vae@0", "text_encoder": "tiny-umt5@0"}
@@ -308,3 +310,101 @@ def test_resolve_refuses_a_half_uploaded_repo(tmp_path: Path) -> None:
     api = FakeListingApi(["manifest.json", "train-000000.tar"], manifest)
     with pytest.raises(ValueError, match="not in the repo"):
         hub.resolve_hf_shards("me/clips", api=api)
+
+
+# ---------------------------------------------------------------- round trip with shards from longcat-prep
+
+
+@pytest.fixture(scope="module")
+def prepped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards written by `longcat-prep shard --model tiny` from three small captioned clips, one per shard."""
+    root = tmp_path_factory.mktemp("prep")
+    videos = root / "videos"
+    videos.mkdir()
+    for name, (h, w), seed in [("a", (64, 96), 1), ("b", (96, 64), 2), ("c", (64, 64), 3)]:
+        write_clip(videos / f"{name}.mp4", synthetic_frames(h, w, 9, seed=seed), fps=8)
+        (videos / f"{name}.txt").write_text(f"clip {name} moves")
+    args = ["shard", str(videos), str(root / "out"), "--model", "tiny", "--area", "64x64", "--frames", "5"]
+    assert cli.main([*args, "--workers", "0", "--shard-size", "1KB"]) == 0
+    return root / "out"
+
+
+class FakeHub:
+    """A dataset repo on disk: uploads copy the allowed files under resolve/<commit>/, where the
+    hub's file URLs point once HUGGINGFACE_CO_URL_TEMPLATE is a file:// template."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.sha = root, "0123456789abcdef" * 2 + "01234567"
+
+    def repo_dir(self, repo_id: str) -> Path:
+        return self.root / "datasets" / repo_id / "resolve" / self.sha
+
+    def create_repo(self, repo_id: str, **kw) -> None:
+        self.repo_dir(repo_id).mkdir(parents=True, exist_ok=True)
+
+    def upload_folder(self, *, repo_id: str, folder_path: Path, allow_patterns: list[str], **kw) -> None:
+        for name in allow_patterns:
+            shutil.copy(Path(folder_path) / name, self.repo_dir(repo_id) / name)
+
+    def dataset_info(self, repo_id: str, revision: str | None = None) -> SimpleNamespace:
+        return SimpleNamespace(sha=self.sha)
+
+    def list_repo_files(self, repo_id: str, repo_type: str, revision: str) -> list[str]:
+        return sorted(p.name for p in self.repo_dir(repo_id).iterdir())
+
+    def hf_hub_download(self, repo_id: str, filename: str, repo_type: str, revision: str) -> str:
+        return str(self.repo_dir(repo_id) / filename)
+
+
+def test_prepped_shards_round_trip_through_the_hub(
+    prepped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datasets import load_dataset
+    from huggingface_hub import constants
+
+    out = tmp_path / "out"
+    shutil.copytree(prepped, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [shard["name"] for shard in manifest["shards"]]
+    assert len(names) > 1 and manifest["complete"]
+    fake = FakeHub(tmp_path / "hub")
+    hub.push_dataset(out, "me/clips", api=fake)
+    served = fake.repo_dir("me/clips")
+    assert sorted(p.name for p in served.iterdir()) == sorted(["README.md", "manifest.json", *names])
+
+    # What `load_dataset("me/clips", streaming=True)` reads: the repo's files and its card.
+    rows = list(load_dataset(str(served), split="train", streaming=True))
+    assert sorted(r["__key__"] for r in rows) == ["a", "b", "c"]
+    assert {r["txt"] for r in rows} == {"clip a moves", "clip b moves", "clip c moves"}
+    assert all(r["json"]["bucket"][2] == 5 for r in rows)
+
+    # What `longcat-train --shards hf://datasets/me/clips` streams: curl pipes, here from file:// URLs.
+    monkeypatch.setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        f"file://{fake.root}/{{repo_id}}/resolve/{{revision}}/{{filename}}",
+    )
+    monkeypatch.setattr(hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    urls = hub.resolve_hf_shards("hf://datasets/me/clips", api=fake)
+    assert [u.rsplit("/", 1)[1].rstrip("'") for u in urls] == names
+    reader = stream.ShardStream(
+        urls, stream.StreamConfig(batch_size=1, shuffle_buffer=1, encoders=manifest["encoders"])
+    )
+    batches = [batch for batch, _ in zip(reader, range(3), strict=False)]
+    assert sorted(key for b in batches for key in b["keys"]) == ["a", "b", "c"]
+    first = batches[0]
+    assert first["latents"].shape[:3] == (1, 16, 2) and first["cond_latents"].shape[2] == 1
+
+
+def test_push_command(prepped: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(prepped, out)
+    shard_count = len(json.loads((out / "manifest.json").read_text())["shards"])
+    assert cli.main(["push", str(out), "me/clips", "--dry-run", "--license", "cc-by-4.0"]) == 0
+    assert f"a push would upload {shard_count + 2} files" in capsys.readouterr().out
+    assert front_matter((out / "README.md").read_text())["license"] == "cc-by-4.0"
+
+    (out / "manifest.json").unlink()
+    assert cli.main(["push", str(out), "me/clips", "--dry-run"]) == 2
+    assert "no manifest.json; run longcat-prep shard" in capsys.readouterr().err

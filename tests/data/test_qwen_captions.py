@@ -236,3 +236,20 @@ def test_precomputed_captions_serve_the_hook(captioner: QwenCaptioner, videos: P
     with pytest.raises(captions.CaptionError, match="could not caption"):
         resolve_caption(videos / "broken.mp4", "captioner", captioner=hook)
     assert pickle.loads(pickle.dumps(hook)) == hook  # it travels to prep's decode workers
+
+
+def test_caption_command(
+    tiny_qwen: Path, videos: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from longcat_data import cli
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Say what moves.\n")
+    common = ["--model", str(tiny_qwen), "--max-new-tokens", "4", "--max-pixels", "3136", "--device", "cpu"]
+    assert cli.main(["caption", str(videos), "--prompt-template", f"@{prompt}", *common]) == 0
+    assert "captioned 2, already captioned 1, failed 1" in capsys.readouterr().out
+    assert (videos / "walk.txt").read_text().strip() and (videos / "sub" / "pan.txt").is_file()
+
+    jsonl = tmp_path / "captions.jsonl"
+    assert cli.main(["caption", str(videos), "--jsonl", str(jsonl), "--overwrite", *common]) == 0
+    assert sorted(load_caption_mapping(jsonl)) == ["kept.mp4", "sub/pan.mp4", "walk.mp4"]
