@@ -389,8 +389,9 @@ class QwenCaptioner:
         if self.model is None:
             self._load()
         inputs = self._video_inputs(clips) if self.video_input else self._image_inputs(clips)
+        # Pixels go in the model's dtype; other floats (seconds per frame pair) keep full precision.
         inputs = {
-            name: value.to(self.device, self.dtype if value.is_floating_point() else None)
+            name: value.to(self.device, self.dtype if name.startswith("pixel_values") else None)
             for name, value in inputs.items()
         }
         generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
