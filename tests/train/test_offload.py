@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
-from longcat_train.offload import BlockSwap, apply_block_swap
+from longcat_train.offload import ActivationOffload, BlockSwap, apply_activation_offload, apply_block_swap
 
 LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2"]
 
@@ -170,29 +170,36 @@ def test_quantised_blocks_swap_at_their_size(precision: str) -> None:
     assert swap.block_bytes < 0.7 * bf16_bytes
 
 
-@pytest.mark.gpu
-def test_gpu_streams_same_gradients_less_memory() -> None:
-    device = torch.device("cuda")
-    ref = make_model(depth=8, hidden=512, heads=4, dtype=torch.bfloat16).to(device)
-    model = make_model(depth=8, hidden=512, heads=4, dtype=torch.bfloat16)
-    inputs = make_inputs(device, frames=5, size=16)
+def assert_close_rel(a: torch.Tensor, b: torch.Tensor, name: str = "", tol: float = 1e-2) -> None:
+    # CUDA attention backward may accumulate in a different order run to run: compare by relative norm.
+    err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+    assert err < tol, (name, err)
 
+
+def gpu_reference(**kwargs) -> tuple[torch.Tensor, dict, int]:
+    ref = make_model(depth=8, hidden=512, heads=4, dtype=torch.bfloat16).to("cuda")
     torch.cuda.reset_peak_memory_stats()
-    out_ref, grads_ref = train_step(ref, inputs)
-    peak_ref = torch.cuda.max_memory_allocated()
+    out, grads = train_step(ref, make_inputs("cuda", **kwargs))
+    peak = torch.cuda.max_memory_allocated()
     del ref
     torch.cuda.empty_cache()
+    return out, grads, peak
+
+
+@pytest.mark.gpu
+def test_gpu_block_swap_same_gradients_less_memory() -> None:
+    device = torch.device("cuda")
+    out_ref, grads_ref, peak_ref = gpu_reference(frames=5, size=16)
+    model = make_model(depth=8, hidden=512, heads=4, dtype=torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
     swap = apply_block_swap(model, 6, "cpu", compute_device=device)
     for _ in range(2):
-        out, grads = train_step(model, inputs)
-    peak = torch.cuda.max_memory_allocated() - base
-    torch.cuda.synchronize()
+        out, grads = train_step(model, make_inputs(device, frames=5, size=16))
+    peak = torch.cuda.max_memory_allocated()
 
-    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    assert_close_rel(out, out_ref)
     for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)
+        assert_close_rel(grads[name], grads_ref[name], name)
     offloaded = [i for i in range(2, 8) if i not in swap.loaded_blocks]
     for i in offloaded:
         assert all(t.device.type == "cpu" and t.is_pinned() for t in frozen_tensors(model.blocks[i]))
@@ -201,3 +208,64 @@ def test_gpu_streams_same_gradients_less_memory() -> None:
     assert all(p.device == device for p in model.parameters() if p.requires_grad)
     # 8 resident blocks against 2 resident + a pool of 2: at least 3 blocks' worth less at the peak.
     assert peak < peak_ref - 3 * swap.block_bytes, (peak, peak_ref, swap.block_bytes)
+
+
+@pytest.mark.gpu
+def test_gpu_activation_offload_same_gradients_less_memory() -> None:
+    shape = {"frames": 9, "size": 32}  # 2304 tokens: each block input is 2.4 MB
+    out_ref, grads_ref, peak_ref = gpu_reference(**shape)
+    model = make_model(depth=8, hidden=512, heads=4, dtype=torch.bfloat16).to("cuda")
+    apply_activation_offload(model, min_bytes=2**20)
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        out, grads = train_step(model, make_inputs("cuda", **shape))
+    peak = torch.cuda.max_memory_allocated()
+    assert_close_rel(out, out_ref)
+    for name in grads_ref:
+        assert_close_rel(grads[name], grads_ref[name], name)
+    block_input = 2304 * 512 * 2
+    assert peak < peak_ref - 4 * block_input, (peak, peak_ref)
+
+
+def test_activation_offload_with_and_without_swap() -> None:
+    ref = make_model()
+    plain, swapped = copy.deepcopy(ref), copy.deepcopy(ref)
+    apply_activation_offload(plain, compute_device="cpu", min_bytes=0)
+    apply_block_swap(swapped, 3, "cpu", compute_device="cpu")
+    apply_activation_offload(swapped, compute_device="cpu", min_bytes=0)
+    for _ in range(2):
+        out_ref, grads_ref = train_step(ref, make_inputs())
+        for model in (plain, swapped):
+            out, grads = train_step(model, make_inputs())
+            torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+            for name in grads_ref:
+                torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=0, msg=name)
+    # Offload's saved-tensor hooks are not checkpointing: swapped blocks still refuse to train without it.
+    swapped.gradient_checkpointing = "none"
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        train_step(swapped, make_inputs())
+
+
+def test_activation_offload_moves_saved_activations_not_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[torch.Tensor, object]] = []
+    pack = ActivationOffload._pack
+
+    def spy(self: ActivationOffload, t: torch.Tensor) -> object:
+        seen.append((t, packed := pack(self, t)))
+        return packed
+
+    monkeypatch.setattr(ActivationOffload, "_pack", spy)
+    model = make_model()
+    apply_activation_offload(model, compute_device="cpu", min_bytes=4096)
+    train_step(model, make_inputs())
+    moved = {id(t): handle for t, handle in seen if not isinstance(handle, torch.Tensor)}
+    kept = [t for t, handle in seen if isinstance(handle, torch.Tensor)]
+    # Every checkpointed block saves its input [1, 12 tokens, 128]: all five go to host memory.
+    assert sum(t.shape == (1, 12, 128) for t, h in seen if id(t) in moved) == 5
+    # The text states, saved by every block, are copied once.
+    text = [h for t, h in seen if t.shape == (1, 512, 128)]
+    assert len(text) == 5 and all(h is text[0] for h in text)
+    # Weights (and their transposed views) stay where they are, however large; so do small tensors.
+    is_weight = [isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter) for t in kept]
+    assert any(w and t.numel() * t.element_size() >= 4096 for t, w in zip(kept, is_weight, strict=True))
+    assert all(w or t.numel() * t.element_size() < 4096 for t, w in zip(kept, is_weight, strict=True))
