@@ -160,11 +160,11 @@ def fit_start_image(image: np.ndarray, area: tuple[int, int] = DEFAULT_AREA) -> 
         )
     scale = cover_scale(h, w, bucket)
     if scale > MAX_UPSCALE:
-        smallest = min(buckets, key=lambda b: b[0] * b[1])
+        least_w, least_h = math.ceil(bucket[1] / MAX_UPSCALE), math.ceil(bucket[0] / MAX_UPSCALE)
         raise SampleInputError(
-            f"start image {w}x{h} (WxH) is too small: its bucket {bucket[1]}x{bucket[0]} would need {scale:.1f}x "
-            f"upscaling (at most {MAX_UPSCALE:g}x; the smallest bucket of this size family is "
-            f"{smallest[1]}x{smallest[0]}). Use a larger image or a smaller --size"
+            f"start image {w}x{h} (WxH) is too small for --size {area[0]}x{area[1]}: its bucket {bucket[1]}x{bucket[0]} "
+            f"would need {scale:.1f}x upscaling (at most {MAX_UPSCALE:g}x, so at least {least_w}x{least_h}). "
+            f"Use a larger image or a smaller --size"
         )
     if scale > 1.0:
         log.info("start image %dx%d upscaled %.2fx to its bucket %dx%d", w, h, scale, bucket[1], bucket[0])

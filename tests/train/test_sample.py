@@ -96,7 +96,7 @@ def test_start_image_goes_to_the_nearest_bucket(size: tuple[int, int], bucket: t
 
 
 def test_tiny_and_extreme_start_images_are_refused() -> None:
-    with pytest.raises(SampleInputError, match="too small.*smaller --size"):
+    with pytest.raises(SampleInputError, match="too small for --size 480x832.*at least 416x240"):
         fit_start_image(_image(60, 100))
     with pytest.raises(SampleInputError, match="extreme aspect ratio 20.0:1"):
         fit_start_image(_image(100, 2000))
@@ -399,3 +399,60 @@ def test_run_validation_writes_videos_sheets_and_tensorboard(tiny: dict, tmp_pat
     assert len(calls) == 3  # LoRA at both steps, the base model once
     assert model.training  # the trainer's mode comes back
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------- longcat-sample
+
+
+def _png(path, h: int, w: int) -> str:
+    Image.fromarray(_image(h, w)).save(path)
+    return str(path)
+
+
+def test_cli_writes_the_videos(tmp_path, caplog: pytest.LogCaptureFixture, capsys) -> None:
+    from longcat_train.cli import sample_main
+
+    image = _png(tmp_path / "start.png", 80, 96)
+    out = tmp_path / "out" / "cat.mp4"
+    argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out)]
+    argv += ["--frames", "6", "--steps", "2", "--size", "64x64", "--guidance", "1", "--gif"]
+    with caplog.at_level(logging.WARNING):
+        assert sample_main(argv) == 0
+    assert "frames must be 4k+1 for the VAE: using 5 instead of 6" in caplog.text
+    assert capsys.readouterr().out.split() == [str(out), str(out.with_suffix(".gif"))]
+    video = sample.read_mp4(out)
+    assert video.shape == (5, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--image": "missing.png"}, "start image not found"),
+        ({"--image": "notes.png"}, "notes.png is not an image"),
+        ({"--image": "tiny.png"}, "too small"),
+        ({"--image": "strip.png"}, "extreme aspect ratio"),
+        ({"--prompt": " "}, "--prompt is empty"),
+        ({"-o": "out.avi"}, "must be an .mp4"),
+        ({"--lora": "sdxl.safetensors"}, "does not fit the DiT of --model tiny"),
+        ({"--lora": "nowhere.safetensors"}, "LoRA file not found"),
+        ({"--model": "no/such/dir", "--size": "192x320"}, "no such directory"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys, change: dict, message: str) -> None:
+    from safetensors.torch import save_file
+
+    from longcat_train.cli import sample_main
+
+    monkeypatch.chdir(tmp_path)
+    _png(tmp_path / "start.png", 192, 320)
+    _png(tmp_path / "tiny.png", 20, 30)
+    _png(tmp_path / "strip.png", 40, 1000)
+    (tmp_path / "notes.png").write_text("a shopping list")
+    save_file({"transformer.down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 320),
+               "transformer.down_blocks.0.to_q.lora_B.weight": torch.zeros(320, 4)}, "sdxl.safetensors")  # fmt: skip
+    args = {"--model": "tiny", "--image": "start.png", "--prompt": "a cat walks", "-o": "out.mp4", "--steps": "1"}
+    args.update(change)
+    assert sample_main([x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longcat-sample: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out.mp4").exists()
