@@ -304,10 +304,16 @@ class TextCache:
         self.path = str(path)
         self._file = None
 
-    def __getitem__(self, caption: str) -> torch.Tensor:
+    def _open(self):
         if self._file is None:
             self._file = safetensors.safe_open(self.path, framework="pt")
-        return self._file.get_tensor(caption_key(caption))
+        return self._file
+
+    def has(self, caption: str) -> bool:
+        return caption_key(caption) in self._open().keys()
+
+    def __getitem__(self, caption: str) -> torch.Tensor:
+        return self._open().get_tensor(caption_key(caption))
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_file": None}

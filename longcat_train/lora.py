@@ -74,13 +74,13 @@ def apply_lora(
     model: nn.Module, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0, targets: list[str]
 ) -> PeftModel:
     """Freeze ``model`` and wrap it with a trainable LoRA adapter (fp32 weights, whatever the base dtype)."""
-    check_targets(model, targets, rank)
+    found = check_targets(model, targets, rank)
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=list(targets))
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("LoRA rank %d alpha %g on %d linears: %.2fM trainable parameters", rank, alpha or rank,
-             len(matching_linears(model, targets)), trainable / 1e6)
+             len(found), trainable / 1e6)
     return peft_model
 
 

@@ -1,0 +1,628 @@
+"""The LoRA training loop: named parts assembled in ``train``, one short ``train_step``.
+
+Parts, in the order ``train`` builds them: process group (``parallel``), shards and their checks
+(``longcat_data.stream``), text embeddings the shards lack (encoded once, encoder freed), the DiT with its
+LoRA (``lora``), placement (device / block swap / DDP / FSDP2), AdamW, the lr schedule (a pure function
+of the step), the data loader positioned at the resume point, metrics, validation, checkpoints.
+
+Exact resume: a checkpoint holds the LoRA weights (fp32), the optimizer state, every RNG this process
+draws from (torch CPU and CUDA, the noise generator, numpy, python), the step, and the stream position
+(micro-batches consumed by each rank). The data order is a function of (seed, epoch, rank, worker), so
+the loader restarted at that position yields exactly the batches the uninterrupted run would have. On
+CPU, a run stopped at step k and resumed reproduces the uninterrupted losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from longcat_data.buckets import latent_frames
+from longcat_data.stream import (
+    ShardStream,
+    StreamConfig,
+    TextCache,
+    captions_without_embeds,
+    check_manifest,
+    expand_shard_spec,
+    find_manifest,
+    make_loader,
+    write_text_cache,
+)
+from longcat_train import flow, lora, parallel
+from longcat_train.config import ConfigError, TrainConfig, resume_mismatch, save_config
+from longcat_train.parallel import Dist
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+TEXT_CACHE = "text_embeds.safetensors"
+CONFIG_FILE = "train_config.json"
+LORA_FILE = "lora.safetensors"
+OFFICIAL_LORA_FILE = "lora_longcat.safetensors"
+
+
+# ---------------------------------------------------------------- schedule and optimizer
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based): linear warmup to 1,
+    then constant, or cosine down to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            log.warning("optimizer adamw8bit needs bitsandbytes, which is not installed: using torch AdamW")
+        else:
+            return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+
+
+# ---------------------------------------------------------------- model
+
+
+def weight_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """bf16 base weights on GPU (the official dtype); fp32 on CPU, where bf16 matmuls are slow and inexact."""
+    return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision == "bf16" else torch.float32
+
+
+def _optional(module: str):
+    try:
+        return __import__(f"longcat_train.{module}", fromlist=[module])
+    except ImportError as err:
+        log.warning("longcat_train.%s is not available (%s): its settings are ignored", module, err)
+        return None
+
+
+def build_model(cfg: TrainConfig, d: Dist) -> nn.Module:
+    """The DiT with frozen base weights and a fresh LoRA adapter (a peft model), not yet placed."""
+    from longcat_train.loading import load_dit
+
+    dtype = weight_dtype(cfg, d.device)
+    # FSDP shards from host memory and block swap places the model itself; otherwise load straight in.
+    on_host = cfg.fsdp or cfg.musubi_blocks_to_swap > 0
+    base = load_dit(cfg.model, dtype=dtype, device="cpu" if on_host else d.device)
+    base.config.attention_implementation = cfg.attention_implementation
+    base.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.base_model_precision != "no_change" and (quant := _optional("quant")) is not None:
+        quant.quantize_base(base, cfg.base_model_precision, device=None if on_host else d.device)
+    with torch.random.fork_rng(devices=[]):
+        # LoRA init draws from its own seed: the same adapter on every rank, whatever ran before.
+        torch.manual_seed(cfg.seed)
+        return lora.apply_lora(base, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                               targets=cfg.lora_targets)
+
+
+def place_model(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
+    """Move the model to its device(s) and wrap it for data parallelism; returns the module to train."""
+    if cfg.musubi_blocks_to_swap > 0 and (offload := _optional("offload")) is not None:
+        offload.apply_block_swap(model, cfg.musubi_blocks_to_swap, cfg.block_swap_device, compute_device=d.device)
+    elif not cfg.fsdp:
+        model.to(d.device)
+    if cfg.fsdp:
+        if not d.enabled:
+            log.info("fsdp asked for a single process: nothing to shard")
+            return model.to(d.device)
+        return parallel.apply_fsdp(model, d, weight_dtype(cfg, d.device) if d.device.type == "cuda" else None)
+    return parallel.apply_ddp(model, d) if d.enabled else model
+
+
+# ---------------------------------------------------------------- loss
+
+
+def training_loss(
+    model: nn.Module,
+    batch: dict,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    empty_embeds: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Flow-matching loss of one batch: noise, condition on the start frame (I2V), predict x0 - eps."""
+    x0 = batch["latents"].to(device, torch.float32, non_blocking=True)
+    cond = batch["cond_latents"].to(device, torch.float32, non_blocking=True) if cfg.i2v else None
+    embeds = batch["embeds"].to(device, non_blocking=True)
+    mask = batch["embeds_mask"].to(device, non_blocking=True)
+    if empty_embeds is not None:
+        embeds, mask = flow.drop_captions(embeds, mask, empty_embeds.to(device), cfg.caption_dropout, generator)
+    x_t, timestep, target, num_cond = flow.noisy_inputs(
+        x0, cond, mode=cfg.sigma_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+        shift=cfg.flow_schedule_shift, generator=generator,
+    )
+    pred = model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=embeds,
+                 encoder_attention_mask=mask, num_cond_latents=num_cond)
+    return flow.flow_loss(pred, target, num_cond)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    updated: bool
+    data_wait: float  # seconds spent waiting for batches
+    samples: int
+
+
+def train_step(
+    train_model: nn.Module,
+    batches: Iterator[dict],
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    empty_embeds: torch.Tensor | None,
+    d: Dist,
+) -> StepResult:
+    """Accumulate gradients over micro-batches, clip, and update unless the loss or gradient is not finite."""
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=d.device.type == "cuda" and cfg.mixed_precision == "bf16")
+    total, waited, samples = torch.zeros((), device=d.device), 0.0, 0
+    for micro in range(cfg.gradient_accumulation_steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - start
+        samples += batch["latents"].shape[0]
+        last = micro == cfg.gradient_accumulation_steps - 1
+        with parallel.grad_sync(train_model, last), autocast:
+            loss = training_loss(train_model, batch, cfg, generator, empty_embeds, d.device)
+        (loss / cfg.gradient_accumulation_steps).backward()
+        total += loss.detach()
+    loss = parallel.mean_across(total / cfg.gradient_accumulation_steps, d)
+    grad_norm = parallel.total_grad_norm(params, cfg.max_grad_norm)
+    # Every rank sees the same reduced loss and gradients, so all take the same branch.
+    updated = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if updated:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss.item(), grad_norm.item(), updated, waited, samples)
+
+
+# ---------------------------------------------------------------- text embeddings
+
+
+def prepare_text(cfg: TrainConfig, d: Dist, urls: list[str], shards_lack_text: bool, prompts: list[str]) -> TextCache | None:
+    """Encode what the shards do not carry (captions without ``t5.safetensors``, the empty prompt, the
+    validation prompts) once, on rank 0, into ``output_dir/text_embeds.safetensors``; the text encoder
+    is freed right after. Every rank then reads the file. Reused as is when it already holds them all.
+    The arguments are the same on every rank, so all ranks agree on whether to wait for rank 0."""
+    if not (shards_lack_text or prompts):
+        return None
+    path = Path(cfg.output_dir) / TEXT_CACHE
+    if d.main:
+        captions = captions_without_embeds(urls) if shards_lack_text else []
+        needed = list(dict.fromkeys([*captions, *prompts]))
+        cache = TextCache(path) if path.is_file() else None
+        missing = needed if cache is None else [t for t in needed if not cache.has(t)]
+        if missing:
+            existing = {t: cache[t] for t in needed if t not in missing} if cache is not None else {}
+            write_text_cache(path, {**existing, **encode_texts(cfg.model, missing, d.device)})
+    parallel.barrier(d)
+    return TextCache(path)
+
+
+def encode_texts(model: str, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    from longcat_data.encode import default_dtype, encode_text, load_text_encoder
+
+    log.info("encoding %d caption(s)/prompt(s) with the text encoder of %s", len(texts), model)
+    tokenizer, encoder = load_text_encoder(model, device=device, dtype=default_dtype(device))
+    out: dict[str, torch.Tensor] = {}
+    for i in range(0, len(texts), 8):
+        chunk = texts[i : i + 8]
+        out.update(zip(chunk, (e.cpu() for e in encode_text(tokenizer, encoder, chunk)), strict=True))
+    del tokenizer, encoder
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+
+class Validation:
+    """Samples the validation pairs with the current LoRA (``sample.run_validation``) when both the
+    sampler and a ``validation_source`` exist; otherwise says so once and does nothing."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist) -> None:
+        self.cfg, self.d = cfg, d
+        self.pairs: list = []
+        self.sample = None
+        self.vae = None
+        if not cfg.validation_source:
+            return
+        try:
+            from longcat_train import sample
+        except ImportError as err:
+            log.warning("validation skipped: the sampler is not available (%s)", err)
+            return
+        self.sample = sample
+        self.pairs = sample.load_validation_pairs(cfg.validation_source, cfg.validation_limit)
+
+    @property
+    def prompts(self) -> list[str]:
+        if not self.pairs:
+            return []
+        return [p.prompt for p in self.pairs] + ([""] if self.cfg.validation_guidance > 1 else [])
+
+    def due(self, step: int, last: int) -> bool:
+        every = self.cfg.validation_every
+        return bool(self.pairs) and (step == last or (every > 0 and step % every == 0))
+
+    def __call__(self, model: nn.Module, step: int, text: TextCache, tb_writer: object | None) -> None:
+        """All ranks call this; with DDP rank 0 samples alone, with FSDP every rank takes part."""
+        sharded = parallel.is_fsdp(model)
+        if self.d.main or sharded:
+            from longcat_data.encode import load_vae
+
+            if self.vae is None:
+                self.vae = load_vae(self.cfg.model, device=self.d.device, dtype=weight_dtype(self.cfg, self.d.device))
+            embeds = {p: text[p] for p in self.prompts}
+            h, w = (int(v) for v in self.cfg.validation_resolution.lower().split("x"))
+            out = self.cfg.output_dir if self.d.main else tempfile.mkdtemp(prefix="longcat-val-")
+            # Sampling must not move the training RNG, or a changed validation cadence would change training.
+            with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
+                self.sample.run_validation(
+                    parallel.unwrap(model), self.vae, self.pairs, embeds, step=step, output_dir=out,
+                    frames=self.cfg.validation_frames, steps=self.cfg.validation_inference_steps,
+                    guidance=self.cfg.validation_guidance, seed=self.cfg.validation_seed,
+                    tb_writer=tb_writer if self.d.main else None, shift=self.cfg.flow_schedule_shift, area=(h, w),
+                )
+            if not self.d.main:
+                shutil.rmtree(out, ignore_errors=True)
+        parallel.barrier(self.d)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Progress bar, tensorboard, optional wandb and ``metrics.jsonl``; everything on rank 0 only."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, start: int, total: int) -> None:
+        self.active = d.main
+        self.tb = self.wandb = None
+        self.bar = tqdm(total=total, initial=start, disable=not (d.main and cfg.progress), unit="step", dynamic_ncols=True)
+        if not self.active:
+            return
+        out = Path(cfg.output_dir)
+        self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.report_to != "none":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if cfg.report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                log.warning("report_to wandb, but wandb is not installed: tensorboard only")
+            else:
+                self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), dir=str(out), resume="allow")
+
+    def log(self, step: int, values: dict[str, float], postfix: dict[str, str]) -> None:
+        self.bar.update(1)
+        if not self.active:
+            return
+        self.bar.set_postfix(postfix, refresh=False)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.active:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # micro-batches this rank consumed: the stream position
+    samples: int = 0  # samples consumed by all ranks together
+    skipped_steps: int = 0  # updates dropped by the NaN/inf guard
+    world_size: int = 1
+
+
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / CHECKPOINTS
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a half-written one has no state.json yet)."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").is_file())
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from: the newest in ``output_dir`` for ``latest``, else the given one."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = list_checkpoints(checkpoint_root(cfg))
+        if not found:
+            log.info("resume: no checkpoint in %s yet, starting from scratch", checkpoint_root(cfg))
+            return None
+        return found[-1]
+    path = Path(cfg.resume).expanduser()
+    if (path / "state.json").is_file():
+        return path
+    found = list_checkpoints(path / CHECKPOINTS) or list_checkpoints(path)
+    if not found:
+        raise ConfigError(f"resume: no checkpoint in {path}")
+    return found[-1]
+
+
+def check_resumable(path: Path, cfg: TrainConfig, d: Dist) -> None:
+    saved = json.loads((path / CONFIG_FILE).read_text())
+    diffs = resume_mismatch(saved, cfg)
+    if diffs:
+        raise ConfigError(f"cannot resume from {path}: the config differs in {'; '.join(diffs)}")
+    world = json.loads((path / "state.json").read_text())["world_size"]
+    if world != d.world_size:
+        raise ConfigError(f"cannot resume from {path}: it ran on {world} processes, this run has {d.world_size} "
+                          f"(the data order depends on it)")
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["generator"])
+
+
+def export_lora(train_model: nn.Module, model: nn.Module, directory: Path, d: Dist) -> None:
+    """Write both LoRA files into ``directory`` (rank 0); gathering is a collective under FSDP."""
+    weights = lora.lora_weights(parallel.trainable_state(train_model))
+    if d.main:
+        settings = lora.adapter_settings(model)
+        lora.save_diffusers(weights, directory / LORA_FILE, settings)
+        lora.save_official(weights, directory / OFFICIAL_LORA_FILE, settings)
+
+
+def save_checkpoint(
+    cfg: TrainConfig, state: TrainState, train_model: nn.Module, model: nn.Module,
+    optimizer: torch.optim.Optimizer, generator: torch.Generator, d: Dist,
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically: into ``step-N.partial``, renamed when every rank is done."""
+    root = checkpoint_root(cfg)
+    final = root / f"step-{state.step:07d}"
+    partial = final.with_name(final.name + ".partial")
+    if d.main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    parallel.barrier(d)
+    torch.save(rng_state(generator), partial / f"rng-rank{d.rank:05d}.pt")
+    export_lora(train_model, model, partial, d)
+    optim = parallel.optimizer_state(train_model, optimizer)
+    if d.main:
+        torch.save(optim, partial / "optimizer.pt")
+        save_config(cfg, partial / CONFIG_FILE)
+        (partial / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+    parallel.barrier(d)
+    if d.main:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        kept = list_checkpoints(root)
+        for old in kept[: -cfg.checkpoints_total_limit] if cfg.checkpoints_total_limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved checkpoint %s", final)
+    parallel.barrier(d)
+    return final
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, d: Dist,
+) -> tuple[TrainState, dict, dict]:
+    """Put the LoRA weights into the (unplaced) model; return the state, optimizer and RNG states."""
+    weights, settings = lora.read_lora(path / LORA_FILE)
+    lora.load_lora_weights(model, weights, settings)
+    state = TrainState(**json.loads((path / "state.json").read_text()))
+    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    rng_file = path / f"rng-rank{d.rank:05d}.pt"
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+    log.info("resuming from %s at step %d (%d samples seen)", path, state.step, state.samples)
+    return state, optim, rng
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss (mean over ranks)
+    lora_path: Path | None = None
+    checkpoint: Path | None = None
+    skipped_steps: int = 0
+    corrupt_samples: int = 0
+
+
+def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
+    """Shard URLs, the manifest (None for remote shards without one) and the model's encoder ids;
+    ShardError when the shards were made for other encoders or another frame count."""
+    from longcat_data.encode import encoder_ids
+
+    if not cfg.shards:
+        raise ConfigError("no shards: pass --shards DIR|PATTERN|hf://datasets/user/name (made by longcat-prep shard)")
+    urls = expand_shard_spec(cfg.shards)
+    manifest = find_manifest(urls)
+    encoders = encoder_ids(cfg.model)
+    if manifest is not None:
+        check_manifest(manifest, encoders=encoders, frames=cfg.frames, where=str(Path(urls[0]).parent))
+    return urls, manifest, encoders
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    cfg.validate()
+    d = parallel.init_distributed()
+    try:
+        return _train(cfg, d)
+    finally:
+        parallel.shutdown(d)
+
+
+def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        check_resumable(resume, cfg, d)
+
+    urls, manifest, encoders = shard_checks(cfg)
+    epoch_samples = cfg.epoch_samples or (sum(s["samples"] for s in manifest["shards"]) if manifest else 0)
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * d.world_size
+    total_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * epoch_samples / per_step)
+    if total_steps <= 0:
+        raise ConfigError("num_train_epochs needs the sample count: set epoch_samples (no manifest found) or max_train_steps")
+
+    validation = Validation(cfg, d)
+    shards_lack_text = manifest is not None and manifest.get("settings", {}).get("text_embeds") is False
+    prompts = ([""] if cfg.caption_dropout > 0 else []) + validation.prompts
+    text = prepare_text(cfg, d, urls, shards_lack_text, prompts)
+    empty_embeds = text[""] if cfg.caption_dropout > 0 else None
+
+    model = build_model(cfg, d)
+    state, optim_state, rng = TrainState(world_size=d.world_size), None, None
+    if resume is not None:
+        state, optim_state, rng = load_checkpoint(resume, model, d)
+    train_model = place_model(model, cfg, d)
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg, d.device)
+    if optim_state is not None:
+        parallel.load_optimizer_state(train_model, optimizer, optim_state)
+    if d.main:
+        save_config(cfg, out / CONFIG_FILE)
+
+    stream = ShardStream(
+        urls,
+        StreamConfig(batch_size=cfg.train_batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+                     resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, need_cond=cfg.i2v,
+                     latent_frames=latent_frames(cfg.frames), encoders=encoders),
+        start_batch=state.batches,
+        text_cache=text.path if shards_lack_text else None,
+    )
+    batches = iter(make_loader(stream, cfg.num_workers, cfg.pin_memory and d.device.type == "cuda"))
+
+    generator = torch.Generator(d.device).manual_seed(cfg.seed + d.rank)
+    if rng is not None:
+        set_rng_state(rng, generator)  # last, so nothing after it draws before the first step
+    train_model.train()
+    result = TrainResult(skipped_steps=state.skipped_steps)
+    metrics = Metrics(cfg, d, state.step, total_steps)
+    corrupt: dict[int, int] = {}
+    log.info("training %d steps of %d samples (%d per GPU x %d accumulation x %d GPUs) from step %d",
+             total_steps, per_step, cfg.train_batch_size, cfg.gradient_accumulation_steps, d.world_size, state.step)
+
+    def counted(it: Iterator[dict]) -> Iterator[dict]:
+        for batch in it:
+            state.batches += 1
+            corrupt[batch["worker"]] = batch["skipped"]
+            yield batch
+
+    data = counted(batches)
+    try:
+        while state.step < total_steps:
+            start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * lr_factor(state.step, warmup=cfg.lr_warmup_steps,
+                                                            total=total_steps, schedule=cfg.lr_scheduler)
+            step = train_step(train_model, data, optimizer, params, cfg, generator, empty_embeds, d)
+            state.step += 1
+            state.samples += step.samples * d.world_size
+            if not step.updated:
+                state.skipped_steps += 1
+                log.warning("step %d: loss %s, grad norm %s: update skipped (%d so far)",
+                            state.step, step.loss, step.grad_norm, state.skipped_steps)
+            result.losses[state.step] = step.loss
+            seconds = time.perf_counter() - start
+            metrics.log(state.step, _step_values(step, optimizer, seconds, state, epoch_samples, d),
+                        _postfix(step, optimizer, seconds, d))
+            if validation.due(state.step, total_steps):
+                validation(train_model, state.step, text, metrics.tb)
+            if state.step == total_steps or (cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0):
+                result.checkpoint = save_checkpoint(cfg, state, train_model, model, optimizer, generator, d)
+    finally:
+        metrics.close()
+
+    export_lora(train_model, model, out, d)
+    result.lora_path = out / LORA_FILE
+    result.skipped_steps = state.skipped_steps
+    result.corrupt_samples = sum(corrupt.values())
+    if result.corrupt_samples:
+        log.warning("skipped %d corrupt sample(s) or shard read(s) in this run", result.corrupt_samples)
+    if d.main:
+        log.info("done: LoRA in %s and %s", out / LORA_FILE, out / OFFICIAL_LORA_FILE)
+    return result
+
+
+def _step_values(step: StepResult, optimizer: torch.optim.Optimizer, seconds: float, state: TrainState,
+                 epoch_samples: int, d: Dist) -> dict[str, float]:
+    values = {
+        "loss": step.loss,
+        "lr": optimizer.param_groups[0]["lr"],
+        "grad_norm": step.grad_norm,
+        "step_seconds": seconds,
+        "data_wait_seconds": step.data_wait,
+        "samples_per_second": step.samples * d.world_size / seconds,
+    }
+    if epoch_samples:
+        values["epoch"] = state.samples / epoch_samples
+    if d.device.type == "cuda":
+        values["gpu_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    return values
+
+
+def _postfix(step: StepResult, optimizer: torch.optim.Optimizer, seconds: float, d: Dist) -> dict[str, str]:
+    postfix = {
+        "loss": f"{step.loss:.4f}",
+        "lr": f"{optimizer.param_groups[0]['lr']:.2e}",
+        "samples/s": f"{step.samples * d.world_size / seconds:.2f}",
+        "wait": f"{100 * step.data_wait / seconds:.0f}%",
+    }
+    if d.device.type == "cuda":
+        postfix["mem"] = f"{torch.cuda.max_memory_allocated(d.device) / 2**30:.1f}G"
+    return postfix

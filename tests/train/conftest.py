@@ -1,0 +1,44 @@
+"""Shards for the trainer tests, made once per session by the real `longcat-prep demo` + `shard --model tiny`."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from longcat_data import cli as prep
+
+# Two demo clips at the smallest useful size: 64x64 pixels, 9 frames -> latents [16, 3, 8, 8].
+TINY_FRAMES = 9
+TINY_AREA = "64x64"
+CLIPS = ("beach_waves", "spinning_top")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A shard directory (manifest + one tar) holding two clips with text embeddings."""
+    root = tmp_path_factory.mktemp("prep")
+    assert prep.main(["demo", str(root / "demo")]) == 0
+    videos = root / "two_clips"
+    videos.mkdir()
+    for name in CLIPS:
+        for suffix in (".mp4", ".txt"):
+            shutil.copy(root / "demo" / f"{name}{suffix}", videos / f"{name}{suffix}")
+    out = root / "shards"
+    code = prep.main(["shard", str(videos), str(out), "--model", "tiny", "--frames", str(TINY_FRAMES),
+                      "--area", TINY_AREA, "--workers", "0"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(s["samples"] for s in manifest["shards"]) == len(CLIPS)
+    return out
+
+
+@pytest.fixture
+def tiny_frames() -> int:
+    return TINY_FRAMES
+
+
+@pytest.fixture
+def shard_copy(tiny_shards, tmp_path) -> Path:
+    """A private copy of the session shards that a test may damage."""
+    return Path(shutil.copytree(tiny_shards, tmp_path / "shards", ignore=shutil.ignore_patterns(".prep")))

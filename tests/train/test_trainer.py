@@ -1,0 +1,232 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from webdataset import TarWriter
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from longcat_data.stream import ShardError, ShardStream, StreamConfig, expand_shard_spec
+from longcat_train import lora
+from longcat_train.cli import train_main
+from longcat_train.config import ConfigError, TrainConfig
+from longcat_train.loading import load_dit
+from longcat_train.trainer import lr_factor, train, training_loss
+
+CPU = torch.device("cpu")
+TINY_FRAMES = 9  # the conftest's shards (see the tiny_frames fixture, checked below)
+
+
+def test_shards_are_the_size_these_tests_assume(tiny_frames):
+    assert tiny_frames == TINY_FRAMES
+
+
+def tiny_config(shards: Path, out: Path, **kw) -> TrainConfig:
+    values = dict(model="tiny", shards=[str(shards)], frames=TINY_FRAMES, output_dir=str(out), num_workers=0,
+                  progress=False, report_to="none", checkpointing_steps=0, max_train_steps=3, shuffle_buffer=4)
+    return TrainConfig(**{**values, **kw})
+
+
+def one_batch(shards: Path, size: int = 2) -> dict:
+    return next(iter(ShardStream(expand_shard_spec(str(shards)), StreamConfig(batch_size=size))))
+
+
+def rewrite_shard(directory: Path, change) -> None:
+    """Rewrite every tar of ``directory`` with ``change(sample) -> sample | None`` applied."""
+    for tar in directory.glob("*.tar"):
+        samples = list(group_by_keys(tar_file_expander(url_opener([dict(url=str(tar))]))))
+        with TarWriter(str(tar), encoder=False) as out:
+            for s in samples:
+                s = change({k: v for k, v in s.items() if k != "__url__"})
+                if s is not None:
+                    out.write(s)
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_lr_schedule_is_a_function_of_the_step():
+    assert [lr_factor(s, warmup=4, total=10, schedule="constant") for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1, 1, 1]
+    cosine = [lr_factor(s, warmup=2, total=12, schedule="cosine") for s in range(13)]
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[-1] == 0.0
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:], strict=False))
+    assert lr_factor(7, warmup=2, total=12, schedule="cosine") == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- the loss on real shard batches
+
+
+class Oracle(torch.nn.Module):
+    """Knows x0 and returns exactly x0 - eps; with ``frame0`` set, returns that on latent frame 0 instead."""
+
+    def __init__(self, x0: torch.Tensor, sign: float = 1.0, frame0: float | None = None) -> None:
+        super().__init__()
+        self.x0, self.sign, self.frame0 = x0, sign, frame0
+        self.calls: list[dict] = []
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents):
+        self.calls.append(dict(x_t=hidden_states.clone(), num_cond=num_cond_latents))
+        s = (timestep / 1000).view(-1, 1, 1, 1, 1)
+        eps = (hidden_states - (1 - s) * self.x0) / s
+        out = self.sign * (self.x0 - eps)
+        if self.frame0 is not None:
+            out[:, :, 0] = self.frame0
+        return out
+
+
+def test_target_sign_model_predicting_x0_minus_eps_has_zero_loss(tiny_shards, tmp_path):
+    batch = one_batch(tiny_shards)
+    cfg = tiny_config(tiny_shards, tmp_path)
+    x0 = batch["latents"].float()
+    right = training_loss(Oracle(x0), batch, cfg, torch.Generator().manual_seed(0), None, CPU)
+    wrong = training_loss(Oracle(x0, sign=-1.0), batch, cfg, torch.Generator().manual_seed(0), None, CPU)
+    assert right.item() < 1e-6 and wrong.item() > 0.5
+
+
+@pytest.mark.parametrize("i2v", [True, False])
+def test_condition_frame_is_the_clean_start_frame_and_not_in_the_loss(tiny_shards, tmp_path, i2v):
+    batch = one_batch(tiny_shards)
+    cfg = tiny_config(tiny_shards, tmp_path, i2v=i2v)
+    oracle = Oracle(batch["latents"].float(), frame0=1e3)  # garbage on frame 0
+    loss = training_loss(oracle, batch, cfg, torch.Generator().manual_seed(0), None, CPU)
+    call = oracle.calls[0]
+    if i2v:
+        assert call["num_cond"] == 1 and loss.item() < 1e-6
+        assert torch.equal(call["x_t"][:, :, :1], batch["cond_latents"].float())
+    else:
+        assert call["num_cond"] == 0 and loss.item() > 1e4  # T2V: frame 0 is noisy and counted
+        assert not torch.equal(call["x_t"][:, :, :1], batch["cond_latents"].float())
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def test_loss_falls_when_overfitting_two_clips(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, max_train_steps=40, learning_rate=2e-3, train_batch_size=2)
+    result = train(cfg)
+    batch = one_batch(tiny_shards)
+
+    def fixed_noise_loss(model):
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return sum(training_loss(model, batch, cfg, g, None, CPU).item() for _ in range(8)) / 8
+
+    before = fixed_noise_loss(load_dit("tiny", torch.float32))
+    after = fixed_noise_loss(lora.load_lora(load_dit("tiny", torch.float32), result.lora_path))
+    assert after < 0.85 * before, (before, after)
+    assert len(result.losses) == 40 and result.skipped_steps == 0
+    out = Path(cfg.output_dir)
+    assert (out / "lora.safetensors").is_file() and (out / "lora_longcat.safetensors").is_file()
+    assert json.loads((out / "train_config.json").read_text())["learning_rate"] == 2e-3
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 40
+
+
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(tiny_shards, tmp_path):
+    """Stop at step 3 (the checkpoint an interrupted run leaves) and resume: steps 4-7 equal the
+    uninterrupted run exactly. Two loader workers (resuming at an odd batch rotates them), LoRA dropout
+    (global RNG), caption dropout (noise generator + text encoder), warmup + cosine (schedule)."""
+    kw = dict(max_train_steps=7, checkpointing_steps=3, num_workers=2, lora_dropout=0.1, caption_dropout=0.3,
+              lr_scheduler="cosine", lr_warmup_steps=2, learning_rate=1e-3)
+    full = train(tiny_config(tiny_shards, tmp_path / "full", **kw))
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000003", resumed_dir / "checkpoints" / "step-0000003")
+    resumed = train(tiny_config(tiny_shards, resumed_dir, resume="latest", **kw))
+
+    assert sorted(resumed.losses) == [4, 5, 6, 7]
+    assert [resumed.losses[s] for s in (4, 5, 6, 7)] == [full.losses[s] for s in (4, 5, 6, 7)]
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The schedule horizon may change on resume; what the model sees may not.
+    with pytest.raises(ConfigError, match="learning_rate: 0.001 -> 0.002"):
+        train(tiny_config(tiny_shards, resumed_dir, resume="latest", **{**kw, "learning_rate": 2e-3}))
+
+
+def test_text_embeddings_encoded_when_the_shards_have_none(shard_copy, tmp_path):
+    rewrite_shard(shard_copy, lambda s: {k: v for k, v in s.items() if k != "t5.safetensors"})
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest["settings"]["text_embeds"] = False
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = train(tiny_config(shard_copy, tmp_path, max_train_steps=2))
+    assert len(result.losses) == 2 and (tmp_path / "text_embeds.safetensors").is_file()
+
+
+def test_validation_runs_through_the_sampler(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, max_train_steps=2, validation_source=str(tiny_shards),
+                      validation_limit=1, validation_every=1, validation_frames=5, validation_inference_steps=2,
+                      validation_resolution="64x64")
+    train(cfg)
+    videos = sorted(p.relative_to(tmp_path).parts[1] for p in (tmp_path / "validation").rglob("*.mp4"))
+    assert "step_000001" in videos and "step_000002" in videos
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_corrupt_member_is_skipped_and_counted(shard_copy, tmp_path):
+    def damage(sample):
+        if sample["__key__"].startswith("beach"):
+            sample["latents.safetensors"] = sample["latents.safetensors"][:-100]
+        return sample
+
+    rewrite_shard(shard_copy, damage)
+    result = train(tiny_config(shard_copy, tmp_path, max_train_steps=3))
+    assert len(result.losses) == 3 and result.corrupt_samples >= 1
+
+
+def test_user_errors_are_one_line(tiny_shards, shard_copy, tmp_path, capsys):
+    def run(*args: str) -> str:
+        code = train_main(["--model", "tiny", "--frames", str(TINY_FRAMES), "--output-dir", str(tmp_path / "o"),
+                           "--num-workers", "0", "--no-progress", "--report-to", "none", "--max-train-steps", "1",
+                           *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        return err[0]
+
+    assert "no shards" in run()
+    assert "no shards (*.tar) in directory" in run("--shards", str(tmp_path))
+    assert "match no Linear" in run("--shards", str(tiny_shards), "--lora-targets", "attn.qkvz")
+    assert "trains on 13 frames" in run("--shards", str(tiny_shards), "--frames", "13")
+
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest["encoders"]["text_encoder_config"] = "0000"
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert "other encoders" in run("--shards", str(shard_copy))
+
+
+def test_sample_from_other_encoders_is_refused_without_a_manifest(shard_copy, tmp_path):
+    def relabel(sample):
+        meta = json.loads(sample["json"])
+        meta["encoders"]["model"] = "someone-else"
+        sample["json"] = json.dumps(meta).encode()
+        return sample
+
+    rewrite_shard(shard_copy, relabel)
+    (shard_copy / "manifest.json").unlink()
+    with pytest.raises(ShardError, match="other encoders"):
+        train(tiny_config(shard_copy, tmp_path))
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def test_ddp_two_processes_on_gloo(tiny_shards, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "longcat_train.cli", "--model", "tiny", "--shards", str(tiny_shards), "--frames", str(TINY_FRAMES),
+           "--output-dir", str(out), "--max-train-steps", "3", "--num-workers", "1", "--no-progress",
+           "--checkpointing-steps", "2", "--report-to", "none"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3]  # rank 0 logs, once per step
+    state = json.loads((out / "checkpoints" / "step-0000003" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["samples"] == 6 and state["batches"] == 3
+    assert (out / "checkpoints" / "step-0000003" / "rng-rank00001.pt").is_file()
+    assert (out / "lora.safetensors").is_file()
