@@ -215,18 +215,32 @@ def test_sample_from_other_encoders_is_refused_without_a_manifest(shard_copy, tm
 # ---------------------------------------------------------------- two processes
 
 
-def test_ddp_two_processes_on_gloo(tiny_shards, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "longcat_train.cli", "--model", "tiny", "--shards", str(tiny_shards), "--frames", str(TINY_FRAMES),
+def torchrun(shards: Path, out: Path, port: int, *args: str) -> list[dict]:
+    """Two CPU processes on gloo through torchrun; returns rank 0's metrics lines."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "longcat_train.cli", "--model", "tiny", "--shards", str(shards), "--frames", str(TINY_FRAMES),
            "--output-dir", str(out), "--max-train-steps", "3", "--num-workers", "1", "--no-progress",
-           "--checkpointing-steps", "2", "--report-to", "none"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "--checkpointing-steps", "2", "--report-to", "none", *args]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_two_processes_on_gloo_and_exact_resume(tiny_shards, tmp_path):
+    steps = torchrun(tiny_shards, tmp_path / "ddp", 29517)
     assert [s["step"] for s in steps] == [1, 2, 3]  # rank 0 logs, once per step
-    state = json.loads((out / "checkpoints" / "step-0000003" / "state.json").read_text())
+    final = tmp_path / "ddp" / "checkpoints" / "step-0000003"
+    state = json.loads((final / "state.json").read_text())
     assert state["world_size"] == 2 and state["samples"] == 6 and state["batches"] == 3
-    assert (out / "checkpoints" / "step-0000003" / "rng-rank00001.pt").is_file()
-    assert (out / "lora.safetensors").is_file()
+    assert (final / "rng-rank00001.pt").is_file() and (tmp_path / "ddp" / "lora.safetensors").is_file()
+
+    shutil.copytree(tmp_path / "ddp" / "checkpoints" / "step-0000002", tmp_path / "again" / "checkpoints" / "step-0000002")
+    resumed = torchrun(tiny_shards, tmp_path / "again", 29518, "--resume")
+    assert [(s["step"], s["loss"]) for s in resumed] == [(3, steps[2]["loss"])]
+
+
+def test_fsdp2_two_processes_on_gloo(tiny_shards, tmp_path):
+    steps = torchrun(tiny_shards, tmp_path / "fsdp", 29519, "--fsdp", "--max-train-steps", "2")
+    assert [s["step"] for s in steps] == [1, 2]
+    weights = load_file(str(tmp_path / "fsdp" / "lora.safetensors"))
+    assert len(weights) == 2 * 8 * 2 and all(v.dim() == 2 for v in weights.values())
