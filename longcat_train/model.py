@@ -510,6 +510,11 @@ class LongCatVideoTransformer(nn.Module):
         """
         self._block_step = torch.compile(_block_step, **{"fullgraph": True, **compile_kwargs})
 
+    def run_block(self, block: LongCatBlock, *args: Any) -> torch.Tensor:
+        """``block(*args)`` under the model's checkpointing mode (compiled after :meth:`compile_blocks`)."""
+        checkpointing = self._gradient_checkpointing if torch.is_grad_enabled() else "none"
+        return self._block_step(block, checkpointing, *args)
+
     @classmethod
     def from_pretrained(
         cls, model: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
@@ -564,11 +569,8 @@ class LongCatVideoTransformer(nn.Module):
         )  # [B, L, C]
         rope = rope_tables(latent_shape, config.head_dim, x.device)
 
-        checkpointing = self._gradient_checkpointing if torch.is_grad_enabled() else "none"
         for block in self.blocks:
-            x = self._block_step(
-                block, checkpointing, x, temb, text, text_mask, rope, latent_shape, num_cond_latents
-            )
+            x = self.run_block(block, x, temb, text, text_mask, rope, latent_shape, num_cond_latents)
 
         x = self.final_layer(x, temb, T)  # [B, N, ph*pw*C_out] fp32
         return self._unpatchify(x, latent_shape)
