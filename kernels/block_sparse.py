@@ -6,13 +6,19 @@ loads stay coalesced), which spares the permuted copies of q, k, v, o, do, dq, d
 block-contiguous layout would need (about 2.4 GB of traffic per layer at 37k tokens). Empty slots of
 partial edge tiles load as zeros and are masked out of the softmax.
 
+Selection: one kernel pools q and k per tile, a float32 matmul scores tile pairs, and one kernel per
+group of query tiles finds each row's k-th best score by bisection on the scores' bit patterns and
+writes the chosen key tiles in ascending order (torch.topk spends most of the selection time in its
+radix passes and sort, and launches a dozen kernels).
+
 Forward: one program per (query tile, head) walks its selected key tiles with an online softmax in fp32
 and stores the output and the log-sum-exp (base 2). Backward recomputes the probabilities from the
-log-sum-exp. dq: one program per query tile, over the same selected key tiles. dk, dv: one program per
-key tile, over the query tiles that selected it, read from a CSR transpose of the selection. The
-transpose costs one sort per step; the alternative, atomically adding dk and dv from the query-side
-program, would need fp32 scratch of twice the size of k and v, serialise on the popular key tiles (the
-condition tiles are chosen by every query tile) and give run-to-run different gradients.
+log-sum-exp. dq: one program per query tile, over the same selected key tiles; it also stores
+``delta = rowsum(o * do)`` of its rows for the next kernel. dk, dv: one program per key tile, over the
+query tiles that selected it, read from a CSR transpose of the selection. The transpose costs one sort
+per step; the alternative, atomically adding dk and dv from the query-side program, would need fp32
+scratch of twice the size of k and v, serialise on the popular key tiles (the condition tiles are chosen
+by every query tile) and give run-to-run different gradients.
 """
 
 from __future__ import annotations
@@ -25,40 +31,30 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .selection import BlockLayout, transpose_selection
+from .selection import BlockLayout, num_selected, transpose_selection
 
 LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shape of one kernel: ``tiles`` gathered tiles per loop step, warps and pipeline depth."""
+    """Warps and software-pipeline depth of one kernel, for 64-token tiles."""
 
-    tiles: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
 
 # Chosen by `python benchmarks/attention.py --sweep` on an H100 (benchmarks/RESULTS.md).
 CONFIGS: dict[str, KernelConfig] = {
-    "fwd": KernelConfig(tiles=2, num_warps=4, num_stages=3),
-    "dq": KernelConfig(tiles=1, num_warps=4, num_stages=2),
-    "dkdv": KernelConfig(tiles=1, num_warps=4, num_stages=2),
+    "fwd": KernelConfig(num_warps=4, num_stages=2),
+    "dq": KernelConfig(num_warps=4, num_stages=3),
+    "dkdv": KernelConfig(num_warps=4, num_stages=3),
 }
 
 
 @triton.jit
 def _tile_rows(TILE_TOKENS, tile, TILE: tl.constexpr):
     return tl.load(TILE_TOKENS + tile * TILE + tl.arange(0, TILE))
-
-
-@triton.jit
-def _listed_rows(LIST, pos, count, TILE_TOKENS, TILE: tl.constexpr, STEP_TILES: tl.constexpr):
-    """Token rows of the tiles LIST[pos : pos + STEP_TILES]; -1 for empty slots and for entries past count."""
-    slot = tl.arange(0, STEP_TILES * TILE)
-    entry = pos + slot // TILE
-    tile = tl.load(LIST + entry, mask=entry < count, other=-1)
-    return tl.load(TILE_TOKENS + tile * TILE + slot % TILE, mask=tile >= 0, other=-1)
 
 
 @triton.jit
@@ -74,6 +70,75 @@ def _store_rows(X, rows, stride_n, value, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _pool_kernel(
+    Q, K, POOLED, TILE_TOKENS, TILE_COUNTS,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    H, BH, N_TILES,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    """POOLED[0] = per-tile mean of q, POOLED[1] of k: [2, B * H, n_tiles, D] float32."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    which = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = _tile_rows(TILE_TOKENS, tile, TILE)
+    if which == 0:
+        x = _load_rows(Q + b * stride_qb + h * stride_qh, rows, stride_qn, HEAD_DIM)
+    else:
+        x = _load_rows(K + b * stride_kb + h * stride_kh, rows, stride_kn, HEAD_DIM)
+    mean = tl.sum(x.to(tl.float32), 0) / tl.load(TILE_COUNTS + tile)
+    out = ((which * BH + bh).to(tl.int64) * N_TILES + tile) * HEAD_DIM
+    tl.store(POOLED + out + tl.arange(0, HEAD_DIM), mean)
+
+
+@triton.jit
+def _select_kernel(
+    SCORES, INDICES, COUNTS,
+    N_TILES, N_COND, WIDTH,
+    ROWS: tl.constexpr, KEYS: tl.constexpr,
+):  # fmt: skip
+    """For ROWS query tiles of one head: the key tiles to keep, ascending, and how many.
+
+    Condition query tiles keep the N_COND condition key tiles; the others keep those plus the best
+    WIDTH - N_COND of the rest by score (ties go to the lower tile index).
+    """
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, KEYS)
+    row_ok = rows < N_TILES
+    inside = row_ok[:, None] & (cols[None, :] < N_TILES)
+    first = (bh * N_TILES + rows).to(tl.int64)
+    score = tl.load(SCORES + first[:, None] * N_TILES + cols[None, :], mask=inside, other=0.0)
+    # Order-preserving map of float32 to int32: flip the magnitude bits of negative numbers.
+    bits = score.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    cond_col = inside & (cols[None, :] < N_COND)
+    cond_row = rows[:, None] < N_COND
+    key = tl.where(inside & ~cond_row, key, -2147483648)  # condition queries see condition keys only
+    key = tl.where(cond_col, 2147483647, key)  # condition keys are always kept
+    want = tl.where(rows < N_COND, N_COND, WIDTH)
+    # Bisection for the want-th largest key of each row: the largest t with count(key >= t) >= want.
+    lo = tl.full([ROWS], -2147483648, tl.int64)
+    hi = tl.full([ROWS], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= want
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    threshold = lo.to(tl.int32)[:, None]
+    above = key > threshold
+    tied = key == threshold
+    room = want - tl.sum(above.to(tl.int32), 1)
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= room[:, None]))
+    slot = tl.cumsum(keep.to(tl.int32), 1) - 1
+    target = INDICES + first[:, None] * WIDTH + slot
+    tl.store(target, tl.broadcast_to(cols[None, :], [ROWS, KEYS]), mask=keep & row_ok[:, None])
+    tl.store(COUNTS + first, want, mask=row_ok)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, INDICES, COUNTS, TILE_TOKENS,
     qk_scale,
@@ -82,77 +147,59 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     H, N, N_TILES, WIDTH,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, STEP_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    OUT += b * stride_ob + h * stride_oh
     row = bh * N_TILES + q_tile
     selected = INDICES + row.to(tl.int64) * WIDTH
     count = tl.load(COUNTS + row)
 
     q_rows = _tile_rows(TILE_TOKENS, q_tile, TILE)
-    q = _load_rows(Q, q_rows, stride_qn, HEAD_DIM)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, HEAD_DIM)
     m_i = tl.full([TILE], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TILE], dtype=tl.float32)
     acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
-    for pos in range(0, count, STEP_TILES):
-        kv_rows = _listed_rows(selected, pos, count, TILE_TOKENS, TILE, STEP_TILES)
+    for i in range(count):
+        kv_rows = _tile_rows(TILE_TOKENS, tl.load(selected + i), TILE)
         k = _load_rows(K, kv_rows, stride_kn, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        v = _load_rows(V, kv_rows, stride_vn, HEAD_DIM)
         # empty key slots must not enter the normaliser; every selected tile has at least one real
         # token, so no row is all -inf and m_i is finite after the first step
-        s = tl.where(kv_rows[None, :] >= 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        s = tl.where(kv_rows[None, :] >= 0, tl.dot(q, tl.trans(k)), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, kv_rows, stride_vn, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-    _store_rows(OUT, q_rows, stride_on, acc / l_i[:, None], HEAD_DIM)
+    _store_rows(OUT + b * stride_ob + h * stride_oh, q_rows, stride_on, acc / l_i[:, None], HEAD_DIM)
     tl.store(LSE + bh.to(tl.int64) * N + q_rows, m_i + tl.math.log2(l_i), mask=q_rows >= 0)
 
 
 @triton.jit
-def _delta_kernel(
-    OUT, DO, DELTA,
-    stride_ob, stride_oh, stride_on,
-    stride_gb, stride_gh, stride_gn,
-    H, N,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rows = tl.where(rows < N, rows, -1)
-    o = _load_rows(OUT + b * stride_ob + h * stride_oh, rows, stride_on, HEAD_DIM).to(tl.float32)
-    do = _load_rows(DO + b * stride_gb + h * stride_gh, rows, stride_gn, HEAD_DIM).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o * do, 1), mask=rows >= 0)
-
-
-@triton.jit
 def _dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, INDICES, COUNTS, TILE_TOKENS,
+    Q, K, V, OUT, DO, DQ, LSE, DELTA, INDICES, COUNTS, TILE_TOKENS,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
     stride_gb, stride_gh, stride_gn,
     stride_db, stride_dh, stride_dn,
     H, N, N_TILES, WIDTH,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, STEP_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
     row = bh * N_TILES + q_tile
     selected = INDICES + row.to(tl.int64) * WIDTH
     count = tl.load(COUNTS + row)
@@ -160,14 +207,14 @@ def _dq_kernel(
     q_rows = _tile_rows(TILE_TOKENS, q_tile, TILE)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, HEAD_DIM)
     do = _load_rows(DO + b * stride_gb + h * stride_gh, q_rows, stride_gn, HEAD_DIM)
+    o = _load_rows(OUT + b * stride_ob + h * stride_oh, q_rows, stride_on, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     stats = bh.to(tl.int64) * N + q_rows
+    tl.store(DELTA + stats, delta, mask=q_rows >= 0)  # for the dk, dv kernel, which runs next
     lse = tl.load(LSE + stats, mask=q_rows >= 0, other=float("inf"))
-    delta = tl.load(DELTA + stats, mask=q_rows >= 0, other=0.0)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
     dq = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
-    for pos in range(0, count, STEP_TILES):
-        kv_rows = _listed_rows(selected, pos, count, TILE_TOKENS, TILE, STEP_TILES)
+    for i in range(count):
+        kv_rows = _tile_rows(TILE_TOKENS, tl.load(selected + i), TILE)
         k = _load_rows(K, kv_rows, stride_kn, HEAD_DIM)
         v = _load_rows(V, kv_rows, stride_vn, HEAD_DIM)
         # empty key slots need no mask here: their k rows are zero, so they add nothing to dq
@@ -180,7 +227,7 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, STARTS, LENGTHS, ORDER, TILE_TOKENS,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, STARTS, LENGTHS, TILE_TOKENS,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -188,15 +235,17 @@ def _dkdv_kernel(
     stride_gb, stride_gh, stride_gn,
     stride_db, stride_dh, stride_dn,
     H, N, N_TILES,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, STEP_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    task = tl.load(ORDER + tl.program_id(0))
-    bh = task // N_TILES
-    k_tile = task % N_TILES
+    # Key tiles of one head run together (program order), so they share that head's q and do in L2;
+    # the condition tiles, which every query tile reads, come first in each head and start early.
+    k_tile = tl.program_id(0)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    readers = QUERY_TILES + tl.load(STARTS + task)
-    count = tl.load(LENGTHS + task)
+    group = bh * N_TILES + k_tile
+    readers = QUERY_TILES + tl.load(STARTS + group)
+    count = tl.load(LENGTHS + group)
 
     k_rows = _tile_rows(TILE_TOKENS, k_tile, TILE)
     k = _load_rows(K + b * stride_kb + h * stride_kh, k_rows, stride_kn, HEAD_DIM)
@@ -207,8 +256,8 @@ def _dkdv_kernel(
     DELTA += bh.to(tl.int64) * N
     dk = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
-    for pos in range(0, count, STEP_TILES):
-        q_rows = _listed_rows(readers, pos, count, TILE_TOKENS, TILE, STEP_TILES)
+    for i in range(count):
+        q_rows = _tile_rows(TILE_TOKENS, tl.load(readers + i), TILE)
         q = _load_rows(Q, q_rows, stride_qn, HEAD_DIM)
         do = _load_rows(DO, q_rows, stride_gn, HEAD_DIM)
         # an empty query slot gets lse = +inf, hence probability 0 and no share of dk or dv
@@ -216,26 +265,10 @@ def _dkdv_kernel(
         delta = tl.load(DELTA + q_rows, mask=q_rows >= 0, other=0.0)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [key rows, query rows]
         dv = tl.dot(p_t.to(do.dtype), do, dv)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
     _store_rows(DK + b * stride_db + h * stride_dh, k_rows, stride_dn, dk * sm_scale, HEAD_DIM)
     _store_rows(DV + b * stride_db + h * stride_dh, k_rows, stride_dn, dv, HEAD_DIM)
-
-
-@triton.jit
-def _pool_kernel(
-    X, OUT, TILE_TOKENS, TILE_COUNTS,
-    stride_xb, stride_xh, stride_xn,
-    H, N_TILES,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-):  # fmt: skip
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    X += (bh // H).to(tl.int64) * stride_xb + (bh % H).to(tl.int64) * stride_xh
-    x = _load_rows(X, _tile_rows(TILE_TOKENS, tile, TILE), stride_xn, HEAD_DIM).to(tl.float32)
-    mean = tl.sum(x, 0) / tl.load(TILE_COUNTS + tile)
-    tl.store(OUT + (bh.to(tl.int64) * N_TILES + tile) * HEAD_DIM + tl.arange(0, HEAD_DIM), mean)
 
 
 def _interpreting() -> bool:
@@ -255,26 +288,42 @@ def _rows_last(x: Tensor) -> Tensor:
     return x
 
 
-def pool_tiles_triton(x: Tensor, layout: BlockLayout) -> Tensor:
-    """Same as ``selection.pool_tiles``, in one pass over ``x`` without a float32 copy of it."""
-    x = _rows_last(x)
-    batch, heads, _, dim = x.shape
-    out = torch.empty(batch, heads, layout.num_tiles, dim, device=x.device, dtype=torch.float32)
-    _pool_kernel[(layout.num_tiles, batch * heads)](
-        x, out, layout.tile_tokens, layout.tile_counts, *_strides(x), heads, layout.num_tiles,
-        HEAD_DIM=dim, TILE=layout.tile, num_warps=4,
-    )  # fmt: skip
-    return out
-
-
 def _launch(cfg: KernelConfig, tile: int) -> dict[str, int]:
-    """Kernel launch arguments for a layout's tile size. `CONFIGS` is tuned for 64-token tiles; other
-    tiles keep the rows per loop step (tiles * 64) and get a warp per 16 rows at least."""
-    launch = {"STEP_TILES": max(1, cfg.tiles * 64 // tile)}
+    """Launch arguments for a layout's tile size: at least a warp per 16 rows of the tile."""
     # The interpreter ignores warps and stages; leave them out so it runs the same code path.
-    if not _interpreting():
-        launch.update(num_warps=max(cfg.num_warps, tile // 16), num_stages=cfg.num_stages)
-    return launch
+    if _interpreting():
+        return {}
+    return {"num_warps": max(cfg.num_warps, tile // 16), "num_stages": cfg.num_stages}
+
+
+def pool_tiles_triton(q: Tensor, k: Tensor, layout: BlockLayout) -> tuple[Tensor, Tensor]:
+    """``selection.pool_tiles`` of q and of k in one pass over each, without a float32 copy."""
+    q, k = _rows_last(q), _rows_last(k)
+    batch, heads, _, dim = q.shape
+    pooled = torch.empty(2, batch, heads, layout.num_tiles, dim, device=q.device, dtype=torch.float32)
+    _pool_kernel[(layout.num_tiles, batch * heads, 2)](
+        q, k, pooled, layout.tile_tokens, layout.tile_counts, *_strides(q), *_strides(k),
+        heads, batch * heads, layout.num_tiles,
+        HEAD_DIM=dim, TILE=layout.tile,
+    )  # fmt: skip
+    return pooled[0], pooled[1]
+
+
+def select_blocks_triton(
+    pooled_q: Tensor, pooled_k: Tensor, layout: BlockLayout, density: float
+) -> tuple[Tensor, Tensor]:
+    """``selection.select_blocks`` on CUDA: the same key tiles (up to ties), listed in ascending order."""
+    batch, heads, n_tiles, _ = pooled_q.shape
+    width = num_selected(layout, density)
+    scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, n_tiles, n_tiles] fp32
+    indices = torch.empty(batch, heads, n_tiles, width, device=scores.device, dtype=torch.int32)
+    counts = torch.empty(batch, heads, n_tiles, device=scores.device, dtype=torch.int32)
+    keys = triton.next_power_of_2(n_tiles)
+    rows = max(1, 4096 // keys)  # about 32 scores per thread
+    _select_kernel[(triton.cdiv(n_tiles, rows), batch * heads)](
+        scores, indices, counts, n_tiles, layout.num_cond_tiles, width, ROWS=rows, KEYS=keys
+    )
+    return indices, counts
 
 
 def sparse_forward(
@@ -303,37 +352,25 @@ def sparse_backward(
     batch, heads, tokens, dim = q.shape
     grad = _rows_last(grad)
     n_tiles = layout.num_tiles
+    grid = (n_tiles, batch * heads)
     delta = torch.empty_like(lse)
-    block = 64
-    _delta_kernel[(triton.cdiv(tokens, block), batch * heads)](
-        out, grad, delta, *_strides(out), *_strides(grad), heads, tokens, HEAD_DIM=dim, BLOCK=block,
-    )  # fmt: skip
-
     dq = torch.empty(batch, heads, tokens, dim, device=q.device, dtype=q.dtype)
-    cfg = configs["dq"]
-    _dq_kernel[(n_tiles, batch * heads)](
-        q, k, v, grad, dq, lse, delta, indices, counts, layout.tile_tokens,
+    _dq_kernel[grid](
+        q, k, v, out, grad, dq, lse, delta, indices, counts, layout.tile_tokens,
         scale * LOG2E, scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dq),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad), *_strides(dq),
         heads, tokens, n_tiles, indices.shape[-1],
-        HEAD_DIM=dim, TILE=layout.tile, **_launch(cfg, layout.tile),
+        HEAD_DIM=dim, TILE=layout.tile, **_launch(configs["dq"], layout.tile),
     )  # fmt: skip
-
     query_tiles, starts, lengths = transpose_selection(indices, counts, n_tiles)
-    # Longest key tiles first within each head: the condition tiles are read by every query tile and
-    # would otherwise start late and run alone at the end. Heads stay in order so that the programs
-    # running together share one head's q and do in L2.
-    head = torch.arange(batch * heads, device=q.device).repeat_interleave(n_tiles)
-    order = torch.argsort(head * (n_tiles + 1) + (n_tiles - lengths), stable=True).to(torch.int32)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    cfg = configs["dkdv"]
-    _dkdv_kernel[(batch * heads * n_tiles,)](
-        q, k, v, grad, dk, dv, lse, delta, query_tiles, starts, lengths, order, layout.tile_tokens,
+    _dkdv_kernel[grid](
+        q, k, v, grad, dk, dv, lse, delta, query_tiles, starts, lengths, layout.tile_tokens,
         scale * LOG2E, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk),
         heads, tokens, n_tiles,
-        HEAD_DIM=dim, TILE=layout.tile, **_launch(cfg, layout.tile),
+        HEAD_DIM=dim, TILE=layout.tile, **_launch(configs["dkdv"], layout.tile),
     )  # fmt: skip
     return dq, dk, dv
 

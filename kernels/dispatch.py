@@ -93,10 +93,11 @@ def block_selection(
     layout = block_layout(tuple(latent_shape), tuple(block), num_cond_latents, str(q.device))
     with torch.no_grad():
         if use_triton:
-            from .block_sparse import pool_tiles_triton as pool
+            from .block_sparse import pool_tiles_triton, select_blocks_triton
+
+            indices, counts = select_blocks_triton(*pool_tiles_triton(q, k, layout), layout, density)
         else:
-            pool = pool_tiles
-        indices, counts = select_blocks(pool(q, layout), pool(k, layout), layout, density)
+            indices, counts = select_blocks(pool_tiles(q, layout), pool_tiles(k, layout), layout, density)
     return layout, indices, counts
 
 

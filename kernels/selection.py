@@ -157,17 +157,18 @@ def transpose_selection(indices: Tensor, counts: Tensor, num_tiles: int) -> tupl
 
     Returns CSR arrays over the flattened (batch * head, key tile) axis: ``query_tiles`` int32 (query
     tiles grouped by key tile, ascending within a group), ``starts`` and ``lengths`` int32
-    [B * H * n_tiles]. Built with one stable sort; no host synchronisation.
+    [B * H * n_tiles]. One stable sort of int32 keys and a binary search; no host synchronisation.
     """
     batch, heads, n_query, width = indices.shape
     groups = batch * heads * num_tiles
-    used = torch.arange(width, device=indices.device) < counts.unsqueeze(-1)
-    head = torch.arange(batch * heads, device=indices.device).view(batch, heads, 1, 1)
-    # unused entries get the key `groups`, which sorts after every real group and is dropped below
-    key = torch.where(used, head * num_tiles + indices.long(), groups).flatten()
-    query = torch.arange(n_query, device=indices.device, dtype=torch.int32).view(1, 1, -1, 1)
-    query = query.expand(batch, heads, n_query, width).flatten()
-    order = torch.argsort(key, stable=True)
-    lengths = torch.bincount(key, minlength=groups + 1)[:groups]
-    starts = torch.cumsum(lengths, 0) - lengths
-    return query[order].contiguous(), starts.to(torch.int32), lengths.to(torch.int32)
+    used = torch.arange(width, device=indices.device, dtype=torch.int32) < counts.unsqueeze(-1)
+    head = torch.arange(batch * heads, device=indices.device, dtype=torch.int32).view(batch, heads, 1, 1)
+    # unused entries get the key `groups`, which sorts after every real group
+    key = torch.where(used, head * num_tiles + indices, groups).flatten()
+    key, order = torch.sort(key, stable=True)
+    bounds = torch.searchsorted(
+        key, torch.arange(groups + 1, device=key.device, dtype=torch.int32), out_int32=True
+    )
+    # an entry's position in `indices` is ((b * H + h) * n_query + query) * width + slot
+    query_tiles = (order // width % n_query).to(torch.int32)
+    return query_tiles, bounds[:-1], bounds[1:] - bounds[:-1]
