@@ -105,7 +105,9 @@ class JobQueue:
     def stop(self) -> None:
         if self._thread is not None:
             self._pending.put(None)
-            self._thread.join()
+            # A generation in progress cannot be interrupted; shutting down does not wait minutes for it,
+            # the daemon thread ends with the process.
+            self._thread.join(timeout=5)
             self._thread = None
 
     def submit(self, request: GenerationRequest) -> Job:
