@@ -175,6 +175,8 @@ def bench_grid(
             *same_selection_outputs(official, q, k, v, shape, density)
         )
     record(case)
+    # timed again after the official kernel: the spread of the two is the noise of the comparison
+    record({**base, "name": "ours_repeat", **measure(ours, q, k, v)})
 
 
 def profile(shape: tuple[int, int, int], density: float, official: Callable | None) -> dict:
@@ -263,9 +265,11 @@ def main() -> None:
             "speedup_vs_sdpa_fwd_bwd": dense["fwd_bwd_s"] / mine["fwd_bwd_s"],
         }
         if (grid_name, "official") in by_name:
-            theirs_case = by_name[(grid_name, "official")]
-            summary[grid_name]["speedup_vs_official_fwd"] = theirs_case["fwd_s"] / mine["fwd_s"]
-            summary[grid_name]["speedup_vs_official_fwd_bwd"] = theirs_case["fwd_bwd_s"] / mine["fwd_bwd_s"]
+            theirs_case, again = by_name[(grid_name, "official")], by_name[(grid_name, "ours_repeat")]
+            for key in ("fwd", "fwd_bwd"):
+                summary[grid_name][f"speedup_vs_official_{key}"] = [
+                    theirs_case[f"{key}_s"] / run[f"{key}_s"] for run in (mine, again)
+                ]
     report["summary"] = summary
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -146,7 +146,7 @@ def _fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    H, N, N_TILES, WIDTH,
+    H, N_TILES, WIDTH,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
@@ -178,7 +178,9 @@ def _fwd_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     _store_rows(OUT + b * stride_ob + h * stride_oh, q_rows, stride_on, acc / l_i[:, None], HEAD_DIM)
-    tl.store(LSE + bh.to(tl.int64) * N + q_rows, m_i + tl.math.log2(l_i), mask=q_rows >= 0)
+    # an empty query slot gets lse = +inf: probability 0, so the backward needs no mask for it
+    lse = tl.where(q_rows >= 0, m_i + tl.math.log2(l_i), float("inf"))
+    tl.store(LSE + row.to(tl.int64) * TILE + tl.arange(0, TILE), lse)
 
 
 @triton.jit
@@ -191,7 +193,7 @@ def _dq_kernel(
     stride_ob, stride_oh, stride_on,
     stride_gb, stride_gh, stride_gn,
     stride_db, stride_dh, stride_dn,
-    H, N, N_TILES, WIDTH,
+    H, N_TILES, WIDTH,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
@@ -209,9 +211,9 @@ def _dq_kernel(
     do = _load_rows(DO + b * stride_gb + h * stride_gh, q_rows, stride_gn, HEAD_DIM)
     o = _load_rows(OUT + b * stride_ob + h * stride_oh, q_rows, stride_on, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    stats = bh.to(tl.int64) * N + q_rows
-    tl.store(DELTA + stats, delta, mask=q_rows >= 0)  # for the dk, dv kernel, which runs next
-    lse = tl.load(LSE + stats, mask=q_rows >= 0, other=float("inf"))
+    stats = row.to(tl.int64) * TILE + tl.arange(0, TILE)
+    tl.store(DELTA + stats, delta)  # for the dk, dv kernel, which runs next
+    lse = tl.load(LSE + stats)
     dq = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     for i in range(count):
         kv_rows = _tile_rows(TILE_TOKENS, tl.load(selected + i), TILE)
@@ -234,7 +236,7 @@ def _dkdv_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn,
     stride_db, stride_dh, stride_dn,
-    H, N, N_TILES,
+    H, N_TILES,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     # Key tiles of one head run together (program order), so they share that head's q and do in L2;
@@ -252,17 +254,18 @@ def _dkdv_kernel(
     v = _load_rows(V + b * stride_vb + h * stride_vh, k_rows, stride_vn, HEAD_DIM)
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_gb + h * stride_gh
-    LSE += bh.to(tl.int64) * N
-    DELTA += bh.to(tl.int64) * N
+    LSE += bh.to(tl.int64) * N_TILES * TILE
+    DELTA += bh.to(tl.int64) * N_TILES * TILE
     dk = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     for i in range(count):
-        q_rows = _tile_rows(TILE_TOKENS, tl.load(readers + i), TILE)
+        q_tile = tl.load(readers + i)
+        q_rows = _tile_rows(TILE_TOKENS, q_tile, TILE)
         q = _load_rows(Q, q_rows, stride_qn, HEAD_DIM)
         do = _load_rows(DO, q_rows, stride_gn, HEAD_DIM)
-        # an empty query slot gets lse = +inf, hence probability 0 and no share of dk or dv
-        lse = tl.load(LSE + q_rows, mask=q_rows >= 0, other=float("inf"))
-        delta = tl.load(DELTA + q_rows, mask=q_rows >= 0, other=0.0)
+        # per-tile statistics: contiguous, and their address does not wait for q_rows
+        lse = tl.load(LSE + q_tile * TILE + tl.arange(0, TILE))
+        delta = tl.load(DELTA + q_tile * TILE + tl.arange(0, TILE))
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [key rows, query rows]
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
@@ -319,9 +322,9 @@ def select_blocks_triton(
     indices = torch.empty(batch, heads, n_tiles, width, device=scores.device, dtype=torch.int32)
     counts = torch.empty(batch, heads, n_tiles, device=scores.device, dtype=torch.int32)
     keys = triton.next_power_of_2(n_tiles)
-    rows = max(1, 4096 // keys)  # about 32 scores per thread
+    rows = max(1, 8192 // keys)  # 32 scores per thread of 8 warps
     _select_kernel[(triton.cdiv(n_tiles, rows), batch * heads)](
-        scores, indices, counts, n_tiles, layout.num_cond_tiles, width, ROWS=rows, KEYS=keys
+        scores, indices, counts, n_tiles, layout.num_cond_tiles, width, ROWS=rows, KEYS=keys, num_warps=8
     )
     return indices, counts
 
@@ -331,15 +334,15 @@ def sparse_forward(
     cfg: KernelConfig,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Output [B, H, N, D] (stored as [B, N, H, D], so the model's merge of heads is a view) and the
-    base-2 log-sum-exp [B, H, N] float32."""
+    base-2 log-sum-exp per tile slot [B, H, n_tiles, tile] float32 (+inf in empty slots)."""
     batch, heads, tokens, dim = q.shape
     out = torch.empty(batch, tokens, heads, dim, device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty(batch, heads, tokens, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch, heads, layout.num_tiles, layout.tile, device=q.device, dtype=torch.float32)
     _fwd_kernel[(layout.num_tiles, batch * heads)](
         q, k, v, out, lse, indices, counts, layout.tile_tokens,
         scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, tokens, layout.num_tiles, indices.shape[-1],
+        heads, layout.num_tiles, indices.shape[-1],
         HEAD_DIM=dim, TILE=layout.tile, **_launch(cfg, layout.tile),
     )  # fmt: skip
     return out, lse
@@ -359,7 +362,7 @@ def sparse_backward(
         q, k, v, out, grad, dq, lse, delta, indices, counts, layout.tile_tokens,
         scale * LOG2E, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad), *_strides(dq),
-        heads, tokens, n_tiles, indices.shape[-1],
+        heads, n_tiles, indices.shape[-1],
         HEAD_DIM=dim, TILE=layout.tile, **_launch(configs["dq"], layout.tile),
     )  # fmt: skip
     query_tiles, starts, lengths = transpose_selection(indices, counts, n_tiles)
@@ -369,7 +372,7 @@ def sparse_backward(
         q, k, v, grad, dk, dv, lse, delta, query_tiles, starts, lengths, layout.tile_tokens,
         scale * LOG2E, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk),
-        heads, tokens, n_tiles,
+        heads, n_tiles,
         HEAD_DIM=dim, TILE=layout.tile, **_launch(configs["dkdv"], layout.tile),
     )  # fmt: skip
     return dq, dk, dv
