@@ -1,0 +1,178 @@
+"""The trainer's step, fed by the real shard loader, against a naive step in the same run.
+
+    python benchmarks/train_step.py [--steps 5] [--warmup 2] [--checkpointing selective] [--out FILE]
+    python benchmarks/train_step.py --quick      # CPU smoke run: tiny model, 9 frames at 64x64
+
+Full config with random bf16 weights at 480x832x93 (24 latent frames of 60x104: 37,440 tokens), image-to-
+video, rank-8 LoRA on the default targets, batch 1, fused AdamW, bf16 autocast. Data: a temporary shard of
+random full-size samples (latents, start-frame latents, 120-token umT5-sized text embeddings) streamed
+through ``ShardStream`` + ``DataLoader`` exactly as ``longcat-train`` reads it; ``data_wait`` is the time
+``train_step`` spent blocked on ``next(loader)``.
+
+Variants, one model, same batches:
+- ``ours``: ``longcat_train.trainer.train_step`` as configured (``--checkpointing``, default ``selective``:
+  self-attention outputs kept, the rest recomputed); frozen base weights get no weight gradients.
+- ``naive``: ``full`` recompute and every base weight requiring a gradient (computed in backward, then
+  freed by a post-accumulate hook so that both variants fit in memory; the optimizer still updates the
+  LoRA only).
+
+Warm-up steps are dropped; reported: mean/min/max seconds per step, peak allocated memory, data wait per
+step (and as a fraction of the step). Prints one JSON document (``--out`` also writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from webdataset import TarWriter
+
+from longcat_data.stream import ShardStream, StreamConfig, make_loader
+from longcat_train import lora, trainer
+from longcat_train.config import TrainConfig
+from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.parallel import Dist
+
+TEXT_TOKENS = 120
+
+
+def build_model(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # Random init straight on the device in the weight dtype: seconds, where a host fp32 init takes minutes.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LongCatVideoTransformer(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return lora.apply_lora(model, rank=8, targets=TrainConfig().lora_targets)
+
+
+def write_shard(path: Path, config: DiTConfig, latent_shape: tuple[int, int, int], samples: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    T, H, W = latent_shape
+    with TarWriter(str(path), encoder=False) as tar:
+        for i in range(samples):
+            latents = torch.randn(config.in_channels, T, H, W, generator=g).to(torch.bfloat16)
+            embeds = torch.randn(TEXT_TOKENS, config.caption_channels, generator=g).to(torch.bfloat16)
+            tar.write({
+                "__key__": f"bench{i:04d}",
+                "latents.safetensors": save({"latents": latents}),
+                "cond.safetensors": save({"cond_latents": latents[:, :1].clone()}),
+                "t5.safetensors": save({"embeds": embeds}),
+                "txt": b"benchmark clip",
+                "json": json.dumps({"bucket": [8 * H, 8 * W, 1 + 4 * (T - 1)]}).encode(),
+            })
+    return path
+
+
+def naive_mode(model: torch.nn.Module, on: bool) -> list:
+    """Full recompute, and weight gradients for the frozen base (freed as soon as they are accumulated)."""
+    base = model.get_base_model()
+    base.gradient_checkpointing = "full" if on else base.gradient_checkpointing
+    hooks = []
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.requires_grad_(on)
+            if on:
+                hooks.append(p.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None)))
+    return hooks
+
+
+def measure(name: str, model, batches, optimizer, params, cfg: TrainConfig, d: Dist, steps: int, warmup: int) -> dict:
+    cuda = d.device.type == "cuda"
+    generator = torch.Generator(d.device).manual_seed(0)
+    times, waits = [], []
+    for i in range(warmup + steps):
+        if cuda and i == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = trainer.train_step(model, batches, optimizer, params, cfg, generator, None, d)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            waits.append(result.data_wait)
+        print(f"{name} step {i + 1}/{warmup + steps}: {time.perf_counter() - start:.3f} s, loss {result.loss:.4f}",
+              file=sys.stderr)
+    out = {
+        "step_seconds_mean": statistics.mean(times),
+        "step_seconds_min": min(times),
+        "step_seconds_max": max(times),
+        "data_wait_seconds_mean": statistics.mean(waits),
+        "data_wait_fraction": sum(waits) / sum(times),
+        "checkpointing": model.get_base_model().gradient_checkpointing,
+    }
+    if cuda:
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run with the tiny model")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--checkpointing", default="selective", choices=("selective", "full", "none"))
+    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "block_sparse"))
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cpu" if args.quick else "cuda")
+    config = DiTConfig.tiny() if args.quick else DiTConfig.full()
+    config.attention_implementation = args.attention
+    latent_shape = (3, 8, 8) if args.quick else (24, 60, 104)
+    cfg = TrainConfig(model="benchmark", gradient_checkpointing=args.checkpointing, num_workers=args.num_workers,
+                      mixed_precision="bf16", attention_implementation=args.attention)
+    d = Dist(device=device)
+    dtype = trainer.weight_dtype(cfg, device)
+
+    model = build_model(config, device, dtype)
+    model.get_base_model().gradient_checkpointing = args.checkpointing
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = trainer.build_optimizer(params, cfg, device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        total = 2 * (args.warmup + args.steps)
+        shard = write_shard(Path(tmp) / "bench-000000.tar", config, latent_shape, samples=min(total, 16))
+        stream = ShardStream([str(shard)], StreamConfig(shuffle_buffer=4, resampled=True))
+        batches = iter(make_loader(stream, args.num_workers, pin_memory=device.type == "cuda"))
+        ours = measure("ours", model, batches, optimizer, params, cfg, d, args.steps, args.warmup)
+        hooks = naive_mode(model, True)
+        naive = measure("naive", model, batches, optimizer, params, cfg, d, args.steps, args.warmup)
+        for hook in hooks:
+            hook.remove()
+
+    T, H, W = latent_shape
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "config": {"dit": "tiny" if args.quick else "full", "latent_shape": [config.in_channels, T, H, W],
+                   "tokens": T * (H // 2) * (W // 2), "batch": 1, "lora_rank": 8, "attention": args.attention,
+                   "weights": str(dtype).removeprefix("torch."), "num_workers": args.num_workers,
+                   "steps": args.steps, "warmup": args.warmup},
+        "ours": ours,
+        "naive": naive,
+        "speedup": naive["step_seconds_mean"] / ours["step_seconds_mean"],
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
