@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import DatasetCardData, HfApi, get_token, hf_hub_url
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
 from longcat_data.shards import MANIFEST, META, OutputMismatch, build_manifest, read_states
 
@@ -112,7 +113,16 @@ def resolve_hf_shards(spec: str, *, api: Any = None) -> list[str]:
     hub = parse_hf_spec(spec)
     api = api or HfApi()
     token = hub_token()
-    commit = api.dataset_info(hub.repo_id, revision=hub.revision).sha
+    try:
+        commit = api.dataset_info(hub.repo_id, revision=hub.revision).sha
+    except RevisionNotFoundError as err:
+        raise ValueError(f"{spec}: dataset {hub.repo_id} has no revision {hub.revision!r}") from err
+    except RepositoryNotFoundError as err:
+        # A mistyped local folder also lands here: "out/shards" looks like a repo id.
+        raise ValueError(
+            f"{spec}: no such local folder, and no dataset {hub.repo_id} on the hub that this login can see "
+            "(private repos need HF_TOKEN or `hf auth login`)"
+        ) from err
     prefix = f"{hub.subdir}/" if hub.subdir else ""
     files = [
         f

@@ -14,6 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 import yaml
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from PIL import Image
 from safetensors.torch import save
 
@@ -300,6 +301,22 @@ def test_token_from_login_reaches_the_pipe_environment(monkeypatch) -> None:
     urls = hub.resolve_hf_shards("me/clips", api=FakeListingApi(["train-000000.tar"]))
     assert "$HF_TOKEN" in urls[0] and "hf_from_login" not in urls[0]
     assert os.environ["HF_TOKEN"] == "hf_from_login"
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (RepositoryNotFoundError, "no such local folder, and no dataset me/clips"),
+        (RevisionNotFoundError, "no revision 'v9'"),
+    ],
+)
+def test_resolve_names_a_missing_repo_or_revision(error: type, message: str) -> None:
+    class Missing(FakeListingApi):
+        def dataset_info(self, repo_id: str, revision: str | None = None) -> SimpleNamespace:
+            raise error("404", response=SimpleNamespace(headers={}, request=None))
+
+    with pytest.raises(ValueError, match=message):
+        hub.resolve_hf_shards("me/clips@v9", api=Missing([]))
 
 
 def test_resolve_refuses_a_half_uploaded_repo(tmp_path: Path) -> None:
