@@ -13,9 +13,11 @@ process keeps the GPU busy with encoding. Adding a subcommand: write its config 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import re
+import signal
 import sys
 import textwrap
 import time
@@ -66,6 +68,8 @@ from longcat_data.video import (
 
 log = logging.getLogger("longcat_data.prep")
 
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
 
 def _flag(help: str, **extra: Any) -> dict[str, Any]:
     """Field metadata read by ``add_config_args``: the help line and argparse extras."""
@@ -97,7 +101,7 @@ class PrepConfig:
     clips_per_video: int = field(default=1, metadata=_flag("back-to-back clips taken from each long video"))
     captions: str = field(
         default="sidecar",
-        metadata=_flag("sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE"),
+        metadata=_flag("sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | qwen"),
     )
     conditioning_dir: str | None = field(
         default=None, metadata=_flag("folder of start-frame images named like the videos (default: first frame)")
@@ -240,7 +244,9 @@ def parse_captions(text: str) -> tuple[CaptionSource, Path | None]:
         return "textfile", None
     if kind == "filename" and not path:
         return "filename", None
-    raise ValueError(f"--captions must be sidecar, filename, jsonl:FILE or csv:FILE; got {text!r}")
+    if kind == "qwen" and not path:
+        return "captioner", None
+    raise ValueError(f"--captions must be sidecar, filename, jsonl:FILE, csv:FILE or qwen; got {text!r}")
 
 
 # ---------------------------------------------------------------- inputs (pure)
@@ -432,6 +438,13 @@ def _unbatched(sample: Prepared) -> Prepared:
     return sample
 
 
+def _die_with_parent(_: int) -> None:
+    # A decoder whose parent was killed (kill -9, OOM killer) would otherwise linger, blocked on a
+    # result pipe nobody reads. Linux only; elsewhere the DataLoader's own watchdog has to do.
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def decoded_inputs(items: list[InputItem], spec: ClipSpec, workers: int) -> Iterator[Prepared]:
     """Prepared inputs in order, decoded ``workers`` at a time ahead of the consumer (bounded)."""
     loader = DataLoader(
@@ -440,6 +453,7 @@ def decoded_inputs(items: list[InputItem], spec: ClipSpec, workers: int) -> Iter
         num_workers=workers,
         collate_fn=_unbatched,
         prefetch_factor=2 if workers else None,
+        worker_init_fn=_die_with_parent,
     )
     yield from loader
 
@@ -491,10 +505,9 @@ class EncodedClip:
 
 
 def encode_batch(batch: list[Clip], enc: Encoders) -> list[EncodedClip]:
-    frames = torch.stack([c.frames for c in batch])
+    # One clip needs no stacking copy (a 480x832x93 clip is 111 MB).
+    frames = batch[0].frames[None] if len(batch) == 1 else torch.stack([c.frames for c in batch])
     conds = torch.from_numpy(np.stack([c.cond_image for c in batch]))
-    if enc.vae.device.type == "cuda":
-        frames, conds = frames.pin_memory(), conds.pin_memory()
     latents = encode.encode_video(enc.vae, frames).to(torch.bfloat16).cpu()
     cond_latents = encode.encode_image(enc.vae, conds).to(torch.bfloat16).cpu()
     embeds: list[torch.Tensor | None] = [None] * len(batch)
@@ -566,6 +579,22 @@ class _BackgroundWriter:
         return results
 
 
+def qwen_captions(cfg: PrepConfig, videos_dir: Path, sources: list[str], stream: str) -> Captioner:
+    """Caption this rank's videos with Qwen-2.5-VL before encoding, so the two models never share the GPU.
+
+    Captions are cached in ``OUT_DIR/.prep/captions-<stream>.jsonl``; a rerun captions only what is new.
+    """
+    from longcat_data.captions import QwenCaptioner, precompute_captions
+
+    captioner = QwenCaptioner(device=cfg.resolved_device, dtype=cfg.resolved_dtype)
+    cache = Path(cfg.out_dir) / shards.STATE_DIR / f"captions-{stream}.jsonl"
+    captions = precompute_captions(videos_dir, sources, captioner, cache)
+    del captioner
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return captions
+
+
 def run_shard(cfg: PrepConfig, encoders: Encoders | None = None, captioner: Captioner | None = None) -> PrepStats:
     """The whole shard command; ``encoders``/``captioner`` let callers (benchmarks, tests) inject models."""
     started = time.perf_counter()
@@ -597,6 +626,8 @@ def run_shard(cfg: PrepConfig, encoders: Encoders | None = None, captioner: Capt
         "%s: %d videos (%d for rank %d of %d), %d already done", videos_dir, len(all_items) + len(duplicates),
         len(mine), rank, world, stats.skipped,
     )
+    if strategy == "captioner" and captioner is None:
+        captioner = qwen_captions(cfg, videos_dir, [item.source for item in todo], writer.stream)
     enc = encoders or load_encoders(cfg)
     spec = ClipSpec(
         videos_dir=videos_dir, buckets=make_buckets(parse_area(cfg.area)), frames=cfg.frames, fps=cfg.fps,
@@ -736,6 +767,9 @@ def run_inspect(cfg: InspectConfig) -> None:
 
 
 def run_shard_command(cfg: PrepConfig) -> None:
+    if cfg.resolved_device.type == "cpu" and cfg.workers:
+        # Encoding threads and decoder processes share the cores; oversubscribed, both crawl.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
     stats = run_shard(cfg)
     print(stats.summary())
 
@@ -787,7 +821,8 @@ examples:
   longcat-prep shard videos/ shards/ --rank 1 --world-size 4   # by hand, e.g. one per machine; then merge
 
 Captions: 'sidecar' reads VIDEO.txt beside each video (SimpleTuner's textfile), falling back to the
-file name with a warning; jsonl/csv map file names to captions (file_name + caption/text columns).
+file name with a warning; jsonl/csv map file names to captions (file_name + caption/text columns);
+'qwen' captions every video with Qwen-2.5-VL first (cached in OUT_DIR/.prep, so reruns skip it).
 Rerunning into the same OUT_DIR resumes: finished shards are kept and their videos skipped. A different
 --model or content setting is refused. Bad inputs are reported, listed in manifest.json, and skipped.
 """

@@ -217,7 +217,8 @@ def denormalize_latents(z: torch.Tensor, vae: AutoencoderKLWan) -> torch.Tensor:
 
 
 def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    # torch wants writable memory; PIL hands out read-only arrays.
+    return torch.from_numpy(np.require(x, requirements=["C", "W"])) if isinstance(x, np.ndarray) else x
 
 
 @torch.inference_mode()
@@ -293,9 +294,13 @@ def pad_text_embeds(embeds: Sequence[torch.Tensor], length: int | None = None) -
 # ---------------------------------------------------------------- identity
 
 
+# Config keys that record how a model was saved (library version, weight dtype, entry class), not what
+# it computes; diffusers marks its own with a leading underscore.
+_BOOKKEEPING_KEYS = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version"})
+
+
 def _config_hash(config: dict) -> str:
-    # Keys starting with "_" are bookkeeping (library version, source path), not the architecture.
-    public = {k: v for k, v in config.items() if not k.startswith("_")}
+    public = {k: v for k, v in config.items() if not k.startswith("_") and k not in _BOOKKEEPING_KEYS}
     return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

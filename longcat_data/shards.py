@@ -260,8 +260,8 @@ def check_compatible(out_dir: str | Path, settings: Mapping[str, Any], encoders:
 class ShardWriter:
     """Writes samples of one stream into size-rolled tars, atomically, with resumable state.
 
-    Built on ``webdataset.TarWriter``; rolls to a new shard once the current one holds ``max_bytes``
-    of payload (so a shard overshoots by at most one sample). Use as a context manager: on a clean exit
+    Built on ``webdataset.TarWriter``; rolls to a new shard when a sample arrives and the current one
+    holds ``max_bytes`` of payload already (so a shard overshoots by at most one sample). Use as a context manager: on a clean exit
     the stream is marked complete; on an exception the shard in progress is still finished when every
     sample in it was written whole (Ctrl-C keeps its work), and discarded otherwise. Safe to call from
     several threads (a background thread may write while the main thread records rejections).
@@ -321,7 +321,8 @@ class ShardWriter:
             self.state.rejected.append({"source": source, "reason": reason})
 
     def close(self, complete: bool = True) -> dict[str, Any]:
-        """Finish the shard in progress (unless broken), save state, and merge ``manifest.json``."""
+        """Finish the shard in progress (unless broken), save state, and merge ``manifest.json``
+        (which is also refreshed after every finished shard)."""
         with self._lock:
             if self._broken:
                 self._discard_shard()
@@ -345,6 +346,10 @@ class ShardWriter:
         key = str(sample["__key__"])
         if key in self.done_keys or key in self._keys:
             raise KeyError(f"sample key {key!r} was already written")
+        # Roll before writing, not right after: finish_input calls that follow a sample's write then land
+        # in the same shard as the sample.
+        if self._bytes >= self.max_bytes:
+            self._finish_shard()
         if self._tar is None:
             self._open()
         assert self._tar is not None
@@ -355,8 +360,6 @@ class ShardWriter:
         self._keys.append(key)
         self._buckets[bucket] += 1
         self._bytes += size
-        if self._bytes >= self.max_bytes:
-            self._finish_shard()
 
     @staticmethod
     def _index(name: str) -> int:
@@ -418,6 +421,8 @@ class ShardWriter:
         self._save_state()
         os.replace(partial, final)
         log.debug("finished %s (%d samples)", final.name, len(self._keys))
+        # Readers and `inspect` can use finished shards while the run goes on.
+        merge_manifest(self.out_dir)
         self.done_keys.update(self._keys)
         self.done_inputs.update(self._inputs)
         self._next_index += 1
