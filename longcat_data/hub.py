@@ -1,9 +1,9 @@
 """The Hugging Face hub round trip: push a finished output dir as a dataset repo, stream it back.
 
-Push: a dataset card (README.md) is written next to the shards. Its YAML ``configs`` point the
-``datasets`` webdataset loader at the tar shards, so ``load_dataset("user/name", streaming=True)`` yields
-the samples; without it the hub would guess the format from the most common extension. The shards, the
-manifest and the card then go up in one resumable upload.
+Push: a dataset card (README.md) is written next to the shards. Its YAML ``configs`` name the tar shards
+as the data files of each split, so ``load_dataset("user/name", streaming=True)`` reads them with the
+``datasets`` webdataset loader and never takes the manifest or the contact sheet for data. The shards,
+the manifest and the card then go up in one resumable upload.
 
 Stream: ``hf://datasets/user/name[@rev][/subdir]`` (or a bare ``user/name[@rev]``) becomes one
 ``pipe:curl`` URL per shard, read by webdataset like any local tar, so training starts after the first
