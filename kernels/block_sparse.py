@@ -6,10 +6,10 @@ loads stay coalesced), which spares the permuted copies of q, k, v, o, do, dq, d
 block-contiguous layout would need (about 2.4 GB of traffic per layer at 37k tokens). Empty slots of
 partial edge tiles load as zeros and are masked out of the softmax.
 
-Selection: one kernel pools q and k per tile, a float32 matmul scores tile pairs, and one kernel per
-group of query tiles finds each row's k-th best score by bisection on the scores' bit patterns and
-writes the chosen key tiles in ascending order (torch.topk spends most of the selection time in its
-radix passes and sort, and launches a dozen kernels).
+Selection: one kernel pools q and k per tile, a float32 matmul scores tile pairs, and one warp per
+query tile finds its row's k-th best score by bisection on the scores' bit patterns and writes the
+chosen key tiles in ascending order (torch.topk took 0.6 ms of the 5.3 ms forward at 37k tokens, in a
+dozen launches of radix passes and a sort).
 
 Forward: one program per (query tile, head) walks its selected key tiles with an online softmax in fp32
 and stores the output and the log-sum-exp (base 2). Backward recomputes the probabilities from the
@@ -47,8 +47,8 @@ class KernelConfig:
 # Chosen by `python benchmarks/attention.py --sweep` on an H100 (benchmarks/RESULTS.md).
 CONFIGS: dict[str, KernelConfig] = {
     "fwd": KernelConfig(num_warps=4, num_stages=2),
-    "dq": KernelConfig(num_warps=4, num_stages=3),
-    "dkdv": KernelConfig(num_warps=4, num_stages=3),
+    "dq": KernelConfig(num_warps=4, num_stages=2),
+    "dkdv": KernelConfig(num_warps=4, num_stages=4),
 }
 
 
@@ -97,45 +97,42 @@ def _pool_kernel(
 def _select_kernel(
     SCORES, INDICES, COUNTS,
     N_TILES, N_COND, WIDTH,
-    ROWS: tl.constexpr, KEYS: tl.constexpr,
+    KEYS: tl.constexpr,
 ):  # fmt: skip
-    """For ROWS query tiles of one head: the key tiles to keep, ascending, and how many.
+    """For one query tile of one head: the key tiles to keep, ascending, and how many.
 
     Condition query tiles keep the N_COND condition key tiles; the others keep those plus the best
-    WIDTH - N_COND of the rest by score (ties go to the lower tile index).
+    WIDTH - N_COND of the rest by score (ties go to the lower tile index). One warp per row, so the 32
+    bisection steps reduce with shuffles alone.
     """
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    query = tl.program_id(0)
+    row = (tl.program_id(1) * N_TILES + query).to(tl.int64)
     cols = tl.arange(0, KEYS)
-    row_ok = rows < N_TILES
-    inside = row_ok[:, None] & (cols[None, :] < N_TILES)
-    first = (bh * N_TILES + rows).to(tl.int64)
-    score = tl.load(SCORES + first[:, None] * N_TILES + cols[None, :], mask=inside, other=0.0)
+    inside = cols < N_TILES
+    score = tl.load(SCORES + row * N_TILES + cols, mask=inside, other=0.0)
     # Order-preserving map of float32 to int32: flip the magnitude bits of negative numbers.
     bits = score.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    cond_col = inside & (cols[None, :] < N_COND)
-    cond_row = rows[:, None] < N_COND
-    key = tl.where(inside & ~cond_row, key, -2147483648)  # condition queries see condition keys only
-    key = tl.where(cond_col, 2147483647, key)  # condition keys are always kept
-    want = tl.where(rows < N_COND, N_COND, WIDTH)
-    # Bisection for the want-th largest key of each row: the largest t with count(key >= t) >= want.
-    lo = tl.full([ROWS], -2147483648, tl.int64)
-    hi = tl.full([ROWS], 2147483647, tl.int64)
+    is_cond = cols < N_COND
+    key = tl.where(inside & (query >= N_COND), key, -2147483648)  # condition queries: condition keys only
+    key = tl.where(is_cond, 2147483647, key)  # condition keys are always kept
+    want = tl.where(query < N_COND, N_COND, WIDTH)
+    # Bisection for the want-th largest key: the largest t with count(key >= t) >= want.
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
     for _ in range(32):
         mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= want
+        enough = tl.sum((key >= mid.to(tl.int32)).to(tl.int32)) >= want
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
-    threshold = lo.to(tl.int32)[:, None]
+    threshold = lo.to(tl.int32)
     above = key > threshold
     tied = key == threshold
-    room = want - tl.sum(above.to(tl.int32), 1)
-    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= room[:, None]))
-    slot = tl.cumsum(keep.to(tl.int32), 1) - 1
-    target = INDICES + first[:, None] * WIDTH + slot
-    tl.store(target, tl.broadcast_to(cols[None, :], [ROWS, KEYS]), mask=keep & row_ok[:, None])
-    tl.store(COUNTS + first, want, mask=row_ok)
+    room = want - tl.sum(above.to(tl.int32))
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= room))
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(INDICES + row * WIDTH + slot, cols, mask=keep)
+    tl.store(COUNTS + row, want)
 
 
 @triton.jit
@@ -322,10 +319,10 @@ def select_blocks_triton(
     indices = torch.empty(batch, heads, n_tiles, width, device=scores.device, dtype=torch.int32)
     counts = torch.empty(batch, heads, n_tiles, device=scores.device, dtype=torch.int32)
     keys = triton.next_power_of_2(n_tiles)
-    rows = max(1, 8192 // keys)  # 32 scores per thread of 8 warps
-    _select_kernel[(triton.cdiv(n_tiles, rows), batch * heads)](
-        scores, indices, counts, n_tiles, layout.num_cond_tiles, width, ROWS=rows, KEYS=keys, num_warps=8
-    )
+    _select_kernel[(n_tiles, batch * heads)](
+        scores, indices, counts, n_tiles, layout.num_cond_tiles, width,
+        KEYS=keys, num_warps=max(1, min(8, keys // 1024)),
+    )  # fmt: skip
     return indices, counts
 
 
