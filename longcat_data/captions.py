@@ -301,7 +301,7 @@ def sample_caption_frames(
     info = probe(video)
     rate = min(fps, info.fps)
     if info.frames_at(rate) > max_frames and info.span > 0:
-        rate = (max_frames - 1) / info.span
+        rate = max(max_frames - 1, 1) / info.span
     count = min(info.frames_at(rate), max_frames)
     frames = read_frames(video, 0, count, rate, info=info)
     height, width = frames.shape[1:3]
@@ -497,9 +497,10 @@ def caption_videos(
                 try:
                     clips.append(future.result())
                     ready.append(source)
-                except VideoError as err:
-                    log.warning("cannot caption %s: %s", source, err.reason)
-                    report.failed.append((source, err.reason))
+                except (VideoError, ValueError) as err:
+                    reason = err.reason if isinstance(err, VideoError) else str(err)
+                    log.warning("cannot caption %s: %s", source, reason)
+                    report.failed.append((source, reason))
             if index + 1 < len(batches):
                 decoding = [pool.submit(captioner.load, videos_dir / s) for s in batches[index + 1]]
             captions = captioner.caption(clips) if clips else []
@@ -507,11 +508,12 @@ def caption_videos(
                 caption = clean_caption(caption)
                 if not caption:
                     report.failed.append((source, "the model returned an empty caption"))
-                elif store is not None:
+                    continue
+                if store is not None:
                     store.put(source, caption)
                 else:
                     _write_atomic((videos_dir / source).with_suffix(".txt"), caption + "\n")
-                report.written += bool(caption)
+                report.written += 1
             if store is not None:
                 store.save()
             bar.update(len(batch))

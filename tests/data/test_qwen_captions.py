@@ -150,6 +150,7 @@ def test_frames_are_sampled_at_a_few_fps_and_capped(videos: Path) -> None:
     capped = captions.sample_caption_frames(videos / "walk.mp4", fps=8.0, max_frames=3)
     assert len(capped.frames) == 3 and capped.fps < 8.0
     assert capped.frames.shape[1:] == (48, 80, 3)  # small frames are never upscaled
+    assert len(captions.sample_caption_frames(videos / "walk.mp4", max_frames=1).frames) == 1
 
 
 def test_frames_in_text_out(captioner: QwenCaptioner, videos: Path) -> None:
