@@ -1,0 +1,159 @@
+"""Prep throughput: `longcat-prep shard` end to end vs the VAE alone, at LongCat-Video's real size.
+
+    python benchmarks/prep.py --device cuda [--clips 24] [--workers 8] [--text-encoder full|tiny|none]
+    python benchmarks/prep.py --small          # a CPU smoke run with the tiny encoders
+
+Writes synthetic H.264 source videos (larger than the bucket, so decode, resize and crop are real work),
+builds the full-size Wan2.1 VAE (diffusers' default `AutoencoderKLWan` config) with random weights and,
+with `--text-encoder full`, a random umT5-XXL encoder (d_model 4096, 24 layers, 11 GB in bf16; the
+tokenizer is the tiny local one, whose ids are valid for the real vocabulary). Then measures:
+
+- vae_only: `encode_video` on a clip already on the device, back to back: the ceiling.
+- end_to_end: `run_shard` on the source files (decode workers, start-frame and text encoding, tar
+  writing), after a warm-up run; clips/s over the whole run including start-up.
+- gpu_busy: share of the end-to-end wall time the main process spent in encoding calls (which end in a
+  device sync), i.e. how well decoding and writing hide behind the VAE. Target: ratio >= 0.9.
+
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from transformers import UMT5Config, UMT5EncoderModel
+
+from longcat_data import cli, encode
+from longcat_data.demo import synthetic_frames, write_clip
+
+# umT5-XXL, the encoder half (what LongCat-Video's text_encoder/ holds).
+UMT5_XXL = {
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+}
+
+
+def write_sources(directory: Path, count: int, height: int, width: int, frames: int, distinct: int = 4) -> None:
+    """``count`` videos; only ``distinct`` are encoded, the rest are hard links (H.264 encoding is slow)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    originals = []
+    for i in range(min(distinct, count)):
+        path = write_clip(directory / f"clip_{i:04d}.mp4", synthetic_frames(height, width, frames, seed=i), 30)
+        path.with_suffix(".txt").write_text(f"a synthetic test pattern, take {i}, with a bouncing yellow disc\n")
+        originals.append(path)
+    for i in range(len(originals), count):
+        source = originals[i % len(originals)]
+        (directory / f"clip_{i:04d}.mp4").hardlink_to(source)
+        (directory / f"clip_{i:04d}.txt").hardlink_to(source.with_suffix(".txt"))
+
+
+def build_encoders(small: bool, text_encoder: str, device: torch.device, dtype: torch.dtype) -> cli.Encoders:
+    tokenizer = encode.tiny_tokenizer()
+    model = None
+    # Random init directly in the target dtype on the device: 5.7B parameters in fp32 on a CPU is slow.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            vae = (encode.tiny_vae() if small else AutoencoderKLWan()).eval().requires_grad_(False)
+            if text_encoder != "none":
+                tiny = dict(encode.TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
+                config = UMT5Config(**(tiny if text_encoder == "tiny" else UMT5_XXL))
+                model = UMT5EncoderModel(config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default)
+    return cli.Encoders(vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"})
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def vae_only_rate(enc: cli.Encoders, frames: int, height: int, width: int, repeats: int, device: torch.device) -> float:
+    clip = torch.from_numpy(synthetic_frames(height, width, frames))[None].to(device)
+    encode.encode_video(enc.vae, clip)  # warm-up: cuDNN algorithm search, allocator
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        encode.encode_video(enc.vae, clip)
+    sync(device)
+    return repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="tiny encoders, 128x192x9 clips: a CPU smoke run")
+    parser.add_argument("--clips", type=int, default=None, help="clips in the timed run (default 24, small 4)")
+    parser.add_argument("--workers", type=int, default=8, help="decode processes")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--text-encoder", choices=["full", "tiny", "none"], default=None,
+                        help="umT5 size (default: full on GPU, tiny with --small)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep sources and shards in this folder")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = encode.default_dtype(device)
+    height, width, frames = (128, 192, 9) if args.small else (480, 832, 93)
+    source_hw = (160, 240) if args.small else (544, 960)  # larger than the bucket: resize + crop are real
+    clips = args.clips or (4 if args.small else 24)
+    text_encoder = args.text_encoder or ("tiny" if args.small else "full")
+    root = args.keep or Path(tempfile.mkdtemp(prefix="prep-bench-"))
+
+    write_sources(root / "videos", clips, *source_hw, frames + 4)
+    write_sources(root / "warmup", 2, *source_hw, frames + 4)
+    enc = build_encoders(args.small, text_encoder, device, dtype)
+    vae_rate = vae_only_rate(enc, frames, height, width, repeats=max(2, clips // 4), device=device)
+
+    def prep(videos: Path, out: Path) -> cli.PrepStats:
+        cfg = cli.PrepConfig(
+            str(videos), str(out), model="benchmark", frames=frames, area=f"{height}x{width}", workers=args.workers,
+            batch_size=args.batch_size, device=str(device), text_embeds=text_encoder != "none",
+        )
+        return cli.run_shard(cfg, encoders=enc)
+
+    prep(root / "warmup", root / "warmup_shards")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = prep(root / "videos", root / "shards")
+    e2e_rate = stats.written / stats.wall_seconds
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "clip": f"{height}x{width}x{frames}",
+        "source": f"{source_hw[0]}x{source_hw[1]} h264",
+        "vae": "tiny" if args.small else "Wan2.1 AutoencoderKLWan() config, random weights",
+        "text_encoder": {"full": "umT5-XXL encoder, random weights", "tiny": "tiny umT5", "none": "none"}[text_encoder],
+        "dtype": str(dtype).removeprefix("torch."),
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "clips": stats.written,
+        "vae_only_clips_per_s": round(vae_rate, 4),
+        "end_to_end_clips_per_s": round(e2e_rate, 4),
+        "ratio_to_vae_only": round(e2e_rate / vae_rate, 3),
+        "gpu_busy": round(stats.encode_seconds / stats.wall_seconds, 3),
+        "wall_s": round(stats.wall_seconds, 2),
+        "shard_mb": round(sum(p.stat().st_size for p in (root / "shards").glob("*.tar")) / 1e6, 1),
+    }
+    if device.type == "cuda":
+        result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    print(json.dumps(result, indent=1))
+    if args.keep is None:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
