@@ -365,7 +365,7 @@ PAGE = """<!doctype html>
   <form id="generate">
     <label for="image">Start frame</label>
     <input id="image" name="image" type="file" accept="image/png,image/jpeg,image/webp">
-    <div class="hint">PNG, JPEG or WebP, up to {{MAX_MB}} MB; resized and cropped to the bucket of {{AREA}} pixels nearest its shape.</div>
+    <div class="hint">PNG, JPEG or WebP, up to {{MAX_MB}} MB; resized and cropped to the closest-shaped bucket of about {{AREA}} pixels.</div>
     <img id="preview" alt="start frame preview">
     <label for="prompt">Prompt</label>
     <textarea id="prompt" name="prompt" placeholder="What happens in the video"></textarea>

@@ -218,6 +218,14 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
     page.wait_for_selector("#message.error")
     assert "is not an image" in page.inner_text("#message")
     assert page.locator(".job").count() == 0
+    # So does an image over the upload limit.
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(400, 400, noise=True))
+    page.set_input_files("#image", str(big))
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#message').textContent.includes('limit')")
+    assert "the limit is 0.25 MB" in page.inner_text("#message")
+    page.screenshot(path=str(tmp_path / "refused.png"))
 
     page.set_input_files("#image", str(start))
     page.fill("#steps", "5")
