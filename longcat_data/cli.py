@@ -54,6 +54,7 @@ from longcat_data.captions import (
     QwenCaptioner,
     caption_videos,
     load_caption_mapping,
+    precompute_captions,
     resolve_caption,
 )
 from longcat_data.video import (
@@ -102,6 +103,9 @@ class PrepConfig:
     captions: str = field(
         default="sidecar",
         metadata=_flag("sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | qwen"),
+    )
+    caption_model: str = field(
+        default=DEFAULT_CAPTION_MODEL, metadata=_flag("the Qwen-2.5-VL of --captions qwen: a local dir or hub id")
     )
     conditioning_dir: str | None = field(
         default=None, metadata=_flag("folder of start-frame images named like the videos (default: first frame)")
@@ -584,9 +588,7 @@ def qwen_captions(cfg: PrepConfig, videos_dir: Path, sources: list[str], stream:
 
     Captions are cached in ``OUT_DIR/.prep/captions-<stream>.jsonl``; a rerun captions only what is new.
     """
-    from longcat_data.captions import QwenCaptioner, precompute_captions
-
-    captioner = QwenCaptioner(device=cfg.resolved_device, dtype=cfg.resolved_dtype)
+    captioner = QwenCaptioner(cfg.caption_model, device=cfg.resolved_device, dtype=cfg.resolved_dtype)
     cache = Path(cfg.out_dir) / shards.STATE_DIR / f"captions-{stream}.jsonl"
     captions = precompute_captions(videos_dir, sources, captioner, cache)
     del captioner

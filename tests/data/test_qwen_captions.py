@@ -254,3 +254,35 @@ def test_caption_command(
     jsonl = tmp_path / "captions.jsonl"
     assert cli.main(["caption", str(videos), "--jsonl", str(jsonl), "--overwrite", *common]) == 0
     assert sorted(load_caption_mapping(jsonl)) == ["kept.mp4", "sub/pan.mp4", "walk.mp4"]
+
+
+def test_shard_with_qwen_captions(tiny_qwen: Path, videos: Path, tmp_path: Path) -> None:
+    """`longcat-prep shard --captions qwen`: Qwen captions every video before encoding, through the hook."""
+    from longcat_data import cli, shards, stream
+
+    (videos / "broken.mp4").unlink()
+    out = tmp_path / "shards"
+    args = [
+        "shard",
+        str(videos),
+        str(out),
+        "--model",
+        "tiny",
+        "--area",
+        "64x64",
+        "--frames",
+        "5",
+        "--workers",
+        "0",
+    ]
+    assert cli.main([*args, "--captions", "qwen", "--caption-model", str(tiny_qwen)]) == 0
+
+    cached = load_caption_mapping(next((out / shards.STATE_DIR).glob("captions-*.jsonl")))
+    assert sorted(cached) == ["kept.mp4", "sub/pan.mp4", "walk.mp4"]  # the user's sidecar is not used here
+    samples = [
+        shards.decode_sample(s)
+        for s in stream.read_tars(({"url": str(p)} for p in sorted(out.glob("*.tar"))), None)
+    ]
+    assert {s["meta"]["caption_source"] for s in samples} == {"captioner"}
+    assert [s["meta"]["source"] for s in samples] == ["sub/pan.mp4"]  # the only clip as big as a 64x64 bucket
+    assert samples[0]["caption"] == cached["sub/pan.mp4"]
