@@ -152,6 +152,8 @@ def bench_grid(
 
     base = {"grid": grid_name, "tokens": tokens}
     record({**base, "name": "sdpa_flash", **measure(sdpa_flash, q, k, v)})
+    # what torch picks by itself (cuDNN on Hopper with recent torch): the dense path the model runs
+    record({**base, "name": "sdpa_default", **measure(F.scaled_dot_product_attention, q, k, v)})
     record({**base, "name": "ours", **measure(ours, q, k, v)})
     if shape[1] % 4:  # the bucket with partial blocks: also the image-to-video call
         record({**base, "name": "ours_i2v_cond1", **measure(lambda *x: ours(*x, cond=1), q, k, v)})
