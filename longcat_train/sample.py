@@ -27,6 +27,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft.tuners.lora import LoraLayer
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from webdataset.handlers import reraise_exception
 
@@ -606,7 +607,9 @@ def load_validation_pairs(source: str, limit: int) -> list[ValidationPair]:
     """Up to ``limit`` pairs, in a fixed order, from a folder of images + same-stem ``.txt`` captions,
     or from eval shards (``cond.png`` + ``txt`` of each sample; any spec ``expand_shard_spec`` takes)."""
     folder = Path(source).expanduser()
-    if folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
+    # A shard folder also holds images (longcat-prep inspect's contact sheet): tars decide.
+    is_shard_dir = folder.is_dir() and any(folder.glob("*.tar"))
+    if folder.is_dir() and not is_shard_dir and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
         pairs = _folder_pairs(folder, limit)
     else:
         pairs = _shard_pairs(source, limit)
@@ -746,7 +749,10 @@ def _base_video(
     identity = hashlib.sha256(pair.image.tobytes() + repr((pair.image.shape, pair.prompt, sorted(settings.items()))).encode())
     name = f"{pair.key}_{identity.hexdigest()[:12]}.mp4"
     cached = root / "base" / name
-    if cached.is_file():
+    # With FSDP every rank runs each forward together, but only rank 0 writes (and so finds) the cache;
+    # sharded models therefore always sample, so all ranks make the same calls.
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if cached.is_file() and not sharded:
         return read_mp4(cached)
     with model.disable_adapter():
         video = sample_i2v(model, vae, pair.image, embeds[pair.prompt], negative, **settings)
