@@ -175,6 +175,24 @@ class _SwappedBlock:
     slot: _Slot | None = None
     ready: Any = None  # event: the copy into `slot` is done
     members: list[object] = field(default_factory=list)
+    trainable: bool = False  # has parameters that train (LoRA): autograd records the block's forward
+
+
+def _page_locked(nbytes: int) -> torch.Tensor:
+    """A host byte buffer that CUDA copies from asynchronously (DMA).
+
+    Page-locked in place rather than taken from the pinned caching allocator, which rounds every
+    allocation up to a power of two: a 0.56 GB bf16 block would hold 1 GiB of host memory.
+    """
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes == 0:
+        return buffer
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(buffer.data_ptr(), nbytes, 0)) == 0:
+        weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
+        return buffer
+    logger.warning("cudaHostRegister failed: block swap falls back to PyTorch's pinned allocator")
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def _members(module: nn.Module) -> list[object]:
@@ -260,6 +278,7 @@ class BlockSwap:
         entries: list[tuple[nn.Module, str, bool, _Spec]] = []
         tensors: list[torch.Tensor] = []
         cursor = [0]
+        trainable = False
         for owner in module.modules():
             for name, p in owner._parameters.items():
                 if p is None:
@@ -268,6 +287,7 @@ class BlockSwap:
                     if is_traceable_wrapper_subclass(p):
                         raise TypeError(f"block {index}: trainable tensor-subclass parameter {name!r}")
                     p.data = p.data.to(self.compute_device)
+                    trainable = True
                     continue
                 entries.append((owner, name, True, _plan(p, cursor)))
                 tensors.append(p)
@@ -275,10 +295,14 @@ class BlockSwap:
                 if b is not None:
                     entries.append((owner, name, False, _plan(b, cursor)))
                     tensors.append(b)
-        storage = torch.empty(cursor[0], dtype=torch.uint8, device=self.offload_device, pin_memory=pin)
+        storage = (
+            _page_locked(cursor[0])
+            if pin
+            else torch.empty(cursor[0], dtype=torch.uint8, device=self.offload_device)
+        )
         for (_, _, _, spec), t in zip(entries, tensors, strict=True):
             _write(storage, spec, t)
-        block = _SwappedBlock(index, module, entries, storage)
+        block = _SwappedBlock(index, module, entries, storage, trainable=trainable)
         self._bind(block, storage)
         return block
 
@@ -328,7 +352,8 @@ class BlockSwap:
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             block = self._blocks[n]
             backward = _in_backward()
-            if torch.is_grad_enabled() and not backward and not _checkpointed():
+            records = block.trainable or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            if torch.is_grad_enabled() and records and not backward and not _checkpointed():
                 raise RuntimeError(
                     f"block {block.index} is swapped and runs with autograd but without gradient "
                     "checkpointing: enable the model's gradient checkpointing to train with block swap"
