@@ -35,11 +35,17 @@ def triton_supported(q: Tensor) -> bool:
     )
 
 
-def _split_cond(latent_shape: Shape3, num_tokens: int, num_cond_latents: int) -> int:
+def _split_cond(latent_shape: Shape3, q: Tensor, k: Tensor, v: Tensor, num_cond_latents: int) -> int:
+    """Tokens of the condition frames, after checking that q, k, v are the whole grid's self-attention."""
     frames, height, width = latent_shape
-    if frames * height * width != num_tokens:
+    if not q.shape == k.shape == v.shape:
+        # the kernels index k and v with q's token layout: one call covers the whole sequence
         raise ValueError(
-            f"latent_shape {latent_shape} has {frames * height * width} tokens, q has {num_tokens}"
+            f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if frames * height * width != q.shape[2]:
+        raise ValueError(
+            f"latent_shape {latent_shape} has {frames * height * width} tokens, q has {q.shape[2]}"
         )
     return num_cond_latents * height * width
 
@@ -58,7 +64,7 @@ def dense_attention(
     With ``num_cond_latents`` the condition tokens (a prefix of ``num_cond_latents * H * W`` tokens)
     attend to the condition tokens only, and the noisy tokens to everything.
     """
-    cond = _split_cond(latent_shape, q.shape[2], num_cond_latents)
+    cond = _split_cond(latent_shape, q, k, v, num_cond_latents)
     if not cond:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     out_cond = F.scaled_dot_product_attention(q[:, :, :cond], k[:, :, :cond], v[:, :, :cond], scale=scale)
@@ -89,7 +95,7 @@ def block_selection(
 ) -> tuple[BlockLayout, Tensor, Tensor]:
     """The layout and the selection (``indices`` [B, H, n_tiles, K], ``counts`` [B, H, n_tiles]) that
     ``block_sparse_attention`` uses for these q and k."""
-    _split_cond(latent_shape, q.shape[2], num_cond_latents)
+    _split_cond(latent_shape, q, k, k, num_cond_latents)
     layout = block_layout(tuple(latent_shape), tuple(block), num_cond_latents, str(q.device))
     with torch.no_grad():
         if use_triton:
@@ -125,11 +131,12 @@ def block_sparse_attention(
     ``implementation``: "triton" (CUDA, Ampere or newer), "torch" (dense SDPA under the same block
     mask: same result, any device, N x N memory) or "auto" (Triton where supported, else torch).
     """
-    use_triton = implementation == "triton" or (implementation == "auto" and triton_supported(q))
     if implementation not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown implementation {implementation!r}")
+    _split_cond(latent_shape, q, k, v, num_cond_latents)
+    use_triton = implementation == "triton" or (implementation == "auto" and triton_supported(q))
     if implementation == "triton" and not triton_supported(q):
-        raise RuntimeError("the Triton kernel needs CUDA (sm80+), triton, fp16/bf16 and head dim <= 128")
+        raise RuntimeError("the Triton kernel needs CUDA (sm80+), triton, fp16/bf16 and head dim 16..128")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     layout, indices, counts = block_selection(
         q,

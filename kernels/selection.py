@@ -34,7 +34,6 @@ class BlockLayout:
     token_tile: Tensor  # [num_tokens] int64: the tile that holds each token
     tile_counts: Tensor  # [n_tiles] float32: tokens per tile (the divisor of the pooled mean)
     num_cond_tiles: int  # the first num_cond_tiles tiles hold the condition frames
-    num_tokens: int
 
     @property
     def num_tiles(self) -> int:
@@ -96,7 +95,6 @@ def block_layout(
         token_tile=token_tile.to(device),
         tile_counts=filled.sum(dim=1).to(device=device, dtype=torch.float32),
         num_cond_tiles=num_cond_tiles,
-        num_tokens=num_tokens,
     )
 
 

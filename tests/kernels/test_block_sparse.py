@@ -86,6 +86,8 @@ def test_bad_arguments():
     q, k, v = qkv(1, 1, 60, 8)
     with pytest.raises(ValueError, match="tokens"):
         block_sparse_attention(q, k, v, (4, 4, 4))
+    with pytest.raises(ValueError, match="one shape"):  # noisy queries alone against all keys: refused
+        block_sparse_attention(q[:, :, 15:], k, v, (3, 3, 5))
     with pytest.raises(ValueError, match="implementation"):
         block_sparse_attention(q, k, v, (4, 3, 5), implementation="flash")
     with pytest.raises(RuntimeError, match="Triton"):
