@@ -27,7 +27,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft.tuners.lora import LoraLayer
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from webdataset.handlers import reraise_exception
 
@@ -751,7 +751,7 @@ def _base_video(
     cached = root / "base" / name
     # With FSDP every rank runs each forward together, but only rank 0 writes (and so finds) the cache;
     # sharded models therefore always sample, so all ranks make the same calls.
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
     if cached.is_file() and not sharded:
         return read_mp4(cached)
     with model.disable_adapter():

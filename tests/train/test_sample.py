@@ -456,3 +456,30 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys, change: 
     err = capsys.readouterr().err.strip()
     assert err.startswith("longcat-sample: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_sharded_models_do_not_use_the_base_cache(tiny: dict, tmp_path, monkeypatch) -> None:
+    # Under FSDP all ranks sample together but only rank 0 keeps the cache: every rank must make the same
+    # calls, so a sharded model samples the base video every time.
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from longcat_train.loading import tiny_dit
+    from longcat_train.lora import apply_lora
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = apply_lora(tiny_dit(), rank=2, targets=["attn.qkv"])
+        fully_shard(model)
+        calls: list[bool] = []
+        video = np.zeros((5, 64, 64, 3), np.uint8)  # what is sampled does not matter here, how often does
+        monkeypatch.setattr(sample, "sample_i2v", lambda *a, **k: calls.append(True) or video)
+        pairs = [sample.ValidationPair("cat", _image(64, 64), "a cat")]
+        embeds = {"a cat": tiny["prompt"], "": tiny["negative"]}
+        for step in (1, 2):
+            sample.run_validation(
+                model, tiny["vae"], pairs, embeds, step=step, output_dir=tmp_path, frames=5, steps=1, area=(64, 64)
+            )
+        assert len(calls) == 4
+    finally:
+        dist.destroy_process_group()
