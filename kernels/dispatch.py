@@ -4,6 +4,7 @@ equivalent) and dense."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import torch
@@ -35,19 +36,16 @@ def triton_supported(q: Tensor) -> bool:
     )
 
 
-def _split_cond(latent_shape: Shape3, q: Tensor, k: Tensor, v: Tensor, num_cond_latents: int) -> int:
-    """Tokens of the condition frames, after checking that q, k, v are the whole grid's self-attention."""
-    frames, height, width = latent_shape
-    if not q.shape == k.shape == v.shape:
+def _check_grid(latent_shape: Shape3, q: Tensor, *others: Tensor) -> None:
+    """q (and k, v) must be the self-attention of the whole grid: one shape, T * H * W tokens."""
+    if any(x.shape != q.shape for x in others):
         # the kernels index k and v with q's token layout: one call covers the whole sequence
+        shapes = ", ".join(str(tuple(x.shape)) for x in (q, *others))
+        raise ValueError(f"q, k, v must have one shape, got {shapes}")
+    if math.prod(latent_shape) != q.shape[2]:
         raise ValueError(
-            f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"latent_shape {latent_shape} has {math.prod(latent_shape)} tokens, q has {q.shape[2]}"
         )
-    if frames * height * width != q.shape[2]:
-        raise ValueError(
-            f"latent_shape {latent_shape} has {frames * height * width} tokens, q has {q.shape[2]}"
-        )
-    return num_cond_latents * height * width
 
 
 def dense_attention(
@@ -64,7 +62,8 @@ def dense_attention(
     With ``num_cond_latents`` the condition tokens (a prefix of ``num_cond_latents * H * W`` tokens)
     attend to the condition tokens only, and the noisy tokens to everything.
     """
-    cond = _split_cond(latent_shape, q, k, v, num_cond_latents)
+    _check_grid(latent_shape, q, k, v)
+    cond = num_cond_latents * latent_shape[1] * latent_shape[2]
     if not cond:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     out_cond = F.scaled_dot_product_attention(q[:, :, :cond], k[:, :, :cond], v[:, :, :cond], scale=scale)
@@ -95,7 +94,7 @@ def block_selection(
 ) -> tuple[BlockLayout, Tensor, Tensor]:
     """The layout and the selection (``indices`` [B, H, n_tiles, K], ``counts`` [B, H, n_tiles]) that
     ``block_sparse_attention`` uses for these q and k."""
-    _split_cond(latent_shape, q, k, k, num_cond_latents)
+    _check_grid(latent_shape, q, k)
     layout = block_layout(tuple(latent_shape), tuple(block), num_cond_latents, str(q.device))
     with torch.no_grad():
         if use_triton:
@@ -133,7 +132,7 @@ def block_sparse_attention(
     """
     if implementation not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown implementation {implementation!r}")
-    _split_cond(latent_shape, q, k, v, num_cond_latents)
+    _check_grid(latent_shape, q, k, v)
     use_triton = implementation == "triton" or (implementation == "auto" and triton_supported(q))
     if implementation == "triton" and not triton_supported(q):
         raise RuntimeError("the Triton kernel needs CUDA (sm80+), triton, fp16/bf16 and head dim 16..128")
