@@ -15,6 +15,7 @@ CPU, a run stopped at step k and resumed reproduces the uninterrupted losses bit
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -91,9 +93,9 @@ def weight_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision == "bf16" else torch.float32
 
 
-def _optional(module: str):
+def _optional(module: str) -> ModuleType | None:
     try:
-        return __import__(f"longcat_train.{module}", fromlist=[module])
+        return importlib.import_module(f"longcat_train.{module}")
     except ImportError as err:
         log.warning("longcat_train.%s is not available (%s): its settings are ignored", module, err)
         return None
@@ -362,8 +364,11 @@ def checkpoint_root(cfg: TrainConfig) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a half-written one has no state.json yet)."""
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").is_file())
+    """Finished checkpoints, oldest first (a half-written one is still named ``step-N.partial``)."""
+    return sorted(
+        p for p in root.glob("step-*")
+        if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()
+    )
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:

@@ -2,9 +2,11 @@
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from longcat_data import cli as prep
 
@@ -14,10 +16,32 @@ TINY_AREA = "64x64"
 CLIPS = ("beach_waves", "spinning_top")
 
 
+@contextmanager
+def _threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tiny models: on a small shared machine torch's spinning pool threads and the
+    loader processes oversubscribe the cores, and a millisecond step takes seconds."""
+    with _threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """A shard directory (manifest + one tar) holding two clips with text embeddings."""
-    root = tmp_path_factory.mktemp("prep")
+    with _threads(1):
+        return _make_tiny_shards(tmp_path_factory.mktemp("prep"))
+
+
+def _make_tiny_shards(root: Path) -> Path:
     assert prep.main(["demo", str(root / "demo")]) == 0
     videos = root / "two_clips"
     videos.mkdir()

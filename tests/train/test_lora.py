@@ -9,6 +9,8 @@ from longcat_train import lora
 from longcat_train.config import DEFAULT_LORA_TARGETS, ConfigError
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 OFFICIAL_LORA_UTILS = Path(__file__).parents[2] / ".official/longcat_video/modules/lora_utils.py"
 
 

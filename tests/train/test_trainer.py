@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
@@ -17,6 +17,8 @@ from longcat_train.cli import train_main
 from longcat_train.config import ConfigError, TrainConfig
 from longcat_train.loading import load_dit
 from longcat_train.trainer import lr_factor, train, training_loss
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CPU = torch.device("cpu")
 TINY_FRAMES = 9  # the conftest's shards (see the tiny_frames fixture, checked below)
@@ -128,10 +130,11 @@ def test_loss_falls_when_overfitting_two_clips(tiny_shards, tmp_path):
 
 def test_resume_matches_an_uninterrupted_run_bit_for_bit(tiny_shards, tmp_path):
     """Stop at step 3 (the checkpoint an interrupted run leaves) and resume: steps 4-7 equal the
-    uninterrupted run exactly. Two loader workers (resuming at an odd batch rotates them), LoRA dropout
-    (global RNG), caption dropout (noise generator + text encoder), warmup + cosine (schedule)."""
+    uninterrupted run exactly. Two loader workers (resuming at batch 9 rotates them), gradient
+    accumulation, LoRA dropout (global RNG), caption dropout (noise generator + text encoder), warmup +
+    cosine (schedule)."""
     kw = dict(max_train_steps=7, checkpointing_steps=3, num_workers=2, lora_dropout=0.1, caption_dropout=0.3,
-              lr_scheduler="cosine", lr_warmup_steps=2, learning_rate=1e-3)
+              lr_scheduler="cosine", lr_warmup_steps=2, learning_rate=1e-3, gradient_accumulation_steps=3)
     full = train(tiny_config(tiny_shards, tmp_path / "full", **kw))
 
     resumed_dir = tmp_path / "resumed"
@@ -177,6 +180,21 @@ def test_corrupt_member_is_skipped_and_counted(shard_copy, tmp_path):
     rewrite_shard(shard_copy, damage)
     result = train(tiny_config(shard_copy, tmp_path, max_train_steps=3))
     assert len(result.losses) == 3 and result.corrupt_samples >= 1
+
+
+def test_non_finite_loss_skips_the_update_and_training_goes_on(shard_copy, tmp_path, caplog):
+    def poison(sample):
+        if sample["__key__"].startswith("beach"):
+            latents = load(sample["latents.safetensors"])["latents"]
+            sample["latents.safetensors"] = save({"latents": torch.full_like(latents, float("nan"))})
+        return sample
+
+    rewrite_shard(shard_copy, poison)
+    result = train(tiny_config(shard_copy, tmp_path, max_train_steps=4))
+    assert 1 <= result.skipped_steps < 4 and "update skipped" in caplog.text
+    finite = [v for v in result.losses.values() if v == v]
+    assert len(finite) == 4 - result.skipped_steps
+    assert all(torch.isfinite(w).all() for w in load_file(str(result.lora_path)).values())
 
 
 def test_user_errors_are_one_line(tiny_shards, shard_copy, tmp_path, capsys):
