@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -713,10 +714,8 @@ def run_merge(cfg: MergeConfig) -> None:
     print(f"{cfg.out_dir}/manifest.json: {samples} samples in {len(manifest['shards'])} shards, {state}")
 
 
-def contact_sheet(items: list[tuple[np.ndarray, str]], cell: int = 192, columns: int = 6) -> Any:
+def contact_sheet(items: list[tuple[np.ndarray, str]], cell: int = 192, columns: int = 6) -> Image.Image:
     """A grid of start frames (fit into ``cell`` px squares) with their captions wrapped underneath."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default()
     text_lines, line_height = 4, 12
     rows = max(1, -(-len(items) // columns))
