@@ -676,7 +676,8 @@ def run_shard(cfg: PrepConfig, encoders: Encoders | None = None, captioner: Capt
         reject(r)
     with writer, logging_redirect_tqdm(), tqdm(
         total=len(todo) * cfg.clips_per_video, unit="clip", desc=f"rank {rank}" if world > 1 else "encoding",
-        dynamic_ncols=True, disable=None,
+        # In a terminal, live; in a batch job's log, a line a minute rather than nothing for hours.
+        dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 60,
     ) as bar:
         background = _BackgroundWriter(writer, ids)
         try:
