@@ -477,6 +477,26 @@ def load_checkpoint(
 # ---------------------------------------------------------------- the run
 
 
+def build_loader(
+    cfg: TrainConfig, d: Dist, urls: list[str], encoders: dict, start_batch: int, text_cache: str | None
+) -> Iterator[dict]:
+    """This rank's batches from micro-batch ``start_batch`` on (0 for a fresh run)."""
+    stream_cfg = StreamConfig(
+        batch_size=cfg.train_batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+        resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, need_cond=cfg.i2v,
+        latent_frames=latent_frames(cfg.frames), encoders=encoders,
+    )
+    stream = ShardStream(urls, stream_cfg, start_batch=start_batch, text_cache=text_cache)
+    return iter(make_loader(stream, cfg.num_workers, cfg.pin_memory and d.device.type == "cuda"))
+
+
+def seed_rngs(seed: int) -> None:
+    """The process-wide generators (LoRA dropout draws from torch's) start from the run's seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 @dataclass
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss (mean over ranks)
@@ -542,17 +562,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if d.main:
         save_config(cfg, out / CONFIG_FILE)
 
-    stream = ShardStream(
-        urls,
-        StreamConfig(batch_size=cfg.train_batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
-                     resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, need_cond=cfg.i2v,
-                     latent_frames=latent_frames(cfg.frames), encoders=encoders),
-        start_batch=state.batches,
-        text_cache=text.path if shards_lack_text else None,
-    )
-    batches = iter(make_loader(stream, cfg.num_workers, cfg.pin_memory and d.device.type == "cuda"))
-
+    batches = build_loader(cfg, d, urls, encoders, state.batches, text.path if shards_lack_text else None)
     generator = torch.Generator(d.device).manual_seed(cfg.seed + d.rank)
+    seed_rngs(cfg.seed + d.rank)
     if rng is not None:
         set_rng_state(rng, generator)  # last, so nothing after it draws before the first step
     train_model.train()
