@@ -119,11 +119,14 @@ def check_manifest(manifest: dict, *, encoders: dict | None, frames: int | None,
             f"{where} were encoded with other encoders than --model (differ in {', '.join(diff)}: "
             f"{manifest['encoders'].get(diff[0])!r} vs {encoders.get(diff[0])!r}); re-run longcat-prep shard"
         )
-    shard_frames = {int(k.rsplit("x", 1)[-1]) for k in manifest.get("buckets", {})}
-    if frames is not None and shard_frames and shard_frames != {frames}:
+    # Prep trims short videos to fewer frames (their own buckets); what must match is its --frames.
+    made = manifest.get("settings", {}).get("frames")
+    if made is None and manifest.get("buckets"):
+        made = max(int(k.rsplit("x", 1)[-1]) for k in manifest["buckets"])
+    if frames is not None and made is not None and made != frames:
         raise ShardError(
-            f"{where} hold clips of {sorted(shard_frames)} frames but the config trains on {frames} frames; "
-            f"set frames to match or re-run longcat-prep shard --frames {frames}"
+            f"{where} were made with --frames {made} but the config trains on {frames} frames; "
+            f"set frames = {made} or re-run longcat-prep shard --frames {frames}"
         )
     if manifest.get("complete") is False:
         log.warning("%s: manifest says prep did not finish; training on the shards written so far", where)
@@ -141,7 +144,7 @@ class StreamConfig:
     resampled: bool = False  # draw shards with replacement forever instead of shuffled passes
     shuffle_buffer: int = 64  # samples held for shuffling in each worker
     need_cond: bool = True  # image-to-video: every sample must carry cond.safetensors
-    latent_frames: int | None = None  # refuse samples with another latent frame count
+    max_latent_frames: int | None = None  # refuse samples longer than the configured clip length
     encoders: dict | None = None  # refuse samples whose json names other encoders
 
 
@@ -229,8 +232,8 @@ def _tensor_shape(sample: dict, member: str, name: str) -> tuple[int, ...]:
 def check_samples(samples: Iterable[dict], cfg: StreamConfig, handler: Callable[[BaseException], bool]) -> Iterator[dict]:
     """Validate members from their headers and tag each sample with its bucket (latent shape).
 
-    Corrupt or incomplete samples go to ``handler``; samples from other encoders or another frame
-    count stop the run with a ShardError.
+    Corrupt or incomplete samples go to ``handler``; samples from other encoders or longer than the
+    configured clip stop the run with a ShardError.
     """
     for sample in samples:
         try:
@@ -250,9 +253,9 @@ def check_samples(samples: Iterable[dict], cfg: StreamConfig, handler: Callable[
                 continue
             raise
         where = f"{sample.get('__url__')} (sample {sample['__key__']})"
-        if cfg.latent_frames is not None and shape[1] != cfg.latent_frames:
+        if cfg.max_latent_frames is not None and shape[1] > cfg.max_latent_frames:
             raise ShardError(
-                f"{where} has {shape[1]} latent frames, the config wants {cfg.latent_frames}; "
+                f"{where} has {shape[1]} latent frames, more than the config's {cfg.max_latent_frames}; "
                 f"set frames to match the shards or re-run longcat-prep shard"
             )
         found = meta.get("encoders")

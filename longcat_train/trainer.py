@@ -255,6 +255,7 @@ class Validation:
         self.sample = None
         self.vae = None
         if not cfg.validation_source:
+            log.info("no validation_source: validation off")
             return
         try:
             from longcat_train import sample
@@ -484,7 +485,7 @@ def build_loader(
     stream_cfg = StreamConfig(
         batch_size=cfg.train_batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
         resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, need_cond=cfg.i2v,
-        latent_frames=latent_frames(cfg.frames), encoders=encoders,
+        max_latent_frames=latent_frames(cfg.frames), encoders=encoders,
     )
     stream = ShardStream(urls, stream_cfg, start_batch=start_batch, text_cache=text_cache)
     return iter(make_loader(stream, cfg.num_workers, cfg.pin_memory and d.device.type == "cuda"))

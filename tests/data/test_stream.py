@@ -105,12 +105,16 @@ def test_hf_spec_goes_to_the_hub_resolver(monkeypatch):
 
 
 def test_manifest_mismatch_errors():
-    manifest = {"encoders": ENCODERS, "buckets": {"16x24x5": 3}, "complete": True}
-    stream.check_manifest(manifest, encoders=ENCODERS, frames=5)
+    manifest = {"encoders": ENCODERS, "settings": {"frames": 9}, "buckets": {"16x24x9": 3, "16x24x5": 1},
+                "complete": True}
+    stream.check_manifest(manifest, encoders=ENCODERS, frames=9)  # a short clip trimmed to 5 frames is fine
     with pytest.raises(ShardError, match="other encoders.*model"):
-        stream.check_manifest(manifest, encoders={**ENCODERS, "model": "other"}, frames=5)
-    with pytest.raises(ShardError, match=r"\[5\] frames but the config trains on 93"):
+        stream.check_manifest(manifest, encoders={**ENCODERS, "model": "other"}, frames=9)
+    with pytest.raises(ShardError, match="made with --frames 9 but the config trains on 93"):
         stream.check_manifest(manifest, encoders=ENCODERS, frames=93)
+    del manifest["settings"]
+    with pytest.raises(ShardError, match="made with --frames 9"):
+        stream.check_manifest(manifest, encoders=ENCODERS, frames=5)
 
 
 # ---------------------------------------------------------------- order, buckets, splitting
@@ -224,10 +228,11 @@ def test_shards_without_samples_raise_instead_of_hanging(tmp_path):
         take(ShardStream([str(url)], StreamConfig()), 1)
 
 
-def test_other_frame_count_or_encoder_in_a_sample_is_refused(tmp_path):
+def test_longer_clip_or_other_encoder_in_a_sample_is_refused(tmp_path):
     url = str(write_shard(tmp_path / "a.tar", [clip("c_0")]))
-    with pytest.raises(ShardError, match="2 latent frames, the config wants 24"):
-        take(ShardStream([url], StreamConfig(latent_frames=24)), 1)
+    assert take(ShardStream([url], StreamConfig(max_latent_frames=2)), 1)
+    with pytest.raises(ShardError, match="2 latent frames, more than the config's 1"):
+        take(ShardStream([url], StreamConfig(max_latent_frames=1)), 1)
     with pytest.raises(ShardError, match="other encoders"):
         take(ShardStream([url], StreamConfig(encoders={"model": "x"})), 1)
 
