@@ -168,6 +168,22 @@ def test_validation_runs_through_the_sampler(tiny_shards, tmp_path):
     assert "step_000001" in videos and "step_000002" in videos
 
 
+def test_simpletuner_config_trains_from_the_cli(tiny_shards, tmp_path):
+    backends = [{"id": "clips", "type": "local", "dataset_type": "video", "is_i2v": True,
+                 "instance_data_dir": str(tiny_shards), "cache_dir_vae": "/unused"}]
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "--model_family": "longcat_video", "--model_type": "lora", "--lora_rank": 4, "--learning_rate": 1e-4,
+        "--max_train_steps": 2, "--output_dir": str(tmp_path / "out"), "--train_batch_size": 1,
+        "--data_backend_config": "multidatabackend.json", "--report_to": "none",
+    }))
+    code = train_main(["--config", str(tmp_path / "config.json"), "--model", "tiny", "--frames", str(TINY_FRAMES),
+                       "--num-workers", "0", "--no-progress"])
+    assert code == 0
+    saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert saved["lora_rank"] == 4 and saved["shards"] == [str(tiny_shards)] and saved["max_train_steps"] == 2
+
+
 # ---------------------------------------------------------------- bad input
 
 
