@@ -1,4 +1,8 @@
-"""Block swap: keep the frozen weights of the last N transformer blocks off the GPU and stream them in.
+"""Block swap and activation offload: train a model larger than the GPU by streaming through host memory.
+
+Block swap keeps the frozen weights of the last N transformer blocks off the GPU and streams them in;
+activation offload (:func:`apply_activation_offload`, below) does the same for what autograd saves between
+forward and backward.
 
 Applied from outside the model (the model never knows): forward pre-hooks on the swapped blocks make each
 block's weights resident on the compute device just before it runs and start copying the next block in on
@@ -28,6 +32,11 @@ Order: call :func:`apply_block_swap` last, after quantisation and LoRA injection
 ``model.to(device)`` (it places the model). A block whose modules or tensors change afterwards is refused.
 Training through swapped blocks needs gradient checkpointing on them: without it autograd would keep
 views of the pooled buffers for backward, and they are refilled with other blocks by then.
+
+Why not diffusers' group offloading (``apply_group_offloading(..., use_stream=True)``): it offloads every
+block (no "last N"), onloads by ``.to()`` into fresh allocations, moves the trainable LoRA parameters with
+the frozen ones, and prefetches in the order of the first forward, so checkpointed backward (reverse order)
+falls back to synchronous loads.
 """
 
 from __future__ import annotations

@@ -227,6 +227,35 @@ def test_gpu_activation_offload_same_gradients_less_memory() -> None:
     assert peak < peak_ref - 4 * block_input, (peak, peak_ref)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8-quanto", "fp8-torchao"])
+def test_gpu_quantised_swap_with_activation_offload(precision: str) -> None:
+    pytest.importorskip("optimum.quanto" if precision == "int8-quanto" else "torchao")
+    from longcat_train.quant import quantize_base
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = dataclasses.replace(DiTConfig.tiny(), depth=6, hidden_size=512, num_heads=4)
+        model = LongCatVideoTransformer(config).to("cuda", torch.bfloat16).requires_grad_(False)
+        quantize_base(model, precision)
+        lora = LoraConfig(r=4, target_modules=LORA_TARGETS, init_lora_weights=False)
+        return inject_adapter_in_model(lora, model)
+
+    inputs = make_inputs("cuda", frames=5, size=16)
+    out_ref, grads_ref = train_step(build(), inputs)
+    model = build()
+    swap = apply_block_swap(model, 4, "cpu", compute_device="cuda")
+    apply_activation_offload(model, min_bytes=2**16)
+    for _ in range(2):
+        out, grads = train_step(model, inputs)
+    assert_close_rel(out, out_ref)
+    for name in grads_ref:
+        assert_close_rel(grads[name], grads_ref[name], name)
+    offloaded = [i for i in range(2, 6) if i not in swap.loaded_blocks]
+    weight = model.blocks[offloaded[0]].attn.qkv.base_layer.weight
+    assert weight.device.type == "cpu" and type(weight) is type(model.blocks[0].attn.qkv.base_layer.weight)
+
+
 def test_activation_offload_with_and_without_swap() -> None:
     ref = make_model()
     plain, swapped = copy.deepcopy(ref), copy.deepcopy(ref)
