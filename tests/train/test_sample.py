@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -483,3 +485,57 @@ def test_sharded_models_do_not_use_the_base_cache(tiny: dict, tmp_path, monkeypa
         assert len(calls) == 4
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- parity with the official pipeline
+
+OFFICIAL_DIR = os.environ.get("LONGCAT_OFFICIAL_DIR")
+
+
+@pytest.mark.skipif(not OFFICIAL_DIR, reason="set LONGCAT_OFFICIAL_DIR to an official checkout")
+def test_denoising_matches_the_official_pipeline(tiny: dict, monkeypatch) -> None:
+    """The official ``generate_i2v`` loop, driving our tiny DiT, lands on the latents ``denoise`` does."""
+    for module in ("einops", "ftfy", "loguru", "regex"):
+        pytest.importorskip(module)
+    monkeypatch.syspath_prepend(OFFICIAL_DIR)
+    official = pytest.importorskip("longcat_video.pipeline_longcat_video")
+    from longcat_data.encode import encode_text, load_text_encoder
+
+    class OfficialFacing(torch.nn.Module):
+        """Our DiT behind the official pipeline's call: prompt embeddings arrive as [B, 1, L, C]."""
+
+        cp_split_hw = None
+        dtype = torch.float32
+        config = SimpleNamespace(in_channels=16)
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents):
+            return self.model(
+                hidden_states, timestep, encoder_hidden_states.squeeze(1), encoder_attention_mask, num_cond_latents
+            )
+
+    tokenizer, text_encoder = load_text_encoder("tiny")
+    pipe = official.LongCatVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=tiny["vae"],
+        scheduler=official.FlowMatchEulerDiscreteScheduler(shift=12.0),
+        dit=OfficialFacing(tiny["model"]),
+    )
+    pipe.device = "cpu"  # the official class assumes CUDA
+    prompt = "a cat walks across a sunny garden"
+    start = Image.fromarray(_image(128, 224))  # the official 480p bucket for 4:7 is 480x832: 60x104 latents
+    noise = torch.randn(1, 16, 2, 60, 104, generator=torch.Generator().manual_seed(7))
+    theirs = pipe.generate_i2v(
+        image=start, prompt=prompt, num_frames=5, num_inference_steps=4, guidance_scale=4.0,
+        latents=noise.clone(), generator=torch.Generator().manual_seed(0), output_type="latent",
+    )  # fmt: skip
+
+    monkeypatch.setattr(sample, "initial_noise", lambda shape, seeds: noise[:, :, 1:])
+    embeds = encode_text(tokenizer, text_encoder, [prompt, ""])
+    ours = denoise(tiny["model"], theirs[:, :, :1], embeds[:1], embeds[1], frames=5, steps=4, progress=False)
+    assert not torch.allclose(theirs[:, :, 1:], noise[:, :, 1:])  # the official loop did move the latents
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)  # bitwise equal on CPU here
