@@ -5,8 +5,8 @@
     python benchmarks/train_matrix.py --render A.json [B.json ...]   # one markdown table from saved runs
 
 Full config with random bf16 weights at 480x832x93 (24 latent frames of 60x104, 37,440 tokens), image-to-
-video (1 condition frame), text zero-padded to 512 tokens, rank-8 LoRA on the block linears (the trainer's
-``apply_lora``), AdamW, gradient checkpointing ``full`` (``--checkpointing``). One step = forward, loss,
+video (1 condition frame), text zero-padded to 512 tokens, rank-8 LoRA on the trainer's default targets
+(``apply_lora``), AdamW, gradient checkpointing ``full`` (``--checkpointing``). One step = forward, loss,
 backward, optimizer step; 1 warm-up step then 2 timed (``--steps``), CUDA-synchronised wall clock per step,
 mean reported; peak = ``torch.cuda.max_memory_allocated`` over the timed steps.
 
@@ -40,8 +40,6 @@ import torch
 
 ATTENTION = {"dense": "sdpa", "sparse": "block_sparse"}
 PRECISIONS = ("bf16", "int8-quanto", "fp8-torchao")
-LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
-                "ffn.w1", "ffn.w2", "ffn.w3"]  # fmt: skip
 CAP_GB = 24.0
 MARK = "CELL "  # prefix of the result lines a worker prints on stdout
 
@@ -99,6 +97,7 @@ def matrix(args: argparse.Namespace) -> list[Cell]:
 
 def build(cell: Cell, setup: Setup):
     """The model with its LoRA adapter, placed (swapped or not), and the AdamW over the adapter."""
+    from longcat_train.config import DEFAULT_LORA_TARGETS
     from longcat_train.lora import apply_lora
     from longcat_train.model import DiTConfig, LongCatVideoTransformer
     from longcat_train.offload import apply_activation_offload, apply_block_swap
@@ -115,7 +114,7 @@ def build(cell: Cell, setup: Setup):
     torch.set_default_dtype(torch.float32)
     model.gradient_checkpointing = setup.checkpointing
     quantize_base(model, cell.precision)
-    model = apply_lora(model, rank=8, targets=LORA_TARGETS)
+    model = apply_lora(model, rank=8, targets=list(DEFAULT_LORA_TARGETS))
     # The model is already on the device: the swapped blocks go back to pinned host memory.
     apply_block_swap(model, cell.swap, "cpu", compute_device=setup.device)
     if cell.offload_activations:

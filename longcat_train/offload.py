@@ -485,18 +485,17 @@ def apply_activation_offload(
     Pair it with gradient checkpointing: then those are the blocks' inputs (0.3 GB each at 480x832x93), and
     offloading them is what brings a swapped fp8 step under 24 GB. Weights are never offloaded.
     """
-    compute = torch.device(compute_device) if compute_device is not None else default_compute_device()
-    handle = ActivationOffload(model, compute, min_bytes)
+    handle = ActivationOffload(model, _compute_device(compute_device), min_bytes)
     logger.info("activation offload: saved tensors >= %.1f MB go to host memory", min_bytes / 2**20)
     return handle
 
 
-def default_compute_device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+def _compute_device(device: torch.device | str | None) -> torch.device:
+    """`device`, default the current CUDA device (else CPU), with an index: tensors report ``cuda:0``."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def apply_block_swap(
@@ -513,7 +512,4 @@ def apply_block_swap(
     :func:`longcat_train.quant.quantize_base` and LoRA injection, and instead of ``model.to(...)``.
     ``num_blocks=0`` only moves the model. Training needs gradient checkpointing on the swapped blocks.
     """
-    compute = torch.device(compute_device) if compute_device is not None else default_compute_device()
-    if compute.type == "cuda" and compute.index is None:
-        compute = torch.device("cuda", torch.cuda.current_device())
-    return BlockSwap(model, num_blocks, torch.device(device), compute)
+    return BlockSwap(model, num_blocks, torch.device(device), _compute_device(compute_device))
