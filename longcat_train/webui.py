@@ -75,7 +75,10 @@ GenerateFn = Callable[[GenerationRequest, StepCallback], np.ndarray]
 @dataclass
 class Job:
     id: str
-    request: GenerationRequest
+    prompt: str
+    steps: int
+    # Dropped when the job ends, so a long session does not keep every uploaded image in memory.
+    request: GenerationRequest | None
     state: str = "queued"  # queued -> running -> done | error
     step: int = 0
     error: str | None = None
@@ -116,7 +119,7 @@ class JobQueue:
             if waiting >= MAX_QUEUED:
                 raise HTTPException(429, f"the queue is full ({waiting} videos waiting); try again later")
             # A counter, not a random id: the server is local and single-user, ids only need to be unique.
-            job = Job(id=f"{next(self._ids):05d}", request=request)
+            job = Job(id=f"{next(self._ids):05d}", prompt=request.prompt, steps=request.steps, request=request)
             self.jobs[job.id] = job
         self._pending.put(job)
         log.info("job %s queued: %r", job.id, request.prompt[:80])
@@ -140,12 +143,14 @@ class JobQueue:
             try:
                 video = self.generate(job.request, on_step)
                 job.video = write_mp4(video, self.output_dir / f"longcat_{job.id}.mp4", fps=self.fps)
-                job.state = "done"
+                state = "done"
             except Exception as err:  # the page shows any failure; the worker must stay alive for the next job
                 log.exception("job %s failed", job.id)
                 job.error = str(err) or type(err).__name__
-                job.state = "error"
+                state = "error"
             job.seconds = time.monotonic() - started
+            job.request = None
+            job.state = state  # last: a poll that sees the final state finds the rest already set
 
 
 def _job_json(jobs: JobQueue, job: Job) -> dict:
@@ -153,12 +158,12 @@ def _job_json(jobs: JobQueue, job: Job) -> dict:
         "id": job.id,
         "state": job.state,
         "step": job.step,
-        "steps": job.request.steps,
+        "steps": job.steps,
         "position": jobs.position(job) if job.state == "queued" else 0,
         "error": job.error,
         "video": f"/videos/{job.id}.mp4" if job.state == "done" else None,
         "seconds": job.seconds,
-        "prompt": job.request.prompt,
+        "prompt": job.prompt,
     }
 
 
