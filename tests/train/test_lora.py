@@ -1,4 +1,5 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from longcat_train.model import DiTConfig, LongCatVideoTransformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-OFFICIAL_LORA_UTILS = Path(__file__).parents[2] / ".official/longcat_video/modules/lora_utils.py"
+# The official checkout: LONGCAT_OFFICIAL_DIR (as for the parity tests), else the repo's read-only copy.
+OFFICIAL_DIR = Path(os.environ.get("LONGCAT_OFFICIAL_DIR") or Path(__file__).parents[2] / ".official")
+OFFICIAL_LORA_UTILS = OFFICIAL_DIR / "longcat_video/modules/lora_utils.py"
 
 
 def tiny(seed: int = 0) -> LongCatVideoTransformer:
