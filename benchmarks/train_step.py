@@ -74,17 +74,13 @@ def write_shard(path: Path, config: DiTConfig, latent_shape: tuple[int, int, int
     return path
 
 
-def naive_mode(model: torch.nn.Module, on: bool) -> list:
+def make_naive(model: torch.nn.Module) -> None:
     """Full recompute, and weight gradients for the frozen base (freed as soon as they are accumulated)."""
-    base = model.get_base_model()
-    base.gradient_checkpointing = "full" if on else base.gradient_checkpointing
-    hooks = []
+    model.get_base_model().gradient_checkpointing = "full"
     for name, p in model.named_parameters():
         if "lora_" not in name:
-            p.requires_grad_(on)
-            if on:
-                hooks.append(p.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None)))
-    return hooks
+            p.requires_grad_(True)
+            p.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None))
 
 
 def measure(name: str, model, batches, optimizer, params, cfg: TrainConfig, d: Dist, steps: int, warmup: int) -> dict:
@@ -149,10 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         stream = ShardStream([str(shard)], StreamConfig(shuffle_buffer=4, resampled=True))
         batches = iter(make_loader(stream, args.num_workers, pin_memory=device.type == "cuda"))
         ours = measure("ours", model, batches, optimizer, params, cfg, d, args.steps, args.warmup)
-        hooks = naive_mode(model, True)
+        make_naive(model)
         naive = measure("naive", model, batches, optimizer, params, cfg, d, args.steps, args.warmup)
-        for hook in hooks:
-            hook.remove()
 
     T, H, W = latent_shape
     report = {
