@@ -1,7 +1,7 @@
 """Full LoRA training step: {dense, sparse} x {no swap, swap 20, swap 40} x {bf16, int8, fp8}, s/step and peak GB.
 
     python benchmarks/train_matrix.py --out FILE [--precision ...] [--swap ...] [--attention ...] [--no-cap]
-    python benchmarks/train_matrix.py --quick          # CPU smoke run: tiny-width 48-block model
+    python benchmarks/train_matrix.py --quick          # CPU smoke run: tiny 8-block model
     python benchmarks/train_matrix.py --render A.json [B.json ...]   # one markdown table from saved runs
 
 Full config with random bf16 weights at 480x832x93 (24 latent frames of 60x104, 37,440 tokens), image-to-
@@ -75,6 +75,14 @@ class Setup:
         return torch.device("cpu" if self.quick else "cuda")
 
     @property
+    def depth(self) -> int:
+        return 8 if self.quick else 48
+
+    def blocks_to_swap(self, swap: int) -> int:
+        """Swap counts are for 48 blocks; the quick model's 8 swap the same fraction."""
+        return round(swap * self.depth / 48)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         # 480x832x93 -> 24 latent frames of 60x104; quick: 9 frames of 64x64 -> 3 of 8x8.
         return (3, 8, 8) if self.quick else (24, 60, 104)
@@ -103,8 +111,8 @@ def build(cell: Cell, setup: Setup):
     from longcat_train.offload import apply_activation_offload, apply_block_swap
     from longcat_train.quant import quantize_base
 
-    # Quick: the real depth (so swap 20 and 40 mean the same), tiny width, short text.
-    quick = dataclasses.replace(DiTConfig.tiny(), depth=48, text_max_length=64)
+    # Quick: tiny width, 8 blocks, short text.
+    quick = dataclasses.replace(DiTConfig.tiny(), depth=setup.depth, text_max_length=64)
     config = quick if setup.quick else DiTConfig.full()
     torch.manual_seed(0)
     # Built in bf16 straight on the device: random init there takes seconds, not the minutes of a host init.
@@ -116,7 +124,7 @@ def build(cell: Cell, setup: Setup):
     quantize_base(model, cell.precision)
     model = apply_lora(model, rank=8, targets=list(DEFAULT_LORA_TARGETS))
     # The model is already on the device: the swapped blocks go back to pinned host memory.
-    apply_block_swap(model, cell.swap, "cpu", compute_device=setup.device)
+    apply_block_swap(model, setup.blocks_to_swap(cell.swap), "cpu", compute_device=setup.device)
     if cell.offload_activations:
         apply_activation_offload(model, compute_device=setup.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -159,6 +167,7 @@ def run_cell(cell: Cell, model, optimizer, config, setup: Setup) -> dict[str, An
     batch = make_batch(config, setup)
     cuda = setup.device.type == "cuda"
     result: dict[str, Any] = {"cell": cell.key, **dataclasses.asdict(cell)}
+    result["blocks_swapped"] = setup.blocks_to_swap(cell.swap)
     if cell.attention == "sparse":
         result["sparse_kernel"] = sparse_kernel(setup)
     times: list[float] = []
@@ -261,8 +270,8 @@ def render(runs: list[dict[str, Any]]) -> str:
     shapes = sorted({"x".join(map(str, run["environment"]["latent_shape"])) for run in runs})
     commits = sorted({run["environment"]["commit"] for run in runs})
     lines = [
-        f"Training step, latents {', '.join(shapes)} (24x60x104 = 480x832x93), LoRA rank 8, on "
-        f"{', '.join(devices)} (commit {', '.join(commits)}):",
+        f"Training step (LoRA rank 8), latents {', '.join(s + (' = 480x832x93' if s == '24x60x104' else '') for s in shapes)}"
+        f", on {', '.join(devices)} (commit {', '.join(commits)}):",
         "",
         "| attention | swap | base | variant | s/step | vs no swap | peak GB | status |",
         "|---|---|---|---|---|---|---|---|",
@@ -288,7 +297,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="CPU, tiny width, 48 blocks, 3x8x8 latents")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU smoke run: tiny width, 8 blocks (swap 20/40 -> 3/7), 3x8x8 latents",
+    )
     parser.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=list(ATTENTION))
     parser.add_argument("--swap", nargs="+", type=int, default=[0, 20, 40], help="blocks to swap")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
