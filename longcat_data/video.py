@@ -233,9 +233,13 @@ def load_start_frame(image: str | Path, height: int, width: int) -> tuple[np.nda
     return resize_center_crop(pixels, height, width)
 
 
+# PyAV before 19 fails on non-UTF-8 metadata unless told to replace bad bytes; 19 removed the option.
+_OPEN_OPTIONS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
+
+
 def _open(path: Path) -> av.container.InputContainer:
     try:
-        return av.open(str(path), metadata_errors="replace")
+        return av.open(str(path), **_OPEN_OPTIONS)
     except av.error.FFmpegError as err:
         raise VideoError(
             path,
