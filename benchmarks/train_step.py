@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpointing", default="selective", choices=("selective", "full", "none"))
     parser.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "block_sparse"))
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--compile", action="store_true", help="compile our block step (the naive step runs after, compiled too)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model(config, device, dtype)
     model.get_base_model().gradient_checkpointing = args.checkpointing
+    if args.compile:
+        model.get_base_model().compile_blocks()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = trainer.build_optimizer(params, cfg, device)
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"dit": "tiny" if args.quick else "full", "latent_shape": [config.in_channels, T, H, W],
                    "tokens": T * (H // 2) * (W // 2), "batch": 1, "lora_rank": 8, "attention": args.attention,
                    "weights": str(dtype).removeprefix("torch."), "num_workers": args.num_workers,
-                   "steps": args.steps, "warmup": args.warmup},
+                   "steps": args.steps, "warmup": args.warmup, "compiled": args.compile},
         "ours": ours,
         "naive": naive,
         "speedup": naive["step_seconds_mean"] / ours["step_seconds_mean"],

@@ -97,6 +97,7 @@ class TrainConfig:
     gradient_checkpointing: str = _f("selective", "selective (keep attention outputs), full, or none")
     mixed_precision: str = _f("bf16", "bf16 base weights + autocast on CUDA; the CPU always runs fp32")
     attention_implementation: str = _f("sdpa", "sdpa, xformers or block_sparse")
+    compile: bool = _f(False, "torch.compile each DiT block step: fuses the fp32 elementwise work (not with block swap)")
     fsdp: bool = _f(False, "shard the base model over GPUs with FSDP2 (per block) instead of replicating it")
     musubi_blocks_to_swap: int = _f(0, "DiT blocks kept on block_swap_device and streamed in (needs offload.py)")
     block_swap_device: str = _f("cpu", "where swapped blocks live")

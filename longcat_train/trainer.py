@@ -105,12 +105,17 @@ def build_model(cfg: TrainConfig, d: Dist) -> nn.Module:
     """The DiT with frozen base weights and a fresh LoRA adapter (a peft model), not yet placed."""
     from longcat_train.loading import load_dit
 
+    if cfg.compile and cfg.musubi_blocks_to_swap > 0:
+        raise ConfigError("compile and musubi_blocks_to_swap do not mix: block swap's hooks break the "
+                          "compiled block graph; turn one off")
     dtype = weight_dtype(cfg, d.device)
     # FSDP shards from host memory and block swap places the model itself; otherwise load straight in.
     on_host = cfg.fsdp or cfg.musubi_blocks_to_swap > 0
     base = load_dit(cfg.model, dtype=dtype, device="cpu" if on_host else d.device)
     base.config.attention_implementation = cfg.attention_implementation
     base.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        base.compile_blocks()
     if cfg.base_model_precision != "no_change" and (quant := _optional("quant")) is not None:
         quant.quantize_base(base, cfg.base_model_precision, device=None if on_host else d.device)
     with torch.random.fork_rng(devices=[]):

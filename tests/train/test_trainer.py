@@ -278,3 +278,9 @@ def test_fsdp2_two_processes_on_gloo(tiny_shards, tmp_path):
     assert [s["step"] for s in steps] == [1, 2]
     weights = load_file(str(tmp_path / "fsdp" / "lora.safetensors"))
     assert len(weights) == 2 * 8 * 2 and all(v.dim() == 2 for v in weights.values())
+
+
+def test_compile_with_block_swap_is_refused_before_loading(tiny_shards, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, compile=True, musubi_blocks_to_swap=1)
+    with pytest.raises(ConfigError, match="compile and musubi_blocks_to_swap"):
+        train(cfg)
