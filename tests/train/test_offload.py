@@ -204,8 +204,8 @@ def test_gpu_block_swap_same_gradients_less_memory() -> None:
     for i in offloaded:
         assert all(t.device.type == "cpu" and t.is_pinned() for t in frozen_tensors(model.blocks[i]))
     for i in swap.loaded_blocks:
-        assert all(t.device == device for t in frozen_tensors(model.blocks[i]))
-    assert all(p.device == device for p in model.parameters() if p.requires_grad)
+        assert all(t.device.type == "cuda" for t in frozen_tensors(model.blocks[i]))
+    assert all(p.device.type == "cuda" for p in model.parameters() if p.requires_grad)
     # 8 resident blocks against 2 resident + a pool of 2: at least 3 blocks' worth less at the peak.
     assert peak < peak_ref - 3 * swap.block_bytes, (peak, peak_ref, swap.block_bytes)
 
