@@ -32,7 +32,6 @@ import triton
 from longcat_kernels import block_selection, block_sparse_attention
 from longcat_kernels.block_sparse import (
     CONFIGS,
-    BlockSparseAttention,
     KernelConfig,
     sparse_backward,
     sparse_forward,
@@ -127,7 +126,7 @@ def same_selection_outputs(
     bsa = sys.modules[official.__module__]
     layout, indices, counts = block_selection(q, k, shape, density=density, use_triton=True)
     scale = HEAD_DIM**-0.5
-    ours = BlockSparseAttention.apply(q, k, v, layout, indices, counts, scale, CONFIGS)
+    ours, _ = sparse_forward(q, k, v, layout, indices, counts, scale, CONFIGS["fwd"])
     grid = [n // 4 for n in shape]
     blocked = [bsa.rearrange_THW_to_3d_block(x, *grid, 4, 4, 4, HEAD_DIM) for x in (q, k, v)]
     theirs, _ = bsa.attn_fwd_bsa_varlen_triton(*blocked, scale, indices, counts, 64, 64, 1 - density)

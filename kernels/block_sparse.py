@@ -373,26 +373,3 @@ def sparse_backward(
         HEAD_DIM=dim, TILE=layout.tile, **_launch(configs["dkdv"], layout.tile),
     )  # fmt: skip
     return dq, dk, dv
-
-
-class BlockSparseAttention(torch.autograd.Function):
-    """Attention of every query tile over its selected key tiles; the selection is an input (no grad)."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout,
-        indices: Tensor, counts: Tensor, scale: float, configs: dict[str, KernelConfig],
-    ) -> Tensor:  # fmt: skip
-        q, k, v = _rows_last(q), _rows_last(k), _rows_last(v)
-        out, lse = sparse_forward(q, k, v, layout, indices, counts, scale, configs["fwd"])
-        ctx.save_for_backward(q, k, v, out, lse, indices, counts)
-        ctx.layout, ctx.scale, ctx.configs = layout, scale, configs
-        return out
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse, indices, counts = ctx.saved_tensors
-        dq, dk, dv = sparse_backward(
-            grad, q, k, v, out, lse, ctx.layout, indices, counts, ctx.scale, ctx.configs
-        )
-        return dq, dk, dv, None, None, None, None, None

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selection import BlockLayout, Shape3, block_layout, pool_tiles, select_blocks, selection_mask
+from .selection import (
+    BlockLayout,
+    Shape3,
+    block_layout,
+    layout_size,
+    pool_tiles,
+    select_blocks,
+    selection_mask,
+    selection_width,
+)
 
 Implementation = Literal["auto", "triton", "torch"]
 
@@ -82,6 +91,22 @@ def masked_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _masked_attention_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, layout: BlockLayout, indices: Tensor,
+    counts: Tensor, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of :func:`masked_attention` in float32, written out: a custom op's backward runs below
+    autograd, so it cannot differentiate the forward again. N x N memory, like the forward."""
+    tiles = selection_mask(indices, counts, layout.num_tiles)
+    allowed = tiles[:, :, layout.token_tile][:, :, :, layout.token_tile]
+    q32, k32, v32, do, o = (x.float() for x in (q, k, v, grad, out))
+    # every query tile keeps at least one key tile, so no row is fully masked
+    p = torch.softmax((q32 @ k32.transpose(-1, -2) * scale).masked_fill(~allowed, -math.inf), dim=-1)
+    ds = p * (do @ v32.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+    dq, dk, dv = (ds @ k32) * scale, (ds.transpose(-1, -2) @ q32) * scale, p.transpose(-1, -2) @ do
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def block_selection(
     q: Tensor,
     k: Tensor,
@@ -119,7 +144,7 @@ def block_sparse_attention(
     implementation: Implementation = "auto",
 ) -> Tensor:
     """Block-sparse self-attention over a video patch grid; q, k, v [B, H, N, D] in the model's token
-    order (t, h, w), N = T * H * W of ``latent_shape``; returns [B, H, N, D].
+    order (t, h, w), N = T * H * W of ``latent_shape``; returns [B, H, N, D] laid out as [B, N, H, D].
 
     Tokens are grouped into ``block``-shaped tiles (partial at the grid's edges). Each query tile
     attends to the ``density`` fraction of key tiles with the highest pooled ``q . k`` score (at least
@@ -129,25 +154,151 @@ def block_sparse_attention(
 
     ``implementation``: "triton" (CUDA, Ampere or newer), "torch" (dense SDPA under the same block
     mask: same result, any device, N x N memory) or "auto" (Triton where supported, else torch).
+
+    Runs as the custom op ``torch.ops.longcat.block_sparse_attention``, which torch.compile treats as
+    one opaque call (selection and kernels included) and selective checkpointing can keep.
     """
     if implementation not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown implementation {implementation!r}")
-    _check_grid(latent_shape, q, k, v)
-    use_triton = implementation == "triton" or (implementation == "auto" and triton_supported(q))
+    out, *_ = _block_sparse_op(
+        q, k, v, list(latent_shape), list(block), num_cond_latents, density, scale, implementation
+    )
+    return out
+
+
+def _use_triton(q: Tensor, implementation: str) -> bool:
     if implementation == "triton" and not triton_supported(q):
         raise RuntimeError("the Triton kernel needs CUDA (sm80+), triton, fp16/bf16 and head dim 16..128")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return implementation == "triton" or (implementation == "auto" and triton_supported(q))
+
+
+def _rows_major(x: Tensor) -> Tensor:
+    """``x`` [B, H, N, D] as a [B, H, N, D] view of [B, N, H, D] memory: the Triton output's layout, which
+    the torch path copies so that both paths (and the fake) have one set of strides."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# Outputs: the attention output and what the backward needs: the base-2 log-sum-exp per tile slot
+# ([B, H, n_tiles, tile] float32; empty on the torch path, whose backward does not use it), and the
+# selection (indices [B, H, n_tiles, K], counts [B, H, n_tiles], int32).
+@torch.library.custom_op("longcat::block_sparse_attention", mutates_args=())
+def _block_sparse_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    latent_shape: list[int],
+    block: list[int],
+    num_cond_latents: int,
+    density: float,
+    scale: float | None,
+    implementation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    use_triton = _use_triton(q, implementation)
     layout, indices, counts = block_selection(
         q,
         k,
-        latent_shape,
+        tuple(latent_shape),
         density=density,
-        block=block,
+        block=tuple(block),
         num_cond_latents=num_cond_latents,
         use_triton=use_triton,
     )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not use_triton:
-        return masked_attention(q, k, v, layout, indices, counts, scale)
-    from .block_sparse import CONFIGS, BlockSparseAttention
+        out = _rows_major(masked_attention(q, k, v, layout, indices, counts, scale))
+        return out, q.new_empty(0, dtype=torch.float32), indices, counts
+    from .block_sparse import CONFIGS, _rows_last, sparse_forward
 
-    return BlockSparseAttention.apply(q, k, v, layout, indices, counts, scale, CONFIGS)
+    out, lse = sparse_forward(
+        _rows_last(q), _rows_last(k), _rows_last(v), layout, indices, counts, scale, CONFIGS["fwd"]
+    )
+    return out, lse, indices, counts
+
+
+@_block_sparse_op.register_fake
+def _(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    latent_shape: list[int],
+    block: list[int],
+    num_cond_latents: int,
+    density: float,
+    scale: float | None,
+    implementation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_grid(tuple(latent_shape), q, k, v)
+    batch, heads, tokens, dim = q.shape
+    num_tiles, tile, num_cond_tiles = layout_size(tuple(latent_shape), tuple(block), num_cond_latents)
+    width = selection_width(num_tiles, num_cond_tiles, density)
+    out = q.new_empty(batch, tokens, heads, dim).transpose(1, 2)
+    lse_shape = (batch, heads, num_tiles, tile) if _use_triton(q, implementation) else (0,)
+    lse = q.new_empty(lse_shape, dtype=torch.float32)
+    indices = q.new_empty(batch, heads, num_tiles, width, dtype=torch.int32)
+    counts = q.new_empty(batch, heads, num_tiles, dtype=torch.int32)
+    return out, lse, indices, counts
+
+
+@torch.library.custom_op("longcat::block_sparse_attention_backward", mutates_args=())
+def _block_sparse_backward_op(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    indices: Tensor,
+    counts: Tensor,
+    latent_shape: list[int],
+    block: list[int],
+    num_cond_latents: int,
+    scale: float | None,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    layout = block_layout(tuple(latent_shape), tuple(block), num_cond_latents, str(q.device))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton:
+        return _masked_attention_backward(grad, q, k, v, out, layout, indices, counts, scale)
+    from .block_sparse import CONFIGS, _rows_last, sparse_backward
+
+    q, k, v = _rows_last(q), _rows_last(k), _rows_last(v)
+    return sparse_backward(grad, q, k, v, out, lse, layout, indices, counts, scale, CONFIGS)
+
+
+@_block_sparse_backward_op.register_fake
+def _(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    indices: Tensor,
+    counts: Tensor,
+    latent_shape: list[int],
+    block: list[int],
+    num_cond_latents: int,
+    scale: float | None,
+    use_triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    q, k, v, latent_shape, block, num_cond_latents, _, scale, implementation = inputs
+    out, lse, indices, counts = output
+    ctx.save_for_backward(q, k, v, out, lse, indices, counts)
+    ctx.grid = (latent_shape, block, num_cond_latents, scale)
+    ctx.use_triton = _use_triton(q, implementation)
+
+
+def _backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    q, k, v, out, lse, indices, counts = ctx.saved_tensors
+    dq, dk, dv = _block_sparse_backward_op(
+        grad, q, k, v, out, lse, indices, counts, *ctx.grid, ctx.use_triton
+    )
+    # the selection parameters get no gradient, and the selection itself is computed without one
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_block_sparse_op.register_autograd(_backward, setup_context=_setup_context)

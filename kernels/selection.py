@@ -67,6 +67,24 @@ def _tile_segment(t0: int, t1: int, height: int, width: int, block: Shape3) -> T
     return tokens.reshape(nt * nh * nw, st * sh * sw)
 
 
+def _segment_tiles(frames: int, height: int, width: int, block: Shape3) -> int:
+    return math.ceil(frames / block[0]) * math.ceil(height / block[1]) * math.ceil(width / block[2])
+
+
+def layout_size(latent_shape: Shape3, block: Shape3, num_cond_latents: int) -> tuple[int, int, int]:
+    """``(num_tiles, tile, num_cond_tiles)`` of :func:`block_layout`, from the sizes alone: the custom op's
+    fake implementation needs the output shapes without building (or, under fake tensors, being able to
+    build) the index tables."""
+    frames, height, width = latent_shape
+    blocks = [tuple(block)]
+    num_cond_tiles = 0
+    if num_cond_latents:
+        blocks.append(cond_block_shape(block, num_cond_latents))
+        num_cond_tiles = _segment_tiles(num_cond_latents, height, width, blocks[-1])
+    num_tiles = num_cond_tiles + _segment_tiles(frames - num_cond_latents, height, width, block)
+    return num_tiles, 1 << (max(math.prod(b) for b in blocks) - 1).bit_length(), num_cond_tiles
+
+
 @functools.lru_cache(maxsize=32)
 def block_layout(
     latent_shape: Shape3, block: Shape3 = (4, 4, 4), num_cond_latents: int = 0, device: str = "cpu"
@@ -109,11 +127,15 @@ def pool_tiles(x: Tensor, layout: BlockLayout) -> Tensor:
 def num_selected(layout: BlockLayout, density: float) -> int:
     """Key tiles a noisy query tile attends to: the top ``density`` of the noisy tiles (at least one),
     plus every condition tile."""
+    return selection_width(layout.num_tiles, layout.num_cond_tiles, density)
+
+
+def selection_width(num_tiles: int, num_cond_tiles: int, density: float) -> int:
+    """:func:`num_selected` from the tile counts alone (see :func:`layout_size`)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    candidates = layout.num_tiles - layout.num_cond_tiles
     # floor, as the official kernel counts, so equal densities do equal work
-    return layout.num_cond_tiles + max(1, math.floor(density * candidates + 1e-9))
+    return num_cond_tiles + max(1, math.floor(density * (num_tiles - num_cond_tiles) + 1e-9))
 
 
 def select_blocks(

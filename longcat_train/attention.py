@@ -8,7 +8,6 @@ config that asks for ``xformers`` or ``block_sparse`` still runs on a machine wi
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -32,15 +31,27 @@ def _xformers_attention() -> Callable[..., torch.Tensor] | None:
     return xformers.ops.memory_efficient_attention
 
 
+# Resolved at import, not on first call: torch.compile cannot trace an import (or a log call) inside the
+# compiled block step, and the kernels package is optional, so a failed import only selects the fallback.
+_BLOCK_SPARSE: Callable[..., torch.Tensor] | None
+try:
+    from longcat_kernels import block_sparse_attention as _BLOCK_SPARSE
+
+    _BLOCK_SPARSE_MISSING = ""
+except ImportError as err:
+    _BLOCK_SPARSE = None
+    _BLOCK_SPARSE_MISSING = str(err)
+
+
 @functools.cache
-def _block_sparse_attention() -> Callable[..., torch.Tensor] | None:
-    # Imported by name so that longcat_train does not require the kernels package to be importable.
-    try:
-        kernels = importlib.import_module("longcat_kernels")
-        return kernels.block_sparse_attention
-    except (ImportError, AttributeError) as err:
-        log.warning("attention_implementation='block_sparse' unavailable (%s): using torch SDPA", err)
-        return None
+def warn_if_unavailable(implementation: str) -> None:
+    """Warn once that ``implementation`` falls back to SDPA here. Called eagerly by :func:`attention` and by
+    ``LongCatVideoTransformer.compile_blocks`` (a compiled block cannot log)."""
+    if implementation == "block_sparse" and _BLOCK_SPARSE is None:
+        log.warning(
+            "attention_implementation='block_sparse' unavailable (%s): using torch SDPA",
+            _BLOCK_SPARSE_MISSING,
+        )
 
 
 def _dense(
@@ -94,9 +105,10 @@ def attention(
         return _dense(q, k, v, implementation, attn_mask)
     # The official model runs images (a single latent frame) densely even with block-sparse enabled.
     if implementation == "block_sparse" and latent_shape[0] > 1:
-        kernel = _block_sparse_attention()
-        if kernel is not None:
-            return kernel(
+        if _BLOCK_SPARSE is None and not torch.compiler.is_compiling():
+            warn_if_unavailable(implementation)
+        if _BLOCK_SPARSE is not None:
+            return _BLOCK_SPARSE(
                 q,
                 k,
                 v,

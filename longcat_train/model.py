@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from longcat_train.attention import IMPLEMENTATIONS, AttentionImplementation, attention
+from longcat_train.attention import IMPLEMENTATIONS, AttentionImplementation, attention, warn_if_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +454,9 @@ def _keep_self_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkp
     """
     if op in _SDPA_OPS and args[1].shape[-2] >= args[0].shape[-2]:
         return CheckpointPolicy.MUST_SAVE
+    # longcat_kernels' custom op (video self-attention only), matched by name: the package is optional
+    if str(op) == "longcat.block_sparse_attention.default":
+        return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -508,6 +511,7 @@ class LongCatVideoTransformer(nn.Module):
         eager mode runs as separate memory passes. All blocks share one graph per checkpointing mode.
         ``compile_kwargs`` go to :func:`torch.compile` (default ``fullgraph=True``).
         """
+        warn_if_unavailable(self.config.attention_implementation)
         self._block_step = torch.compile(_block_step, **{"fullgraph": True, **compile_kwargs})
 
     def run_block(self, block: LongCatBlock, *args: Any) -> torch.Tensor:
