@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .selection import BlockLayout, num_selected, transpose_selection
+from .selection import BlockLayout, num_selected, tile_scores, transpose_selection
 
 LOG2E = 1.4426950408889634
 
@@ -315,7 +315,7 @@ def select_blocks_triton(
     """``selection.select_blocks`` on CUDA: the same key tiles (up to ties), listed in ascending order."""
     batch, heads, n_tiles, _ = pooled_q.shape
     width = num_selected(layout, density)
-    scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, n_tiles, n_tiles] fp32
+    scores = tile_scores(pooled_q, pooled_k)
     indices = torch.empty(batch, heads, n_tiles, width, device=scores.device, dtype=torch.int32)
     counts = torch.empty(batch, heads, n_tiles, device=scores.device, dtype=torch.int32)
     keys = triton.next_power_of_2(n_tiles)

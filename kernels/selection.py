@@ -138,6 +138,14 @@ def selection_width(num_tiles: int, num_cond_tiles: int, density: float) -> int:
     return num_cond_tiles + max(1, math.floor(density * (num_tiles - num_cond_tiles) + 1e-9))
 
 
+def tile_scores(pooled_q: Tensor, pooled_k: Tensor) -> Tensor:
+    """Pooled ``q . k`` of every (query tile, key tile) pair, [B, H, n_tiles, n_tiles] float32 even under
+    autocast: the trainer runs in bf16 autocast, whose matmul would round scores (more ties in the top-k)
+    and hand the Triton selection kernel a dtype it does not read."""
+    with torch.autocast(pooled_q.device.type, enabled=False):
+        return pooled_q.float() @ pooled_k.float().transpose(-1, -2)
+
+
 def select_blocks(
     pooled_q: Tensor, pooled_k: Tensor, layout: BlockLayout, density: float
 ) -> tuple[Tensor, Tensor]:
@@ -150,7 +158,7 @@ def select_blocks(
     """
     n_cond = layout.num_cond_tiles
     width = num_selected(layout, density)
-    scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, n_tiles, n_tiles] fp32
+    scores = tile_scores(pooled_q, pooled_k)
     if n_cond:
         scores[..., :, :n_cond] = math.inf  # condition keys: always kept
         scores[..., :n_cond, n_cond:] = -math.inf  # condition queries never see noisy keys

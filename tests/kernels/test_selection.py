@@ -11,6 +11,7 @@ from longcat_kernels.selection import (
     pool_tiles,
     select_blocks,
     selection_mask,
+    tile_scores,
     transpose_selection,
 )
 
@@ -149,3 +150,12 @@ def test_selection_mask_and_transpose():
 def test_bad_cond_frames():
     with pytest.raises(ValueError):
         block_layout((4, 4, 4), (4, 4, 4), 4)
+
+
+def test_tile_scores_stay_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    pooled_q, pooled_k = torch.randn(2, 1, 2, 30, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = tile_scores(pooled_q, pooled_k)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, pooled_q @ pooled_k.transpose(-1, -2))
