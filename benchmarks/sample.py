@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> dict:
     config = dataclasses.replace(DiTConfig.tiny() if args.quick else DiTConfig.full(), attention_implementation=args.attention)
     model = build_dit(config, device, dtype)
     if args.compile:
-        model = torch.compile(model)
+        # Per-block compile: one graph shared by 48 blocks (whole-model compile took > 4 min on an H100).
+        model.compile_blocks()
     latent_h, latent_w, latent_t = args.height // 8, args.width // 8, latent_frames(args.frames)
 
     g = torch.Generator().manual_seed(0)
@@ -143,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--attention", default="sdpa", help="DiT attention implementation (sdpa, xformers, ...)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT first")
+    parser.add_argument("--compile", action="store_true", help="compile the DiT block step first (compile_blocks)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--output", help="also write the JSON to this file")
