@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from longcat_data.video import VideoError, probe, read_frames
+from longcat_data.video import InputError, VideoError, probe, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,8 @@ CAPTION_FIELDS = ("caption", "text", "prompt")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-class CaptionError(Exception):
-    """A caption that is missing or unusable; the message is one line: file, reason, fix."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = " ".join(reason.split())
-        super().__init__(f"{self.path}: {self.reason}")
-
-    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
-        # Prep decodes in worker processes; the default pickling would call __init__ with the message only.
-        return type(self), (self.path, self.reason)
+class CaptionError(InputError):
+    """A caption that is missing or unusable."""
 
 
 class Captioner(Protocol):

@@ -45,8 +45,8 @@ Backend = Literal["auto", "pyav", "decord"]
 T = TypeVar("T")
 
 
-class VideoError(Exception):
-    """A file that cannot be used as a training video; the message is one line: file, reason, fix."""
+class InputError(Exception):
+    """An input file that prep must skip; the message is one line: file, reason, fix."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = Path(path)
@@ -56,6 +56,10 @@ class VideoError(Exception):
     def __reduce__(self) -> tuple[type, tuple[Path, str]]:
         # Prep decodes in worker processes; the default pickling would call __init__ with the message only.
         return type(self), (self.path, self.reason)
+
+
+class VideoError(InputError):
+    """A file that cannot be used as a training video."""
 
 
 class CropBox(NamedTuple):
