@@ -701,7 +701,7 @@ def run_validation(
     fps: int = DEFAULT_FPS,
 ) -> list[Path]:
     """Sample every pair with the model as it is (LoRA on) and, where the model carries a peft adapter,
-    with the adapter off; write ``validation/step_XXXXXX/<key>.mp4`` and ``<key>_sheet.png``.
+    with the adapter off; write ``validation/step_NNNNNN/<key>.mp4`` and ``<key>_sheet.png``.
 
     ``embeds`` maps each prompt, and ``""`` (the negative prompt) when guidance > 1, to its [L, D]
     embedding. Base-model videos do not change during training, so each is sampled once and kept in

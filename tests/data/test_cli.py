@@ -46,12 +46,7 @@ def run_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=ONE_THREAD_ENV)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

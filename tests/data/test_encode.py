@@ -9,14 +9,7 @@ import torch
 
 from longcat_data import encode
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
