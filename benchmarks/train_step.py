@@ -31,47 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
-from webdataset import TarWriter
+from _synthetic import build_model, write_shard  # benchmarks/_synthetic.py
 
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
-from longcat_train import lora, trainer
+from longcat_train import trainer
 from longcat_train.config import TrainConfig
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.model import DiTConfig
 from longcat_train.parallel import Dist
-
-TEXT_TOKENS = 120
-
-
-def build_model(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(0)
-    # Random init straight on the device in the weight dtype: seconds, where a host fp32 init takes minutes.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = LongCatVideoTransformer(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return lora.apply_lora(model, rank=8, targets=TrainConfig().lora_targets)
-
-
-def write_shard(path: Path, config: DiTConfig, latent_shape: tuple[int, int, int], samples: int) -> Path:
-    g = torch.Generator().manual_seed(0)
-    T, H, W = latent_shape
-    with TarWriter(str(path), encoder=False) as tar:
-        for i in range(samples):
-            latents = torch.randn(config.in_channels, T, H, W, generator=g).to(torch.bfloat16)
-            embeds = torch.randn(TEXT_TOKENS, config.caption_channels, generator=g).to(torch.bfloat16)
-            tar.write({
-                "__key__": f"bench{i:04d}",
-                "latents.safetensors": save({"latents": latents}),
-                "cond.safetensors": save({"cond_latents": latents[:, :1].clone()}),
-                "t5.safetensors": save({"embeds": embeds}),
-                "txt": b"benchmark clip",
-                "json": json.dumps({"bucket": [8 * H, 8 * W, 1 + 4 * (T - 1)]}).encode(),
-            })
-    return path
 
 
 def make_naive(model: torch.nn.Module) -> None:
