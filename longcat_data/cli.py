@@ -512,9 +512,16 @@ class EncodedClip:
 def encode_batch(batch: list[Clip], enc: Encoders) -> list[EncodedClip]:
     # One clip needs no stacking copy (a 480x832x93 clip is 111 MB).
     frames = batch[0].frames[None] if len(batch) == 1 else torch.stack([c.frames for c in batch])
-    conds = torch.from_numpy(np.stack([c.cond_image for c in batch]))
-    latents = encode.encode_video(enc.vae, frames).to(torch.bfloat16).cpu()
-    cond_latents = encode.encode_image(enc.vae, conds).to(torch.bfloat16).cpu()
+    latents = encode.encode_video(enc.vae, frames)
+    # The Wan VAE is causal: latent frame 0 is computed from pixel frame 0 alone, by the same first-chunk
+    # pass that encoding the start frame by itself runs. So a clip's own start frame costs no second VAE
+    # call (tests/data check the equality); start frames brought from a conditioning folder do.
+    cond_latents = latents[:, :, :1].clone()
+    brought = [i for i, c in enumerate(batch) if c.meta["cond_source"] != "first_frame"]
+    if brought:
+        conds = torch.from_numpy(np.stack([batch[i].cond_image for i in brought]))
+        cond_latents[brought] = encode.encode_image(enc.vae, conds)
+    latents, cond_latents = latents.to(torch.bfloat16).cpu(), cond_latents.to(torch.bfloat16).cpu()
     embeds: list[torch.Tensor | None] = [None] * len(batch)
     if enc.text_encoder is not None:
         texts = encode.encode_text(enc.tokenizer, enc.text_encoder, [c.caption for c in batch])

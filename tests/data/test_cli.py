@@ -152,7 +152,7 @@ def test_round_trip(prepped, demo_videos: Path, tiny_vae) -> None:
         # ...encoded alone: the stored condition latent is the VAE of that image.
         cond = encode.encode_image(tiny_vae, s["cond_image"][None])[0].to(torch.bfloat16)
         assert torch.equal(cond, s["cond_latents"])
-        assert torch.allclose(s["latents"][:, :1].float(), s["cond_latents"].float(), atol=1e-2)
+        assert torch.equal(s["latents"][:, :1], s["cond_latents"])
         (embeds,) = encode.encode_text(tokenizer, text_encoder, [s["caption"]])
         assert torch.equal(embeds.to(torch.bfloat16), s["text_embeds"])
     by_key = {s["key"]: s for s in samples}
@@ -269,7 +269,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_good_ones_land(tmp_path: Path)
     assert manifest["complete"]
 
 
-def test_user_start_frames_and_a_missing_one(tmp_path: Path) -> None:
+def test_user_start_frames_and_a_missing_one(tmp_path: Path, tiny_vae) -> None:
     videos, frames_dir = tmp_path / "videos", tmp_path / "start_frames"
     write_demo_clips(videos, DEMO_CLIPS[:2])
     frames_dir.mkdir()
@@ -282,6 +282,10 @@ def test_user_start_frames_and_a_missing_one(tmp_path: Path) -> None:
     h, w, _ = sample["meta"]["bucket"]
     assert sample["meta"]["cond_source"] == "beach_waves.png"
     assert np.array_equal(sample["cond_image"], load_start_frame(frames_dir / "beach_waves.png", h, w)[0])
+    # A brought start frame is encoded by itself, not taken from the clip's first latent frame.
+    cond = encode.encode_image(tiny_vae, sample["cond_image"][None])[0].to(torch.bfloat16)
+    assert torch.equal(cond, sample["cond_latents"])
+    assert not torch.allclose(sample["latents"][:, :1].float(), cond.float(), atol=1e-2)
     (rejected,) = shards.read_manifest(out)["rejected"]
     assert rejected["source"] == "city_night_portrait.mp4" and "start frame" in rejected["reason"]
     assert stats.rejected == Counter({"start frame": 1})

@@ -81,6 +81,18 @@ def test_encode_video_shape_and_causal_start_frame(tiny) -> None:
     assert torch.equal(encode.encode_video(vae, clip.numpy()), latents)
 
 
+@pytest.mark.gpu
+def test_causal_start_frame_on_cuda_bf16() -> None:
+    # What prep relies on where it runs for real: frame 0 of the clip's latents stands in for the start
+    # frame encoded alone, in bf16 with cuDNN choosing algorithms per shape.
+    torch.backends.cudnn.benchmark = True
+    vae = encode.tiny_vae().to("cuda", torch.bfloat16)
+    clip = video(batch=1, frames=17, h=64, w=96)
+    latents = encode.encode_video(vae, clip)
+    cond = encode.encode_image(vae, clip[:, 0])
+    torch.testing.assert_close(cond, latents[:, :, :1], rtol=1e-2, atol=1e-2)
+
+
 def test_encode_video_rejects_floats(tiny) -> None:
     with pytest.raises(ValueError, match="uint8"):
         encode.encode_video(tiny[0], video().float())
