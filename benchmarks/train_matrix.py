@@ -205,8 +205,9 @@ def worker(cells: list[Cell], setup: Setup) -> None:
     if cuda:
         torch.cuda.empty_cache()
         if cap:
-            total = torch.cuda.get_device_properties(setup.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(cap * 1e9 / total, setup.device)
+            index = torch.cuda.current_device()  # the cap wants an index, not a bare "cuda"
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(cap * 1e9 / total, index)
     for cell in cells:
         result = run_cell(cell, model, optimizer, config, setup)
         result["setup_s"] = setup_s

@@ -115,13 +115,15 @@ def probe(path: str | Path) -> VideoInfo:
             )
         first = _first_frame(path, container, stream)
         rotation = _rotation(first, stream)
+        # Read while the container is open: a stream's fields point into it, and after close they return
+        # whatever reuses that memory (seen on an H100 host as a rate of -2474 fps in 1 of 16 files).
+        nominal = stream.average_rate or stream.guessed_rate
 
     deltas = np.diff(timestamps)
     typical = statistics.median(deltas) if len(deltas) else 0.0
     variable = bool(len(deltas) > 1 and (deltas.max() - deltas.min()) > VFR_TOLERANCE * typical)
     span = float(timestamps[-1] - timestamps[0])
     frame_count = len(timestamps)
-    nominal = stream.average_rate or stream.guessed_rate
     if not variable and nominal:
         fps = float(nominal)
     elif span > 0:

@@ -270,3 +270,71 @@ def test_decord_is_used_when_present_for_plain_files_only(
     upright = read_frames(demo_dir / "phone_rotated.mp4", 0, 5)
     assert len(calls) == 1 and upright.shape == (5, 320, 192, 3)
     assert frame_indices(read_frames(demo_dir / "phone_rotated.mp4", 0, 5, backend="pyav")) == list(range(5))
+
+
+class _ClosedGuard:
+    """PyAV objects that fail loudly when read after their container is closed.
+
+    A closed container's stream fields read freed memory: usually the old value, sometimes garbage (a
+    -2474 fps rate on a 16-core host). Plain tests cannot catch that, so the probe runs on proxies that do.
+    """
+
+    class Stream:
+        def __init__(self, stream: av.video.stream.VideoStream, guard: "_ClosedGuard") -> None:
+            object.__setattr__(self, "_stream", stream)
+            object.__setattr__(self, "_guard", guard)
+
+        def __getattr__(self, name: str):
+            assert not self._guard.closed, f"stream.{name} read after the container was closed"
+            return getattr(self._stream, name)
+
+        def __setattr__(self, name: str, value) -> None:
+            setattr(self._stream, name, value)
+
+    class Container:
+        def __init__(self, container: av.container.InputContainer, guard: "_ClosedGuard") -> None:
+            self._container, self._guard = container, guard
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self._container.close()
+            self._guard.closed = True
+
+        @property
+        def streams(self):
+            real = self._container.streams
+            return types.SimpleNamespace(
+                video=[_ClosedGuard.Stream(s, self._guard) for s in real.video], audio=real.audio
+            )
+
+        def decode(self, stream):
+            return self._container.decode(stream._stream)
+
+        def demux(self, stream):
+            return self._container.demux(stream._stream)
+
+        def seek(self, *args, stream=None, **kwargs):
+            return self._container.seek(*args, stream=stream._stream if stream else None, **kwargs)
+
+        def __getattr__(self, name: str):
+            return getattr(self._container, name)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+def test_probe_reads_nothing_after_closing_the_file(demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from longcat_data import video
+
+    real_open = video._open
+
+    def guarded_open(path: Path):
+        return _ClosedGuard.Container(real_open(path), _ClosedGuard())
+
+    monkeypatch.setattr(video, "_open", guarded_open)
+    clip = DEMO_CLIPS[0]
+    info = probe(demo_dir / f"{clip.name}.mp4")
+    assert info.fps == pytest.approx(clip.fps)
+    assert read_frames(demo_dir / f"{clip.name}.mp4", 0, 5, info=info).shape[0] == 5
