@@ -12,8 +12,9 @@ mean reported; peak = ``torch.cuda.max_memory_allocated`` over the timed steps.
 
 Cells: attention ``sdpa`` (dense) or ``block_sparse`` (sparse: ``longcat_kernels``; reported as fallback
 when it cannot run the Triton kernel); base ``bf16``, ``int8-quanto``, ``fp8-torchao``; the last
-``--swap`` blocks streamed from pinned host memory. Extra cells: swap 40 + fp8 + activation offload under a
-24 GB cap (``torch.cuda.set_per_process_memory_fraction``), the 24 GB-card target.
+``--swap`` blocks streamed from pinned host memory. Extra cells: swap 40 + fp8 + activation offload + the
+feed-forward in 4 frame groups under a 24 GB cap (``torch.cuda.set_per_process_memory_fraction``), the 24
+GB-card target. Workers run with ``expandable_segments`` on, as ``longcat-train`` does.
 
 Robustness: each group of cells that share a model (same precision, swap and cap; both attentions) runs in
 a fresh process with a time limit; an OOM is a result (status ``oom``), so is a crash or a timeout. ``--out``
@@ -29,6 +30,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -41,6 +43,7 @@ import torch
 ATTENTION = {"dense": "sdpa", "sparse": "block_sparse"}
 PRECISIONS = ("bf16", "int8-quanto", "fp8-torchao")
 CAP_GB = 24.0
+FFN_CHUNKS_24GB = 4  # feed-forward in 4 groups of 6 latent frames: the block's backward peak fits the cap
 MARK = "CELL "  # prefix of the result lines a worker prints on stdout
 
 
@@ -51,17 +54,19 @@ class Cell:
     precision: str  # bf16 | int8-quanto | fp8-torchao
     cap_gb: float | None = None  # memory-fraction cap, GB (1e9 bytes)
     offload_activations: bool = False
+    feed_forward_chunks: int = 1
 
     @property
     def key(self) -> str:
         extra = f"/cap{self.cap_gb:g}" if self.cap_gb else ""
         extra += "/act-offload" if self.offload_activations else ""
+        extra += f"/ffn{self.feed_forward_chunks}" if self.feed_forward_chunks > 1 else ""
         return f"{self.attention}/swap{self.swap}/{self.precision}{extra}"
 
     @property
     def group(self) -> tuple[Any, ...]:
         """Cells with the same group share one process and one model (attention switches in place)."""
-        return (self.swap, self.precision, self.cap_gb, self.offload_activations)
+        return (self.swap, self.precision, self.cap_gb, self.offload_activations, self.feed_forward_chunks)
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,10 @@ def matrix(args: argparse.Namespace) -> list[Cell]:
         for attention in args.attention
     ]
     if args.cap and "fp8-torchao" in args.precision:
-        cells += [Cell(a, 40, "fp8-torchao", CAP_GB, offload_activations=True) for a in args.attention]
+        cells += [
+            Cell(a, 40, "fp8-torchao", CAP_GB, offload_activations=True, feed_forward_chunks=FFN_CHUNKS_24GB)
+            for a in args.attention
+        ]
     return cells
 
 
@@ -127,6 +135,7 @@ def build(cell: Cell, setup: Setup):
     apply_block_swap(model, setup.blocks_to_swap(cell.swap), "cpu", compute_device=setup.device)
     if cell.offload_activations:
         apply_activation_offload(model, compute_device=setup.device)
+    model.get_base_model().feed_forward_chunks = cell.feed_forward_chunks
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, optimizer, config
 
@@ -222,7 +231,9 @@ def run_group(cells: list[Cell], setup: Setup, timeout: float) -> list[dict[str,
     cmd += ["--steps", str(setup.steps), "--checkpointing", setup.checkpointing]
     cmd += ["--quick"] if setup.quick else []
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        # As longcat-train sets it: without expandable segments the allocator strands GBs under the cap.
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         stdout, stderr, status = proc.stdout, proc.stderr, f"crashed (exit {proc.returncode})"
     except subprocess.TimeoutExpired as err:
         stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout or ""
@@ -280,7 +291,8 @@ def render(runs: list[dict[str, Any]]) -> str:
     for r in rows:
         variant = " ".join(
             v for v in (f"cap {r['cap_gb']:g} GB" if r.get("cap_gb") else "",
-                        "act. offload" if r.get("offload_activations") else "") if v
+                        "act. offload" if r.get("offload_activations") else "",
+                        f"FFN in {r['feed_forward_chunks']}" if r.get("feed_forward_chunks", 1) > 1 else "") if v
         )  # fmt: skip
         s = r.get("s_per_step")
         ref = base.get((r["attention"], r["precision"]))

@@ -18,6 +18,10 @@ def _one_line(err: BaseException) -> str:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``longcat-train``: parse flags (and --config), train, print user errors as one line (exit 2)."""
+    # Buckets change tensor shapes from step to step and block swap streams weights in and out: without
+    # expandable segments the caching allocator fragments (3.4 GiB reserved but unusable in our 24 GB
+    # run). Read when CUDA first allocates, so it is set before anything imports a model.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     rank = int(os.environ.get("RANK", 0))
     tag = f"[rank {rank}] " if "WORLD_SIZE" in os.environ else ""
     logging.basicConfig(

@@ -98,6 +98,8 @@ class TrainConfig:
     mixed_precision: str = _f("bf16", "bf16 base weights + autocast on CUDA; the CPU always runs fp32")
     attention_implementation: str = _f("sdpa", "sdpa, xformers or block_sparse")
     compile: bool = _f(False, "torch.compile each DiT block step: fuses the fp32 elementwise work (not with block swap)")
+    feed_forward_chunks: int = _f(1, "run each block's feed-forward in this many latent-frame groups in training: "
+                                  "lower peak memory (24 GB cards: 4) for one more feed-forward pass")
     fsdp: bool = _f(False, "shard the base model over GPUs with FSDP2 (per block) instead of replicating it")
     musubi_blocks_to_swap: int = _f(0, "DiT blocks kept on block_swap_device and streamed in (needs offload.py)")
     block_swap_device: str = _f("cpu", "where swapped blocks live")
@@ -141,6 +143,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: choose one of {', '.join(choices)}")
         if (self.frames - 1) % 4 or self.frames < 5:
             raise ConfigError(f"frames = {self.frames}: must be 4k+1 and at least 5 (the VAE's 4x time stride)")
+        if self.feed_forward_chunks < 1:
+            raise ConfigError(f"feed_forward_chunks = {self.feed_forward_chunks}: must be at least 1 (1: no chunking)")
         if self.lora_rank < 1:
             raise ConfigError(f"lora_rank = {self.lora_rank}: must be at least 1")
         if not self.lora_targets:

@@ -383,6 +383,8 @@ class LongCatBlock(nn.Module):
         self.attn = SelfAttention(config)
         self.cross_attn = CrossAttention(config)
         self.ffn = FeedForward(C, config.ffn_hidden_size)
+        # Set through LongCatVideoTransformer.feed_forward_chunks.
+        self.feed_forward_chunks = 1
 
     def forward(
         self,
@@ -412,8 +414,20 @@ class LongCatBlock(nn.Module):
         x = torch.cat([x[:, :n_cond], x[:, n_cond:] + h], dim=1) if n_cond else x + h
 
         frames = x.view(B, T, -1, C)
-        h = self.ffn(_modulate(frames, shift_mlp, scale_mlp))
-        return _gated_residual(frames, gate_mlp, h).view(B, N, C)
+        chunks = min(self.feed_forward_chunks, T)
+        if chunks == 1 or not torch.is_grad_enabled():
+            return self._feed_forward(frames, shift_mlp, scale_mlp, gate_mlp).view(B, N, C)
+        # Frame groups, each checkpointed: backward holds one group's SwiGLU activations (11008 wide,
+        # the largest of the block) instead of all of them, for one more FFN forward per group.
+        groups = zip(*(t.tensor_split(chunks, dim=1) for t in (frames, shift_mlp, scale_mlp, gate_mlp)), strict=True)
+        out = [checkpoint(self._feed_forward, *group, use_reentrant=False) for group in groups]
+        return torch.cat(out, dim=1).view(B, N, C)
+
+    def _feed_forward(
+        self, frames: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor
+    ) -> torch.Tensor:
+        """Modulated SwiGLU and its gated residual on ``[B, T, H*W, C]`` (per-frame modulation)."""
+        return _gated_residual(frames, gate, self.ffn(_modulate(frames, shift, scale)))
 
 
 class FinalLayer(nn.Module):
@@ -503,6 +517,23 @@ class LongCatVideoTransformer(nn.Module):
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINT_MODES}, got {mode!r}")
         self._gradient_checkpointing = mode
+
+    @property
+    def feed_forward_chunks(self) -> int:
+        """Latent-frame groups each block's feed-forward runs in while gradients are enabled (1: one pass).
+
+        More groups lower the activation peak of a block's backward (its SwiGLU activations are the
+        largest) at the cost of one more feed-forward pass: the 24 GB-card setting with block swap. The
+        result is the same as one pass up to matmul rounding.
+        """
+        return self.blocks[0].feed_forward_chunks if len(self.blocks) else 1
+
+    @feed_forward_chunks.setter
+    def feed_forward_chunks(self, chunks: int) -> None:
+        if chunks < 1:
+            raise ValueError(f"feed_forward_chunks must be >= 1, got {chunks}")
+        for block in self.blocks:
+            block.feed_forward_chunks = chunks
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """torch.compile the per-block step, checkpointing included.

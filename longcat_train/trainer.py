@@ -114,6 +114,7 @@ def build_model(cfg: TrainConfig, d: Dist) -> nn.Module:
     base = load_dit(cfg.model, dtype=dtype, device="cpu" if on_host else d.device)
     base.config.attention_implementation = cfg.attention_implementation
     base.gradient_checkpointing = cfg.gradient_checkpointing
+    base.feed_forward_chunks = cfg.feed_forward_chunks
     if cfg.compile:
         base.compile_blocks()
     if cfg.base_model_precision != "no_change" and (quant := _optional("quant")) is not None:

@@ -380,6 +380,56 @@ def test_checkpointing_works_with_a_frozen_base_and_input_gradients() -> None:
         model.gradient_checkpointing = "some"
 
 
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_feed_forward_chunks_give_the_same_output_and_gradients(mode: str) -> None:
+    model = tiny_dit().train()
+    model.gradient_checkpointing = mode
+    x = _inputs(frames=5, batch=1)
+
+    def run(chunks: int) -> list[torch.Tensor]:
+        model.feed_forward_chunks = chunks
+        model.zero_grad()
+        latents = x["hidden_states"].clone().requires_grad_()
+        out = model(**(x | {"hidden_states": latents}), num_cond_latents=1)
+        out.square().mean().backward()
+        return [out.detach(), latents.grad] + [p.grad for p in model.parameters()]
+
+    reference = run(1)
+    # 5 latent frames in 2 groups (3 + 2), and more groups than frames (one frame each).
+    for chunks in (2, 8):
+        assert all(_close(a, b, 1e-6) for a, b in zip(run(chunks), reference, strict=True))
+    with torch.no_grad():
+        assert torch.equal(model(**x, num_cond_latents=1), reference[0])  # no chunking without gradients
+    with pytest.raises(ValueError):
+        model.feed_forward_chunks = 0
+
+
+def test_feed_forward_chunks_save_less_for_backward() -> None:
+    model = tiny_dit().requires_grad_(False)
+    model.gradient_checkpointing = "none"
+    x = _inputs(frames=5, batch=1)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(chunks: int) -> int:
+        model.feed_forward_chunks = chunks
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        latents = x["hidden_states"].clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**(x | {"hidden_states": latents}), num_cond_latents=1)
+        return sum(n for ptr, n in storages.items() if ptr not in weights)
+
+    tokens = 5 * 2 * 3  # 5 latent frames of 2 x 3 patches
+    # w1 x (silu's input), silu(w1 x) and w3 x (the product's inputs), fp32 here; with LoRA on w2 its
+    # input would be saved too.
+    swiglu = 3 * tokens * model.config.ffn_hidden_size * 4
+    assert saved_bytes(5) <= saved_bytes(1) - model.config.depth * swiglu
+
+
 def test_compiled_blocks_match_eager() -> None:
     model = tiny_dit()
     x = _inputs(batch=1)
