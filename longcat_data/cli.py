@@ -341,6 +341,12 @@ class Prepared:
     rejection: Rejection | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def pin_memory(self) -> Prepared:
+        """Called by the DataLoader's pinning thread: page-locked frames make the upload asynchronous."""
+        for clip in self.clips:
+            clip.frames = clip.frames.pin_memory()
+        return self
+
 
 @dataclass
 class ClipSpec:
@@ -356,6 +362,7 @@ class ClipSpec:
     conditioning_dir: Path | None
     done_keys: set[str]
     captioner: Captioner | None = None
+    decode_threads: int = 0  # per worker; 0: one per core (the decoder's default)
 
 
 def prepare_input(item: InputItem, spec: ClipSpec) -> Prepared:
@@ -392,7 +399,7 @@ def prepare_input(item: InputItem, spec: ClipSpec) -> Prepared:
             key = clip_key(item.key, index, spec.clips_per_video)
             if key in spec.done_keys:
                 continue
-            raw = read_frames(path, start, count, spec.fps, info=info)
+            raw = read_frames(path, start, count, spec.fps, info=info, threads=spec.decode_threads)
             frames, box = resize_center_crop(raw, height, width)
             out.clips.append(
                 Clip(
@@ -450,12 +457,15 @@ def _die_with_parent(_: int) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def decoded_inputs(items: list[InputItem], spec: ClipSpec, workers: int) -> Iterator[Prepared]:
+def decoded_inputs(
+    items: list[InputItem], spec: ClipSpec, workers: int, pin_memory: bool = False
+) -> Iterator[Prepared]:
     """Prepared inputs in order, decoded ``workers`` at a time ahead of the consumer (bounded)."""
     loader = DataLoader(
         _InputDataset(items, spec),
         batch_size=None,
         num_workers=workers,
+        pin_memory=pin_memory,
         collate_fn=_unbatched,
         prefetch_factor=2 if workers else None,
         worker_init_fn=_die_with_parent,
@@ -644,6 +654,9 @@ def run_shard(cfg: PrepConfig, encoders: Encoders | None = None, captioner: Capt
         clips_per_video=cfg.clips_per_video, caption_strategy=strategy, caption_mapping=mapping,
         conditioning_dir=Path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
         done_keys=writer.done_keys, captioner=captioner,
+        # Each decoder left to its default starts a thread per core: 8 workers then oversubscribe the
+        # CPU and slow the kernel launches of the encoding process, which is what the GPU waits on.
+        decode_threads=max(1, (os.cpu_count() or 2) // cfg.workers) if cfg.workers else 0,
     )
     remaining: dict[str, int] = {}
     sources_by_key = {item.key: item.source for item in todo}
@@ -666,7 +679,8 @@ def run_shard(cfg: PrepConfig, encoders: Encoders | None = None, captioner: Capt
                 stats.inputs_written += 1
 
     def clips() -> Iterator[Clip]:
-        for prepared in decoded_inputs(todo, spec, cfg.workers):
+        pin = enc.vae.device.type == "cuda"
+        for prepared in decoded_inputs(todo, spec, cfg.workers, pin_memory=pin):
             for warning in prepared.warnings:
                 log.warning(warning)
             if prepared.rejection is not None:

@@ -158,13 +158,15 @@ def read_frames(
     *,
     info: VideoInfo | None = None,
     backend: Backend = "auto",
+    threads: int = 0,
 ) -> np.ndarray:
     """Frames ``start .. start + count - 1`` as uint8 [count, H, W, 3] RGB, upright.
 
     ``start`` and ``count`` are in frames at ``target_fps`` (default: the file's own frames; a
     variable-rate file is read at its average rate so motion keeps its real speed). Only the frames
     needed are decoded: a seek to the keyframe before the clip, and decoding stops at its last frame.
-    Pass ``info`` from an earlier ``probe`` to skip probing again.
+    Pass ``info`` from an earlier ``probe`` to skip probing again. ``threads``: decoder threads (0: one
+    per core, the decoder's default).
     """
     path = Path(path)
     if target_fps is not None and target_fps <= 0:
@@ -182,8 +184,8 @@ def read_frames(
     if backend == "decord" and decord is None:
         raise ValueError("backend='decord' requested but decord is not installed (pip install decord)")
     if decord is not None and (backend == "decord" or (not info.variable_frame_rate and info.rotation == 0)):
-        return _read_decord(decord, info, times)
-    return _read_pyav(info, times)
+        return _read_decord(decord, info, times, threads)
+    return _read_pyav(info, times, threads)
 
 
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> tuple[np.ndarray, CropBox]:
@@ -327,10 +329,11 @@ def _rotation(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> int:
     return round(degrees / 90) % 4 * 90
 
 
-def _read_pyav(info: VideoInfo, times: np.ndarray, seek: bool = True) -> np.ndarray:
+def _read_pyav(info: VideoInfo, times: np.ndarray, threads: int, seek: bool = True) -> np.ndarray:
     """Nearest decoded frame to each of the ascending ``times``, decoding as little as possible."""
     with _open(info.path) as container:
         stream = _video_stream(info.path, container)
+        stream.thread_count = threads
         lead_in = times[0] - 1.0 / info.fps
         seek = seek and lead_in > info.start_time
         if seek:
@@ -340,7 +343,7 @@ def _read_pyav(info: VideoInfo, times: np.ndarray, seek: bool = True) -> np.ndar
             first = next(timed, None)
             if seek and first is not None and first[0] > times[0] + 0.5 / info.fps:
                 log.debug("%s: seek landed after %.3fs, decoding from the start", info.path, times[0])
-                return _read_pyav(info, times, seek=False)
+                return _read_pyav(info, times, threads, seek=False)
             frames = _nearest_frames(itertools.chain([first] if first else [], timed), times, 1.0 / info.fps)
             # Convert each frame as it is settled into one preallocated array: memory stays at the clip.
             clip = np.empty((len(times), info.height, info.width, 3), dtype=np.uint8)
@@ -408,10 +411,10 @@ def _decord() -> ModuleType | None:
         return None
 
 
-def _read_decord(decord: ModuleType, info: VideoInfo, times: np.ndarray) -> np.ndarray:
+def _read_decord(decord: ModuleType, info: VideoInfo, times: np.ndarray, threads: int) -> np.ndarray:
     indices = np.clip(np.rint((times - info.start_time) * info.fps), 0, info.frame_count - 1).astype(int)
     try:
-        reader = decord.VideoReader(str(info.path), ctx=decord.cpu(0))
+        reader = decord.VideoReader(str(info.path), ctx=decord.cpu(0), num_threads=threads)
         frames = reader.get_batch(indices.tolist()).asnumpy()
     except Exception as err:  # decord raises its own DECORDError and plain RuntimeErrors alike
         raise VideoError(info.path, f"decord could not read it ({err}); {REENCODE_HINT}") from err

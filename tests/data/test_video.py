@@ -243,6 +243,7 @@ def test_decord_is_used_when_present_for_plain_files_only(
     demo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[list[int]] = []
+    threads: list[int] = []
 
     class FakeBatch:
         def __init__(self, frames: np.ndarray) -> None:
@@ -252,7 +253,8 @@ def test_decord_is_used_when_present_for_plain_files_only(
             return self.frames
 
     class FakeReader:
-        def __init__(self, path: str, ctx: object) -> None:
+        def __init__(self, path: str, ctx: object, num_threads: int = 0) -> None:
+            threads.append(num_threads)
             with av.open(path) as container:
                 self.frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
@@ -267,8 +269,11 @@ def test_decord_is_used_when_present_for_plain_files_only(
 
     frames = read_frames(demo_dir / "long_country_drive.mp4", 4, 8, target_fps=12)
     assert calls == [list(range(8, 24, 2))] and frame_indices(frames) == list(range(8, 24, 2))
+    assert threads == [0]  # the decoder's own default unless told
+    read_frames(demo_dir / "long_country_drive.mp4", 0, 5, threads=2)
+    assert threads == [0, 2]
     upright = read_frames(demo_dir / "phone_rotated.mp4", 0, 5)
-    assert len(calls) == 1 and upright.shape == (5, 320, 192, 3)
+    assert len(calls) == 2 and upright.shape == (5, 320, 192, 3)
     assert frame_indices(read_frames(demo_dir / "phone_rotated.mp4", 0, 5, backend="pyav")) == list(range(5))
 
 
