@@ -48,6 +48,7 @@ import math
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -225,7 +226,7 @@ def plot(path: Path, stats: dict, dense: list[float], sparse: list[float], title
     top.plot(steps, stats["dense_moving_average"], color="tab:blue", lw=2.2, label=f"dense, {stats['window']}-step mean")
     top.plot(steps, stats["sparse_moving_average"], color="tab:orange", lw=2.2, label=f"sparse, {stats['window']}-step mean")
     top.set_ylabel("loss")
-    top.set_title(title, fontsize=10)
+    top.set_title(textwrap.fill(title, 110), fontsize=9)
     top.legend(fontsize=8)
     bottom.axhspan(-stats["noise"], stats["noise"], color="0.85", label="+- step noise of one dense loss")
     bottom.plot(steps, stats["diff"], color="tab:red", lw=1.2, marker=".", label="sparse - dense")
