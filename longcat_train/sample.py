@@ -54,6 +54,7 @@ from longcat_data.encode import (
 from longcat_data.shards import CAPTION, COND_IMAGE
 from longcat_data.stream import expand_shard_spec, read_tars
 from longcat_data.video import IMAGE_EXTENSIONS, resize_center_crop
+from longcat_train.attention import warn_if_unavailable
 from longcat_train.loading import load_dit
 from longcat_train.lora import ADAPTER as LORA_ADAPTER
 from longcat_train.lora import load_lora
@@ -312,6 +313,7 @@ class Sampler:
         offload: bool = True,
         vae_tiling: bool = False,
         block_swap: int = 0,
+        attention: str = "sdpa",
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
@@ -325,6 +327,8 @@ class Sampler:
         self.model = model
         dit_home = "cpu" if self.block_swap else self.device
         self.dit: torch.nn.Module = load_dit(model, dtype=self.dtype, device=dit_home).eval().requires_grad_(False)
+        self.dit.config.attention_implementation = attention
+        warn_if_unavailable(attention)
         self.lora: tuple[str, float] | None = None  # the unmerged LoRA and strength now on the DiT
         self.merged: str | None = None
         self.swap: BlockSwap | None = None
@@ -451,6 +455,7 @@ class SampleConfig:
     save_frames: bool = False
     vae_tiling: bool = False
     block_swap: int = 0
+    attention: str = "sdpa"  # block_sparse: ~1.8x faster at 480x832x93, not the computation of the dense model
     device: str | None = None
     serve: bool = False
     host: str = "127.0.0.1"
@@ -505,7 +510,10 @@ def output_paths(output: str | Path, count: int) -> list[Path]:
 def run_sample(config: SampleConfig) -> list[Path]:
     """Make one video per prompt from the start image and write them (plus GIF / frames if asked)."""
     image = check_sample_config(config)
-    sampler = Sampler(config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap)
+    sampler = Sampler(
+        config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap,
+        attention=config.attention,
+    )
     if config.lora:
         sampler.use_lora(config.lora[0], config.lora_strength, merge=True)
     videos = sampler.generate(

@@ -426,6 +426,21 @@ def test_cli_writes_the_videos(tmp_path, caplog: pytest.LogCaptureFixture, capsy
     assert video.shape == (5, 64, 64, 3)
 
 
+def test_cli_block_sparse_attention(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("longcat_kernels")
+    from longcat_train.cli import sample_main
+
+    loaded = []
+    real_load = sample.load_dit
+    monkeypatch.setattr(sample, "load_dit", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    image = _png(tmp_path / "start.png", 80, 96)
+    out = tmp_path / "cat.mp4"
+    argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
+    assert sample_main([*argv, "--steps", "2", "--size", "64x64", "--attention", "block_sparse"]) == 0
+    assert loaded[0].config.attention_implementation == "block_sparse"
+    assert sample.read_mp4(out).shape == (5, 64, 64, 3)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
