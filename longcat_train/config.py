@@ -103,6 +103,8 @@ class TrainConfig:
     fsdp: bool = _f(False, "shard the base model over GPUs with FSDP2 (per block) instead of replicating it")
     musubi_blocks_to_swap: int = _f(0, "DiT blocks kept on block_swap_device and streamed in (needs offload.py)")
     block_swap_device: str = _f("cpu", "where swapped blocks live")
+    offload_activations: bool = _f(False, "keep what autograd saves for backward (with checkpointing: each block's "
+                                   "input) in pinned host memory, copied on a side stream; for 24 GB cards")
     base_model_precision: str = _f("no_change", "no_change, int8-quanto or fp8-torchao base weights (needs quant.py)")
     # -- data loading
     num_workers: int = _f(2, "DataLoader worker processes per GPU (part of the data order)")
@@ -155,6 +157,8 @@ class TrainConfig:
             raise ConfigError("set max_train_steps > 0, or max_train_steps = 0 with num_train_epochs > 0")
         if not 0 <= self.caption_dropout <= 1:
             raise ConfigError(f"caption_dropout = {self.caption_dropout}: a probability in [0, 1]")
+        if self.offload_activations and (self.compile or self.fsdp):
+            raise ConfigError("offload_activations works in eager, unsharded training: turn off compile and fsdp")
         if self.fsdp and self.musubi_blocks_to_swap:
             raise ConfigError("fsdp and musubi_blocks_to_swap do not combine: shard or swap, not both")
 

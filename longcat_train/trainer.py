@@ -132,6 +132,8 @@ def place_model(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
         offload.apply_block_swap(model, cfg.musubi_blocks_to_swap, cfg.block_swap_device, compute_device=d.device)
     elif not cfg.fsdp:
         model.to(d.device)
+    if cfg.offload_activations and (offload := _optional("offload")) is not None:
+        offload.apply_activation_offload(model, compute_device=d.device)
     if cfg.fsdp:
         if not d.enabled:
             log.info("fsdp asked for a single process: nothing to shard")

@@ -280,6 +280,21 @@ def test_fsdp2_two_processes_on_gloo(tiny_shards, tmp_path):
     assert len(weights) == 2 * 8 * 2 and all(v.dim() == 2 for v in weights.values())
 
 
+def test_small_gpu_options_train_the_same_adapter(tiny_shards, tmp_path):
+    """Block swap, activation offload and feed-forward chunks move and regroup work, not the math: the
+    same steps give the same losses (up to matmul rounding) as the plain run."""
+    plain = train(tiny_config(tiny_shards, tmp_path / "plain", max_train_steps=3))
+    small = train(tiny_config(tiny_shards, tmp_path / "small", max_train_steps=3, musubi_blocks_to_swap=1,
+                              offload_activations=True, feed_forward_chunks=2, gradient_checkpointing="full"))
+    assert small.losses.keys() == plain.losses.keys() == {1, 2, 3}
+    assert torch.allclose(torch.tensor(list(small.losses.values())), torch.tensor(list(plain.losses.values())), rtol=1e-5)
+
+
+def test_activation_offload_with_compile_is_refused(tiny_shards, tmp_path):
+    with pytest.raises(ConfigError, match="offload_activations"):
+        tiny_config(tiny_shards, tmp_path, compile=True, offload_activations=True).validate()
+
+
 def test_compile_with_block_swap_is_refused_before_loading(tiny_shards, tmp_path):
     cfg = tiny_config(tiny_shards, tmp_path, compile=True, musubi_blocks_to_swap=1)
     with pytest.raises(ConfigError, match="compile and musubi_blocks_to_swap"):
