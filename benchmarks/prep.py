@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _synthetic import created_on  # benchmarks/_synthetic.py
 from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 
@@ -63,18 +64,12 @@ def write_sources(directory: Path, count: int, height: int, width: int, frames: 
 def build_encoders(small: bool, text_encoder: str, device: torch.device, dtype: torch.dtype) -> cli.Encoders:
     tokenizer = encode.tiny_tokenizer()
     model = None
-    # Random init directly in the target dtype on the device: 5.7B parameters in fp32 on a CPU is slow.
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            vae = (encode.tiny_vae() if small else AutoencoderKLWan()).eval().requires_grad_(False)
-            if text_encoder != "none":
-                tiny = dict(encode.TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
-                config = UMT5Config(**(tiny if text_encoder == "tiny" else UMT5_XXL))
-                model = UMT5EncoderModel(config).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(default)
+    with created_on(device, dtype):
+        vae = (encode.tiny_vae() if small else AutoencoderKLWan()).eval().requires_grad_(False)
+        if text_encoder != "none":
+            tiny = dict(encode.TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
+            config = UMT5Config(**(tiny if text_encoder == "tiny" else UMT5_XXL))
+            model = UMT5EncoderModel(config).eval().requires_grad_(False)
     return cli.Encoders(vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"})
 
 

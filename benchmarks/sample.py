@@ -19,10 +19,9 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
+from _synthetic import created_on  # benchmarks/_synthetic.py
 from diffusers import AutoencoderKLWan
 
 from longcat_data.buckets import latent_frames
@@ -36,21 +35,11 @@ log = logging.getLogger("benchmarks.sample")
 PROMPT_TOKENS = 160
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_dit(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> LongCatVideoTransformer:
     # Built directly on the device in the target dtype: an fp32 copy of the full model (54 GB) first
     # would not fit next to the bf16 one.
     torch.manual_seed(0)
-    with torch.device(device), default_dtype(dtype):
+    with created_on(device, dtype):
         model = LongCatVideoTransformer(config)
     return model.eval().requires_grad_(False)
 
@@ -99,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    with torch.device(device), default_dtype(dtype):
+    with created_on(device, dtype):
         # AutoencoderKLWan's default config is the Wan2.1 VAE's.
         vae = tiny_vae() if args.quick else AutoencoderKLWan()
     vae.eval().requires_grad_(False)

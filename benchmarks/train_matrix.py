@@ -113,6 +113,8 @@ def matrix(args: argparse.Namespace) -> list[Cell]:
 
 def build(cell: Cell, setup: Setup):
     """The model with its LoRA adapter, placed (swapped or not), and the AdamW over the adapter."""
+    from _synthetic import created_on  # benchmarks/_synthetic.py
+
     from longcat_train.config import DEFAULT_LORA_TARGETS
     from longcat_train.lora import apply_lora
     from longcat_train.model import DiTConfig, LongCatVideoTransformer
@@ -123,11 +125,8 @@ def build(cell: Cell, setup: Setup):
     quick = dataclasses.replace(DiTConfig.tiny(), depth=setup.depth, text_max_length=64)
     config = quick if setup.quick else DiTConfig.full()
     torch.manual_seed(0)
-    # Built in bf16 straight on the device: random init there takes seconds, not the minutes of a host init.
-    torch.set_default_dtype(torch.bfloat16)
-    with setup.device:
+    with created_on(setup.device, torch.bfloat16):
         model = LongCatVideoTransformer(config)
-    torch.set_default_dtype(torch.float32)
     model.gradient_checkpointing = setup.checkpointing
     quantize_base(model, cell.precision)
     model = apply_lora(model, rank=8, targets=list(DEFAULT_LORA_TARGETS))
