@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="compile our block step (the naive step runs after, compiled too)")
     parser.add_argument("--profile", action="store_true", help="one more step of ours under the torch profiler")
     parser.add_argument("--no-naive", dest="naive", action="store_false", help="measure ours only")
+    parser.add_argument("--fp8-matmuls", action="store_true",
+                        help="float8 matmuls for the frozen base linears (longcat_train.quant.use_fp8_matmuls); "
+                             "measures ours only")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -143,6 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = trainer.weight_dtype(cfg, device)
 
     model = build_model(config, device, dtype)
+    if args.fp8_matmuls:
+        from longcat_train.quant import use_fp8_matmuls
+
+        use_fp8_matmuls(model)
+        args.naive = False  # the naive step's base weight gradients do not exist with float8 matmuls
     model.get_base_model().gradient_checkpointing = args.checkpointing
     if args.compile:
         model.get_base_model().compile_blocks()
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"dit": "tiny" if args.quick else "full", "latent_shape": [config.in_channels, T, H, W],
                    "tokens": T * (H // 2) * (W // 2), "batch": 1, "lora_rank": 8, "attention": args.attention,
                    "weights": str(dtype).removeprefix("torch."), "num_workers": args.num_workers,
-                   "steps": args.steps, "warmup": args.warmup, "compiled": args.compile},
+                   "steps": args.steps, "warmup": args.warmup, "compiled": args.compile,
+                   "fp8_matmuls": args.fp8_matmuls},
         "ours": ours,
     }
     if naive is not None:

@@ -10,6 +10,11 @@ and a torchao float8 weight with its torchao dispatcher; both pass gradients to 
 LoRA factor below a quantised layer learns. Weight-only means each matmul dequantises the weight to the
 activation dtype and runs in bf16: memory halves, arithmetic is unchanged. Quantise before or after LoRA
 injection (adapter layers are never quantised), and before :func:`longcat_train.offload.apply_block_swap`.
+
+:func:`use_fp8_matmuls` is the other way round: weights stay in bf16, and the matmuls of those same linears
+run in float8 (one scale per row of each operand), the forward and the input gradient alike: arithmetic
+changes, memory does not. Not yet measured on a GPU, so not a trainer option yet
+(``benchmarks/train_step.py --fp8-matmuls``).
 """
 
 from __future__ import annotations
@@ -104,3 +109,74 @@ def quantize_base(model: nn.Module, precision: str, *, device: torch.device | st
         count += len(names)
     logger.info("base_model_precision=%s: quantised %d linears in %d blocks", precision, count, len(blocks))
     return model
+
+
+# ---------------------------------------------------------------- float8 matmuls
+
+_FP8 = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(_FP8).max
+
+
+def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[rows, cols]`` -> its float8 values, each row scaled to the format's range, and the float32
+    ``[rows, 1]`` factors that undo the scaling (what ``torch._scaled_mm`` takes)."""
+    amax = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    scale = _FP8_MAX / amax
+    return (t.float() * scale).clamp(-_FP8_MAX, _FP8_MAX).to(_FP8), scale.reciprocal()
+
+
+class _FrozenFp8Matmul(torch.autograd.Function):
+    """``x @ weight.T`` in float8 for a frozen ``weight``: its backward computes the input gradient only
+    (torchao's ``Float8Linear`` also computes a weight gradient, one more GEMM per layer for nothing)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        xq, x_scale = _rowwise_fp8(x)
+        wq, w_scale = _rowwise_fp8(weight)
+        ctx.save_for_backward(weight)
+        # _scaled_mm wants its second operand column-major: the transpose of a row-major weight is.
+        return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        gq, g_scale = _rowwise_fp8(grad.contiguous())
+        # grad @ weight: scales per column of the weight, i.e. per row of its transpose.
+        wq, w_scale = _rowwise_fp8(weight.t().contiguous())
+        return torch._scaled_mm(gq, wq.t(), scale_a=g_scale, scale_b=w_scale.t(), out_dtype=grad.dtype), None
+
+
+class Fp8MatmulLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose matmul runs in float8 with one scale per row of each operand; the
+    parameters (and their names) are those of the layer it replaces."""
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear) -> Fp8MatmulLinear:
+        if linear.weight.requires_grad:
+            raise ValueError("float8 matmuls are for frozen base weights: this linear's weight is trainable")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _FrozenFp8Matmul.apply(x.reshape(-1, self.in_features), self.weight)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def use_fp8_matmuls(model: nn.Module) -> int:
+    """Run the frozen block linears of `model` (those :func:`quantize_base` would quantise) with float8
+    matmuls, in place; LoRA layers stay as they are. Returns how many linears changed."""
+    count = 0
+    for block in _blocks(model):
+        for name in list(_targets(block)):
+            linear = block.get_submodule(name)
+            if type(linear) is not nn.Linear:
+                raise ValueError(f"{name} is a {type(linear).__name__}: float8 matmuls need a bf16 base, not a quantised one")
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent), attr, Fp8MatmulLinear.replacing(linear))
+            count += 1
+    logger.info("float8 matmuls for %d frozen linears in %d blocks", count, len(_blocks(model)))
+    return count

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
-from longcat_train.quant import quantize_base
+from longcat_train.quant import Fp8MatmulLinear, quantize_base, use_fp8_matmuls
 
 LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2"]
 QUANTISED = [
@@ -136,3 +136,58 @@ def test_gpu_quantise_on_device(precision: str) -> None:
     out.float().square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert block_bytes(model) < 0.7 * block_bytes(make_model())
+
+
+# ---------------------------------------------------------------- float8 matmuls
+
+
+def test_fp8_matmul_linear_forward_and_input_gradient() -> None:
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(64, 48).requires_grad_(False)
+    fp8 = Fp8MatmulLinear.replacing(linear)
+    assert fp8.weight is linear.weight and fp8.bias is linear.bias  # same parameters, nothing copied
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = fp8(x), linear(x_ref)
+    assert out.shape == ref.shape and 0 < rel_error(out, ref) < 0.06  # float8 e4m3, one scale per row
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    assert 0 < rel_error(x.grad, x_ref.grad) < 0.06
+    assert linear.weight.grad is None
+    with pytest.raises(ValueError, match="frozen"):
+        Fp8MatmulLinear.replacing(torch.nn.Linear(64, 48))
+
+
+def test_fp8_matmuls_under_lora() -> None:
+    model = make_model()
+    reference = run(add_lora(make_model())).detach()
+    model = add_lora(model)
+    names = sorted(n for n, _ in model.named_parameters())
+    assert use_fp8_matmuls(model) == 8 * 3  # qkv, proj, q, kv, cross proj, w1, w2, w3 in 3 blocks
+    assert sorted(n for n, _ in model.named_parameters()) == names  # state-dict names unchanged
+    assert isinstance(model.blocks[0].attn.qkv.base_layer, Fp8MatmulLinear)
+    assert type(model.blocks[0].attn.qkv.lora_A["default"]) is torch.nn.Linear  # LoRA stays as it is
+    out = run(model)
+    assert 0 < rel_error(out, reference) < 0.05
+    out.float().square().mean().backward()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_fp8_matmuls_refuse_a_quantised_base() -> None:
+    pytest.importorskip("optimum.quanto")
+    with pytest.raises(ValueError, match="quantised"):
+        use_fp8_matmuls(quantize_base(make_model(), "int8-quanto"))
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_matmuls() -> None:
+    # torch._scaled_mm on CUDA is stricter than on the CPU (operand layouts, scale shapes, sm89+).
+    reference = run(add_lora(make_model("cuda")), "cuda").detach()
+    model = add_lora(make_model("cuda"))
+    use_fp8_matmuls(model)
+    out = run(model, "cuda")
+    assert 0 < rel_error(out, reference) < 0.05
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
