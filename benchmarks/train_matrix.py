@@ -231,7 +231,7 @@ def run_group(cells: list[Cell], setup: Setup, timeout: float) -> list[dict[str,
     cmd += ["--quick"] if setup.quick else []
     try:
         # As longcat-train sets it: without expandable segments the allocator strands GBs under the cap.
-        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         stdout, stderr, status = proc.stdout, proc.stderr, f"crashed (exit {proc.returncode})"
     except subprocess.TimeoutExpired as err:

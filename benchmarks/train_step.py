@@ -37,6 +37,7 @@ from _synthetic import build_model, write_shard  # benchmarks/_synthetic.py
 
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
 from longcat_train import trainer
+from longcat_train.attention import IMPLEMENTATIONS
 from longcat_train.config import TrainConfig
 from longcat_train.model import DiTConfig
 from longcat_train.parallel import Dist
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--checkpointing", default="selective", choices=("selective", "full", "none"))
-    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers", "block_sparse"))
+    parser.add_argument("--attention", default="sdpa", choices=IMPLEMENTATIONS)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--compile", action="store_true", help="compile our block step (the naive step runs after, compiled too)")
     parser.add_argument("--profile", action="store_true", help="one more step of ours under the torch profiler")

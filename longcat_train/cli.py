@@ -55,6 +55,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def sample_parser() -> argparse.ArgumentParser:
+    from longcat_train.attention import IMPLEMENTATIONS
     from longcat_train.sample import SampleConfig
 
     d = SampleConfig.__dataclass_fields__
@@ -92,7 +93,7 @@ def sample_parser() -> argparse.ArgumentParser:
         help="keep the last N DiT blocks in host memory and stream them in (GPUs smaller than the model)",
     )  # fmt: skip
     parser.add_argument(
-        "--attention", choices=("sdpa", "xformers", "block_sparse"), default=d["attention"].default,
+        "--attention", choices=IMPLEMENTATIONS, default=d["attention"].default,
         help="DiT self-attention: sdpa (dense, as the model was trained) or block_sparse (our kernel at 1/16 "
              "density: 149 s instead of 266 s for 480x832x93 on an H100, a different computation; judge by eye)",
     )  # fmt: skip

@@ -169,8 +169,9 @@ class Fp8MatmulLinear(nn.Linear):
 def use_fp8_matmuls(model: nn.Module) -> int:
     """Run the frozen block linears of `model` (those :func:`quantize_base` would quantise) with float8
     matmuls, in place; LoRA layers stay as they are. Returns how many linears changed."""
+    blocks = _blocks(model)
     count = 0
-    for block in _blocks(model):
+    for block in blocks:
         for name in list(_targets(block)):
             linear = block.get_submodule(name)
             if type(linear) is not nn.Linear:
@@ -178,5 +179,5 @@ def use_fp8_matmuls(model: nn.Module) -> int:
             parent, _, attr = name.rpartition(".")
             setattr(block.get_submodule(parent), attr, Fp8MatmulLinear.replacing(linear))
             count += 1
-    logger.info("float8 matmuls for %d frozen linears in %d blocks", count, len(_blocks(model)))
+    logger.info("float8 matmuls for %d frozen linears in %d blocks", count, len(blocks))
     return count

@@ -333,6 +333,14 @@ class Sampler:
         self.merged: str | None = None
         self.swap: BlockSwap | None = None
 
+    @classmethod
+    def from_config(cls, config: SampleConfig) -> Sampler:
+        """The models ``longcat-sample`` (once, or behind the preview page) loads for ``config``."""
+        return cls(
+            config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap,
+            attention=config.attention,
+        )
+
     def use_lora(self, path: str | None, strength: float = 1.0, *, merge: bool = False) -> None:
         """Sample with the LoRA file at ``path`` (ours or the official format; None: the base model), its
         update scaled by ``strength``.
@@ -510,10 +518,7 @@ def output_paths(output: str | Path, count: int) -> list[Path]:
 def run_sample(config: SampleConfig) -> list[Path]:
     """Make one video per prompt from the start image and write them (plus GIF / frames if asked)."""
     image = check_sample_config(config)
-    sampler = Sampler(
-        config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap,
-        attention=config.attention,
-    )
+    sampler = Sampler.from_config(config)
     if config.lora:
         sampler.use_lora(config.lora[0], config.lora_strength, merge=True)
     videos = sampler.generate(

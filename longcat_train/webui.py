@@ -316,10 +316,7 @@ def sampler_generate(sampler: Sampler, config: SampleConfig) -> GenerateFn:
 def serve_sampler(config: SampleConfig) -> None:
     """``longcat-sample --serve``: load the models once, then serve the page until interrupted."""
     check_sample_config(config)
-    sampler = Sampler(
-        config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap,
-        attention=config.attention,
-    )
+    sampler = Sampler.from_config(config)
     app = create_app(
         sampler_generate(sampler, config),
         output_dir=config.serve_dir,
