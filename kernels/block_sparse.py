@@ -136,6 +136,37 @@ def _select_kernel(
 
 
 @triton.jit
+def _query_program(
+    Q, K, V, INDICES, COUNTS, TILE_TOKENS,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
+    H, N_TILES, WIDTH,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    """What the forward and dq programs start from: batch b, head h, this head's K and V, the query tile's
+    row of the selection (and its key-tile list and count), its token rows and its q."""
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    row = bh * N_TILES + q_tile
+    q_rows = _tile_rows(TILE_TOKENS, q_tile, TILE)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, HEAD_DIM)
+    selected = INDICES + row.to(tl.int64) * WIDTH
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    return b, h, K, V, row, selected, tl.load(COUNTS + row), q_rows, q
+
+
+@triton.jit
+def _selected_keys(
+    K, V, selected, i, TILE_TOKENS, stride_kn, stride_vn, HEAD_DIM: tl.constexpr, TILE: tl.constexpr
+):  # fmt: skip
+    """The i-th selected key tile: its token rows (-1 for empty slots), k and v."""
+    kv_rows = _tile_rows(TILE_TOKENS, tl.load(selected + i), TILE)
+    return kv_rows, _load_rows(K, kv_rows, stride_kn, HEAD_DIM), _load_rows(V, kv_rows, stride_vn, HEAD_DIM)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, INDICES, COUNTS, TILE_TOKENS,
     qk_scale,
@@ -146,25 +177,15 @@ def _fwd_kernel(
     H, N_TILES, WIDTH,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    q_tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    row = bh * N_TILES + q_tile
-    selected = INDICES + row.to(tl.int64) * WIDTH
-    count = tl.load(COUNTS + row)
-
-    q_rows = _tile_rows(TILE_TOKENS, q_tile, TILE)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, HEAD_DIM)
+    b, h, K, V, row, selected, count, q_rows, q = _query_program(
+        Q, K, V, INDICES, COUNTS, TILE_TOKENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+        stride_vb, stride_vh, H, N_TILES, WIDTH, HEAD_DIM, TILE,
+    )  # fmt: skip
     m_i = tl.full([TILE], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TILE], dtype=tl.float32)
     acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     for i in range(count):
-        kv_rows = _tile_rows(TILE_TOKENS, tl.load(selected + i), TILE)
-        k = _load_rows(K, kv_rows, stride_kn, HEAD_DIM)
-        v = _load_rows(V, kv_rows, stride_vn, HEAD_DIM)
+        kv_rows, k, v = _selected_keys(K, V, selected, i, TILE_TOKENS, stride_kn, stride_vn, HEAD_DIM, TILE)
         # empty key slots must not enter the normaliser; every selected tile has at least one real
         # token, so no row is all -inf and m_i is finite after the first step
         s = tl.where(kv_rows[None, :] >= 0, tl.dot(q, tl.trans(k)), float("-inf"))
@@ -193,18 +214,10 @@ def _dq_kernel(
     H, N_TILES, WIDTH,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    q_tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    row = bh * N_TILES + q_tile
-    selected = INDICES + row.to(tl.int64) * WIDTH
-    count = tl.load(COUNTS + row)
-
-    q_rows = _tile_rows(TILE_TOKENS, q_tile, TILE)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, HEAD_DIM)
+    b, h, K, V, row, selected, count, q_rows, q = _query_program(
+        Q, K, V, INDICES, COUNTS, TILE_TOKENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+        stride_vb, stride_vh, H, N_TILES, WIDTH, HEAD_DIM, TILE,
+    )  # fmt: skip
     do = _load_rows(DO + b * stride_gb + h * stride_gh, q_rows, stride_gn, HEAD_DIM)
     o = _load_rows(OUT + b * stride_ob + h * stride_oh, q_rows, stride_on, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -213,9 +226,7 @@ def _dq_kernel(
     lse = tl.load(LSE + stats)
     dq = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
     for i in range(count):
-        kv_rows = _tile_rows(TILE_TOKENS, tl.load(selected + i), TILE)
-        k = _load_rows(K, kv_rows, stride_kn, HEAD_DIM)
-        v = _load_rows(V, kv_rows, stride_vn, HEAD_DIM)
+        _, k, v = _selected_keys(K, V, selected, i, TILE_TOKENS, stride_kn, stride_vn, HEAD_DIM, TILE)
         # empty key slots need no mask here: their k rows are zero, so they add nothing to dq
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
