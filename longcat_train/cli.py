@@ -16,6 +16,13 @@ def _one_line(err: BaseException) -> str:
     return last.split(": ", 1)[1] if len(lines) > 1 and ": " in last else last
 
 
+def _is_user_error(err: BaseException) -> bool:
+    from longcat_data.stream import ShardError
+    from longcat_train.config import ConfigError
+
+    return isinstance(err, (ConfigError, ShardError, FileNotFoundError))
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``longcat-train``: parse flags (and --config), train, print user errors as one line (exit 2)."""
     # Buckets change tensor shapes from step to step and block swap streams weights in and out: without
@@ -29,14 +36,18 @@ def train_main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from longcat_data.stream import ShardError
-    from longcat_train.config import ConfigError, parse_args
-    from longcat_train.trainer import train
+    from longcat_train.config import parse_args
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, ShardError, FileNotFoundError)
     try:
-        train(parse_args(argv))
-    except user_errors as err:
+        cfg = parse_args(argv)
+        # Imported after parsing, so that --help and flag errors answer at once, without the model and data
+        # stack's imports (diffusers, peft, torchao) and their warnings.
+        from longcat_train.trainer import train
+
+        train(cfg)
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         print(f"longcat-train: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

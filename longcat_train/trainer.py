@@ -116,14 +116,20 @@ def build_model(cfg: TrainConfig, d: Dist) -> nn.Module:
     base.gradient_checkpointing = cfg.gradient_checkpointing
     base.feed_forward_chunks = cfg.feed_forward_chunks
     if cfg.compile:
-        base.compile_blocks()
+        base.compile_blocks(**({"options": {"coordinate_descent_tuning": True}} if cfg.compile_tune else {}))
     if cfg.base_model_precision != "no_change" and (quant := _optional("quant")) is not None:
         quant.quantize_base(base, cfg.base_model_precision, device=None if on_host else d.device)
     with torch.random.fork_rng(devices=[]):
         # LoRA init draws from its own seed: the same adapter on every rank, whatever ran before.
         torch.manual_seed(cfg.seed)
-        return lora.apply_lora(base, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                               targets=cfg.lora_targets)
+        model = lora.apply_lora(base, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                targets=cfg.lora_targets)
+    if cfg.fp8_matmuls:
+        from longcat_train.quant import check_fp8_matmuls, use_fp8_matmuls
+
+        check_fp8_matmuls(d.device)
+        use_fp8_matmuls(model)
+    return model
 
 
 def place_model(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:

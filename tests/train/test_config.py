@@ -141,6 +141,8 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"optimizer": "sgd"}, "optimizer"),
         ({"max_train_steps": 0}, "num_train_epochs"),
         ({"fsdp": True, "musubi_blocks_to_swap": 2}, "fsdp"),
+        ({"compile_tune": True}, "compile_tune"),
+        ({"fp8_matmuls": True, "base_model_precision": "int8-quanto"}, "fp8_matmuls"),
     ],
 )
 def test_validate_errors(kw, message):

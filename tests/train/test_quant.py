@@ -9,8 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
+from longcat_train.config import ConfigError
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
-from longcat_train.quant import Fp8MatmulLinear, quantize_base, use_fp8_matmuls
+from longcat_train.quant import Fp8MatmulLinear, check_fp8_matmuls, quantize_base, use_fp8_matmuls
 
 LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2"]
 QUANTISED = [
@@ -179,6 +180,16 @@ def test_fp8_matmuls_refuse_a_quantised_base() -> None:
     pytest.importorskip("optimum.quanto")
     with pytest.raises(ValueError, match="quantised"):
         use_fp8_matmuls(quantize_base(make_model(), "int8-quanto"))
+
+
+def test_fp8_matmuls_refuse_a_gpu_without_float8_tensor_cores(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match="A100.*8.0.*turn fp8_matmuls off"):
+        check_fp8_matmuls(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_matmuls(torch.device("cuda"))
+    check_fp8_matmuls(torch.device("cpu"))
 
 
 @pytest.mark.gpu
