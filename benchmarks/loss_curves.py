@@ -1,16 +1,23 @@
-"""Dense vs block-sparse attention: the same LoRA trained twice, loss curves side by side.
+"""Two ways to run the same LoRA training, loss curves side by side: dense vs block-sparse attention, or
+bf16 vs float8 matmuls.
 
-    python benchmarks/loss_curves.py --depth 12 --compile            # GPU: ~4 min on an H100
-    python benchmarks/loss_curves.py --compile                       # GPU: full 48 blocks, ~15 min
-    python benchmarks/loss_curves.py --quick                         # CPU: tiny model, ~1 min
+    python benchmarks/loss_curves.py --depth 12 --compile                          # GPU: ~4 min on an H100
+    python benchmarks/loss_curves.py --depth 12 --compile --compare fp8-matmuls    # block-sparse, bf16 vs fp8
+    python benchmarks/loss_curves.py --compile                                     # GPU: full 48 blocks, ~15 min
+    python benchmarks/loss_curves.py --quick                                       # CPU: tiny model, ~1 min
 
 One model, trained twice from the same start: LoRA weights restored to their initial values, a fresh
 AdamW, the same seed for the noise / sigma generator and the process RNGs, and a fresh loader over the same
 shard with the same seed, so both runs see the same clips in the same order with the same noise and
 sigma draws (checked: the clip keys and the generator state after every step must be equal, else the
-script fails). The only difference: ``attention_implementation`` ``sdpa`` (dense) in the first run,
-``block_sparse`` (``longcat_kernels``, default density 1/16 of the key blocks, 4x4x4 blocks) in the
-second. Each step is the trainer's own ``trainer.train_step`` (bf16 autocast on CUDA, selective
+script fails). The only difference, by ``--compare``:
+
+- ``attention`` (default): ``attention_implementation`` ``sdpa`` (dense, the reference) in the first run,
+  ``block_sparse`` (``longcat_kernels``, default density 1/16 of the key blocks, 4x4x4 blocks) in the second.
+- ``fp8-matmuls``: block-sparse attention in both; the second run computes the frozen base linears in
+  float8 (``longcat_train.quant.use_fp8_matmuls``, the trainer's ``fp8_matmuls``), the first in bf16.
+
+Each step is the trainer's own ``trainer.train_step`` (bf16 autocast on CUDA, selective
 checkpointing, gradient clipping 1.0, constant ``--lr``: 1e-4, the trainer's default; 1e-3 with ``--quick``,
 where the tiny model's loss hardly moves at 1e-4 within 50 steps).
 
@@ -31,12 +38,12 @@ under the expanded block mask): the same masked math as the Triton kernel, so st
 
 Writes to ``--out`` (default ``runs/loss_curves``): ``loss_curves.json`` (both per-step loss lists, their
 differences, moving averages, grad norms, step times, the statistics below) and ``loss_curves.png``.
-Statistics: ``noise`` = the step-to-step noise of one dense loss, std(dense[i+1] - dense[i]) / sqrt(2)
-(each step draws its own sigma and noise, so single losses scatter a lot); ``mean_abs_diff`` = mean over
-steps of |sparse - dense|; their ratio; the Pearson correlation of the two curves; the largest gap between
-their moving averages (``--window`` steps) against the noise of such an average, noise / sqrt(window).
-Verdict ``within_noise``: mean |sparse - dense| < noise and the largest moving-average gap < 2 x
-noise / sqrt(window). Prints the JSON document.
+Statistics (reference = the first run, candidate = the second): ``noise`` = the step-to-step noise of one
+reference loss, std(ref[i+1] - ref[i]) / sqrt(2) (each step draws its own sigma and noise, so single losses
+scatter a lot); ``mean_abs_diff`` = mean over steps of |candidate - reference|; their ratio; the Pearson
+correlation of the two curves; the largest gap between their moving averages (``--window`` steps) against
+the noise of such an average, noise / sqrt(window). Verdict ``within_noise``: mean |candidate - reference|
+< noise and the largest moving-average gap < 2 x noise / sqrt(window). Prints the JSON document.
 """
 
 from __future__ import annotations
@@ -61,8 +68,13 @@ from longcat_train import lora, trainer
 from longcat_train.config import TrainConfig
 from longcat_train.model import DiTConfig
 from longcat_train.parallel import Dist
+from longcat_train.quant import use_fp8_matmuls
 
-RUNS = (("dense", "sdpa"), ("sparse", "block_sparse"))
+# --compare -> (reference, candidate), each (label, attention, float8 matmuls).
+COMPARISONS: dict[str, tuple[tuple[str, str, bool], tuple[str, str, bool]]] = {
+    "attention": (("dense", "sdpa", False), ("sparse", "block_sparse", False)),
+    "fp8-matmuls": (("bf16", "block_sparse", False), ("fp8", "block_sparse", True)),
+}
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
@@ -101,8 +113,7 @@ def rng_digest(generator: torch.Generator) -> str:
 def train_run(name: str, attention: str, model: torch.nn.Module, initial: dict[str, torch.Tensor], shard: Path,
               cfg: TrainConfig, d: Dist, steps: int) -> dict:
     """``steps`` optimizer steps from the initial LoRA with ``attention``; the per-step record."""
-    base = model.get_base_model()
-    base.config.attention_implementation = attention
+    model.get_base_model().config.attention_implementation = attention
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for n, p in params.items():
@@ -161,9 +172,9 @@ def moving_average(x: np.ndarray, window: int) -> np.ndarray:
     return (c[i] - c[lo]) / (i - lo)
 
 
-def compare(dense: list[float], sparse: list[float], window: int) -> dict:
+def compare(reference: list[float], candidate: list[float], window: int) -> dict:
     """Per-step differences and the "within noise" statistics (see the module docstring)."""
-    a, b = np.asarray(dense, dtype=np.float64), np.asarray(sparse, dtype=np.float64)
+    a, b = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
     diff = b - a
     n = len(a)
     ma_a, ma_b = moving_average(a, window), moving_average(b, window)
@@ -175,8 +186,8 @@ def compare(dense: list[float], sparse: list[float], window: int) -> dict:
     return {
         "steps": n,
         "diff": diff.tolist(),
-        "dense_moving_average": ma_a.tolist(),
-        "sparse_moving_average": ma_b.tolist(),
+        "reference_moving_average": ma_a.tolist(),
+        "candidate_moving_average": ma_b.tolist(),
         "window": window,
         "noise": noise,
         "mean_abs_diff": mean_abs,
@@ -188,48 +199,49 @@ def compare(dense: list[float], sparse: list[float], window: int) -> dict:
         "correlation": corr,
         "max_moving_average_gap": ma_gap,
         "max_moving_average_gap_over_its_noise": ma_gap / ma_noise,
-        "dense_first_last_window": [float(a[:window].mean()), float(a[-window:].mean())],
-        "sparse_first_last_window": [float(b[:window].mean()), float(b[-window:].mean())],
+        "reference_first_last_window": [float(a[:window].mean()), float(a[-window:].mean())],
+        "candidate_first_last_window": [float(b[:window].mean()), float(b[-window:].mean())],
         "within_noise": bool(mean_abs < noise and ma_gap < 2 * ma_noise),
     }
 
 
-def lora_distance(initial: dict, dense: dict, sparse: dict) -> dict:
+def lora_distance(initial: dict, reference: dict, candidate: dict) -> dict:
     """How far the two trained adapters are apart, relative to how far training moved them."""
     def norm(tensors):
         return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
-    moved = norm(dense[n] - initial[n].float().cpu() for n in dense)
-    apart = norm(sparse[n] - dense[n] for n in dense)
-    return {"dense_update_norm": moved, "sparse_minus_dense_norm": apart,
+    moved = norm(reference[n] - initial[n].float().cpu() for n in reference)
+    apart = norm(candidate[n] - reference[n] for n in reference)
+    return {"reference_update_norm": moved, "candidate_minus_reference_norm": apart,
             "relative": apart / moved if moved > 0 else float("nan")}
 
 
 # ---------------------------------------------------------------- figure
 
 
-def plot(path: Path, stats: dict, dense: list[float], sparse: list[float], title: str) -> str:
-    """Two panels: both loss curves (raw and moving average), and sparse - dense with the +-noise band.
+def plot(path: Path, stats: dict, ref: list[float], cand: list[float], labels: tuple[str, str], title: str) -> str:
+    """Two panels: both loss curves (raw and moving average), and candidate - reference with the +-noise band.
     matplotlib when installed, else a PIL line drawing. Returns which one drew it."""
     try:
         import matplotlib
     except ImportError:
-        _plot_pil(path, stats, dense, sparse, title)
+        _plot_pil(path, stats, ref, cand, labels, title)
         return "pil"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = np.arange(1, len(dense) + 1)
+    steps = np.arange(1, len(ref) + 1)
+    a, b = labels
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=(2, 1))
-    top.plot(steps, dense, color="tab:blue", lw=0.8, alpha=0.5, label="dense (sdpa)")
-    top.plot(steps, sparse, color="tab:orange", lw=0.8, alpha=0.5, label="sparse (block_sparse)")
-    top.plot(steps, stats["dense_moving_average"], color="tab:blue", lw=2.2, label=f"dense, {stats['window']}-step mean")
-    top.plot(steps, stats["sparse_moving_average"], color="tab:orange", lw=2.2, label=f"sparse, {stats['window']}-step mean")
+    top.plot(steps, ref, color="tab:blue", lw=0.8, alpha=0.5, label=a)
+    top.plot(steps, cand, color="tab:orange", lw=0.8, alpha=0.5, label=b)
+    top.plot(steps, stats["reference_moving_average"], color="tab:blue", lw=2.2, label=f"{a}, {stats['window']}-step mean")
+    top.plot(steps, stats["candidate_moving_average"], color="tab:orange", lw=2.2, label=f"{b}, {stats['window']}-step mean")
     top.set_ylabel("loss")
     top.set_title(textwrap.fill(title, 110), fontsize=9)
     top.legend(fontsize=8)
-    bottom.axhspan(-stats["noise"], stats["noise"], color="0.85", label="+- step noise of one dense loss")
-    bottom.plot(steps, stats["diff"], color="tab:red", lw=1.2, marker=".", label="sparse - dense")
+    bottom.axhspan(-stats["noise"], stats["noise"], color="0.85", label=f"+- step noise of one {a} loss")
+    bottom.plot(steps, stats["diff"], color="tab:red", lw=1.2, marker=".", label=f"{b} - {a}")
     bottom.axhline(0, color="k", lw=0.6)
     bottom.set_xlabel("step")
     bottom.set_ylabel("difference")
@@ -240,7 +252,7 @@ def plot(path: Path, stats: dict, dense: list[float], sparse: list[float], title
     return "matplotlib"
 
 
-def _plot_pil(path: Path, stats: dict, dense: list[float], sparse: list[float], title: str) -> None:
+def _plot_pil(path: Path, stats: dict, ref: list[float], cand: list[float], labels: tuple[str, str], title: str) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     W, H, left, right = 1100, 760, 90, 30
@@ -250,7 +262,8 @@ def _plot_pil(path: Path, stats: dict, dense: list[float], sparse: list[float], 
     draw = ImageDraw.Draw(img)
     blue, orange, red, grey = (31, 119, 180), (255, 127, 14), (214, 39, 40), (225, 225, 225)
     light_blue, light_orange = (165, 200, 228), (255, 200, 150)
-    n = len(dense)
+    n = len(ref)
+    a, b = labels
     draw.text((left, 8), title, fill="black", font=font)
 
     def panel(top: int, bottom: int, lo: float, hi: float, ylabel: str):
@@ -274,23 +287,23 @@ def _plot_pil(path: Path, stats: dict, dense: list[float], sparse: list[float], 
         draw.line([xy(i, v) for i, v in enumerate(values)], fill=color, width=width, joint="curve")
 
     # Top: losses.
-    values = [*dense, *sparse]
+    values = [*ref, *cand]
     xy = panel(58, 470, min(values), max(values), "loss")
-    line(xy, dense, light_blue, 1)
-    line(xy, sparse, light_orange, 1)
-    line(xy, stats["dense_moving_average"], blue, 3)
-    line(xy, stats["sparse_moving_average"], orange, 3)
-    legend = [(light_blue, "dense (sdpa), per step"), (light_orange, "sparse (block_sparse), per step"),
-              (blue, f"dense, {stats['window']}-step mean"), (orange, f"sparse, {stats['window']}-step mean")]
+    line(xy, ref, light_blue, 1)
+    line(xy, cand, light_orange, 1)
+    line(xy, stats["reference_moving_average"], blue, 3)
+    line(xy, stats["candidate_moving_average"], orange, 3)
+    legend = [(light_blue, f"{a}, per step"), (light_orange, f"{b}, per step"),
+              (blue, f"{a}, {stats['window']}-step mean"), (orange, f"{b}, {stats['window']}-step mean")]
     for k, (color, text) in enumerate(legend):
         y = 70 + 18 * k
         draw.line((W - right - 300, y, W - right - 270, y), fill=color, width=3)
         draw.text((W - right - 262, y), text, fill="black", font=small, anchor="lm")
 
-    # Bottom: the difference, inside the band of one dense loss's step noise.
+    # Bottom: the difference, inside the band of one reference loss's step noise.
     diff, noise = stats["diff"], stats["noise"]
     span = max(noise, *(abs(v) for v in diff))
-    xy = panel(510, 700, -span, span, "sparse - dense")
+    xy = panel(510, 700, -span, span, f"{b} - {a}")
     (x0, y_hi), (x1, y_lo) = xy(0, noise), xy(n - 1, -noise)
     draw.rectangle((x0, y_hi, x1, y_lo), fill=grey)
     draw.line((*xy(0, 0.0), *xy(n - 1, 0.0)), fill="black")
@@ -298,7 +311,7 @@ def _plot_pil(path: Path, stats: dict, dense: list[float], sparse: list[float], 
     for i, v in enumerate(diff):
         x, y = xy(i, v)
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=red)
-    draw.text((left + 8, 516), f"grey: +-{noise:.4g}, the step-to-step noise of one dense loss; red: sparse - dense "
+    draw.text((left + 8, 516), f"grey: +-{noise:.4g}, the step-to-step noise of one {a} loss; red: {b} - {a} "
               f"(max |diff| {max(abs(v) for v in diff):.3g})",
               fill="black", font=small)
 
@@ -316,6 +329,8 @@ def _plot_pil(path: Path, stats: dict, dense: list[float], sparse: list[float], 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU run with the tiny model at 256x256x33")
+    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="attention",
+                        help="attention: dense vs block-sparse; fp8-matmuls: bf16 vs float8 base matmuls (block-sparse)")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
     parser.add_argument("--depth", type=int, default=0, help="keep the first N DiT blocks (0: all; 12 fits ~4 min)")
     parser.add_argument("--size", type=parse_size, default=None, help="HxWxF clip size (default 480x832x93)")
@@ -353,13 +368,16 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         shard = write_shard(Path(tmp) / "curves-000000.tar", base.config, latent_shape, args.samples,
                             structured=True, seed=args.seed)
-        for name, attention in RUNS:
-            runs[name] = train_run(name, attention, model, initial, shard, cfg, d, args.steps)
-    dense, sparse = runs["dense"], runs["sparse"]
-    if dense["keys"] != sparse["keys"] or dense["rng"] != sparse["rng"]:
+        for label, attention, fp8 in COMPARISONS[args.compare]:
+            if fp8:
+                # Last in its comparison: float8 matmuls replace the base linears for good.
+                use_fp8_matmuls(model)
+            runs[label] = train_run(label, attention, model, initial, shard, cfg, d, args.steps)
+    (a, ref), (b, cand) = runs.items()
+    if ref["keys"] != cand["keys"] or ref["rng"] != cand["rng"]:
         raise SystemExit("the two runs did not see the same data or noise: the comparison is void")
 
-    stats = compare(dense["losses"], sparse["losses"], args.window)
+    stats = compare(ref["losses"], cand["losses"], args.window)
     T, H, W = latent_shape
     tokens = T * (H // 2) * (W // 2)
     size = f"{8 * H}x{8 * W}x{1 + 4 * (T - 1)}"
@@ -377,19 +395,23 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "quick": args.quick,
         "config": config,
-        "dense": {k: v for k, v in dense.items() if k not in ("lora", "keys", "rng")},
-        "sparse": {k: v for k, v in sparse.items() if k not in ("lora", "keys", "rng")},
+        "compare": args.compare,
+        "reference": a,
+        "candidate": b,
+        "runs": {label: {k: v for k, v in run.items() if k not in ("lora", "keys", "rng")} for label, run in runs.items()},
         "same_data_and_noise": True,
-        "data_order": [k[0] for k in dense["keys"]],
-        "lora_distance": lora_distance(initial, dense["lora"], sparse["lora"]),
+        "data_order": [k[0] for k in ref["keys"]],
+        "lora_distance": lora_distance(initial, ref["lora"], cand["lora"]),
         "comparison": stats,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    title = (f"dense vs block-sparse (density {config['density']:.4g}) LoRA training, {config['model']}, "
+    what = {"attention": f"dense vs block-sparse (density {config['density']:.4g})",
+            "fp8-matmuls": "bf16 vs float8 base matmuls, block-sparse attention,"}[args.compare]
+    title = (f"{what} LoRA training, {config['model']}, "
              f"depth {config['depth']}, {size} ({tokens} tokens), {report['device']}: "
              f"mean|diff|/noise {stats['mean_abs_diff_over_noise']:.3f}, corr {stats['correlation']:.4f}")
     report["figure"] = {"path": str(args.out / "loss_curves.png"),
-                        "drawn_with": plot(args.out / "loss_curves.png", stats, dense["losses"], sparse["losses"], title)}
+                        "drawn_with": plot(args.out / "loss_curves.png", stats, ref["losses"], cand["losses"], (a, b), title)}
     text = json.dumps(report, indent=2)
     (args.out / "loss_curves.json").write_text(text + "\n")
     print(text)

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attention", default="sdpa", choices=IMPLEMENTATIONS)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--compile", action="store_true", help="compile our block step (the naive step runs after, compiled too)")
+    parser.add_argument("--compile-tune", action="store_true",
+                        help="with --compile: coordinate-descent tuning of the fused kernels (the trainer's compile_tune)")
     parser.add_argument("--profile", action="store_true", help="one more step of ours under the torch profiler")
     parser.add_argument("--no-naive", dest="naive", action="store_false", help="measure ours only")
     parser.add_argument("--fp8-matmuls", action="store_true",
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.naive = False  # the naive step's base weight gradients do not exist with float8 matmuls
     model.get_base_model().gradient_checkpointing = args.checkpointing
     if args.compile:
-        model.get_base_model().compile_blocks()
+        model.get_base_model().compile_blocks(**({"options": {"coordinate_descent_tuning": True}} if args.compile_tune else {}))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = trainer.build_optimizer(params, cfg, device)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"dit": "tiny" if args.quick else "full", "latent_shape": [config.in_channels, T, H, W],
                    "tokens": T * (H // 2) * (W // 2), "batch": 1, "lora_rank": 8, "attention": args.attention,
                    "weights": str(dtype).removeprefix("torch."), "num_workers": args.num_workers,
-                   "steps": args.steps, "warmup": args.warmup, "compiled": args.compile,
+                   "steps": args.steps, "warmup": args.warmup, "compiled": args.compile, "compile_tune": args.compile_tune,
                    "fp8_matmuls": args.fp8_matmuls},
         "ours": ours,
     }
