@@ -18,13 +18,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from longcat_data.captions import clean_caption
+
+if TYPE_CHECKING:
+    # diffusers and transformers are imported where a model is built: importing them takes seconds (and
+    # with torchao installed, prints warnings), which `longcat-prep --help` and the readers should not pay.
+    from diffusers import AutoencoderKLWan
+    from transformers import PreTrainedTokenizerBase, T5Tokenizer, UMT5EncoderModel
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +148,21 @@ def tiny_vocab(corpus: str = TINY_CORPUS) -> list[tuple[str, float]]:
 
 def tiny_tokenizer() -> T5Tokenizer:
     """A T5 (Unigram, </s>-terminated) tokenizer built in memory from ``TINY_CORPUS``."""
+    from transformers import T5Tokenizer
+
     return T5Tokenizer(vocab=tiny_vocab(), extra_ids=0, model_max_length=TEXT_MAX_LENGTH)
 
 
 def tiny_vae() -> AutoencoderKLWan:
+    from diffusers import AutoencoderKLWan
+
     with _seeded(TINY_SEED):
         return AutoencoderKLWan(**TINY_VAE_CONFIG).eval()
 
 
 def tiny_text_encoder(vocab_size: int) -> UMT5EncoderModel:
+    from transformers import UMT5Config, UMT5EncoderModel
+
     config = UMT5Config(vocab_size=vocab_size, **TINY_TEXT_CONFIG)
     with _seeded(TINY_SEED):
         return UMT5EncoderModel(config).eval()
@@ -176,6 +187,8 @@ def load_vae(model: str, device: str | torch.device = "cpu", dtype: torch.dtype 
         if dtype != torch.float32:
             vae = vae.to(dtype=dtype)
     else:
+        from diffusers import AutoencoderKLWan
+
         root = resolve_checkpoint(model, ["vae"])
         vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=dtype)
     # Tiling stays off (the diffusers default): it changes latents at tile seams. Callers short of memory
@@ -190,6 +203,8 @@ def load_text_encoder(
         tokenizer = tiny_tokenizer()
         encoder = tiny_text_encoder(len(tokenizer))
     else:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
         root = resolve_checkpoint(model, ["text_encoder", "tokenizer"])
         tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
         encoder = UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype)
@@ -306,6 +321,9 @@ def _config_hash(config: dict) -> str:
 
 @lru_cache(maxsize=8)
 def _encoder_ids(model: str) -> tuple[tuple[str, str], ...]:
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5Config
+
     if model == TINY:
         tokenizer = tiny_tokenizer()
         vae_config = dict(tiny_vae().config)

@@ -14,7 +14,8 @@ injection (adapter layers are never quantised), and before :func:`longcat_train.
 :func:`use_fp8_matmuls` is the other way round: weights stay in bf16, and the matmuls of those same linears
 run in float8 (one scale per row of each operand), the forward and the input gradient alike: arithmetic
 changes, memory does not. On an H100 it takes the compiled block-sparse LoRA step at 480x832x93 from 6.2 s
-to 5.0 s; the LoRA gradients stay as close to a float32 reference as bf16's are (``benchmarks/RESULTS.md``).
+to 5.5 s (4.9 s with ``compile_tune``); the LoRA gradients stay as close to a float32 reference as bf16's
+are (``benchmarks/RESULTS.md``).
 Trainer option ``fp8_matmuls``; it needs a GPU with float8 tensor cores (compute capability 8.9 or newer).
 """
 

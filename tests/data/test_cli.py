@@ -125,6 +125,14 @@ def test_help_teaches() -> None:
     assert "examples:" in text and "--shard-size" in text and "--no-text-embeds" in text
 
 
+def test_help_answers_without_importing_the_model_libraries() -> None:
+    code = ("import sys\nfrom longcat_data.cli import main\ntry:\n    main(['shard', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('diffusers', 'transformers', 'torchao') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "--shard-size" in proc.stdout and proc.stdout.strip().endswith("[]")
+
+
 # ---------------------------------------------------------------- the pipeline
 
 
