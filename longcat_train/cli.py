@@ -67,7 +67,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def sample_parser() -> argparse.ArgumentParser:
     from longcat_train.attention import IMPLEMENTATIONS
-    from longcat_train.sample import SampleConfig
+    from longcat_train.config import SampleConfig
 
     d = SampleConfig.__dataclass_fields__
     parser = argparse.ArgumentParser(
@@ -121,9 +121,12 @@ def sample_parser() -> argparse.ArgumentParser:
 def sample_main(argv: list[str] | None = None) -> int:
     """``longcat-sample``: parse flags, sample (or serve the page), print user errors as one line (exit 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from longcat_train.sample import SampleConfig, SampleInputError, run_sample
+    from longcat_train.config import SampleConfig
 
     config = SampleConfig(**vars(sample_parser().parse_args(argv)))
+    # After parsing, as in train_main: --help answers without the model stack's imports.
+    from longcat_train.sample import SampleInputError, run_sample
+
     try:
         if config.serve:
             from longcat_train.webui import serve_sampler

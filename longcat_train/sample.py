@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -40,7 +40,6 @@ from longcat_data.buckets import (
     latent_frames,
     make_buckets,
 )
-from longcat_data.demo import DEMO_AREA, DEMO_FRAMES
 from longcat_data.encode import (
     DEFAULT_MODEL,
     decode_latents,
@@ -55,6 +54,15 @@ from longcat_data.shards import CAPTION, COND_IMAGE
 from longcat_data.stream import expand_shard_spec, read_tars
 from longcat_data.video import IMAGE_EXTENSIONS, resize_center_crop
 from longcat_train.attention import warn_if_unavailable
+from longcat_train.config import (
+    DEFAULT_AREA,
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+    SampleConfig,
+)
 from longcat_train.loading import load_dit
 from longcat_train.lora import ADAPTER as LORA_ADAPTER
 from longcat_train.lora import load_lora
@@ -62,12 +70,6 @@ from longcat_train.offload import BlockSwap, apply_block_swap
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AREA = (480, 832)
-DEFAULT_FRAMES = 93
-DEFAULT_STEPS = 40
-DEFAULT_GUIDANCE = 4.0
-DEFAULT_SHIFT = 12.0
-DEFAULT_FPS = 15
 # Sampling may enlarge a start image a little (unlike data prep, which never invents pixels), but past
 # 2x most of the condition frame would be interpolation and the video inherits the blur.
 MAX_UPSCALE = 2.0
@@ -439,45 +441,6 @@ class Sampler:
 
 
 # ---------------------------------------------------------------- the longcat-sample command
-
-
-@dataclass
-class SampleConfig:
-    """What ``longcat-sample`` does; one field per flag. ``None`` sizes mean the model's defaults."""
-
-    model: str = DEFAULT_MODEL
-    image: str | None = None
-    prompts: list[str] = field(default_factory=list)
-    output: str = "out.mp4"
-    lora: list[str] = field(default_factory=list)  # one to sample with; with serve, the page's choices
-    lora_strength: float = 1.0
-    frames: int | None = None  # default 93; 17 for the tiny model
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
-    shift: float = DEFAULT_SHIFT
-    seed: int = 0
-    size: tuple[int, int] | None = None  # bucket area; default 480x832, 192x320 for the tiny model
-    fps: int = DEFAULT_FPS
-    negative_prompt: str = ""
-    gif: bool = False
-    save_frames: bool = False
-    vae_tiling: bool = False
-    block_swap: int = 0
-    attention: str = "sdpa"  # block_sparse: ~1.8x faster at 480x832x93, not the computation of the dense model
-    device: str | None = None
-    serve: bool = False
-    host: str = "127.0.0.1"
-    port: int = 7860
-    serve_dir: str = "longcat_previews"
-    max_upload_mb: float = 20.0
-
-    def __post_init__(self) -> None:
-        # The tiny model is for trying the tools on a CPU: its defaults are the demo clips' small size.
-        tiny = self.model == "tiny"
-        if self.size is None:
-            self.size = DEMO_AREA if tiny else DEFAULT_AREA
-        if self.frames is None:
-            self.frames = DEMO_FRAMES if tiny else DEFAULT_FRAMES
 
 
 def check_sample_config(config: SampleConfig) -> np.ndarray | None:

@@ -29,13 +29,15 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from longcat_train.sample import (
+from longcat_train.config import (
     DEFAULT_AREA,
     DEFAULT_FPS,
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     SampleConfig,
+)
+from longcat_train.sample import (
     SampleInputError,
     Sampler,
     StepCallback,

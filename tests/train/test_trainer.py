@@ -326,9 +326,10 @@ def test_compile_tune_reaches_torch_compile(tiny_shards, tmp_path, monkeypatch):
     assert seen == [{"fullgraph": True, "options": {"coordinate_descent_tuning": True}}]
 
 
-def test_help_answers_without_importing_the_model_stack():
-    code = ("import sys\nfrom longcat_train.cli import train_main\ntry:\n    train_main(['--help'])\n"
+@pytest.mark.parametrize("command, flag", [("train_main", "--fp8-matmuls"), ("sample_main", "--lora-strength")])
+def test_help_answers_without_importing_the_model_stack(command, flag):
+    code = (f"import sys\nfrom longcat_train.cli import {command}\ntry:\n    {command}(['--help'])\n"
             "except SystemExit:\n    pass\nprint(sorted(m for m in ('diffusers', 'peft', 'torchao') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
-    assert "--fp8-matmuls" in proc.stdout and proc.stdout.strip().endswith("[]")
+    assert flag in proc.stdout and proc.stdout.strip().endswith("[]")
