@@ -250,7 +250,10 @@ def test_gpu_quantised_swap_with_activation_offload(precision: str) -> None:
         out, grads = train_step(model, inputs)
     assert_close_rel(out, out_ref)
     for name in grads_ref:
-        assert_close_rel(grads[name], grads_ref[name], name)
+        # Two bf16 runs of the quantised model differ by up to ~1.2% in the smallest LoRA gradients (the
+        # cross-attention kv factors; 1 run in 6 above 1% on an H100) through the attention backward's
+        # nondeterministic accumulation; a swap or offload error would be far larger.
+        assert_close_rel(grads[name], grads_ref[name], name, tol=2e-2)
     offloaded = [i for i in range(2, 6) if i not in swap.loaded_blocks]
     weight = model.blocks[offloaded[0]].attn.qkv.base_layer.weight
     assert weight.device.type == "cpu" and type(weight) is type(model.blocks[0].attn.qkv.base_layer.weight)
