@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.naive = False  # the naive step's base weight gradients do not exist with float8 matmuls
     model.get_base_model().gradient_checkpointing = args.checkpointing
     if args.compile:
-        model.get_base_model().compile_blocks(**({"options": {"coordinate_descent_tuning": True}} if args.compile_tune else {}))
+        model.get_base_model().compile_blocks(tune=args.compile_tune)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = trainer.build_optimizer(params, cfg, device)

@@ -112,7 +112,7 @@ class TrainConfig:
                                    "input) in pinned host memory, copied on a side stream; for 24 GB cards")
     base_model_precision: str = _f("no_change", "no_change, int8-quanto or fp8-torchao base weights (needs quant.py)")
     fp8_matmuls: bool = _f(False, "float8 matmuls for the frozen base linears, weights kept in bf16 (GPUs with "
-                           "compute capability 8.9+): a fifth faster steps on an H100")
+                           "compute capability 8.9+): the block-sparse step at 480x832x93 takes 12% less time on an H100")
     # -- data loading
     num_workers: int = _f(2, "DataLoader worker processes per GPU (part of the data order)")
     shuffle_buffer: int = _f(64, "samples each worker holds for shuffling")
@@ -446,6 +446,7 @@ def build_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:
         kind = hints[f.name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         help = f"{f.metadata['help']} [default: {' '.join(default) if isinstance(default, list) else default}]"
+        help = help.replace("%", "%%")  # argparse formats help strings with %
         if f.name == "resume":
             parser.add_argument(*flags, nargs="?", const="latest", dest=f.name, metavar="DIR", help=help)
         elif kind is bool:

@@ -535,14 +535,18 @@ class LongCatVideoTransformer(nn.Module):
         for block in self.blocks:
             block.feed_forward_chunks = chunks
 
-    def compile_blocks(self, **compile_kwargs: Any) -> None:
+    def compile_blocks(self, tune: bool = False, **compile_kwargs: Any) -> None:
         """torch.compile the per-block step, checkpointing included.
 
         Fuses the elementwise fp32 work around the matmuls (modulation, norms, RoPE, gated residuals) that
         eager mode runs as separate memory passes. All blocks share one graph per checkpointing mode.
-        ``compile_kwargs`` go to :func:`torch.compile` (default ``fullgraph=True``).
+        ``tune`` adds inductor's coordinate-descent tuning of the fused kernels (minutes more compilation,
+        cached; 0.12 s off a 5 s step on an H100). ``compile_kwargs`` go to :func:`torch.compile` (default
+        ``fullgraph=True``).
         """
         warn_if_unavailable(self.config.attention_implementation)
+        if tune:
+            compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
         self._block_step = torch.compile(_block_step, **{"fullgraph": True, **compile_kwargs})
 
     def run_block(self, block: LongCatBlock, *args: Any) -> torch.Tensor:

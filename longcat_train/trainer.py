@@ -116,7 +116,7 @@ def build_model(cfg: TrainConfig, d: Dist) -> nn.Module:
     base.gradient_checkpointing = cfg.gradient_checkpointing
     base.feed_forward_chunks = cfg.feed_forward_chunks
     if cfg.compile:
-        base.compile_blocks(**({"options": {"coordinate_descent_tuning": True}} if cfg.compile_tune else {}))
+        base.compile_blocks(tune=cfg.compile_tune)
     if cfg.base_model_precision != "no_change" and (quant := _optional("quant")) is not None:
         quant.quantize_base(base, cfg.base_model_precision, device=None if on_host else d.device)
     with torch.random.fork_rng(devices=[]):
