@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     config.attention_implementation = args.attention
     latent_shape = (3, 8, 8) if args.quick else (24, 60, 104)
     cfg = TrainConfig(model="benchmark", gradient_checkpointing=args.checkpointing, num_workers=args.num_workers,
-                      mixed_precision="bf16", attention_implementation=args.attention)
+                      mixed_precision="bf16", attention=args.attention)
     d = Dist(device=device)
     dtype = trainer.weight_dtype(cfg, device)
 

@@ -21,12 +21,10 @@ import signal
 import sys
 import textwrap
 import time
-import types
-import typing
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,6 @@ from longcat_data.buckets import (
     trim_to_4k_plus_1,
 )
 from longcat_data.captions import (
-    DEFAULT_CAPTION_MODEL,
     DEFAULT_PROMPT_TEMPLATE,
     Captioner,
     CaptionError,
@@ -58,6 +55,16 @@ from longcat_data.captions import (
     precompute_captions,
     resolve_caption,
 )
+from longcat_data.config import (
+    CaptionConfig,
+    DemoConfig,
+    InspectConfig,
+    MergeConfig,
+    PrepConfig,
+    PushConfig,
+    parse_captions,
+)
+from longcat_data.flags import add_flags, parse, parse_area, parse_size
 from longcat_data.video import (
     VIDEO_EXTENSIONS,
     VideoError,
@@ -73,185 +80,24 @@ log = logging.getLogger("longcat_data.prep")
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
-def _flag(help: str, **extra: Any) -> dict[str, Any]:
-    """Field metadata read by ``add_config_args``: the help line and argparse extras."""
-    return {"help": help, **extra}
-
-
-def _positional(help: str) -> dict[str, Any]:
-    return {"help": help, "positional": True}
-
-
-def _default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-# ---------------------------------------------------------------- configs
-
-
-@dataclass
-class PrepConfig:
-    videos_dir: str = field(metadata=_positional("folder of videos, searched recursively"))
-    out_dir: str = field(metadata=_positional("where shards and manifest.json go; rerun to resume"))
-    model: str = field(
-        default=encode.DEFAULT_MODEL,
-        metadata=_flag("'tiny' (random tiny encoders, no download), a checkpoint dir, or a hub id"),
-    )
-    frames: int = field(default=93, metadata=_flag("frames per clip at most (trimmed to 4k+1; 93 -> 24 latents)"))
-    area: str = field(default="480x832", metadata=_flag("target HxW pixel area; buckets of the same area on a 64 px grid"))
-    fps: float | None = field(default=None, metadata=_flag("resample every video to this frame rate (default: keep)"))
-    clips_per_video: int = field(default=1, metadata=_flag("back-to-back clips taken from each long video"))
-    captions: str = field(
-        default="sidecar",
-        metadata=_flag("sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | qwen"),
-    )
-    caption_model: str = field(
-        default=DEFAULT_CAPTION_MODEL, metadata=_flag("the Qwen-2.5-VL of --captions qwen: a local dir or hub id")
-    )
-    conditioning_dir: str | None = field(
-        default=None, metadata=_flag("folder of start-frame images named like the videos (default: first frame)")
-    )
-    text_embeds: bool = field(default=True, metadata=_flag("store umT5 caption embeddings (t5.safetensors)"))
-    workers: int = field(default_factory=_default_workers, metadata=_flag("decoding processes (0: decode inline)"))
-    batch_size: int = field(default=1, metadata=_flag("clips of one bucket encoded together"))
-    shard_size: str = field(default="1GB", metadata=_flag("roll to a new shard after this much data, e.g. 200MB"))
-    device: str | None = field(default=None, metadata=_flag("encoding device (default: cuda:LOCAL_RANK if any, else cpu)"))
-    dtype: str = field(default="auto", metadata=_flag("encoder dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"))
-    vae_tiling: bool = field(default=False, metadata=_flag("tile the VAE to save memory (slightly changes latents)"))
-    rank: int | None = field(default=None, metadata=_flag("this process's slice of the inputs (default: $RANK or 0)"))
-    world_size: int | None = field(default=None, metadata=_flag("number of slices (default: $WORLD_SIZE or 1)"))
-
-    def __post_init__(self) -> None:
-        parse_area(self.area)
-        parse_captions(self.captions)
-        shards.parse_size(self.shard_size)
-        if self.frames < 5:
-            raise ValueError(f"--frames must be at least 5 (one 4k+1 clip), got {self.frames}")
-        if self.clips_per_video < 1 or self.batch_size < 1 or self.workers < 0:
-            raise ValueError("--clips-per-video and --batch-size must be >= 1, --workers >= 0")
-        if self.conditioning_dir is not None and self.clips_per_video != 1:
-            raise ValueError("--conditioning-dir pairs one start frame with one clip: use --clips-per-video 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def resolved_rank(self) -> tuple[int, int]:
-        rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
-        world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-        shards.stream_name(rank, world)  # validates
-        return rank, world
-
-    @property
-    def resolved_device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-
-    @property
-    def resolved_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype] or encode.default_dtype(self.resolved_device)
-
-    def settings(self) -> dict[str, Any]:
-        """What shapes the shard contents; resuming with any of these changed is refused."""
-        return {
-            "frames": self.frames,
-            "area": list(parse_area(self.area)),
-            "fps": self.fps,
-            "clips_per_video": self.clips_per_video,
-            "captions": self.captions,
-            "conditioning_dir": self.conditioning_dir and str(Path(self.conditioning_dir).resolve()),
-            "text_embeds": self.text_embeds,
-            "dtype": str(self.resolved_dtype).removeprefix("torch."),
-            "vae_tiling": self.vae_tiling,
-        }
-
-
 DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-@dataclass
-class DemoConfig:
-    out_dir: str = field(metadata=_positional("folder to write the demo clips and their captions into"))
+def encoding_device(cfg: PrepConfig) -> torch.device:
+    """``--device``, else this rank's GPU (``LOCAL_RANK``) when there is one, else the CPU."""
+    if cfg.device is not None:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
-@dataclass
-class InspectConfig:
-    out_dir: str = field(metadata=_positional("a shard folder written by longcat-prep shard"))
-    sheet: str | None = field(default=None, metadata=_flag("contact sheet path (default: OUT_DIR/contact_sheet.png)"))
-    max_images: int = field(default=48, metadata=_flag("start frames on the contact sheet"))
+def encoding_dtype(cfg: PrepConfig) -> torch.dtype:
+    return DTYPES[cfg.dtype] or encode.default_dtype(encoding_device(cfg))
 
 
-@dataclass
-class MergeConfig:
-    out_dir: str = field(metadata=_positional("a shard folder written by several ranks"))
-
-
-@dataclass
-class CaptionConfig:
-    videos_dir: str = field(metadata=_positional("folder of videos, searched recursively"))
-    model: str = field(default=DEFAULT_CAPTION_MODEL, metadata=_flag("Qwen-2.5-VL checkpoint: a local dir or hub id"))
-    jsonl: str | None = field(
-        default=None,
-        metadata=_flag("write captions to this jsonl (file_name + caption; shard reads it with --captions jsonl:FILE) "
-                       "instead of a VIDEO.txt beside each video"),
-    )
-    overwrite: bool = field(default=False, metadata=_flag("caption videos that already have a caption too"))
-    prompt_template: str | None = field(
-        default=None,
-        metadata=_flag("the instruction given to the model, or @FILE to read it from a file "
-                       "(default: one motion-centric paragraph: subject, action, camera, scene, style)"),
-    )
-    fps: float = field(default=2.0, metadata=_flag("frames per second shown to the model"))
-    max_frames: int = field(default=16, metadata=_flag("frames per video at most; longer videos are sampled sparser"))
-    max_pixels: int = field(default=360 * 640, metadata=_flag("pixels per frame at most (frames are shrunk to fit)"))
-    batch_size: int = field(default=4, metadata=_flag("videos captioned together"))
-    max_new_tokens: int = field(default=256, metadata=_flag("caption length limit in tokens"))
-    device: str | None = field(default=None, metadata=_flag("default: cuda if available, else cpu (bf16 on GPU)"))
-
-    def __post_init__(self) -> None:
-        if self.fps <= 0 or self.max_frames < 1 or self.max_pixels < 1 or self.batch_size < 1:
-            raise ValueError("--fps must be > 0; --max-frames, --max-pixels and --batch-size >= 1")
-
-    def prompt(self) -> str:
-        if self.prompt_template is None:
-            return DEFAULT_PROMPT_TEMPLATE
-        if self.prompt_template.startswith("@"):
-            return Path(self.prompt_template[1:]).read_text(encoding="utf-8").strip()
-        return self.prompt_template
-
-
-@dataclass
-class PushConfig:
-    out_dir: str = field(metadata=_positional("a finished shard folder (its manifest.json says complete)"))
-    repo_id: str = field(metadata=_positional("the dataset repo to push to, user/name; created when missing"))
-    private: bool = field(default=False, metadata=_flag("create the repo private"))
-    license: str = field(
-        default="other", metadata=_flag("license id for the card, e.g. cc-by-4.0: the one your clips allow")
-    )
-    dry_run: bool = field(default=False, metadata=_flag("write the card (OUT_DIR/README.md) and upload nothing"))
-
-
-def parse_area(text: str) -> Bucket:
-    match = re.fullmatch(r"(\d+)[x*](\d+)", text.strip())
-    if not match:
-        raise ValueError(f"--area wants HxW, e.g. 480x832; got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def parse_captions(text: str) -> tuple[CaptionSource, Path | None]:
-    """``--captions`` value -> (captions.resolve_caption strategy, mapping file)."""
-    kind, _, path = text.partition(":")
-    if kind in ("jsonl", "csv") and path:
-        return "mapping", Path(path)
-    if kind == "sidecar" and not path:
-        return "textfile", None
-    if kind == "filename" and not path:
-        return "filename", None
-    if kind == "qwen" and not path:
-        return "captioner", None
-    raise ValueError(f"--captions must be sidecar, filename, jsonl:FILE, csv:FILE or qwen; got {text!r}")
+def prep_settings(cfg: PrepConfig) -> dict[str, Any]:
+    return cfg.settings(str(encoding_dtype(cfg)).removeprefix("torch."))
 
 
 # ---------------------------------------------------------------- inputs (pure)
@@ -501,7 +347,7 @@ class Encoders:
 
 
 def load_encoders(cfg: PrepConfig) -> Encoders:
-    device, dtype = cfg.resolved_device, cfg.resolved_dtype
+    device, dtype = encoding_device(cfg), encoding_dtype(cfg)
     vae = encode.load_vae(cfg.model, device, dtype)
     if cfg.vae_tiling:
         vae.enable_tiling()
@@ -606,7 +452,7 @@ def qwen_captions(cfg: PrepConfig, videos_dir: Path, sources: list[str], stream:
 
     Captions are cached in ``OUT_DIR/.prep/captions-<stream>.jsonl``; a rerun captions only what is new.
     """
-    captioner = QwenCaptioner(cfg.caption_model, device=cfg.resolved_device, dtype=cfg.resolved_dtype)
+    captioner = QwenCaptioner(cfg.caption_model, device=encoding_device(cfg), dtype=encoding_dtype(cfg))
     cache = Path(cfg.out_dir) / shards.STATE_DIR / f"captions-{stream}.jsonl"
     captions = precompute_captions(videos_dir, sources, captioner, cache)
     del captioner
@@ -624,7 +470,7 @@ def run_shard(cfg: PrepConfig, encoders: Encoders | None = None, captioner: Capt
         raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
     strategy, mapping_file = parse_captions(cfg.captions)
     mapping = load_caption_mapping(mapping_file) if mapping_file else None
-    settings = cfg.settings()
+    settings = prep_settings(cfg)
     ids = encoders.ids if encoders is not None else encode.encoder_ids(cfg.model)
     # Checked before loading the models: a refusal should come in seconds, not after a 20 GB download.
     shards.check_compatible(out_dir, settings, ids)
@@ -636,7 +482,7 @@ def run_shard(cfg: PrepConfig, encoders: Encoders | None = None, captioner: Capt
 
     writer = shards.ShardWriter(
         out_dir, settings=settings, encoders=ids, listing=shards.listing_digest(i.key for i in all_items),
-        rank=rank, world_size=world, max_bytes=shards.parse_size(cfg.shard_size),
+        rank=rank, world_size=world, max_bytes=parse_size(cfg.shard_size),
     )
     stats = PrepStats()
     todo = [item for item in mine if writer.done_inputs.get(item.key) != item.source]
@@ -790,11 +636,20 @@ def run_inspect(cfg: InspectConfig) -> None:
 
 
 def run_shard_command(cfg: PrepConfig) -> None:
-    if cfg.resolved_device.type == "cpu" and cfg.workers:
+    if encoding_device(cfg).type == "cpu" and cfg.workers:
         # Encoding threads and decoder processes share the cores; oversubscribed, both crawl.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
     stats = run_shard(cfg)
     print(stats.summary())
+
+
+def caption_prompt(cfg: CaptionConfig) -> str:
+    """``--prompt-template``: the text itself, ``@FILE`` to read it, or the default template."""
+    if cfg.prompt_template is None:
+        return DEFAULT_PROMPT_TEMPLATE
+    if cfg.prompt_template.startswith("@"):
+        return Path(cfg.prompt_template[1:]).read_text(encoding="utf-8").strip()
+    return cfg.prompt_template
 
 
 def run_caption(cfg: CaptionConfig) -> None:
@@ -802,7 +657,7 @@ def run_caption(cfg: CaptionConfig) -> None:
     if not videos_dir.is_dir():
         raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
     captioner = QwenCaptioner(
-        cfg.model, prompt_template=cfg.prompt(), fps=cfg.fps, max_frames=cfg.max_frames,
+        cfg.model, prompt_template=caption_prompt(cfg), fps=cfg.fps, max_frames=cfg.max_frames,
         max_pixels=cfg.max_pixels, max_new_tokens=cfg.max_new_tokens, device=cfg.device,
     )
     with logging_redirect_tqdm():
@@ -881,30 +736,6 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str, str]] = {
 }
 
 
-def _unwrap_optional(annotation: Any) -> Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    return args[0] if is_union and len(args) == 1 else annotation
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One argument per dataclass field: positional or ``--field-name``, bools as ``--x/--no-x``."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        help_text = f.metadata.get("help", "")
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, metavar=f.name.upper(), help=help_text)
-            continue
-        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
-        kind = _unwrap_optional(hints[f.name])
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            shown = "" if default is None else f" (default: {default})"
-            parser.add_argument(flag, type=kind, default=default, help=help_text + shown)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longcat-prep",
@@ -919,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help_text, description=help_text, epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_config_args(command, cls)
+        add_flags(command, cls)
     return parser
 
 
@@ -931,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cls, run, _, _ = COMMANDS[args.command]
     try:
-        cfg = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        cfg = parse(cls, args)
         run(cfg)
     except (ValueError, FileNotFoundError, shards.OutputMismatch, CaptionError, hub.PushError) as err:
         print(f"longcat-prep {args.command}: error: {err}", file=sys.stderr)

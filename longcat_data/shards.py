@@ -127,22 +127,6 @@ def bucket_name(height: int, width: int, frames: int) -> str:
 
 # ---------------------------------------------------------------- small pure helpers
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'1GB', '200MB', '512KiB', '1e9' -> bytes (decimal units, as disks and the hub count)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 1GB, 200MB, 512KiB)")
-    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return size
-
-
 def stream_name(rank: int, world_size: int) -> str:
     """Shard-name prefix of one writer: ``train`` alone, ``train-r{rank}`` when split over ranks."""
     if not 0 <= rank < world_size:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from longcat_data.encode import resolve_checkpoint, save_tiny_encoders
+from longcat_data.flags import parse_size
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,6 @@ DIT_SUBFOLDER = "dit"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
 
 def tiny_dit() -> LongCatVideoTransformer:
     """The tiny DiT with fixed random weights: every ``--model tiny`` sees the same network."""
@@ -129,16 +126,6 @@ def load_weights(
             for label, keys in problems
         ]
         raise ValueError("DiT checkpoint does not match the model:\n  " + "\n  ".join(lines))
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in ``5GB`` / ``500MB`` / ``2GiB`` / an int (decimal units, as Hugging Face shards)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", size.upper())
-    if not match:
-        raise ValueError(f"cannot read a size from {size!r} (expected e.g. 5GB, 500MB, 2GiB)")
-    return int(float(match[1]) * _SIZE_UNITS[match[2] or ""])
 
 
 def save_official_layout(

@@ -462,7 +462,7 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
     if config.image is None:
         raise SampleInputError("--image is required: the start frame of the video")
     image = load_image(config.image)
-    fit_start_image(image, config.size)
+    fit_start_image(image, config.area)
     if not config.prompts or not all(p.strip() for p in config.prompts):
         raise SampleInputError("--prompt is empty: describe what should happen in the video")
     if Path(config.output).suffix.lower() != ".mp4":
@@ -492,7 +492,7 @@ def run_sample(config: SampleConfig) -> list[Path]:
         guidance=config.guidance,
         shift=config.shift,
         seed=config.seed,
-        area=config.size,
+        area=config.area,
         negative_prompt=config.negative_prompt,
     )
     written = []

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longcat_data.buckets import latent_frames
+from longcat_data.flags import parse_area
 from longcat_data.stream import (
     ShardStream,
     StreamConfig,
@@ -105,14 +106,11 @@ def build_model(cfg: TrainConfig, d: Dist) -> nn.Module:
     """The DiT with frozen base weights and a fresh LoRA adapter (a peft model), not yet placed."""
     from longcat_train.loading import load_dit
 
-    if cfg.compile and cfg.musubi_blocks_to_swap > 0:
-        raise ConfigError("compile and musubi_blocks_to_swap do not mix: block swap's hooks break the "
-                          "compiled block graph; turn one off")
     dtype = weight_dtype(cfg, d.device)
     # FSDP shards from host memory and block swap places the model itself; otherwise load straight in.
-    on_host = cfg.fsdp or cfg.musubi_blocks_to_swap > 0
+    on_host = cfg.fsdp or cfg.block_swap > 0
     base = load_dit(cfg.model, dtype=dtype, device="cpu" if on_host else d.device)
-    base.config.attention_implementation = cfg.attention_implementation
+    base.config.attention_implementation = cfg.attention
     base.gradient_checkpointing = cfg.gradient_checkpointing
     base.feed_forward_chunks = cfg.feed_forward_chunks
     if cfg.compile:
@@ -134,8 +132,8 @@ def build_model(cfg: TrainConfig, d: Dist) -> nn.Module:
 
 def place_model(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
     """Move the model to its device(s) and wrap it for data parallelism; returns the module to train."""
-    if cfg.musubi_blocks_to_swap > 0 and (offload := _optional("offload")) is not None:
-        offload.apply_block_swap(model, cfg.musubi_blocks_to_swap, cfg.block_swap_device, compute_device=d.device)
+    if cfg.block_swap > 0 and (offload := _optional("offload")) is not None:
+        offload.apply_block_swap(model, cfg.block_swap, cfg.block_swap_device, compute_device=d.device)
     elif not cfg.fsdp:
         model.to(d.device)
     if cfg.offload_activations and (offload := _optional("offload")) is not None:
@@ -298,7 +296,7 @@ class Validation:
             if self.vae is None:
                 self.vae = load_vae(self.cfg.model, device=self.d.device, dtype=weight_dtype(self.cfg, self.d.device))
             embeds = {p: text[p] for p in self.prompts}
-            h, w = (int(v) for v in self.cfg.validation_resolution.lower().split("x"))
+            h, w = parse_area(self.cfg.validation_area)
             out = self.cfg.output_dir if self.d.main else tempfile.mkdtemp(prefix="longcat-val-")
             # Sampling must not move the training RNG, or a changed validation cadence would change training.
             with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):

@@ -306,7 +306,7 @@ def sampler_generate(sampler: Sampler, config: SampleConfig) -> GenerateFn:
             guidance=request.guidance,
             shift=config.shift,
             seed=request.seed,
-            area=config.size,
+            area=config.area,
             negative_prompt=config.negative_prompt,
             on_step=on_step,
         )
@@ -324,7 +324,7 @@ def serve_sampler(config: SampleConfig) -> None:
         output_dir=config.serve_dir,
         loras=config.lora,
         max_upload_mb=config.max_upload_mb,
-        area=config.size,
+        area=config.area,
         frames=config.frames,
         steps=config.steps,
         guidance=config.guidance,

@@ -11,6 +11,7 @@ import torch
 import webdataset as wds
 
 from longcat_data import shards
+from longcat_data.flags import parse_size
 from longcat_data.shards import OutputMismatch, ShardWriter
 
 SETTINGS = {"frames": 9, "area": [64, 64]}
@@ -79,13 +80,13 @@ def test_encode_sample_rejects_bad_shapes_and_keys(latents, cond, key) -> None:
     ("text", "size"), [("1GB", 10**9), ("200MB", 200 * 10**6), ("512KiB", 512 * 1024), ("1e6", 10**6), ("7", 7)]
 )
 def test_parse_size(text: str, size: int) -> None:
-    assert shards.parse_size(text) == size
+    assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "MB", "1 furlong", "-5MB", "0"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
-        shards.parse_size(text)
+        parse_size(text)
 
 
 def test_stream_names() -> None:

@@ -50,7 +50,7 @@ def test_defaults_follow_the_seed():
     cfg = TrainConfig()
     cfg.validate()
     assert (cfg.lora_rank, cfg.alpha, cfg.learning_rate, cfg.train_batch_size) == (8, 8.0, 1e-4, 1)
-    assert (cfg.frames, cfg.flow_schedule_shift, cfg.validation_resolution) == (93, 12.0, "480x832")
+    assert (cfg.frames, cfg.flow_schedule_shift, cfg.validation_area) == (93, 12.0, "480x832")
     assert cfg.gradient_checkpointing != "none" and cfg.i2v
     assert cfg.lora_targets == list(C.DEFAULT_LORA_TARGETS)
 
@@ -74,8 +74,8 @@ def test_seed_simpletuner_import(tmp_path, caplog):
     assert (cfg.lora_rank, cfg.learning_rate, cfg.train_batch_size, cfg.gradient_checkpointing) == (8, 1e-4, 1, "selective")
     assert (cfg.output_dir, cfg.max_train_steps, cfg.flow_schedule_shift) == ("out/longcat", 500, 12.0)
     assert (cfg.validation_frames, cfg.validation_inference_steps, cfg.validation_guidance) == (93, 40, 4.0)
-    assert (cfg.validation_every, cfg.validation_resolution) == (100, "480x832")
-    assert (cfg.musubi_blocks_to_swap, cfg.base_model_precision, cfg.report_to) == (4, "int8-quanto", "wandb")
+    assert (cfg.validation_every, cfg.validation_area) == (100, "480x832")
+    assert (cfg.block_swap, cfg.base_model_precision, cfg.report_to) == (4, "int8-quanto", "wandb")
     assert cfg.validation_source is None  # longcat-video-val is not in the backend list
     log = caplog.text
     assert "longcat-video-val" in log and "not in" in log
@@ -140,7 +140,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"lora_rank": 0}, "lora_rank"),
         ({"optimizer": "sgd"}, "optimizer"),
         ({"max_train_steps": 0}, "num_train_epochs"),
-        ({"fsdp": True, "musubi_blocks_to_swap": 2}, "fsdp"),
+        ({"fsdp": True, "block_swap": 2}, "fsdp"),
         ({"compile_tune": True}, "compile_tune"),
         ({"fp8_matmuls": True, "base_model_precision": "int8-quanto"}, "fp8_matmuls"),
     ],

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from longcat_data.flags import parse_size
 from longcat_train.loading import (
     INDEX_NAME,
     load_dit,
-    parse_size,
     resolve_dit_dir,
     save_official_layout,
     save_tiny_checkpoint,

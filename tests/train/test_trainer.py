@@ -162,7 +162,7 @@ def test_text_embeddings_encoded_when_the_shards_have_none(shard_copy, tmp_path)
 def test_validation_runs_through_the_sampler(tiny_shards, tmp_path):
     cfg = tiny_config(tiny_shards, tmp_path, max_train_steps=2, validation_source=str(tiny_shards),
                       validation_limit=1, validation_every=1, validation_frames=5, validation_inference_steps=2,
-                      validation_resolution="64x64")
+                      validation_area="64x64")
     train(cfg)
     videos = sorted(p.relative_to(tmp_path).parts[1] for p in (tmp_path / "validation").rglob("*.mp4"))
     assert "step_000001" in videos and "step_000002" in videos
@@ -285,7 +285,7 @@ def test_small_gpu_options_train_the_same_adapter(tiny_shards, tmp_path):
     """Block swap, activation offload and feed-forward chunks move and regroup work, not the math: the
     same steps give the same losses (up to matmul rounding) as the plain run."""
     plain = train(tiny_config(tiny_shards, tmp_path / "plain", max_train_steps=3))
-    small = train(tiny_config(tiny_shards, tmp_path / "small", max_train_steps=3, musubi_blocks_to_swap=1,
+    small = train(tiny_config(tiny_shards, tmp_path / "small", max_train_steps=3, block_swap=1,
                               offload_activations=True, feed_forward_chunks=2, gradient_checkpointing="full"))
     assert small.losses.keys() == plain.losses.keys() == {1, 2, 3}
     assert torch.allclose(torch.tensor(list(small.losses.values())), torch.tensor(list(plain.losses.values())), rtol=1e-5)
@@ -297,8 +297,8 @@ def test_activation_offload_with_compile_is_refused(tiny_shards, tmp_path):
 
 
 def test_compile_with_block_swap_is_refused_before_loading(tiny_shards, tmp_path):
-    cfg = tiny_config(tiny_shards, tmp_path, compile=True, musubi_blocks_to_swap=1)
-    with pytest.raises(ConfigError, match="compile and musubi_blocks_to_swap"):
+    cfg = tiny_config(tiny_shards, tmp_path, compile=True, block_swap=1)
+    with pytest.raises(ConfigError, match="compile and block_swap"):
         train(cfg)
 
 

@@ -247,9 +247,9 @@ def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None
     from longcat_train.sample import Sampler
     from longcat_train.webui import sampler_generate
 
-    config = SampleConfig(model="tiny", size=(64, 64), frames=5, steps=2, lora=[lora_path])
+    config = SampleConfig(model="tiny", area=(64, 64), frames=5, steps=2, lora=[lora_path])
     generate = sampler_generate(Sampler("tiny", device="cpu"), config)
-    app = create_app(generate, output_dir=tmp_path / "videos", loras=config.lora, area=config.size, frames=5, steps=2)
+    app = create_app(generate, output_dir=tmp_path / "videos", loras=config.lora, area=config.area, frames=5, steps=2)
     with running(app) as url:
         fields = {"prompt": "a cat walks", "lora": lora_path, "lora_strength": "0.8"}
         status, job = post(f"{url}/api/jobs", fields, {"image": ("start.png", png_bytes(64, 64))})

@@ -1,0 +1,164 @@
+"""The configs of the ``longcat-prep`` commands: one dataclass per command, each field a flag.
+
+``longcat_data.cli`` builds every subcommand's flags from these (``longcat_data.flags``). This module
+imports no torch, so ``longcat-prep --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longcat_data.defaults import DEFAULT_AREA, DEFAULT_CAPTION_MODEL, DEFAULT_FRAMES, DEFAULT_MODEL
+from longcat_data.flags import ConfigError, format_area, option, parse_area, parse_size
+
+ENCODER_DTYPES = ("auto", "bf16", "fp32")
+CAPTION_SOURCES = "sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | qwen"
+
+
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def parse_captions(text: str) -> tuple[str, Path | None]:
+    """``--captions`` value -> (the ``captions.resolve_caption`` strategy, the mapping file or None)."""
+    kind, _, path = text.partition(":")
+    if kind in ("jsonl", "csv") and path:
+        return "mapping", Path(path)
+    if kind == "sidecar" and not path:
+        return "textfile", None
+    if kind == "filename" and not path:
+        return "filename", None
+    if kind == "qwen" and not path:
+        return "captioner", None
+    raise ConfigError(f"--captions must be sidecar, filename, jsonl:FILE, csv:FILE or qwen; got {text!r}")
+
+
+@dataclass
+class PrepConfig:
+    """``longcat-prep shard``: a folder of videos into WebDataset shards."""
+
+    videos_dir: str = option(help="folder of videos, searched recursively", positional=True)
+    out_dir: str = option(help="where shards and manifest.json go; rerun to resume", positional=True)
+    model: str = option(DEFAULT_MODEL, "'tiny' (random tiny encoders, no download), a checkpoint dir, or a hub id")
+    frames: int = option(DEFAULT_FRAMES, "frames per clip at most (trimmed to 4k+1; 93 -> 24 latents)")
+    area: str = option(format_area(DEFAULT_AREA), "target HxW pixel area; buckets of the same area on a 64 px grid")
+    fps: float | None = option(None, "resample every video to this frame rate (default: keep)")
+    clips_per_video: int = option(1, "back-to-back clips taken from each long video")
+    captions: str = option("sidecar", CAPTION_SOURCES)
+    caption_model: str = option(DEFAULT_CAPTION_MODEL, "the Qwen-2.5-VL of --captions qwen: a local dir or hub id")
+    conditioning_dir: str | None = option(
+        None, "folder of start-frame images named like the videos (default: each clip's first frame)"
+    )
+    text_embeds: bool = option(True, "store umT5 caption embeddings (t5.safetensors)")
+    workers: int = option(help="decoding processes (0: decode inline)", factory=_default_workers)
+    batch_size: int = option(1, "clips of one bucket encoded together")
+    shard_size: str = option("1GB", "roll to a new shard after this much data, e.g. 200MB")
+    device: str | None = option(None, "encoding device (default: cuda:LOCAL_RANK if any, else cpu)")
+    dtype: str = option("auto", "encoder dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", choices=ENCODER_DTYPES)
+    vae_tiling: bool = option(False, "tile the VAE to save memory (slightly changes latents)")
+    rank: int | None = option(None, "this process's slice of the inputs (default: $RANK or 0)")
+    world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
+
+    def __post_init__(self) -> None:
+        parse_area(self.area)
+        parse_captions(self.captions)
+        parse_size(self.shard_size)
+        if self.frames < 5:
+            raise ConfigError(f"--frames must be at least 5 (one 4k+1 clip), got {self.frames}")
+        if self.clips_per_video < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ConfigError("--clips-per-video and --batch-size must be >= 1, --workers >= 0")
+        if self.conditioning_dir is not None and self.clips_per_video != 1:
+            raise ConfigError("--conditioning-dir pairs one start frame with one clip: use --clips-per-video 1")
+        if self.dtype not in ENCODER_DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.dtype!r}")
+        self.resolved_rank  # noqa: B018 (validates rank and world size)
+
+    @property
+    def resolved_rank(self) -> tuple[int, int]:
+        """(rank, world size): the flags, else torchrun's ``RANK`` / ``WORLD_SIZE``, else one process."""
+        rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
+        world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is outside world size {world}")
+        return rank, world
+
+    def settings(self, dtype: str) -> dict[str, Any]:
+        """What shapes the shard contents (``dtype``: the encoders' resolved dtype); resuming with any of
+        these changed is refused."""
+        return {
+            "frames": self.frames,
+            "area": list(parse_area(self.area)),
+            "fps": self.fps,
+            "clips_per_video": self.clips_per_video,
+            "captions": self.captions,
+            "conditioning_dir": self.conditioning_dir and str(Path(self.conditioning_dir).resolve()),
+            "text_embeds": self.text_embeds,
+            "dtype": dtype,
+            "vae_tiling": self.vae_tiling,
+        }
+
+
+@dataclass
+class DemoConfig:
+    """``longcat-prep demo``: a few generated clips to try the tools on."""
+
+    out_dir: str = option(help="folder to write the demo clips and their captions into", positional=True)
+
+
+@dataclass
+class InspectConfig:
+    """``longcat-prep inspect``: counts, buckets and a contact sheet of a shard folder."""
+
+    out_dir: str = option(help="a shard folder written by longcat-prep shard", positional=True)
+    sheet: str | None = option(None, "contact sheet path (default: OUT_DIR/contact_sheet.png)")
+    max_images: int = option(48, "start frames on the contact sheet")
+
+
+@dataclass
+class MergeConfig:
+    """``longcat-prep merge``: one manifest for shards written by several ranks."""
+
+    out_dir: str = option(help="a shard folder written by several ranks", positional=True)
+
+
+@dataclass
+class CaptionConfig:
+    """``longcat-prep caption``: Qwen-2.5-VL captions for videos that have none."""
+
+    videos_dir: str = option(help="folder of videos, searched recursively", positional=True)
+    model: str = option(DEFAULT_CAPTION_MODEL, "Qwen-2.5-VL checkpoint: a local dir or hub id")
+    jsonl: str | None = option(
+        None,
+        "write captions to this jsonl (file_name + caption; shard reads it with --captions jsonl:FILE) "
+        "instead of a VIDEO.txt beside each video",
+    )
+    overwrite: bool = option(False, "caption videos that already have a caption too")
+    prompt_template: str | None = option(
+        None,
+        "the instruction given to the model, or @FILE to read it from a file "
+        "(default: one motion-centric paragraph: subject, action, camera, scene, style)",
+    )
+    fps: float = option(2.0, "frames per second shown to the model")
+    max_frames: int = option(16, "frames per video at most; longer videos are sampled sparser")
+    max_pixels: int = option(360 * 640, "pixels per frame at most (frames are shrunk to fit)")
+    batch_size: int = option(4, "videos captioned together")
+    max_new_tokens: int = option(256, "caption length limit in tokens")
+    device: str | None = option(None, "default: cuda if available, else cpu (bf16 on GPU)")
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0 or self.max_frames < 1 or self.max_pixels < 1 or self.batch_size < 1:
+            raise ConfigError("--fps must be > 0; --max-frames, --max-pixels and --batch-size >= 1")
+
+
+@dataclass
+class PushConfig:
+    """``longcat-prep push``: a finished shard folder to a Hugging Face dataset repo."""
+
+    out_dir: str = option(help="a finished shard folder (its manifest.json says complete)", positional=True)
+    repo_id: str = option(help="the dataset repo to push to, user/name; created when missing", positional=True)
+    private: bool = option(False, "create the repo private")
+    license: str = option("other", "license id for the card, e.g. cc-by-4.0: the one your clips allow")
+    dry_run: bool = option(False, "write the card (OUT_DIR/README.md) and upload nothing")

@@ -1,0 +1,43 @@
+"""Values every command shares, in one place that imports nothing (``--help`` must not load torch).
+
+Both packages read them: ``longcat_data`` (prep) and ``longcat_train`` (trainer, sampler).
+"""
+
+from __future__ import annotations
+
+# The released checkpoint: `--model` of every command unless given.
+DEFAULT_MODEL = "meituan-longcat/LongCat-Video"
+
+# `--model tiny`: random tiny models of the real classes, the same weights everywhere (no downloads).
+TINY = "tiny"
+TINY_SEED = 0
+
+# The official 480p setting: bucket area (height x width) and clip length (4k+1 frames, 24 latent frames).
+DEFAULT_AREA = (480, 832)
+DEFAULT_FRAMES = 93
+
+# The generated demo clips (`longcat-prep demo`) cover buckets of this area; the tiny model's defaults.
+DEMO_AREA = (192, 320)
+DEMO_FRAMES = 17
+
+# Tokens every prompt is padded to for umT5, as the official pipeline does.
+TEXT_MAX_LENGTH = 512
+
+# Sampling, as the official image-to-video demo: Euler steps, CFG-Zero* scale, sigma shift, output rate.
+DEFAULT_STEPS = 40
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_SHIFT = 12.0
+DEFAULT_FPS = 15
+
+# Writes captions only (`longcat-prep caption`, `--captions qwen`); the DiT reads umT5 embeddings of them.
+DEFAULT_CAPTION_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def default_area(model: str) -> tuple[int, int]:
+    """The bucket area for ``model`` when none is given: the demo clips' size for the tiny model."""
+    return DEMO_AREA if model == TINY else DEFAULT_AREA
+
+
+def default_frames(model: str) -> int:
+    """The clip length for ``model`` when none is given: the demo clips' length for the tiny model."""
+    return DEMO_FRAMES if model == TINY else DEFAULT_FRAMES
