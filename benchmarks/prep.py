@@ -32,7 +32,8 @@ from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 
 from longcat_data import cli, encode
-from longcat_data.demo import synthetic_frames, write_clip
+from longcat_data.demo import CLIP_ENCODING, synthetic_frames
+from longcat_data.video import write_mp4
 
 # umT5-XXL, the encoder half (what LongCat-Video's text_encoder/ holds).
 UMT5_XXL = {
@@ -52,7 +53,8 @@ def write_sources(directory: Path, count: int, height: int, width: int, frames: 
     directory.mkdir(parents=True, exist_ok=True)
     originals = []
     for i in range(min(distinct, count)):
-        path = write_clip(directory / f"clip_{i:04d}.mp4", synthetic_frames(height, width, frames, seed=i), 30)
+        clip = synthetic_frames(height, width, frames, seed=i)
+        path = write_mp4(clip, directory / f"clip_{i:04d}.mp4", 30, **CLIP_ENCODING)
         path.with_suffix(".txt").write_text(f"a synthetic test pattern, take {i}, with a bouncing yellow disc\n")
         originals.append(path)
     for i in range(len(originals), count):

@@ -564,7 +564,8 @@ def run_shard(cfg: PrepConfig, encoders: Encoders | None = None, captioner: Capt
 
 
 def run_demo(cfg: DemoConfig) -> None:
-    from longcat_data.demo import DEMO_AREA, DEMO_FRAMES, write_demo_clips
+    from longcat_data.defaults import DEMO_AREA, DEMO_FRAMES
+    from longcat_data.demo import write_demo_clips
 
     paths = write_demo_clips(cfg.out_dir)
     out = Path(cfg.out_dir)

@@ -11,18 +11,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 from PIL import Image
 
+from longcat_data.defaults import DEMO_AREA, DEMO_FRAMES
+from longcat_data.video import write_mp4
+
 log = logging.getLogger(__name__)
 
-# Sizes for prepping the demo clips: every clip covers a bucket of this area without upscaling.
-DEMO_AREA = (192, 320)
-DEMO_FRAMES = 17
+# How ``write_mp4`` encodes the clips: near-lossless, so each frame's index patch survives; a keyframe
+# every few frames, so reading from a clip's middle seeks; the index after the frame data, as cameras
+# write it (a cut-off copy then loses it).
+CLIP_ENCODING: dict[str, Any] = {"crf": 16, "keyframe_interval": 8, "faststart": False}
 
 FRAME_INDEX_STEP = 6
 MARKER_SIZE = 16
@@ -81,42 +85,6 @@ def frame_indices(frames: np.ndarray) -> list[int]:
     return [round(float(value) / FRAME_INDEX_STEP) for value in patch.mean(axis=(1, 2, 3))]
 
 
-def write_clip(
-    path: str | Path,
-    frames: np.ndarray,
-    fps: int,
-    *,
-    rotation: int = 0,
-    timestamps: Sequence[float] | None = None,
-    faststart: bool = False,
-) -> Path:
-    """Encode display-oriented uint8 [F, H, W, 3] frames as an H.264 MP4.
-
-    ``rotation`` stores the frames turned back by that angle plus display metadata, as a phone does.
-    ``timestamps`` (seconds, one per frame) make a variable-frame-rate file. ``faststart`` puts the
-    index before the frame data, as streaming sites do.
-    """
-    path = Path(path)
-    quarter_turns = round(rotation / 90)
-    coded = np.rot90(frames, -quarter_turns, axes=(1, 2))
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", format="mp4", options=options) as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "16", "g": "8"})
-        stream.width, stream.height = coded.shape[2], coded.shape[1]
-        stream.pix_fmt = "yuv420p"
-        if timestamps is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        if quarter_turns:
-            stream.set_display_rotation(quarter_turns * 90)
-        for i, image in enumerate(coded):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            if timestamps is not None:
-                frame.pts, frame.time_base = round(timestamps[i] * 1000), Fraction(1, 1000)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
-
-
 def write_demo_clips(
     out_dir: str | Path, clips: Sequence[DemoClip] = DEMO_CLIPS, seed: int = 0
 ) -> list[Path]:
@@ -126,7 +94,7 @@ def write_demo_clips(
     paths = []
     for index, clip in enumerate(clips):
         frames = synthetic_frames(clip.height, clip.width, clip.frames, seed=seed + index)
-        path = write_clip(out_dir / f"{clip.name}.mp4", frames, clip.fps, rotation=clip.rotation)
+        path = write_mp4(frames, out_dir / f"{clip.name}.mp4", clip.fps, rotation=clip.rotation, **CLIP_ENCODING)
         if clip.caption is not None:
             path.with_suffix(".txt").write_text(clip.caption + "\n", encoding="utf-8")
         paths.append(path)
@@ -154,7 +122,8 @@ def make_bad_inputs(directory: str | Path) -> dict[str, Path]:
     paths["zero_byte"].write_bytes(b"")
 
     for name, faststart in (("truncated", False), ("truncated_index", True)):
-        whole = write_clip(directory / f"{name}.mp4", frames, 24, faststart=faststart).read_bytes()
+        encoding = {**CLIP_ENCODING, "faststart": faststart}
+        whole = write_mp4(frames, directory / f"{name}.mp4", 24, **encoding).read_bytes()
         paths[name] = directory / f"{name}.mp4"
         paths[name].write_bytes(whole[: len(whole) * 3 // 5])
 
@@ -163,23 +132,22 @@ def make_bad_inputs(directory: str | Path) -> dict[str, Path]:
 
     paths["audio_only"] = _write_audio_only(directory / "audio_only.mp4")
 
-    paths["three_frames"] = write_clip(directory / "three_frames.mp4", frames[:3], 24)
-    paths["tiny"] = write_clip(directory / "tiny.mp4", synthetic_frames(48, 64, DEMO_FRAMES), 24)
-    paths["unicode_name"] = write_clip(directory / "café au lait ☕ 01.mp4", frames, 24)
+    paths["three_frames"] = write_mp4(frames[:3], directory / "three_frames.mp4", 24, **CLIP_ENCODING)
+    paths["tiny"] = write_mp4(synthetic_frames(48, 64, DEMO_FRAMES), directory / "tiny.mp4", 24, **CLIP_ENCODING)
+    paths["unicode_name"] = write_mp4(frames, directory / "café au lait ☕ 01.mp4", 24, **CLIP_ENCODING)
     # Frame gaps of 1/30 s and 1/15 s alternate: a phone dropping frames in low light.
     times = np.cumsum([0.0] + [1 / 30 if i % 2 else 1 / 15 for i in range(DEMO_FRAMES - 1)])
-    paths["variable_rate"] = write_clip(
-        directory / "variable_rate.mp4", frames, 30, timestamps=times.tolist()
+    paths["variable_rate"] = write_mp4(
+        frames, directory / "variable_rate.mp4", 30, timestamps=times.tolist(), **CLIP_ENCODING
     )
-    paths["rotated"] = write_clip(
-        directory / "rotated.mp4", synthetic_frames(width, height, DEMO_FRAMES, seed=8), 30, rotation=-90
-    )
+    rotated = synthetic_frames(width, height, DEMO_FRAMES, seed=8)
+    paths["rotated"] = write_mp4(rotated, directory / "rotated.mp4", 30, rotation=-90, **CLIP_ENCODING)
     for name in ("three_frames", "tiny", "unicode_name", "variable_rate", "rotated"):
         paths[name].with_suffix(".txt").write_text(
             f"A test clip: {name.replace('_', ' ')}.\n", encoding="utf-8"
         )
 
-    paths["bad_caption"] = write_clip(directory / "bad_caption.mp4", frames, 24)
+    paths["bad_caption"] = write_mp4(frames, directory / "bad_caption.mp4", 24, **CLIP_ENCODING)
     paths["bad_caption"].with_suffix(".txt").write_bytes(b"caf\xe9 \xff\xfe not utf-8\n")
     return paths
 

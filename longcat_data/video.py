@@ -1,4 +1,5 @@
-"""Video decoding: probe a file, read the frames of one clip by timestamp, resize and centre-crop.
+"""Video and image files: probe a video, read the frames of one clip by timestamp, resize and
+centre-crop; read an image; write MP4, GIF and PNG frames.
 
 Frames are chosen by presentation time, not by decode order, so variable-frame-rate files and fps
 resampling are one code path: output frame k of a clip read at ``rate`` fps is the decoded frame whose
@@ -8,17 +9,22 @@ rotation metadata (phone videos) is applied.
 PyAV is the decoder. decord, when importable, reads constant-frame-rate unrotated files: there frame
 indices are exact and its batched C++ reader avoids PyAV's per-frame Python overhead. It knows nothing
 of rotation or timestamps, so every other file stays on PyAV.
+
+Every writer writes under a temporary name in the target folder and renames, so a reader (the preview
+page, a watcher of the validation folder) never sees half a file.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import itertools
 import logging
 import math
 import statistics
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
 from typing import Literal, NamedTuple, TypeVar
@@ -28,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from longcat_data.buckets import cover_scale
+from longcat_data.defaults import DEFAULT_FPS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,7 @@ class InputError(Exception):
 
 
 class VideoError(InputError):
-    """A file that cannot be used as a training video."""
+    """A video or image file that cannot be read or used."""
 
 
 class CropBox(NamedTuple):
@@ -116,7 +123,7 @@ def probe(path: str | Path) -> VideoInfo:
         first = _first_frame(path, container, stream)
         rotation = _rotation(first, stream)
         # Read while the container is open: a stream's fields point into it, and after close they return
-        # whatever reuses that memory (seen on an H100 host as a rate of -2474 fps in 1 of 16 files).
+        # whatever reuses that memory (a nonsense, even negative, rate).
         nominal = stream.average_rate or stream.guessed_rate
 
     deltas = np.diff(timestamps)
@@ -232,13 +239,18 @@ def find_start_frame(video: str | Path, videos_dir: str | Path, frames_dir: str 
 
 def load_start_frame(image: str | Path, height: int, width: int) -> tuple[np.ndarray, CropBox]:
     """A start-frame image as uint8 [height, width, 3], upright (EXIF orientation), resized and cropped."""
-    image = Path(image)
+    return resize_center_crop(read_image(image), height, width)
+
+
+def read_image(source: str | Path | bytes, name: str = "image") -> np.ndarray:
+    """An image file (PNG, JPEG, WebP, ...), or its bytes, as uint8 [H, W, 3] RGB, upright (EXIF
+    orientation applied). ``name`` stands for bytes in the error: an upload's file name, a shard member."""
+    where = Path(name) if isinstance(source, bytes) else Path(source)
     try:
-        with Image.open(image) as opened:
-            pixels = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else where) as opened:
+            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
     except (UnidentifiedImageError, OSError) as err:
-        raise VideoError(image, f"not a readable image ({err}); re-save it as PNG or JPEG") from err
-    return resize_center_crop(pixels, height, width)
+        raise VideoError(where, f"not a readable image ({err}); re-save it as PNG or JPEG") from err
 
 
 # PyAV before 19 fails on non-UTF-8 metadata unless told to replace bad bytes; 19 removed the option.
@@ -423,3 +435,82 @@ def _read_decord(decord: ModuleType, info: VideoInfo, times: np.ndarray, threads
 
 def _ffmpeg_reason(err: av.error.FFmpegError) -> str:
     return err.strerror or str(err)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _partial_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def write_mp4(
+    frames: np.ndarray,
+    path: str | Path,
+    fps: int = DEFAULT_FPS,
+    *,
+    crf: int = 18,
+    keyframe_interval: int | None = None,
+    faststart: bool = True,
+    rotation: int = 0,
+    timestamps: Sequence[float] | None = None,
+) -> Path:
+    """Display-oriented uint8 [F, H, W, 3] -> H.264 MP4 (yuv420p, playable in browsers) at ``fps``.
+
+    ``crf``: x264 quality (lower is closer to the frames). ``keyframe_interval``: at most this many
+    frames between keyframes (None: x264's choice). ``faststart`` puts the index before the frame data,
+    so a browser can start playing before the download ends. ``rotation`` (counter-clockwise degrees)
+    stores the frames turned back by that angle plus display metadata, as a phone does. ``timestamps``
+    (seconds, one per frame) make a variable-frame-rate file.
+    """
+    path = Path(path)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"write_mp4 wants uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    quarter_turns = round(rotation / 90)
+    coded = np.rot90(frames, -quarter_turns, axes=(1, 2))
+    codec_options = {"crf": str(crf)} | ({"g": str(keyframe_interval)} if keyframe_interval else {})
+    tmp = _partial_path(path)
+    with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"} if faststart else {}) as container:
+        stream = container.add_stream("libx264", rate=fps, options=codec_options)
+        stream.width, stream.height = coded.shape[2], coded.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if timestamps is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if quarter_turns:
+            stream.set_display_rotation(quarter_turns * 90)
+        for i, image in enumerate(coded):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if timestamps is not None:
+                frame.pts, frame.time_base = round(timestamps[i] * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return tmp.replace(path)
+
+
+def read_mp4(path: str | Path) -> np.ndarray:
+    """All frames of a video file as uint8 [F, H, W, 3], as decoded (no rotation, no resampling)."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def write_gif(frames: np.ndarray, path: str | Path, fps: int = DEFAULT_FPS, max_side: int = 320) -> Path:
+    """A small looping GIF preview, scaled so its longer side is at most ``max_side``."""
+    path = Path(path)
+    h, w = frames.shape[1:3]
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    images = [Image.fromarray(f).resize(size, Image.Resampling.BICUBIC) for f in frames]
+    tmp = _partial_path(path)
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return tmp.replace(path)
+
+
+def write_frames(frames: np.ndarray, directory: str | Path) -> list[Path]:
+    """Each frame as ``directory/frame_00000.png``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"frame_{i:05d}.png" for i in range(len(frames))]
+    for frame, p in zip(frames, paths, strict=True):
+        Image.fromarray(frame).save(p)
+    return paths

@@ -25,8 +25,8 @@ def _is_user_error(err: BaseException) -> bool:
 def train_main(argv: list[str] | None = None) -> int:
     """``longcat-train``: parse flags (and --config), train, print user errors as one line (exit 2)."""
     # Buckets change tensor shapes from step to step and block swap streams weights in and out: without
-    # expandable segments the caching allocator fragments (3.4 GiB reserved but unusable in our 24 GB
-    # run). Read when CUDA first allocates, so it is set before anything imports a model.
+    # expandable segments the caching allocator fragments, leaving reserved memory unusable. Read when
+    # CUDA first allocates, so it is set before anything imports a model.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     rank = int(os.environ.get("RANK", 0))
     tag = f"[rank {rank}] " if "WORLD_SIZE" in os.environ else ""
@@ -62,7 +62,8 @@ def sample_main(argv: list[str] | None = None) -> int:
 
     config = parse_sample_args(argv)
     # After parsing, as in train_main: --help answers without the model stack's imports.
-    from longcat_train.sample import SampleInputError, run_sample
+    from longcat_train.sampler import run_sample
+    from longcat_train.sampling import SampleInputError
 
     try:
         if config.serve:

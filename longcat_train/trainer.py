@@ -21,7 +21,6 @@ import logging
 import math
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longcat_data.buckets import latent_frames
-from longcat_data.flags import parse_area
 from longcat_data.stream import (
     ShardStream,
     StreamConfig,
@@ -49,6 +47,7 @@ from longcat_data.stream import (
 from longcat_train import flow, lora, parallel
 from longcat_train.config import ConfigError, TrainConfig, resume_mismatch, save_config
 from longcat_train.parallel import Dist
+from longcat_train.validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -252,63 +251,6 @@ def encode_texts(model: str, texts: list[str], device: torch.device) -> dict[str
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
-
-
-# ---------------------------------------------------------------- validation
-
-
-class Validation:
-    """Samples the validation pairs with the current LoRA (``sample.run_validation``) when both the
-    sampler and a ``validation_source`` exist; otherwise says so once and does nothing."""
-
-    def __init__(self, cfg: TrainConfig, d: Dist) -> None:
-        self.cfg, self.d = cfg, d
-        self.pairs: list = []
-        self.sample = None
-        self.vae = None
-        if not cfg.validation_source:
-            log.info("no validation_source: validation off")
-            return
-        try:
-            from longcat_train import sample
-        except ImportError as err:
-            log.warning("validation skipped: the sampler is not available (%s)", err)
-            return
-        self.sample = sample
-        self.pairs = sample.load_validation_pairs(cfg.validation_source, cfg.validation_limit)
-
-    @property
-    def prompts(self) -> list[str]:
-        if not self.pairs:
-            return []
-        return [p.prompt for p in self.pairs] + ([""] if self.cfg.validation_guidance > 1 else [])
-
-    def due(self, step: int, last: int) -> bool:
-        every = self.cfg.validation_every
-        return bool(self.pairs) and (step == last or (every > 0 and step % every == 0))
-
-    def __call__(self, model: nn.Module, step: int, text: TextCache, tb_writer: object | None) -> None:
-        """All ranks call this; with DDP rank 0 samples alone, with FSDP every rank takes part."""
-        sharded = parallel.is_fsdp(model)
-        if self.d.main or sharded:
-            from longcat_data.encode import load_vae
-
-            if self.vae is None:
-                self.vae = load_vae(self.cfg.model, device=self.d.device, dtype=weight_dtype(self.cfg, self.d.device))
-            embeds = {p: text[p] for p in self.prompts}
-            h, w = parse_area(self.cfg.validation_area)
-            out = self.cfg.output_dir if self.d.main else tempfile.mkdtemp(prefix="longcat-val-")
-            # Sampling must not move the training RNG, or a changed validation cadence would change training.
-            with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
-                self.sample.run_validation(
-                    parallel.unwrap(model), self.vae, self.pairs, embeds, step=step, output_dir=out,
-                    frames=self.cfg.validation_frames, steps=self.cfg.validation_inference_steps,
-                    guidance=self.cfg.validation_guidance, seed=self.cfg.validation_seed,
-                    tb_writer=tb_writer if self.d.main else None, shift=self.cfg.flow_schedule_shift, area=(h, w),
-                )
-            if not self.d.main:
-                shutil.rmtree(out, ignore_errors=True)
-        parallel.barrier(self.d)
 
 
 # ---------------------------------------------------------------- metrics
@@ -557,7 +499,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if total_steps <= 0:
         raise ConfigError("num_train_epochs needs the sample count: set epoch_samples (no manifest found) or max_train_steps")
 
-    validation = Validation(cfg, d)
+    validation = Validation(cfg, d, weight_dtype(cfg, d.device))
     shards_lack_text = manifest is not None and manifest.get("settings", {}).get("text_embeds") is False
     prompts = ([""] if cfg.caption_dropout > 0 else []) + validation.prompts
     text = prepare_text(cfg, d, urls, shards_lack_text, prompts)

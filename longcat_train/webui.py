@@ -29,23 +29,16 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from longcat_train.config import (
-    DEFAULT_AREA,
-    DEFAULT_FPS,
-    DEFAULT_FRAMES,
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    SampleConfig,
-)
-from longcat_train.sample import (
+from longcat_data.defaults import DEFAULT_AREA, DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_STEPS
+from longcat_data.video import write_mp4
+from longcat_train.config import SampleConfig
+from longcat_train.sampler import Sampler, check_sample_config
+from longcat_train.sampling import (
     SampleInputError,
-    Sampler,
     StepCallback,
-    check_sample_config,
-    decode_image,
     fit_start_image,
+    read_start_image,
     round_frames,
-    write_mp4,
 )
 
 log = logging.getLogger(__name__)
@@ -237,7 +230,7 @@ def create_app(
                 raise HTTPException(400, f"unknown LoRA {lora!r}")
             wanted_frames = _field(form, "frames", int, 5, MAX_FRAMES, frames)
             try:
-                image = fit_start_image(decode_image(data, name=upload.filename), area)
+                image = fit_start_image(read_start_image(data, name=upload.filename), area)
             except SampleInputError as err:
                 raise HTTPException(400, str(err)) from None
             request_ = GenerationRequest(

@@ -19,8 +19,9 @@ from PIL import Image
 from safetensors.torch import save
 
 from longcat_data import cli, hub, stream
-from longcat_data.demo import synthetic_frames, write_clip
+from longcat_data.demo import CLIP_ENCODING, synthetic_frames
 from longcat_data.shards import StreamState, state_path, write_json_atomic
+from longcat_data.video import write_mp4
 
 ENCODERS = {"vae": "tiny-vae@0", "text_encoder": "tiny-umt5@0"}
 
@@ -339,7 +340,7 @@ def prepped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     videos = root / "videos"
     videos.mkdir()
     for name, (h, w), seed in [("a", (64, 96), 1), ("b", (96, 64), 2), ("c", (64, 64), 3)]:
-        write_clip(videos / f"{name}.mp4", synthetic_frames(h, w, 9, seed=seed), fps=8)
+        write_mp4(synthetic_frames(h, w, 9, seed=seed), videos / f"{name}.mp4", fps=8, **CLIP_ENCODING)
         (videos / f"{name}.txt").write_text(f"clip {name} moves")
     args = ["shard", str(videos), str(root / "out"), "--model", "tiny", "--area", "64x64", "--frames", "5"]
     assert cli.main([*args, "--workers", "0", "--shard-size", "1KB"]) == 0

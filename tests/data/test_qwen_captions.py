@@ -19,7 +19,8 @@ from transformers.utils import is_torchvision_available
 
 from longcat_data import captions
 from longcat_data.captions import QwenCaptioner, caption_videos, load_caption_mapping, resolve_caption
-from longcat_data.demo import synthetic_frames, write_clip
+from longcat_data.demo import CLIP_ENCODING, synthetic_frames
+from longcat_data.video import write_mp4
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -131,9 +132,9 @@ def videos(tmp_path: Path) -> Path:
     """Three short clips, one already captioned by its user, and one file that is not a video."""
     folder = tmp_path / "videos"
     (folder / "sub").mkdir(parents=True)
-    write_clip(folder / "walk.mp4", synthetic_frames(48, 80, 30, seed=1), fps=12)
-    write_clip(folder / "sub" / "pan.mp4", synthetic_frames(64, 64, 20, seed=2), fps=10)
-    write_clip(folder / "kept.mp4", synthetic_frames(48, 48, 12, seed=3), fps=12)
+    write_mp4(synthetic_frames(48, 80, 30, seed=1), folder / "walk.mp4", fps=12, **CLIP_ENCODING)
+    write_mp4(synthetic_frames(64, 64, 20, seed=2), folder / "sub" / "pan.mp4", fps=10, **CLIP_ENCODING)
+    write_mp4(synthetic_frames(48, 48, 12, seed=3), folder / "kept.mp4", fps=12, **CLIP_ENCODING)
     (folder / "kept.txt").write_text("a caption the user wrote\n")
     (folder / "broken.mp4").write_bytes(b"not a video")
     return folder

@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from longcat_data.buckets import InputTooSmall, choose_bucket, make_buckets, trim_to_4k_plus_1
+from longcat_data.defaults import DEMO_AREA, DEMO_FRAMES
 from longcat_data.demo import (
-    DEMO_AREA,
     DEMO_CLIPS,
-    DEMO_FRAMES,
     frame_indices,
     make_bad_inputs,
     synthetic_frames,
@@ -26,7 +25,11 @@ from longcat_data.video import (
     load_start_frame,
     probe,
     read_frames,
+    read_image,
     resize_center_crop,
+    write_frames,
+    write_gif,
+    write_mp4,
 )
 
 
@@ -239,6 +242,15 @@ def test_start_frame_image_honours_exif_orientation(tmp_path: Path) -> None:
     assert image.shape == (80, 40, 3) and is_red(image[-4, 4])
 
 
+def test_read_image_from_bytes_names_them_in_the_error(tmp_path: Path) -> None:
+    Image.new("RGB", (6, 4), (0, 255, 0)).save(tmp_path / "green.png")
+    image = read_image((tmp_path / "green.png").read_bytes(), name="upload.png")
+    assert image.shape == (4, 6, 3) and image.dtype == np.uint8 and tuple(image[0, 0]) == (0, 255, 0)
+    with pytest.raises(VideoError, match="upload.png: not a readable image") as err:
+        read_image(b"not an image", name="upload.png")
+    assert "\n" not in str(err.value)
+
+
 def test_decord_is_used_when_present_for_plain_files_only(
     demo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -343,3 +355,28 @@ def test_probe_reads_nothing_after_closing_the_file(demo_dir: Path, monkeypatch:
     info = probe(demo_dir / f"{clip.name}.mp4")
     assert info.fps == pytest.approx(clip.fps)
     assert read_frames(demo_dir / f"{clip.name}.mp4", 0, 5, info=info).shape[0] == 5
+
+
+# ---------------------------------------------------------------- writing
+
+
+def test_mp4_has_the_right_frames_size_and_rate(tmp_path: Path, make_image) -> None:
+    video = np.stack([make_image(48, 80)] * 9)
+    video[:, :, :, 2] = np.arange(9, dtype=np.uint8)[:, None, None] * 25
+    path = write_mp4(video, tmp_path / "out.mp4", fps=15)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.average_rate == 15
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    assert len(frames) == 9 and frames[0].shape == (48, 80, 3)
+    assert np.abs(np.stack(frames).astype(int) - video).mean() < 6  # lossy, but the same picture
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_gif_and_frames(tmp_path: Path, make_image) -> None:
+    video = np.stack([np.roll(make_image(32, 48), 6 * i, axis=1) for i in range(5)])
+    gif = write_gif(video, tmp_path / "out.gif")
+    with Image.open(gif) as image:
+        assert image.n_frames == 5
+    assert len(write_frames(video, tmp_path / "frames")) == 5

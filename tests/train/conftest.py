@@ -66,3 +66,15 @@ def tiny_frames() -> int:
 def shard_copy(tiny_shards, tmp_path) -> Path:
     """A private copy of the session shards that a test may damage."""
     return Path(shutil.copytree(tiny_shards, tmp_path / "shards", ignore=shutil.ignore_patterns(".prep")))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    """The tiny DiT and VAE, and the tiny text encoder's embeddings of a prompt and of the empty prompt."""
+    from longcat_data.encode import encode_text, load_text_encoder, load_vae
+    from longcat_train.loading import tiny_dit
+
+    model = tiny_dit().eval()
+    tokenizer, text_encoder = load_text_encoder("tiny")
+    prompt, negative = encode_text(tokenizer, text_encoder, ["a cat walks across a sunny garden", ""])
+    return dict(model=model, vae=load_vae("tiny"), prompt=prompt, negative=negative)

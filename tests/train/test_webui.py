@@ -244,7 +244,7 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
 
 def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None:
     from longcat_train.config import SampleConfig
-    from longcat_train.sample import Sampler
+    from longcat_train.sampler import Sampler
     from longcat_train.webui import sampler_generate
 
     config = SampleConfig(model="tiny", area=(64, 64), frames=5, steps=2, lora=[lora_path])

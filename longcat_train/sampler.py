@@ -1,0 +1,245 @@
+"""The sampler behind ``longcat-sample`` and its preview page: models loaded once, LoRAs, the command.
+
+``Sampler`` owns what only a standalone sampler has: the text encoder, the VAE and the DiT loaded from
+``--model``, their placement on the GPU (offload, block swap), and the LoRA to sample with. The
+sampling itself is ``sampling.generate_videos``, shared with the trainer's validation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft.tuners.lora import LoraLayer
+
+from longcat_data.defaults import (
+    DEFAULT_AREA,
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_MODEL,
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+)
+from longcat_data.encode import default_dtype, encode_text, load_text_encoder, load_vae
+from longcat_data.video import write_frames, write_gif, write_mp4
+from longcat_train.attention import warn_if_unavailable
+from longcat_train.config import SampleConfig
+from longcat_train.loading import load_dit
+from longcat_train.lora import ADAPTER as LORA_ADAPTER
+from longcat_train.lora import load_lora
+from longcat_train.offload import BlockSwap, apply_block_swap
+from longcat_train.sampling import (
+    SampleInputError,
+    StepCallback,
+    fit_start_image,
+    generate_videos,
+    read_start_image,
+    round_frames,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Sampler:
+    """The DiT, VAE and text encoder loaded once, for the CLI and the preview page.
+
+    The DiT stays on ``device``. With ``offload`` the text encoder and VAE live on the CPU and visit the
+    device only for their own step, so the DiT's activations at 480x832x93 have the GPU to themselves.
+    ``block_swap`` N keeps the weights of the DiT's last N blocks in host memory and streams them in
+    (``longcat_train.offload``), for GPUs smaller than the bf16 model; it is applied at the first video,
+    after the LoRA is merged, and fixes the weights from then on.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        offload: bool = True,
+        vae_tiling: bool = False,
+        block_swap: int = 0,
+        attention: str = "sdpa",
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or default_dtype(self.device)
+        self.offload = offload and self.device.type != "cpu"
+        self.vae_tiling = vae_tiling
+        self.block_swap = block_swap if self.device.type != "cpu" else 0
+        home = "cpu" if self.offload else self.device
+        log.info("loading %s (DiT on %s, %s; text encoder and VAE on %s)", model, self.device, self.dtype, home)
+        self.tokenizer, self.text_encoder = load_text_encoder(model, device=home, dtype=self.dtype)
+        self.vae = load_vae(model, device=home, dtype=self.dtype)
+        self.model = model
+        dit_home = "cpu" if self.block_swap else self.device
+        self.dit: torch.nn.Module = load_dit(model, dtype=self.dtype, device=dit_home).eval().requires_grad_(False)
+        self.dit.config.attention_implementation = attention
+        warn_if_unavailable(attention)
+        self.lora: tuple[str, float] | None = None  # the unmerged LoRA and strength now on the DiT
+        self.merged: str | None = None
+        self.swap: BlockSwap | None = None
+
+    @classmethod
+    def from_config(cls, config: SampleConfig) -> Sampler:
+        """The models ``longcat-sample`` (once, or behind the preview page) loads for ``config``."""
+        return cls(
+            config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap,
+            attention=config.attention,
+        )
+
+    def use_lora(self, path: str | None, strength: float = 1.0, *, merge: bool = False) -> None:
+        """Sample with the LoRA file at ``path`` (ours or the official format; None: the base model), its
+        update scaled by ``strength``.
+
+        ``merge`` folds it into the base weights: no extra cost per step, but it stays for good (the CLI,
+        which makes one set of videos). Unmerged, the next call can swap or rescale it (the preview page).
+        """
+        if self.merged is not None or self.swap is not None:
+            fixed = f"LoRA {self.merged} is merged" if self.merged else "block swap has packed the weights"
+            raise SampleInputError(f"{fixed}; the LoRA cannot change now (choose it before the first video)")
+        if self.lora is not None and (path is None or self.lora[0] != path):
+            self.dit = self.dit.unload()  # back to the untouched base weights
+            self.lora = None
+        if path is None:
+            return
+        if self.lora is None:
+            if not Path(path).is_file():
+                raise SampleInputError(f"LoRA file not found: {path}")
+            try:
+                self.dit = load_lora(self.dit, path).eval()
+            except (ValueError, OSError) as err:
+                raise SampleInputError(f"LoRA {path} does not fit the DiT of --model {self.model}: {err}") from err
+        for module in self.dit.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale(LORA_ADAPTER, strength)
+        self.lora = (path, strength)
+        log.info("LoRA %s at strength %g%s", path, strength, " (merged)" if merge else "")
+        if merge:
+            self.dit = self.dit.merge_and_unload()
+            self.lora, self.merged = None, path
+
+    @contextmanager
+    def _visiting(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if not self.offload:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            torch.cuda.empty_cache()
+
+    def generate(
+        self,
+        image: np.ndarray,
+        prompts: Sequence[str],
+        *,
+        frames: int = DEFAULT_FRAMES,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        shift: float = DEFAULT_SHIFT,
+        seed: int = 0,
+        area: tuple[int, int] = DEFAULT_AREA,
+        negative_prompt: str = "",
+        on_step: StepCallback | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """uint8 [B, F, H, W, 3]: one video per prompt from the same start image; prompt i uses seed + i."""
+        prompts = [p.strip() for p in prompts]
+        if not prompts or not all(prompts):
+            raise SampleInputError("the prompt is empty: describe what should happen in the video")
+        use_cfg = guidance > 1.0
+        with self._visiting(self.text_encoder) as text_encoder:
+            embeds = encode_text(self.tokenizer, text_encoder, prompts + ([negative_prompt] if use_cfg else []))
+        negative = embeds.pop() if use_cfg else None
+        if self.block_swap and self.swap is None:
+            self.swap = apply_block_swap(self.dit, self.block_swap, "cpu", compute_device=self.device)
+        return generate_videos(
+            self.dit,
+            self.vae,
+            image,
+            embeds,
+            negative,
+            frames=frames,
+            steps=steps,
+            guidance=guidance,
+            shift=shift,
+            seed=seed,
+            area=area,
+            on_step=on_step,
+            progress=progress,
+            visiting=self._visiting,
+            tiled_decode=self.vae_tiling,
+        )
+
+
+# ---------------------------------------------------------------- the longcat-sample command
+
+
+def check_sample_config(config: SampleConfig) -> np.ndarray | None:
+    """Refuse bad input before any model loads; returns the start image (None when serving)."""
+    for lora in config.lora:
+        if not Path(lora).is_file():
+            raise SampleInputError(f"LoRA file not found: {lora}")
+    if config.steps < 1:
+        raise SampleInputError(f"--steps must be at least 1, got {config.steps}")
+    config.frames = round_frames(config.frames)
+    if config.block_swap < 0:
+        raise SampleInputError(f"--block-swap must be >= 0, got {config.block_swap}")
+    if config.serve:
+        if config.block_swap and config.lora:
+            raise SampleInputError("--serve with --block-swap cannot switch LoRAs (swapped weights are fixed)")
+        return None
+    if len(config.lora) > 1:
+        raise SampleInputError("give one --lora to sample with (several are for --serve, which offers them all)")
+    if config.image is None:
+        raise SampleInputError("--image is required: the start frame of the video")
+    image = read_start_image(config.image)
+    fit_start_image(image, config.area)
+    if not config.prompts or not all(p.strip() for p in config.prompts):
+        raise SampleInputError("--prompt is empty: describe what should happen in the video")
+    if Path(config.output).suffix.lower() != ".mp4":
+        raise SampleInputError(f"-o {config.output}: the output must be an .mp4 file")
+    return image
+
+
+def output_paths(output: str | Path, count: int) -> list[Path]:
+    """``out.mp4`` for one video; ``out_0.mp4``, ``out_1.mp4``, ... for several prompts."""
+    output = Path(output)
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+
+
+def run_sample(config: SampleConfig) -> list[Path]:
+    """Make one video per prompt from the start image and write them (plus GIF / frames if asked)."""
+    image = check_sample_config(config)
+    sampler = Sampler.from_config(config)
+    if config.lora:
+        sampler.use_lora(config.lora[0], config.lora_strength, merge=True)
+    videos = sampler.generate(
+        image,
+        config.prompts,
+        frames=config.frames,
+        steps=config.steps,
+        guidance=config.guidance,
+        shift=config.shift,
+        seed=config.seed,
+        area=config.area,
+        negative_prompt=config.negative_prompt,
+    )
+    written = []
+    for video, path in zip(videos, output_paths(config.output, len(videos)), strict=True):
+        written.append(write_mp4(video, path, fps=config.fps))
+        if config.gif:
+            written.append(write_gif(video, path.with_suffix(".gif"), fps=config.fps))
+        if config.save_frames:
+            write_frames(video, path.with_suffix(""))
+            written.append(path.with_suffix(""))
+        log.info("wrote %s (%d frames, %dx%d, %d fps)", path, len(video), video.shape[2], video.shape[1], config.fps)
+    return written

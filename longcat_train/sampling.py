@@ -1,0 +1,278 @@
+"""Image-to-video sampling: the schedule, guidance, start-image fitting and the denoising loop.
+
+The sampler follows the official LongCat-Video I2V pipeline: the start image, fitted to the nearest
+aspect bucket, is VAE-encoded alone and normalised; it is latent frame 0 of every DiT input (timestep 0,
+``num_cond_latents=1``), so the first frame never drifts. The remaining latent frames start as noise
+and follow flow-match Euler steps over ``linspace(1, 0.001, steps)`` sigmas shifted by ``shift`` (12 at
+480p). With guidance > 1 the conditional and unconditional (empty prompt) passes run as one batch and
+are combined with CFG-Zero*. The DiT predicts ``x0 - eps``; the flow velocity ``dx/dsigma`` is its
+negative.
+
+``generate_videos`` is the whole path from start image to frames; the command's ``Sampler``, the
+preview page and the trainer's validation all sample through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tqdm.auto import tqdm
+
+from longcat_data.buckets import (
+    VAE_TEMPORAL_STRIDE,
+    InputTooSmall,
+    aspect_distance,
+    choose_bucket,
+    cover_scale,
+    latent_frames,
+    make_buckets,
+)
+from longcat_data.defaults import DEFAULT_AREA, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS
+from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
+from longcat_data.video import VideoError, read_image, resize_center_crop
+
+log = logging.getLogger(__name__)
+
+# Sampling may enlarge a start image a little (unlike data prep, which never invents pixels), but past
+# 2x most of the condition frame would be interpolation and the video inherits the blur.
+MAX_UPSCALE = 2.0
+# Cropping a start image to its bucket may drop at most half of it; beyond that the video would start
+# from a different picture than the one the user chose.
+MIN_KEPT_FRACTION = 0.5
+
+StepCallback = Callable[[int, int], None]
+# Holds a module where it runs for the duration of the block (the sampler's offload); default: in place.
+Visiting = Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]
+
+
+class SampleInputError(ValueError):
+    """Input the sampler refuses; the message is one line a user can act on."""
+
+
+# ---------------------------------------------------------------- schedule and guidance
+
+
+def flow_scheduler(steps: int, shift: float = DEFAULT_SHIFT) -> FlowMatchEulerDiscreteScheduler:
+    """Flow-match Euler over ``linspace(1, 0.001, steps)`` shifted: s' = shift*s / (1 + (shift-1)*s).
+
+    ``scheduler.sigmas`` holds the ``steps`` shifted sigmas and a final 0; ``scheduler.timesteps`` is
+    1000 * sigma. Built fresh per video because the scheduler counts its own steps.
+    """
+    if steps < 1:
+        raise SampleInputError(f"steps must be at least 1, got {steps}")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    # torch's float32 linspace, as upstream builds it (numpy's differs in the last bit for some steps).
+    scheduler.set_timesteps(steps, sigmas=torch.linspace(1.0, 0.001, steps).numpy())
+    return scheduler
+
+
+def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """CFG-Zero*: ``st * u + g * (c - st * u)`` with ``st = <c, u> / ||u||^2`` per sample.
+
+    ``st`` rescales the unconditional prediction onto the conditional one before guiding, which keeps
+    early, inaccurate steps from overshooting. Computed over the whole prediction, condition frame
+    included, as upstream does.
+    """
+    batch = cond.shape[0]
+    c = cond.reshape(batch, -1).float()
+    u = uncond.reshape(batch, -1).float()
+    st = (c * u).sum(dim=1) / (u.square().sum(dim=1) + 1e-8)
+    st = st.view(batch, *([1] * (cond.ndim - 1)))
+    return st * uncond + guidance * (cond - st * uncond)
+
+
+def round_frames(frames: int) -> int:
+    """A 4k+1 frame count (the VAE's temporal stride): others are rounded to the nearest, with a warning."""
+    if frames < 1 + VAE_TEMPORAL_STRIDE:
+        raise SampleInputError(f"frames must be at least {1 + VAE_TEMPORAL_STRIDE}, got {frames}")
+    k = max(1, round((frames - 1) / VAE_TEMPORAL_STRIDE))
+    rounded = 1 + VAE_TEMPORAL_STRIDE * k
+    if rounded != frames:
+        log.warning("frames must be 4k+1 for the VAE: using %d instead of %d", rounded, frames)
+    return rounded
+
+
+# ---------------------------------------------------------------- start image
+
+
+def read_start_image(source: str | Path | bytes, name: str = "upload") -> np.ndarray:
+    """``read_image`` for the sampler: a start image (a file, or its bytes named ``name``) as uint8
+    [H, W, 3] RGB, upright; a missing or unreadable one is a SampleInputError."""
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise SampleInputError(f"start image not found: {source}")
+    try:
+        return read_image(source, name)
+    except VideoError as err:
+        raise SampleInputError(f"{err.path} is not an image that can be read (PNG, JPEG or WebP expected)") from err
+
+
+def fit_start_image(image: np.ndarray, area: tuple[int, int] = DEFAULT_AREA) -> np.ndarray:
+    """Resize and centre-crop a start image to the bucket of ``area`` nearest its aspect ratio."""
+    h, w = image.shape[:2]
+    buckets = make_buckets(area)
+    try:
+        bucket = choose_bucket(h, w, buckets, allow_upscale=True)
+    except InputTooSmall as err:  # raised only for sizes that are not positive
+        raise SampleInputError(f"start image: {err}") from err
+    kept = math.exp(-aspect_distance(h, w, bucket))
+    if kept < MIN_KEPT_FRACTION:
+        raise SampleInputError(
+            f"start image {w}x{h} (WxH) has an extreme aspect ratio {max(w, h) / min(w, h):.1f}:1; its nearest "
+            f"bucket {bucket[1]}x{bucket[0]} would crop away {1 - kept:.0%} of it. Crop it to at most "
+            f"{max(bucket) / min(bucket):.0f}:1 first"
+        )
+    scale = cover_scale(h, w, bucket)
+    if scale > MAX_UPSCALE:
+        least_w, least_h = math.ceil(bucket[1] / MAX_UPSCALE), math.ceil(bucket[0] / MAX_UPSCALE)
+        raise SampleInputError(
+            f"start image {w}x{h} (WxH) is too small for --size {area[0]}x{area[1]}: its bucket {bucket[1]}x{bucket[0]} "
+            f"would need {scale:.1f}x upscaling (at most {MAX_UPSCALE:g}x, so at least {least_w}x{least_h}). "
+            f"Use a larger image or a smaller --size"
+        )
+    if scale > 1.0:
+        log.info("start image %dx%d upscaled %.2fx to its bucket %dx%d", w, h, scale, bucket[1], bucket[0])
+    return resize_center_crop(image, *bucket)[0]
+
+
+# ---------------------------------------------------------------- denoising
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    # The embedders stay on the compute device even when block swap parks the blocks on the CPU.
+    return next(model.parameters()).device
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """fp32 noise [B, *shape]; sample i comes from its own CPU generator seeded ``seeds[i]``.
+
+    Per-sample CPU generators make a video depend only on its own seed: the same on any device and
+    whatever else shares its batch.
+    """
+    noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(noise)
+
+
+@torch.no_grad()
+def denoise(
+    model: torch.nn.Module,
+    cond_latents: torch.Tensor,
+    prompt_embeds: Sequence[torch.Tensor],
+    negative_embeds: torch.Tensor | None,
+    *,
+    frames: int,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    shift: float = DEFAULT_SHIFT,
+    seeds: Sequence[int] = (0,),
+    on_step: StepCallback | None = None,
+    on_latents: Callable[[int, torch.Tensor], None] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Latents [B, 16, T, h, w] (normalised, fp32) for B start frames and prompts.
+
+    ``cond_latents`` [B, 16, 1, h, w] are the encoded start frames; ``prompt_embeds`` B real-token
+    embeddings [L_i, D]; ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1.
+    ``on_step(i, steps)`` is called after each step; ``on_latents(i, latents)`` sees the full latents
+    (condition frame included) the model is given at step i.
+    """
+    batch = cond_latents.shape[0]
+    if len(prompt_embeds) != batch or len(seeds) != batch:
+        raise ValueError(f"{batch} start frames need as many prompts and seeds, got {len(prompt_embeds)}, {len(seeds)}")
+    use_cfg = guidance > 1.0
+    if use_cfg and negative_embeds is None:
+        raise ValueError("guidance > 1 needs the empty negative prompt's embedding")
+    # Latents and text stay fp32 here: the DiT casts its inputs to its own dtype, as upstream does.
+    device = _model_device(model)
+    cond = cond_latents.to(device, torch.float32)
+    _, channels, _, h, w = cond.shape
+
+    # The unconditional half comes first, as upstream orders it; one forward serves both halves.
+    texts = ([negative_embeds] * batch if use_cfg else []) + list(prompt_embeds)
+    text, mask = pad_text_embeds([t.to(device, torch.float32) for t in texts])
+
+    noisy = initial_noise((channels, latent_frames(frames) - 1, h, w), seeds).to(device)
+    scheduler = flow_scheduler(steps, shift)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress)):
+        # The clean condition frame is put back in front of the noisy frames at every step.
+        latents = torch.cat([cond, noisy], dim=2)
+        if on_latents is not None:
+            on_latents(i, latents)
+        x = torch.cat([latents, latents]) if use_cfg else latents
+        timestep = t.to(device).expand(x.shape[0])  # the model sets the condition frame's to 0
+        pred = model(
+            hidden_states=x,
+            timestep=timestep,
+            encoder_hidden_states=text,
+            encoder_attention_mask=mask,
+            num_cond_latents=1,
+        ).float()
+        if use_cfg:
+            uncond, pred = pred.chunk(2)
+            pred = cfg_zero_star(pred, uncond, guidance)
+        # The DiT predicts x0 - eps; the Euler step wants d x / d sigma = eps - x0.
+        noisy = scheduler.step(-pred[:, :, 1:], t, noisy).prev_sample
+        if on_step is not None:
+            on_step(i + 1, steps)
+    return torch.cat([cond, noisy], dim=2)
+
+
+def generate_videos(
+    model: torch.nn.Module,
+    vae: torch.nn.Module,
+    image: np.ndarray,
+    prompt_embeds: Sequence[torch.Tensor],
+    negative_embeds: torch.Tensor | None,
+    *,
+    frames: int = DEFAULT_FRAMES,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    shift: float = DEFAULT_SHIFT,
+    seed: int = 0,
+    area: tuple[int, int] = DEFAULT_AREA,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+    visiting: Visiting = nullcontext,
+    tiled_decode: bool = False,
+) -> np.ndarray:
+    """uint8 [B, F, H, W, 3]: one video per prompt embedding from the same start image (any size;
+    fitted to its bucket); video i uses seed + i.
+
+    ``prompt_embeds``: B embeddings [L_i, D]; ``negative_embeds`` [L, D], the empty prompt's, when
+    guidance > 1. ``visiting(vae)`` holds the VAE where it runs while it encodes and decodes (the
+    sampler's offload brings it onto the GPU only then). ``tiled_decode`` decodes in spatial tiles.
+    """
+    frames = round_frames(frames)
+    start = fit_start_image(image, area)
+    batch = len(prompt_embeds)
+    with visiting(vae) as on_device:
+        cond = encode_image(on_device, start[None]).expand(batch, -1, -1, -1, -1)
+    latents = denoise(
+        model,
+        cond,
+        prompt_embeds,
+        negative_embeds,
+        frames=frames,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        seeds=[seed + i for i in range(batch)],
+        on_step=on_step,
+        progress=progress,
+    )
+    with visiting(vae) as on_device:
+        if tiled_decode:
+            on_device.enable_tiling()
+        try:
+            # One video at a time: decoding memory grows with the batch, and the batch gains nothing.
+            videos = [decode_latents(on_device, latents[i : i + 1])[0].numpy() for i in range(batch)]
+        finally:
+            if tiled_decode:
+                on_device.disable_tiling()
+    return np.stack(videos)

@@ -1,0 +1,266 @@
+"""Validation during training: fixed (start image, prompt) pairs sampled with the LoRA as it trains.
+
+Each validation writes ``validation/step_NNNNNN/<key>.mp4`` and a contact sheet comparing the LoRA's
+video with the base model's. The videos come from ``sampling.generate_videos``, the sampler's own path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+from webdataset.handlers import reraise_exception
+
+from longcat_data.defaults import (
+    DEFAULT_AREA,
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+)
+from longcat_data.encode import load_vae
+from longcat_data.flags import parse_area
+from longcat_data.shards import CAPTION, COND_IMAGE
+from longcat_data.stream import TextCache, expand_shard_spec, read_tars
+from longcat_data.video import IMAGE_EXTENSIONS, read_mp4, write_mp4
+from longcat_train import parallel
+from longcat_train.config import TrainConfig
+from longcat_train.parallel import Dist
+from longcat_train.sampling import SampleInputError, fit_start_image, generate_videos, read_start_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationPair:
+    """A fixed (start image, prompt) the trainer samples at every validation."""
+
+    key: str
+    image: np.ndarray  # uint8 [H, W, 3]
+    prompt: str
+
+
+def _safe_key(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._") or "pair"
+
+
+def load_validation_pairs(source: str, limit: int) -> list[ValidationPair]:
+    """Up to ``limit`` pairs, in a fixed order, from a folder of images + same-stem ``.txt`` captions,
+    or from eval shards (``cond.png`` + ``txt`` of each sample; any spec ``expand_shard_spec`` takes)."""
+    folder = Path(source).expanduser()
+    # A shard folder also holds images (longcat-prep inspect's contact sheet): tars decide.
+    is_shard_dir = folder.is_dir() and any(folder.glob("*.tar"))
+    if folder.is_dir() and not is_shard_dir and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
+        pairs = _folder_pairs(folder, limit)
+    else:
+        pairs = _shard_pairs(source, limit)
+    if not pairs:
+        raise SampleInputError(f"no validation pairs in {source} (expected images with .txt captions, or eval shards)")
+    log.info("validation: %d pairs from %s", len(pairs), source)
+    return pairs
+
+
+def _folder_pairs(folder: Path, limit: int) -> list[ValidationPair]:
+    pairs = []
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]:
+        caption = image.with_suffix(".txt")
+        if not caption.is_file():
+            raise SampleInputError(f"validation image {image} has no caption: write its prompt to {caption}")
+        prompt = caption.read_text(encoding="utf-8").strip()
+        if not prompt:
+            raise SampleInputError(f"validation caption {caption} is empty")
+        pairs.append(ValidationPair(_safe_key(image.stem), read_start_image(image), prompt))
+    return pairs
+
+
+def _shard_pairs(spec: str, limit: int) -> list[ValidationPair]:
+    pairs: list[ValidationPair] = []
+    # Shards in the order listed, samples in file order, no shuffling: the same pairs every run.
+    sources = ({"url": url} for url in expand_shard_spec(spec))
+    for sample in read_tars(sources, handler=reraise_exception):
+        if COND_IMAGE not in sample or CAPTION not in sample:
+            continue
+        key = sample["__key__"]
+        image = read_start_image(sample[COND_IMAGE], name=f"{key}/{COND_IMAGE}")
+        pairs.append(ValidationPair(_safe_key(key), image, sample[CAPTION].decode("utf-8").strip()))
+        if len(pairs) == limit:
+            break
+    return pairs
+
+
+def contact_sheet(
+    start: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], columns: int = 4, height: int = 160
+) -> np.ndarray:
+    """A PNG-ready uint8 sheet: per row a label, the start frame, then ``columns`` evenly spaced frames."""
+    scale = height / start.shape[0]
+    width = max(1, round(start.shape[1] * scale))
+    label_w, gap = 72, 4
+    cells = 1 + columns
+    sheet = Image.new("RGB", (label_w + cells * (width + gap), len(rows) * (height + gap) + 18), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((label_w, 2), "start", fill="black")
+
+    def paste(frame: np.ndarray, col: int, row: int) -> None:
+        cell = Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC)
+        sheet.paste(cell, (label_w + col * (width + gap), 18 + row * (height + gap)))
+
+    for r, (label, video) in enumerate(rows):
+        draw.text((4, 18 + r * (height + gap) + height // 2), label, fill="black")
+        paste(start, 0, r)
+        for c, index in enumerate(np.linspace(0, len(video) - 1, columns).round().astype(int)):
+            if r == 0:
+                draw.text((label_w + (c + 1) * (width + gap), 2), f"frame {index}", fill="black")
+            paste(video[index], c + 1, r)
+    return np.asarray(sheet)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def run_validation(
+    model: nn.Module,
+    vae: nn.Module,
+    pairs: Sequence[ValidationPair],
+    embeds: dict[str, torch.Tensor],
+    *,
+    step: int,
+    output_dir: str | Path,
+    frames: int = DEFAULT_FRAMES,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    seed: int = 0,
+    tb_writer: object | None = None,
+    shift: float = DEFAULT_SHIFT,
+    area: tuple[int, int] = DEFAULT_AREA,
+    fps: int = DEFAULT_FPS,
+    sharded: bool = False,
+) -> list[Path]:
+    """Sample every pair with the model as it is (LoRA on) and, where the model carries a peft adapter,
+    with the adapter off; write ``validation/step_NNNNNN/<key>.mp4`` and ``<key>_sheet.png``.
+
+    ``embeds`` maps each prompt, and ``""`` (the negative prompt) when guidance > 1, to its [L, D]
+    embedding. Base-model videos do not change during training, so each is sampled once and kept in
+    ``validation/base/`` under a name carrying its settings. ``sharded``: the model is split across
+    ranks (FSDP), which all sample together. Returns the files written.
+    """
+    root = Path(output_dir) / "validation"
+    step_dir = root / f"step_{step:06d}"
+    negative = embeds.get("") if guidance > 1.0 else None
+    if guidance > 1.0 and negative is None:
+        raise KeyError('validation embeds need the empty negative prompt "" when guidance > 1')
+    settings = dict(frames=frames, steps=steps, guidance=guidance, shift=shift, seed=seed, area=area, progress=False)
+    has_adapter = hasattr(model, "disable_adapter")
+    written: list[Path] = []
+    with _eval_mode(model):
+        for pair in pairs:
+            if pair.prompt not in embeds:
+                raise KeyError(f"validation embeds have no entry for the prompt of {pair.key!r}")
+            video = generate_videos(model, vae, pair.image, [embeds[pair.prompt]], negative, **settings)[0]
+            written.append(write_mp4(video, step_dir / f"{pair.key}.mp4", fps=fps))
+            rows = [("LoRA" if has_adapter else "model", video)]
+            if has_adapter:
+                base = _base_video(model, vae, pair, embeds, negative, root, settings, fps, sharded=sharded)
+                rows.insert(0, ("base", base))
+            sheet = contact_sheet(fit_start_image(pair.image, area), rows)
+            sheet_path = step_dir / f"{pair.key}_sheet.png"
+            Image.fromarray(sheet).save(sheet_path)
+            written.append(sheet_path)
+            if tb_writer is not None:
+                # add_video needs moviepy, which this project does not install; the sheet shows the same.
+                tb_writer.add_image(f"validation/{pair.key}", sheet, global_step=step, dataformats="HWC")
+    log.info("validation at step %d: %d files in %s", step, len(written), step_dir)
+    return written
+
+
+def _base_video(
+    model: nn.Module,
+    vae: nn.Module,
+    pair: ValidationPair,
+    embeds: dict[str, torch.Tensor],
+    negative: torch.Tensor | None,
+    root: Path,
+    settings: dict,
+    fps: int,
+    *,
+    sharded: bool,
+) -> np.ndarray:
+    # The name carries everything the base video depends on, so a changed pair or setting resamples.
+    identity = hashlib.sha256(pair.image.tobytes() + repr((pair.image.shape, pair.prompt, sorted(settings.items()))).encode())
+    name = f"{pair.key}_{identity.hexdigest()[:12]}.mp4"
+    cached = root / "base" / name
+    # With FSDP every rank runs each forward together, but only rank 0 writes (and so finds) the cache;
+    # sharded models therefore always sample, so all ranks make the same calls.
+    if cached.is_file() and not sharded:
+        return read_mp4(cached)
+    with model.disable_adapter():
+        video = generate_videos(model, vae, pair.image, [embeds[pair.prompt]], negative, **settings)[0]
+    write_mp4(video, cached, fps=fps)
+    return video
+
+
+# ---------------------------------------------------------------- in the trainer
+
+
+class Validation:
+    """Samples the validation pairs with the current LoRA (``run_validation``) when the config names a
+    ``validation_source``; otherwise says so once and does nothing. ``dtype``: the VAE's weights."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, dtype: torch.dtype) -> None:
+        self.cfg, self.d, self.dtype = cfg, d, dtype
+        self.pairs: list[ValidationPair] = []
+        self.vae: nn.Module | None = None
+        if not cfg.validation_source:
+            log.info("no validation_source: validation off")
+            return
+        self.pairs = load_validation_pairs(cfg.validation_source, cfg.validation_limit)
+
+    @property
+    def prompts(self) -> list[str]:
+        if not self.pairs:
+            return []
+        return [p.prompt for p in self.pairs] + ([""] if self.cfg.validation_guidance > 1 else [])
+
+    def due(self, step: int, last: int) -> bool:
+        every = self.cfg.validation_every
+        return bool(self.pairs) and (step == last or (every > 0 and step % every == 0))
+
+    def __call__(self, model: nn.Module, step: int, text: TextCache, tb_writer: object | None) -> None:
+        """All ranks call this; with DDP rank 0 samples alone, with FSDP every rank takes part."""
+        sharded = parallel.is_fsdp(model)
+        if self.d.main or sharded:
+            if self.vae is None:
+                self.vae = load_vae(self.cfg.model, device=self.d.device, dtype=self.dtype)
+            embeds = {p: text[p] for p in self.prompts}
+            h, w = parse_area(self.cfg.validation_area)
+            out = self.cfg.output_dir if self.d.main else tempfile.mkdtemp(prefix="longcat-val-")
+            # Sampling must not move the training RNG, or a changed validation cadence would change training.
+            with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
+                run_validation(
+                    parallel.unwrap(model), self.vae, self.pairs, embeds, step=step, output_dir=out,
+                    frames=self.cfg.validation_frames, steps=self.cfg.validation_inference_steps,
+                    guidance=self.cfg.validation_guidance, seed=self.cfg.validation_seed,
+                    tb_writer=tb_writer if self.d.main else None, shift=self.cfg.flow_schedule_shift, area=(h, w),
+                    sharded=sharded,
+                )
+            if not self.d.main:
+                shutil.rmtree(out, ignore_errors=True)
+        parallel.barrier(self.d)

@@ -1,0 +1,117 @@
+"""Validation during training: pairs from folders and shards, contact sheets, run_validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from longcat_data.video import read_mp4
+from longcat_train import parallel, validation
+from longcat_train.sampling import SampleInputError
+from longcat_train.validation import ValidationPair, contact_sheet, load_validation_pairs, run_validation
+
+# ---------------------------------------------------------------- validation pairs
+
+
+def test_validation_pairs_from_a_folder(tmp_path, make_image) -> None:
+    for name, size in [("b_dog", (80, 120)), ("a_cat", (64, 64))]:
+        Image.fromarray(make_image(*size)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"a {name[2:]} runs\n")
+    pairs = load_validation_pairs(str(tmp_path), limit=5)
+    assert [(p.key, p.prompt, p.image.shape) for p in pairs] == [
+        ("a_cat", "a cat runs", (64, 64, 3)),
+        ("b_dog", "a dog runs", (80, 120, 3)),
+    ]
+    assert len(load_validation_pairs(str(tmp_path), limit=1)) == 1
+    (tmp_path / "c_bird.png").write_bytes((tmp_path / "a_cat.png").read_bytes())
+    with pytest.raises(SampleInputError, match="c_bird.png has no caption"):
+        load_validation_pairs(str(tmp_path), limit=5)
+
+
+def test_validation_pairs_from_eval_shards(tmp_path, make_image) -> None:
+    import webdataset as wds
+
+    from longcat_data.shards import encode_sample
+
+    with wds.TarWriter(str(tmp_path / "eval-000000.tar")) as tar:
+        for i in range(3):
+            image = np.roll(make_image(64, 64), i, axis=0)
+            latents = torch.zeros(16, 3, 8, 8)
+            tar.write(encode_sample(f"clip{i}", latents, latents[:, :1], image, f"caption {i}", {"fps": 15}))
+    pairs = load_validation_pairs(str(tmp_path), limit=2)
+    assert [(p.key, p.prompt) for p in pairs] == [("clip0", "caption 0"), ("clip1", "caption 1")]
+    np.testing.assert_array_equal(pairs[1].image, np.roll(make_image(64, 64), 1, axis=0))
+
+
+def test_contact_sheet_layout(make_image) -> None:
+    video = np.stack([np.full((32, 48, 3), 10 * i, np.uint8) for i in range(9)])
+    sheet = contact_sheet(make_image(32, 48), [("base", video), ("LoRA", video)], columns=4, height=40)
+    # Two rows of 40 px plus the header; a label column plus five cells of 60 px.
+    assert sheet.shape == (18 + 2 * 44, 72 + 5 * 64, 3)
+
+
+# ---------------------------------------------------------------- sampling the pairs
+
+
+def test_run_validation_writes_videos_sheets_and_tensorboard(tiny: dict, tmp_path, make_image, monkeypatch) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from longcat_train.loading import tiny_dit
+    from longcat_train.lora import apply_lora
+
+    model = apply_lora(tiny_dit(), rank=4, targets=["attn.qkv"])
+    model.train()
+    pairs = [ValidationPair("cat", make_image(64, 64), "a cat walks across a sunny garden")]
+    embeds = {pairs[0].prompt: tiny["prompt"], "": tiny["negative"]}
+    calls: list[bool] = []
+    real_generate = validation.generate_videos
+
+    def counting(*args, **kwargs):
+        calls.append(True)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "generate_videos", counting)
+    settings = dict(output_dir=tmp_path, frames=5, steps=2, area=(64, 64))
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        first = run_validation(model, tiny["vae"], pairs, embeds, step=10, tb_writer=writer, **settings)
+        second = run_validation(model, tiny["vae"], pairs, embeds, step=20, tb_writer=writer, **settings)
+    step_dir = tmp_path / "validation" / "step_000010"
+    assert first == [step_dir / "cat.mp4", step_dir / "cat_sheet.png"]
+    assert [p.name for p in second] == ["cat.mp4", "cat_sheet.png"]
+    assert len(read_mp4(first[0])) == 5
+    with Image.open(first[1]) as sheet:  # label column, start frame, four frames; base and LoRA rows
+        assert sheet.size == (72 + 5 * 164, 18 + 2 * 164)
+    assert len(list((tmp_path / "validation" / "base").glob("cat_*.mp4"))) == 1
+    assert len(calls) == 3  # LoRA at both steps, the base model once
+    assert model.training  # the trainer's mode comes back
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_sharded_models_do_not_use_the_base_cache(tiny: dict, tmp_path, make_image, monkeypatch) -> None:
+    # Under FSDP all ranks sample together but only rank 0 keeps the cache: every rank must make the same
+    # calls, so a sharded model samples the base video every time.
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from longcat_train.loading import tiny_dit
+    from longcat_train.lora import apply_lora
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = apply_lora(tiny_dit(), rank=2, targets=["attn.qkv"])
+        fully_shard(model)
+        calls: list[bool] = []
+        video = np.zeros((5, 64, 64, 3), np.uint8)  # what is sampled does not matter here, how often does
+        monkeypatch.setattr(validation, "generate_videos", lambda *a, **k: calls.append(True) or video[None])
+        pairs = [ValidationPair("cat", make_image(64, 64), "a cat")]
+        embeds = {"a cat": tiny["prompt"], "": tiny["negative"]}
+        for step in (1, 2):
+            run_validation(
+                model, tiny["vae"], pairs, embeds, step=step, output_dir=tmp_path, frames=5, steps=1, area=(64, 64),
+                sharded=parallel.is_fsdp(model),
+            )  # fmt: skip
+        assert len(calls) == 4
+    finally:
+        dist.destroy_process_group()
