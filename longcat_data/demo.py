@@ -18,11 +18,9 @@ import av
 import numpy as np
 from PIL import Image
 
-log = logging.getLogger(__name__)
+from longcat_data.defaults import DEMO_AREA, DEMO_FRAMES
 
-# Sizes for prepping the demo clips: every clip covers a bucket of this area without upscaling.
-DEMO_AREA = (192, 320)
-DEMO_FRAMES = 17
+log = logging.getLogger(__name__)
 
 FRAME_INDEX_STEP = 6
 MARKER_SIZE = 16

@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from longcat_data.buckets import InputTooSmall, choose_bucket, make_buckets, trim_to_4k_plus_1
+from longcat_data.defaults import DEMO_AREA, DEMO_FRAMES
 from longcat_data.demo import (
-    DEMO_AREA,
     DEMO_CLIPS,
-    DEMO_FRAMES,
     frame_indices,
     make_bad_inputs,
     synthetic_frames,
