@@ -20,7 +20,8 @@ from safetensors.torch import save
 
 from longcat_data import cli, hub, stream
 from longcat_data.demo import synthetic_frames, write_clip
-from longcat_data.shards import StreamState, state_path, write_json_atomic
+from longcat_data.files import write_json_atomic
+from longcat_data.manifest import StreamState, state_path
 
 ENCODERS = {"vae": "tiny-vae@0", "text_encoder": "tiny-umt5@0"}
 

@@ -1,4 +1,4 @@
-"""Shard writer: schema round trip, size rolling, atomic names, crash recovery, refusal, rank merge."""
+"""Shard writer (longcat_data.writer): size rolling, atomic names, crash recovery, refusal, rank merge."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 import torch
 import webdataset as wds
 
-from longcat_data import shards
+from longcat_data import writer as shard_writer
 from longcat_data.flags import parse_size
-from longcat_data.shards import OutputMismatch, ShardWriter
+from longcat_data.manifest import OutputMismatch, merge_manifest, read_manifest
+from longcat_data.shards import ShardSample
+from longcat_data.writer import ShardWriter
 
 SETTINGS = {"frames": 9, "area": [64, 64]}
 ENCODERS = {"model": "tiny", "vae_config": "abc"}
@@ -21,7 +23,7 @@ ENCODERS = {"model": "tiny", "vae_config": "abc"}
 def make_sample(key: str, t: int = 3, hw: int = 8, with_text: bool = True) -> dict[str, bytes | str]:
     gen = torch.Generator().manual_seed(sum(map(ord, key)))
     image = np.random.default_rng(len(key)).integers(0, 255, (hw * 8, hw * 8, 3), dtype=np.uint8)
-    return shards.encode_sample(
+    return ShardSample(
         key,
         torch.randn(16, t, hw, hw, generator=gen),
         torch.randn(16, 1, hw, hw, generator=gen),
@@ -29,7 +31,7 @@ def make_sample(key: str, t: int = 3, hw: int = 8, with_text: bool = True) -> di
         f"caption of {key}",
         {"source": f"{key}.mp4", "bucket": [hw * 8, hw * 8, 4 * t - 3]},
         torch.randn(5, 32, generator=gen) if with_text else None,
-    )
+    ).to_members()
 
 
 def writer(out: Path, **kw) -> ShardWriter:
@@ -39,7 +41,7 @@ def writer(out: Path, **kw) -> ShardWriter:
 
 
 def read_keys(out: Path) -> list[str]:
-    manifest = shards.read_manifest(out)
+    manifest = read_manifest(out)
     urls = [str(out / s["name"]) for s in manifest["shards"]]
     return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
 
@@ -51,29 +53,15 @@ def test_sample_round_trip_through_webdataset(tmp_path: Path) -> None:
         w.write(make_sample("clip_b", with_text=False), "64x64x9")
     got = list(wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False))
     assert [g["__key__"] for g in got] == ["clip_a", "clip_b"]
-    decoded = shards.decode_sample(got[0])
-    assert decoded["latents"].dtype == torch.bfloat16 and decoded["latents"].shape == (16, 3, 8, 8)
-    assert decoded["cond_latents"].shape == (16, 1, 8, 8)
-    assert decoded["text_embeds"].shape == (5, 32) and decoded["text_embeds"].dtype == torch.bfloat16
-    assert decoded["cond_image"].shape == (64, 64, 3) and decoded["cond_image"].dtype == np.uint8
-    assert decoded["caption"] == "caption of clip_a"
-    assert decoded["meta"]["bucket"] == [64, 64, 9]
-    assert shards.decode_sample(got[1])["text_embeds"] is None
+    decoded = ShardSample.from_members(got[0])
+    assert decoded.latents.dtype == torch.bfloat16 and decoded.latents.shape == (16, 3, 8, 8)
+    assert decoded.cond_latents.shape == (16, 1, 8, 8)
+    assert decoded.text_embeds.shape == (5, 32) and decoded.text_embeds.dtype == torch.bfloat16
+    assert decoded.cond_image.shape == (64, 64, 3) and decoded.cond_image.dtype == np.uint8
+    assert decoded.caption == "caption of clip_a"
+    assert decoded.meta["bucket"] == [64, 64, 9]
+    assert ShardSample.from_members(got[1]).text_embeds is None
     assert set(got[0]) >= {"latents.safetensors", "cond.safetensors", "cond.png", "txt", "t5.safetensors", "json"}
-
-
-@pytest.mark.parametrize(
-    ("latents", "cond", "key"),
-    [
-        ((15, 3, 8, 8), (15, 1, 8, 8), "k"),
-        ((16, 3, 8, 8), (16, 1, 8, 4), "k"),
-        ((16, 3, 8, 8), (16, 1, 8, 8), "has.dot"),
-        ((16, 3, 8, 8), (16, 1, 8, 8), "has space"),
-    ],
-)
-def test_encode_sample_rejects_bad_shapes_and_keys(latents, cond, key) -> None:
-    with pytest.raises(ValueError):
-        shards.encode_sample(key, torch.zeros(latents), torch.zeros(cond), np.zeros((8, 8, 3), np.uint8), "", {})
 
 
 @pytest.mark.parametrize(
@@ -90,11 +78,11 @@ def test_parse_size_rejects(text: str) -> None:
 
 
 def test_stream_names() -> None:
-    assert shards.stream_name(0, 1) == "train"
-    assert shards.stream_name(3, 4) == "train-r3"
-    assert shards.shard_filename("train-r3", 12) == "train-r3-000012.tar"
+    assert shard_writer.stream_name(0, 1) == "train"
+    assert shard_writer.stream_name(3, 4) == "train-r3"
+    assert shard_writer.shard_filename("train-r3", 12) == "train-r3-000012.tar"
     with pytest.raises(ValueError):
-        shards.stream_name(4, 4)
+        shard_writer.stream_name(4, 4)
 
 
 def test_rolls_by_size_and_only_finished_shards_have_final_names(tmp_path: Path) -> None:
@@ -156,7 +144,7 @@ def test_exception_keeps_whole_samples_and_marks_incomplete(tmp_path: Path) -> N
     with pytest.raises(KeyboardInterrupt), writer(tmp_path, max_bytes=10**9) as w:
         w.write(make_sample("k0"), "b")
         raise KeyboardInterrupt
-    manifest = shards.read_manifest(tmp_path)
+    manifest = read_manifest(tmp_path)
     assert not manifest["complete"]
     assert read_keys(tmp_path) == ["k0"]
 
@@ -182,32 +170,4 @@ def test_two_ranks_merge_into_one_manifest(tmp_path: Path) -> None:
     assert [s["name"] for s in manifest["shards"]] == ["train-r0-000000.tar", "train-r1-000000.tar"]
     assert manifest["buckets"] == {"x": 1, "y": 1}
     assert manifest["rejected"] == [{"source": "bad.mp4", "reason": "not a video"}]
-    assert shards.merge_manifest(tmp_path) == manifest
-
-
-def test_completeness_needs_every_rank_of_one_listing() -> None:
-    def state(rank: int, world: int, listing: str, complete: bool) -> shards.StreamState:
-        s = shards.StreamState(shards.stream_name(rank, world), rank, world, listing, SETTINGS, ENCODERS)
-        s.complete = complete
-        return s
-
-    assert shards.build_manifest([state(0, 1, "A", True)])["complete"]
-    assert not shards.build_manifest([state(0, 2, "A", True), state(1, 2, "A", False)])["complete"]
-    # rank 1 finished an older listing: new videos were added since, so it still has work.
-    assert not shards.build_manifest([state(0, 2, "B", True), state(1, 2, "A", True)])["complete"]
-    # A stale, unfinished 2-rank run does not matter once a 1-rank run finished everything.
-    assert shards.build_manifest([state(0, 2, "A", False), state(0, 1, "A", True)])["complete"]
-
-
-def test_rejection_cleared_once_the_input_is_written() -> None:
-    a = shards.StreamState("train", 0, 1, "L", SETTINGS, ENCODERS, rejected=[{"source": "x.mp4", "reason": "r"}])
-    b = shards.StreamState(
-        "train-r0", 0, 2, "L", SETTINGS, ENCODERS,
-        shards=[shards.ShardRecord("train-r0-000000.tar", 1, 10, ["x"], {"x": "x.mp4"}, {"b": 1})],
-    )
-    assert shards.build_manifest([a, b])["rejected"] == []
-
-
-def test_config_diff_names_nested_keys() -> None:
-    diffs = shards.config_diff({"a": 1, "n": {"x": 1}}, {"a": 1, "n": {"x": 2}, "new": True})
-    assert diffs == ["n.x: 1 -> 2", "new: '<unset>' -> True"]
+    assert merge_manifest(tmp_path) == manifest

@@ -1,0 +1,51 @@
+"""longcat-prep's command line: help that teaches and loads no model stack, config checks, demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longcat_data import cli
+from longcat_data.config import PrepConfig, parse_captions
+from longcat_data.demo import DEMO_CLIPS
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="HxW"):
+        PrepConfig("v", "o", area="480")
+    with pytest.raises(ValueError, match="--captions"):
+        PrepConfig("v", "o", captions="yaml:x")
+    with pytest.raises(ValueError, match="clips-per-video 1"):
+        PrepConfig("v", "o", conditioning_dir="frames", clips_per_video=2)
+    assert parse_captions("jsonl:meta.jsonl") == ("mapping", Path("meta.jsonl"))
+    assert parse_captions("qwen") == ("captioner", None)
+
+
+def test_help_teaches() -> None:
+    text = cli.build_parser()._subparsers._group_actions[0].choices["shard"].format_help()
+    assert "examples:" in text and "--shard-size" in text and "--no-text-embeds" in text
+
+
+def test_help_answers_without_importing_the_model_libraries() -> None:
+    code = ("import sys\nfrom longcat_data.cli import main\ntry:\n    main(['shard', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('diffusers', 'transformers', 'torchao') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "--shard-size" in proc.stdout and proc.stdout.strip().endswith("[]")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["shard", "--help"], ["inspect", "--help"]])
+def test_help_imports_no_torch(argv: list[str]) -> None:
+    code = (f"import sys\nfrom longcat_data.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("False")
+
+
+def test_demo_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["demo", str(tmp_path / "demo")]) == 0
+    assert len(list((tmp_path / "demo").glob("*.mp4"))) == len(DEMO_CLIPS)
+    assert "longcat-prep shard" in capsys.readouterr().out
