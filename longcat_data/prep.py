@@ -77,6 +77,26 @@ def limit_encoding_threads(cfg: PrepConfig) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
 
 
+@dataclass
+class PrepStats:
+    written: int = 0
+    inputs_written: int = 0
+    skipped: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    encode_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    shards: int = 0
+
+    def summary(self) -> str:
+        rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
+        reasons = ", ".join(f"{n} {kind}" for kind, n in self.rejected.most_common())
+        rejected = sum(self.rejected.values())
+        return (
+            f"written {self.written} clips from {self.inputs_written} videos ({rate:.2f} clips/s), "
+            f"skipped {self.skipped} already done, rejected {rejected}" + (f" ({reasons})" if reasons else "")
+        )
+
+
 # ---------------------------------------------------------------- main-process stages
 
 
@@ -90,16 +110,18 @@ def clips_of_inputs(
     for record in records:
         for warning in record.get("warnings", ()):
             log.warning(warning)
-        clips = [] if is_rejection(record) else record["clips"]
         if is_rejection(record):
+            clips = []
             yield record
-        elif not clips:
-            writer.finish_input(record["__key__"], record["source"])
+        else:
+            clips = record["clips"]
+            if clips:
+                clips[-1]["last"] = True
+            else:
+                writer.finish_input(record["__key__"], record["source"])
         # The bar counts clips; its total starts at the most each video could give, then tightens.
         bar.total -= clips_per_video - len(clips)
         bar.refresh()
-        if clips:
-            clips[-1]["last"] = True
         yield from clips
 
 
@@ -185,26 +207,6 @@ def encode_batches(batches: Iterable[list[dict]], enc: Encoders, stats: PrepStat
 
 
 # ---------------------------------------------------------------- write stage (background thread)
-
-
-@dataclass
-class PrepStats:
-    written: int = 0
-    inputs_written: int = 0
-    skipped: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    encode_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    shards: int = 0
-
-    def summary(self) -> str:
-        rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
-        reasons = ", ".join(f"{n} {kind}" for kind, n in self.rejected.most_common())
-        rejected = sum(self.rejected.values())
-        return (
-            f"written {self.written} clips from {self.inputs_written} videos ({rate:.2f} clips/s), "
-            f"skipped {self.skipped} already done, rejected {rejected}" + (f" ({reasons})" if reasons else "")
-        )
 
 
 def _pack_and_write(
