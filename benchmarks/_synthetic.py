@@ -7,16 +7,16 @@ Imported as ``from _synthetic import ...``: ``python benchmarks/X.py`` puts ``be
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save
 from webdataset import TarWriter
 
+from longcat_data.shards import ShardSample
 from longcat_train import lora
 from longcat_train.config import TrainConfig
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
@@ -61,9 +61,11 @@ def smooth_latents(channels: int, latent_shape: tuple[int, int, int], generator:
 def write_shard(path: Path, config: DiTConfig, latent_shape: tuple[int, int, int], samples: int,
                 *, structured: bool = False, seed: int = 0) -> Path:
     """``samples`` clips of ``latent_shape`` latents (i.i.d. Gaussian, or smooth fields with ``structured``),
-    start-frame latents (= latent frame 0) and ``TEXT_TOKENS`` random umT5-sized text embeddings."""
+    start-frame latents (= latent frame 0), a black start frame and ``TEXT_TOKENS`` random umT5-sized text
+    embeddings."""
     g = torch.Generator().manual_seed(seed)
     T, H, W = latent_shape
+    start_frame = np.zeros((8 * H, 8 * W, 3), np.uint8)
     with TarWriter(str(path), encoder=False) as tar:
         for i in range(samples):
             if structured:
@@ -71,12 +73,14 @@ def write_shard(path: Path, config: DiTConfig, latent_shape: tuple[int, int, int
             else:
                 latents = torch.randn(config.in_channels, T, H, W, generator=g).to(torch.bfloat16)
             embeds = torch.randn(TEXT_TOKENS, config.caption_channels, generator=g).to(torch.bfloat16)
-            tar.write({
-                "__key__": f"bench{i:04d}",
-                "latents.safetensors": save({"latents": latents}),
-                "cond.safetensors": save({"cond_latents": latents[:, :1].clone()}),
-                "t5.safetensors": save({"embeds": embeds}),
-                "txt": b"benchmark clip",
-                "json": json.dumps({"bucket": [8 * H, 8 * W, 1 + 4 * (T - 1)]}).encode(),
-            })
+            sample = ShardSample(
+                key=f"bench{i:04d}",
+                latents=latents,
+                cond_latents=latents[:, :1].clone(),
+                cond_image=start_frame,
+                caption="benchmark clip",
+                meta={"bucket": [8 * H, 8 * W, 1 + 4 * (T - 1)]},
+                text_embeds=embeds,
+            )
+            tar.write(sample.to_members())
     return path

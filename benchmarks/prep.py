@@ -5,7 +5,7 @@
 
 Writes synthetic H.264 source videos (larger than the bucket, so decode, resize and crop are real work),
 builds the full-size Wan2.1 VAE (diffusers' default `AutoencoderKLWan` config) with random weights and,
-with `--text-encoder full`, a random umT5-XXL encoder (d_model 4096, 24 layers, 11 GB in bf16; the
+with `--text-encoder full`, a random umT5-XXL encoder (d_model 4096, 24 layers; the
 tokenizer is the tiny local one, whose ids are valid for the real vocabulary). Then measures:
 
 - vae_only: `encode_video` on a clip already on the device, back to back: the ceiling.
@@ -31,7 +31,8 @@ from _synthetic import created_on  # benchmarks/_synthetic.py
 from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 
-from longcat_data import cli, encode
+from longcat_data import encode, prep
+from longcat_data.config import PrepConfig
 from longcat_data.demo import CLIP_ENCODING, synthetic_frames
 from longcat_data.video import write_mp4
 
@@ -63,7 +64,7 @@ def write_sources(directory: Path, count: int, height: int, width: int, frames: 
         (directory / f"clip_{i:04d}.txt").hardlink_to(source.with_suffix(".txt"))
 
 
-def build_encoders(small: bool, text_encoder: str, device: torch.device, dtype: torch.dtype) -> cli.Encoders:
+def build_encoders(small: bool, text_encoder: str, device: torch.device, dtype: torch.dtype) -> prep.Encoders:
     tokenizer = encode.tiny_tokenizer()
     model = None
     with created_on(device, dtype):
@@ -72,7 +73,7 @@ def build_encoders(small: bool, text_encoder: str, device: torch.device, dtype: 
             tiny = dict(encode.TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
             config = UMT5Config(**(tiny if text_encoder == "tiny" else UMT5_XXL))
             model = UMT5EncoderModel(config).eval().requires_grad_(False)
-    return cli.Encoders(vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"})
+    return prep.Encoders(vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"})
 
 
 def sync(device: torch.device) -> None:
@@ -80,7 +81,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def vae_only_rate(enc: cli.Encoders, frames: int, height: int, width: int, repeats: int, device: torch.device) -> float:
+def vae_only_rate(enc: prep.Encoders, frames: int, height: int, width: int, repeats: int, device: torch.device) -> float:
     clip = torch.from_numpy(synthetic_frames(height, width, frames))[None].to(device)
     encode.encode_video(enc.vae, clip)  # warm-up: cuDNN algorithm search, allocator
     sync(device)
@@ -119,17 +120,17 @@ def main() -> None:
     enc = build_encoders(args.small, text_encoder, device, dtype)
     vae_rate = vae_only_rate(enc, frames, height, width, repeats=max(2, clips // 4), device=device)
 
-    def prep(videos: Path, out: Path) -> cli.PrepStats:
-        cfg = cli.PrepConfig(
+    def run_prep(videos: Path, out: Path) -> prep.PrepStats:
+        cfg = PrepConfig(
             str(videos), str(out), model="benchmark", frames=frames, area=f"{height}x{width}", workers=args.workers,
             batch_size=args.batch_size, device=str(device), text_embeds=text_encoder != "none",
         )
-        return cli.run_shard(cfg, encoders=enc)
+        return prep.run_shard(cfg, encoders=enc)
 
-    prep(root / "warmup", root / "warmup_shards")
+    run_prep(root / "warmup", root / "warmup_shards")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stats = prep(root / "videos", root / "shards")
+    stats = run_prep(root / "videos", root / "shards")
     e2e_rate = stats.written / stats.wall_seconds
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -14,7 +14,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from longcat_data.files import write_atomic
 from longcat_data.video import InputError, VideoError, probe, read_frames
 
 log = logging.getLogger(__name__)
@@ -503,7 +503,7 @@ def caption_videos(
                 if store is not None:
                     store.put(source, caption)
                 else:
-                    _write_atomic((videos_dir / source).with_suffix(".txt"), caption + "\n")
+                    write_atomic((videos_dir / source).with_suffix(".txt"), caption + "\n")
                 report.written += 1
             if store is not None:
                 store.save()
@@ -519,12 +519,6 @@ def _has_sidecar(video: Path) -> bool:
         # An unreadable caption the user wrote is theirs to fix; it is never overwritten silently.
         log.warning("keeping %s: %s", video.with_suffix(".txt"), err.reason)
         return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class _JsonlCaptions:
@@ -544,7 +538,7 @@ class _JsonlCaptions:
         lines = (
             json.dumps({"file_name": k, "caption": v}, ensure_ascii=False) for k, v in self.entries.items()
         )
-        _write_atomic(self.path, "".join(line + "\n" for line in lines))
+        write_atomic(self.path, "".join(line + "\n" for line in lines))
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,20 @@ from typing import Any
 from huggingface_hub import DatasetCardData, HfApi, get_token, hf_hub_url
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-from longcat_data.shards import MANIFEST, META, OutputMismatch, build_manifest, read_states
+from longcat_data.files import write_atomic
+from longcat_data.manifest import (
+    CONTACT_SHEET,
+    MANIFEST,
+    OutputMismatch,
+    build_manifest,
+    read_manifest,
+    read_states,
+)
+from longcat_data.shards import META
 
 log = logging.getLogger(__name__)
 
 CARD = "README.md"
-CONTACT_SHEET = "contact_sheet.png"  # written by longcat-prep inspect; shown on the card when present
 HF_SCHEME = "hf://"
 DATASETS_PREFIX = "hf://datasets/"
 
@@ -171,10 +179,9 @@ def load_finished_manifest(out_dir: str | Path) -> dict:
     sample was encoded by the manifest's encoders.
     """
     out_dir = Path(out_dir)
-    path = out_dir / MANIFEST
-    if not path.is_file():
+    manifest = read_manifest(out_dir)
+    if manifest is None:
         raise PushError(f"{out_dir}: no {MANIFEST}; run longcat-prep shard to the end first")
-    manifest = json.loads(path.read_text())
     if not manifest.get("complete", False):
         raise PushError(
             f"{out_dir}: {MANIFEST} is not complete (prep was interrupted or ranks were not merged); "
@@ -363,10 +370,8 @@ def push_dataset(
     out_dir = Path(out_dir)
     manifest = load_finished_manifest(out_dir)
     card = out_dir / CARD
-    tmp = card.with_name(f".{CARD}.tmp")
     sheet = (out_dir / CONTACT_SHEET).is_file()
-    tmp.write_text(dataset_card(manifest, repo_id, license=license, contact_sheet=sheet))
-    os.replace(tmp, card)
+    write_atomic(card, dataset_card(manifest, repo_id, license=license, contact_sheet=sheet))
     patterns = upload_patterns(manifest, out_dir)
     if dry_run:
         log.info("dry run: wrote %s; would upload %d files to datasets/%s", card, len(patterns), repo_id)

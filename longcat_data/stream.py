@@ -3,17 +3,20 @@
 Stages, each a generator over dict samples (webdataset style):
 
     shard_urls -> read_tars -> keep_share -> check_samples -> shuffle_samples -> bucket_batches
-               -> skip_batches -> decode_batches
+               -> skip_batches -> decode_batch
 
 Everything a reader sees is a deterministic function of (seed, epoch, rank, worker): shard order, the
 split of shards (or samples) over ranks and DataLoader workers, and the sample shuffle. Batches are
-formed *before* tensors are decoded, from a cheap header check that rejects corrupt members, so the
-stream position is fully described by one number, the batches this rank has consumed. Resuming at
-batch k replays the stream up to k without decoding a single tensor.
+formed *before* tensors are decoded, from a cheap header check (``ShardSample.check_members``) that
+rejects corrupt members, so the stream position is fully described by one number, the batches this
+rank has consumed. Resuming at batch k replays the stream up to k without decoding a single tensor.
 
 A ``DataLoader`` with W workers takes batches round-robin from worker 0, 1, ... W-1. Worker slot j plays
 the *logical* worker ``(j + k) % W`` when the loader is started at batch k, so the batch the loader
 yields first after a resume is the one the uninterrupted run would have yielded next.
+
+The sample layout is ``longcat_data.shards``; a directory's shard list and the manifest checks are
+``longcat_data.manifest``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,9 @@ import json
 import logging
 import os
 import random
-import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
-from math import prod
 from pathlib import Path
 
 import safetensors.torch
@@ -39,22 +40,13 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from longcat_data.encode import pad_text_embeds
 from longcat_data.hub import is_hf_spec, resolve_hf_shards
-from longcat_data.shards import CAPTION, COND, LATENTS, MANIFEST, META
-from longcat_data.shards import TEXT_EMBEDS as EMBEDS
+from longcat_data.manifest import manifest_shards
+from longcat_data.shards import CAPTION, META, TEXT_EMBEDS, ShardError, ShardSample, decode_tensors
+from longcat_data.video import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-
-
-class ShardError(ValueError):
-    """Shards that cannot be trained on as given (none found, wrong encoder or frame count, ...)."""
-
-
-# ---------------------------------------------------------------- shard specs and manifest
+# ---------------------------------------------------------------- shard specs
 
 
 def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
@@ -73,10 +65,10 @@ def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
 def _expand_one(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if path.is_dir():
-        listed = _manifest_shards(path)
+        listed = manifest_shards(path)
         tars = listed if listed is not None else sorted(str(p) for p in path.glob("*.tar"))
         if not tars:
-            raw = any(p.suffix.lower() in {".mp4", ".mov", ".mkv", ".webm", ".avi"} for p in path.iterdir())
+            raw = any(p.suffix.lower() in VIDEO_EXTENSIONS for p in path.iterdir())
             hint = f"; it holds videos: run `longcat-prep shard {spec} OUT_DIR` first" if raw else ""
             raise ShardError(f"no shards (*.tar) in directory {spec}{hint}")
         return tars
@@ -91,45 +83,6 @@ def _expand_one(spec: str) -> list[str]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ShardError(f"shard {missing[0]} does not exist{more}")
     return [os.path.expanduser(u) if u in local else u for u in urls]
-
-
-def _manifest_shards(directory: Path) -> list[str] | None:
-    # The manifest lists finished shards; a half-written one from a running prep must not be read.
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return None
-    names = [s["name"] for s in json.loads(manifest.read_text()).get("shards", [])]
-    return [str(directory / n) for n in names if (directory / n).is_file()]
-
-
-def find_manifest(urls: Sequence[str]) -> dict | None:
-    """The ``manifest.json`` beside the first local shard, or None for remote shards without one."""
-    first = urls[0]
-    if "://" in first or first.startswith("pipe:"):
-        return None
-    path = Path(first).expanduser().parent / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def check_manifest(manifest: dict, *, encoders: dict | None, frames: int | None, where: str = "shards") -> None:
-    """Raise ShardError when the shards were made with other encoders or another frame count."""
-    if encoders is not None and manifest.get("encoders") and manifest["encoders"] != encoders:
-        diff = sorted(k for k in set(encoders) | set(manifest["encoders"]) if encoders.get(k) != manifest["encoders"].get(k))
-        raise ShardError(
-            f"{where} were encoded with other encoders than --model (differ in {', '.join(diff)}: "
-            f"{manifest['encoders'].get(diff[0])!r} vs {encoders.get(diff[0])!r}); re-run longcat-prep shard"
-        )
-    # Prep trims short videos to fewer frames (their own buckets); what must match is its --frames.
-    made = manifest.get("settings", {}).get("frames")
-    if made is None and manifest.get("buckets"):
-        made = max(int(k.rsplit("x", 1)[-1]) for k in manifest["buckets"])
-    if frames is not None and made is not None and made != frames:
-        raise ShardError(
-            f"{where} were made with --frames {made} but the config trains on {frames} frames; "
-            f"set frames = {made} or re-run longcat-prep shard --frames {frames}"
-        )
-    if manifest.get("complete") is False:
-        log.warning("%s: manifest says prep did not finish; training on the shards written so far", where)
 
 
 # ---------------------------------------------------------------- stream settings and seeding
@@ -200,35 +153,6 @@ def keep_share(samples: Iterable[dict], me: int, readers: int) -> Iterator[dict]
             yield sample
 
 
-def safetensors_header(data: bytes) -> dict[str, dict]:
-    """Tensor name -> {dtype, shape, data_offsets}, checking the byte sizes add up (no tensor decoded)."""
-    if len(data) < 8:
-        raise ValueError("safetensors member shorter than its header length")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError("safetensors header runs past the end of the member")
-    header = json.loads(data[8 : 8 + n])
-    header.pop("__metadata__", None)
-    end = 0
-    for name, info in header.items():
-        start, stop = info["data_offsets"]
-        if stop - start != _DTYPE_BYTES[info["dtype"]] * prod(info["shape"]):
-            raise ValueError(f"safetensors tensor {name} has the wrong byte size")
-        end = max(end, stop)
-    if 8 + n + end != len(data):
-        raise ValueError(f"safetensors member is {len(data)} bytes, header says {8 + n + end}")
-    return header
-
-
-def _tensor_shape(sample: dict, member: str, name: str) -> tuple[int, ...]:
-    if member not in sample:
-        raise ValueError(f"missing {member}")
-    header = safetensors_header(sample[member])
-    if name not in header:
-        raise ValueError(f"{member} has no tensor {name!r}")
-    return tuple(header[name]["shape"])
-
-
 def check_samples(samples: Iterable[dict], cfg: StreamConfig, handler: Callable[[BaseException], bool]) -> Iterator[dict]:
     """Validate members from their headers and tag each sample with its bucket (latent shape).
 
@@ -237,15 +161,7 @@ def check_samples(samples: Iterable[dict], cfg: StreamConfig, handler: Callable[
     """
     for sample in samples:
         try:
-            shape = _tensor_shape(sample, LATENTS, "latents")
-            if cfg.need_cond:
-                cond = _tensor_shape(sample, COND, "cond_latents")
-                if cond != (shape[0], 1, *shape[2:]):
-                    raise ValueError(f"cond_latents {cond} do not match latents {shape}")
-            if EMBEDS in sample:
-                _tensor_shape(sample, EMBEDS, "embeds")
-            elif CAPTION not in sample:
-                raise ValueError(f"neither {EMBEDS} nor a caption")
+            shape = ShardSample.check_members(sample, need_cond=cfg.need_cond)
             meta = json.loads(sample[META]) if META in sample else {}
         except Exception as exn:
             exn.args = (f"{sample.get('__url__')}: sample {sample.get('__key__')}: {exn}",)
@@ -329,26 +245,26 @@ def caption_key(caption: str) -> str:
 def decode_batch(samples: list[dict], text_cache: TextCache | None) -> dict:
     """Raw samples of one bucket -> tensors: latents [B,16,T,h,w], cond_latents [B,16,1,h,w] (when
     present), embeds [B,L,D] + embeds_mask [B,L] for the real tokens, keys and captions."""
-    loaded = [{m: safetensors.torch.load(s[m]) for m in (LATENTS, COND, EMBEDS) if m in s} for s in samples]
+    loaded = [decode_tensors(s) for s in samples]
     captions = [s[CAPTION].decode("utf-8") if CAPTION in s else "" for s in samples]
     embeds = []
     for tensors, sample, caption in zip(loaded, samples, captions, strict=True):
-        if EMBEDS in tensors:
-            embeds.append(tensors[EMBEDS]["embeds"])
+        if "text_embeds" in tensors:
+            embeds.append(tensors["text_embeds"])
         elif text_cache is not None:
             embeds.append(text_cache[caption])
         else:
-            raise ShardError(f"sample {sample['__key__']} has no {EMBEDS} and no text-embedding cache was built")
+            raise ShardError(f"sample {sample['__key__']} has no {TEXT_EMBEDS} and no text-embedding cache was built")
     padded, mask = pad_text_embeds(embeds)
     batch = {
-        "latents": torch.stack([t[LATENTS]["latents"] for t in loaded]),
+        "latents": torch.stack([t["latents"] for t in loaded]),
         "embeds": padded,
         "embeds_mask": mask,
         "keys": [s["__key__"] for s in samples],
         "captions": captions,
     }
-    if all(COND in t for t in loaded):
-        batch["cond_latents"] = torch.stack([t[COND]["cond_latents"] for t in loaded])
+    if all("cond_latents" in t for t in loaded):
+        batch["cond_latents"] = torch.stack([t["cond_latents"] for t in loaded])
     return batch
 
 
@@ -456,6 +372,6 @@ def captions_without_embeds(urls: Sequence[str]) -> list[str]:
     sources = (dict(url=u) for u in urls)
     found: dict[str, None] = {}
     for sample in read_tars(sources, handler):
-        if EMBEDS not in sample and CAPTION in sample:
+        if TEXT_EMBEDS not in sample and CAPTION in sample:
             found.setdefault(sample[CAPTION].decode("utf-8"))
     return list(found)

@@ -16,7 +16,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def _is_user_error(err: BaseException) -> bool:
-    from longcat_data.stream import ShardError
+    from longcat_data.shards import ShardError
     from longcat_train.config import ConfigError
 
     return isinstance(err, (ConfigError, ShardError, FileNotFoundError))

@@ -33,14 +33,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longcat_data.buckets import latent_frames
+from longcat_data.manifest import check_manifest, find_manifest
 from longcat_data.stream import (
     ShardStream,
     StreamConfig,
     TextCache,
     captions_without_embeds,
-    check_manifest,
     expand_shard_spec,
-    find_manifest,
     make_loader,
     write_text_cache,
 )

@@ -20,7 +20,8 @@ from safetensors.torch import save
 
 from longcat_data import cli, hub, stream
 from longcat_data.demo import CLIP_ENCODING, synthetic_frames
-from longcat_data.shards import StreamState, state_path, write_json_atomic
+from longcat_data.files import write_json_atomic
+from longcat_data.manifest import StreamState, state_path
 from longcat_data.video import write_mp4
 
 ENCODERS = {"vae": "tiny-vae@0", "text_encoder": "tiny-umt5@0"}

@@ -259,7 +259,9 @@ def test_caption_command(
 
 def test_shard_with_qwen_captions(tiny_qwen: Path, videos: Path, tmp_path: Path) -> None:
     """`longcat-prep shard --captions qwen`: Qwen captions every video before encoding, through the hook."""
-    from longcat_data import cli, shards, stream
+    from longcat_data import cli, stream
+    from longcat_data.manifest import STATE_DIR
+    from longcat_data.shards import ShardSample
 
     (videos / "broken.mp4").unlink()
     out = tmp_path / "shards"
@@ -278,12 +280,12 @@ def test_shard_with_qwen_captions(tiny_qwen: Path, videos: Path, tmp_path: Path)
     ]
     assert cli.main([*args, "--captions", "qwen", "--caption-model", str(tiny_qwen)]) == 0
 
-    cached = load_caption_mapping(next((out / shards.STATE_DIR).glob("captions-*.jsonl")))
+    cached = load_caption_mapping(next((out / STATE_DIR).glob("captions-*.jsonl")))
     assert sorted(cached) == ["kept.mp4", "sub/pan.mp4", "walk.mp4"]  # the user's sidecar is not used here
     samples = [
-        shards.decode_sample(s)
+        ShardSample.from_members(s)
         for s in stream.read_tars(({"url": str(p)} for p in sorted(out.glob("*.tar"))), None)
     ]
-    assert {s["meta"]["caption_source"] for s in samples} == {"captioner"}
-    assert [s["meta"]["source"] for s in samples] == ["sub/pan.mp4"]  # the only clip as big as a 64x64 bucket
-    assert samples[0]["caption"] == cached["sub/pan.mp4"]
+    assert {s.meta["caption_source"] for s in samples} == {"captioner"}
+    assert [s.meta["source"] for s in samples] == ["sub/pan.mp4"]  # the only clip as big as a 64x64 bucket
+    assert samples[0].caption == cached["sub/pan.mp4"]

@@ -1,65 +1,32 @@
-"""Shard writer: schema round trip, size rolling, atomic names, crash recovery, refusal, rank merge."""
+"""The shard sample schema (longcat_data.shards): every member round-trips, the bytes keep their format,
+and the header check validates members without decoding a tensor."""
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
+from PIL import Image
+from safetensors.torch import load
 
 from longcat_data import shards
-from longcat_data.flags import parse_size
-from longcat_data.shards import OutputMismatch, ShardWriter
-
-SETTINGS = {"frames": 9, "area": [64, 64]}
-ENCODERS = {"model": "tiny", "vae_config": "abc"}
+from longcat_data.shards import ShardSample
 
 
-def make_sample(key: str, t: int = 3, hw: int = 8, with_text: bool = True) -> dict[str, bytes | str]:
-    gen = torch.Generator().manual_seed(sum(map(ord, key)))
-    image = np.random.default_rng(len(key)).integers(0, 255, (hw * 8, hw * 8, 3), dtype=np.uint8)
-    return shards.encode_sample(
-        key,
-        torch.randn(16, t, hw, hw, generator=gen),
-        torch.randn(16, 1, hw, hw, generator=gen),
-        image,
-        f"caption of {key}",
-        {"source": f"{key}.mp4", "bucket": [hw * 8, hw * 8, 4 * t - 3]},
-        torch.randn(5, 32, generator=gen) if with_text else None,
+def sample(key: str = "clip_a", text: bool = True) -> ShardSample:
+    gen = torch.Generator().manual_seed(0)
+    return ShardSample(
+        key=key,
+        latents=torch.randn(16, 3, 4, 6, generator=gen),
+        cond_latents=torch.randn(16, 1, 4, 6, generator=gen),
+        cond_image=np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8),
+        caption="un café ☕ au bord de l'eau",
+        meta={"source": "clips/café.mp4", "bucket": [32, 48, 9], "crop": [0.5, 0.0, 47.5, 32.0]},
+        text_embeds=torch.randn(5, 8, generator=gen) if text else None,
     )
-
-
-def writer(out: Path, **kw) -> ShardWriter:
-    # A sample here is about 21 kB, so shards roll after every second sample.
-    args = {"settings": SETTINGS, "encoders": ENCODERS, "max_bytes": 40_000, **kw}
-    return ShardWriter(out, **args)
-
-
-def read_keys(out: Path) -> list[str]:
-    manifest = shards.read_manifest(out)
-    urls = [str(out / s["name"]) for s in manifest["shards"]]
-    return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
-
-
-def test_sample_round_trip_through_webdataset(tmp_path: Path) -> None:
-    sample = make_sample("clip_a")
-    with writer(tmp_path, max_bytes=10**9) as w:
-        w.write(sample, "64x64x9")
-        w.write(make_sample("clip_b", with_text=False), "64x64x9")
-    got = list(wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False))
-    assert [g["__key__"] for g in got] == ["clip_a", "clip_b"]
-    decoded = shards.decode_sample(got[0])
-    assert decoded["latents"].dtype == torch.bfloat16 and decoded["latents"].shape == (16, 3, 8, 8)
-    assert decoded["cond_latents"].shape == (16, 1, 8, 8)
-    assert decoded["text_embeds"].shape == (5, 32) and decoded["text_embeds"].dtype == torch.bfloat16
-    assert decoded["cond_image"].shape == (64, 64, 3) and decoded["cond_image"].dtype == np.uint8
-    assert decoded["caption"] == "caption of clip_a"
-    assert decoded["meta"]["bucket"] == [64, 64, 9]
-    assert shards.decode_sample(got[1])["text_embeds"] is None
-    assert set(got[0]) >= {"latents.safetensors", "cond.safetensors", "cond.png", "txt", "t5.safetensors", "json"}
 
 
 @pytest.mark.parametrize(
@@ -71,143 +38,89 @@ def test_sample_round_trip_through_webdataset(tmp_path: Path) -> None:
         ((16, 3, 8, 8), (16, 1, 8, 8), "has space"),
     ],
 )
-def test_encode_sample_rejects_bad_shapes_and_keys(latents, cond, key) -> None:
+def test_to_members_rejects_bad_shapes_and_keys(latents, cond, key) -> None:
     with pytest.raises(ValueError):
-        shards.encode_sample(key, torch.zeros(latents), torch.zeros(cond), np.zeros((8, 8, 3), np.uint8), "", {})
+        ShardSample(
+            key, torch.zeros(latents), torch.zeros(cond), np.zeros((8, 8, 3), np.uint8), "", {}
+        ).to_members()
+
+
+def test_every_member_round_trips() -> None:
+    original = sample()
+    back = ShardSample.from_members(original.to_members())
+    assert back.key == original.key and back.caption == original.caption and back.meta == original.meta
+    for name in ("latents", "cond_latents", "text_embeds"):
+        stored, given = getattr(back, name), getattr(original, name)
+        assert stored.dtype == torch.bfloat16 and torch.equal(stored, given.to(torch.bfloat16)), name
+    assert back.cond_image.dtype == np.uint8 and np.array_equal(back.cond_image, original.cond_image)
+    assert ShardSample.from_members(sample(text=False).to_members()).text_embeds is None
+
+
+def test_members_keep_the_on_disk_format() -> None:
+    original = sample()
+    members = original.to_members()
+    assert members["__key__"] == "clip_a"
+    assert set(members) == {
+        "__key__",
+        "latents.safetensors",
+        "cond.safetensors",
+        "cond.png",
+        "txt",
+        "t5.safetensors",
+        "json",
+    }
+    assert all(isinstance(v, bytes) for k, v in members.items() if k != "__key__")
+    assert list(load(members["latents.safetensors"])) == ["latents"]
+    assert list(load(members["cond.safetensors"])) == ["cond_latents"]
+    assert list(load(members["t5.safetensors"])) == ["embeds"]
+    assert members["txt"] == original.caption.encode("utf-8")
+    assert members["json"] == json.dumps(original.meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    with Image.open(io.BytesIO(members["cond.png"])) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+    assert "t5.safetensors" not in sample(text=False).to_members()
+
+
+def test_check_members_reads_the_shape_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    members = sample().to_members()
+    monkeypatch.setattr(shards, "load_safetensors", lambda _: pytest.fail("a tensor was decoded"))
+    assert ShardSample.check_members(members) == (16, 3, 4, 6)
 
 
 @pytest.mark.parametrize(
-    ("text", "size"), [("1GB", 10**9), ("200MB", 200 * 10**6), ("512KiB", 512 * 1024), ("1e6", 10**6), ("7", 7)]
+    ("damage", "message"),
+    [
+        (lambda m: m.update({"latents.safetensors": m["latents.safetensors"][:-10]}), "bytes, header says"),
+        (
+            lambda m: m.update({"latents.safetensors": m["latents.safetensors"][:5]}),
+            "shorter than its header",
+        ),
+        (lambda m: m.update({"cond.safetensors": b"\xff" * 8 + b"{}"}), "header runs past the end"),
+        (lambda m: m.pop("latents.safetensors"), "missing latents.safetensors"),
+        (lambda m: m.update({"cond.safetensors": m["t5.safetensors"]}), "has no tensor 'cond_latents'"),
+        (lambda m: [m.pop("t5.safetensors"), m.pop("txt")], "neither t5.safetensors nor a caption"),
+    ],
 )
-def test_parse_size(text: str, size: int) -> None:
-    assert parse_size(text) == size
+def test_check_members_rejects_damaged_members(damage, message: str) -> None:
+    members = sample().to_members()
+    damage(members)
+    with pytest.raises(ValueError, match=message):
+        ShardSample.check_members(members)
 
 
-@pytest.mark.parametrize("text", ["", "MB", "1 furlong", "-5MB", "0"])
-def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_size(text)
+def test_check_members_compares_the_start_frame_latents_only_when_asked() -> None:
+    members = sample().to_members()
+    members["cond.safetensors"] = ShardSample(
+        "k", torch.zeros(16, 1, 4, 4), torch.zeros(16, 1, 4, 4), np.zeros((8, 8, 3), np.uint8), "", {}
+    ).to_members()["cond.safetensors"]
+    with pytest.raises(ValueError, match="do not match latents"):
+        ShardSample.check_members(members)
+    del members["cond.safetensors"]
+    assert ShardSample.check_members(members, need_cond=False) == (16, 3, 4, 6)
 
 
-def test_stream_names() -> None:
-    assert shards.stream_name(0, 1) == "train"
-    assert shards.stream_name(3, 4) == "train-r3"
-    assert shards.shard_filename("train-r3", 12) == "train-r3-000012.tar"
-    with pytest.raises(ValueError):
-        shards.stream_name(4, 4)
-
-
-def test_rolls_by_size_and_only_finished_shards_have_final_names(tmp_path: Path) -> None:
-    w = writer(tmp_path)
-    for i in range(5):
-        w.write(make_sample(f"k{i}"), "64x64x9")
-        names = sorted(p.name for p in tmp_path.glob("train-*"))
-        # Every visible .tar is recorded in the state; the shard in progress is .partial.
-        state = json.loads((tmp_path / ".prep" / "train.json").read_text())
-        assert {n for n in names if n.endswith(".tar")} == {s["name"] for s in state["shards"]}
-    manifest = w.close()
-    assert len(manifest["shards"]) == 3, "40 kB shards roll every 2 samples"
-    assert not list(tmp_path.glob("*.partial"))
-    assert sum(s["samples"] for s in manifest["shards"]) == 5
-    assert manifest["buckets"] == {"64x64x9": 5} and manifest["complete"]
-    assert read_keys(tmp_path) == [f"k{i}" for i in range(5)]
-    for s in manifest["shards"]:
-        assert (tmp_path / s["name"]).stat().st_size == s["bytes"]
-
-
-def test_crash_loses_only_the_partial_shard_and_rerun_skips_done(tmp_path: Path) -> None:
-    w = writer(tmp_path)
-    for i in range(3):
-        w.write(make_sample(f"k{i}"), "b")
-        w.finish_input(f"k{i}", f"k{i}.mp4")
-    # A hard crash: the writer is never closed; the open shard stays .partial.
-    finished = {s.name for s in w.state.shards}
-    assert finished and list(tmp_path.glob("*.partial"))
-    del w
-
-    again = writer(tmp_path)
-    assert not list(tmp_path.glob("*.partial")), "an unrecorded partial is removed"
-    done = again.done_keys
-    assert done and done < {"k0", "k1", "k2"}
-    assert set(again.done_inputs) == done
-    for i in range(5):
-        if f"k{i}" not in done:
-            again.write(make_sample(f"k{i}"), "b")
-    with pytest.raises(KeyError):
-        again.write(make_sample(sorted(done)[0]), "b")
-    again.close()
-    keys = read_keys(tmp_path)
-    assert sorted(keys) == [f"k{i}" for i in range(5)] and len(keys) == len(set(keys))
-    assert finished <= {p.name for p in tmp_path.glob("*.tar")}
-
-
-def test_crash_between_state_and_rename_rolls_forward(tmp_path: Path) -> None:
-    with writer(tmp_path) as w:
-        w.write(make_sample("k0"), "b")
-    tar = tmp_path / "train-000000.tar"
-    tar.rename(tmp_path / "train-000000.tar.partial")
-    again = writer(tmp_path)
-    assert tar.exists() and again.done_keys == {"k0"}
-    again.close()
-    assert read_keys(tmp_path) == ["k0"]
-
-
-def test_exception_keeps_whole_samples_and_marks_incomplete(tmp_path: Path) -> None:
-    with pytest.raises(KeyboardInterrupt), writer(tmp_path, max_bytes=10**9) as w:
-        w.write(make_sample("k0"), "b")
-        raise KeyboardInterrupt
-    manifest = shards.read_manifest(tmp_path)
-    assert not manifest["complete"]
-    assert read_keys(tmp_path) == ["k0"]
-
-
-def test_refuses_other_settings_or_encoders(tmp_path: Path) -> None:
-    writer(tmp_path).close()
-    with pytest.raises(OutputMismatch, match=r"settings\.frames: 9 -> 17"):
-        writer(tmp_path, settings={**SETTINGS, "frames": 17})
-    with pytest.raises(OutputMismatch, match=r"encoders\.model: 'tiny' -> '/ckpt'"):
-        writer(tmp_path, encoders={**ENCODERS, "model": "/ckpt"})
-    writer(tmp_path).close()  # the same settings are welcome
-
-
-def test_two_ranks_merge_into_one_manifest(tmp_path: Path) -> None:
-    r0 = writer(tmp_path, rank=0, world_size=2, listing="L")
-    r1 = writer(tmp_path, rank=1, world_size=2, listing="L")
-    r0.write(make_sample("a"), "x")
-    r1.write(make_sample("b"), "y")
-    r1.reject("bad.mp4", "not a video")
-    assert not r0.close()["complete"], "rank 1 has not finished"
-    manifest = r1.close()
-    assert manifest["complete"]
-    assert [s["name"] for s in manifest["shards"]] == ["train-r0-000000.tar", "train-r1-000000.tar"]
-    assert manifest["buckets"] == {"x": 1, "y": 1}
-    assert manifest["rejected"] == [{"source": "bad.mp4", "reason": "not a video"}]
-    assert shards.merge_manifest(tmp_path) == manifest
-
-
-def test_completeness_needs_every_rank_of_one_listing() -> None:
-    def state(rank: int, world: int, listing: str, complete: bool) -> shards.StreamState:
-        s = shards.StreamState(shards.stream_name(rank, world), rank, world, listing, SETTINGS, ENCODERS)
-        s.complete = complete
-        return s
-
-    assert shards.build_manifest([state(0, 1, "A", True)])["complete"]
-    assert not shards.build_manifest([state(0, 2, "A", True), state(1, 2, "A", False)])["complete"]
-    # rank 1 finished an older listing: new videos were added since, so it still has work.
-    assert not shards.build_manifest([state(0, 2, "B", True), state(1, 2, "A", True)])["complete"]
-    # A stale, unfinished 2-rank run does not matter once a 1-rank run finished everything.
-    assert shards.build_manifest([state(0, 2, "A", False), state(0, 1, "A", True)])["complete"]
-
-
-def test_rejection_cleared_once_the_input_is_written() -> None:
-    a = shards.StreamState("train", 0, 1, "L", SETTINGS, ENCODERS, rejected=[{"source": "x.mp4", "reason": "r"}])
-    b = shards.StreamState(
-        "train-r0", 0, 2, "L", SETTINGS, ENCODERS,
-        shards=[shards.ShardRecord("train-r0-000000.tar", 1, 10, ["x"], {"x": "x.mp4"}, {"b": 1})],
-    )
-    assert shards.build_manifest([a, b])["rejected"] == []
-
-
-def test_config_diff_names_nested_keys() -> None:
-    diffs = shards.config_diff({"a": 1, "n": {"x": 1}}, {"a": 1, "n": {"x": 2}, "new": True})
-    assert diffs == ["n.x: 1 -> 2", "new: '<unset>' -> True"]
+def test_decode_tensors_leaves_the_image_alone() -> None:
+    members = sample().to_members()
+    members["cond.png"] = b"not a png"
+    tensors = shards.decode_tensors(members)
+    assert set(tensors) == {"latents", "cond_latents", "text_embeds"}
+    assert tensors["latents"].shape == (16, 3, 4, 6)

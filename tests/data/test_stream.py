@@ -8,8 +8,9 @@ import torch
 from webdataset import TarWriter
 
 from longcat_data import stream
-from longcat_data.shards import encode_sample
-from longcat_data.stream import ShardError, ShardStream, StreamConfig
+from longcat_data.manifest import find_manifest
+from longcat_data.shards import ShardError, ShardSample
+from longcat_data.stream import ShardStream, StreamConfig
 
 ENCODERS = {"model": "tiny", "vae": "AutoencoderKLWan"}
 
@@ -17,7 +18,7 @@ ENCODERS = {"model": "tiny", "vae": "AutoencoderKLWan"}
 def clip(key: str, shape=(16, 2, 2, 3), embeds: bool = True, value: float | None = None) -> dict:
     fill = float(int(key.rsplit("_", 1)[-1])) if value is None else value
     latents = torch.full(shape, fill)
-    return encode_sample(
+    return ShardSample(
         key,
         latents,
         latents[:, :1].clone(),
@@ -25,7 +26,7 @@ def clip(key: str, shape=(16, 2, 2, 3), embeds: bool = True, value: float | None
         f"caption of {key}",
         {"bucket": [shape[2] * 8, shape[3] * 8, 1 + 4 * (shape[1] - 1)], "encoders": ENCODERS},
         torch.ones(3, 8) if embeds else None,
-    )
+    ).to_members()
 
 
 def write_shard(path: Path, samples: list[dict]) -> Path:
@@ -77,7 +78,7 @@ def test_directory_with_manifest_reads_only_listed_shards(tmp_path):
     (tmp_path / "train-000002.tar.partial").write_bytes(b"")
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"name": "train-000001.tar"}]}))
     assert stream.expand_shard_spec(str(tmp_path)) == [urls[1]]
-    assert stream.find_manifest(urls)["shards"][0]["name"] == "train-000001.tar"
+    assert find_manifest(urls)["shards"][0]["name"] == "train-000001.tar"
 
 
 def test_bad_specs_are_clear_errors(tmp_path):
@@ -99,22 +100,6 @@ def test_hf_spec_goes_to_the_hub_resolver(monkeypatch):
     assert stream.expand_shard_spec("hf://datasets/user/clips") == ["pipe:curl x"]
     assert stream.expand_shard_spec("user/clips") == ["pipe:curl x"]
     assert seen == ["hf://datasets/user/clips", "user/clips"]
-
-
-# ---------------------------------------------------------------- manifest checks
-
-
-def test_manifest_mismatch_errors():
-    manifest = {"encoders": ENCODERS, "settings": {"frames": 9}, "buckets": {"16x24x9": 3, "16x24x5": 1},
-                "complete": True}
-    stream.check_manifest(manifest, encoders=ENCODERS, frames=9)  # a short clip trimmed to 5 frames is fine
-    with pytest.raises(ShardError, match="other encoders.*model"):
-        stream.check_manifest(manifest, encoders={**ENCODERS, "model": "other"}, frames=9)
-    with pytest.raises(ShardError, match="made with --frames 9 but the config trains on 93"):
-        stream.check_manifest(manifest, encoders=ENCODERS, frames=93)
-    del manifest["settings"]
-    with pytest.raises(ShardError, match="made with --frames 9"):
-        stream.check_manifest(manifest, encoders=ENCODERS, frames=5)
 
 
 # ---------------------------------------------------------------- order, buckets, splitting

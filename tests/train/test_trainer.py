@@ -11,7 +11,8 @@ from safetensors.torch import load, load_file, save
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from longcat_data.stream import ShardError, ShardStream, StreamConfig, expand_shard_spec
+from longcat_data.shards import ShardError
+from longcat_data.stream import ShardStream, StreamConfig, expand_shard_spec
 from longcat_train import lora
 from longcat_train.cli import train_main
 from longcat_train.config import ConfigError, TrainConfig

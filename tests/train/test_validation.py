@@ -33,13 +33,13 @@ def test_validation_pairs_from_a_folder(tmp_path, make_image) -> None:
 def test_validation_pairs_from_eval_shards(tmp_path, make_image) -> None:
     import webdataset as wds
 
-    from longcat_data.shards import encode_sample
+    from longcat_data.shards import ShardSample
 
     with wds.TarWriter(str(tmp_path / "eval-000000.tar")) as tar:
         for i in range(3):
             image = np.roll(make_image(64, 64), i, axis=0)
             latents = torch.zeros(16, 3, 8, 8)
-            tar.write(encode_sample(f"clip{i}", latents, latents[:, :1], image, f"caption {i}", {"fps": 15}))
+            tar.write(ShardSample(f"clip{i}", latents, latents[:, :1], image, f"caption {i}", {"fps": 15}).to_members())
     pairs = load_validation_pairs(str(tmp_path), limit=2)
     assert [(p.key, p.prompt) for p in pairs] == [("clip0", "caption 0"), ("clip1", "caption 1")]
     np.testing.assert_array_equal(pairs[1].image, np.roll(make_image(64, 64), 1, axis=0))

@@ -1,0 +1,308 @@
+"""Videos -> clips: the per-input stages of ``longcat-prep shard``, run in DataLoader worker processes.
+
+Each stage is a generator over plain dict samples (webdataset style)::
+
+    inputs -> probe_inputs -> choose_clips -> caption_inputs -> load_start_frames -> decode_clips
+
+An input sample is ``{"__key__", "source"}`` (``assign_keys``); the stages fill it in, and
+``decode_clips`` gives it its ``clips``, each ``{"__key__", "input", "source", "frames", "cond_image",
+"caption", "meta"}``. A sample that fails a stage becomes a rejection record (``rejection``) that later
+stages pass on untouched, so one bad file never ends the run. ``decoded_inputs`` runs the stages
+``workers`` inputs ahead of the encoder; ``longcat_data.prep`` encodes and writes what comes out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import re
+import signal
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from longcat_data.buckets import Bucket, InputTooSmall, choose_bucket, clip_starts, trim_to_4k_plus_1
+from longcat_data.captions import Captioner, CaptionError, CaptionSource, resolve_caption
+from longcat_data.video import (
+    VIDEO_EXTENSIONS,
+    VideoError,
+    find_start_frame,
+    load_start_frame,
+    probe,
+    read_frames,
+    resize_center_crop,
+)
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+# ---------------------------------------------------------------- inputs and rejections (pure)
+
+
+def sample_key(source: str) -> str:
+    """A stable webdataset key from a relative path: no dots or spaces, folders joined by '__'."""
+    parts = Path(source).with_suffix("").parts
+    return "__".join(re.sub(r"[^\w-]+", "_", part) for part in parts)
+
+
+def clip_key(input_key: str, clip: int, clips_per_video: int) -> str:
+    return input_key if clips_per_video == 1 else f"{input_key}-c{clip}"
+
+
+def rejection(sample: dict, kind: str, reason: str) -> dict:
+    """The record that replaces a sample a stage failed on: ``kind`` is a short category for the summary,
+    ``reason`` one line saying what is wrong and how to fix it. Warnings gathered so far go along."""
+    return {
+        "__key__": sample["__key__"],
+        "source": sample["source"],
+        "rejected": kind,
+        "reason": reason,
+        "warnings": sample.get("warnings", []),
+    }
+
+
+def is_rejection(sample: dict) -> bool:
+    return "rejected" in sample
+
+
+def assign_keys(sources: Iterable[str], done: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """Input samples (``__key__``, ``source``) for relative paths, and rejections for paths whose key
+    another path has: of several paths sharing a key, the one already written by an earlier run is kept,
+    else the first in sorted order, so reruns agree with what is on disk."""
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for source in sorted(sources):
+        by_key[sample_key(source)].append(source)
+    inputs, rejected = [], []
+    for key, group in by_key.items():
+        keep = done[key] if done.get(key) in group else group[0]
+        inputs.append({"__key__": key, "source": keep})
+        rejected += [
+            rejection(
+                {"__key__": key, "source": s},
+                "duplicate key",
+                f"same sample key {key!r} as {keep}; rename one of them",
+            )
+            for s in group
+            if s != keep
+        ]
+    inputs.sort(key=lambda sample: sample["source"])
+    return inputs, rejected
+
+
+def list_videos(videos_dir: Path, exclude: Path | None = None) -> list[str]:
+    """Relative paths of files with a video extension; hidden files (e.g. macOS ._ forks) are left out."""
+    found = []
+    for path in videos_dir.rglob("*"):
+        relative = path.relative_to(videos_dir)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if exclude is not None and path.is_relative_to(exclude):
+            continue
+        if path.suffix.lower() in VIDEO_EXTENSIONS and not path.is_dir():
+            found.append(relative.as_posix())
+    return found
+
+
+# ---------------------------------------------------------------- per-input stages (worker processes)
+
+
+@dataclass
+class ClipSpec:
+    """Everything the per-input stages need to turn one input into clips."""
+
+    videos_dir: Path
+    buckets: list[Bucket]
+    frames: int
+    fps: float | None
+    clips_per_video: int
+    caption_strategy: CaptionSource
+    caption_mapping: dict[str, str] | None
+    conditioning_dir: Path | None
+    done_keys: set[str]
+    captioner: Captioner | None = None
+    decode_threads: int = 0  # per worker; 0: one per core (the decoder's default)
+
+
+Stage = Callable[[Iterable[dict], ClipSpec], Iterator[dict]]
+
+
+def stage(kind: str) -> Callable[[Callable[[dict, ClipSpec], None]], Stage]:
+    """Make a stage of ``step(sample, spec)``, which fills in one input sample.
+
+    A sample the step fails on becomes a rejection of ``kind`` (an input too small for any bucket, or an
+    unexpected error, get kinds of their own); rejections from earlier stages pass through untouched.
+    """
+
+    def make(step: Callable[[dict, ClipSpec], None]) -> Stage:
+        @functools.wraps(step)
+        def run(samples: Iterable[dict], spec: ClipSpec) -> Iterator[dict]:
+            for sample in samples:
+                yield sample if is_rejection(sample) else _attempt(step, sample, spec, kind)
+
+        return run
+
+    return make
+
+
+def _attempt(step: Callable[[dict, ClipSpec], None], sample: dict, spec: ClipSpec, kind: str) -> dict:
+    try:
+        step(sample, spec)
+    except (VideoError, CaptionError) as err:
+        return rejection(sample, kind, err.reason)
+    except InputTooSmall as err:
+        return rejection(sample, "too small", str(err))
+    except Exception as err:  # a bad file must never end the run; the reason still names the error
+        log.debug("unexpected failure on %s", sample["source"], exc_info=True)
+        return rejection(sample, "error", f"{type(err).__name__}: {err}")
+    return sample
+
+
+@stage("unreadable")
+def probe_inputs(sample: dict, spec: ClipSpec) -> None:
+    sample["info"] = probe(spec.videos_dir / sample["source"])
+
+
+@stage("too small")
+def choose_clips(sample: dict, spec: ClipSpec) -> None:
+    """The bucket the video is cropped to, the clip length (4k+1 frames) and where each clip starts."""
+    info = sample["info"]
+    height, width = choose_bucket(info.height, info.width, spec.buckets)
+    available = info.frames_at(spec.fps)
+    count = trim_to_4k_plus_1(available, spec.frames)
+    sample["bucket"] = [height, width, count]
+    sample["starts"] = clip_starts(available, count, spec.clips_per_video)
+
+
+@stage("caption")
+def caption_inputs(sample: dict, spec: ClipSpec) -> None:
+    path = spec.videos_dir / sample["source"]
+    sample["caption"], sample["caption_source"] = resolve_caption(
+        path,
+        spec.caption_strategy,
+        videos_dir=spec.videos_dir,
+        mapping=spec.caption_mapping,
+        captioner=spec.captioner,
+        filename_fallback=spec.caption_strategy == "textfile",
+    )
+    if spec.caption_strategy == "textfile" and sample["caption_source"] == "filename":
+        warning = f"{sample['source']}: no sidecar caption, using its file name; add {path.stem}.txt"
+        sample.setdefault("warnings", []).append(warning)
+
+
+@stage("start frame")
+def load_start_frames(sample: dict, spec: ClipSpec) -> None:
+    """The start frame brought in ``--conditioning-dir``; without that folder, each clip's first frame."""
+    sample["cond_image"], sample["cond_source"] = None, "first_frame"
+    if spec.conditioning_dir is not None:
+        height, width, _ = sample["bucket"]
+        image_path = find_start_frame(
+            spec.videos_dir / sample["source"], spec.videos_dir, spec.conditioning_dir
+        )
+        sample["cond_image"], _ = load_start_frame(image_path, height, width)
+        sample["cond_source"] = image_path.relative_to(spec.conditioning_dir).as_posix()
+
+
+@stage("unreadable")
+def decode_clips(sample: dict, spec: ClipSpec) -> None:
+    """The input's ``clips`` not written yet, decoded and cropped to the bucket (all of them, or none)."""
+    path, info, (height, width, count) = spec.videos_dir / sample["source"], sample["info"], sample["bucket"]
+    clips = []
+    for index, start in enumerate(sample["starts"]):
+        key = clip_key(sample["__key__"], index, spec.clips_per_video)
+        if key in spec.done_keys:
+            continue
+        raw = read_frames(path, start, count, spec.fps, info=info, threads=spec.decode_threads)
+        frames, box = resize_center_crop(raw, height, width)
+        clips.append(
+            {
+                "__key__": key,
+                "input": sample["__key__"],
+                "source": sample["source"],
+                # A tensor, so worker processes hand the frames over in shared memory.
+                "frames": torch.from_numpy(frames),
+                "cond_image": frames[0] if sample["cond_image"] is None else sample["cond_image"],
+                "caption": sample["caption"],
+                "meta": {
+                    "source": sample["source"],
+                    "clip": index,
+                    "start_frame": start,
+                    "fps": spec.fps or info.fps,
+                    "source_fps": info.fps,
+                    "size": [info.height, info.width],
+                    "rotation": info.rotation,
+                    "crop": [round(v, 3) for v in box],
+                    "bucket": [height, width, count],
+                    "caption_source": sample["caption_source"],
+                    "cond_source": sample["cond_source"],
+                },
+            }
+        )
+    sample["clips"] = clips
+
+
+INPUT_STAGES: tuple[Stage, ...] = (
+    probe_inputs,
+    choose_clips,
+    caption_inputs,
+    load_start_frames,
+    decode_clips,
+)
+
+
+def prepare_inputs(inputs: Iterable[dict], spec: ClipSpec) -> Iterator[dict]:
+    """The per-input stages: each input comes out with its decoded ``clips``, or as a rejection."""
+    # Copies: a caller's list of inputs must not come to hold every decoded frame.
+    samples: Iterator[dict] = (dict(sample) for sample in inputs)
+    for run in INPUT_STAGES:
+        samples = run(samples, spec)
+    return samples
+
+
+class _InputStream(IterableDataset):
+    """Worker w of W prepares inputs w, w + W, ...; the DataLoader takes one result from each worker in
+    turn, so the prepared inputs come out in input order."""
+
+    def __init__(self, inputs: list[dict], spec: ClipSpec) -> None:
+        super().__init__()
+        self.inputs, self.spec = inputs, spec
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return prepare_inputs(self.inputs[worker::workers], self.spec)
+
+
+def _unbatched(sample: dict) -> dict:
+    return sample
+
+
+def _die_with_parent(_: int) -> None:
+    # A decoder whose parent was killed (kill -9, OOM killer) would otherwise linger, blocked on a
+    # result pipe nobody reads. Linux only; elsewhere the DataLoader's own watchdog has to do.
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def decoded_inputs(
+    inputs: list[dict], spec: ClipSpec, workers: int, pin_memory: bool = False
+) -> Iterator[dict]:
+    """Prepared inputs in order, decoded ``workers`` at a time ahead of the consumer (bounded). With
+    ``pin_memory`` the frames arrive page-locked, so their upload to the GPU is asynchronous."""
+    loader = DataLoader(
+        _InputStream(inputs, spec),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        collate_fn=_unbatched,
+        prefetch_factor=2 if workers else None,
+        worker_init_fn=_die_with_parent,
+    )
+    yield from loader

@@ -1,0 +1,377 @@
+"""``longcat-prep shard``: raw videos -> WebDataset shards of VAE latents, start-frame latents and text embeddings.
+
+The pipeline is a chain of stages, each a generator over plain dict samples (webdataset style)::
+
+    [DataLoader workers]  inputs -> probe -> bucket and trim -> caption -> start frame -> decode
+                          (``longcat_data.clips``)
+    [main process]        clips_of_inputs -> same_shape_batches -> encode_batches (VAE, umT5)
+    [writer thread]       write_clips: each clip packed as a ShardSample and written by the ShardWriter
+
+Encoding adds ``latents``, ``cond_latents`` and ``text_embeds`` to each clip sample. Rejection records
+(an input a stage failed on) pass every stage untouched and end in the writer's reject list. Decoding
+runs in worker processes and tar writing in a background thread, so the main process keeps the GPU busy
+with encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from longcat_data import encode
+from longcat_data.buckets import make_buckets
+from longcat_data.captions import Captioner, QwenCaptioner, load_caption_mapping, precompute_captions
+from longcat_data.clips import (
+    ClipSpec,
+    assign_keys,
+    decoded_inputs,
+    is_rejection,
+    list_videos,
+    rejection,
+)
+from longcat_data.config import PrepConfig, parse_captions
+from longcat_data.flags import parse_area, parse_size
+from longcat_data.manifest import STATE_DIR, check_compatible, listing_digest, read_states
+from longcat_data.shards import ShardSample, bucket_name
+from longcat_data.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def encoding_device(cfg: PrepConfig) -> torch.device:
+    """``--device``, else this rank's GPU (``LOCAL_RANK``) when there is one, else the CPU."""
+    if cfg.device is not None:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def encoding_dtype(cfg: PrepConfig) -> torch.dtype:
+    return DTYPES[cfg.dtype] or encode.default_dtype(encoding_device(cfg))
+
+
+def prep_settings(cfg: PrepConfig) -> dict[str, Any]:
+    return cfg.settings(str(encoding_dtype(cfg)).removeprefix("torch."))
+
+
+def limit_encoding_threads(cfg: PrepConfig) -> None:
+    """Encoding on the CPU leaves a core to each decoding worker: oversubscribed, both crawl."""
+    if encoding_device(cfg).type == "cpu" and cfg.workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
+
+
+@dataclass
+class PrepStats:
+    written: int = 0
+    inputs_written: int = 0
+    skipped: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    encode_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    shards: int = 0
+
+    def summary(self) -> str:
+        rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
+        reasons = ", ".join(f"{n} {kind}" for kind, n in self.rejected.most_common())
+        rejected = sum(self.rejected.values())
+        return (
+            f"written {self.written} clips from {self.inputs_written} videos ({rate:.2f} clips/s), "
+            f"skipped {self.skipped} already done, rejected {rejected}" + (f" ({reasons})" if reasons else "")
+        )
+
+
+# ---------------------------------------------------------------- main-process stages
+
+
+def clips_of_inputs(
+    records: Iterable[dict], writer: ShardWriter, bar: tqdm, clips_per_video: int
+) -> Iterator[dict]:
+    """The clips of each prepared input, its last one marked ``last``; rejections pass through.
+
+    An input with no clip left to write (an earlier run wrote them all) is done at once.
+    """
+    for record in records:
+        for warning in record.get("warnings", ()):
+            log.warning(warning)
+        if is_rejection(record):
+            clips = []
+            yield record
+        else:
+            clips = record["clips"]
+            if clips:
+                clips[-1]["last"] = True
+            else:
+                writer.finish_input(record["__key__"], record["source"])
+        # The bar counts clips; its total starts at the most each video could give, then tightens.
+        bar.total -= clips_per_video - len(clips)
+        bar.refresh()
+        yield from clips
+
+
+def same_shape_batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
+    """Batches of clips with one frame shape; a rejection goes on at once, as a batch of its own.
+
+    Holds at most ``2 * batch_size`` clips: when more are waiting, the fullest group goes out short
+    rather than let rare buckets pile up decoded frames in memory.
+    """
+    groups: dict[tuple[int, ...], list[dict]] = defaultdict(list)
+    waiting = 0
+    for sample in samples:
+        if is_rejection(sample):
+            yield [sample]
+            continue
+        group = groups[tuple(sample["frames"].shape)]
+        group.append(sample)
+        waiting += 1
+        if len(group) == batch_size or waiting > 2 * batch_size:
+            fullest = group if len(group) == batch_size else max(groups.values(), key=len)
+            waiting -= len(fullest)
+            yield groups.pop(tuple(fullest[0]["frames"].shape))
+    yield from (group for group in groups.values() if group)
+
+
+@dataclass
+class Encoders:
+    vae: torch.nn.Module
+    tokenizer: Any | None
+    text_encoder: torch.nn.Module | None
+    ids: dict[str, str]
+
+
+def load_encoders(cfg: PrepConfig) -> Encoders:
+    device, dtype = encoding_device(cfg), encoding_dtype(cfg)
+    vae = encode.load_vae(cfg.model, device, dtype)
+    if cfg.vae_tiling:
+        vae.enable_tiling()
+    tokenizer = text_encoder = None
+    if cfg.text_embeds:
+        tokenizer, text_encoder = encode.load_text_encoder(cfg.model, device, dtype)
+    return Encoders(vae, tokenizer, text_encoder, encode.encoder_ids(cfg.model))
+
+
+def encode_batch(batch: list[dict], enc: Encoders) -> list[dict]:
+    """Clips of one shape -> the same records with ``latents`` [16, T, h, w], ``cond_latents``
+    [16, 1, h, w] and ``text_embeds`` [L, D] or None (bf16, on the CPU) in place of their frames."""
+    # One clip needs no stacking copy of its frames.
+    frames = batch[0]["frames"][None] if len(batch) == 1 else torch.stack([c["frames"] for c in batch])
+    latents = encode.encode_video(enc.vae, frames)
+    # The Wan VAE is causal: latent frame 0 is computed from pixel frame 0 alone, by the same first-chunk
+    # pass that encoding the start frame by itself runs. So a clip's own start frame costs no second VAE
+    # call (tests/data check the equality); start frames brought from a conditioning folder do.
+    cond_latents = latents[:, :, :1].clone()
+    brought = [i for i, c in enumerate(batch) if c["meta"]["cond_source"] != "first_frame"]
+    if brought:
+        conds = torch.from_numpy(np.stack([batch[i]["cond_image"] for i in brought]))
+        cond_latents[brought] = encode.encode_image(enc.vae, conds)
+    latents, cond_latents = latents.to(torch.bfloat16).cpu(), cond_latents.to(torch.bfloat16).cpu()
+    embeds: list[torch.Tensor | None] = [None] * len(batch)
+    if enc.text_encoder is not None:
+        texts = encode.encode_text(enc.tokenizer, enc.text_encoder, [c["caption"] for c in batch])
+        embeds = [e.to(torch.bfloat16).cpu() for e in texts]
+    return [
+        {
+            **{k: v for k, v in clip.items() if k != "frames"},
+            "latents": z,
+            "cond_latents": cz,
+            "text_embeds": e,
+        }
+        for clip, z, cz, e in zip(batch, latents, cond_latents, embeds, strict=True)
+    ]
+
+
+def encode_batches(batches: Iterable[list[dict]], enc: Encoders, stats: PrepStats) -> Iterator[list[dict]]:
+    """Each batch of clips encoded (``encode_batch``), timed into ``stats``; rejections pass through."""
+    for batch in batches:
+        if not is_rejection(batch[0]):
+            tick = time.perf_counter()
+            batch = encode_batch(batch, enc)
+            stats.encode_seconds += time.perf_counter() - tick
+        yield batch
+
+
+# ---------------------------------------------------------------- write stage (background thread)
+
+
+def _pack_and_write(
+    batch: list[dict], writer: ShardWriter, encoders: dict[str, str]
+) -> list[tuple[dict, str | None]]:
+    """(clip, None) for each clip written, (clip, reason) for one whose key was written before."""
+    results = []
+    for clip in batch:
+        sample = ShardSample(
+            key=clip["__key__"],
+            latents=clip["latents"],
+            cond_latents=clip["cond_latents"],
+            cond_image=clip["cond_image"],
+            caption=clip["caption"],
+            meta={**clip["meta"], "encoders": encoders},
+            text_embeds=clip["text_embeds"],
+        )
+        members = sample.to_members()
+        try:
+            writer.write(members, bucket_name(*clip["meta"]["bucket"]))
+            results.append((clip, None))
+        except KeyError as err:
+            results.append((clip, f"{err.args[0]}; two inputs map to one key, rename one"))
+    return results
+
+
+def write_clips(
+    batches: Iterable[list[dict]],
+    writer: ShardWriter,
+    encoders: dict[str, str],
+    stats: PrepStats,
+    bar: tqdm,
+    depth: int = 2,
+) -> None:
+    """The write stage: packs and writes batches on one background thread, in order and at most
+    ``depth`` batches behind the encoder; rejections go to the writer's list. An input is done once its
+    last clip is written. On an exception (Ctrl-C too) the batches already encoded are still written."""
+
+    def reject(r: dict) -> None:
+        log.warning("skipped %s: %s", r["source"], r["reason"])
+        writer.reject(r["source"], r["reason"])
+        stats.rejected[r["rejected"]] += 1
+
+    def settle(written: Future[list[tuple[dict, str | None]]]) -> None:
+        for clip, error in written.result():
+            if error is None:
+                stats.written += 1
+                bar.update(1)
+            else:
+                reject(rejection(clip, "duplicate key", error))
+            if clip.get("last"):
+                writer.finish_input(clip["input"], clip["source"])
+                stats.inputs_written += 1
+
+    pending: deque[Future[list[tuple[dict, str | None]]]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+        try:
+            for batch in batches:
+                if is_rejection(batch[0]):
+                    reject(batch[0])
+                    continue
+                pending.append(pool.submit(_pack_and_write, batch, writer, encoders))
+                while len(pending) > depth or (pending and pending[0].done()):
+                    settle(pending.popleft())
+        finally:
+            while pending:
+                settle(pending.popleft())
+
+
+# ---------------------------------------------------------------- the command
+
+
+def progress_bar(clips: int, rank: int, world: int) -> tqdm:
+    return tqdm(
+        total=clips,
+        unit="clip",
+        desc=f"rank {rank}" if world > 1 else "encoding",
+        # In a terminal, live; in a batch job's log, a line a minute rather than nothing for hours.
+        dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 60,
+    )
+
+
+def qwen_captions(cfg: PrepConfig, videos_dir: Path, sources: list[str], stream: str) -> Captioner:
+    """Caption this rank's videos with Qwen-2.5-VL before encoding, so the two models never share the GPU.
+
+    Captions are cached in ``OUT_DIR/.prep/captions-<stream>.jsonl``; a rerun captions only what is new.
+    """
+    captioner = QwenCaptioner(cfg.caption_model, device=encoding_device(cfg), dtype=encoding_dtype(cfg))
+    cache = Path(cfg.out_dir) / STATE_DIR / f"captions-{stream}.jsonl"
+    captions = precompute_captions(videos_dir, sources, captioner, cache)
+    del captioner
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return captions
+
+
+def run_shard(
+    cfg: PrepConfig, encoders: Encoders | None = None, captioner: Captioner | None = None
+) -> PrepStats:
+    """The whole shard command; ``encoders``/``captioner`` let callers (benchmarks, tests) inject models."""
+    started = time.perf_counter()
+    rank, world = cfg.resolved_rank
+    videos_dir, out_dir = Path(cfg.videos_dir), Path(cfg.out_dir)
+    if not videos_dir.is_dir():
+        raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
+    strategy, mapping_file = parse_captions(cfg.captions)
+    mapping = load_caption_mapping(mapping_file) if mapping_file else None
+    settings = prep_settings(cfg)
+    ids = encoders.ids if encoders is not None else encode.encoder_ids(cfg.model)
+    # Checked before loading the models: a refusal should come in seconds, not after a download.
+    check_compatible(out_dir, settings, ids)
+
+    sources = list_videos(videos_dir, exclude=out_dir.resolve() if out_dir.exists() else None)
+    prior = {key: src for s in read_states(out_dir) for r in s.shards for key, src in r.inputs.items()}
+    all_inputs, duplicates = assign_keys(sources, prior)
+    mine = all_inputs[rank::world]
+
+    writer = ShardWriter(
+        out_dir,
+        settings=settings,
+        encoders=ids,
+        listing=listing_digest(s["__key__"] for s in all_inputs),
+        rank=rank,
+        world_size=world,
+        max_bytes=parse_size(cfg.shard_size),
+    )
+    stats = PrepStats()
+    todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
+    stats.skipped = len(mine) - len(todo)
+    log.info(
+        "%s: %d videos (%d for rank %d of %d), %d already done",
+        videos_dir,
+        len(all_inputs) + len(duplicates),
+        len(mine),
+        rank,
+        world,
+        stats.skipped,
+    )
+    if strategy == "captioner" and captioner is None:
+        captioner = qwen_captions(cfg, videos_dir, [s["source"] for s in todo], writer.stream)
+    enc = encoders or load_encoders(cfg)
+    spec = ClipSpec(
+        videos_dir=videos_dir,
+        buckets=make_buckets(parse_area(cfg.area)),
+        frames=cfg.frames,
+        fps=cfg.fps,
+        clips_per_video=cfg.clips_per_video,
+        caption_strategy=strategy,
+        caption_mapping=mapping,
+        conditioning_dir=Path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
+        done_keys=writer.done_keys,
+        captioner=captioner,
+        # Each decoder left to its default starts a thread per core: 8 workers then oversubscribe the
+        # CPU and slow the kernel launches of the encoding process, which is what the GPU waits on.
+        decode_threads=max(1, (os.cpu_count() or 2) // cfg.workers) if cfg.workers else 0,
+    )
+    with writer, logging_redirect_tqdm(), progress_bar(len(todo) * cfg.clips_per_video, rank, world) as bar:
+        records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")
+        # Duplicate keys are the listing's, so one rank reports them.
+        samples = chain(
+            duplicates if rank == 0 else [], clips_of_inputs(records, writer, bar, cfg.clips_per_video)
+        )
+        batches = encode_batches(same_shape_batches(samples, cfg.batch_size), enc, stats)
+        write_clips(batches, writer, ids, stats, bar)
+    stats.shards = len(writer.state.shards)
+    stats.wall_seconds = time.perf_counter() - started
+    return stats
