@@ -2,9 +2,8 @@
 
 Parts, in the order ``train`` builds them: process group (``parallel``), shards and their checks
 (``longcat_data.stream``), text embeddings the shards lack (encoded once, encoder freed), the DiT with its
-training techniques (``techniques.apply_techniques``: quantisation, LoRA, float8 matmuls, checkpointing,
-compile, placement on device / block swap, DDP / FSDP2), AdamW, the lr schedule (a pure function of the
-step), the data loader positioned at the resume point, metrics, validation, checkpoints.
+LoRA (``lora``), placement (device / block swap / DDP / FSDP2), AdamW, the lr schedule (a pure function
+of the step), the data loader positioned at the resume point, metrics, validation, checkpoints.
 
 Exact resume: a checkpoint holds the LoRA weights (fp32), the optimizer state, every RNG this process
 draws from (torch CPU and CUDA, the noise generator, numpy, python), the step, and the stream position
