@@ -1,10 +1,10 @@
 """Two ways to run the same LoRA training, loss curves side by side: dense vs block-sparse attention, or
 bf16 vs float8 matmuls.
 
-    python benchmarks/loss_curves.py --depth 12 --compile                          # GPU: ~4 min on an H100
+    python benchmarks/loss_curves.py --depth 12 --compile                          # GPU: the first 12 blocks
     python benchmarks/loss_curves.py --depth 12 --compile --compare fp8-matmuls    # block-sparse, bf16 vs fp8
-    python benchmarks/loss_curves.py --compile                                     # GPU: full 48 blocks, ~15 min
-    python benchmarks/loss_curves.py --quick                                       # CPU: tiny model, ~1 min
+    python benchmarks/loss_curves.py --compile                                     # GPU: full 48 blocks
+    python benchmarks/loss_curves.py --quick                                       # CPU: tiny model
 
 One model, trained twice from the same start: LoRA weights restored to their initial values, a fresh
 AdamW, the same seed for the noise / sigma generator and the process RNGs, and a fresh loader over the same
@@ -30,8 +30,7 @@ Data: a temporary shard of ``--samples`` structured synthetic clips (smooth rand
 latent frames of 60x104, 37,440 tokens), image-to-video, streamed through ``ShardStream`` + ``DataLoader``
 as ``longcat-train`` reads it. With a few clips repeated, the LoRA can fit them and the loss moves.
 
-Timing on one H100 at 480x832x93, compiled (``benchmarks/RESULTS.md``): a dense step ~12 s, a sparse step
-~6 s, so 50 + 50 steps of the full 48-block model take ~15 min plus compilation; ``--depth 12`` takes ~4 min.
+Step times and run lengths: ``benchmarks/RESULTS.md``; ``--depth`` shortens a run in proportion.
 ``--quick``: the tiny model on the CPU at 256x256x33 (2,304 tokens; 32 noisy 4x4x4 blocks, of which 2
 are kept per query block). On the CPU ``block_sparse`` runs the torch path of ``longcat_kernels`` (SDPA
 under the expanded block mask): the same masked math as the Triton kernel, so still a real comparison.
@@ -113,7 +112,7 @@ def rng_digest(generator: torch.Generator) -> str:
 def train_run(name: str, attention: str, model: torch.nn.Module, initial: dict[str, torch.Tensor], shard: Path,
               cfg: TrainConfig, d: Dist, steps: int) -> dict:
     """``steps`` optimizer steps from the initial LoRA with ``attention``; the per-step record."""
-    model.get_base_model().config.attention_implementation = attention
+    model.get_base_model().attention_implementation = attention
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for n, p in params.items():
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compare", choices=tuple(COMPARISONS), default="attention",
                         help="attention: dense vs block-sparse; fp8-matmuls: bf16 vs float8 base matmuls (block-sparse)")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
-    parser.add_argument("--depth", type=int, default=0, help="keep the first N DiT blocks (0: all; 12 fits ~4 min)")
+    parser.add_argument("--depth", type=int, default=0, help="keep the first N DiT blocks (0: all)")
     parser.add_argument("--size", type=parse_size, default=None, help="HxWxF clip size (default 480x832x93)")
     parser.add_argument("--samples", type=int, default=8, help="clips in the synthetic shard")
     parser.add_argument("--model", default=None, help="load these weights (checkpoint dir or hub id) instead of random")
@@ -381,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     T, H, W = latent_shape
     tokens = T * (H // 2) * (W // 2)
     size = f"{8 * H}x{8 * W}x{1 + 4 * (T - 1)}"
-    bsp = base.config.block_sparse_params or {}
+    bsp = base.block_sparse_params or {}
     config = {
         "model": args.model or ("tiny, random" if args.quick else "full config, random bf16"),
         "depth": len(base.blocks), "size": size, "latent_shape": [base.config.in_channels, T, H, W],

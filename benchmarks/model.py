@@ -43,9 +43,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longcat_train.architecture import BLOCK_LINEARS
 from longcat_train.model import DiTConfig, LongCatBlock, LongCatVideoTransformer, rope_tables
 
-OUR_ADAPTER_TARGETS = r".*(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|ffn\.w[123])"
+OUR_ADAPTER_TARGETS = list(BLOCK_LINEARS)
 NAIVE_ADAPTER_TARGETS = r".*(self_[qkv]|self_proj|cross_[qkv]|cross_proj|w[123])"
 
 
@@ -140,7 +141,7 @@ def build(config: DiTConfig, setup: Setup, compile_: bool) -> LongCatVideoTransf
     return model.requires_grad_(False)
 
 
-def add_adapter(module: nn.Module, targets: str, rank: int = 8) -> list[nn.Parameter]:
+def add_adapter(module: nn.Module, targets: str | list[str], rank: int = 8) -> list[nn.Parameter]:
     """A peft LoRA on ``targets``; only the adapter trains, as in our LoRA training."""
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), module)
     trainable = []

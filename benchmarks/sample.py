@@ -60,8 +60,9 @@ def peak_memory_gb(device: torch.device) -> float:
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    config = dataclasses.replace(DiTConfig.tiny() if args.quick else DiTConfig.full(), attention_implementation=args.attention)
+    config = DiTConfig.tiny() if args.quick else DiTConfig.full()
     model = build_dit(config, device, dtype)
+    model.attention_implementation = args.attention
     if args.compile:
         # Per-block compile: one graph shared by 48 blocks, far quicker to build than the whole model's.
         model.compile_blocks()

@@ -171,7 +171,7 @@ def sparse_kernel(setup: Setup) -> str:
 
 
 def run_cell(cell: Cell, model, optimizer, config, setup: Setup) -> dict[str, Any]:
-    config.attention_implementation = ATTENTION[cell.attention]
+    model.get_base_model().attention_implementation = ATTENTION[cell.attention]
     batch = make_batch(config, setup)
     cuda = setup.device.type == "cuda"
     result: dict[str, Any] = {"cell": cell.key, **dataclasses.asdict(cell)}

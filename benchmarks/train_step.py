@@ -37,7 +37,7 @@ from _synthetic import build_model, write_shard  # benchmarks/_synthetic.py
 
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
 from longcat_train import trainer
-from longcat_train.attention import IMPLEMENTATIONS
+from longcat_train.architecture import ATTENTION_BACKENDS
 from longcat_train.config import TrainConfig
 from longcat_train.model import DiTConfig
 from longcat_train.parallel import Dist
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--checkpointing", default="selective", choices=("selective", "full", "none"))
-    parser.add_argument("--attention", default="sdpa", choices=IMPLEMENTATIONS)
+    parser.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--compile", action="store_true", help="compile our block step (the naive step runs after, compiled too)")
     parser.add_argument("--compile-tune", action="store_true",
@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device("cpu" if args.quick else "cuda")
     config = DiTConfig.tiny() if args.quick else DiTConfig.full()
-    config.attention_implementation = args.attention
     latent_shape = (3, 8, 8) if args.quick else (24, 60, 104)
     cfg = TrainConfig(model="benchmark", gradient_checkpointing=args.checkpointing, num_workers=args.num_workers,
                       mixed_precision="bf16", attention=args.attention)
@@ -149,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = trainer.weight_dtype(cfg, device)
 
     model = build_model(config, device, dtype)
+    model.get_base_model().attention_implementation = args.attention
     if args.fp8_matmuls:
         from longcat_train.quant import use_fp8_matmuls
 

@@ -17,18 +17,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from longcat_data.defaults import TINY, TINY_SEED
 from longcat_data.encode import resolve_checkpoint, save_tiny_encoders
 from longcat_data.flags import parse_size
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
-TINY_SEED = 0
 DIT_SUBFOLDER = "dit"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
 
 def tiny_dit() -> LongCatVideoTransformer:
     """The tiny DiT with fixed random weights: every ``--model tiny`` sees the same network."""

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,19 +26,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from longcat_train.attention import IMPLEMENTATIONS, AttentionImplementation, attention, warn_if_unavailable
+from longcat_train.architecture import BLOCK_LINEARS, CHECKPOINT_MODES, OFFICIAL_CLASS_NAME
+from longcat_train.attention import BACKENDS, SAVED_OPS, attention, warn_if_unavailable
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_CLASS_NAME = "LongCatVideoTransformer3DModel"
 CheckpointMode = Literal["none", "full", "selective"]
-CHECKPOINT_MODES: tuple[str, ...] = ("none", "full", "selective")
 
 # Official config keys that select kernels or multi-GPU layout in the official code. They do not change
 # what the model computes; we keep them so a saved config.json still loads in the official code.
 _OFFICIAL_RUNTIME_KEYS = frozenset(
     {"enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "bsa_params", "cp_split_hw"}
 )
+# Our runtime settings, written into config.json by earlier versions: now attributes of the model
+# (LongCatVideoTransformer.attention_implementation, .block_sparse_params), not read from the file.
+_OUR_RUNTIME_KEYS = frozenset({"attention_implementation", "block_sparse_params"})
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -61,10 +64,6 @@ class DiTConfig:
     text_tokens_zero_pad: bool = True
     # Length the official pipeline pads every prompt to (tokenizer max_length).
     text_max_length: int = 512
-    attention_implementation: AttentionImplementation = "sdpa"
-    # Keyword arguments for longcat_kernels.block_sparse_attention (density, block); from_dict derives them
-    # from the official ``bsa_params`` when not given.
-    block_sparse_params: dict[str, Any] | None = None
     # Official keys read from a config.json that do not affect the computation, written back on save.
     official_extras: dict[str, Any] = field(default_factory=dict)
 
@@ -79,10 +78,6 @@ class DiTConfig:
             raise ValueError(f"patch_size must be (1, ph, pw), got {self.patch_size}")
         if self.frequency_embedding_size % 2:
             raise ValueError("frequency_embedding_size must be even (cos and sin halves)")
-        if self.attention_implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_implementation {self.attention_implementation!r} is not one of {IMPLEMENTATIONS}"
-            )
 
     @property
     def head_dim(self) -> int:
@@ -109,25 +104,25 @@ class DiTConfig:
         """Read an official ``dit/config.json`` (or one written by :meth:`to_dict`)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"official_extras"}
         kwargs = {k: v for k, v in config.items() if k in known}
+        ours = sorted(k for k in config if k in _OUR_RUNTIME_KEYS)
+        if ours:
+            log.info(
+                "DiT config: %s from an earlier save not read; they are runtime settings of the model now "
+                "(model.attention_implementation, model.block_sparse_params)",
+                ", ".join(f"{k}={config[k]}" for k in ours),
+            )
         # _class_name is always written by to_dict; other keys the model does not use are kept for it.
-        extras = {k: v for k, v in config.items() if k not in known and k != "_class_name"}
-        bsa = extras.get("bsa_params")
-        if bsa and "block_sparse_params" not in kwargs:
-            # Official: drop `sparsity` of the key blocks per query block, blocks of chunk_3d_shape tokens.
-            kwargs["block_sparse_params"] = {
-                "density": 1.0 - bsa["sparsity"],
-                "block": tuple(bsa["chunk_3d_shape_k"]),
-            }
+        skipped = {"_class_name", *_OUR_RUNTIME_KEYS}
+        extras = {k: v for k, v in config.items() if k not in known and k not in skipped}
         unknown = sorted(k for k in extras if k not in _OFFICIAL_RUNTIME_KEYS and not k.startswith("_"))
         if unknown:
             log.warning("DiT config: unknown keys kept but unused: %s", ", ".join(unknown))
         runtime = sorted(k for k in extras if k in _OFFICIAL_RUNTIME_KEYS)
         if runtime:
             log.info(
-                "DiT config: official runtime keys recorded, not used (%s); the attention kernel is chosen by "
-                "attention_implementation=%r",
+                "DiT config: official runtime keys recorded, not used (%s); the attention kernel is the "
+                "model's attention_implementation",
                 ", ".join(f"{k}={extras[k]}" for k in runtime),
-                kwargs.get("attention_implementation", cls.attention_implementation),
             )
         return cls(**kwargs, official_extras=extras)
 
@@ -140,6 +135,16 @@ class DiTConfig:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+    @property
+    def official_block_sparse_params(self) -> dict[str, Any] | None:
+        """Keyword arguments for ``longcat_kernels.block_sparse_attention`` (density, block) that the
+        official ``bsa_params`` of this config ask for; None when it has none (the kernel's defaults)."""
+        bsa = self.official_extras.get("bsa_params")
+        if not bsa:
+            return None
+        # Official: drop `sparsity` of the key blocks per query block, blocks of chunk_3d_shape tokens.
+        return {"density": 1.0 - bsa["sparsity"], "block": tuple(bsa["chunk_3d_shape_k"])}
 
 
 # ------------------------------------------------------------------------------------------ 3D RoPE
@@ -293,13 +298,14 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
-        # Shared with the model, so changing config.attention_implementation switches every block.
-        self.config = config
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # Set through LongCatVideoTransformer.attention_implementation and .block_sparse_params.
+        self.attention_implementation = "sdpa"
+        self.block_sparse_params: dict[str, Any] | None = None
 
     def forward(
         self,
@@ -319,10 +325,10 @@ class SelfAttention(nn.Module):
             q.transpose(1, 2),  # [B, H, N, D] views
             k.transpose(1, 2),
             v.transpose(1, 2),
-            implementation=self.config.attention_implementation,
+            implementation=self.attention_implementation,
             latent_shape=latent_shape,
             num_cond_latents=num_cond_latents,
-            block_sparse_params=self.config.block_sparse_params,
+            block_sparse_params=self.block_sparse_params,
         )  # [B, H, N, D]
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
@@ -332,13 +338,14 @@ class CrossAttention(nn.Module):
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
-        self.config = config
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.q_linear = nn.Linear(config.hidden_size, config.hidden_size)
         self.kv_linear = nn.Linear(config.hidden_size, 2 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
+        # Set through LongCatVideoTransformer.attention_implementation.
+        self.attention_implementation = "sdpa"
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         B, M, C = x.shape
@@ -350,7 +357,7 @@ class CrossAttention(nn.Module):
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            implementation=self.config.attention_implementation,
+            implementation=self.attention_implementation,
             attn_mask=text_mask,
         )  # [B, H, M, D]
         return self.proj(out.transpose(1, 2).reshape(B, M, C))
@@ -448,28 +455,18 @@ class FinalLayer(nn.Module):
 
 # ------------------------------------------------------------------------------------------ model
 
-_SDPA_OPS = frozenset(
-    {
-        torch.ops.aten._scaled_dot_product_flash_attention.default,
-        torch.ops.aten._scaled_dot_product_efficient_attention.default,
-        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    }
-)
-
-
 def _keep_self_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """Selective checkpointing: keep self-attention outputs, recompute everything else.
 
-    Self-attention is recognised by shape, which works eagerly and under torch.compile: its queries are a
-    subset of the video tokens and its keys all of them (keys >= queries), while cross-attention puts every
-    noisy video token against at most ``text_max_length`` text keys. Saving is always correct; a cross-
-    attention this rule also keeps (fewer video tokens than text tokens) only costs its small output.
+    The attention ops are those the backends declare (``longcat_train.attention.SAVED_OPS``, matched by
+    name: optional packages register some of them). Self-attention is recognised by shape, which works
+    eagerly and under torch.compile: its queries are a subset of the video tokens and its keys all of them
+    (keys >= queries), while cross-attention puts every noisy video token against at most
+    ``text_max_length`` text keys. Saving is always correct; a cross-attention this rule also keeps (fewer
+    video tokens than text tokens) only costs its small output.
     """
-    if op in _SDPA_OPS and args[1].shape[-2] >= args[0].shape[-2]:
-        return CheckpointPolicy.MUST_SAVE
-    # longcat_kernels' custom op (video self-attention only), matched by name: the package is optional
-    if str(op) == "longcat.block_sparse_attention.default":
+    tokens = SAVED_OPS.get(str(op))
+    if tokens is not None and args[1].shape[tokens] >= args[0].shape[tokens]:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -502,6 +499,40 @@ class LongCatVideoTransformer(nn.Module):
         )
         self._gradient_checkpointing: CheckpointMode = "full"
         self._block_step = _block_step
+        self.attention_implementation = "sdpa"
+        self.block_sparse_params = config.official_block_sparse_params
+
+    def _attention_modules(self) -> Iterator[SelfAttention | CrossAttention]:
+        return (m for m in self.modules() if isinstance(m, SelfAttention | CrossAttention))
+
+    @property
+    def attention_implementation(self) -> str:
+        """The attention kernel of every block, a name of ``longcat_train.attention.BACKENDS``.
+
+        A runtime choice like checkpointing, not part of the architecture: not saved in config.json.
+        """
+        return self._attention_implementation
+
+    @attention_implementation.setter
+    def attention_implementation(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"attention_implementation {name!r} is not one of {tuple(BACKENDS)}")
+        self._attention_implementation = name
+        for module in self._attention_modules():
+            module.attention_implementation = name
+
+    @property
+    def block_sparse_params(self) -> dict[str, Any] | None:
+        """Keyword arguments for ``longcat_kernels.block_sparse_attention`` (``density``, ``block``) when
+        the attention is ``block_sparse``; by default what the config's official ``bsa_params`` say."""
+        return self._block_sparse_params
+
+    @block_sparse_params.setter
+    def block_sparse_params(self, params: dict[str, Any] | None) -> None:
+        self._block_sparse_params = params
+        for module in self._attention_modules():
+            if isinstance(module, SelfAttention):
+                module.block_sparse_params = params
 
     @property
     def gradient_checkpointing(self) -> CheckpointMode:
@@ -540,11 +571,10 @@ class LongCatVideoTransformer(nn.Module):
 
         Fuses the elementwise fp32 work around the matmuls (modulation, norms, RoPE, gated residuals) that
         eager mode runs as separate memory passes. All blocks share one graph per checkpointing mode.
-        ``tune`` adds inductor's coordinate-descent tuning of the fused kernels (minutes more compilation,
-        cached; 0.12 s off a 5 s step on an H100). ``compile_kwargs`` go to :func:`torch.compile` (default
-        ``fullgraph=True``).
+        ``tune`` adds inductor's coordinate-descent tuning of the fused kernels (longer compilation, cached;
+        slightly faster steps). ``compile_kwargs`` go to :func:`torch.compile` (default ``fullgraph=True``).
         """
-        warn_if_unavailable(self.config.attention_implementation)
+        warn_if_unavailable(self.attention_implementation)
         if tune:
             compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
         self._block_step = torch.compile(_block_step, **{"fullgraph": True, **compile_kwargs})
@@ -553,15 +583,6 @@ class LongCatVideoTransformer(nn.Module):
         """``block(*args)`` under the model's checkpointing mode (compiled after :meth:`compile_blocks`)."""
         checkpointing = self._gradient_checkpointing if torch.is_grad_enabled() else "none"
         return self._block_step(block, checkpointing, *args)
-
-    @classmethod
-    def from_pretrained(
-        cls, model: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
-    ) -> LongCatVideoTransformer:
-        """``tiny``, an official checkpoint directory, or a hub id: see :func:`longcat_train.loading.load_dit`."""
-        from longcat_train.loading import load_dit  # loading builds on this module
-
-        return load_dit(model, dtype=dtype, device=device)
 
     def forward(
         self,
@@ -661,3 +682,34 @@ class LongCatVideoTransformer(nn.Module):
         x = x.view(B, T, H, W, pt, ph, pw, self.config.out_channels)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C_out, T, pt, H, ph, W, pw]
         return x.reshape(B, self.config.out_channels, T * pt, H * ph, W * pw)
+
+
+# ------------------------------------------------------------------------------------------ structure
+
+
+def transformer_of(model: nn.Module) -> LongCatVideoTransformer:
+    """The DiT inside ``model``: the model itself (also with LoRA injected, or sharded by FSDP2, which keep
+    its class), or unwrapped from peft's ``PeftModel``, DDP's ``.module`` or torch.compile's ``_orig_mod``."""
+    inner = model
+    while not isinstance(inner, LongCatVideoTransformer):
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "module", None), nn.Module):
+            inner = inner.module
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod
+        else:
+            raise TypeError(f"{type(model).__name__} holds no LongCatVideoTransformer")
+    return inner
+
+
+def block_linears(block: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """Each linear of ``architecture.BLOCK_LINEARS`` in a block, as (path inside the block, the
+    ``nn.Linear`` that computes it): under a LoRA layer, its base layer (``attn.qkv.base_layer``)."""
+    for name in BLOCK_LINEARS:
+        path, module = name, block.get_submodule(name)
+        while not isinstance(module, nn.Linear) and isinstance(getattr(module, "base_layer", None), nn.Module):
+            path, module = f"{path}.base_layer", module.base_layer
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"block linear {name} is a {type(module).__name__} without an nn.Linear base layer")
+        yield path, module

@@ -51,6 +51,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from longcat_train.model import transformer_of
+
 logger = logging.getLogger(__name__)
 
 # Byte alignment of every tensor inside a flat buffer: a view must start where its dtype's `view` accepts it,
@@ -191,7 +193,7 @@ def _page_locked(nbytes: int) -> torch.Tensor:
     """A host byte buffer that CUDA copies from asynchronously (DMA).
 
     Page-locked in place rather than taken from the pinned caching allocator, which rounds every
-    allocation up to a power of two: a 0.56 GB bf16 block would hold 1 GiB of host memory.
+    allocation up to a power of two: a block just over a power of two would hold nearly twice its size.
     """
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes == 0:
@@ -207,15 +209,6 @@ def _page_locked(nbytes: int) -> torch.Tensor:
 def _members(module: nn.Module) -> list[object]:
     """Every module and tensor object of a block, to notice changes made behind the swap's back."""
     return [*module.modules(), *module.parameters(), *module.buffers()]
-
-
-def _find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer's ``blocks`` ModuleList, also when the model is wrapped (peft ``base_model.model``)."""
-    found = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "blocks"]
-    found = [m for m in found if isinstance(m, nn.ModuleList)]
-    if len(found) != 1:
-        raise ValueError(f"expected one nn.ModuleList named 'blocks' in the model, found {len(found)}")
-    return found[0]
 
 
 def _in_backward() -> bool:
@@ -241,7 +234,7 @@ class BlockSwap:
         offload_device: torch.device,
         compute_device: torch.device,
     ) -> None:
-        blocks = _find_blocks(model)
+        blocks = transformer_of(model).blocks
         if not 0 <= num_blocks <= len(blocks):
             raise ValueError(f"cannot swap {num_blocks} blocks of a model with {len(blocks)}")
         self.offload_device = offload_device
@@ -399,10 +392,11 @@ class ActivationOffload:
     """Moves large tensors that autograd saves during the model's forward to host memory, and back.
 
     Built by :func:`apply_activation_offload`. With per-block checkpointing, what autograd keeps between
-    forward and backward is each block's input (plus what the embedders and final layer save); at
-    480x832x93 that is 48 x 0.3 GB, too much next to a block's recompute on a 24 GB card. Copies run on a
-    side stream: device-to-host behind the compute that produced the tensor, host-to-device one checkpointed
-    block ahead in backward (unpacking a block's input prefetches the input of the block before it).
+    forward and backward is each block's input (plus what the embedders and final layer save): one
+    full-video activation per block, too much next to a block's recompute on a small card. Copies run on
+    a side stream: device-to-host behind the compute that produced the tensor, host-to-device one
+    checkpointed block ahead in backward (unpacking a block's input prefetches the input of the block
+    before it).
     """
 
     def __init__(self, model: nn.Module, compute_device: torch.device, min_bytes: int) -> None:
@@ -482,8 +476,8 @@ def apply_activation_offload(
 ) -> ActivationOffload:
     """Keep the tensors autograd saves in `model`'s forward (at least `min_bytes` each) in host memory.
 
-    Pair it with gradient checkpointing: then those are the blocks' inputs (0.3 GB each at 480x832x93), and
-    offloading them is what brings a swapped fp8 step under 24 GB. Weights are never offloaded.
+    Pair it with gradient checkpointing: then those are the blocks' inputs, and offloading them is what
+    brings a swapped fp8 step onto a 24 GB card. Weights are never offloaded.
     """
     handle = ActivationOffload(model, _compute_device(compute_device), min_bytes)
     logger.info("activation offload: saved tensors >= %.1f MB go to host memory", min_bytes / 2**20)

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from longcat_train.model import transformer_of
+
 log = logging.getLogger(__name__)
 
 
@@ -80,12 +82,6 @@ def mean_across(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value / d.world_size
 
 
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    """The DiT's transformer blocks, also through the peft wrapper."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.blocks
-
-
 def apply_ddp(model: nn.Module, d: Dist) -> DistributedDataParallel:
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     frozen += [name for name, _ in model.named_buffers()]
@@ -101,7 +97,7 @@ def apply_fsdp(model: nn.Module, d: Dist, param_dtype: torch.dtype | None) -> nn
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in blocks_of(model):
+    for block in transformer_of(model).blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

@@ -1,7 +1,7 @@
 """Quantised frozen base for LoRA training: int8 weight-only (optimum-quanto) or fp8 weight-only (torchao).
 
-Only the transformer blocks' projection layers are quantised (self- and cross-attention, SwiGLU): they hold
-nearly all of the 13.6B weights and are what LoRA adapts. The adaLN modulation layers stay in the base dtype
+Only the transformer blocks' projection layers are quantised (``architecture.BLOCK_LINEARS``: self- and
+cross-attention, SwiGLU): they hold nearly all of the weights and are what LoRA adapts. The adaLN modulation layers stay in the base dtype
 because the model runs them in fp32 straight from their weight tensor (the official numerics), which
 quantised tensors do not support; embedders and the final layer are small and stay as they are.
 
@@ -13,32 +13,23 @@ injection (adapter layers are never quantised), and before :func:`longcat_train.
 
 :func:`use_fp8_matmuls` is the other way round: weights stay in bf16, and the matmuls of those same linears
 run in float8 (one scale per row of each operand), the forward and the input gradient alike: arithmetic
-changes, memory does not. On an H100 it takes the compiled block-sparse LoRA step at 480x832x93 from 6.2 s
-to 5.5 s (4.9 s with ``compile_tune``); the LoRA gradients stay as close to a float32 reference as bf16's
-are (``benchmarks/RESULTS.md``).
-Trainer option ``fp8_matmuls``; it needs a GPU with float8 tensor cores (compute capability 8.9 or newer).
+changes, memory does not. Steps get faster on GPUs with float8 tensor cores (compute capability 8.9 or
+newer, which it needs), and the LoRA gradients stay as close to a float32 reference as bf16's are
+(``benchmarks/RESULTS.md`` has the figures). Trainer option ``fp8_matmuls``.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import re
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from longcat_train.config import ConfigError
+from longcat_train.config import BASE_PRECISIONS, ConfigError
+from longcat_train.model import block_linears, transformer_of
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS: tuple[str, ...] = ("no_change", "bf16", "int8-quanto", "fp8-torchao")
-
-# Block linears the model calls as modules (so a quantised weight's own matmul runs); relative to a block.
-_QUANTISED = re.compile(
-    r"^(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|ffn\.w[123])(\.base_layer)?$"
-)
 
 _PACKAGES = {"int8-quanto": ("optimum.quanto", "optimum-quanto"), "fp8-torchao": ("torchao", "torchao")}
 
@@ -54,24 +45,6 @@ def _import(precision: str):
         ) from err
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    found = [
-        m
-        for n, m in model.named_modules()
-        if n.rsplit(".", 1)[-1] == "blocks" and isinstance(m, nn.ModuleList)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"expected one nn.ModuleList named 'blocks' in the model, found {len(found)}")
-    return found[0]
-
-
-def _targets(block: nn.Module) -> Iterator[str]:
-    """Names (relative to `block`) of its linears to quantise, the peft base layer where LoRA wraps one."""
-    for name, module in block.named_modules():
-        if isinstance(module, nn.Linear) and _QUANTISED.match(name):
-            yield name
-
-
 def quantize_base(model: nn.Module, precision: str, *, device: torch.device | str | None = None) -> nn.Module:
     """Quantise the frozen base weights of `model` in place (see the module doc for which) and return it.
 
@@ -83,8 +56,8 @@ def quantize_base(model: nn.Module, precision: str, *, device: torch.device | st
         device: quantise block by block on this device, where the blocks then stay (quantising on a GPU
             is far faster; one bf16 block at a time is there besides the quantised ones). None: in place.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"base_model_precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in BASE_PRECISIONS:
+        raise ValueError(f"base_model_precision must be one of {BASE_PRECISIONS}, got {precision!r}")
     if precision == "no_change":
         return model
     if precision == "bf16":
@@ -94,12 +67,12 @@ def quantize_base(model: nn.Module, precision: str, *, device: torch.device | st
         return model
 
     lib = _import(precision)
-    blocks = _blocks(model)
+    blocks = transformer_of(model).blocks
     count = 0
     for block in blocks:
         if device is not None:
             block.to(device)
-        names = list(_targets(block))
+        names = [path for path, _ in block_linears(block)]
         if precision == "int8-quanto":
             lib.quantize(block, weights=lib.qint8, include=names)
             lib.freeze(block)
@@ -133,10 +106,8 @@ class _FrozenFp8Matmul(torch.autograd.Function):
     """``x @ weight.T`` in float8 for a frozen ``weight``: its backward computes the input gradient only
     (torchao's ``Float8Linear`` also computes a weight gradient, one more GEMM per layer for nothing).
 
-    Both GEMMs use the tensor cores' fast accumulation. Measured on an H100: in the forward it cut the
-    step's GEMM time from 2.42 to 2.15 s; the LoRA gradients' relative error against float32 (8-block probe)
-    moved from 8.753% to 8.760% with it on in both (bf16 matmuls: 8.49%). Precise accumulation buys
-    nothing visible here.
+    Both GEMMs use the tensor cores' fast accumulation: faster, and the LoRA gradients' error against
+    float32 barely moves with it (``benchmarks/RESULTS.md``), so precise accumulation buys nothing here.
     """
 
     @staticmethod
@@ -193,11 +164,10 @@ def check_fp8_matmuls(device: torch.device) -> None:
 def use_fp8_matmuls(model: nn.Module) -> int:
     """Run the frozen block linears of `model` (those :func:`quantize_base` would quantise) with float8
     matmuls, in place; LoRA layers stay as they are. Returns how many linears changed."""
-    blocks = _blocks(model)
+    blocks = transformer_of(model).blocks
     count = 0
     for block in blocks:
-        for name in list(_targets(block)):
-            linear = block.get_submodule(name)
+        for name, linear in list(block_linears(block)):
             if type(linear) is not nn.Linear:
                 raise ValueError(f"{name} is a {type(linear).__name__}: float8 matmuls need a bf16 base, not a quantised one")
             parent, _, attr = name.rpartition(".")

@@ -77,7 +77,7 @@ class Sampler:
         self.model = model
         dit_home = "cpu" if self.block_swap else self.device
         self.dit: torch.nn.Module = load_dit(model, dtype=self.dtype, device=dit_home).eval().requires_grad_(False)
-        self.dit.config.attention_implementation = attention
+        self.dit.attention_implementation = attention
         warn_if_unavailable(attention)
         self.lora: tuple[str, float] | None = None  # the unmerged LoRA and strength now on the DiT
         self.merged: str | None = None

@@ -1,33 +1,173 @@
 """The training techniques applied to a built DiT, and the rules for combining them: all in this one place.
 
-:func:`check_techniques` holds every compatibility rule; it runs when the flags are parsed, before anything
-loads, so it imports nothing heavy.
+:func:`check_techniques` holds every compatibility rule (:data:`RULES`); it runs when the flags are parsed,
+before anything loads, so this module imports nothing heavy at its top. :func:`apply_techniques` applies
+the techniques a config asks for in the one order they compose in, importing the modules that implement
+them (``quant``, ``lora``, ``offload``, ``parallel``) when it runs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from longcat_data.flags import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from torch import nn
+
     from longcat_train.config import TrainConfig
+    from longcat_train.model import LongCatVideoTransformer
+    from longcat_train.parallel import Dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Two settings that do not combine.
+
+    Attributes:
+        settings: the two config fields, both named in the message.
+        clashes: whether a config combines them.
+        message: the ConfigError text, ``str.format``-ed with the config's fields.
+        example: field values under which they clash (and no other rule does).
+    """
+
+    settings: tuple[str, str]
+    clashes: Callable[[TrainConfig], bool]
+    message: str
+    example: dict[str, Any]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        ("compile", "block_swap"),
+        lambda c: bool(c.compile and c.block_swap),
+        "compile and block_swap do not mix: block swap's hooks break the compiled block graph; turn one off",
+        {"compile": True, "block_swap": 2},
+    ),
+    Rule(
+        ("compile_tune", "compile"),
+        lambda c: c.compile_tune and not c.compile,
+        "compile_tune tunes the compiled block step: set compile too",
+        {"compile_tune": True},
+    ),
+    Rule(
+        ("offload_activations", "compile"),
+        lambda c: c.offload_activations and c.compile,
+        "offload_activations works in eager training: its saved-tensor hooks do not trace; turn off compile "
+        "or offload_activations",
+        {"offload_activations": True, "compile": True},
+    ),
+    Rule(
+        ("offload_activations", "fsdp"),
+        lambda c: c.offload_activations and c.fsdp,
+        "offload_activations works in unsharded training: turn off fsdp or offload_activations",
+        {"offload_activations": True, "fsdp": True},
+    ),
+    Rule(
+        ("fp8_matmuls", "base_model_precision"),
+        lambda c: c.fp8_matmuls and c.base_model_precision not in ("no_change", "bf16"),
+        "fp8_matmuls computes in float8 from bf16 weights; base_model_precision = {base_model_precision} "
+        "stores them quantised: pick one",
+        {"fp8_matmuls": True, "base_model_precision": "int8-quanto"},
+    ),
+    Rule(
+        ("fsdp", "block_swap"),
+        lambda c: bool(c.fsdp and c.block_swap),
+        "fsdp and block_swap do not combine: shard or swap, not both",
+        {"fsdp": True, "block_swap": 2},
+    ),
+    Rule(
+        ("block_swap", "gradient_checkpointing"),
+        lambda c: c.block_swap > 0 and c.gradient_checkpointing == "none",
+        "block_swap trains only under gradient_checkpointing (selective or full): without it autograd keeps "
+        "views of the swap buffers, which are refilled before backward",
+        {"block_swap": 2, "gradient_checkpointing": "none"},
+    ),
+)
 
 
 def check_techniques(cfg: TrainConfig) -> None:
     """ConfigError naming both settings for every pair of techniques that do not combine."""
-    if cfg.compile and cfg.block_swap:
-        raise ConfigError(
-            "compile and block_swap do not mix: block swap's hooks break the compiled block graph; turn one off"
-        )
-    if cfg.compile_tune and not cfg.compile:
-        raise ConfigError("compile_tune tunes the compiled block step: set compile too")
-    if cfg.offload_activations and (cfg.compile or cfg.fsdp):
-        raise ConfigError("offload_activations works in eager, unsharded training: turn off compile and fsdp")
-    if cfg.fp8_matmuls and cfg.base_model_precision not in ("no_change", "bf16"):
-        raise ConfigError(
-            f"fp8_matmuls computes in float8 from bf16 weights; base_model_precision = "
-            f"{cfg.base_model_precision} stores them quantised: pick one"
-        )
-    if cfg.fsdp and cfg.block_swap:
-        raise ConfigError("fsdp and block_swap do not combine: shard or swap, not both")
+    for rule in RULES:
+        if rule.clashes(cfg):
+            raise ConfigError(rule.message.format(**vars(cfg)))
+
+
+# (canonical LoRA weights, their settings) as longcat_train.lora.read_lora returns them.
+LoraFile = tuple[dict[str, "torch.Tensor"], dict]
+
+
+def load_device(cfg: TrainConfig, device: torch.device) -> torch.device:
+    """Where the base loads: host memory when FSDP shards it from there or block swap places it, else
+    straight onto the compute ``device``."""
+    import torch
+
+    return torch.device("cpu") if cfg.fsdp or cfg.block_swap > 0 else device
+
+
+def apply_techniques(
+    base: LongCatVideoTransformer, cfg: TrainConfig, d: Dist, *, lora_weights: LoraFile | None = None
+) -> tuple[nn.Module, PeftModel]:
+    """The training techniques of ``cfg`` on the loaded ``base``, in the order they compose in.
+
+    1. the attention backend (a runtime choice of the model);
+    2. base quantisation: replaces the block linears' weights, so LoRA then wraps quantised layers;
+    3. LoRA (seeded: the same adapter on every rank), then ``lora_weights`` when resuming, before anything
+       places or shards the model;
+    4. float8 matmuls: the frozen base layers under LoRA, after the GPU's capability check;
+    5. gradient checkpointing and feed-forward chunks;
+    6. compile (of the per-block step, traced at the first forward);
+    7. placement: block swap (it refuses blocks that change after it, so no module changes later) or the
+       compute device, then activation offload's hooks;
+    8. DDP or FSDP2 around the placed model.
+
+    Returns:
+        ``(train_model, peft_model)``: the module to train (wrapped for data parallelism where there is
+        more than one process) and the peft model whose adapter is saved.
+    """
+    import torch
+
+    from longcat_train import lora, offload, parallel, quant
+
+    base.attention_implementation = cfg.attention
+    # FSDP all-gathers in the model's compute dtype (that of its input projection, as forward uses).
+    compute_dtype = base.x_embedder.proj.weight.dtype
+    quant.quantize_base(base, cfg.base_model_precision)
+
+    with torch.random.fork_rng(devices=[]):
+        # LoRA init draws from its own seed: the same adapter on every rank, whatever ran before.
+        torch.manual_seed(cfg.seed)
+        model = lora.apply_lora(base, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                                targets=cfg.lora_targets)
+    if lora_weights is not None:
+        lora.load_lora_weights(model, *lora_weights)
+
+    if cfg.fp8_matmuls:
+        quant.check_fp8_matmuls(d.device)
+        quant.use_fp8_matmuls(model)
+
+    base.gradient_checkpointing = cfg.gradient_checkpointing
+    base.feed_forward_chunks = cfg.feed_forward_chunks
+    if cfg.compile:
+        base.compile_blocks(tune=cfg.compile_tune)
+
+    if cfg.block_swap > 0:
+        offload.apply_block_swap(model, cfg.block_swap, cfg.block_swap_device, compute_device=d.device)
+    elif not cfg.fsdp:
+        model.to(d.device)
+    if cfg.offload_activations:
+        offload.apply_activation_offload(model, compute_device=d.device)
+
+    if cfg.fsdp:
+        if not d.enabled:
+            log.info("fsdp asked for a single process: nothing to shard")
+            return model.to(d.device), model
+        return parallel.apply_fsdp(model, d, compute_dtype if d.device.type == "cuda" else None), model
+    return (parallel.apply_ddp(model, d) if d.enabled else model), model

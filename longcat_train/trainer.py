@@ -15,7 +15,6 @@ CPU, a run stopped at step k and resumed reproduces the uninterrupted losses bit
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import logging
 import math
@@ -25,7 +24,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -46,6 +44,7 @@ from longcat_data.stream import (
 from longcat_train import flow, lora, parallel
 from longcat_train.config import ConfigError, TrainConfig, resume_mismatch, save_config
 from longcat_train.parallel import Dist
+from longcat_train.techniques import LoraFile, apply_techniques, load_device
 from longcat_train.validation import Validation
 
 log = logging.getLogger(__name__)
@@ -90,58 +89,6 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.
 def weight_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     """bf16 base weights on GPU (the official dtype); fp32 on CPU, where bf16 matmuls are slow and inexact."""
     return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision == "bf16" else torch.float32
-
-
-def _optional(module: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(f"longcat_train.{module}")
-    except ImportError as err:
-        log.warning("longcat_train.%s is not available (%s): its settings are ignored", module, err)
-        return None
-
-
-def build_model(cfg: TrainConfig, d: Dist) -> nn.Module:
-    """The DiT with frozen base weights and a fresh LoRA adapter (a peft model), not yet placed."""
-    from longcat_train.loading import load_dit
-
-    dtype = weight_dtype(cfg, d.device)
-    # FSDP shards from host memory and block swap places the model itself; otherwise load straight in.
-    on_host = cfg.fsdp or cfg.block_swap > 0
-    base = load_dit(cfg.model, dtype=dtype, device="cpu" if on_host else d.device)
-    base.config.attention_implementation = cfg.attention
-    base.gradient_checkpointing = cfg.gradient_checkpointing
-    base.feed_forward_chunks = cfg.feed_forward_chunks
-    if cfg.compile:
-        base.compile_blocks(tune=cfg.compile_tune)
-    if cfg.base_model_precision != "no_change" and (quant := _optional("quant")) is not None:
-        quant.quantize_base(base, cfg.base_model_precision, device=None if on_host else d.device)
-    with torch.random.fork_rng(devices=[]):
-        # LoRA init draws from its own seed: the same adapter on every rank, whatever ran before.
-        torch.manual_seed(cfg.seed)
-        model = lora.apply_lora(base, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                targets=cfg.lora_targets)
-    if cfg.fp8_matmuls:
-        from longcat_train.quant import check_fp8_matmuls, use_fp8_matmuls
-
-        check_fp8_matmuls(d.device)
-        use_fp8_matmuls(model)
-    return model
-
-
-def place_model(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
-    """Move the model to its device(s) and wrap it for data parallelism; returns the module to train."""
-    if cfg.block_swap > 0 and (offload := _optional("offload")) is not None:
-        offload.apply_block_swap(model, cfg.block_swap, cfg.block_swap_device, compute_device=d.device)
-    elif not cfg.fsdp:
-        model.to(d.device)
-    if cfg.offload_activations and (offload := _optional("offload")) is not None:
-        offload.apply_activation_offload(model, compute_device=d.device)
-    if cfg.fsdp:
-        if not d.enabled:
-            log.info("fsdp asked for a single process: nothing to shard")
-            return model.to(d.device)
-        return parallel.apply_fsdp(model, d, weight_dtype(cfg, d.device) if d.device.type == "cuda" else None)
-    return parallel.apply_ddp(model, d) if d.enabled else model
 
 
 # ---------------------------------------------------------------- loss
@@ -414,18 +361,15 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, d: Dist,
-) -> tuple[TrainState, dict, dict]:
-    """Put the LoRA weights into the (unplaced) model; return the state, optimizer and RNG states."""
-    weights, settings = lora.read_lora(path / LORA_FILE)
-    lora.load_lora_weights(model, weights, settings)
+def load_checkpoint(path: Path, d: Dist) -> tuple[TrainState, LoraFile, dict, dict]:
+    """The state, the LoRA weights (for ``apply_techniques``), the optimizer and this rank's RNG states."""
+    lora_file = lora.read_lora(path / LORA_FILE)
     state = TrainState(**json.loads((path / "state.json").read_text()))
     optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
     rng_file = path / f"rng-rank{d.rank:05d}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=False)
     log.info("resuming from %s at step %d (%d samples seen)", path, state.step, state.samples)
-    return state, optim, rng
+    return state, lora_file, optim, rng
 
 
 # ---------------------------------------------------------------- the run
@@ -504,11 +448,13 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     text = prepare_text(cfg, d, urls, shards_lack_text, prompts)
     empty_embeds = text[""] if cfg.caption_dropout > 0 else None
 
-    model = build_model(cfg, d)
-    state, optim_state, rng = TrainState(world_size=d.world_size), None, None
+    from longcat_train.loading import load_dit
+
+    state, lora_file, optim_state, rng = TrainState(world_size=d.world_size), None, None, None
     if resume is not None:
-        state, optim_state, rng = load_checkpoint(resume, model, d)
-    train_model = place_model(model, cfg, d)
+        state, lora_file, optim_state, rng = load_checkpoint(resume, d)
+    base = load_dit(cfg.model, dtype=weight_dtype(cfg, d.device), device=load_device(cfg, d.device))
+    train_model, model = apply_techniques(base, cfg, d, lora_weights=lora_file)
     params = [p for p in train_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, d.device)
     if optim_state is not None:

@@ -130,8 +130,10 @@ def test_config_reads_the_official_config_json(caplog: pytest.LogCaptureFixture)
         11008,
     )
     assert config.patch_size == (1, 2, 2) and config.text_tokens_zero_pad
-    assert config.attention_implementation == full.attention_implementation == "sdpa"
-    assert config.block_sparse_params == {"density": 0.0625, "block": (4, 4, 4)}
+    with torch.device("meta"):
+        dit, full_dit = LongCatVideoTransformer(config), LongCatVideoTransformer(full)
+    assert dit.attention_implementation == full_dit.attention_implementation == "sdpa"
+    assert dit.block_sparse_params == {"density": 0.0625, "block": (4, 4, 4)}
     assert config.official_extras["enable_flashattn2"] is True
     assert "enable_flashattn2=True" in caplog.text  # the ignored runtime keys are reported
     # What we write back still carries every official key, and reads back to the same config.
@@ -140,9 +142,9 @@ def test_config_reads_the_official_config_json(caplog: pytest.LogCaptureFixture)
     assert DiTConfig.from_dict(written) == config
 
 
-def test_config_rejects_bad_values() -> None:
+def test_config_rejects_bad_values(model: LongCatVideoTransformer) -> None:
     with pytest.raises(ValueError, match="attention_implementation"):
-        DiTConfig(attention_implementation="flash3")
+        model.attention_implementation = "flash3"
     with pytest.raises(ValueError, match="patch_size"):
         DiTConfig(patch_size=(2, 2, 2))
 
@@ -469,9 +471,9 @@ class _CountBlockSparseForwards(TorchDispatchMode):
 def _block_sparse_dit() -> LongCatVideoTransformer:
     pytest.importorskip("longcat_kernels")
     model = tiny_dit()
-    model.config.attention_implementation = "block_sparse"
+    model.attention_implementation = "block_sparse"
     # half of the 2x2x2 tiles: a real selection on the tiny grid (5 x 2 x 3 patches)
-    model.config.block_sparse_params = {"density": 0.5, "block": (2, 2, 2)}
+    model.block_sparse_params = {"density": 0.5, "block": (2, 2, 2)}
     return model
 
 
@@ -525,7 +527,7 @@ def test_missing_xformers_falls_back_to_sdpa(
     try:
         with torch.no_grad():
             reference = model(**x, num_cond_latents=1)
-            model.config.attention_implementation = "xformers"
+            model.attention_implementation = "xformers"
             out = model(**x, num_cond_latents=1)
     finally:
         _xformers_attention.cache_clear()
@@ -540,8 +542,8 @@ def test_block_sparse_at_full_density_equals_dense(model: LongCatVideoTransforme
     x = _inputs(frames=5)
     with torch.no_grad():
         reference = model(**x, num_cond_latents=1)
-        model.config.attention_implementation = "block_sparse"
-        model.config.block_sparse_params = {"density": 1.0, "block": (2, 2, 2)}
+        model.attention_implementation = "block_sparse"
+        model.block_sparse_params = {"density": 1.0, "block": (2, 2, 2)}
         out = model(**x, num_cond_latents=1)
     assert _close(out, reference)
 
@@ -585,8 +587,8 @@ def test_cuda_bf16_checkpointing_matches_plain_backward() -> None:
 def test_cuda_bf16_compiled_block_sparse_matches_eager() -> None:
     """Inductor around the Triton block-sparse op (64-token tiles: tl.dot needs at least 16 rows)."""
     model = tiny_dit().to("cuda", torch.bfloat16)
-    model.config.attention_implementation = "block_sparse"
-    model.config.block_sparse_params = {"density": 0.25, "block": (4, 4, 4), "implementation": "triton"}
+    model.attention_implementation = "block_sparse"
+    model.block_sparse_params = {"density": 0.25, "block": (4, 4, 4), "implementation": "triton"}
     g = torch.Generator().manual_seed(0)
     x = dict(
         hidden_states=torch.randn(1, 16, 9, 16, 16, generator=g),  # a 9 x 8 x 8 patch grid

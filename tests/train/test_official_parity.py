@@ -140,3 +140,10 @@ def test_matches_official_masked_text(official_module) -> None:
     error = _max_error(actual, expected)
     print(f"official parity (masked text, num_cond_latents=1): max rel error {error:.2e}")
     assert error < TOLERANCE
+
+
+def test_official_class_reads_our_config_json(official_module) -> None:
+    config = DiTConfig.tiny()
+    official = official_module.LongCatVideoTransformer3DModel.from_config(config.to_dict())
+    LongCatVideoTransformer(config).load_state_dict(official.state_dict(), strict=True)
+    assert DiTConfig.from_dict(config.to_dict()) == config

@@ -149,7 +149,7 @@ def test_cli_block_sparse_attention(tmp_path, make_image, monkeypatch: pytest.Mo
     out = tmp_path / "cat.mp4"
     argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
     assert sample_main([*argv, "--steps", "2", "--size", "64x64", "--attention", "block_sparse"]) == 0
-    assert loaded[0].config.attention_implementation == "block_sparse"
+    assert loaded[0].attention_implementation == "block_sparse"
     assert read_mp4(out).shape == (5, 64, 64, 3)
 
 
