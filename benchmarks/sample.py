@@ -12,7 +12,6 @@ to check the script itself.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import platform
