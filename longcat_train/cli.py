@@ -1,10 +1,51 @@
-"""Console scripts: ``longcat-train`` (train_main) and ``longcat-sample`` (sample_main)."""
+"""Console scripts: ``longcat-train`` (train_main) and ``longcat-sample`` (sample_main).
+
+Each parses its flags into its config dataclass (``longcat_train.config``; the flags come from the fields,
+``longcat_data.flags``), checks them, and dispatches to the trainer or the sampler. Nothing heavy is
+imported before the flags are parsed, so ``--help`` and flag errors answer at once.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+
+from longcat_data.flags import add_flags, parse
+from longcat_train.config import SampleConfig, TrainConfig, load_config
+from longcat_train.techniques import check_techniques
+
+
+def train_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:
+    """A flag per TrainConfig field, plus ``--config``."""
+    parser = argparse.ArgumentParser(prog=prog, description="Train a LongCat-Video LoRA from longcat-prep shards.")
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="TOML/JSON config, or a SimpleTuner config.json")
+    add_flags(parser, TrainConfig)
+    return parser
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """The config of ``longcat-train ARGV``: typed flags over ``--config``'s file over the defaults, checked."""
+    args = train_parser().parse_args(argv)
+    path = getattr(args, "config", None)
+    cfg = parse(TrainConfig, args, load_config(path).to_dict() if path else None)
+    cfg.validate()
+    check_techniques(cfg)
+    return cfg
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longcat-sample",
+        description="Image-to-video with LongCat-Video (and a LoRA): one MP4 per prompt, or --serve a preview page.",
+    )
+    add_flags(parser, SampleConfig)
+    return parser
+
+
+def parse_sample_args(argv: list[str] | None = None) -> SampleConfig:
+    return parse(SampleConfig, sample_parser().parse_args(argv))
 
 
 def _one_line(err: BaseException) -> str:
@@ -16,8 +57,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def _is_user_error(err: BaseException) -> bool:
+    from longcat_data.flags import ConfigError
     from longcat_data.shards import ShardError
-    from longcat_train.config import ConfigError
 
     return isinstance(err, (ConfigError, ShardError, FileNotFoundError))
 
@@ -35,10 +76,8 @@ def train_main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from longcat_train.config import parse_args
-
     try:
-        cfg = parse_args(argv)
+        cfg = parse_train_args(argv)
         # Imported after parsing, so that --help and flag errors answer at once, without the model and data
         # stack's imports (diffusers, peft, torchao) and their warnings.
         from longcat_train.trainer import train
@@ -58,8 +97,6 @@ def train_main(argv: list[str] | None = None) -> int:
 def sample_main(argv: list[str] | None = None) -> int:
     """``longcat-sample``: parse flags, sample (or serve the page), print user errors as one line (exit 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from longcat_train.config import parse_sample_args
-
     config = parse_sample_args(argv)
     # After parsing, as in train_main: --help answers without the model stack's imports.
     from longcat_train.sampler import run_sample

@@ -10,7 +10,6 @@ library, so parsing flags and ``--help`` stay instant.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -32,20 +31,18 @@ from longcat_data.defaults import (
 )
 from longcat_data.flags import (
     ConfigError,
-    add_flags,
     canonical_keys,
     check_choices,
     format_area,
     from_dict,
     option,
-    parse,
     parse_area,
     read_config_file,
     simpletuner_keys,
 )
 from longcat_train.architecture import ATTENTION_BACKENDS, BLOCK_LINEARS, CHECKPOINT_MODES
 
-__all__ = ["ConfigError", "SampleConfig", "TrainConfig", "load_config", "parse_args", "save_config"]
+__all__ = ["ConfigError", "SampleConfig", "TrainConfig", "load_config", "save_config"]
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +176,8 @@ class TrainConfig:
         self.lora_targets = list(self.lora_targets)
 
     def validate(self) -> None:
-        """Raise ConfigError for values no run can use, and for techniques that do not combine."""
-        from longcat_train.techniques import check_techniques
-
+        """Raise ConfigError for values no run can use. Settings that do not combine are
+        ``longcat_train.techniques.check_techniques``'s to refuse."""
         check_choices(self)
         parse_area(self.validation_area)
         if (self.frames - 1) % 4 or self.frames < 5:
@@ -200,7 +196,6 @@ class TrainConfig:
             raise ConfigError("set max_train_steps > 0, or max_train_steps = 0 with num_train_epochs > 0")
         if not 0 <= self.caption_dropout <= 1:
             raise ConfigError(f"caption_dropout = {self.caption_dropout}: a probability in [0, 1]")
-        check_techniques(self)
 
     @property
     def alpha(self) -> float:
@@ -397,25 +392,6 @@ def _dataset_location(entry: dict[str, Any]) -> str | None:
     return entry.get("instance_data_dir")
 
 
-# ---------------------------------------------------------------- command line
-
-
-def build_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:
-    """A flag per TrainConfig field, plus ``--config``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a LongCat-Video LoRA from longcat-prep shards.")
-    parser.add_argument("--config", default=argparse.SUPPRESS, help="TOML/JSON config, or a SimpleTuner config.json")
-    add_flags(parser, TrainConfig)
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    path = getattr(args, "config", None)
-    cfg = parse(TrainConfig, args, load_config(path).to_dict() if path else None)
-    cfg.validate()
-    return cfg
-
-
 # ---------------------------------------------------------------- the longcat-sample command
 
 
@@ -472,16 +448,3 @@ class SampleConfig:
         self.area = parse_area(self.area)
         if self.frames is None:
             self.frames = default_frames(self.model)
-
-
-def sample_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="longcat-sample",
-        description="Image-to-video with LongCat-Video (and a LoRA): one MP4 per prompt, or --serve a preview page.",
-    )
-    add_flags(parser, SampleConfig)
-    return parser
-
-
-def parse_sample_args(argv: list[str] | None = None) -> SampleConfig:
-    return parse(SampleConfig, sample_parser().parse_args(argv))

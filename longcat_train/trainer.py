@@ -44,7 +44,7 @@ from longcat_data.stream import (
 from longcat_train import flow, lora, parallel
 from longcat_train.config import ConfigError, TrainConfig, resume_mismatch, save_config
 from longcat_train.parallel import Dist
-from longcat_train.techniques import LoraFile, apply_techniques, load_device
+from longcat_train.techniques import LoraFile, apply_techniques, check_techniques, load_device
 from longcat_train.validation import Validation
 
 log = logging.getLogger(__name__)
@@ -421,6 +421,7 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
 
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
+    check_techniques(cfg)
     d = parallel.init_distributed()
     try:
         return _train(cfg, d)

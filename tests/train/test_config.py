@@ -4,7 +4,9 @@ import logging
 import pytest
 
 from longcat_train import config as C
+from longcat_train.cli import parse_train_args
 from longcat_train.config import ConfigError, TrainConfig
+from longcat_train.techniques import check_techniques
 
 # The seed's LongCat-Video I2V quickstart: config.json plus multidatabackend.json, verbatim values.
 SEED_CONFIG = {
@@ -116,13 +118,13 @@ def test_toml_and_cli_overrides(tmp_path):
     (tmp_path / "train.toml").write_text(
         'model = "tiny"\nshards = ["/s/a.tar", "/s/b.tar"]\nlora_rank = 4\ngradient_checkpointing = false\n'
     )
-    cfg = C.parse_args(["--config", str(tmp_path / "train.toml"), "--lora-rank", "16", "--learning_rate", "3e-4",
+    cfg = parse_train_args(["--config", str(tmp_path / "train.toml"), "--lora-rank", "16", "--learning_rate", "3e-4",
                         "--no-i2v", "--lora-targets", "attn.qkv", "ffn.w1", "--resume"])
     assert cfg.model == "tiny" and cfg.shards == ["/s/a.tar", "/s/b.tar"]
     assert (cfg.lora_rank, cfg.learning_rate, cfg.i2v, cfg.gradient_checkpointing) == (16, 3e-4, False, "none")
     assert cfg.lora_targets == ["attn.qkv", "ffn.w1"] and cfg.resume == "latest"
-    assert C.parse_args(["--resume", "/x/ckpt"]).resume == "/x/ckpt"
-    assert C.parse_args([]).resume is None
+    assert parse_train_args(["--resume", "/x/ckpt"]).resume == "/x/ckpt"
+    assert parse_train_args([]).resume is None
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
@@ -146,8 +148,11 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
     ],
 )
 def test_validate_errors(kw, message):
+    # Field values are validate()'s to refuse, settings that do not combine check_techniques'.
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(**kw).validate()
+        cfg = TrainConfig(**kw)
+        cfg.validate()
+        check_techniques(cfg)
 
 
 def test_resume_mismatch_names_the_trajectory_keys_only():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from longcat_train import lora, offload, parallel, quant
+from longcat_train.cli import parse_train_args
 from longcat_train.config import ConfigError, TrainConfig
 from longcat_train.loading import tiny_dit
 from longcat_train.model import LongCatVideoTransformer, SelfAttention
@@ -31,8 +32,9 @@ def test_every_rule_raises_naming_both_settings(rule) -> None:
     assert message == rule.message.format(**vars(cfg))
     for setting in rule.settings:
         assert re.search(rf"\b{setting}\b", message), (setting, message)
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in rule.example.items()]
     with pytest.raises(ConfigError, match=re.escape(message)):
-        cfg.validate()  # parsing a config runs the rules
+        parse_train_args(flags)  # parsing the command line runs the rules
 
 
 def test_the_defaults_clash_with_no_rule() -> None:

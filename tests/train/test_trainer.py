@@ -17,6 +17,7 @@ from longcat_train import lora
 from longcat_train.cli import train_main
 from longcat_train.config import ConfigError, TrainConfig
 from longcat_train.loading import load_dit
+from longcat_train.techniques import check_techniques
 from longcat_train.trainer import lr_factor, train, training_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -294,7 +295,7 @@ def test_small_gpu_options_train_the_same_adapter(tiny_shards, tmp_path):
 
 def test_activation_offload_with_compile_is_refused(tiny_shards, tmp_path):
     with pytest.raises(ConfigError, match="offload_activations"):
-        tiny_config(tiny_shards, tmp_path, compile=True, offload_activations=True).validate()
+        check_techniques(tiny_config(tiny_shards, tmp_path, compile=True, offload_activations=True))
 
 
 def test_compile_with_block_swap_is_refused_before_loading(tiny_shards, tmp_path):
