@@ -37,7 +37,9 @@ def created_on(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]
         torch.set_default_dtype(previous)
 
 
-def build_model(config: DiTConfig, device: torch.device, dtype: torch.dtype, rank: int = 8) -> torch.nn.Module:
+def build_model(
+    config: DiTConfig, device: torch.device, dtype: torch.dtype, rank: int = 8
+) -> torch.nn.Module:
     """Random base weights (seed 0) straight on ``device`` in ``dtype``, then a fresh rank-``rank`` LoRA."""
     torch.manual_seed(0)
     with created_on(device, dtype):
@@ -45,21 +47,34 @@ def build_model(config: DiTConfig, device: torch.device, dtype: torch.dtype, ran
     return lora.apply_lora(model, rank=rank, targets=TrainConfig().lora_targets)
 
 
-def smooth_latents(channels: int, latent_shape: tuple[int, int, int], generator: torch.Generator,
-                   scale: tuple[int, int, int] = (4, 8, 8), white: float = 0.1) -> torch.Tensor:
+def smooth_latents(
+    channels: int,
+    latent_shape: tuple[int, int, int],
+    generator: torch.Generator,
+    scale: tuple[int, int, int] = (4, 8, 8),
+    white: float = 0.1,
+) -> torch.Tensor:
     """A smooth random field [channels, T, H, W]: coarse Gaussian noise (one value per ``scale`` cell)
     upsampled trilinearly, unit std per channel, plus a little white noise. Unlike pure noise it has
     structure a model can learn (neighbouring tokens and frames are correlated), so a loss can move."""
     T, H, W = latent_shape
-    coarse = torch.randn(1, channels, *(-(-n // s) + 1 for n, s in zip(latent_shape, scale, strict=True)),
-                         generator=generator)
+    coarse = torch.randn(
+        1, channels, *(-(-n // s) + 1 for n, s in zip(latent_shape, scale, strict=True)), generator=generator
+    )
     field = F.interpolate(coarse, size=(T, H, W), mode="trilinear", align_corners=True)[0]
     field = field / field.flatten(1).std(dim=1).view(-1, 1, 1, 1)
     return field + white * torch.randn(field.shape, generator=generator)
 
 
-def write_shard(path: Path, config: DiTConfig, latent_shape: tuple[int, int, int], samples: int,
-                *, structured: bool = False, seed: int = 0) -> Path:
+def write_shard(
+    path: Path,
+    config: DiTConfig,
+    latent_shape: tuple[int, int, int],
+    samples: int,
+    *,
+    structured: bool = False,
+    seed: int = 0,
+) -> Path:
     """``samples`` clips of ``latent_shape`` latents (i.i.d. Gaussian, or smooth fields with ``structured``),
     start-frame latents (= latent frame 0), a black start frame and ``TEXT_TOKENS`` random umT5-sized text
     embeddings."""

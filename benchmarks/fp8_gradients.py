@@ -28,8 +28,9 @@ from longcat_train.model import DiTConfig
 from longcat_train.quant import use_fp8_matmuls
 
 
-def lora_gradients(model: torch.nn.Module, batch: dict, cfg: TrainConfig, device: torch.device,
-                   autocast: bool) -> tuple[float, torch.Tensor]:
+def lora_gradients(
+    model: torch.nn.Module, batch: dict, cfg: TrainConfig, device: torch.device, autocast: bool
+) -> tuple[float, torch.Tensor]:
     """The loss and all LoRA gradients as one float32 vector, from a fixed noise and sigma draw."""
     generator = torch.Generator(device).manual_seed(0)
     with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
@@ -43,8 +44,10 @@ def lora_gradients(model: torch.nn.Module, batch: dict, cfg: TrainConfig, device
 
 
 def agreement(ours: torch.Tensor, reference: torch.Tensor) -> dict:
-    return {"rel_err": float((ours - reference).norm() / reference.norm()),
-            "cosine": float(F.cosine_similarity(ours, reference, dim=0))}
+    return {
+        "rel_err": float((ours - reference).norm() / reference.norm()),
+        "cosine": float(F.cosine_similarity(ours, reference, dim=0)),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,9 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
             if "lora_B" in name:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     latents = smooth_latents(config.in_channels, latent_shape, g)[None]
-    batch = {"latents": latents, "cond_latents": latents[:, :, :1].clone(),
-             "embeds": torch.randn(1, 512, config.caption_channels, generator=g),
-             "embeds_mask": torch.ones(1, 512, dtype=torch.long)}
+    batch = {
+        "latents": latents,
+        "cond_latents": latents[:, :, :1].clone(),
+        "embeds": torch.randn(1, 512, config.caption_channels, generator=g),
+        "embeds_mask": torch.ones(1, 512, dtype=torch.long),
+    }
     cfg = TrainConfig(model="benchmark")
 
     reference_loss, reference = lora_gradients(model, batch, cfg, device, autocast=False)
@@ -88,9 +94,15 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "config": {"dit": "tiny" if args.quick else "full width", "depth": config.depth,
-                   "latent_shape": [config.in_channels, T, H, W], "tokens": T * (H // 2) * (W // 2),
-                   "attention": "sdpa", "lora_rank": 8, "lora_parameters": reference.numel()},
+        "config": {
+            "dit": "tiny" if args.quick else "full width",
+            "depth": config.depth,
+            "latent_shape": [config.in_channels, T, H, W],
+            "tokens": T * (H // 2) * (W // 2),
+            "attention": "sdpa",
+            "lora_rank": 8,
+            "lora_parameters": reference.numel(),
+        },
         "float32": {"loss": reference_loss},
         "bf16": {"loss": bf16_loss, **agreement(bf16, reference)},
         "fp8_matmuls": {"loss": fp8_loss, **agreement(fp8, reference), "against_bf16": agreement(fp8, bf16)},

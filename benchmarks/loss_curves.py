@@ -97,7 +97,7 @@ def make_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 
     base = load_dit(args.model, dtype=dtype, device=device)
     if args.depth and args.depth < len(base.blocks):
-        del base.blocks[args.depth:]
+        del base.blocks[args.depth :]
         base.config.depth = args.depth
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -109,8 +109,16 @@ def rng_digest(generator: torch.Generator) -> str:
     return hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest()[:16]
 
 
-def train_run(name: str, attention: str, model: torch.nn.Module, initial: dict[str, torch.Tensor], shard: Path,
-              cfg: TrainConfig, d: Dist, steps: int) -> dict:
+def train_run(
+    name: str,
+    attention: str,
+    model: torch.nn.Module,
+    initial: dict[str, torch.Tensor],
+    shard: Path,
+    cfg: TrainConfig,
+    d: Dist,
+    steps: int,
+) -> dict:
     """``steps`` optimizer steps from the initial LoRA with ``attention``; the per-step record."""
     model.get_base_model().attention_implementation = attention
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -119,7 +127,9 @@ def train_run(name: str, attention: str, model: torch.nn.Module, initial: dict[s
             p.copy_(initial[n])
     trainer.seed_rngs(cfg.seed)
     optimizer = trainer.build_optimizer(list(params.values()), cfg, d.device)
-    stream = ShardStream([str(shard)], StreamConfig(seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, resampled=True))
+    stream = ShardStream(
+        [str(shard)], StreamConfig(seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, resampled=True)
+    )
     loader = iter(make_loader(stream, cfg.num_workers, pin_memory=d.device.type == "cuda"))
     keys: list[list[str]] = []
 
@@ -144,8 +154,11 @@ def train_run(name: str, attention: str, model: torch.nn.Module, initial: dict[s
         losses.append(result.loss)
         grad_norms.append(result.grad_norm)
         rng.append(rng_digest(generator))
-        print(f"{name} step {i + 1}/{steps}: loss {result.loss:.5f}, grad norm {result.grad_norm:.4f}, "
-              f"{seconds[-1]:.2f} s", file=sys.stderr)
+        print(
+            f"{name} step {i + 1}/{steps}: loss {result.loss:.5f}, grad norm {result.grad_norm:.4f}, "
+            f"{seconds[-1]:.2f} s",
+            file=sys.stderr,
+        )
     out = {
         "attention": attention,
         "losses": losses,
@@ -206,19 +219,25 @@ def compare(reference: list[float], candidate: list[float], window: int) -> dict
 
 def lora_distance(initial: dict, reference: dict, candidate: dict) -> dict:
     """How far the two trained adapters are apart, relative to how far training moved them."""
+
     def norm(tensors):
         return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
     moved = norm(reference[n] - initial[n].float().cpu() for n in reference)
     apart = norm(candidate[n] - reference[n] for n in reference)
-    return {"reference_update_norm": moved, "candidate_minus_reference_norm": apart,
-            "relative": apart / moved if moved > 0 else float("nan")}
+    return {
+        "reference_update_norm": moved,
+        "candidate_minus_reference_norm": apart,
+        "relative": apart / moved if moved > 0 else float("nan"),
+    }
 
 
 # ---------------------------------------------------------------- figure
 
 
-def plot(path: Path, stats: dict, ref: list[float], cand: list[float], labels: tuple[str, str], title: str) -> str:
+def plot(
+    path: Path, stats: dict, ref: list[float], cand: list[float], labels: tuple[str, str], title: str
+) -> str:
     """Two panels: both loss curves (raw and moving average), and candidate - reference with the +-noise band.
     matplotlib when installed, else a PIL line drawing. Returns which one drew it."""
     try:
@@ -234,8 +253,20 @@ def plot(path: Path, stats: dict, ref: list[float], cand: list[float], labels: t
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=(2, 1))
     top.plot(steps, ref, color="tab:blue", lw=0.8, alpha=0.5, label=a)
     top.plot(steps, cand, color="tab:orange", lw=0.8, alpha=0.5, label=b)
-    top.plot(steps, stats["reference_moving_average"], color="tab:blue", lw=2.2, label=f"{a}, {stats['window']}-step mean")
-    top.plot(steps, stats["candidate_moving_average"], color="tab:orange", lw=2.2, label=f"{b}, {stats['window']}-step mean")
+    top.plot(
+        steps,
+        stats["reference_moving_average"],
+        color="tab:blue",
+        lw=2.2,
+        label=f"{a}, {stats['window']}-step mean",
+    )
+    top.plot(
+        steps,
+        stats["candidate_moving_average"],
+        color="tab:orange",
+        lw=2.2,
+        label=f"{b}, {stats['window']}-step mean",
+    )
     top.set_ylabel("loss")
     top.set_title(textwrap.fill(title, 110), fontsize=9)
     top.legend(fontsize=8)
@@ -251,7 +282,9 @@ def plot(path: Path, stats: dict, ref: list[float], cand: list[float], labels: t
     return "matplotlib"
 
 
-def _plot_pil(path: Path, stats: dict, ref: list[float], cand: list[float], labels: tuple[str, str], title: str) -> None:
+def _plot_pil(
+    path: Path, stats: dict, ref: list[float], cand: list[float], labels: tuple[str, str], title: str
+) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     W, H, left, right = 1100, 760, 90, 30
@@ -292,8 +325,12 @@ def _plot_pil(path: Path, stats: dict, ref: list[float], cand: list[float], labe
     line(xy, cand, light_orange, 1)
     line(xy, stats["reference_moving_average"], blue, 3)
     line(xy, stats["candidate_moving_average"], orange, 3)
-    legend = [(light_blue, f"{a}, per step"), (light_orange, f"{b}, per step"),
-              (blue, f"{a}, {stats['window']}-step mean"), (orange, f"{b}, {stats['window']}-step mean")]
+    legend = [
+        (light_blue, f"{a}, per step"),
+        (light_orange, f"{b}, per step"),
+        (blue, f"{a}, {stats['window']}-step mean"),
+        (orange, f"{b}, {stats['window']}-step mean"),
+    ]
     for k, (color, text) in enumerate(legend):
         y = 70 + 18 * k
         draw.line((W - right - 300, y, W - right - 270, y), fill=color, width=3)
@@ -310,9 +347,13 @@ def _plot_pil(path: Path, stats: dict, ref: list[float], cand: list[float], labe
     for i, v in enumerate(diff):
         x, y = xy(i, v)
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=red)
-    draw.text((left + 8, 516), f"grey: +-{noise:.4g}, the step-to-step noise of one {a} loss; red: {b} - {a} "
-              f"(max |diff| {max(abs(v) for v in diff):.3g})",
-              fill="black", font=small)
+    draw.text(
+        (left + 8, 516),
+        f"grey: +-{noise:.4g}, the step-to-step noise of one {a} loss; red: {b} - {a} "
+        f"(max |diff| {max(abs(v) for v in diff):.3g})",
+        fill="black",
+        font=small,
+    )
 
     for i in range(0, n, max(1, round(n / 10))):
         x, _ = xy(i, 0.0)
@@ -328,15 +369,23 @@ def _plot_pil(path: Path, stats: dict, ref: list[float], cand: list[float], labe
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU run with the tiny model at 256x256x33")
-    parser.add_argument("--compare", choices=tuple(COMPARISONS), default="attention",
-                        help="attention: dense vs block-sparse; fp8-matmuls: bf16 vs float8 base matmuls (block-sparse)")
+    parser.add_argument(
+        "--compare",
+        choices=tuple(COMPARISONS),
+        default="attention",
+        help="attention: dense vs block-sparse; fp8-matmuls: bf16 vs float8 base matmuls (block-sparse)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
     parser.add_argument("--depth", type=int, default=0, help="keep the first N DiT blocks (0: all)")
     parser.add_argument("--size", type=parse_size, default=None, help="HxWxF clip size (default 480x832x93)")
     parser.add_argument("--samples", type=int, default=8, help="clips in the synthetic shard")
-    parser.add_argument("--model", default=None, help="load these weights (checkpoint dir or hub id) instead of random")
+    parser.add_argument(
+        "--model", default=None, help="load these weights (checkpoint dir or hub id) instead of random"
+    )
     parser.add_argument("--compile", action="store_true", help="compile the block step (compile_blocks)")
-    parser.add_argument("--lr", type=float, default=None, help="constant learning rate (default 1e-4, --quick 1e-3)")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="constant learning rate (default 1e-4, --quick 1e-3)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise, sigma, LoRA and data-order seed")
     parser.add_argument("--window", type=int, default=5, help="moving-average window in steps")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
@@ -350,8 +399,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device("cpu" if args.quick else "cuda")
     latent_shape = args.size or ((9, 32, 32) if args.quick else (24, 60, 104))
-    cfg = TrainConfig(model="benchmark", seed=args.seed, learning_rate=args.lr, gradient_checkpointing="selective",
-                      mixed_precision="bf16", num_workers=args.num_workers, shuffle_buffer=4, compile=args.compile)
+    cfg = TrainConfig(
+        model="benchmark",
+        seed=args.seed,
+        learning_rate=args.lr,
+        gradient_checkpointing="selective",
+        mixed_precision="bf16",
+        num_workers=args.num_workers,
+        shuffle_buffer=4,
+        compile=args.compile,
+    )
     d = Dist(device=device)
     dtype = trainer.weight_dtype(cfg, device)
 
@@ -365,8 +422,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        shard = write_shard(Path(tmp) / "curves-000000.tar", base.config, latent_shape, args.samples,
-                            structured=True, seed=args.seed)
+        shard = write_shard(
+            Path(tmp) / "curves-000000.tar",
+            base.config,
+            latent_shape,
+            args.samples,
+            structured=True,
+            seed=args.seed,
+        )
         for label, attention, fp8 in COMPARISONS[args.compare]:
             if fp8:
                 # Last in its comparison: float8 matmuls replace the base linears for good.
@@ -383,10 +446,19 @@ def main(argv: list[str] | None = None) -> dict:
     bsp = base.block_sparse_params or {}
     config = {
         "model": args.model or ("tiny, random" if args.quick else "full config, random bf16"),
-        "depth": len(base.blocks), "size": size, "latent_shape": [base.config.in_channels, T, H, W],
-        "tokens": tokens, "samples": args.samples, "steps": args.steps, "lr": args.lr, "seed": args.seed,
-        "lora_rank": 8, "weights": str(dtype).removeprefix("torch."), "compiled": args.compile,
-        "density": bsp.get("density", 1 / 16), "block": list(bsp.get("block", (4, 4, 4))),
+        "depth": len(base.blocks),
+        "size": size,
+        "latent_shape": [base.config.in_channels, T, H, W],
+        "tokens": tokens,
+        "samples": args.samples,
+        "steps": args.steps,
+        "lr": args.lr,
+        "seed": args.seed,
+        "lora_rank": 8,
+        "weights": str(dtype).removeprefix("torch."),
+        "compiled": args.compile,
+        "density": bsp.get("density", 1 / 16),
+        "block": list(bsp.get("block", (4, 4, 4))),
         "sparse_path": "triton" if device.type == "cuda" else "torch (CPU fallback)",
     }
     report = {
@@ -397,20 +469,29 @@ def main(argv: list[str] | None = None) -> dict:
         "compare": args.compare,
         "reference": a,
         "candidate": b,
-        "runs": {label: {k: v for k, v in run.items() if k not in ("lora", "keys", "rng")} for label, run in runs.items()},
+        "runs": {
+            label: {k: v for k, v in run.items() if k not in ("lora", "keys", "rng")}
+            for label, run in runs.items()
+        },
         "same_data_and_noise": True,
         "data_order": [k[0] for k in ref["keys"]],
         "lora_distance": lora_distance(initial, ref["lora"], cand["lora"]),
         "comparison": stats,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    what = {"attention": f"dense vs block-sparse (density {config['density']:.4g})",
-            "fp8-matmuls": "bf16 vs float8 base matmuls, block-sparse attention,"}[args.compare]
-    title = (f"{what} LoRA training, {config['model']}, "
-             f"depth {config['depth']}, {size} ({tokens} tokens), {report['device']}: "
-             f"mean|diff|/noise {stats['mean_abs_diff_over_noise']:.3f}, corr {stats['correlation']:.4f}")
-    report["figure"] = {"path": str(args.out / "loss_curves.png"),
-                        "drawn_with": plot(args.out / "loss_curves.png", stats, ref["losses"], cand["losses"], (a, b), title)}
+    what = {
+        "attention": f"dense vs block-sparse (density {config['density']:.4g})",
+        "fp8-matmuls": "bf16 vs float8 base matmuls, block-sparse attention,",
+    }[args.compare]
+    title = (
+        f"{what} LoRA training, {config['model']}, "
+        f"depth {config['depth']}, {size} ({tokens} tokens), {report['device']}: "
+        f"mean|diff|/noise {stats['mean_abs_diff_over_noise']:.3f}, corr {stats['correlation']:.4f}"
+    )
+    report["figure"] = {
+        "path": str(args.out / "loss_curves.png"),
+        "drawn_with": plot(args.out / "loss_curves.png", stats, ref["losses"], cand["losses"], (a, b), title),
+    }
     text = json.dumps(report, indent=2)
     (args.out / "loss_curves.json").write_text(text + "\n")
     print(text)

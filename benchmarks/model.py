@@ -71,7 +71,15 @@ class Setup:
 
 def full_setup() -> Setup:
     return Setup(
-        DiTConfig.full(), (24, 60, 104), 120, "cuda", torch.bfloat16, warmup=3, reps=10, model_warmup=1, model_reps=3
+        DiTConfig.full(),
+        (24, 60, 104),
+        120,
+        "cuda",
+        torch.bfloat16,
+        warmup=3,
+        reps=10,
+        model_warmup=1,
+        model_reps=3,
     )
 
 

@@ -49,14 +49,18 @@ UMT5_XXL = {
 }
 
 
-def write_sources(directory: Path, count: int, height: int, width: int, frames: int, distinct: int = 4) -> None:
+def write_sources(
+    directory: Path, count: int, height: int, width: int, frames: int, distinct: int = 4
+) -> None:
     """``count`` videos; only ``distinct`` are encoded, the rest are hard links (H.264 encoding is slow)."""
     directory.mkdir(parents=True, exist_ok=True)
     originals = []
     for i in range(min(distinct, count)):
         clip = synthetic_frames(height, width, frames, seed=i)
         path = write_mp4(clip, directory / f"clip_{i:04d}.mp4", 30, **CLIP_ENCODING)
-        path.with_suffix(".txt").write_text(f"a synthetic test pattern, take {i}, with a bouncing yellow disc\n")
+        path.with_suffix(".txt").write_text(
+            f"a synthetic test pattern, take {i}, with a bouncing yellow disc\n"
+        )
         originals.append(path)
     for i in range(len(originals), count):
         source = originals[i % len(originals)]
@@ -73,7 +77,9 @@ def build_encoders(small: bool, text_encoder: str, device: torch.device, dtype: 
             tiny = dict(encode.TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
             config = UMT5Config(**(tiny if text_encoder == "tiny" else UMT5_XXL))
             model = UMT5EncoderModel(config).eval().requires_grad_(False)
-    return prep.Encoders(vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"})
+    return prep.Encoders(
+        vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"}
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -81,7 +87,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def vae_only_rate(enc: prep.Encoders, frames: int, height: int, width: int, repeats: int, device: torch.device) -> float:
+def vae_only_rate(
+    enc: prep.Encoders, frames: int, height: int, width: int, repeats: int, device: torch.device
+) -> float:
     clip = torch.from_numpy(synthetic_frames(height, width, frames))[None].to(device)
     encode.encode_video(enc.vae, clip)  # warm-up: cuDNN algorithm search, allocator
     sync(device)
@@ -93,16 +101,29 @@ def vae_only_rate(enc: prep.Encoders, frames: int, height: int, width: int, repe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="tiny encoders, 128x192x9 clips: a CPU smoke run")
-    parser.add_argument("--clips", type=int, default=None, help="clips in the timed run (default 24, small 4)")
+    parser.add_argument(
+        "--small", action="store_true", help="tiny encoders, 128x192x9 clips: a CPU smoke run"
+    )
+    parser.add_argument(
+        "--clips", type=int, default=None, help="clips in the timed run (default 24, small 4)"
+    )
     parser.add_argument("--workers", type=int, default=8, help="decode processes")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--text-encoder", choices=["full", "tiny", "none"], default=None,
-                        help="umT5 size (default: full on GPU, tiny with --small)")
-    parser.add_argument("--cudnn-benchmark", action="store_true",
-                        help="let cuDNN time its conv algorithms per shape (for the VAE-only and end-to-end runs alike)")
+    parser.add_argument(
+        "--text-encoder",
+        choices=["full", "tiny", "none"],
+        default=None,
+        help="umT5 size (default: full on GPU, tiny with --small)",
+    )
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its conv algorithms per shape (for the VAE-only and end-to-end runs alike)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep sources and shards in this folder")
     args = parser.parse_args()
 
@@ -122,8 +143,15 @@ def main() -> None:
 
     def run_prep(videos: Path, out: Path) -> prep.PrepStats:
         cfg = PrepConfig(
-            str(videos), str(out), model="benchmark", frames=frames, area=f"{height}x{width}", workers=args.workers,
-            batch_size=args.batch_size, device=str(device), text_embeds=text_encoder != "none",
+            str(videos),
+            str(out),
+            model="benchmark",
+            frames=frames,
+            area=f"{height}x{width}",
+            workers=args.workers,
+            batch_size=args.batch_size,
+            device=str(device),
+            text_embeds=text_encoder != "none",
         )
         return prep.run_shard(cfg, encoders=enc)
 
@@ -137,7 +165,9 @@ def main() -> None:
         "clip": f"{height}x{width}x{frames}",
         "source": f"{source_hw[0]}x{source_hw[1]} h264",
         "vae": "tiny" if args.small else "Wan2.1 AutoencoderKLWan() config, random weights",
-        "text_encoder": {"full": "umT5-XXL encoder, random weights", "tiny": "tiny umT5", "none": "none"}[text_encoder],
+        "text_encoder": {"full": "umT5-XXL encoder, random weights", "tiny": "tiny umT5", "none": "none"}[
+            text_encoder
+        ],
         "dtype": str(dtype).removeprefix("torch."),
         "workers": args.workers,
         "batch_size": args.batch_size,

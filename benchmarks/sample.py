@@ -105,7 +105,9 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "sample_i2v",
         "mode": "quick" if args.quick else "full",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "attention": args.attention,
@@ -125,7 +127,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU at 128x128x9, 4 steps")
     parser.add_argument("--height", type=int, default=DEFAULT_AREA[0])
     parser.add_argument("--width", type=int, default=DEFAULT_AREA[1])
@@ -133,8 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    parser.add_argument("--attention", default="sdpa", help="DiT attention implementation (sdpa, xformers, ...)")
-    parser.add_argument("--compile", action="store_true", help="compile the DiT block step first (compile_blocks)")
+    parser.add_argument(
+        "--attention", default="sdpa", help="DiT attention implementation (sdpa, xformers, ...)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the DiT block step first (compile_blocks)"
+    )
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--output", help="also write the JSON to this file")

@@ -238,8 +238,10 @@ def run_group(cells: list[Cell], setup: Setup, timeout: float) -> list[dict[str,
         stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout or ""
         stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else err.stderr or ""
         status = f"timeout after {timeout:g} s"
-    results = {r["cell"]: r for r in (json.loads(line[len(MARK) :]) for line in stdout.splitlines()
-                                      if line.startswith(MARK))}  # fmt: skip
+    results = {
+        r["cell"]: r
+        for r in (json.loads(line[len(MARK) :]) for line in stdout.splitlines() if line.startswith(MARK))
+    }
     tail = stderr.strip().splitlines()[-3:]
     for cell in cells:
         if cell.key not in results:
@@ -289,10 +291,14 @@ def render(runs: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         variant = " ".join(
-            v for v in (f"cap {r['cap_gb']:g} GB" if r.get("cap_gb") else "",
-                        "act. offload" if r.get("offload_activations") else "",
-                        f"FFN in {r['feed_forward_chunks']}" if r.get("feed_forward_chunks", 1) > 1 else "") if v
-        )  # fmt: skip
+            v
+            for v in (
+                f"cap {r['cap_gb']:g} GB" if r.get("cap_gb") else "",
+                "act. offload" if r.get("offload_activations") else "",
+                f"FFN in {r['feed_forward_chunks']}" if r.get("feed_forward_chunks", 1) > 1 else "",
+            )
+            if v
+        )
         s = r.get("s_per_step")
         ref = base.get((r["attention"], r["precision"]))
         ratio = f"{s / ref:.2f}x" if s and ref else ""
@@ -353,8 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         results = run_group(cells, setup, args.timeout)
         doc["results"] += results
         for r in results:
-            print(f"{r['cell']}: {r['status']} {r.get('s_per_step', '')} "
-                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)  # fmt: skip
+            print(
+                f"{r['cell']}: {r['status']} {r.get('s_per_step', '')} ({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+            )
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(doc, indent=1))

@@ -74,8 +74,12 @@ def profile_step(model, batches, optimizer, params, cfg: TrainConfig, d: Dist) -
         "gpu_ms_by_family": {k: round(v, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
         "gpu_ms_total": round(sum(families.values()), 1),
         "top_kernels": [
-            {"name": e.key[:120], "family": kernel_family(e.key), "ms": round(e.device_time_total / 1e3, 1),
-             "calls": e.count}
+            {
+                "name": e.key[:120],
+                "family": kernel_family(e.key),
+                "ms": round(e.device_time_total / 1e3, 1),
+                "calls": e.count,
+            }
             for e in top
         ],
     }
@@ -90,7 +94,9 @@ def make_naive(model: torch.nn.Module) -> None:
             p.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None))
 
 
-def measure(name: str, model, batches, optimizer, params, cfg: TrainConfig, d: Dist, steps: int, warmup: int) -> dict:
+def measure(
+    name: str, model, batches, optimizer, params, cfg: TrainConfig, d: Dist, steps: int, warmup: int
+) -> dict:
     cuda = d.device.type == "cuda"
     generator = torch.Generator(d.device).manual_seed(0)
     times, waits = [], []
@@ -105,8 +111,10 @@ def measure(name: str, model, batches, optimizer, params, cfg: TrainConfig, d: D
         if i >= warmup:
             times.append(time.perf_counter() - start)
             waits.append(result.data_wait)
-        print(f"{name} step {i + 1}/{warmup + steps}: {time.perf_counter() - start:.3f} s, loss {result.loss:.4f}",
-              file=sys.stderr)
+        print(
+            f"{name} step {i + 1}/{warmup + steps}: {time.perf_counter() - start:.3f} s, loss {result.loss:.4f}",
+            file=sys.stderr,
+        )
     out = {
         "step_seconds_mean": statistics.mean(times),
         "step_seconds_min": min(times),
@@ -128,22 +136,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpointing", default="selective", choices=("selective", "full", "none"))
     parser.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
-    parser.add_argument("--compile", action="store_true", help="compile our block step (the naive step runs after, compiled too)")
-    parser.add_argument("--compile-tune", action="store_true",
-                        help="with --compile: coordinate-descent tuning of the fused kernels (the trainer's compile_tune)")
-    parser.add_argument("--profile", action="store_true", help="one more step of ours under the torch profiler")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile our block step (the naive step runs after, compiled too)",
+    )
+    parser.add_argument(
+        "--compile-tune",
+        action="store_true",
+        help="with --compile: coordinate-descent tuning of the fused kernels (the trainer's compile_tune)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="one more step of ours under the torch profiler"
+    )
     parser.add_argument("--no-naive", dest="naive", action="store_false", help="measure ours only")
-    parser.add_argument("--fp8-matmuls", action="store_true",
-                        help="float8 matmuls for the frozen base linears (longcat_train.quant.use_fp8_matmuls); "
-                             "measures ours only")
+    parser.add_argument(
+        "--fp8-matmuls",
+        action="store_true",
+        help="float8 matmuls for the frozen base linears (longcat_train.quant.use_fp8_matmuls); "
+        "measures ours only",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
 
     device = torch.device("cpu" if args.quick else "cuda")
     config = DiTConfig.tiny() if args.quick else DiTConfig.full()
     latent_shape = (3, 8, 8) if args.quick else (24, 60, 104)
-    cfg = TrainConfig(model="benchmark", gradient_checkpointing=args.checkpointing, num_workers=args.num_workers,
-                      mixed_precision="bf16", attention=args.attention)
+    cfg = TrainConfig(
+        model="benchmark",
+        gradient_checkpointing=args.checkpointing,
+        num_workers=args.num_workers,
+        mixed_precision="bf16",
+        attention=args.attention,
+    )
     d = Dist(device=device)
     dtype = trainer.weight_dtype(cfg, device)
 
@@ -179,11 +204,21 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "quick": args.quick,
-        "config": {"dit": "tiny" if args.quick else "full", "latent_shape": [config.in_channels, T, H, W],
-                   "tokens": T * (H // 2) * (W // 2), "batch": 1, "lora_rank": 8, "attention": args.attention,
-                   "weights": str(dtype).removeprefix("torch."), "num_workers": args.num_workers,
-                   "steps": args.steps, "warmup": args.warmup, "compiled": args.compile, "compile_tune": args.compile_tune,
-                   "fp8_matmuls": args.fp8_matmuls},
+        "config": {
+            "dit": "tiny" if args.quick else "full",
+            "latent_shape": [config.in_channels, T, H, W],
+            "tokens": T * (H // 2) * (W // 2),
+            "batch": 1,
+            "lora_rank": 8,
+            "attention": args.attention,
+            "weights": str(dtype).removeprefix("torch."),
+            "num_workers": args.num_workers,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "compiled": args.compile,
+            "compile_tune": args.compile_tune,
+            "fp8_matmuls": args.fp8_matmuls,
+        },
         "ours": ours,
     }
     if naive is not None:

@@ -71,12 +71,23 @@ def _store_rows(X, rows, stride_n, value, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _pool_kernel(
-    Q, K, POOLED, TILE_TOKENS, TILE_COUNTS,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    H, BH, N_TILES,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    POOLED,
+    TILE_TOKENS,
+    TILE_COUNTS,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    H,
+    BH,
+    N_TILES,
+    HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr,
+):
     """POOLED[0] = per-tile mean of q, POOLED[1] of k: [2, B * H, n_tiles, D] float32."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -95,10 +106,14 @@ def _pool_kernel(
 
 @triton.jit
 def _select_kernel(
-    SCORES, INDICES, COUNTS,
-    N_TILES, N_COND, WIDTH,
+    SCORES,
+    INDICES,
+    COUNTS,
+    N_TILES,
+    N_COND,
+    WIDTH,
     KEYS: tl.constexpr,
-):  # fmt: skip
+):
     """For one query tile of one head: the key tiles to keep, ascending, and how many.
 
     Condition query tiles keep the N_COND condition key tiles; the others keep those plus the best
@@ -137,11 +152,25 @@ def _select_kernel(
 
 @triton.jit
 def _query_program(
-    Q, K, V, INDICES, COUNTS, TILE_TOKENS,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
-    H, N_TILES, WIDTH,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    INDICES,
+    COUNTS,
+    TILE_TOKENS,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    H,
+    N_TILES,
+    WIDTH,
+    HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr,
+):
     """What the forward and dq programs start from: batch b, head h, this head's K and V, the query tile's
     row of the selection (and its key-tile list and count), its token rows and its q."""
     q_tile = tl.program_id(0)
@@ -160,7 +189,7 @@ def _query_program(
 @triton.jit
 def _selected_keys(
     K, V, selected, i, TILE_TOKENS, stride_kn, stride_vn, HEAD_DIM: tl.constexpr, TILE: tl.constexpr
-):  # fmt: skip
+):
     """The i-th selected key tile: its token rows (-1 for empty slots), k and v."""
     kv_rows = _tile_rows(TILE_TOKENS, tl.load(selected + i), TILE)
     return kv_rows, _load_rows(K, kv_rows, stride_kn, HEAD_DIM), _load_rows(V, kv_rows, stride_vn, HEAD_DIM)
@@ -168,19 +197,53 @@ def _selected_keys(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, INDICES, COUNTS, TILE_TOKENS,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    INDICES,
+    COUNTS,
+    TILE_TOKENS,
     qk_scale,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    H, N_TILES, WIDTH,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-):  # fmt: skip
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    H,
+    N_TILES,
+    WIDTH,
+    HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr,
+):
     b, h, K, V, row, selected, count, q_rows, q = _query_program(
-        Q, K, V, INDICES, COUNTS, TILE_TOKENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-        stride_vb, stride_vh, H, N_TILES, WIDTH, HEAD_DIM, TILE,
-    )  # fmt: skip
+        Q,
+        K,
+        V,
+        INDICES,
+        COUNTS,
+        TILE_TOKENS,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_kb,
+        stride_kh,
+        stride_vb,
+        stride_vh,
+        H,
+        N_TILES,
+        WIDTH,
+        HEAD_DIM,
+        TILE,
+    )
     m_i = tl.full([TILE], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TILE], dtype=tl.float32)
     acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
@@ -203,21 +266,63 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, OUT, DO, DQ, LSE, DELTA, INDICES, COUNTS, TILE_TOKENS,
-    qk_scale, sm_scale,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    stride_gb, stride_gh, stride_gn,
-    stride_db, stride_dh, stride_dn,
-    H, N_TILES, WIDTH,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    OUT,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    INDICES,
+    COUNTS,
+    TILE_TOKENS,
+    qk_scale,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_gb,
+    stride_gh,
+    stride_gn,
+    stride_db,
+    stride_dh,
+    stride_dn,
+    H,
+    N_TILES,
+    WIDTH,
+    HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr,
+):
     b, h, K, V, row, selected, count, q_rows, q = _query_program(
-        Q, K, V, INDICES, COUNTS, TILE_TOKENS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-        stride_vb, stride_vh, H, N_TILES, WIDTH, HEAD_DIM, TILE,
-    )  # fmt: skip
+        Q,
+        K,
+        V,
+        INDICES,
+        COUNTS,
+        TILE_TOKENS,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_kb,
+        stride_kh,
+        stride_vb,
+        stride_vh,
+        H,
+        N_TILES,
+        WIDTH,
+        HEAD_DIM,
+        TILE,
+    )
     do = _load_rows(DO + b * stride_gb + h * stride_gh, q_rows, stride_gn, HEAD_DIM)
     o = _load_rows(OUT + b * stride_ob + h * stride_oh, q_rows, stride_on, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -237,16 +342,40 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_TILES, STARTS, LENGTHS, TILE_TOKENS,
-    qk_scale, sm_scale,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_gb, stride_gh, stride_gn,
-    stride_db, stride_dh, stride_dn,
-    H, N_TILES,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    QUERY_TILES,
+    STARTS,
+    LENGTHS,
+    TILE_TOKENS,
+    qk_scale,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_gb,
+    stride_gh,
+    stride_gn,
+    stride_db,
+    stride_dh,
+    stride_dn,
+    H,
+    N_TILES,
+    HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr,
+):
     # Key tiles of one head run together (program order), so they share that head's q and do in L2;
     # the condition tiles, which every query tile reads, come first in each head and start early.
     k_tile = tl.program_id(0)
@@ -313,10 +442,19 @@ def pool_tiles_triton(q: Tensor, k: Tensor, layout: BlockLayout) -> tuple[Tensor
     batch, heads, _, dim = q.shape
     pooled = torch.empty(2, batch, heads, layout.num_tiles, dim, device=q.device, dtype=torch.float32)
     _pool_kernel[(layout.num_tiles, batch * heads, 2)](
-        q, k, pooled, layout.tile_tokens, layout.tile_counts, *_strides(q), *_strides(k),
-        heads, batch * heads, layout.num_tiles,
-        HEAD_DIM=dim, TILE=layout.tile,
-    )  # fmt: skip
+        q,
+        k,
+        pooled,
+        layout.tile_tokens,
+        layout.tile_counts,
+        *_strides(q),
+        *_strides(k),
+        heads,
+        batch * heads,
+        layout.num_tiles,
+        HEAD_DIM=dim,
+        TILE=layout.tile,
+    )
     return pooled[0], pooled[1]
 
 
@@ -331,35 +469,70 @@ def select_blocks_triton(
     counts = torch.empty(batch, heads, n_tiles, device=scores.device, dtype=torch.int32)
     keys = triton.next_power_of_2(n_tiles)
     _select_kernel[(n_tiles, batch * heads)](
-        scores, indices, counts, n_tiles, layout.num_cond_tiles, width,
-        KEYS=keys, num_warps=max(1, min(8, keys // 1024)),
-    )  # fmt: skip
+        scores,
+        indices,
+        counts,
+        n_tiles,
+        layout.num_cond_tiles,
+        width,
+        KEYS=keys,
+        num_warps=max(1, min(8, keys // 1024)),
+    )
     return indices, counts
 
 
 def sparse_forward(
-    q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, indices: Tensor, counts: Tensor, scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: BlockLayout,
+    indices: Tensor,
+    counts: Tensor,
+    scale: float,
     cfg: KernelConfig,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     """Output [B, H, N, D] (stored as [B, N, H, D], so the model's merge of heads is a view) and the
     base-2 log-sum-exp per tile slot [B, H, n_tiles, tile] float32 (+inf in empty slots)."""
     batch, heads, tokens, dim = q.shape
     out = torch.empty(batch, tokens, heads, dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(batch, heads, layout.num_tiles, layout.tile, device=q.device, dtype=torch.float32)
     _fwd_kernel[(layout.num_tiles, batch * heads)](
-        q, k, v, out, lse, indices, counts, layout.tile_tokens,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        indices,
+        counts,
+        layout.tile_tokens,
         scale * LOG2E,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, layout.num_tiles, indices.shape[-1],
-        HEAD_DIM=dim, TILE=layout.tile, **_launch(cfg, layout.tile),
-    )  # fmt: skip
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        heads,
+        layout.num_tiles,
+        indices.shape[-1],
+        HEAD_DIM=dim,
+        TILE=layout.tile,
+        **_launch(cfg, layout.tile),
+    )
     return out, lse
 
 
 def sparse_backward(
-    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: BlockLayout,
-    indices: Tensor, counts: Tensor, scale: float, configs: dict[str, KernelConfig],
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    layout: BlockLayout,
+    indices: Tensor,
+    counts: Tensor,
+    scale: float,
+    configs: dict[str, KernelConfig],
+) -> tuple[Tensor, Tensor, Tensor]:
     batch, heads, tokens, dim = q.shape
     grad = _rows_last(grad)
     n_tiles = layout.num_tiles
@@ -367,20 +540,59 @@ def sparse_backward(
     delta = torch.empty_like(lse)
     dq = torch.empty(batch, heads, tokens, dim, device=q.device, dtype=q.dtype)
     _dq_kernel[grid](
-        q, k, v, out, grad, dq, lse, delta, indices, counts, layout.tile_tokens,
-        scale * LOG2E, scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad), *_strides(dq),
-        heads, n_tiles, indices.shape[-1],
-        HEAD_DIM=dim, TILE=layout.tile, **_launch(configs["dq"], layout.tile),
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        out,
+        grad,
+        dq,
+        lse,
+        delta,
+        indices,
+        counts,
+        layout.tile_tokens,
+        scale * LOG2E,
+        scale,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        *_strides(grad),
+        *_strides(dq),
+        heads,
+        n_tiles,
+        indices.shape[-1],
+        HEAD_DIM=dim,
+        TILE=layout.tile,
+        **_launch(configs["dq"], layout.tile),
+    )
     query_tiles, starts, lengths = transpose_selection(indices, counts, n_tiles)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     _dkdv_kernel[grid](
-        q, k, v, grad, dk, dv, lse, delta, query_tiles, starts, lengths, layout.tile_tokens,
-        scale * LOG2E, scale,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk),
-        heads, n_tiles,
-        HEAD_DIM=dim, TILE=layout.tile, **_launch(configs["dkdv"], layout.tile),
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        grad,
+        dk,
+        dv,
+        lse,
+        delta,
+        query_tiles,
+        starts,
+        lengths,
+        layout.tile_tokens,
+        scale * LOG2E,
+        scale,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(grad),
+        *_strides(dk),
+        heads,
+        n_tiles,
+        HEAD_DIM=dim,
+        TILE=layout.tile,
+        **_launch(configs["dkdv"], layout.tile),
+    )
     return dq, dk, dv

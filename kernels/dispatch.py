@@ -92,9 +92,16 @@ def masked_attention(
 
 
 def _masked_attention_backward(
-    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, layout: BlockLayout, indices: Tensor,
-    counts: Tensor, scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    layout: BlockLayout,
+    indices: Tensor,
+    counts: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`masked_attention` in float32, written out: a custom op's backward runs below
     autograd, so it cannot differentiate the forward again. N x N memory, like the forward."""
     tiles = selection_mask(indices, counts, layout.num_tiles)

@@ -83,12 +83,21 @@ def run_caption(cfg: CaptionConfig) -> None:
     if not videos_dir.is_dir():
         raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
     captioner = QwenCaptioner(
-        cfg.model, prompt_template=caption_prompt(cfg), fps=cfg.fps, max_frames=cfg.max_frames,
-        max_pixels=cfg.max_pixels, max_new_tokens=cfg.max_new_tokens, device=cfg.device,
+        cfg.model,
+        prompt_template=caption_prompt(cfg),
+        fps=cfg.fps,
+        max_frames=cfg.max_frames,
+        max_pixels=cfg.max_pixels,
+        max_new_tokens=cfg.max_new_tokens,
+        device=cfg.device,
     )
     with logging_redirect_tqdm():
         report = caption_videos(
-            videos_dir, sorted(list_videos(videos_dir)), captioner, jsonl=cfg.jsonl, overwrite=cfg.overwrite,
+            videos_dir,
+            sorted(list_videos(videos_dir)),
+            captioner,
+            jsonl=cfg.jsonl,
+            overwrite=cfg.overwrite,
             batch_size=cfg.batch_size,
         )
     for source, reason in report.failed:
@@ -159,8 +168,18 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], None], str, str]] = {
     "shard": (PrepConfig, run_shard, "encode a folder of videos into WebDataset shards", SHARD_EPILOG),
     "inspect": (InspectConfig, run_inspect, "counts, bucket table and a contact sheet of a shard folder", ""),
     "merge": (MergeConfig, run_merge, "write one manifest.json for shards written by several ranks", ""),
-    "caption": (CaptionConfig, run_caption, "caption videos with Qwen-2.5-VL into VIDEO.txt files", CAPTION_EPILOG),
-    "push": (PushConfig, run_push, "upload a finished shard folder to a Hugging Face dataset repo", PUSH_EPILOG),
+    "caption": (
+        CaptionConfig,
+        run_caption,
+        "caption videos with Qwen-2.5-VL into VIDEO.txt files",
+        CAPTION_EPILOG,
+    ),
+    "push": (
+        PushConfig,
+        run_push,
+        "upload a finished shard folder to a Hugging Face dataset repo",
+        PUSH_EPILOG,
+    ),
 }
 
 
@@ -175,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, help_text, epilog) in COMMANDS.items():
         command = sub.add_parser(
-            name, help=help_text, description=help_text, epilog=epilog,
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         add_flags(command, cls)

@@ -42,13 +42,19 @@ class PrepConfig:
 
     videos_dir: str = option(help="folder of videos, searched recursively", positional=True)
     out_dir: str = option(help="where shards and manifest.json go; rerun to resume", positional=True)
-    model: str = option(DEFAULT_MODEL, "'tiny' (random tiny encoders, no download), a checkpoint dir, or a hub id")
+    model: str = option(
+        DEFAULT_MODEL, "'tiny' (random tiny encoders, no download), a checkpoint dir, or a hub id"
+    )
     frames: int = option(DEFAULT_FRAMES, "frames per clip at most (trimmed to 4k+1; 93 -> 24 latents)")
-    area: str = option(format_area(DEFAULT_AREA), "target HxW pixel area; buckets of the same area on a 64 px grid")
+    area: str = option(
+        format_area(DEFAULT_AREA), "target HxW pixel area; buckets of the same area on a 64 px grid"
+    )
     fps: float | None = option(None, "resample every video to this frame rate (default: keep)")
     clips_per_video: int = option(1, "back-to-back clips taken from each long video")
     captions: str = option("sidecar", CAPTION_SOURCES)
-    caption_model: str = option(DEFAULT_CAPTION_MODEL, "the Qwen-2.5-VL of --captions qwen: a local dir or hub id")
+    caption_model: str = option(
+        DEFAULT_CAPTION_MODEL, "the Qwen-2.5-VL of --captions qwen: a local dir or hub id"
+    )
     conditioning_dir: str | None = option(
         None, "folder of start-frame images named like the videos (default: each clip's first frame)"
     )
@@ -57,7 +63,9 @@ class PrepConfig:
     batch_size: int = option(1, "clips of one bucket encoded together")
     shard_size: str = option("1GB", "roll to a new shard after this much data, e.g. 200MB")
     device: str | None = option(None, "encoding device (default: cuda:LOCAL_RANK if any, else cpu)")
-    dtype: str = option("auto", "encoder dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", choices=ENCODER_DTYPES)
+    dtype: str = option(
+        "auto", "encoder dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", choices=ENCODER_DTYPES
+    )
     vae_tiling: bool = option(False, "tile the VAE to save memory (slightly changes latents)")
     rank: int | None = option(None, "this process's slice of the inputs (default: $RANK or 0)")
     world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
@@ -71,7 +79,9 @@ class PrepConfig:
         if self.clips_per_video < 1 or self.batch_size < 1 or self.workers < 0:
             raise ConfigError("--clips-per-video and --batch-size must be >= 1, --workers >= 0")
         if self.conditioning_dir is not None and self.clips_per_video != 1:
-            raise ConfigError("--conditioning-dir pairs one start frame with one clip: use --clips-per-video 1")
+            raise ConfigError(
+                "--conditioning-dir pairs one start frame with one clip: use --clips-per-video 1"
+            )
         if self.dtype not in ENCODER_DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.dtype!r}")
         self.resolved_rank  # noqa: B018 (validates rank and world size)
@@ -158,7 +168,9 @@ class PushConfig:
     """``longcat-prep push``: a finished shard folder to a Hugging Face dataset repo."""
 
     out_dir: str = option(help="a finished shard folder (its manifest.json says complete)", positional=True)
-    repo_id: str = option(help="the dataset repo to push to, user/name; created when missing", positional=True)
+    repo_id: str = option(
+        help="the dataset repo to push to, user/name; created when missing", positional=True
+    )
     private: bool = option(False, "create the repo private")
     license: str = option("other", "license id for the card, e.g. cc-by-4.0: the one your clips allow")
     dry_run: bool = option(False, "write the card (OUT_DIR/README.md) and upload nothing")

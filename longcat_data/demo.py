@@ -94,7 +94,9 @@ def write_demo_clips(
     paths = []
     for index, clip in enumerate(clips):
         frames = synthetic_frames(clip.height, clip.width, clip.frames, seed=seed + index)
-        path = write_mp4(frames, out_dir / f"{clip.name}.mp4", clip.fps, rotation=clip.rotation, **CLIP_ENCODING)
+        path = write_mp4(
+            frames, out_dir / f"{clip.name}.mp4", clip.fps, rotation=clip.rotation, **CLIP_ENCODING
+        )
         if clip.caption is not None:
             path.with_suffix(".txt").write_text(clip.caption + "\n", encoding="utf-8")
         paths.append(path)
@@ -133,7 +135,9 @@ def make_bad_inputs(directory: str | Path) -> dict[str, Path]:
     paths["audio_only"] = _write_audio_only(directory / "audio_only.mp4")
 
     paths["three_frames"] = write_mp4(frames[:3], directory / "three_frames.mp4", 24, **CLIP_ENCODING)
-    paths["tiny"] = write_mp4(synthetic_frames(48, 64, DEMO_FRAMES), directory / "tiny.mp4", 24, **CLIP_ENCODING)
+    paths["tiny"] = write_mp4(
+        synthetic_frames(48, 64, DEMO_FRAMES), directory / "tiny.mp4", 24, **CLIP_ENCODING
+    )
     paths["unicode_name"] = write_mp4(frames, directory / "café au lait ☕ 01.mp4", 24, **CLIP_ENCODING)
     # Frame gaps of 1/30 s and 1/15 s alternate: a phone dropping frames in low light.
     times = np.cumsum([0.0] + [1 / 30 if i % 2 else 1 / 15 for i in range(DEMO_FRAMES - 1)])

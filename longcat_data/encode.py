@@ -181,7 +181,9 @@ def save_tiny_encoders(directory: str | Path) -> Path:
 # ---------------------------------------------------------------- loading
 
 
-def load_vae(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
+def load_vae(
+    model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AutoencoderKLWan:
     if model == TINY:
         vae = tiny_vae()
         if dtype != torch.float32:
@@ -291,7 +293,9 @@ def encode_text(
     return [h[:n].clone() for h, n in zip(hidden, lengths, strict=True)]
 
 
-def pad_text_embeds(embeds: Sequence[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_text_embeds(
+    embeds: Sequence[torch.Tensor], length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack [L_i, D] embeddings into zero-padded [B, L, D] and a mask [B, L] (1 real, 0 pad)."""
     longest = max(e.shape[0] for e in embeds)
     length = longest if length is None else length

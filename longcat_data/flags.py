@@ -292,4 +292,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def simpletuner_keys(cls: type) -> dict[str, str]:
     """SimpleTuner key -> field of ``cls``, from the fields' ``simpletuner`` declarations."""
-    return {f.metadata["simpletuner"]: f.name for f in dataclasses.fields(cls) if f.metadata.get("simpletuner")}
+    return {
+        f.metadata["simpletuner"]: f.name for f in dataclasses.fields(cls) if f.metadata.get("simpletuner")
+    }

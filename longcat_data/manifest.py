@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE_DIR = ".prep"
-CONTACT_SHEET = "contact_sheet.png"  # written by longcat-prep inspect; pushed and shown on the card when present
+CONTACT_SHEET = (
+    "contact_sheet.png"  # written by longcat-prep inspect; pushed and shown on the card when present
+)
 
 
 class OutputMismatch(RuntimeError):

@@ -153,7 +153,9 @@ def keep_share(samples: Iterable[dict], me: int, readers: int) -> Iterator[dict]
             yield sample
 
 
-def check_samples(samples: Iterable[dict], cfg: StreamConfig, handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+def check_samples(
+    samples: Iterable[dict], cfg: StreamConfig, handler: Callable[[BaseException], bool]
+) -> Iterator[dict]:
     """Validate members from their headers and tag each sample with its bucket (latent shape).
 
     Corrupt or incomplete samples go to ``handler``; samples from other encoders or longer than the
@@ -254,7 +256,9 @@ def decode_batch(samples: list[dict], text_cache: TextCache | None) -> dict:
         elif text_cache is not None:
             embeds.append(text_cache[caption])
         else:
-            raise ShardError(f"sample {sample['__key__']} has no {TEXT_EMBEDS} and no text-embedding cache was built")
+            raise ShardError(
+                f"sample {sample['__key__']} has no {TEXT_EMBEDS} and no text-embedding cache was built"
+            )
     padded, mask = pad_text_embeds(embeds)
     batch = {
         "latents": torch.stack([t["latents"] for t in loaded]),
@@ -297,7 +301,9 @@ class ShardStream(IterableDataset):
         self.start_batch = start_batch
         self.text_cache = TextCache(text_cache) if text_cache is not None else None
 
-    def raw_batches(self, worker: int, workers: int, handler: Callable[[BaseException], bool]) -> Iterator[list[dict]]:
+    def raw_batches(
+        self, worker: int, workers: int, handler: Callable[[BaseException], bool]
+    ) -> Iterator[list[dict]]:
         """Undecoded batches of logical ``worker`` from the start of the stream."""
         cfg = self.cfg
         readers, me = cfg.world_size * workers, cfg.rank * workers + worker
@@ -311,7 +317,8 @@ class ShardStream(IterableDataset):
                 if since_sample > 2 * len(self.urls) + 2:
                     raise ShardError(
                         f"rank {cfg.rank} worker {worker}: no readable sample in {since_sample - 1} shard reads "
-                        f"of {len(self.urls)} shard(s)" + (" (fewer samples than ranks x workers?)" if readers > 1 else "")
+                        f"of {len(self.urls)} shard(s)"
+                        + (" (fewer samples than ranks x workers?)" if readers > 1 else "")
                     )
                 yield source
 

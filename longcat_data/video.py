@@ -471,7 +471,9 @@ def write_mp4(
     coded = np.rot90(frames, -quarter_turns, axes=(1, 2))
     codec_options = {"crf": str(crf)} | ({"g": str(keyframe_interval)} if keyframe_interval else {})
     tmp = _partial_path(path)
-    with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"} if faststart else {}) as container:
+    with av.open(
+        str(tmp), "w", format="mp4", options={"movflags": "+faststart"} if faststart else {}
+    ) as container:
         stream = container.add_stream("libx264", rate=fps, options=codec_options)
         stream.width, stream.height = coded.shape[2], coded.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -502,7 +504,9 @@ def write_gif(frames: np.ndarray, path: str | Path, fps: int = DEFAULT_FPS, max_
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     images = [Image.fromarray(f).resize(size, Image.Resampling.BICUBIC) for f in frames]
     tmp = _partial_path(path)
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    images[0].save(
+        tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+    )
     return tmp.replace(path)
 
 

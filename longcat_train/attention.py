@@ -143,7 +143,9 @@ BACKENDS: dict[str, AttentionBackend] = {
     "xformers": AttentionBackend(dense=_xformers, video=None, saved_ops={**_SDPA_OPS, **_XFORMERS_OPS}),
     # longcat_kernels runs as one custom op (selection and kernels inside), q and k [B, H, N, D].
     "block_sparse": AttentionBackend(
-        dense=_sdpa, video=_block_sparse, saved_ops={**_SDPA_OPS, "longcat.block_sparse_attention.default": -2}
+        dense=_sdpa,
+        video=_block_sparse,
+        saved_ops={**_SDPA_OPS, "longcat.block_sparse_attention.default": -2},
     ),
 }
 

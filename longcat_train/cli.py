@@ -19,8 +19,12 @@ from longcat_train.techniques import check_techniques
 
 def train_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:
     """A flag per TrainConfig field, plus ``--config``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a LongCat-Video LoRA from longcat-prep shards.")
-    parser.add_argument("--config", default=argparse.SUPPRESS, help="TOML/JSON config, or a SimpleTuner config.json")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train a LongCat-Video LoRA from longcat-prep shards."
+    )
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML/JSON config, or a SimpleTuner config.json"
+    )
     add_flags(parser, TrainConfig)
     return parser
 
@@ -96,7 +100,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def sample_main(argv: list[str] | None = None) -> int:
     """``longcat-sample``: parse flags, sample (or serve the page), print user errors as one line (exit 2)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     config = parse_sample_args(argv)
     # After parsing, as in train_main: --help answers without the model stack's imports.
     from longcat_train.sampler import run_sample

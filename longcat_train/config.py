@@ -53,117 +53,203 @@ BASE_PRECISIONS = ("no_change", "bf16", "int8-quanto", "fp8-torchao")
 @dataclass
 class TrainConfig:
     # -- model and data
-    model: str = option(DEFAULT_MODEL, "'tiny', an official checkpoint directory, or a hub id",
-                        simpletuner="pretrained_model_name_or_path")
-    shards: list[str] = option([], "shard spec(s): directory, brace pattern, pipe:cmd, hf://datasets/user/name")
-    frames: int = option(DEFAULT_FRAMES, "video frames per clip (4k+1); the shards must have been made with this count")
-    i2v: bool = option(True, "image-to-video: latent frame 0 is the clean start frame; --no-i2v trains text-to-video")
-    output_dir: str = option("output", "where checkpoints, the LoRA, logs and validation videos go",
-                             simpletuner="output_dir")
-    seed: int = option(0, "seed for LoRA init, noise, sigmas, caption dropout and the data order", simpletuner="seed")
+    model: str = option(
+        DEFAULT_MODEL,
+        "'tiny', an official checkpoint directory, or a hub id",
+        simpletuner="pretrained_model_name_or_path",
+    )
+    shards: list[str] = option(
+        [], "shard spec(s): directory, brace pattern, pipe:cmd, hf://datasets/user/name"
+    )
+    frames: int = option(
+        DEFAULT_FRAMES, "video frames per clip (4k+1); the shards must have been made with this count"
+    )
+    i2v: bool = option(
+        True, "image-to-video: latent frame 0 is the clean start frame; --no-i2v trains text-to-video"
+    )
+    output_dir: str = option(
+        "output", "where checkpoints, the LoRA, logs and validation videos go", simpletuner="output_dir"
+    )
+    seed: int = option(
+        0, "seed for LoRA init, noise, sigmas, caption dropout and the data order", simpletuner="seed"
+    )
     # -- LoRA
     lora_rank: int = option(8, "LoRA rank", simpletuner="lora_rank")
-    lora_alpha: float = option(0.0, "LoRA alpha (scale = alpha / rank); 0 means alpha = rank", simpletuner="lora_alpha")
+    lora_alpha: float = option(
+        0.0, "LoRA alpha (scale = alpha / rank); 0 means alpha = rank", simpletuner="lora_alpha"
+    )
     lora_dropout: float = option(0.0, "dropout on the LoRA input", simpletuner="lora_dropout")
-    lora_targets: list[str] = option(list(DEFAULT_LORA_TARGETS), "module-name suffixes of the DiT linears that get LoRA")
+    lora_targets: list[str] = option(
+        list(DEFAULT_LORA_TARGETS), "module-name suffixes of the DiT linears that get LoRA"
+    )
     # -- optimisation
     learning_rate: float = option(1e-4, "peak learning rate", simpletuner="learning_rate")
-    optimizer: str = option("adamw", "adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes)",
-                            choices=("adamw", "adamw8bit"))
+    optimizer: str = option(
+        "adamw", "adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit")
+    )
     adam_beta1: float = option(0.9, "AdamW beta1", simpletuner="adam_beta1")
     adam_beta2: float = option(0.999, "AdamW beta2", simpletuner="adam_beta2")
     adam_epsilon: float = option(1e-8, "AdamW epsilon", simpletuner="adam_epsilon")
     weight_decay: float = option(0.01, "AdamW decoupled weight decay", simpletuner="adam_weight_decay")
-    lr_scheduler: str = option("constant", "constant or cosine (to 0 at max_train_steps), after linear warmup",
-                               choices=("constant", "cosine"))
-    lr_warmup_steps: int = option(0, "linear warmup steps from 0 to learning_rate", simpletuner="lr_warmup_steps")
-    max_train_steps: int = option(1000, "optimizer steps to train; 0 derives it from num_train_epochs",
-                                  simpletuner="max_train_steps")
-    num_train_epochs: float = option(0.0, "epochs (of epoch_samples samples) when max_train_steps is 0",
-                                     simpletuner="num_train_epochs")
-    train_batch_size: int = option(1, "clips per batch per GPU (one bucket per batch)", simpletuner="train_batch_size")
-    gradient_accumulation_steps: int = option(1, "batches per optimizer step", simpletuner="gradient_accumulation_steps")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off", simpletuner="max_grad_norm")
+    lr_scheduler: str = option(
+        "constant",
+        "constant or cosine (to 0 at max_train_steps), after linear warmup",
+        choices=("constant", "cosine"),
+    )
+    lr_warmup_steps: int = option(
+        0, "linear warmup steps from 0 to learning_rate", simpletuner="lr_warmup_steps"
+    )
+    max_train_steps: int = option(
+        1000, "optimizer steps to train; 0 derives it from num_train_epochs", simpletuner="max_train_steps"
+    )
+    num_train_epochs: float = option(
+        0.0, "epochs (of epoch_samples samples) when max_train_steps is 0", simpletuner="num_train_epochs"
+    )
+    train_batch_size: int = option(
+        1, "clips per batch per GPU (one bucket per batch)", simpletuner="train_batch_size"
+    )
+    gradient_accumulation_steps: int = option(
+        1, "batches per optimizer step", simpletuner="gradient_accumulation_steps"
+    )
+    max_grad_norm: float = option(
+        1.0, "clip the gradient norm to this; 0 turns clipping off", simpletuner="max_grad_norm"
+    )
     # -- flow matching
-    flow_schedule_shift: float = option(DEFAULT_SHIFT, "sigma shift s' = shift*s/(1+(shift-1)*s); 12 for 480p",
-                                        simpletuner="flow_schedule_shift")
-    sigma_sampling: str = option("logit_normal", "training sigma distribution", choices=("logit_normal", "uniform"))
+    flow_schedule_shift: float = option(
+        DEFAULT_SHIFT,
+        "sigma shift s' = shift*s/(1+(shift-1)*s); 12 for 480p",
+        simpletuner="flow_schedule_shift",
+    )
+    sigma_sampling: str = option(
+        "logit_normal", "training sigma distribution", choices=("logit_normal", "uniform")
+    )
     logit_mean: float = option(0.0, "mean of the logit-normal sigma distribution")
     logit_std: float = option(1.0, "std of the logit-normal sigma distribution")
-    caption_dropout: float = option(0.0, "probability of training a clip on the empty prompt (for CFG)",
-                                    simpletuner="caption_dropout_probability")
+    caption_dropout: float = option(
+        0.0,
+        "probability of training a clip on the empty prompt (for CFG)",
+        simpletuner="caption_dropout_probability",
+    )
     # -- memory and speed
     gradient_checkpointing: str = option(
-        "selective", "selective (keep attention outputs), full, or none", choices=CHECKPOINT_MODES,
+        "selective",
+        "selective (keep attention outputs), full, or none",
+        choices=CHECKPOINT_MODES,
         simpletuner="gradient_checkpointing",
     )
-    mixed_precision: str = option("bf16", "bf16 base weights + autocast on CUDA; the CPU always runs fp32",
-                                  choices=("bf16", "fp32"), simpletuner="mixed_precision")
-    attention: str = option(
-        "sdpa", "DiT attention kernel: sdpa, xformers or block_sparse (ours)", choices=ATTENTION_BACKENDS,
-        aliases=("--attention-implementation", "--attention_implementation"), simpletuner="attention_implementation",
+    mixed_precision: str = option(
+        "bf16",
+        "bf16 base weights + autocast on CUDA; the CPU always runs fp32",
+        choices=("bf16", "fp32"),
+        simpletuner="mixed_precision",
     )
-    compile: bool = option(False, "torch.compile each DiT block step: fuses the fp32 elementwise work (not with block swap)")
+    attention: str = option(
+        "sdpa",
+        "DiT attention kernel: sdpa, xformers or block_sparse (ours)",
+        choices=ATTENTION_BACKENDS,
+        aliases=("--attention-implementation", "--attention_implementation"),
+        simpletuner="attention_implementation",
+    )
+    compile: bool = option(
+        False, "torch.compile each DiT block step: fuses the fp32 elementwise work (not with block swap)"
+    )
     compile_tune: bool = option(
-        False, "with compile: also tune the fused kernels' launch settings (coordinate descent): minutes more "
+        False,
+        "with compile: also tune the fused kernels' launch settings (coordinate descent): minutes more "
         "compilation the first time (then cached) for slightly faster steps",
     )
     feed_forward_chunks: int = option(
-        1, "run each block's feed-forward in this many latent-frame groups in training: lower peak memory "
+        1,
+        "run each block's feed-forward in this many latent-frame groups in training: lower peak memory "
         "(24 GB cards: 4) for one more feed-forward pass",
     )
-    fsdp: bool = option(False, "shard the base model over GPUs with FSDP2 (per block) instead of replicating it")
+    fsdp: bool = option(
+        False, "shard the base model over GPUs with FSDP2 (per block) instead of replicating it"
+    )
     block_swap: int = option(
-        0, "DiT blocks kept on block_swap_device and streamed in one block ahead (GPUs smaller than the model)",
-        aliases=("--musubi-blocks-to-swap", "--musubi_blocks_to_swap"), simpletuner="musubi_blocks_to_swap",
+        0,
+        "DiT blocks kept on block_swap_device and streamed in one block ahead (GPUs smaller than the model)",
+        aliases=("--musubi-blocks-to-swap", "--musubi_blocks_to_swap"),
+        simpletuner="musubi_blocks_to_swap",
         metavar="N",
     )
-    block_swap_device: str = option("cpu", "where swapped blocks live", simpletuner="musubi_block_swap_device")
+    block_swap_device: str = option(
+        "cpu", "where swapped blocks live", simpletuner="musubi_block_swap_device"
+    )
     offload_activations: bool = option(
-        False, "keep what autograd saves for backward (with checkpointing: each block's input) in pinned host "
+        False,
+        "keep what autograd saves for backward (with checkpointing: each block's input) in pinned host "
         "memory, copied on a side stream; for 24 GB cards",
     )
     base_model_precision: str = option(
-        "no_change", "store the frozen base quantised: int8-quanto or fp8-torchao (pip install -e \".[quant]\")",
-        choices=BASE_PRECISIONS, simpletuner="base_model_precision",
+        "no_change",
+        'store the frozen base quantised: int8-quanto or fp8-torchao (pip install -e ".[quant]")',
+        choices=BASE_PRECISIONS,
+        simpletuner="base_model_precision",
     )
     fp8_matmuls: bool = option(
-        False, "float8 matmuls for the frozen base linears, weights kept in bf16 (GPUs with compute capability "
+        False,
+        "float8 matmuls for the frozen base linears, weights kept in bf16 (GPUs with compute capability "
         "8.9+: Ada, Hopper); faster steps, LoRA gradients as close to float32 as bf16's",
     )
     # -- data loading
-    num_workers: int = option(2, "DataLoader worker processes per GPU (part of the data order)",
-                              simpletuner="dataloader_num_workers")
+    num_workers: int = option(
+        2,
+        "DataLoader worker processes per GPU (part of the data order)",
+        simpletuner="dataloader_num_workers",
+    )
     shuffle_buffer: int = option(64, "samples each worker holds for shuffling")
     resampled: bool = option(False, "draw shards with replacement forever instead of shuffled passes")
     epoch_samples: int = option(0, "samples per epoch for logging and num_train_epochs; 0 reads the manifest")
     pin_memory: bool = option(True, "pinned host memory for batches (CUDA only)")
     # -- checkpoints
-    checkpointing_steps: int = option(500, "save a resumable checkpoint every N steps (0: only at the end)",
-                                      simpletuner="checkpointing_steps")
-    checkpoints_total_limit: int = option(3, "keep the newest N checkpoints (0 keeps all)",
-                                          simpletuner="checkpoints_total_limit")
+    checkpointing_steps: int = option(
+        500,
+        "save a resumable checkpoint every N steps (0: only at the end)",
+        simpletuner="checkpointing_steps",
+    )
+    checkpoints_total_limit: int = option(
+        3, "keep the newest N checkpoints (0 keeps all)", simpletuner="checkpoints_total_limit"
+    )
     resume: str | None = option(
-        None, "'latest' (in output_dir, the value of a bare --resume) or a checkpoint/output directory to resume from",
-        const="latest", metavar="DIR", simpletuner="resume_from_checkpoint",
+        None,
+        "'latest' (in output_dir, the value of a bare --resume) or a checkpoint/output directory to resume from",
+        const="latest",
+        metavar="DIR",
+        simpletuner="resume_from_checkpoint",
     )
     # -- logging
-    report_to: str = option("tensorboard", "tensorboard, wandb (plus tensorboard) or none",
-                            choices=("tensorboard", "wandb", "none"))
-    wandb_project: str = option("longcat", "wandb project when report_to = wandb", simpletuner="tracker_project_name")
+    report_to: str = option(
+        "tensorboard",
+        "tensorboard, wandb (plus tensorboard) or none",
+        choices=("tensorboard", "wandb", "none"),
+    )
+    wandb_project: str = option(
+        "longcat", "wandb project when report_to = wandb", simpletuner="tracker_project_name"
+    )
     progress: bool = option(True, "show a progress bar")
     # -- validation
-    validation_source: str | None = option(None, "eval shards or a folder of image + .txt pairs; unset: no validation")
-    validation_every: int = option(0, "validate every N steps (0: only at the end)", simpletuner="validation_steps")
+    validation_source: str | None = option(
+        None, "eval shards or a folder of image + .txt pairs; unset: no validation"
+    )
+    validation_every: int = option(
+        0, "validate every N steps (0: only at the end)", simpletuner="validation_steps"
+    )
     validation_limit: int = option(2, "validation pairs to sample")
-    validation_frames: int = option(DEFAULT_FRAMES, "frames of each validation video",
-                                    simpletuner="validation_num_video_frames")
-    validation_inference_steps: int = option(DEFAULT_STEPS, "sampler steps", simpletuner="validation_num_inference_steps")
-    validation_guidance: float = option(DEFAULT_GUIDANCE, "classifier-free guidance (CFG-Zero*)",
-                                        simpletuner="validation_guidance")
+    validation_frames: int = option(
+        DEFAULT_FRAMES, "frames of each validation video", simpletuner="validation_num_video_frames"
+    )
+    validation_inference_steps: int = option(
+        DEFAULT_STEPS, "sampler steps", simpletuner="validation_num_inference_steps"
+    )
+    validation_guidance: float = option(
+        DEFAULT_GUIDANCE, "classifier-free guidance (CFG-Zero*)", simpletuner="validation_guidance"
+    )
     validation_area: str = option(
-        format_area(DEFAULT_AREA), "HxW area the start images are fitted to (their nearest bucket)",
-        aliases=("--validation-resolution", "--validation_resolution"), simpletuner="validation_resolution",
+        format_area(DEFAULT_AREA),
+        "HxW area the start images are fitted to (their nearest bucket)",
+        aliases=("--validation-resolution", "--validation_resolution"),
+        simpletuner="validation_resolution",
     )
     validation_seed: int = option(0, "sampler seed", simpletuner="validation_seed")
 
@@ -181,9 +267,13 @@ class TrainConfig:
         check_choices(self)
         parse_area(self.validation_area)
         if (self.frames - 1) % 4 or self.frames < 5:
-            raise ConfigError(f"frames = {self.frames}: must be 4k+1 and at least 5 (the VAE's 4x time stride)")
+            raise ConfigError(
+                f"frames = {self.frames}: must be 4k+1 and at least 5 (the VAE's 4x time stride)"
+            )
         if self.feed_forward_chunks < 1:
-            raise ConfigError(f"feed_forward_chunks = {self.feed_forward_chunks}: must be at least 1 (1: no chunking)")
+            raise ConfigError(
+                f"feed_forward_chunks = {self.feed_forward_chunks}: must be at least 1 (1: no chunking)"
+            )
         if self.block_swap < 0:
             raise ConfigError(f"block_swap = {self.block_swap}: must be 0 (off) or more")
         if self.lora_rank < 1:
@@ -208,7 +298,14 @@ class TrainConfig:
 # Keys that may change between a run and its resume: where things go and how often things happen, not
 # what the model sees. Everything else must match the checkpoint.
 RESUMABLE_CHANGES = frozenset(
-    {"output_dir", "resume", "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit"}
+    {
+        "output_dir",
+        "resume",
+        "max_train_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+    }
     | {"report_to", "wandb_project", "progress", "pin_memory"}
     | {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("validation_")}
 )
@@ -253,22 +350,39 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
 
 # ---------------------------------------------------------------- SimpleTuner import
 
-SIMPLETUNER_MARKERS = frozenset({"model_family", "model_type", "data_backend_config", "pretrained_model_name_or_path"})
+SIMPLETUNER_MARKERS = frozenset(
+    {"model_family", "model_type", "data_backend_config", "pretrained_model_name_or_path"}
+)
 # SimpleTuner key -> our field, for keys whose values mean the same thing (declared on the fields).
 SIMPLETUNER_KEYS = simpletuner_keys(TrainConfig)
 # Keys we read to check or translate, so they are not reported as ignored.
 _SIMPLETUNER_HANDLED = {
-    "model_family", "model_flavour", "model_type", "data_backend_config", "eval_dataset_id", "lr_scheduler",
-    "optimizer", "report_to", "flow_use_uniform_schedule", "validation_using_datasets",
-}  # fmt: skip
+    "model_family",
+    "model_flavour",
+    "model_type",
+    "data_backend_config",
+    "eval_dataset_id",
+    "lr_scheduler",
+    "optimizer",
+    "report_to",
+    "flow_use_uniform_schedule",
+    "validation_using_datasets",
+}
 _SIMPLETUNER_OPTIMIZERS = {
-    "adamw": "adamw", "adamw_bf16": "adamw", "optimi-adamw": "adamw", "adamw_schedulefree": "adamw",
-    "adamw8bit": "adamw8bit", "bnb-adamw8bit": "adamw8bit", "bnb-adamw-8bit": "adamw8bit",
-}  # fmt: skip
+    "adamw": "adamw",
+    "adamw_bf16": "adamw",
+    "optimi-adamw": "adamw",
+    "adamw_schedulefree": "adamw",
+    "adamw8bit": "adamw8bit",
+    "bnb-adamw8bit": "adamw8bit",
+    "bnb-adamw-8bit": "adamw8bit",
+}
 _SIMPLETUNER_SCHEDULERS = {
-    "constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine",
+    "constant": "constant",
+    "constant_with_warmup": "constant",
+    "cosine": "cosine",
     "cosine_with_restarts": "cosine",
-}  # fmt: skip
+}
 
 
 def _choices(name: str) -> tuple[str, ...]:
@@ -289,7 +403,9 @@ def from_simpletuner(values: dict[str, Any], base_dir: str | Path = ".") -> dict
     """
     st = {k.lstrip("-"): v for k, v in values.items()}
     if st.get("model_family", "longcat_video") != "longcat_video":
-        raise ConfigError(f"SimpleTuner model_family = {st['model_family']!r}: longcat-train trains longcat_video only")
+        raise ConfigError(
+            f"SimpleTuner model_family = {st['model_family']!r}: longcat-train trains longcat_video only"
+        )
     if st.get("model_type", "lora") != "lora":
         raise ConfigError(f"SimpleTuner model_type = {st['model_type']!r}: longcat-train trains LoRA only")
     out: dict[str, Any] = {}
@@ -299,13 +415,18 @@ def from_simpletuner(values: dict[str, Any], base_dir: str | Path = ".") -> dict
     if "optimizer" in st:
         out["optimizer"] = _translate("optimizer", st["optimizer"], _SIMPLETUNER_OPTIMIZERS, "adamw")
     if "lr_scheduler" in st:
-        out["lr_scheduler"] = _translate("lr_scheduler", st["lr_scheduler"], _SIMPLETUNER_SCHEDULERS, "constant")
+        out["lr_scheduler"] = _translate(
+            "lr_scheduler", st["lr_scheduler"], _SIMPLETUNER_SCHEDULERS, "constant"
+        )
     if st.get("flow_use_uniform_schedule"):
         out["sigma_sampling"] = "uniform"
     if "report_to" in st:
         out["report_to"] = st["report_to"] if st["report_to"] in _choices("report_to") else "tensorboard"
     if out.get("base_model_precision") not in (None, *BASE_PRECISIONS):
-        log.warning("SimpleTuner base_model_precision %r is not supported: using no_change", out["base_model_precision"])
+        log.warning(
+            "SimpleTuner base_model_precision %r is not supported: using no_change",
+            out["base_model_precision"],
+        )
         out["base_model_precision"] = "no_change"
     if out.get("attention") not in (None, *ATTENTION_BACKENDS):
         log.warning("SimpleTuner attention_implementation %r: using sdpa", out["attention"])
@@ -318,7 +439,10 @@ def from_simpletuner(values: dict[str, Any], base_dir: str | Path = ".") -> dict
     if "data_backend_config" in st:
         out.update(_datasets(st, Path(base_dir)))
     elif "eval_dataset_id" in st:
-        log.warning("SimpleTuner eval_dataset_id %r ignored: no data_backend_config to find it in", st["eval_dataset_id"])
+        log.warning(
+            "SimpleTuner eval_dataset_id %r ignored: no data_backend_config to find it in",
+            st["eval_dataset_id"],
+        )
 
     ignored = sorted(k for k in st if k not in SIMPLETUNER_KEYS and k not in _SIMPLETUNER_HANDLED)
     if ignored:
@@ -352,7 +476,9 @@ def _datasets(st: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     if not path.is_absolute() and not path.is_file():
         path = base_dir / path
     if not path.is_file():
-        raise ConfigError(f"SimpleTuner data_backend_config {st['data_backend_config']} not found (also tried {path})")
+        raise ConfigError(
+            f"SimpleTuner data_backend_config {st['data_backend_config']} not found (also tried {path})"
+        )
     backends = json.loads(path.read_text(encoding="utf-8"))
     out: dict[str, Any] = {}
     shards: list[str] = []
@@ -368,15 +494,31 @@ def _datasets(st: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             found_eval = True
             out["validation_source"] = location
         elif entry.get("dataset_type") == "conditioning":
-            log.info("dataset %s (conditioning): start frames come from the shards' cond.safetensors, not used", name)
+            log.info(
+                "dataset %s (conditioning): start frames come from the shards' cond.safetensors, not used",
+                name,
+            )
         elif entry.get("dataset_type", "video") in ("video", "image") and location is not None:
             shards.append(location)
             if "is_i2v" in entry:
                 out["i2v"] = bool(entry["is_i2v"])
-            unused = sorted(set(entry) - {"id", "type", "dataset_type", "is_i2v", "instance_data_dir", "dataset_name",
-                                          "conditioning_data", "disabled"})
+            unused = sorted(
+                set(entry)
+                - {
+                    "id",
+                    "type",
+                    "dataset_type",
+                    "is_i2v",
+                    "instance_data_dir",
+                    "dataset_name",
+                    "conditioning_data",
+                    "disabled",
+                }
+            )
             if unused:
-                log.info("dataset %s: keys used by longcat-prep, not the trainer: %s", name, ", ".join(unused))
+                log.info(
+                    "dataset %s: keys used by longcat-prep, not the trainer: %s", name, ", ".join(unused)
+                )
         else:
             log.warning("dataset %s (type %s) not used", name, entry.get("type"))
     if shards:
@@ -400,38 +542,51 @@ class SampleConfig:
     """What ``longcat-sample`` does; one field per flag. ``None`` sizes mean the model's defaults."""
 
     model: str = option(DEFAULT_MODEL, "'tiny', a checkpoint directory or a hub id")
-    image: str | None = option(None, "start frame (PNG, JPEG or WebP); resized and cropped to the nearest bucket")
+    image: str | None = option(
+        None, "start frame (PNG, JPEG or WebP); resized and cropped to the nearest bucket"
+    )
     prompts: list[str] = option(
-        [], "what happens in the video; repeat for several videos of the same start frame (seeds seed, seed+1, ...)",
-        flag="--prompt", repeat=True,
+        [],
+        "what happens in the video; repeat for several videos of the same start frame (seeds seed, seed+1, ...)",
+        flag="--prompt",
+        repeat=True,
     )
     negative_prompt: str = option("", "the unconditional prompt of guidance (empty, as upstream)")
     output: str = option("out.mp4", "MP4 path (several prompts: out_0.mp4, ...)", aliases=("-o",))
     lora: list[str] = option(
-        [], "LoRA safetensors, ours or the official format; with --serve, repeat to offer several on the page",
+        [],
+        "LoRA safetensors, ours or the official format; with --serve, repeat to offer several on the page",
         repeat=True,
     )
     lora_strength: float = option(1.0, "LoRA multiplier")
-    frames: int | None = option(None, f"4k+1 frames (others are rounded); default {DEFAULT_FRAMES}, "
-                                f"{default_frames('tiny')} for tiny")
+    frames: int | None = option(
+        None, f"4k+1 frames (others are rounded); default {DEFAULT_FRAMES}, {default_frames('tiny')} for tiny"
+    )
     steps: int = option(DEFAULT_STEPS, "Euler steps")
     guidance: float = option(DEFAULT_GUIDANCE, "CFG-Zero* scale; 1 = off")
     shift: float = option(DEFAULT_SHIFT, "sigma shift (12 at 480p)")
     seed: int = option(0, "noise seed (prompt i uses seed + i)")
     area: tuple[int, int] | None = option(
-        None, f"bucket area HxW; the start image's shape picks the bucket (default {format_area(DEFAULT_AREA)}, "
-        f"{format_area(default_area('tiny'))} for tiny)", parse=parse_area, aliases=("--size",),
+        None,
+        f"bucket area HxW; the start image's shape picks the bucket (default {format_area(DEFAULT_AREA)}, "
+        f"{format_area(default_area('tiny'))} for tiny)",
+        parse=parse_area,
+        aliases=("--size",),
     )
     fps: int = option(DEFAULT_FPS, "frame rate of the MP4")
     gif: bool = option(False, "also write a small GIF preview beside the MP4")
     save_frames: bool = option(False, "also write every frame as PNG into out/")
     vae_tiling: bool = option(False, "decode in spatial tiles: less memory, a bit slower")
     block_swap: int = option(
-        0, "keep the last N DiT blocks in host memory and stream them in (GPUs smaller than the model)", metavar="N"
+        0,
+        "keep the last N DiT blocks in host memory and stream them in (GPUs smaller than the model)",
+        metavar="N",
     )
     attention: str = option(
-        "sdpa", "DiT self-attention: sdpa (dense, as the model was trained) or block_sparse (our kernel at 1/16 "
-        "density: faster, a different computation; judge by eye)", choices=ATTENTION_BACKENDS,
+        "sdpa",
+        "DiT self-attention: sdpa (dense, as the model was trained) or block_sparse (our kernel at 1/16 "
+        "density: faster, a different computation; judge by eye)",
+        choices=ATTENTION_BACKENDS,
         aliases=("--attention-implementation", "--attention_implementation"),
     )
     device: str | None = option(None, "default: cuda if available, else cpu")

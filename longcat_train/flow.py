@@ -89,7 +89,9 @@ def drop_captions(
     if probability <= 0:
         return embeds, mask
     batch, length, _ = embeds.shape
-    drop = torch.rand(batch, generator=generator, device=generator.device if generator else "cpu") < probability
+    drop = (
+        torch.rand(batch, generator=generator, device=generator.device if generator else "cpu") < probability
+    )
     if not bool(drop.any()):
         return embeds, mask
     length = max(length, empty_embeds.shape[0])
@@ -123,8 +125,13 @@ def noisy_inputs(
     seeded generator gives the same pair on every run.
     """
     sigmas = sample_sigmas(
-        x0.shape[0], mode=mode, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
-        generator=generator, device=x0.device,
+        x0.shape[0],
+        mode=mode,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        shift=shift,
+        generator=generator,
+        device=x0.device,
     )
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = add_noise(x0, noise, sigmas)

@@ -38,7 +38,9 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry fo
 ADAPTER = "default"
 
 # Wrappers that prefix parameter names: DDP, torch.compile, peft's model and its adapter name.
-_WRAPPER_PARTS = re.compile(rf"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module)\.|^{re.escape(PEFT_PREFIX)}")
+_WRAPPER_PARTS = re.compile(
+    rf"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module)\.|^{re.escape(PEFT_PREFIX)}"
+)
 
 
 def matching_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
@@ -66,7 +68,9 @@ def check_targets(model: nn.Module, targets: list[str], rank: int) -> dict[str, 
     narrowest = min(found, key=lambda n: min(found[n].in_features, found[n].out_features))
     width = min(found[narrowest].in_features, found[narrowest].out_features)
     if rank > width:
-        raise ConfigError(f"lora_rank {rank} exceeds the narrowest targeted layer ({narrowest}: {width} features)")
+        raise ConfigError(
+            f"lora_rank {rank} exceeds the narrowest targeted layer ({narrowest}: {width} features)"
+        )
     return found
 
 
@@ -79,8 +83,13 @@ def apply_lora(
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=list(targets))
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    log.info("LoRA rank %d alpha %g on %d linears: %.2fM trainable parameters", rank, alpha or rank,
-             len(found), trainable / 1e6)
+    log.info(
+        "LoRA rank %d alpha %g on %d linears: %.2fM trainable parameters",
+        rank,
+        alpha or rank,
+        len(found),
+        trainable / 1e6,
+    )
     return peft_model
 
 
@@ -99,8 +108,12 @@ def lora_weights(state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.
 
 def adapter_settings(model: PeftModel) -> dict:
     config = model.peft_config[ADAPTER]
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-            "target_modules": sorted(config.target_modules)}
+    return {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": sorted(config.target_modules),
+    }
 
 
 # ---------------------------------------------------------------- files
@@ -108,7 +121,10 @@ def adapter_settings(model: PeftModel) -> dict:
 
 def save_diffusers(weights: dict[str, torch.Tensor], path: str | Path, settings: dict) -> Path:
     """``lora.safetensors`` in the diffusers layout; ``settings`` = rank/alpha/targets (adapter_settings)."""
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({f"{DIFFUSERS_PREFIX}{k}": v for k, v in settings.items()})}
+    metadata = {
+        "format": "pt",
+        METADATA_KEY: json.dumps({f"{DIFFUSERS_PREFIX}{k}": v for k, v in settings.items()}),
+    }
     tensors = {DIFFUSERS_PREFIX + k: v.contiguous() for k, v in weights.items()}
     return _save(tensors, path, metadata)
 
@@ -122,7 +138,11 @@ def save_official(weights: dict[str, torch.Tensor], path: str | Path, settings: 
         name = OFFICIAL_PREFIX + module.replace(".", OFFICIAL_HYPHEN)
         tensors[f"{name}.{'lora_down' if matrix == 'lora_A' else 'lora_up'}.weight"] = value.contiguous()
         tensors[f"{name}.alpha_scale"] = scale.clone()
-    metadata = {"format": "pt", "lora_network_dim": str(settings["r"]), "lora_network_alpha": str(settings["lora_alpha"])}
+    metadata = {
+        "format": "pt",
+        "lora_network_dim": str(settings["r"]),
+        "lora_network_alpha": str(settings["lora_alpha"]),
+    }
     return _save(tensors, path, metadata)
 
 
@@ -175,7 +195,11 @@ def _from_official(raw: dict[str, torch.Tensor], path: str | Path) -> tuple[dict
         raise ValueError(f"{path}: LoRA modules have different ranks {sorted(ranks)}")
     rank = ranks.pop()
     # alpha_scale is folded into lora_B above, so the adapter applies it with alpha = rank (scale 1).
-    return weights, {"r": rank, "lora_alpha": float(rank), "target_modules": sorted({k.rsplit(".", 2)[0] for k in weights})}
+    return weights, {
+        "r": rank,
+        "lora_alpha": float(rank),
+        "target_modules": sorted({k.rsplit(".", 2)[0] for k in weights}),
+    }
 
 
 def load_lora(model: nn.Module, path: str | Path) -> PeftModel:
@@ -184,13 +208,20 @@ def load_lora(model: nn.Module, path: str | Path) -> PeftModel:
     differs from the file's."""
     weights, settings = read_lora(path)
     if not isinstance(model, PeftModel):
-        model = apply_lora(model, rank=settings["r"], alpha=settings["lora_alpha"],
-                           dropout=settings.get("lora_dropout", 0.0), targets=list(settings["target_modules"]))
+        model = apply_lora(
+            model,
+            rank=settings["r"],
+            alpha=settings["lora_alpha"],
+            dropout=settings.get("lora_dropout", 0.0),
+            targets=list(settings["target_modules"]),
+        )
     load_lora_weights(model, weights, settings)
     return model
 
 
-def load_lora_weights(model: PeftModel, weights: dict[str, torch.Tensor], settings: dict | None = None) -> None:
+def load_lora_weights(
+    model: PeftModel, weights: dict[str, torch.Tensor], settings: dict | None = None
+) -> None:
     """Copy canonical weights into the adapter; every adapter matrix must be given, with its shape."""
     own = adapter_settings(model)
     rescale = 1.0
@@ -207,7 +238,9 @@ def load_lora_weights(model: PeftModel, weights: dict[str, torch.Tensor], settin
         for key, param in params.items():
             value = weights[key]
             if value.shape != param.shape:
-                raise ValueError(f"LoRA {key}: file has shape {tuple(value.shape)}, adapter {tuple(param.shape)}")
+                raise ValueError(
+                    f"LoRA {key}: file has shape {tuple(value.shape)}, adapter {tuple(param.shape)}"
+                )
             if rescale != 1.0 and ".lora_B." in key:
                 value = value.float() * rescale
             param.copy_(value.to(param.dtype))

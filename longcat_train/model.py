@@ -426,7 +426,9 @@ class LongCatBlock(nn.Module):
             return self._feed_forward(frames, shift_mlp, scale_mlp, gate_mlp).view(B, N, C)
         # Frame groups, each checkpointed: backward holds one group's SwiGLU activations (11008 wide,
         # the largest of the block) instead of all of them, for one more FFN forward per group.
-        groups = zip(*(t.tensor_split(chunks, dim=1) for t in (frames, shift_mlp, scale_mlp, gate_mlp)), strict=True)
+        groups = zip(
+            *(t.tensor_split(chunks, dim=1) for t in (frames, shift_mlp, scale_mlp, gate_mlp)), strict=True
+        )
         out = [checkpoint(self._feed_forward, *group, use_reentrant=False) for group in groups]
         return torch.cat(out, dim=1).view(B, N, C)
 
@@ -454,6 +456,7 @@ class FinalLayer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ model
+
 
 def _keep_self_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """Selective checkpointing: keep self-attention outputs, recompute everything else.
@@ -576,7 +579,10 @@ class LongCatVideoTransformer(nn.Module):
         """
         warn_if_unavailable(self.attention_implementation)
         if tune:
-            compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
+            compile_kwargs["options"] = {
+                "coordinate_descent_tuning": True,
+                **compile_kwargs.get("options", {}),
+            }
         self._block_step = torch.compile(_block_step, **{"fullgraph": True, **compile_kwargs})
 
     def run_block(self, block: LongCatBlock, *args: Any) -> torch.Tensor:
@@ -708,8 +714,12 @@ def block_linears(block: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     ``nn.Linear`` that computes it): under a LoRA layer, its base layer (``attn.qkv.base_layer``)."""
     for name in BLOCK_LINEARS:
         path, module = name, block.get_submodule(name)
-        while not isinstance(module, nn.Linear) and isinstance(getattr(module, "base_layer", None), nn.Module):
+        while not isinstance(module, nn.Linear) and isinstance(
+            getattr(module, "base_layer", None), nn.Module
+        ):
             path, module = f"{path}.base_layer", module.base_layer
         if not isinstance(module, nn.Linear):
-            raise TypeError(f"block linear {name} is a {type(module).__name__} without an nn.Linear base layer")
+            raise TypeError(
+                f"block linear {name} is a {type(module).__name__} without an nn.Linear base layer"
+            )
         yield path, module

@@ -58,7 +58,11 @@ def init_distributed() -> Dist:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # Long timeout: rank 0 may encode captions or save a checkpoint while the others wait.
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(minutes=60),
+            device_id=device if device.type == "cuda" else None,
+        )
         log.info("rank %d/%d on %s (%s)", rank, world, device, backend)
     return Dist(rank, world, local, device)
 
@@ -141,7 +145,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return optimizer.state_dict()
 
 

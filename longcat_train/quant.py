@@ -116,8 +116,9 @@ class _FrozenFp8Matmul(torch.autograd.Function):
         wq, w_scale = _rowwise_fp8(weight)
         ctx.save_for_backward(weight)
         # _scaled_mm wants its second operand column-major: the transpose of a row-major weight is.
-        return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype,
-                                 use_fast_accum=True)
+        return torch._scaled_mm(
+            xq, wq.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype, use_fast_accum=True
+        )
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -125,8 +126,9 @@ class _FrozenFp8Matmul(torch.autograd.Function):
         gq, g_scale = _rowwise_fp8(grad.contiguous())
         # grad @ weight: scales per column of the weight, i.e. per row of its transpose.
         wq, w_scale = _rowwise_fp8(weight.t().contiguous())
-        out = torch._scaled_mm(gq, wq.t(), scale_a=g_scale, scale_b=w_scale.t(), out_dtype=grad.dtype,
-                               use_fast_accum=True)
+        out = torch._scaled_mm(
+            gq, wq.t(), scale_a=g_scale, scale_b=w_scale.t(), out_dtype=grad.dtype, use_fast_accum=True
+        )
         return out, None
 
 
@@ -157,8 +159,10 @@ def check_fp8_matmuls(device: torch.device) -> None:
         return
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise ConfigError(f"fp8_matmuls needs float8 tensor cores (compute capability 8.9+); "
-                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}: turn fp8_matmuls off")
+        raise ConfigError(
+            f"fp8_matmuls needs float8 tensor cores (compute capability 8.9+); "
+            f"{torch.cuda.get_device_name(device)} is {major}.{minor}: turn fp8_matmuls off"
+        )
 
 
 def use_fp8_matmuls(model: nn.Module) -> int:
@@ -169,7 +173,9 @@ def use_fp8_matmuls(model: nn.Module) -> int:
     for block in blocks:
         for name, linear in list(block_linears(block)):
             if type(linear) is not nn.Linear:
-                raise ValueError(f"{name} is a {type(linear).__name__}: float8 matmuls need a bf16 base, not a quantised one")
+                raise ValueError(
+                    f"{name} is a {type(linear).__name__}: float8 matmuls need a bf16 base, not a quantised one"
+                )
             parent, _, attr = name.rpartition(".")
             setattr(block.get_submodule(parent), attr, Fp8MatmulLinear.replacing(linear))
             count += 1

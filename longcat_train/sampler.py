@@ -71,12 +71,16 @@ class Sampler:
         self.vae_tiling = vae_tiling
         self.block_swap = block_swap if self.device.type != "cpu" else 0
         home = "cpu" if self.offload else self.device
-        log.info("loading %s (DiT on %s, %s; text encoder and VAE on %s)", model, self.device, self.dtype, home)
+        log.info(
+            "loading %s (DiT on %s, %s; text encoder and VAE on %s)", model, self.device, self.dtype, home
+        )
         self.tokenizer, self.text_encoder = load_text_encoder(model, device=home, dtype=self.dtype)
         self.vae = load_vae(model, device=home, dtype=self.dtype)
         self.model = model
         dit_home = "cpu" if self.block_swap else self.device
-        self.dit: torch.nn.Module = load_dit(model, dtype=self.dtype, device=dit_home).eval().requires_grad_(False)
+        self.dit: torch.nn.Module = (
+            load_dit(model, dtype=self.dtype, device=dit_home).eval().requires_grad_(False)
+        )
         self.dit.attention_implementation = attention
         warn_if_unavailable(attention)
         self.lora: tuple[str, float] | None = None  # the unmerged LoRA and strength now on the DiT
@@ -87,7 +91,10 @@ class Sampler:
     def from_config(cls, config: SampleConfig) -> Sampler:
         """The models ``longcat-sample`` (once, or behind the preview page) loads for ``config``."""
         return cls(
-            config.model, device=config.device, vae_tiling=config.vae_tiling, block_swap=config.block_swap,
+            config.model,
+            device=config.device,
+            vae_tiling=config.vae_tiling,
+            block_swap=config.block_swap,
             attention=config.attention,
         )
 
@@ -112,7 +119,9 @@ class Sampler:
             try:
                 self.dit = load_lora(self.dit, path).eval()
             except (ValueError, OSError) as err:
-                raise SampleInputError(f"LoRA {path} does not fit the DiT of --model {self.model}: {err}") from err
+                raise SampleInputError(
+                    f"LoRA {path} does not fit the DiT of --model {self.model}: {err}"
+                ) from err
         for module in self.dit.modules():
             if isinstance(module, LoraLayer):
                 module.set_scale(LORA_ADAPTER, strength)
@@ -155,7 +164,9 @@ class Sampler:
             raise SampleInputError("the prompt is empty: describe what should happen in the video")
         use_cfg = guidance > 1.0
         with self._visiting(self.text_encoder) as text_encoder:
-            embeds = encode_text(self.tokenizer, text_encoder, prompts + ([negative_prompt] if use_cfg else []))
+            embeds = encode_text(
+                self.tokenizer, text_encoder, prompts + ([negative_prompt] if use_cfg else [])
+            )
         negative = embeds.pop() if use_cfg else None
         if self.block_swap and self.swap is None:
             self.swap = apply_block_swap(self.dit, self.block_swap, "cpu", compute_device=self.device)
@@ -193,10 +204,14 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
         raise SampleInputError(f"--block-swap must be >= 0, got {config.block_swap}")
     if config.serve:
         if config.block_swap and config.lora:
-            raise SampleInputError("--serve with --block-swap cannot switch LoRAs (swapped weights are fixed)")
+            raise SampleInputError(
+                "--serve with --block-swap cannot switch LoRAs (swapped weights are fixed)"
+            )
         return None
     if len(config.lora) > 1:
-        raise SampleInputError("give one --lora to sample with (several are for --serve, which offers them all)")
+        raise SampleInputError(
+            "give one --lora to sample with (several are for --serve, which offers them all)"
+        )
     if config.image is None:
         raise SampleInputError("--image is required: the start frame of the video")
     image = read_start_image(config.image)
@@ -241,5 +256,12 @@ def run_sample(config: SampleConfig) -> list[Path]:
         if config.save_frames:
             write_frames(video, path.with_suffix(""))
             written.append(path.with_suffix(""))
-        log.info("wrote %s (%d frames, %dx%d, %d fps)", path, len(video), video.shape[2], video.shape[1], config.fps)
+        log.info(
+            "wrote %s (%d frames, %dx%d, %d fps)",
+            path,
+            len(video),
+            video.shape[2],
+            video.shape[1],
+            config.fps,
+        )
     return written

@@ -110,7 +110,9 @@ def read_start_image(source: str | Path | bytes, name: str = "upload") -> np.nda
     try:
         return read_image(source, name)
     except VideoError as err:
-        raise SampleInputError(f"{err.path} is not an image that can be read (PNG, JPEG or WebP expected)") from err
+        raise SampleInputError(
+            f"{err.path} is not an image that can be read (PNG, JPEG or WebP expected)"
+        ) from err
 
 
 def fit_start_image(image: np.ndarray, area: tuple[int, int] = DEFAULT_AREA) -> np.ndarray:
@@ -184,7 +186,9 @@ def denoise(
     """
     batch = cond_latents.shape[0]
     if len(prompt_embeds) != batch or len(seeds) != batch:
-        raise ValueError(f"{batch} start frames need as many prompts and seeds, got {len(prompt_embeds)}, {len(seeds)}")
+        raise ValueError(
+            f"{batch} start frames need as many prompts and seeds, got {len(prompt_embeds)}, {len(seeds)}"
+        )
     use_cfg = guidance > 1.0
     if use_cfg and negative_embeds is None:
         raise ValueError("guidance > 1 needs the empty negative prompt's embedding")

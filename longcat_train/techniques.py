@@ -144,8 +144,9 @@ def apply_techniques(
     with torch.random.fork_rng(devices=[]):
         # LoRA init draws from its own seed: the same adapter on every rank, whatever ran before.
         torch.manual_seed(cfg.seed)
-        model = lora.apply_lora(base, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                                targets=cfg.lora_targets)
+        model = lora.apply_lora(
+            base, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets
+        )
     if lora_weights is not None:
         lora.load_lora_weights(model, *lora_weights)
 

@@ -70,9 +70,15 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                  weight_decay=cfg.weight_decay)
+def build_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    kwargs = dict(
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes
@@ -108,13 +114,25 @@ def training_loss(
     embeds = batch["embeds"].to(device, non_blocking=True)
     mask = batch["embeds_mask"].to(device, non_blocking=True)
     if empty_embeds is not None:
-        embeds, mask = flow.drop_captions(embeds, mask, empty_embeds.to(device), cfg.caption_dropout, generator)
+        embeds, mask = flow.drop_captions(
+            embeds, mask, empty_embeds.to(device), cfg.caption_dropout, generator
+        )
     x_t, timestep, target, num_cond = flow.noisy_inputs(
-        x0, cond, mode=cfg.sigma_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-        shift=cfg.flow_schedule_shift, generator=generator,
+        x0,
+        cond,
+        mode=cfg.sigma_sampling,
+        logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std,
+        shift=cfg.flow_schedule_shift,
+        generator=generator,
     )
-    pred = model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=embeds,
-                 encoder_attention_mask=mask, num_cond_latents=num_cond)
+    pred = model(
+        hidden_states=x_t,
+        timestep=timestep,
+        encoder_hidden_states=embeds,
+        encoder_attention_mask=mask,
+        num_cond_latents=num_cond,
+    )
     return flow.flow_loss(pred, target, num_cond)
 
 
@@ -138,7 +156,9 @@ def train_step(
     d: Dist,
 ) -> StepResult:
     """Accumulate gradients over micro-batches, clip, and update unless the loss or gradient is not finite."""
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=d.device.type == "cuda" and cfg.mixed_precision == "bf16")
+    autocast = torch.autocast(
+        "cuda", torch.bfloat16, enabled=d.device.type == "cuda" and cfg.mixed_precision == "bf16"
+    )
     total, waited, samples = torch.zeros((), device=d.device), 0.0, 0
     for micro in range(cfg.gradient_accumulation_steps):
         start = time.perf_counter()
@@ -163,7 +183,9 @@ def train_step(
 # ---------------------------------------------------------------- text embeddings
 
 
-def prepare_text(cfg: TrainConfig, d: Dist, urls: list[str], shards_lack_text: bool, prompts: list[str]) -> TextCache | None:
+def prepare_text(
+    cfg: TrainConfig, d: Dist, urls: list[str], shards_lack_text: bool, prompts: list[str]
+) -> TextCache | None:
     """Encode what the shards do not carry (captions without ``t5.safetensors``, the empty prompt, the
     validation prompts) once, on rank 0, into ``output_dir/text_embeds.safetensors``; the text encoder
     is freed right after. Every rank then reads the file. Reused as is when it already holds them all.
@@ -208,7 +230,9 @@ class Metrics:
     def __init__(self, cfg: TrainConfig, d: Dist, start: int, total: int) -> None:
         self.active = d.main
         self.tb = self.wandb = None
-        self.bar = tqdm(total=total, initial=start, disable=not (d.main and cfg.progress), unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=start, disable=not (d.main and cfg.progress), unit="step", dynamic_ncols=True
+        )
         if not self.active:
             return
         out = Path(cfg.output_dir)
@@ -223,7 +247,9 @@ class Metrics:
             except ImportError:
                 log.warning("report_to wandb, but wandb is not installed: tensorboard only")
             else:
-                self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), dir=str(out), resume="allow")
+                self.wandb = wandb.init(
+                    project=cfg.wandb_project, config=cfg.to_dict(), dir=str(out), resume="allow"
+                )
 
     def log(self, step: int, values: dict[str, float], postfix: dict[str, str]) -> None:
         self.bar.update(1)
@@ -267,7 +293,8 @@ def checkpoint_root(cfg: TrainConfig) -> Path:
 def list_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoints, oldest first (a half-written one is still named ``step-N.partial``)."""
     return sorted(
-        p for p in root.glob("step-*")
+        p
+        for p in root.glob("step-*")
         if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()
     )
 
@@ -298,8 +325,10 @@ def check_resumable(path: Path, cfg: TrainConfig, d: Dist) -> None:
         raise ConfigError(f"cannot resume from {path}: the config differs in {'; '.join(diffs)}")
     world = json.loads((path / "state.json").read_text())["world_size"]
     if world != d.world_size:
-        raise ConfigError(f"cannot resume from {path}: it ran on {world} processes, this run has {d.world_size} "
-                          f"(the data order depends on it)")
+        raise ConfigError(
+            f"cannot resume from {path}: it ran on {world} processes, this run has {d.world_size} "
+            f"(the data order depends on it)"
+        )
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -331,8 +360,13 @@ def export_lora(train_model: nn.Module, model: nn.Module, directory: Path, d: Di
 
 
 def save_checkpoint(
-    cfg: TrainConfig, state: TrainState, train_model: nn.Module, model: nn.Module,
-    optimizer: torch.optim.Optimizer, generator: torch.Generator, d: Dist,
+    cfg: TrainConfig,
+    state: TrainState,
+    train_model: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    d: Dist,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically: into ``step-N.partial``, renamed when every rank is done."""
     root = checkpoint_root(cfg)
@@ -380,9 +414,15 @@ def build_loader(
 ) -> Iterator[dict]:
     """This rank's batches from micro-batch ``start_batch`` on (0 for a fresh run)."""
     stream_cfg = StreamConfig(
-        batch_size=cfg.train_batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
-        resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, need_cond=cfg.i2v,
-        max_latent_frames=latent_frames(cfg.frames), encoders=encoders,
+        batch_size=cfg.train_batch_size,
+        seed=cfg.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        resampled=cfg.resampled,
+        shuffle_buffer=cfg.shuffle_buffer,
+        need_cond=cfg.i2v,
+        max_latent_frames=latent_frames(cfg.frames),
+        encoders=encoders,
     )
     stream = ShardStream(urls, stream_cfg, start_batch=start_batch, text_cache=text_cache)
     return iter(make_loader(stream, cfg.num_workers, cfg.pin_memory and d.device.type == "cuda"))
@@ -410,7 +450,9 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     from longcat_data.encode import encoder_ids
 
     if not cfg.shards:
-        raise ConfigError("no shards: pass --shards DIR|PATTERN|hf://datasets/user/name (made by longcat-prep shard)")
+        raise ConfigError(
+            "no shards: pass --shards DIR|PATTERN|hf://datasets/user/name (made by longcat-prep shard)"
+        )
     urls = expand_shard_spec(cfg.shards)
     manifest = find_manifest(urls)
     encoders = encoder_ids(cfg.model)
@@ -441,7 +483,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * d.world_size
     total_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * epoch_samples / per_step)
     if total_steps <= 0:
-        raise ConfigError("num_train_epochs needs the sample count: set epoch_samples (no manifest found) or max_train_steps")
+        raise ConfigError(
+            "num_train_epochs needs the sample count: set epoch_samples (no manifest found) or max_train_steps"
+        )
 
     validation = Validation(cfg, d, weight_dtype(cfg, d.device))
     shards_lack_text = manifest is not None and manifest.get("settings", {}).get("text_embeds") is False
@@ -472,8 +516,15 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     result = TrainResult(skipped_steps=state.skipped_steps)
     metrics = Metrics(cfg, d, state.step, total_steps)
     corrupt: dict[int, int] = {}
-    log.info("training %d steps of %d samples (%d per GPU x %d accumulation x %d GPUs) from step %d",
-             total_steps, per_step, cfg.train_batch_size, cfg.gradient_accumulation_steps, d.world_size, state.step)
+    log.info(
+        "training %d steps of %d samples (%d per GPU x %d accumulation x %d GPUs) from step %d",
+        total_steps,
+        per_step,
+        cfg.train_batch_size,
+        cfg.gradient_accumulation_steps,
+        d.world_size,
+        state.step,
+    )
 
     def counted(it: Iterator[dict]) -> Iterator[dict]:
         for batch in it:
@@ -486,22 +537,33 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         while state.step < total_steps:
             start = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * lr_factor(state.step, warmup=cfg.lr_warmup_steps,
-                                                            total=total_steps, schedule=cfg.lr_scheduler)
+                group["lr"] = cfg.learning_rate * lr_factor(
+                    state.step, warmup=cfg.lr_warmup_steps, total=total_steps, schedule=cfg.lr_scheduler
+                )
             step = train_step(train_model, data, optimizer, params, cfg, generator, empty_embeds, d)
             state.step += 1
             state.samples += step.samples * d.world_size
             if not step.updated:
                 state.skipped_steps += 1
-                log.warning("step %d: loss %s, grad norm %s: update skipped (%d so far)",
-                            state.step, step.loss, step.grad_norm, state.skipped_steps)
+                log.warning(
+                    "step %d: loss %s, grad norm %s: update skipped (%d so far)",
+                    state.step,
+                    step.loss,
+                    step.grad_norm,
+                    state.skipped_steps,
+                )
             result.losses[state.step] = step.loss
             seconds = time.perf_counter() - start
-            metrics.log(state.step, _step_values(step, optimizer, seconds, state, epoch_samples, d),
-                        _postfix(step, optimizer, seconds, d))
+            metrics.log(
+                state.step,
+                _step_values(step, optimizer, seconds, state, epoch_samples, d),
+                _postfix(step, optimizer, seconds, d),
+            )
             if validation.due(state.step, total_steps):
                 validation(train_model, state.step, text, metrics.tb)
-            if state.step == total_steps or (cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0):
+            if state.step == total_steps or (
+                cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0
+            ):
                 result.checkpoint = save_checkpoint(cfg, state, train_model, model, optimizer, generator, d)
     finally:
         metrics.close()
@@ -517,8 +579,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     return result
 
 
-def _step_values(step: StepResult, optimizer: torch.optim.Optimizer, seconds: float, state: TrainState,
-                 epoch_samples: int, d: Dist) -> dict[str, float]:
+def _step_values(
+    step: StepResult,
+    optimizer: torch.optim.Optimizer,
+    seconds: float,
+    state: TrainState,
+    epoch_samples: int,
+    d: Dist,
+) -> dict[str, float]:
     values = {
         "loss": step.loss,
         "lr": optimizer.param_groups[0]["lr"],

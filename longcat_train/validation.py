@@ -62,12 +62,18 @@ def load_validation_pairs(source: str, limit: int) -> list[ValidationPair]:
     folder = Path(source).expanduser()
     # A shard folder also holds images (longcat-prep inspect's contact sheet): tars decide.
     is_shard_dir = folder.is_dir() and any(folder.glob("*.tar"))
-    if folder.is_dir() and not is_shard_dir and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()):
+    if (
+        folder.is_dir()
+        and not is_shard_dir
+        and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+    ):
         pairs = _folder_pairs(folder, limit)
     else:
         pairs = _shard_pairs(source, limit)
     if not pairs:
-        raise SampleInputError(f"no validation pairs in {source} (expected images with .txt captions, or eval shards)")
+        raise SampleInputError(
+            f"no validation pairs in {source} (expected images with .txt captions, or eval shards)"
+        )
     log.info("validation: %d pairs from %s", len(pairs), source)
     return pairs
 
@@ -167,7 +173,9 @@ def run_validation(
     negative = embeds.get("") if guidance > 1.0 else None
     if guidance > 1.0 and negative is None:
         raise KeyError('validation embeds need the empty negative prompt "" when guidance > 1')
-    settings = dict(frames=frames, steps=steps, guidance=guidance, shift=shift, seed=seed, area=area, progress=False)
+    settings = dict(
+        frames=frames, steps=steps, guidance=guidance, shift=shift, seed=seed, area=area, progress=False
+    )
     has_adapter = hasattr(model, "disable_adapter")
     written: list[Path] = []
     with _eval_mode(model):
@@ -204,7 +212,9 @@ def _base_video(
     sharded: bool,
 ) -> np.ndarray:
     # The name carries everything the base video depends on, so a changed pair or setting resamples.
-    identity = hashlib.sha256(pair.image.tobytes() + repr((pair.image.shape, pair.prompt, sorted(settings.items()))).encode())
+    identity = hashlib.sha256(
+        pair.image.tobytes() + repr((pair.image.shape, pair.prompt, sorted(settings.items()))).encode()
+    )
     name = f"{pair.key}_{identity.hexdigest()[:12]}.mp4"
     cached = root / "base" / name
     # With FSDP every rank runs each forward together, but only rank 0 writes (and so finds) the cache;
@@ -255,10 +265,19 @@ class Validation:
             # Sampling must not move the training RNG, or a changed validation cadence would change training.
             with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
                 run_validation(
-                    parallel.unwrap(model), self.vae, self.pairs, embeds, step=step, output_dir=out,
-                    frames=self.cfg.validation_frames, steps=self.cfg.validation_inference_steps,
-                    guidance=self.cfg.validation_guidance, seed=self.cfg.validation_seed,
-                    tb_writer=tb_writer if self.d.main else None, shift=self.cfg.flow_schedule_shift, area=(h, w),
+                    parallel.unwrap(model),
+                    self.vae,
+                    self.pairs,
+                    embeds,
+                    step=step,
+                    output_dir=out,
+                    frames=self.cfg.validation_frames,
+                    steps=self.cfg.validation_inference_steps,
+                    guidance=self.cfg.validation_guidance,
+                    seed=self.cfg.validation_seed,
+                    tb_writer=tb_writer if self.d.main else None,
+                    shift=self.cfg.flow_schedule_shift,
+                    area=(h, w),
                     sharded=sharded,
                 )
             if not self.d.main:

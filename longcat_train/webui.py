@@ -114,7 +114,9 @@ class JobQueue:
             if waiting >= MAX_QUEUED:
                 raise HTTPException(429, f"the queue is full ({waiting} videos waiting); try again later")
             # A counter, not a random id: the server is local and single-user, ids only need to be unique.
-            job = Job(id=f"{next(self._ids):05d}", prompt=request.prompt, steps=request.steps, request=request)
+            job = Job(
+                id=f"{next(self._ids):05d}", prompt=request.prompt, steps=request.steps, request=request
+            )
             self.jobs[job.id] = job
         self._pending.put(job)
         log.info("job %s queued: %r", job.id, request.prompt[:80])
@@ -139,7 +141,9 @@ class JobQueue:
                 video = self.generate(job.request, on_step)
                 job.video = write_mp4(video, self.output_dir / f"longcat_{job.id}.mp4", fps=self.fps)
                 state = "done"
-            except Exception as err:  # the page shows any failure; the worker must stay alive for the next job
+            except (
+                Exception
+            ) as err:  # the page shows any failure; the worker must stay alive for the next job
                 log.exception("job %s failed", job.id)
                 job.error = str(err) or type(err).__name__
                 state = "error"
@@ -212,19 +216,25 @@ def create_app(
         if length is None:
             raise HTTPException(411, "the upload must state its size (Content-Length)")
         if int(length) > max_bytes + 64 * 1024:
-            raise HTTPException(413, f"the upload is {int(length) / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
+            raise HTTPException(
+                413, f"the upload is {int(length) / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB"
+            )
         async with request.form(max_files=1, max_fields=16) as form:
             upload = form.get("image")
             if not isinstance(upload, UploadFile) or not upload.filename:
                 raise HTTPException(400, "choose a start image first")
             data = await upload.read()
             if len(data) > max_bytes:
-                raise HTTPException(413, f"the image is {len(data) / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB")
+                raise HTTPException(
+                    413, f"the image is {len(data) / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB"
+                )
             prompt = str(form.get("prompt") or "").strip()
             if not prompt:
                 raise HTTPException(400, "type a prompt describing the motion")
             if len(prompt) > MAX_PROMPT_CHARS:
-                raise HTTPException(400, f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+                raise HTTPException(
+                    400, f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}"
+                )
             lora = str(form.get("lora") or "") or None
             if lora is not None and lora not in lora_names:
                 raise HTTPException(400, f"unknown LoRA {lora!r}")

@@ -25,7 +25,9 @@ def pytest_collection_modifyitems(config, items):
 
 def _gradient_image(h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1).astype(np.uint8)
+    return np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1).astype(
+        np.uint8
+    )
 
 
 @pytest.fixture

@@ -30,8 +30,10 @@ def test_help_teaches() -> None:
 
 
 def test_help_answers_without_importing_the_model_libraries() -> None:
-    code = ("import sys\nfrom longcat_data.cli import main\ntry:\n    main(['shard', '--help'])\n"
-            "except SystemExit:\n    pass\nprint(sorted(m for m in ('diffusers', 'transformers', 'torchao') if m in sys.modules))")
+    code = (
+        "import sys\nfrom longcat_data.cli import main\ntry:\n    main(['shard', '--help'])\n"
+        "except SystemExit:\n    pass\nprint(sorted(m for m in ('diffusers', 'transformers', 'torchao') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert "--shard-size" in proc.stdout and proc.stdout.strip().endswith("[]")
@@ -39,8 +41,10 @@ def test_help_answers_without_importing_the_model_libraries() -> None:
 
 @pytest.mark.parametrize("argv", [["--help"], ["shard", "--help"], ["inspect", "--help"]])
 def test_help_imports_no_torch(argv: list[str]) -> None:
-    code = (f"import sys\nfrom longcat_data.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules)")
+    code = (
+        f"import sys\nfrom longcat_data.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("False")
 

@@ -66,7 +66,9 @@ def test_saved_tiny_loads_through_the_checkpoint_path_identically(tiny, saved: P
         assert torch.equal(a, b)
     ids_tiny, ids_dir = encode.encoder_ids("tiny"), encode.encoder_ids(str(saved))
     assert ids_dir["model"] == str(saved.resolve())
-    assert {k: v for k, v in ids_tiny.items() if k != "model"} == {k: v for k, v in ids_dir.items() if k != "model"}
+    assert {k: v for k, v in ids_tiny.items() if k != "model"} == {
+        k: v for k, v in ids_dir.items() if k != "model"
+    }
 
 
 def test_encode_video_shape_and_causal_start_frame(tiny) -> None:

@@ -41,7 +41,12 @@ def test_completeness_needs_every_rank_of_one_listing() -> None:
 def test_rejection_cleared_once_the_input_is_written() -> None:
     a = StreamState("train", 0, 1, "L", SETTINGS, ENCODERS, rejected=[{"source": "x.mp4", "reason": "r"}])
     b = StreamState(
-        "train-r0", 0, 2, "L", SETTINGS, ENCODERS,
+        "train-r0",
+        0,
+        2,
+        "L",
+        SETTINGS,
+        ENCODERS,
         shards=[ShardRecord("train-r0-000000.tar", 1, 10, ["x"], {"x": "x.mp4"}, {"b": 1})],
     )
     assert build_manifest([a, b])["rejected"] == []
@@ -53,8 +58,12 @@ def test_config_diff_names_nested_keys() -> None:
 
 
 def test_manifest_mismatch_errors():
-    manifest = {"encoders": ENCODERS, "settings": {"frames": 9}, "buckets": {"16x24x9": 3, "16x24x5": 1},
-                "complete": True}
+    manifest = {
+        "encoders": ENCODERS,
+        "settings": {"frames": 9},
+        "buckets": {"16x24x9": 3, "16x24x5": 1},
+        "complete": True,
+    }
     check_manifest(manifest, encoders=ENCODERS, frames=9)  # a short clip trimmed to 5 frames is fine
     with pytest.raises(ShardError, match="other encoders.*model"):
         check_manifest(manifest, encoders={**ENCODERS, "model": "other"}, frames=9)

@@ -146,7 +146,10 @@ def test_rerun_skips_and_changes_are_refused(prepped, demo_videos: Path, tmp_pat
     assert stats.skipped == len(DEMO_CLIPS) and stats.written == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
 
-    assert cli.main(["shard", str(demo_videos), str(out), *FLAGS[:-4], "--frames", "5", "--shard-size", "1MB"]) == 2
+    assert (
+        cli.main(["shard", str(demo_videos), str(out), *FLAGS[:-4], "--frames", "5", "--shard-size", "1MB"])
+        == 2
+    )
     assert "settings.frames: 9 -> 5" in capsys.readouterr().err
     ckpt = encode.save_tiny_encoders(tmp_path / "ckpt")
     assert cli.main(["shard", str(demo_videos), str(out), *FLAGS[2:], "--model", str(ckpt)]) == 2
@@ -178,7 +181,10 @@ def test_resume_after_a_killed_run(demo_videos: Path, tmp_path: Path) -> None:
     script.write_text(textwrap.dedent(CRASH_SCRIPT))
     killed = subprocess.run(
         [sys.executable, str(script), "shard", str(demo_videos), str(out), *FLAGS, "--workers", "1"],
-        capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300,
+        capture_output=True,
+        text=True,
+        env=ONE_THREAD_ENV,
+        timeout=300,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     finished = {p.name: p.read_bytes() for p in out.glob("*.tar")}
@@ -193,7 +199,9 @@ def test_resume_after_a_killed_run(demo_videos: Path, tmp_path: Path) -> None:
     assert not list(out.glob("*.partial")) and read_manifest(out)["complete"]
 
 
-def test_resume_after_an_exception(demo_videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_an_exception(
+    demo_videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out, calls = tmp_path / "out", []
     encode_batch = prep.encode_batch
 
@@ -222,7 +230,16 @@ def test_bad_inputs_are_rejected_with_reasons_and_good_ones_land(tmp_path: Path)
     stats = prep.run_shard(config(videos, out, shard_size="1GB"))
     manifest = read_manifest(out)
     reasons = {r["source"]: r["reason"] for r in manifest["rejected"]}
-    bad = ["zero_byte", "truncated", "truncated_index", "image", "audio_only", "three_frames", "tiny", "bad_caption"]
+    bad = [
+        "zero_byte",
+        "truncated",
+        "truncated_index",
+        "image",
+        "audio_only",
+        "three_frames",
+        "tiny",
+        "bad_caption",
+    ]
     expected = {paths[name].name for name in bad} | {"rotated.mp4"}
     assert set(reasons) == expected
     assert all(reason.strip() for reason in reasons.values())

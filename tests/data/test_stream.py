@@ -138,7 +138,9 @@ def test_ranks_and_workers_read_disjoint_shares(tmp_path, n_shards):
     urls = make_shards(tmp_path, n_shards, 16 // n_shards)
     seen = []
     for rank in range(2):
-        batches = take(ShardStream(urls, StreamConfig(rank=rank, world_size=2, shuffle_buffer=2)), 4, workers=2)
+        batches = take(
+            ShardStream(urls, StreamConfig(rank=rank, world_size=2, shuffle_buffer=2)), 4, workers=2
+        )
         seen.append([k for b in batches for k in b["keys"]])
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 8
@@ -231,7 +233,9 @@ def test_captions_encoded_into_a_cache_when_shards_lack_embeddings(tmp_path):
     assert captions == [f"caption of c_{i}" for i in range(3)]
     with pytest.raises(ShardError, match="no t5.safetensors"):
         take(ShardStream([url], StreamConfig()), 1)
-    cache = stream.write_text_cache(tmp_path / "text.safetensors", {c: torch.full((i + 1, 8), i) for i, c in enumerate(captions)})
+    cache = stream.write_text_cache(
+        tmp_path / "text.safetensors", {c: torch.full((i + 1, 8), i) for i, c in enumerate(captions)}
+    )
     batches = take(ShardStream([url], StreamConfig(batch_size=3), text_cache=cache), 1, workers=1)
     b = batches[0]
     for caption, emb, mask in zip(b["captions"], b["embeds"], b["embeds_mask"], strict=True):

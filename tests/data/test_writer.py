@@ -61,11 +61,19 @@ def test_sample_round_trip_through_webdataset(tmp_path: Path) -> None:
     assert decoded.caption == "caption of clip_a"
     assert decoded.meta["bucket"] == [64, 64, 9]
     assert ShardSample.from_members(got[1]).text_embeds is None
-    assert set(got[0]) >= {"latents.safetensors", "cond.safetensors", "cond.png", "txt", "t5.safetensors", "json"}
+    assert set(got[0]) >= {
+        "latents.safetensors",
+        "cond.safetensors",
+        "cond.png",
+        "txt",
+        "t5.safetensors",
+        "json",
+    }
 
 
 @pytest.mark.parametrize(
-    ("text", "size"), [("1GB", 10**9), ("200MB", 200 * 10**6), ("512KiB", 512 * 1024), ("1e6", 10**6), ("7", 7)]
+    ("text", "size"),
+    [("1GB", 10**9), ("200MB", 200 * 10**6), ("512KiB", 512 * 1024), ("1e6", 10**6), ("7", 7)],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size

@@ -49,8 +49,21 @@ def _make_tiny_shards(root: Path) -> Path:
         for suffix in (".mp4", ".txt"):
             shutil.copy(root / "demo" / f"{name}{suffix}", videos / f"{name}{suffix}")
     out = root / "shards"
-    code = prep.main(["shard", str(videos), str(out), "--model", "tiny", "--frames", str(TINY_FRAMES),
-                      "--area", TINY_AREA, "--workers", "0"])
+    code = prep.main(
+        [
+            "shard",
+            str(videos),
+            str(out),
+            "--model",
+            "tiny",
+            "--frames",
+            str(TINY_FRAMES),
+            "--area",
+            TINY_AREA,
+            "--workers",
+            "0",
+        ]
+    )
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(s["samples"] for s in manifest["shards"]) == len(CLIPS)

@@ -74,8 +74,11 @@ def test_attention_settings_reach_every_attention_module() -> None:
     modules = [m for m in model.modules() if isinstance(m, SelfAttention | CrossAttention)]
     assert len(modules) == 2 * model.config.depth
     assert all(m.attention_implementation == "xformers" for m in modules)
-    assert all(m.block_sparse_params == {"density": 0.5, "block": (2, 2, 2)}
-               for m in modules if isinstance(m, SelfAttention))
+    assert all(
+        m.block_sparse_params == {"density": 0.5, "block": (2, 2, 2)}
+        for m in modules
+        if isinstance(m, SelfAttention)
+    )
     with pytest.raises(ValueError, match="attention_implementation 'flash9'"):
         model.attention_implementation = "flash9"
 
@@ -107,8 +110,10 @@ def test_backend_table_is_the_declared_one() -> None:
 
 
 def test_a_backend_table_that_differs_from_the_architecture_fails_at_import() -> None:
-    code = ("import longcat_train.architecture as a\na.ATTENTION_BACKENDS = ('sdpa',)\n"
-            "import longcat_train.attention\n")
+    code = (
+        "import longcat_train.architecture as a\na.ATTENTION_BACKENDS = ('sdpa',)\n"
+        "import longcat_train.attention\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "RuntimeError" in proc.stderr and "ATTENTION_BACKENDS" in proc.stderr
 

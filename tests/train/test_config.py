@@ -66,14 +66,27 @@ def test_every_field_has_help():
 
 def test_seed_simpletuner_import(tmp_path, caplog):
     (tmp_path / "multidatabackend.json").write_text(json.dumps(SEED_BACKENDS))
-    values = {**SEED_CONFIG, "output_dir": "out/longcat", "max_train_steps": 500, "flow_schedule_shift": 12,
-              "data_backend_config": "multidatabackend.json", "musubi_blocks_to_swap": 4,
-              "base_model_precision": "int8-quanto", "validation_steps": 100, "report_to": "wandb"}
+    values = {
+        **SEED_CONFIG,
+        "output_dir": "out/longcat",
+        "max_train_steps": 500,
+        "flow_schedule_shift": 12,
+        "data_backend_config": "multidatabackend.json",
+        "musubi_blocks_to_swap": 4,
+        "base_model_precision": "int8-quanto",
+        "validation_steps": 100,
+        "report_to": "wandb",
+    }
     (tmp_path / "config.json").write_text(json.dumps(values))
     with caplog.at_level(logging.INFO):
         cfg = C.load_config(tmp_path / "config.json")
     assert cfg.shards == ["/data/video-clips"] and cfg.i2v
-    assert (cfg.lora_rank, cfg.learning_rate, cfg.train_batch_size, cfg.gradient_checkpointing) == (8, 1e-4, 1, "selective")
+    assert (cfg.lora_rank, cfg.learning_rate, cfg.train_batch_size, cfg.gradient_checkpointing) == (
+        8,
+        1e-4,
+        1,
+        "selective",
+    )
     assert (cfg.output_dir, cfg.max_train_steps, cfg.flow_schedule_shift) == ("out/longcat", 500, 12.0)
     assert (cfg.validation_frames, cfg.validation_inference_steps, cfg.validation_guidance) == (93, 40, 4.0)
     assert (cfg.validation_every, cfg.validation_area) == (100, "480x832")
@@ -88,20 +101,38 @@ def test_seed_simpletuner_import(tmp_path, caplog):
 
 def test_simpletuner_ignored_keys_are_named(caplog):
     with caplog.at_level(logging.WARNING):
-        out = C.from_simpletuner({"--model_family": "longcat_video", "--lora_rank": "16", "--sageattention_usage": "x",
-                                  "--optimizer": "prodigy", "--lr_scheduler": "cosine"})
+        out = C.from_simpletuner(
+            {
+                "--model_family": "longcat_video",
+                "--lora_rank": "16",
+                "--sageattention_usage": "x",
+                "--optimizer": "prodigy",
+                "--lr_scheduler": "cosine",
+            }
+        )
     assert out["lora_rank"] == 16 and out["lr_scheduler"] == "cosine" and out["optimizer"] == "adamw"
     assert "sageattention_usage" in caplog.text and "prodigy" in caplog.text
 
 
 def test_simpletuner_eval_dataset_and_hub_dataset(tmp_path):
     backends = [
-        {"id": "train", "type": "huggingface", "dataset_type": "video", "dataset_name": "me/clips", "is_i2v": False},
+        {
+            "id": "train",
+            "type": "huggingface",
+            "dataset_type": "video",
+            "dataset_name": "me/clips",
+            "is_i2v": False,
+        },
         {"id": "val", "type": "local", "dataset_type": "video", "instance_data_dir": "/data/val"},
     ]
     (tmp_path / "db.json").write_text(json.dumps(backends))
-    out = C.from_simpletuner({"model_family": "longcat_video", "data_backend_config": str(tmp_path / "db.json"),
-                              "eval_dataset_id": "val"})
+    out = C.from_simpletuner(
+        {
+            "model_family": "longcat_video",
+            "data_backend_config": str(tmp_path / "db.json"),
+            "eval_dataset_id": "val",
+        }
+    )
     assert out == {"shards": ["hf://datasets/me/clips"], "i2v": False, "validation_source": "/data/val"}
 
 
@@ -111,17 +142,37 @@ def test_simpletuner_refuses_other_models_and_full_finetune(tmp_path):
     with pytest.raises(ConfigError, match="LoRA only"):
         C.from_simpletuner({"model_family": "longcat_video", "model_type": "full"})
     with pytest.raises(ConfigError, match="not found"):
-        C.from_simpletuner({"model_family": "longcat_video", "data_backend_config": str(tmp_path / "nope.json")})
+        C.from_simpletuner(
+            {"model_family": "longcat_video", "data_backend_config": str(tmp_path / "nope.json")}
+        )
 
 
 def test_toml_and_cli_overrides(tmp_path):
     (tmp_path / "train.toml").write_text(
         'model = "tiny"\nshards = ["/s/a.tar", "/s/b.tar"]\nlora_rank = 4\ngradient_checkpointing = false\n'
     )
-    cfg = parse_train_args(["--config", str(tmp_path / "train.toml"), "--lora-rank", "16", "--learning_rate", "3e-4",
-                        "--no-i2v", "--lora-targets", "attn.qkv", "ffn.w1", "--resume"])
+    cfg = parse_train_args(
+        [
+            "--config",
+            str(tmp_path / "train.toml"),
+            "--lora-rank",
+            "16",
+            "--learning_rate",
+            "3e-4",
+            "--no-i2v",
+            "--lora-targets",
+            "attn.qkv",
+            "ffn.w1",
+            "--resume",
+        ]
+    )
     assert cfg.model == "tiny" and cfg.shards == ["/s/a.tar", "/s/b.tar"]
-    assert (cfg.lora_rank, cfg.learning_rate, cfg.i2v, cfg.gradient_checkpointing) == (16, 3e-4, False, "none")
+    assert (cfg.lora_rank, cfg.learning_rate, cfg.i2v, cfg.gradient_checkpointing) == (
+        16,
+        3e-4,
+        False,
+        "none",
+    )
     assert cfg.lora_targets == ["attn.qkv", "ffn.w1"] and cfg.resume == "latest"
     assert parse_train_args(["--resume", "/x/ckpt"]).resume == "/x/ckpt"
     assert parse_train_args([]).resume is None

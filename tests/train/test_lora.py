@@ -25,8 +25,12 @@ def tiny(seed: int = 0) -> LongCatVideoTransformer:
 def inputs(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 16, 3, 4, 4, generator=g)
-    return dict(hidden_states=x, timestep=torch.tensor([500.0]),
-                encoder_hidden_states=torch.randn(1, 5, 64, generator=g), num_cond_latents=1)
+    return dict(
+        hidden_states=x,
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 5, 64, generator=g),
+        num_cond_latents=1,
+    )
 
 
 def trained(model: torch.nn.Module, seed: int = 2) -> None:
@@ -62,9 +66,11 @@ def test_bad_targets_and_rank_are_clear_errors():
 
 
 def test_canonical_names_strip_wrappers():
-    for name in ["module.base_model.model.blocks.0.attn.qkv.lora_A.default.weight",
-                 "base_model.model.blocks.0.attn.qkv.lora_A.default.weight",
-                 "_orig_mod.base_model.model.blocks.0.attn.qkv.lora_A.weight"]:
+    for name in [
+        "module.base_model.model.blocks.0.attn.qkv.lora_A.default.weight",
+        "base_model.model.blocks.0.attn.qkv.lora_A.default.weight",
+        "_orig_mod.base_model.model.blocks.0.attn.qkv.lora_A.weight",
+    ]:
         assert lora.canonical_name(name) == "blocks.0.attn.qkv.lora_A.weight"
 
 
@@ -81,7 +87,9 @@ def test_save_load_round_trip(tmp_path, fmt):
     assert set(read) == set(weights) and read_settings["r"] == 4
     if fmt == "diffusers":
         assert all(torch.equal(read[k], weights[k]) for k in weights)
-        assert read_settings["lora_alpha"] == 8 and read_settings["target_modules"] == sorted(DEFAULT_LORA_TARGETS)
+        assert read_settings["lora_alpha"] == 8 and read_settings["target_modules"] == sorted(
+            DEFAULT_LORA_TARGETS
+        )
     # Into a bare base model (a new adapter shaped by the file) and into an adapter with another alpha.
     for target in (tiny(), lora.apply_lora(tiny(), rank=4, alpha=4, targets=list(DEFAULT_LORA_TARGETS))):
         loaded = lora.load_lora(target, path)
@@ -90,10 +98,14 @@ def test_save_load_round_trip(tmp_path, fmt):
 
 def test_official_key_names(tmp_path):
     model = lora.apply_lora(tiny(), rank=4, alpha=8, targets=["attn.qkv"])
-    path = lora.save_official(lora.lora_weights(model), tmp_path / "o.safetensors", lora.adapter_settings(model))
+    path = lora.save_official(
+        lora.lora_weights(model), tmp_path / "o.safetensors", lora.adapter_settings(model)
+    )
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
-        scale = f.get_tensor("lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv.alpha_scale")
+        scale = f.get_tensor(
+            "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv.alpha_scale"
+        )
     name = "lora___lorahyphen___blocks___lorahyphen___1___lorahyphen___attn___lorahyphen___qkv"
     assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha_scale"} <= keys
     assert len(keys) == 2 * 3 and scale.ndim == 0 and scale.item() == 2.0
@@ -101,7 +113,9 @@ def test_official_key_names(tmp_path):
 
 def test_wrong_shapes_are_refused(tmp_path):
     model = lora.apply_lora(tiny(), rank=4, targets=["attn.qkv"])
-    path = lora.save_diffusers(lora.lora_weights(model), tmp_path / "a.safetensors", lora.adapter_settings(model))
+    path = lora.save_diffusers(
+        lora.lora_weights(model), tmp_path / "a.safetensors", lora.adapter_settings(model)
+    )
     other = lora.apply_lora(tiny(), rank=2, targets=["attn.qkv"])
     with pytest.raises(ValueError, match="shape"):
         lora.load_lora(other, path)
@@ -120,7 +134,9 @@ def test_official_loader_reads_our_file_and_computes_the_same_delta(tmp_path):
 
     model = lora.apply_lora(tiny(), rank=4, alpha=8, targets=list(DEFAULT_LORA_TARGETS))
     trained(model)
-    path = lora.save_official(lora.lora_weights(model), tmp_path / "o.safetensors", lora.adapter_settings(model))
+    path = lora.save_official(
+        lora.lora_weights(model), tmp_path / "o.safetensors", lora.adapter_settings(model)
+    )
     from safetensors.torch import load_file
 
     state = load_file(str(path))

@@ -35,7 +35,9 @@ def lora_file(tmp_path_factory) -> str:
 def _latents(sampler: Sampler) -> torch.Tensor:
     cond = torch.randn(1, 16, 1, 4, 6, generator=torch.Generator().manual_seed(1))
     text = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
-    return denoise(sampler.dit, cond[:, :, :, :4, :4], [text], None, frames=5, steps=2, guidance=1.0, progress=False)
+    return denoise(
+        sampler.dit, cond[:, :, :, :4, :4], [text], None, frames=5, steps=2, guidance=1.0, progress=False
+    )
 
 
 def test_lora_strength_swap_and_merge(lora_file: str) -> None:
@@ -88,7 +90,9 @@ def test_lora_of_another_model_is_refused(tmp_path) -> None:
 
 def test_sampler_makes_one_video_per_prompt(make_image) -> None:
     sampler = Sampler("tiny", device="cpu")
-    videos = sampler.generate(make_image(64, 64), ["a cat", "a dog"], frames=5, steps=2, area=(64, 64), progress=False)
+    videos = sampler.generate(
+        make_image(64, 64), ["a cat", "a dog"], frames=5, steps=2, area=(64, 64), progress=False
+    )
     assert videos.shape == (2, 5, 64, 64, 3)
     with pytest.raises(SampleInputError, match="prompt is empty"):
         sampler.generate(make_image(64, 64), ["  "], frames=5, steps=2, area=(64, 64))
@@ -108,9 +112,13 @@ def test_the_sampler_and_validation_sample_through_generate_videos(tmp_path, mak
     sampler = Sampler("tiny", device="cpu")
     prompt, image, settings = "a cat walks", make_image(64, 64), dict(frames=5, steps=2, area=(64, 64))
     video = sampler.generate(image, [prompt], progress=False, **settings)[0]
-    embeds = dict(zip([prompt, ""], encode_text(sampler.tokenizer, sampler.text_encoder, [prompt, ""]), strict=True))
+    embeds = dict(
+        zip([prompt, ""], encode_text(sampler.tokenizer, sampler.text_encoder, [prompt, ""]), strict=True)
+    )
     pairs = [validation.ValidationPair("cat", image, prompt)]
-    validation.run_validation(sampler.dit, sampler.vae, pairs, embeds, step=1, output_dir=tmp_path, **settings)
+    validation.run_validation(
+        sampler.dit, sampler.vae, pairs, embeds, step=1, output_dir=tmp_path, **settings
+    )
     assert len(made) == 2  # one call from each
     np.testing.assert_array_equal(made[1][0], video)  # the same inputs make the same frames either way
 
@@ -144,7 +152,9 @@ def test_cli_block_sparse_attention(tmp_path, make_image, monkeypatch: pytest.Mo
 
     loaded = []
     real_load = sampler_module.load_dit
-    monkeypatch.setattr(sampler_module, "load_dit", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(
+        sampler_module, "load_dit", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1]
+    )
     image = _png(tmp_path / "start.png", make_image(80, 96))
     out = tmp_path / "cat.mp4"
     argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
@@ -167,7 +177,9 @@ def test_cli_block_sparse_attention(tmp_path, make_image, monkeypatch: pytest.Mo
         ({"--model": "no/such/dir", "--size": "192x320"}, "no such directory"),
     ],
 )
-def test_cli_bad_input_is_one_clear_line(tmp_path, make_image, monkeypatch, capsys, change: dict, message: str) -> None:
+def test_cli_bad_input_is_one_clear_line(
+    tmp_path, make_image, monkeypatch, capsys, change: dict, message: str
+) -> None:
     from safetensors.torch import save_file
 
     from longcat_train.cli import sample_main
@@ -177,9 +189,20 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, make_image, monkeypatch, caps
     _png(tmp_path / "tiny.png", make_image(20, 30))
     _png(tmp_path / "strip.png", make_image(40, 1000))
     (tmp_path / "notes.png").write_text("a shopping list")
-    save_file({"transformer.down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 320),
-               "transformer.down_blocks.0.to_q.lora_B.weight": torch.zeros(320, 4)}, "sdxl.safetensors")  # fmt: skip
-    args = {"--model": "tiny", "--image": "start.png", "--prompt": "a cat walks", "-o": "out.mp4", "--steps": "1"}
+    save_file(
+        {
+            "transformer.down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 320),
+            "transformer.down_blocks.0.to_q.lora_B.weight": torch.zeros(320, 4),
+        },
+        "sdxl.safetensors",
+    )
+    args = {
+        "--model": "tiny",
+        "--image": "start.png",
+        "--prompt": "a cat walks",
+        "-o": "out.mp4",
+        "--steps": "1",
+    }
     args.update(change)
     assert sample_main([x for kv in args.items() for x in kv]) == 2
     err = capsys.readouterr().err.strip()

@@ -85,9 +85,16 @@ def test_round_frames_to_4k_plus_1(caplog: pytest.LogCaptureFixture) -> None:
 
 @pytest.mark.parametrize(
     ("size", "bucket"),
-    [((720, 1280), (480, 832)), ((1280, 720), (832, 480)), ((600, 600), (640, 640)), ((400, 700), (480, 832))],
+    [
+        ((720, 1280), (480, 832)),
+        ((1280, 720), (832, 480)),
+        ((600, 600), (640, 640)),
+        ((400, 700), (480, 832)),
+    ],
 )
-def test_start_image_goes_to_the_nearest_bucket(make_image, size: tuple[int, int], bucket: tuple[int, int]) -> None:
+def test_start_image_goes_to_the_nearest_bucket(
+    make_image, size: tuple[int, int], bucket: tuple[int, int]
+) -> None:
     assert fit_start_image(make_image(*size)).shape == (*bucket, 3)
 
 
@@ -118,7 +125,9 @@ class RecordingDiT(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.tensor(0.5))
         self.calls: list[dict] = []
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents):
+    def forward(
+        self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents
+    ):
         self.calls.append(
             dict(batch=hidden_states.shape[0], timestep=timestep.clone(), num_cond_latents=num_cond_latents)
         )
@@ -138,7 +147,14 @@ def test_condition_frame_is_the_start_image_at_every_step() -> None:
     cond, prompts, negative = _denoise_inputs(batch=2)
     seen: list[torch.Tensor] = []
     out = denoise(
-        model, cond, prompts, negative, frames=9, steps=5, seeds=[0, 1], on_latents=lambda i, x: seen.append(x)
+        model,
+        cond,
+        prompts,
+        negative,
+        frames=9,
+        steps=5,
+        seeds=[0, 1],
+        on_latents=lambda i, x: seen.append(x),
     )
     assert len(seen) == 5
     for latents in [*seen, out]:
@@ -169,7 +185,9 @@ def test_guidance_one_is_the_plain_conditional_prediction() -> None:
 def test_a_video_depends_only_on_its_own_seed() -> None:
     cond, prompts, negative = _denoise_inputs(batch=2)
     both = denoise(RecordingDiT(), cond, prompts, negative, frames=9, steps=3, seeds=[5, 6], progress=False)
-    alone = denoise(RecordingDiT(), cond[1:], prompts[1:], negative, frames=9, steps=3, seeds=[6], progress=False)
+    alone = denoise(
+        RecordingDiT(), cond[1:], prompts[1:], negative, frames=9, steps=3, seeds=[6], progress=False
+    )
     torch.testing.assert_close(both[1:], alone)
 
 
@@ -189,9 +207,15 @@ def test_tiny_condition_frame_equals_the_encoded_start_image(tiny: dict, make_im
     cond = encode_image(tiny["vae"], start[None])
     seen: list[torch.Tensor] = []
     out = denoise(
-        tiny["model"], cond, [tiny["prompt"]], tiny["negative"], frames=9, steps=3,
-        on_latents=lambda i, x: seen.append(x.clone()), progress=False,
-    )  # fmt: skip
+        tiny["model"],
+        cond,
+        [tiny["prompt"]],
+        tiny["negative"],
+        frames=9,
+        steps=3,
+        on_latents=lambda i, x: seen.append(x.clone()),
+        progress=False,
+    )
     assert len(seen) == 3 and out.shape == (1, 16, 3, 8, 8)
     for latents in [*seen, out]:
         assert torch.equal(latents[:, :, :1], cond)
@@ -200,7 +224,9 @@ def test_tiny_condition_frame_equals_the_encoded_start_image(tiny: dict, make_im
 
 def test_tiny_generate_videos_is_a_video_of_the_bucket_size_set_by_the_seed(tiny: dict, make_image) -> None:
     kwargs = dict(frames=5, steps=2, area=(64, 64), progress=False)
-    video = generate_videos(tiny["model"], tiny["vae"], make_image(70, 70), [tiny["prompt"]], tiny["negative"], **kwargs)[0]
+    video = generate_videos(
+        tiny["model"], tiny["vae"], make_image(70, 70), [tiny["prompt"]], tiny["negative"], **kwargs
+    )[0]
     assert video.shape == (5, 64, 64, 3) and video.dtype == np.uint8
     other = generate_videos(
         tiny["model"], tiny["vae"], make_image(70, 70), [tiny["prompt"]], tiny["negative"], seed=1, **kwargs
@@ -233,9 +259,15 @@ def test_denoising_matches_the_official_pipeline(tiny: dict, make_image, monkeyp
             super().__init__()
             self.model = model
 
-        def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents):
+        def forward(
+            self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents
+        ):
             return self.model(
-                hidden_states, timestep, encoder_hidden_states.squeeze(1), encoder_attention_mask, num_cond_latents
+                hidden_states,
+                timestep,
+                encoder_hidden_states.squeeze(1),
+                encoder_attention_mask,
+                num_cond_latents,
             )
 
     tokenizer, text_encoder = load_text_encoder("tiny")
@@ -248,12 +280,20 @@ def test_denoising_matches_the_official_pipeline(tiny: dict, make_image, monkeyp
     )
     pipe.device = "cpu"  # the official class assumes CUDA
     prompt = "a cat walks across a sunny garden"
-    start = Image.fromarray(make_image(128, 224))  # the official 480p bucket for 4:7 is 480x832: 60x104 latents
+    start = Image.fromarray(
+        make_image(128, 224)
+    )  # the official 480p bucket for 4:7 is 480x832: 60x104 latents
     noise = torch.randn(1, 16, 2, 60, 104, generator=torch.Generator().manual_seed(7))
     theirs = pipe.generate_i2v(
-        image=start, prompt=prompt, num_frames=5, num_inference_steps=4, guidance_scale=4.0,
-        latents=noise.clone(), generator=torch.Generator().manual_seed(0), output_type="latent",
-    )  # fmt: skip
+        image=start,
+        prompt=prompt,
+        num_frames=5,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        latents=noise.clone(),
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
 
     monkeypatch.setattr(sampling, "initial_noise", lambda shape, seeds: noise[:, :, 1:])
     embeds = encode_text(tokenizer, text_encoder, [prompt, ""])

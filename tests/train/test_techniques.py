@@ -74,8 +74,12 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         monkeypatch.setattr(owner, name, recorded)
 
     for owner, name in [
-        (quant, "quantize_base"), (lora, "apply_lora"), (lora, "load_lora_weights"), (quant, "use_fp8_matmuls"),
-        (LongCatVideoTransformer, "compile_blocks"), (offload, "apply_block_swap"),
+        (quant, "quantize_base"),
+        (lora, "apply_lora"),
+        (lora, "load_lora_weights"),
+        (quant, "use_fp8_matmuls"),
+        (LongCatVideoTransformer, "compile_blocks"),
+        (offload, "apply_block_swap"),
         (offload, "apply_activation_offload"),
     ]:
         spy(owner, name)
@@ -94,21 +98,36 @@ def _adapter_file() -> tuple[dict[str, torch.Tensor], dict]:
 
 def test_quantised_base_lora_resume_swap_offload_then_ddp(calls: list[str]) -> None:
     pytest.importorskip("optimum.quanto")
-    cfg = TrainConfig(model="tiny", base_model_precision="int8-quanto", lora_rank=2, block_swap=1,
-                      offload_activations=True, gradient_checkpointing="full", feed_forward_chunks=2,
-                      attention="xformers")
+    cfg = TrainConfig(
+        model="tiny",
+        base_model_precision="int8-quanto",
+        lora_rank=2,
+        block_swap=1,
+        offload_activations=True,
+        gradient_checkpointing="full",
+        feed_forward_chunks=2,
+        attention="xformers",
+    )
     cfg.validate()
     base, resumed = tiny_dit(), _adapter_file()
     calls.clear()
     train_model, model = apply_techniques(base, cfg, Dist(world_size=2, device=CPU), lora_weights=resumed)
-    assert calls == ["quantize_base", "apply_lora", "load_lora_weights", "apply_block_swap",
-                     "apply_activation_offload", "apply_ddp"]
+    assert calls == [
+        "quantize_base",
+        "apply_lora",
+        "load_lora_weights",
+        "apply_block_swap",
+        "apply_activation_offload",
+        "apply_ddp",
+    ]
     assert train_model is model and model.get_base_model() is base
     qkv = base.blocks[0].attn.qkv
     assert type(qkv.base_layer).__name__ == "QLinear"  # LoRA wraps the quantised linear
     assert torch.equal(qkv.lora_A["default"].weight, torch.ones_like(qkv.lora_A["default"].weight))
     assert (base.gradient_checkpointing, base.feed_forward_chunks) == ("full", 2)
-    assert all(m.attention_implementation == "xformers" for m in base.modules() if isinstance(m, SelfAttention))
+    assert all(
+        m.attention_implementation == "xformers" for m in base.modules() if isinstance(m, SelfAttention)
+    )
 
 
 def test_fp8_matmuls_under_lora_then_compile_then_ddp(calls: list[str]) -> None:

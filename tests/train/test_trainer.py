@@ -31,8 +31,18 @@ def test_shards_are_the_size_these_tests_assume(tiny_frames):
 
 
 def tiny_config(shards: Path, out: Path, **kw) -> TrainConfig:
-    values = dict(model="tiny", shards=[str(shards)], frames=TINY_FRAMES, output_dir=str(out), num_workers=0,
-                  progress=False, report_to="none", checkpointing_steps=0, max_train_steps=3, shuffle_buffer=4)
+    values = dict(
+        model="tiny",
+        shards=[str(shards)],
+        frames=TINY_FRAMES,
+        output_dir=str(out),
+        num_workers=0,
+        progress=False,
+        report_to="none",
+        checkpointing_steps=0,
+        max_train_steps=3,
+        shuffle_buffer=4,
+    )
     return TrainConfig(**{**values, **kw})
 
 
@@ -55,7 +65,13 @@ def rewrite_shard(directory: Path, change) -> None:
 
 
 def test_lr_schedule_is_a_function_of_the_step():
-    assert [lr_factor(s, warmup=4, total=10, schedule="constant") for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1, 1, 1]
+    assert [lr_factor(s, warmup=4, total=10, schedule="constant") for s in (0, 1, 3, 4, 9)] == [
+        0.25,
+        0.5,
+        1,
+        1,
+        1,
+    ]
     cosine = [lr_factor(s, warmup=2, total=12, schedule="cosine") for s in range(13)]
     assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[-1] == 0.0
     assert all(a >= b for a, b in zip(cosine[2:], cosine[3:], strict=False))
@@ -73,7 +89,9 @@ class Oracle(torch.nn.Module):
         self.x0, self.sign, self.frame0 = x0, sign, frame0
         self.calls: list[dict] = []
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents):
+    def forward(
+        self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents
+    ):
         self.calls.append(dict(x_t=hidden_states.clone(), num_cond=num_cond_latents))
         s = (timestep / 1000).view(-1, 1, 1, 1, 1)
         eps = (hidden_states - (1 - s) * self.x0) / s
@@ -135,12 +153,23 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(tiny_shards, tmp_path):
     uninterrupted run exactly. Two loader workers (resuming at batch 9 rotates them), gradient
     accumulation, LoRA dropout (global RNG), caption dropout (noise generator + text encoder), warmup +
     cosine (schedule)."""
-    kw = dict(max_train_steps=7, checkpointing_steps=3, num_workers=2, lora_dropout=0.1, caption_dropout=0.3,
-              lr_scheduler="cosine", lr_warmup_steps=2, learning_rate=1e-3, gradient_accumulation_steps=3)
+    kw = dict(
+        max_train_steps=7,
+        checkpointing_steps=3,
+        num_workers=2,
+        lora_dropout=0.1,
+        caption_dropout=0.3,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        learning_rate=1e-3,
+        gradient_accumulation_steps=3,
+    )
     full = train(tiny_config(tiny_shards, tmp_path / "full", **kw))
 
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000003", resumed_dir / "checkpoints" / "step-0000003")
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "step-0000003", resumed_dir / "checkpoints" / "step-0000003"
+    )
     resumed = train(tiny_config(tiny_shards, resumed_dir, resume="latest", **kw))
 
     assert sorted(resumed.losses) == [4, 5, 6, 7]
@@ -162,25 +191,62 @@ def test_text_embeddings_encoded_when_the_shards_have_none(shard_copy, tmp_path)
 
 
 def test_validation_runs_through_the_sampler(tiny_shards, tmp_path):
-    cfg = tiny_config(tiny_shards, tmp_path, max_train_steps=2, validation_source=str(tiny_shards),
-                      validation_limit=1, validation_every=1, validation_frames=5, validation_inference_steps=2,
-                      validation_area="64x64")
+    cfg = tiny_config(
+        tiny_shards,
+        tmp_path,
+        max_train_steps=2,
+        validation_source=str(tiny_shards),
+        validation_limit=1,
+        validation_every=1,
+        validation_frames=5,
+        validation_inference_steps=2,
+        validation_area="64x64",
+    )
     train(cfg)
     videos = sorted(p.relative_to(tmp_path).parts[1] for p in (tmp_path / "validation").rglob("*.mp4"))
     assert "step_000001" in videos and "step_000002" in videos
 
 
 def test_simpletuner_config_trains_from_the_cli(tiny_shards, tmp_path):
-    backends = [{"id": "clips", "type": "local", "dataset_type": "video", "is_i2v": True,
-                 "instance_data_dir": str(tiny_shards), "cache_dir_vae": "/unused"}]
+    backends = [
+        {
+            "id": "clips",
+            "type": "local",
+            "dataset_type": "video",
+            "is_i2v": True,
+            "instance_data_dir": str(tiny_shards),
+            "cache_dir_vae": "/unused",
+        }
+    ]
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "--model_family": "longcat_video", "--model_type": "lora", "--lora_rank": 4, "--learning_rate": 1e-4,
-        "--max_train_steps": 2, "--output_dir": str(tmp_path / "out"), "--train_batch_size": 1,
-        "--data_backend_config": "multidatabackend.json", "--report_to": "none",
-    }))
-    code = train_main(["--config", str(tmp_path / "config.json"), "--model", "tiny", "--frames", str(TINY_FRAMES),
-                       "--num-workers", "0", "--no-progress"])
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "--model_family": "longcat_video",
+                "--model_type": "lora",
+                "--lora_rank": 4,
+                "--learning_rate": 1e-4,
+                "--max_train_steps": 2,
+                "--output_dir": str(tmp_path / "out"),
+                "--train_batch_size": 1,
+                "--data_backend_config": "multidatabackend.json",
+                "--report_to": "none",
+            }
+        )
+    )
+    code = train_main(
+        [
+            "--config",
+            str(tmp_path / "config.json"),
+            "--model",
+            "tiny",
+            "--frames",
+            str(TINY_FRAMES),
+            "--num-workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert saved["lora_rank"] == 4 and saved["shards"] == [str(tiny_shards)] and saved["max_train_steps"] == 2
@@ -217,9 +283,24 @@ def test_non_finite_loss_skips_the_update_and_training_goes_on(shard_copy, tmp_p
 
 def test_user_errors_are_one_line(tiny_shards, shard_copy, tmp_path, capsys):
     def run(*args: str) -> str:
-        code = train_main(["--model", "tiny", "--frames", str(TINY_FRAMES), "--output-dir", str(tmp_path / "o"),
-                           "--num-workers", "0", "--no-progress", "--report-to", "none", "--max-train-steps", "1",
-                           *args])
+        code = train_main(
+            [
+                "--model",
+                "tiny",
+                "--frames",
+                str(TINY_FRAMES),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--num-workers",
+                "0",
+                "--no-progress",
+                "--report-to",
+                "none",
+                "--max-train-steps",
+                "1",
+                *args,
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
         return err[0]
@@ -253,11 +334,37 @@ def test_sample_from_other_encoders_is_refused_without_a_manifest(shard_copy, tm
 
 def torchrun(shards: Path, out: Path, *args: str) -> list[dict]:
     """Two CPU processes on gloo through torchrun (on a free port); returns rank 0's metrics lines."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "longcat_train.cli", "--model", "tiny", "--shards", str(shards), "--frames", str(TINY_FRAMES),
-           "--output-dir", str(out), "--max-train-steps", "3", "--num-workers", "1", "--no-progress",
-           "--checkpointing-steps", "2", "--report-to", "none", *args]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "longcat_train.cli",
+        "--model",
+        "tiny",
+        "--shards",
+        str(shards),
+        "--frames",
+        str(TINY_FRAMES),
+        "--output-dir",
+        str(out),
+        "--max-train-steps",
+        "3",
+        "--num-workers",
+        "1",
+        "--no-progress",
+        "--checkpointing-steps",
+        "2",
+        "--report-to",
+        "none",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -270,7 +377,9 @@ def test_ddp_two_processes_on_gloo_and_exact_resume(tiny_shards, tmp_path):
     assert state["world_size"] == 2 and state["samples"] == 6 and state["batches"] == 3
     assert (final / "rng-rank00001.pt").is_file() and (tmp_path / "ddp" / "lora.safetensors").is_file()
 
-    shutil.copytree(tmp_path / "ddp" / "checkpoints" / "step-0000002", tmp_path / "again" / "checkpoints" / "step-0000002")
+    shutil.copytree(
+        tmp_path / "ddp" / "checkpoints" / "step-0000002", tmp_path / "again" / "checkpoints" / "step-0000002"
+    )
     resumed = torchrun(tiny_shards, tmp_path / "again", "--resume")
     assert [(s["step"], s["loss"]) for s in resumed] == [(3, steps[2]["loss"])]
 
@@ -287,10 +396,21 @@ def test_small_gpu_options_train_the_same_adapter(tiny_shards, tmp_path):
     """Block swap, activation offload and feed-forward chunks move and regroup work, not the math: the
     same steps give the same losses (up to matmul rounding) as the plain run."""
     plain = train(tiny_config(tiny_shards, tmp_path / "plain", max_train_steps=3))
-    small = train(tiny_config(tiny_shards, tmp_path / "small", max_train_steps=3, block_swap=1,
-                              offload_activations=True, feed_forward_chunks=2, gradient_checkpointing="full"))
+    small = train(
+        tiny_config(
+            tiny_shards,
+            tmp_path / "small",
+            max_train_steps=3,
+            block_swap=1,
+            offload_activations=True,
+            feed_forward_chunks=2,
+            gradient_checkpointing="full",
+        )
+    )
     assert small.losses.keys() == plain.losses.keys() == {1, 2, 3}
-    assert torch.allclose(torch.tensor(list(small.losses.values())), torch.tensor(list(plain.losses.values())), rtol=1e-5)
+    assert torch.allclose(
+        torch.tensor(list(small.losses.values())), torch.tensor(list(plain.losses.values())), rtol=1e-5
+    )
 
 
 def test_activation_offload_with_compile_is_refused(tiny_shards, tmp_path):
@@ -328,10 +448,14 @@ def test_compile_tune_reaches_torch_compile(tiny_shards, tmp_path, monkeypatch):
     assert seen == [{"fullgraph": True, "options": {"coordinate_descent_tuning": True}}]
 
 
-@pytest.mark.parametrize("command, flag", [("train_main", "--fp8-matmuls"), ("sample_main", "--lora-strength")])
+@pytest.mark.parametrize(
+    "command, flag", [("train_main", "--fp8-matmuls"), ("sample_main", "--lora-strength")]
+)
 def test_help_answers_without_importing_the_model_stack(command, flag):
-    code = (f"import sys\nfrom longcat_train.cli import {command}\ntry:\n    {command}(['--help'])\n"
-            "except SystemExit:\n    pass\nprint(sorted(m for m in ('diffusers', 'peft', 'torchao') if m in sys.modules))")
+    code = (
+        f"import sys\nfrom longcat_train.cli import {command}\ntry:\n    {command}(['--help'])\n"
+        "except SystemExit:\n    pass\nprint(sorted(m for m in ('diffusers', 'peft', 'torchao') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert flag in proc.stdout and proc.stdout.strip().endswith("[]")

@@ -39,7 +39,11 @@ def test_validation_pairs_from_eval_shards(tmp_path, make_image) -> None:
         for i in range(3):
             image = np.roll(make_image(64, 64), i, axis=0)
             latents = torch.zeros(16, 3, 8, 8)
-            tar.write(ShardSample(f"clip{i}", latents, latents[:, :1], image, f"caption {i}", {"fps": 15}).to_members())
+            tar.write(
+                ShardSample(
+                    f"clip{i}", latents, latents[:, :1], image, f"caption {i}", {"fps": 15}
+                ).to_members()
+            )
     pairs = load_validation_pairs(str(tmp_path), limit=2)
     assert [(p.key, p.prompt) for p in pairs] == [("clip0", "caption 0"), ("clip1", "caption 1")]
     np.testing.assert_array_equal(pairs[1].image, np.roll(make_image(64, 64), 1, axis=0))
@@ -55,7 +59,9 @@ def test_contact_sheet_layout(make_image) -> None:
 # ---------------------------------------------------------------- sampling the pairs
 
 
-def test_run_validation_writes_videos_sheets_and_tensorboard(tiny: dict, tmp_path, make_image, monkeypatch) -> None:
+def test_run_validation_writes_videos_sheets_and_tensorboard(
+    tiny: dict, tmp_path, make_image, monkeypatch
+) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     from longcat_train.loading import tiny_dit
@@ -109,9 +115,17 @@ def test_sharded_models_do_not_use_the_base_cache(tiny: dict, tmp_path, make_ima
         embeds = {"a cat": tiny["prompt"], "": tiny["negative"]}
         for step in (1, 2):
             run_validation(
-                model, tiny["vae"], pairs, embeds, step=step, output_dir=tmp_path, frames=5, steps=1, area=(64, 64),
+                model,
+                tiny["vae"],
+                pairs,
+                embeds,
+                step=step,
+                output_dir=tmp_path,
+                frames=5,
+                steps=1,
+                area=(64, 64),
                 sharded=parallel.is_fsdp(model),
-            )  # fmt: skip
+            )
         assert len(calls) == 4
     finally:
         dist.destroy_process_group()

@@ -67,7 +67,13 @@ def running(app) -> Iterator[str]:
 
 @pytest.fixture
 def server(tmp_path) -> Iterator[str]:
-    app = create_app(fake_generate, output_dir=tmp_path / "videos", loras=["style.safetensors"], max_upload_mb=0.25, area=AREA)
+    app = create_app(
+        fake_generate,
+        output_dir=tmp_path / "videos",
+        loras=["style.safetensors"],
+        max_upload_mb=0.25,
+        area=AREA,
+    )
     with running(app) as url:
         yield url
 
@@ -86,12 +92,16 @@ def post(url: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]]) 
     boundary = uuid.uuid4().hex
     parts = []
     for name, value in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
     for name, (filename, data) in files.items():
         head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
         parts.append(head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n")
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    req = urllib.request.Request(
+        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, json.load(response)
@@ -116,10 +126,14 @@ def wait_done(url: str, job_id: str) -> dict:
 
 def test_jobs_run_one_at_a_time_and_serve_an_mp4(server: str) -> None:
     image = {"image": ("start.png", png_bytes(256, 256))}
-    status, first = post(f"{server}/api/jobs", {"prompt": "a cat walks", "steps": "20", "frames": "10"}, image)
+    status, first = post(
+        f"{server}/api/jobs", {"prompt": "a cat walks", "steps": "20", "frames": "10"}, image
+    )
     assert status == 202, first
     assert first["note"] == "frames must be 4k+1: using 9"
-    _, second = post(f"{server}/api/jobs", {"prompt": "a dog runs", "steps": "3", "lora": "style.safetensors"}, image)
+    _, second = post(
+        f"{server}/api/jobs", {"prompt": "a dog runs", "steps": "3", "lora": "style.safetensors"}, image
+    )
     # The second waits behind the first (queued or running, never both running).
     assert get_json(f"{server}/api/jobs/{second['id']}")["state"] == "queued"
     assert second["position"] == 1
@@ -149,8 +163,18 @@ def test_a_failed_generation_reports_and_the_queue_goes_on(server: str) -> None:
         ({"prompt": "x"}, {"image": ("tiny.png", png_bytes(40, 40))}, 400, "too small"),
         ({"prompt": "x"}, {"image": ("strip.png", png_bytes(100, 2000))}, 400, "extreme aspect ratio"),
         ({"prompt": "  "}, {"image": ("a.png", png_bytes(256, 256))}, 400, "type a prompt"),
-        ({"prompt": "x", "steps": "many"}, {"image": ("a.png", png_bytes(256, 256))}, 400, "steps must be a number"),
-        ({"prompt": "x", "steps": "0"}, {"image": ("a.png", png_bytes(256, 256))}, 400, "steps must be between"),
+        (
+            {"prompt": "x", "steps": "many"},
+            {"image": ("a.png", png_bytes(256, 256))},
+            400,
+            "steps must be a number",
+        ),
+        (
+            {"prompt": "x", "steps": "0"},
+            {"image": ("a.png", png_bytes(256, 256))},
+            400,
+            "steps must be between",
+        ),
         ({"prompt": "x", "lora": "other"}, {"image": ("a.png", png_bytes(256, 256))}, 400, "unknown LoRA"),
     ],
 )
@@ -181,7 +205,9 @@ CHROMIUM_FLAGS = [
 
 @pytest.fixture
 def browser_page(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+    )
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium on PATH (apt-get install chromium)")
@@ -236,7 +262,9 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
     assert page.locator(".job a[download]").count() == 1
     # The browser loads the MP4's metadata: it is a video it can read, of the bucket's size.
     page.wait_for_function("document.querySelector('.job video').readyState >= 1", timeout=20_000)
-    size = page.evaluate("[document.querySelector('.job video').videoWidth, document.querySelector('.job video').videoHeight]")
+    size = page.evaluate(
+        "[document.querySelector('.job video').videoWidth, document.querySelector('.job video').videoHeight]"
+    )
     assert size == [256, 256]
     page.screenshot(path=str(tmp_path / "preview.png"), full_page=True)
     assert (tmp_path / "preview.png").stat().st_size > 10_000
@@ -249,7 +277,9 @@ def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None
 
     config = SampleConfig(model="tiny", area=(64, 64), frames=5, steps=2, lora=[lora_path])
     generate = sampler_generate(Sampler("tiny", device="cpu"), config)
-    app = create_app(generate, output_dir=tmp_path / "videos", loras=config.lora, area=config.area, frames=5, steps=2)
+    app = create_app(
+        generate, output_dir=tmp_path / "videos", loras=config.lora, area=config.area, frames=5, steps=2
+    )
     with running(app) as url:
         fields = {"prompt": "a cat walks", "lora": lora_path, "lora_strength": "0.8"}
         status, job = post(f"{url}/api/jobs", fields, {"image": ("start.png", png_bytes(64, 64))})
