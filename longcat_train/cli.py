@@ -11,10 +11,20 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
-from longcat_data.flags import add_flags, parse
-from longcat_train.config import SampleConfig, TrainConfig, load_config
+from longcat_data.flags import add_flags, from_dict, parse, read_config_file
+from longcat_train.config import SampleConfig, TrainConfig
+from longcat_train.simpletuner import from_simpletuner, is_simpletuner
 from longcat_train.techniques import check_techniques
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """``--config``: our TOML/JSON config, or a SimpleTuner config.json (detected by its keys)."""
+    values = read_config_file(path)
+    if is_simpletuner(values):
+        return TrainConfig(**from_simpletuner(values, base_dir=Path(path).parent))
+    return from_dict(TrainConfig, values, str(path))
 
 
 def train_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:

@@ -4,8 +4,9 @@ import logging
 import pytest
 
 from longcat_train import config as C
-from longcat_train.cli import parse_train_args
+from longcat_train.cli import load_config, parse_train_args
 from longcat_train.config import ConfigError, TrainConfig
+from longcat_train.simpletuner import from_simpletuner
 from longcat_train.techniques import check_techniques
 
 # The seed's LongCat-Video I2V quickstart: config.json plus multidatabackend.json, verbatim values.
@@ -79,7 +80,7 @@ def test_seed_simpletuner_import(tmp_path, caplog):
     }
     (tmp_path / "config.json").write_text(json.dumps(values))
     with caplog.at_level(logging.INFO):
-        cfg = C.load_config(tmp_path / "config.json")
+        cfg = load_config(tmp_path / "config.json")
     assert cfg.shards == ["/data/video-clips"] and cfg.i2v
     assert (cfg.lora_rank, cfg.learning_rate, cfg.train_batch_size, cfg.gradient_checkpointing) == (
         8,
@@ -101,7 +102,7 @@ def test_seed_simpletuner_import(tmp_path, caplog):
 
 def test_simpletuner_ignored_keys_are_named(caplog):
     with caplog.at_level(logging.WARNING):
-        out = C.from_simpletuner(
+        out = from_simpletuner(
             {
                 "--model_family": "longcat_video",
                 "--lora_rank": "16",
@@ -126,7 +127,7 @@ def test_simpletuner_eval_dataset_and_hub_dataset(tmp_path):
         {"id": "val", "type": "local", "dataset_type": "video", "instance_data_dir": "/data/val"},
     ]
     (tmp_path / "db.json").write_text(json.dumps(backends))
-    out = C.from_simpletuner(
+    out = from_simpletuner(
         {
             "model_family": "longcat_video",
             "data_backend_config": str(tmp_path / "db.json"),
@@ -138,11 +139,11 @@ def test_simpletuner_eval_dataset_and_hub_dataset(tmp_path):
 
 def test_simpletuner_refuses_other_models_and_full_finetune(tmp_path):
     with pytest.raises(ConfigError, match="longcat_video only"):
-        C.from_simpletuner({"model_family": "flux"})
+        from_simpletuner({"model_family": "flux"})
     with pytest.raises(ConfigError, match="LoRA only"):
-        C.from_simpletuner({"model_family": "longcat_video", "model_type": "full"})
+        from_simpletuner({"model_family": "longcat_video", "model_type": "full"})
     with pytest.raises(ConfigError, match="not found"):
-        C.from_simpletuner(
+        from_simpletuner(
             {"model_family": "longcat_video", "data_backend_config": str(tmp_path / "nope.json")}
         )
 
@@ -181,9 +182,9 @@ def test_toml_and_cli_overrides(tmp_path):
 def test_unknown_key_suggests_the_right_one(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"lora_rnak": 4}))
     with pytest.raises(ConfigError, match="did you mean lora_rank"):
-        C.load_config(tmp_path / "c.json")
+        load_config(tmp_path / "c.json")
     with pytest.raises(ConfigError, match="does not exist"):
-        C.load_config(tmp_path / "missing.toml")
+        load_config(tmp_path / "missing.toml")
 
 
 @pytest.mark.parametrize(
@@ -216,4 +217,4 @@ def test_resume_mismatch_names_the_trajectory_keys_only():
 def test_save_and_load_round_trip(tmp_path):
     cfg = TrainConfig(model="tiny", shards=["/a"], lora_rank=4)
     path = C.save_config(cfg, tmp_path / "train_config.json")
-    assert C.load_config(path) == cfg
+    assert load_config(path) == cfg
