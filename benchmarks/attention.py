@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from _shared import write_report  # benchmarks/_shared.py
 from longcat_kernels import block_selection, block_sparse_attention
 from longcat_kernels.block_sparse import (
     CONFIGS,
@@ -272,9 +273,7 @@ def main() -> None:
                     theirs_case[f"{key}_s"] / run[f"{key}_s"] for run in (mine, again)
                 ]
     report["summary"] = summary
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ reference, and float8 against bf16.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _synthetic import build_model, smooth_latents  # benchmarks/_synthetic.py
+from _shared import build_model, smooth_latents, write_report  # benchmarks/_shared.py
 
 from longcat_train import trainer
 from longcat_train.config import TrainConfig
@@ -107,10 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16": {"loss": bf16_loss, **agreement(bf16, reference)},
         "fp8_matmuls": {"loss": fp8_loss, **agreement(fp8, reference), "against_bf16": agreement(fp8, bf16)},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
     return report
 
 

@@ -26,7 +26,7 @@ Model: the full config with random bf16 weights (``--depth`` keeps the first N o
 Random weights are the harsher test: their attention is nearly uniform, so keeping 1/16 of the key blocks
 changes the output more than it does for the trained model, whose attention is peaked.
 Data: a temporary shard of ``--samples`` structured synthetic clips (smooth random latent fields, see
-``_synthetic.smooth_latents``; random umT5-sized text embeddings) at ``--size`` (default 480x832x93: 24
+``_shared.smooth_latents``; random umT5-sized text embeddings) at ``--size`` (default 480x832x93: 24
 latent frames of 60x104, 37,440 tokens), image-to-video, streamed through ``ShardStream`` + ``DataLoader``
 as ``longcat-train`` reads it. With a few clips repeated, the LoRA can fit them and the loss moves.
 
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import statistics
 import sys
@@ -60,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _synthetic import build_model, write_shard  # benchmarks/_synthetic.py
+from _shared import build_model, write_report, write_shard  # benchmarks/_shared.py
 
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
 from longcat_train import lora, trainer
@@ -492,9 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
         "path": str(args.out / "loss_curves.png"),
         "drawn_with": plot(args.out / "loss_curves.png", stats, ref["losses"], cand["losses"], (a, b), title),
     }
-    text = json.dumps(report, indent=2)
-    (args.out / "loss_curves.json").write_text(text + "\n")
-    print(text)
+    write_report(report, args.out / "loss_curves.json")
     return report
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _shared import write_report  # benchmarks/_shared.py
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -505,9 +506,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         bench_model(setup, report, args.compile)
     summarize(report)
-    if args.out:
-        args.out.write_text(json.dumps(report.data, indent=1))
-    print(json.dumps(report.data, indent=1))
+    write_report(report.data, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _synthetic import created_on  # benchmarks/_synthetic.py
+from _shared import created_on  # benchmarks/_shared.py
 from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 

@@ -12,7 +12,6 @@ to check the script itself.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import resource
@@ -20,7 +19,7 @@ import sys
 import time
 
 import torch
-from _synthetic import created_on  # benchmarks/_synthetic.py
+from _shared import created_on, write_report  # benchmarks/_shared.py
 from diffusers import AutoencoderKLWan
 
 from longcat_data.buckets import latent_frames
@@ -158,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    write_report(result, args.output)
     return 0
 
 

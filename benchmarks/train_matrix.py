@@ -113,7 +113,7 @@ def matrix(args: argparse.Namespace) -> list[Cell]:
 
 def build(cell: Cell, setup: Setup):
     """The model with its LoRA adapter, placed (swapped or not), and the AdamW over the adapter."""
-    from _synthetic import created_on  # benchmarks/_synthetic.py
+    from _shared import created_on  # benchmarks/_shared.py
 
     from longcat_train.config import DEFAULT_LORA_TARGETS
     from longcat_train.lora import apply_lora

@@ -25,7 +25,6 @@ where a step goes. Prints one JSON document (``--out`` also writes it).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from _synthetic import build_model, write_shard  # benchmarks/_synthetic.py
+from _shared import build_model, write_report, write_shard  # benchmarks/_shared.py
 
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
 from longcat_train import trainer
@@ -224,10 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     if naive is not None:
         report["naive"] = naive
         report["speedup"] = naive["step_seconds_mean"] / ours["step_seconds_mean"]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
     return report
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from longcat_data.captions import clean_caption
+from longcat_data.defaults import DEFAULT_MODEL, TEXT_MAX_LENGTH, TINY, TINY_SEED
 
 if TYPE_CHECKING:
     # diffusers and transformers are imported where a model is built: importing them takes seconds (and
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "meituan-longcat/LongCat-Video"
-TINY = "tiny"
-TINY_SEED = 0
-TEXT_MAX_LENGTH = 512
 
 # The 8x spatial / 4x temporal compression of the real Wan VAE with far fewer channels, so tests and the
 # demo run in seconds on a CPU while exercising the same class and the same causal first-frame handling.

@@ -1,6 +1,6 @@
 """Flow-matching math for LongCat-Video training: sigmas, noising, target, loss.
 
-Pure tensor functions, no model and no I/O. Conventions (see shared/docs/longcat-video.md):
+Pure tensor functions, no model and no I/O. Conventions (those of the official LongCat-Video code):
 ``x_t = (1 - s) * x0 + s * eps`` with sigma ``s`` in [0, 1], timestep ``1000 * s``, and the DiT's raw
 output is trained towards ``x0 - eps``. For image-to-video the first latent frame of ``x_t`` is the clean
 condition latent and is left out of the loss.

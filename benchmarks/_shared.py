@@ -2,11 +2,13 @@
 LoRA, and a shard of synthetic full-size samples in the layout ``longcat-prep shard`` writes (read back
 through ``ShardStream``).
 
-Imported as ``from _synthetic import ...``: ``python benchmarks/X.py`` puts ``benchmarks/`` on ``sys.path``.
+Imported as ``from _shared import ...``: ``python benchmarks/X.py`` puts ``benchmarks/`` on ``sys.path``.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,3 +101,13 @@ def write_shard(
             )
             tar.write(sample.to_members())
     return path
+
+
+def write_report(report: dict, out: str | Path | None = None) -> None:
+    """Print ``report`` as JSON on stdout and, with ``out``, write the same text there."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    sys.stdout.flush()
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
