@@ -438,12 +438,6 @@ class SampleConfig:
 
     @property
     def video_settings(self) -> VideoSettings:
-        """The settings of the videos this config asks for (video i of several prompts: seed + i)."""
-        return VideoSettings(
-            frames=self.frames,
-            steps=self.steps,
-            guidance=self.guidance,
-            shift=self.shift,
-            seed=self.seed,
-            area=self.area,
-        )
+        """The settings of the videos this config asks for (video i of several prompts: seed + i): the
+        flags of the same names."""
+        return VideoSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VideoSettings)})

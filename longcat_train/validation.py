@@ -11,7 +11,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,16 +163,22 @@ def run_validation(
     if use_cfg and negative is None:
         raise KeyError('validation embeds need the empty negative prompt "" when guidance > 1')
     has_adapter = hasattr(model, "disable_adapter")
+
+    def sample(pair: ValidationPair) -> np.ndarray:
+        prompt = [embeds[pair.prompt]]
+        return generate_videos(model, vae, pair.image, prompt, negative, settings, progress=False)[0]
+
     written: list[Path] = []
     with _eval_mode(model):
         for pair in pairs:
             if pair.prompt not in embeds:
                 raise KeyError(f"validation embeds have no entry for the prompt of {pair.key!r}")
-            video = _sample(model, vae, pair, embeds, negative, settings)
+            video = sample(pair)
             written.append(write_mp4(video, step_dir / f"{pair.key}.mp4", fps=fps))
             rows = [("LoRA" if has_adapter else "model", video)]
             if has_adapter:
-                base = _base_video(model, vae, pair, embeds, negative, root, settings, fps, sharded=sharded)
+                cached = root / "base" / _base_name(pair, settings)
+                base = _base_video(model, pair, sample, cached, fps, sharded=sharded)
                 rows.insert(0, ("base", base))
             sheet = contact_sheet(fit_start_image(pair.image, settings.area), rows)
             sheet_path = step_dir / f"{pair.key}_sheet.png"
@@ -185,43 +191,29 @@ def run_validation(
     return written
 
 
+def _base_name(pair: ValidationPair, settings: VideoSettings) -> str:
+    # The name carries everything the base video depends on, so a changed pair or setting resamples.
+    identity = hashlib.sha256(pair.image.tobytes() + repr((pair.image.shape, pair.prompt, settings)).encode())
+    return f"{pair.key}_{identity.hexdigest()[:12]}.mp4"
+
+
 def _base_video(
     model: nn.Module,
-    vae: nn.Module,
     pair: ValidationPair,
-    embeds: dict[str, torch.Tensor],
-    negative: torch.Tensor | None,
-    root: Path,
-    settings: VideoSettings,
+    sample: Callable[[ValidationPair], np.ndarray],
+    cached: Path,
     fps: int,
     *,
     sharded: bool,
 ) -> np.ndarray:
-    # The name carries everything the base video depends on, so a changed pair or setting resamples.
-    identity = hashlib.sha256(pair.image.tobytes() + repr((pair.image.shape, pair.prompt, settings)).encode())
-    name = f"{pair.key}_{identity.hexdigest()[:12]}.mp4"
-    cached = root / "base" / name
     # With FSDP every rank runs each forward together, but only rank 0 writes (and so finds) the cache;
     # sharded models therefore always sample, so all ranks make the same calls.
     if cached.is_file() and not sharded:
         return read_mp4(cached)
     with model.disable_adapter():
-        video = _sample(model, vae, pair, embeds, negative, settings)
+        video = sample(pair)
     write_mp4(video, cached, fps=fps)
     return video
-
-
-def _sample(
-    model: nn.Module,
-    vae: nn.Module,
-    pair: ValidationPair,
-    embeds: dict[str, torch.Tensor],
-    negative: torch.Tensor | None,
-    settings: VideoSettings,
-) -> np.ndarray:
-    return generate_videos(model, vae, pair.image, [embeds[pair.prompt]], negative, settings, progress=False)[
-        0
-    ]
 
 
 # ---------------------------------------------------------------- in the trainer

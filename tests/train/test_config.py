@@ -59,22 +59,12 @@ def test_defaults_follow_the_seed():
 
 
 def test_the_configs_name_their_video_settings():
-    cfg = TrainConfig(
-        validation_frames=9,
-        validation_inference_steps=3,
-        validation_guidance=1.5,
-        flow_schedule_shift=7.0,
-        validation_seed=4,
-        validation_area="64x96",
-    )
-    assert cfg.validation_settings == VideoSettings(
-        frames=9, steps=3, guidance=1.5, shift=7.0, seed=4, area=(64, 96)
-    )
+    cfg = TrainConfig(validation_frames=9, validation_inference_steps=3, validation_guidance=1.5)
+    cfg.flow_schedule_shift, cfg.validation_seed, cfg.validation_area = 7.0, 4, "64x96"
+    assert cfg.validation_settings == VideoSettings(9, 3, 1.5, 7.0, 4, (64, 96))
     assert SampleConfig().video_settings == VideoSettings()
     sample = SampleConfig(model="tiny", steps=2, guidance=1.0, shift=3.0, seed=5)
-    assert sample.video_settings == VideoSettings(
-        frames=17, steps=2, guidance=1.0, shift=3.0, seed=5, area=(192, 320)
-    )
+    assert sample.video_settings == VideoSettings(17, 2, 1.0, 3.0, 5, (192, 320))
 
 
 def test_every_field_has_help():
