@@ -37,12 +37,26 @@ from longcat_data.flags import (
 )
 from longcat_train.architecture import ATTENTION_BACKENDS, BLOCK_LINEARS, CHECKPOINT_MODES
 
-__all__ = ["ConfigError", "SampleConfig", "TrainConfig", "save_config"]
+__all__ = ["ConfigError", "SampleConfig", "TrainConfig", "VideoSettings", "save_config"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = BLOCK_LINEARS
 BASE_PRECISIONS = ("no_change", "bf16", "int8-quanto", "fp8-torchao")
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """What a sampled video depends on besides the model, the start image and the prompt: its length,
+    the Euler steps, the guidance scale, the sigma shift, the noise seed and the bucket area the start
+    image is fitted to. The same settings and inputs make the same frames."""
+
+    frames: int = DEFAULT_FRAMES
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    shift: float = DEFAULT_SHIFT
+    seed: int = 0
+    area: tuple[int, int] = DEFAULT_AREA
 
 
 @dataclass
@@ -286,6 +300,18 @@ class TrainConfig:
     def alpha(self) -> float:
         return self.lora_alpha or float(self.lora_rank)
 
+    @property
+    def validation_settings(self) -> VideoSettings:
+        """The settings every validation video is sampled with."""
+        return VideoSettings(
+            frames=self.validation_frames,
+            steps=self.validation_inference_steps,
+            guidance=self.validation_guidance,
+            shift=self.flow_schedule_shift,
+            seed=self.validation_seed,
+            area=parse_area(self.validation_area),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -409,3 +435,9 @@ class SampleConfig:
         self.area = parse_area(self.area)
         if self.frames is None:
             self.frames = default_frames(self.model)
+
+    @property
+    def video_settings(self) -> VideoSettings:
+        """The settings of the videos this config asks for (video i of several prompts: seed + i): the
+        flags of the same names."""
+        return VideoSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VideoSettings)})

@@ -16,18 +16,11 @@ import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 
-from longcat_data.defaults import (
-    DEFAULT_AREA,
-    DEFAULT_FRAMES,
-    DEFAULT_GUIDANCE,
-    DEFAULT_MODEL,
-    DEFAULT_SHIFT,
-    DEFAULT_STEPS,
-)
+from longcat_data.defaults import DEFAULT_MODEL
 from longcat_data.encode import default_dtype, encode_text, load_text_encoder, load_vae
 from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
-from longcat_train.config import SampleConfig
+from longcat_train.config import SampleConfig, VideoSettings
 from longcat_train.loading import load_dit
 from longcat_train.lora import ADAPTER as LORA_ADAPTER
 from longcat_train.lora import load_lora
@@ -147,22 +140,18 @@ class Sampler:
         self,
         image: np.ndarray,
         prompts: Sequence[str],
+        settings: VideoSettings,
         *,
-        frames: int = DEFAULT_FRAMES,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        shift: float = DEFAULT_SHIFT,
-        seed: int = 0,
-        area: tuple[int, int] = DEFAULT_AREA,
         negative_prompt: str = "",
         on_step: StepCallback | None = None,
         progress: bool = True,
     ) -> np.ndarray:
-        """uint8 [B, F, H, W, 3]: one video per prompt from the same start image; prompt i uses seed + i."""
+        """uint8 [B, F, H, W, 3]: one video per prompt from the same start image; prompt i uses
+        ``settings.seed + i``."""
         prompts = [p.strip() for p in prompts]
         if not prompts or not all(prompts):
             raise SampleInputError("the prompt is empty: describe what should happen in the video")
-        use_cfg = guidance > 1.0
+        use_cfg = settings.guidance > 1.0
         with self._visiting(self.text_encoder) as text_encoder:
             embeds = encode_text(
                 self.tokenizer, text_encoder, prompts + ([negative_prompt] if use_cfg else [])
@@ -176,12 +165,7 @@ class Sampler:
             image,
             embeds,
             negative,
-            frames=frames,
-            steps=steps,
-            guidance=guidance,
-            shift=shift,
-            seed=seed,
-            area=area,
+            settings,
             on_step=on_step,
             progress=progress,
             visiting=self._visiting,
@@ -240,12 +224,7 @@ def run_sample(config: SampleConfig) -> list[Path]:
     videos = sampler.generate(
         image,
         config.prompts,
-        frames=config.frames,
-        steps=config.steps,
-        guidance=config.guidance,
-        shift=config.shift,
-        seed=config.seed,
-        area=config.area,
+        config.video_settings,
         negative_prompt=config.negative_prompt,
     )
     written = []

@@ -34,9 +34,10 @@ from longcat_data.buckets import (
     latent_frames,
     make_buckets,
 )
-from longcat_data.defaults import DEFAULT_AREA, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS
+from longcat_data.defaults import DEFAULT_AREA, DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS
 from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
 from longcat_data.video import VideoError, read_image, resize_center_crop
+from longcat_train.config import VideoSettings
 
 log = logging.getLogger(__name__)
 
@@ -233,27 +234,22 @@ def generate_videos(
     image: np.ndarray,
     prompt_embeds: Sequence[torch.Tensor],
     negative_embeds: torch.Tensor | None,
+    settings: VideoSettings,
     *,
-    frames: int = DEFAULT_FRAMES,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    shift: float = DEFAULT_SHIFT,
-    seed: int = 0,
-    area: tuple[int, int] = DEFAULT_AREA,
     on_step: StepCallback | None = None,
     progress: bool = True,
     visiting: Visiting = nullcontext,
     tiled_decode: bool = False,
 ) -> np.ndarray:
     """uint8 [B, F, H, W, 3]: one video per prompt embedding from the same start image (any size;
-    fitted to its bucket); video i uses seed + i.
+    fitted to its bucket of ``settings.area``); video i uses ``settings.seed + i``.
 
     ``prompt_embeds``: B embeddings [L_i, D]; ``negative_embeds`` [L, D], the empty prompt's, when
-    guidance > 1. ``visiting(vae)`` holds the VAE where it runs while it encodes and decodes (the
+    ``settings.guidance`` > 1. ``visiting(vae)`` holds the VAE where it runs while it encodes and decodes (the
     sampler's offload brings it onto the GPU only then). ``tiled_decode`` decodes in spatial tiles.
     """
-    frames = round_frames(frames)
-    start = fit_start_image(image, area)
+    frames = round_frames(settings.frames)
+    start = fit_start_image(image, settings.area)
     batch = len(prompt_embeds)
     with visiting(vae) as on_device:
         cond = encode_image(on_device, start[None]).expand(batch, -1, -1, -1, -1)
@@ -263,10 +259,10 @@ def generate_videos(
         prompt_embeds,
         negative_embeds,
         frames=frames,
-        steps=steps,
-        guidance=guidance,
-        shift=shift,
-        seeds=[seed + i for i in range(batch)],
+        steps=settings.steps,
+        guidance=settings.guidance,
+        shift=settings.shift,
+        seeds=[settings.seed + i for i in range(batch)],
         on_step=on_step,
         progress=progress,
     )

@@ -11,7 +11,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,21 +22,13 @@ from PIL import Image, ImageDraw
 from torch import nn
 from webdataset.handlers import reraise_exception
 
-from longcat_data.defaults import (
-    DEFAULT_AREA,
-    DEFAULT_FPS,
-    DEFAULT_FRAMES,
-    DEFAULT_GUIDANCE,
-    DEFAULT_SHIFT,
-    DEFAULT_STEPS,
-)
+from longcat_data.defaults import DEFAULT_FPS
 from longcat_data.encode import load_vae
-from longcat_data.flags import parse_area
 from longcat_data.shards import CAPTION, COND_IMAGE
 from longcat_data.stream import TextCache, expand_shard_spec, read_tars
 from longcat_data.video import IMAGE_EXTENSIONS, read_mp4, write_mp4
 from longcat_train import parallel
-from longcat_train.config import TrainConfig
+from longcat_train.config import TrainConfig, VideoSettings
 from longcat_train.parallel import Dist
 from longcat_train.sampling import SampleInputError, fit_start_image, generate_videos, read_start_image
 
@@ -147,21 +139,17 @@ def run_validation(
     vae: nn.Module,
     pairs: Sequence[ValidationPair],
     embeds: dict[str, torch.Tensor],
+    settings: VideoSettings,
     *,
     step: int,
     output_dir: str | Path,
-    frames: int = DEFAULT_FRAMES,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int = 0,
     tb_writer: object | None = None,
-    shift: float = DEFAULT_SHIFT,
-    area: tuple[int, int] = DEFAULT_AREA,
     fps: int = DEFAULT_FPS,
     sharded: bool = False,
 ) -> list[Path]:
-    """Sample every pair with the model as it is (LoRA on) and, where the model carries a peft adapter,
-    with the adapter off; write ``validation/step_NNNNNN/<key>.mp4`` and ``<key>_sheet.png``.
+    """Sample every pair with ``settings``, with the model as it is (LoRA on) and, where the model
+    carries a peft adapter, with the adapter off; write ``validation/step_NNNNNN/<key>.mp4`` and
+    ``<key>_sheet.png``.
 
     ``embeds`` maps each prompt, and ``""`` (the negative prompt) when guidance > 1, to its [L, D]
     embedding. Base-model videos do not change during training, so each is sampled once and kept in
@@ -170,25 +158,29 @@ def run_validation(
     """
     root = Path(output_dir) / "validation"
     step_dir = root / f"step_{step:06d}"
-    negative = embeds.get("") if guidance > 1.0 else None
-    if guidance > 1.0 and negative is None:
+    use_cfg = settings.guidance > 1.0
+    negative = embeds.get("") if use_cfg else None
+    if use_cfg and negative is None:
         raise KeyError('validation embeds need the empty negative prompt "" when guidance > 1')
-    settings = dict(
-        frames=frames, steps=steps, guidance=guidance, shift=shift, seed=seed, area=area, progress=False
-    )
     has_adapter = hasattr(model, "disable_adapter")
+
+    def sample(pair: ValidationPair) -> np.ndarray:
+        prompt = [embeds[pair.prompt]]
+        return generate_videos(model, vae, pair.image, prompt, negative, settings, progress=False)[0]
+
     written: list[Path] = []
     with _eval_mode(model):
         for pair in pairs:
             if pair.prompt not in embeds:
                 raise KeyError(f"validation embeds have no entry for the prompt of {pair.key!r}")
-            video = generate_videos(model, vae, pair.image, [embeds[pair.prompt]], negative, **settings)[0]
+            video = sample(pair)
             written.append(write_mp4(video, step_dir / f"{pair.key}.mp4", fps=fps))
             rows = [("LoRA" if has_adapter else "model", video)]
             if has_adapter:
-                base = _base_video(model, vae, pair, embeds, negative, root, settings, fps, sharded=sharded)
+                cached = root / "base" / _base_name(pair, settings)
+                base = _base_video(model, pair, sample, cached, fps, sharded=sharded)
                 rows.insert(0, ("base", base))
-            sheet = contact_sheet(fit_start_image(pair.image, area), rows)
+            sheet = contact_sheet(fit_start_image(pair.image, settings.area), rows)
             sheet_path = step_dir / f"{pair.key}_sheet.png"
             Image.fromarray(sheet).save(sheet_path)
             written.append(sheet_path)
@@ -199,30 +191,27 @@ def run_validation(
     return written
 
 
+def _base_name(pair: ValidationPair, settings: VideoSettings) -> str:
+    # The name carries everything the base video depends on, so a changed pair or setting resamples.
+    identity = hashlib.sha256(pair.image.tobytes() + repr((pair.image.shape, pair.prompt, settings)).encode())
+    return f"{pair.key}_{identity.hexdigest()[:12]}.mp4"
+
+
 def _base_video(
     model: nn.Module,
-    vae: nn.Module,
     pair: ValidationPair,
-    embeds: dict[str, torch.Tensor],
-    negative: torch.Tensor | None,
-    root: Path,
-    settings: dict,
+    sample: Callable[[ValidationPair], np.ndarray],
+    cached: Path,
     fps: int,
     *,
     sharded: bool,
 ) -> np.ndarray:
-    # The name carries everything the base video depends on, so a changed pair or setting resamples.
-    identity = hashlib.sha256(
-        pair.image.tobytes() + repr((pair.image.shape, pair.prompt, sorted(settings.items()))).encode()
-    )
-    name = f"{pair.key}_{identity.hexdigest()[:12]}.mp4"
-    cached = root / "base" / name
     # With FSDP every rank runs each forward together, but only rank 0 writes (and so finds) the cache;
     # sharded models therefore always sample, so all ranks make the same calls.
     if cached.is_file() and not sharded:
         return read_mp4(cached)
     with model.disable_adapter():
-        video = generate_videos(model, vae, pair.image, [embeds[pair.prompt]], negative, **settings)[0]
+        video = sample(pair)
     write_mp4(video, cached, fps=fps)
     return video
 
@@ -260,7 +249,6 @@ class Validation:
             if self.vae is None:
                 self.vae = load_vae(self.cfg.model, device=self.d.device, dtype=self.dtype)
             embeds = {p: text[p] for p in self.prompts}
-            h, w = parse_area(self.cfg.validation_area)
             out = self.cfg.output_dir if self.d.main else tempfile.mkdtemp(prefix="longcat-val-")
             # Sampling must not move the training RNG, or a changed validation cadence would change training.
             with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
@@ -269,15 +257,10 @@ class Validation:
                     self.vae,
                     self.pairs,
                     embeds,
+                    self.cfg.validation_settings,
                     step=step,
                     output_dir=out,
-                    frames=self.cfg.validation_frames,
-                    steps=self.cfg.validation_inference_steps,
-                    guidance=self.cfg.validation_guidance,
-                    seed=self.cfg.validation_seed,
                     tb_writer=tb_writer if self.d.main else None,
-                    shift=self.cfg.flow_schedule_shift,
-                    area=(h, w),
                     sharded=sharded,
                 )
             if not self.d.main:

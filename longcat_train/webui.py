@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from longcat_data.defaults import DEFAULT_AREA, DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_STEPS
+from longcat_data.defaults import DEFAULT_FPS
 from longcat_data.video import write_mp4
-from longcat_train.config import SampleConfig
+from longcat_train.config import SampleConfig, VideoSettings
 from longcat_train.sampler import Sampler, check_sample_config
 from longcat_train.sampling import (
     SampleInputError,
@@ -187,17 +187,16 @@ def create_app(
     output_dir: str | Path,
     loras: list[str] | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-    area: tuple[int, int] = DEFAULT_AREA,
-    frames: int = DEFAULT_FRAMES,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
+    defaults: VideoSettings = VideoSettings(),
     fps: int = DEFAULT_FPS,
 ) -> Starlette:
-    """The preview app. ``loras`` are the names offered in the page's LoRA menu (besides none)."""
+    """The preview app. ``loras`` are the names offered in the page's LoRA menu (besides none).
+    ``defaults``: the area start images are fitted to, and the frames, steps and guidance a job asks
+    for unless the page says otherwise."""
     jobs = JobQueue(generate, Path(output_dir), fps=fps)
     lora_names = list(loras or [])
     max_bytes = int(max_upload_mb * 1024 * 1024)
-    defaults = dict(frames=frames, steps=steps, guidance=guidance)
+    area = defaults.area
 
     async def page(request: Request) -> Response:
         options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>' for n in lora_names)
@@ -205,9 +204,10 @@ def create_app(
             PAGE.replace("{{LORA_OPTIONS}}", options)
             .replace("{{MAX_MB}}", f"{max_upload_mb:g}")
             .replace("{{AREA}}", f"{area[0]}x{area[1]}")
+            .replace("{{FRAMES}}", str(defaults.frames))
+            .replace("{{STEPS}}", str(defaults.steps))
+            .replace("{{GUIDANCE}}", f"{defaults.guidance:g}")
         )
-        for key, value in defaults.items():
-            body = body.replace("{{" + key.upper() + "}}", f"{value:g}")
         return HTMLResponse(body)
 
     async def submit(request: Request) -> Response:
@@ -238,7 +238,7 @@ def create_app(
             lora = str(form.get("lora") or "") or None
             if lora is not None and lora not in lora_names:
                 raise HTTPException(400, f"unknown LoRA {lora!r}")
-            wanted_frames = _field(form, "frames", int, 5, MAX_FRAMES, frames)
+            wanted_frames = _field(form, "frames", int, 5, MAX_FRAMES, defaults.frames)
             try:
                 image = fit_start_image(read_start_image(data, name=upload.filename), area)
             except SampleInputError as err:
@@ -248,10 +248,10 @@ def create_app(
                 prompt=prompt,
                 lora=lora,
                 lora_strength=_field(form, "lora_strength", float, -4.0, 4.0, 1.0),
-                steps=_field(form, "steps", int, 1, MAX_STEPS, steps),
+                steps=_field(form, "steps", int, 1, MAX_STEPS, defaults.steps),
                 seed=_field(form, "seed", int, 0, 2**63 - 1, 0),
                 frames=round_frames(wanted_frames),
-                guidance=_field(form, "guidance", float, 0.0, 20.0, guidance),
+                guidance=_field(form, "guidance", float, 0.0, 20.0, defaults.guidance),
             )
         job = jobs.submit(request_)
         payload = _job_json(jobs, job)
@@ -301,15 +301,18 @@ def sampler_generate(sampler: Sampler, config: SampleConfig) -> GenerateFn:
 
     def generate(request: GenerationRequest, on_step: StepCallback) -> np.ndarray:
         sampler.use_lora(request.lora, request.lora_strength)
-        videos = sampler.generate(
-            request.image,
-            [request.prompt],
+        # The page asks for these per job; the shift and the area are the command's.
+        settings = replace(
+            config.video_settings,
             frames=request.frames,
             steps=request.steps,
             guidance=request.guidance,
-            shift=config.shift,
             seed=request.seed,
-            area=config.area,
+        )
+        videos = sampler.generate(
+            request.image,
+            [request.prompt],
+            settings,
             negative_prompt=config.negative_prompt,
             on_step=on_step,
         )
@@ -327,10 +330,7 @@ def serve_sampler(config: SampleConfig) -> None:
         output_dir=config.serve_dir,
         loras=config.lora,
         max_upload_mb=config.max_upload_mb,
-        area=config.area,
-        frames=config.frames,
-        steps=config.steps,
-        guidance=config.guidance,
+        defaults=config.video_settings,
         fps=config.fps,
     )
     log.info("preview page on http://%s:%d (videos in %s)", config.host, config.port, config.serve_dir)

@@ -5,7 +5,7 @@ import pytest
 
 from longcat_train import config as C
 from longcat_train.cli import load_config, parse_train_args
-from longcat_train.config import ConfigError, TrainConfig
+from longcat_train.config import ConfigError, SampleConfig, TrainConfig, VideoSettings
 from longcat_train.simpletuner import from_simpletuner
 from longcat_train.techniques import check_techniques
 
@@ -56,6 +56,15 @@ def test_defaults_follow_the_seed():
     assert (cfg.frames, cfg.flow_schedule_shift, cfg.validation_area) == (93, 12.0, "480x832")
     assert cfg.gradient_checkpointing != "none" and cfg.i2v
     assert cfg.lora_targets == list(C.DEFAULT_LORA_TARGETS)
+
+
+def test_the_configs_name_their_video_settings():
+    cfg = TrainConfig(validation_frames=9, validation_inference_steps=3, validation_guidance=1.5)
+    cfg.flow_schedule_shift, cfg.validation_seed, cfg.validation_area = 7.0, 4, "64x96"
+    assert cfg.validation_settings == VideoSettings(9, 3, 1.5, 7.0, 4, (64, 96))
+    assert SampleConfig().video_settings == VideoSettings()
+    sample = SampleConfig(model="tiny", steps=2, guidance=1.0, shift=3.0, seed=5)
+    assert sample.video_settings == VideoSettings(17, 2, 1.0, 3.0, 5, (192, 320))
 
 
 def test_every_field_has_help():

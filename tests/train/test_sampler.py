@@ -12,6 +12,7 @@ from PIL import Image
 from longcat_data.video import read_mp4
 from longcat_train import sampler as sampler_module
 from longcat_train import sampling, validation
+from longcat_train.config import VideoSettings
 from longcat_train.sampler import Sampler
 from longcat_train.sampling import SampleInputError, denoise
 
@@ -90,12 +91,11 @@ def test_lora_of_another_model_is_refused(tmp_path) -> None:
 
 def test_sampler_makes_one_video_per_prompt(make_image) -> None:
     sampler = Sampler("tiny", device="cpu")
-    videos = sampler.generate(
-        make_image(64, 64), ["a cat", "a dog"], frames=5, steps=2, area=(64, 64), progress=False
-    )
+    settings = VideoSettings(frames=5, steps=2, area=(64, 64))
+    videos = sampler.generate(make_image(64, 64), ["a cat", "a dog"], settings, progress=False)
     assert videos.shape == (2, 5, 64, 64, 3)
     with pytest.raises(SampleInputError, match="prompt is empty"):
-        sampler.generate(make_image(64, 64), ["  "], frames=5, steps=2, area=(64, 64))
+        sampler.generate(make_image(64, 64), ["  "], settings)
 
 
 def test_the_sampler_and_validation_sample_through_generate_videos(tmp_path, make_image, monkeypatch) -> None:
@@ -110,15 +110,14 @@ def test_the_sampler_and_validation_sample_through_generate_videos(tmp_path, mak
     monkeypatch.setattr(sampler_module, "generate_videos", recording)
     monkeypatch.setattr(validation, "generate_videos", recording)
     sampler = Sampler("tiny", device="cpu")
-    prompt, image, settings = "a cat walks", make_image(64, 64), dict(frames=5, steps=2, area=(64, 64))
-    video = sampler.generate(image, [prompt], progress=False, **settings)[0]
+    prompt, image = "a cat walks", make_image(64, 64)
+    settings = VideoSettings(frames=5, steps=2, area=(64, 64))
+    video = sampler.generate(image, [prompt], settings, progress=False)[0]
     embeds = dict(
         zip([prompt, ""], encode_text(sampler.tokenizer, sampler.text_encoder, [prompt, ""]), strict=True)
     )
     pairs = [validation.ValidationPair("cat", image, prompt)]
-    validation.run_validation(
-        sampler.dit, sampler.vae, pairs, embeds, step=1, output_dir=tmp_path, **settings
-    )
+    validation.run_validation(sampler.dit, sampler.vae, pairs, embeds, settings, step=1, output_dir=tmp_path)
     assert len(made) == 2  # one call from each
     np.testing.assert_array_equal(made[1][0], video)  # the same inputs make the same frames either way
 

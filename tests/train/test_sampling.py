@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from longcat_train import sampling
+from longcat_train.config import VideoSettings
 from longcat_train.sampling import (
     SampleInputError,
     cfg_zero_star,
@@ -223,13 +225,25 @@ def test_tiny_condition_frame_equals_the_encoded_start_image(tiny: dict, make_im
 
 
 def test_tiny_generate_videos_is_a_video_of_the_bucket_size_set_by_the_seed(tiny: dict, make_image) -> None:
-    kwargs = dict(frames=5, steps=2, area=(64, 64), progress=False)
+    settings = VideoSettings(frames=5, steps=2, area=(64, 64))
     video = generate_videos(
-        tiny["model"], tiny["vae"], make_image(70, 70), [tiny["prompt"]], tiny["negative"], **kwargs
+        tiny["model"],
+        tiny["vae"],
+        make_image(70, 70),
+        [tiny["prompt"]],
+        tiny["negative"],
+        settings,
+        progress=False,
     )[0]
     assert video.shape == (5, 64, 64, 3) and video.dtype == np.uint8
     other = generate_videos(
-        tiny["model"], tiny["vae"], make_image(70, 70), [tiny["prompt"]], tiny["negative"], seed=1, **kwargs
+        tiny["model"],
+        tiny["vae"],
+        make_image(70, 70),
+        [tiny["prompt"]],
+        tiny["negative"],
+        replace(settings, seed=1),
+        progress=False,
     )[0]
     assert not np.array_equal(video, other)
 

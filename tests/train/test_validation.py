@@ -9,6 +9,7 @@ from PIL import Image
 
 from longcat_data.video import read_mp4
 from longcat_train import parallel, validation
+from longcat_train.config import VideoSettings
 from longcat_train.sampling import SampleInputError
 from longcat_train.validation import ValidationPair, contact_sheet, load_validation_pairs, run_validation
 
@@ -79,10 +80,14 @@ def test_run_validation_writes_videos_sheets_and_tensorboard(
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(validation, "generate_videos", counting)
-    settings = dict(output_dir=tmp_path, frames=5, steps=2, area=(64, 64))
+    settings = VideoSettings(frames=5, steps=2, area=(64, 64))
     with SummaryWriter(str(tmp_path / "tb")) as writer:
-        first = run_validation(model, tiny["vae"], pairs, embeds, step=10, tb_writer=writer, **settings)
-        second = run_validation(model, tiny["vae"], pairs, embeds, step=20, tb_writer=writer, **settings)
+        first = run_validation(
+            model, tiny["vae"], pairs, embeds, settings, step=10, output_dir=tmp_path, tb_writer=writer
+        )
+        second = run_validation(
+            model, tiny["vae"], pairs, embeds, settings, step=20, output_dir=tmp_path, tb_writer=writer
+        )
     step_dir = tmp_path / "validation" / "step_000010"
     assert first == [step_dir / "cat.mp4", step_dir / "cat_sheet.png"]
     assert [p.name for p in second] == ["cat.mp4", "cat_sheet.png"]
@@ -119,11 +124,9 @@ def test_sharded_models_do_not_use_the_base_cache(tiny: dict, tmp_path, make_ima
                 tiny["vae"],
                 pairs,
                 embeds,
+                VideoSettings(frames=5, steps=1, area=(64, 64)),
                 step=step,
                 output_dir=tmp_path,
-                frames=5,
-                steps=1,
-                area=(64, 64),
                 sharded=parallel.is_fsdp(model),
             )
         assert len(calls) == 4

@@ -22,6 +22,7 @@ from PIL import Image
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
+from longcat_train.config import VideoSettings  # noqa: E402
 from longcat_train.webui import GenerationRequest, create_app  # noqa: E402
 
 AREA = (256, 256)
@@ -72,7 +73,7 @@ def server(tmp_path) -> Iterator[str]:
         output_dir=tmp_path / "videos",
         loras=["style.safetensors"],
         max_upload_mb=0.25,
-        area=AREA,
+        defaults=VideoSettings(area=AREA),
     )
     with running(app) as url:
         yield url
@@ -278,7 +279,10 @@ def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None
     config = SampleConfig(model="tiny", area=(64, 64), frames=5, steps=2, lora=[lora_path])
     generate = sampler_generate(Sampler("tiny", device="cpu"), config)
     app = create_app(
-        generate, output_dir=tmp_path / "videos", loras=config.lora, area=config.area, frames=5, steps=2
+        generate,
+        output_dir=tmp_path / "videos",
+        loras=config.lora,
+        defaults=config.video_settings,
     )
     with running(app) as url:
         fields = {"prompt": "a cat walks", "lora": lora_path, "lora_strength": "0.8"}
