@@ -250,22 +250,13 @@ def plot(
     steps = np.arange(1, len(ref) + 1)
     a, b = labels
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=(2, 1))
-    top.plot(steps, ref, color="tab:blue", lw=0.8, alpha=0.5, label=a)
-    top.plot(steps, cand, color="tab:orange", lw=0.8, alpha=0.5, label=b)
-    top.plot(
-        steps,
-        stats["reference_moving_average"],
-        color="tab:blue",
-        lw=2.2,
-        label=f"{a}, {stats['window']}-step mean",
-    )
-    top.plot(
-        steps,
-        stats["candidate_moving_average"],
-        color="tab:orange",
-        lw=2.2,
-        label=f"{b}, {stats['window']}-step mean",
-    )
+    for losses, run, label, color in (
+        (ref, "reference", a, "tab:blue"),
+        (cand, "candidate", b, "tab:orange"),
+    ):
+        top.plot(steps, losses, color=color, lw=0.8, alpha=0.5, label=label)
+        mean = stats[f"{run}_moving_average"]
+        top.plot(steps, mean, color=color, lw=2.2, label=f"{label}, {stats['window']}-step mean")
     top.set_ylabel("loss")
     top.set_title(textwrap.fill(title, 110), fontsize=9)
     top.legend(fontsize=8)
