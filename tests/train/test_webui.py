@@ -274,18 +274,19 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
 def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None:
     from longcat_train.config import SampleConfig
     from longcat_train.sampler import Sampler
-    from longcat_train.webui import sampler_generate
+    from longcat_train.webui import lora_names, sampler_generate
 
     config = SampleConfig(model="tiny", area=(64, 64), frames=5, steps=2, lora=[lora_path])
-    generate = sampler_generate(Sampler("tiny", device="cpu"), config)
+    loras = lora_names(config.lora)
+    generate = sampler_generate(Sampler("tiny", device="cpu"), config, loras)
     app = create_app(
         generate,
         output_dir=tmp_path / "videos",
-        loras=config.lora,
+        loras=list(loras),
         defaults=config.video_settings,
     )
     with running(app) as url:
-        fields = {"prompt": "a cat walks", "lora": lora_path, "lora_strength": "0.8"}
+        fields = {"prompt": "a cat walks", "lora": "style", "lora_strength": "0.8"}
         status, job = post(f"{url}/api/jobs", fields, {"image": ("start.png", png_bytes(64, 64))})
         assert status == 202, job
         done = wait_done(url, job["id"])
