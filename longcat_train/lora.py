@@ -171,7 +171,7 @@ def check_lora_file(path: str | Path) -> None:
             ]
     except (SafetensorError, OSError) as err:
         raise ValueError(
-            f"{path}: not a safetensors file ({err}); LoRAs are read from .safetensors only "
+            f"{path}: not a safetensors file; LoRAs are read from .safetensors only "
             "(convert a .ckpt or .bin with safetensors.torch.save_file)"
         ) from err
     if not keys:

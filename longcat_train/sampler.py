@@ -259,7 +259,7 @@ def _check_address(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as err:
             raise SampleInputError(
-                f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); choose another --port or --host"
+                f"--host {host} --port {port}: cannot listen there ({err.strerror}); choose another --port or --host"
             ) from None
 
 

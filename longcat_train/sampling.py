@@ -106,6 +106,8 @@ def round_frames(frames: int) -> int:
 def read_start_image(source: str | Path | bytes, name: str = "upload") -> np.ndarray:
     """``read_image`` for the sampler: a start image (a file, or its bytes named ``name``) as uint8
     [H, W, 3] RGB, upright; a missing, unreadable or too large one is a SampleInputError."""
+    if not isinstance(source, bytes) and Path(source).is_dir():
+        raise SampleInputError(f"start image {source} is a folder; give an image file")
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise SampleInputError(f"start image not found: {source}")
     try:
