@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from longcat_data.buckets import MIN_FRAMES, MODEL_SIDE_MULTIPLE
 from longcat_data.defaults import (
     DEFAULT_AREA,
     DEFAULT_FPS,
@@ -372,7 +373,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
 # What one video may ask for, on the command line and on the preview page alike (inclusive): past these a
 # value is a typo, or a run that fails (out of memory, a seed that overflows) after the models loaded.
 SAMPLE_LIMITS: dict[str, tuple[float, float]] = {
-    "frames": (5, 257),
+    "frames": (MIN_FRAMES, 257),
     "steps": (1, 200),
     "guidance": (0.0, 20.0),
     "lora_strength": (-4.0, 4.0),
@@ -462,6 +463,11 @@ class SampleConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a positive number")
         if self.block_swap < 0:
             raise ConfigError(f"--block-swap {self.block_swap}: must be 0 (off) or more")
+        if any(side % MODEL_SIDE_MULTIPLE for side in self.area):
+            raise ConfigError(
+                f"--area {format_area(self.area)}: both sides must be multiples of {MODEL_SIDE_MULTIPLE}, "
+                "e.g. 480x832"
+            )
         for flag, text in [("--prompt", p) for p in self.prompts] + [
             ("--negative-prompt", self.negative_prompt)
         ]:

@@ -450,6 +450,9 @@ function show(text, kind) {
   message.className = text ? kind : "";
 }
 
+// A file the browser cannot show (a video, a bomb) hides the preview; the server says why on submit.
+preview.addEventListener("error", () => { preview.style.display = "none"; });
+
 imageInput.addEventListener("change", () => {
   const file = imageInput.files[0];
   if (file && file.type.startsWith("image/")) {

@@ -295,6 +295,7 @@ NOT_SAFETENSORS = (
             "--negative-prompt holds bytes that are not UTF-8 text; set a UTF-8 locale or type it again",
         ),
         ({"--device": "gpu0"}, "--device gpu0: not a device name (cpu, cuda, cuda:N)"),
+        ({"--size": "8x8"}, "--area 8x8: both sides must be multiples of 16, e.g. 480x832"),
     ],
 )
 def test_cli_refuses_before_any_model_loads(

@@ -467,7 +467,7 @@ def browser_page(tmp_path):
             context.close()
 
 
-def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: Path) -> None:
+def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: Path, huge_image) -> None:
     page = browser_page
     start = tmp_path / "start.png"
     start.write_bytes(png_bytes(256, 256))
@@ -492,6 +492,14 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
     page.wait_for_function("document.querySelector('#message').textContent.includes('limit')")
     assert "the limit is 0.25 MB" in page.inner_text("#message")
     page.screenshot(path=str(tmp_path / "refused.png"))
+    # And a decompression bomb: its one line, on the page.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(huge_image("PNG", 30000, 30000))
+    page.set_input_files("#image", str(bomb))
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#message').textContent.includes('megapixels')")
+    assert page.inner_text("#message") == BOMB
+    page.screenshot(path=str(tmp_path / "bomb-refused.png"))
 
     page.set_input_files("#image", str(start))
     page.fill("#steps", "5")
