@@ -234,14 +234,14 @@ def create_app(
     ``defaults``: the area start images are fitted to, and the frames, steps and guidance a job asks
     for unless the page says otherwise."""
     jobs = JobQueue(generate, Path(output_dir), fps=fps)
-    lora_names = list(loras or [])
+    offered = list(loras or [])
     max_bytes = int(max_upload_mb * 1024 * 1024)
     area = defaults.area
     per_job = {"lora_strength": 1.0, "steps": defaults.steps, "seed": 0, "guidance": defaults.guidance}
     decoding = anyio.CapacityLimiter(DECODE_THREADS)
 
     async def page(request: Request) -> Response:
-        options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>' for n in lora_names)
+        options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>' for n in offered)
         body = (
             PAGE.replace("{{LORA_OPTIONS}}", options)
             .replace("{{MAX_MB}}", f"{max_upload_mb:g}")
@@ -278,7 +278,7 @@ def create_app(
                     400, f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}"
                 )
             lora = str(form.get("lora") or "") or None
-            if lora is not None and lora not in lora_names:
+            if lora is not None and lora not in offered:
                 raise HTTPException(400, f"unknown LoRA {lora!r}: choose one the page offers")
             wanted_frames = _field(form, "frames", defaults.frames)
             settings = {name: _field(form, name, default) for name, default in per_job.items()}
