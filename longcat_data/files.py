@@ -1,6 +1,7 @@
 """Files written so that a reader, or a rerun after a crash, sees the old content or the new, never half.
 
 Prep's resume state, the manifest, caption sidecars and the dataset card all go through ``write_atomic``.
+``check_writable`` asks, before long work, whether its result could be written at all.
 """
 
 from __future__ import annotations
