@@ -1,12 +1,14 @@
 """Files written so that a reader, or a rerun after a crash, sees the old content or the new, never half.
 
 Prep's resume state, the manifest, caption sidecars and the dataset card all go through ``write_atomic``.
+``check_writable`` asks, before long work, whether its result could be written at all.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +34,45 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+
+
+class NotWritable(ValueError):
+    """A path a command would write but cannot; the message is one line saying what is in the way."""
+
+
+# Writers put a temporary name beside the file (".NAME.partial.mp4", ".NAME.1234.tmp"): this much longer.
+_TEMPORARY_NAME_MARGIN = 16
+
+
+def check_writable(path: str | Path, *, folder: bool = False) -> None:
+    """Raise NotWritable unless a file (``folder``: a folder of files) can be written at ``path`` now.
+
+    Nothing of the other kind may be there; the folders still missing must be creatable: the nearest
+    existing ancestor is a folder this process can create files in, and every name fits the file
+    system. Leaves nothing behind (a probe file is removed at once), so a command can ask before its
+    work instead of losing the result at the end.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise NotWritable(f"{path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise NotWritable(f"{path} is a folder, not a file")
+    existing = path if folder and path.is_dir() else path.parent
+    missing = [] if existing == path else [path.name]
+    while not existing.exists():
+        missing.append(existing.name)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotWritable(f"{existing} is a file, so no folder can be made in it")
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer: the common limit
+        name_max = 255
+    for name in missing:
+        if len(os.fsencode(name)) + _TEMPORARY_NAME_MARGIN > name_max:
+            raise NotWritable(f"the name {name[:40]}... is longer than {existing} allows ({name_max} bytes)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise NotWritable(f"cannot write in {existing} ({err.strerror or err})") from None

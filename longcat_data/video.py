@@ -22,12 +22,13 @@ import itertools
 import logging
 import math
 import statistics
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
-from typing import Literal, NamedTuple, TypeVar
+from typing import IO, Literal, NamedTuple, TypeVar
 
 import av
 import numpy as np
@@ -42,6 +43,12 @@ VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".gif"}
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# The formats read_image decodes (a JPEG may come out as its multi-picture variant, MPO). PIL reads many
+# more, some through outside programs (EPS runs Ghostscript), which an uploaded file must never reach.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# Decoded pixels a start image may have, checked from the header before decoding: a PNG of a few hundred
+# bytes can declare 30000x30000, gigabytes once decoded. 64 megapixels is 8000x8000, far above any area.
+MAX_IMAGE_PIXELS = 64_000_000
 
 # A timestamp gap this much wider or narrower than the typical one marks the file as variable rate.
 VFR_TOLERANCE = 0.1
@@ -67,6 +74,10 @@ class InputError(Exception):
 
 class VideoError(InputError):
     """A video or image file that cannot be read or used."""
+
+
+class ImageTooLarge(VideoError):
+    """An image whose header declares more than ``MAX_IMAGE_PIXELS``; refused before decoding."""
 
 
 class CropBox(NamedTuple):
@@ -243,14 +254,41 @@ def load_start_frame(image: str | Path, height: int, width: int) -> tuple[np.nda
 
 
 def read_image(source: str | Path | bytes, name: str = "image") -> np.ndarray:
-    """An image file (PNG, JPEG, WebP, ...), or its bytes, as uint8 [H, W, 3] RGB, upright (EXIF
-    orientation applied). ``name`` stands for bytes in the error: an upload's file name, a shard member."""
+    """A PNG, JPEG or WebP file, or its bytes, as uint8 [H, W, 3] RGB, upright (EXIF orientation
+    applied). ``name`` stands for bytes in the error: an upload's file name, a shard member. An image of
+    more than ``MAX_IMAGE_PIXELS`` is ImageTooLarge, known from its header before anything is decoded."""
     where = Path(name) if isinstance(source, bytes) else Path(source)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else where) as opened:
-            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
+        with io.BytesIO(source) if isinstance(source, bytes) else open(where, "rb") as fp:
+            width, height = _header_size(fp, where)
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageTooLarge(
+                    where,
+                    f"{width}x{height} is {width * height / 1e6:.1f} megapixels, more than the "
+                    f"{MAX_IMAGE_PIXELS / 1e6:g} a start image may have; resize it",
+                )
+            with Image.open(fp, formats=IMAGE_FORMATS) as opened:
+                return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    # Corrupt data surfaces from PIL's decoders as any of these, not only OSError.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError, struct.error) as err:
         raise VideoError(where, f"not a readable image ({err}); re-save it as PNG or JPEG") from err
+
+
+def _header_size(fp: IO[bytes], where: Path) -> tuple[int, int]:
+    """(width, height) as the image's header declares them, nothing decoded. ``Image.open`` would refuse
+    a size far above PIL's own limit without naming it (and only warn below that limit), so the plugins
+    of ``IMAGE_FORMATS`` read the header here, as ``Image.open`` does before its check."""
+    Image.init()
+    prefix = fp.read(16)
+    try:
+        for fmt in IMAGE_FORMATS:
+            factory, accept = Image.OPEN[fmt]
+            if accept is None or accept(prefix) is True:
+                fp.seek(0)
+                return factory(fp, where.name).size
+    finally:
+        fp.seek(0)
+    raise UnidentifiedImageError("not a PNG, JPEG or WebP file")
 
 
 # PyAV before 19 fails on non-UTF-8 metadata unless told to replace bad bytes; 19 removed the option.

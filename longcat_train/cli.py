@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from longcat_data.flags import add_flags, from_dict, parse, read_config_file
+from longcat_data.flags import ConfigError, add_flags, from_dict, parse, read_config_file
 from longcat_train.config import SampleConfig, TrainConfig
 from longcat_train.simpletuner import from_simpletuner, is_simpletuner
 from longcat_train.techniques import check_techniques
@@ -126,7 +126,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         else:
             for path in run_sample(config):
                 print(path)
-    except (SampleInputError, FileNotFoundError) as err:
+    except (SampleInputError, ConfigError, FileNotFoundError) as err:
         print(f"longcat-sample: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

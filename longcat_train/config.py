@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from longcat_data.buckets import MIN_FRAMES, MODEL_SIDE_MULTIPLE
 from longcat_data.defaults import (
     DEFAULT_AREA,
     DEFAULT_FPS,
@@ -368,6 +370,18 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
 
 # ---------------------------------------------------------------- the longcat-sample command
 
+# What one video may ask for, on the command line and on the preview page alike (inclusive): past these a
+# value is a typo, or a run that fails (out of memory, a seed that overflows) after the models loaded.
+SAMPLE_LIMITS: dict[str, tuple[float, float]] = {
+    "frames": (MIN_FRAMES, 257),
+    "steps": (1, 200),
+    "guidance": (0.0, 20.0),
+    "lora_strength": (-4.0, 4.0),
+    "seed": (0, 2**63 - 1),
+    "fps": (1, 240),
+    "port": (0, 65535),
+}
+
 
 @dataclass
 class SampleConfig:
@@ -435,6 +449,34 @@ class SampleConfig:
         self.area = parse_area(self.area)
         if self.frames is None:
             self.frames = default_frames(self.model)
+
+    def validate(self) -> None:
+        """Raise ConfigError, naming the flag, for values no video can use; files are the sampler's to check."""
+        check_choices(self)
+        for name, (low, high) in SAMPLE_LIMITS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:  # NaN fails too
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be between {low} and {high}")
+        for name in ("shift", "max_upload_mb"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a positive number")
+        if self.block_swap < 0:
+            raise ConfigError(f"--block-swap {self.block_swap}: must be 0 (off) or more")
+        if any(side % MODEL_SIDE_MULTIPLE for side in self.area):
+            raise ConfigError(
+                f"--area {format_area(self.area)}: both sides must be multiples of {MODEL_SIDE_MULTIPLE}, "
+                "e.g. 480x832"
+            )
+        for flag, text in [("--prompt", p) for p in self.prompts] + [
+            ("--negative-prompt", self.negative_prompt)
+        ]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(
+                    f"{flag} holds bytes that are not UTF-8 text; set a UTF-8 locale or type it again"
+                ) from None
 
     @property
     def video_settings(self) -> VideoSettings:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,6 +36,10 @@ OFFICIAL_PREFIX = "lora___lorahyphen___"
 OFFICIAL_HYPHEN = "___lorahyphen___"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry for the adapter config
 ADAPTER = "default"
+
+# The keys a LoRA file holds, after canonical_name (ours, diffusers, peft) or as written (official).
+_CANONICAL_KEY = re.compile(r"\.lora_[AB]\.weight$")
+_OFFICIAL_KEY = re.compile(r"\.(lora_down\.weight|lora_up\.weight|lora_up\.blocks\.\d+\.weight|alpha_scale)$")
 
 # Wrappers that prefix parameter names: DDP, torch.compile, peft's model and its adapter name.
 _WRAPPER_PARTS = re.compile(
@@ -155,21 +159,48 @@ def _save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str
     return path
 
 
+def check_lora_file(path: str | Path) -> None:
+    """Raise ValueError (one line naming the file) unless ``path`` is a safetensors file of LoRA
+    weights in either format. Reads the header alone, so a command can refuse a wrong file before any
+    model loads."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            flat = [
+                k for k in keys if not k.endswith(".alpha_scale") and len(f.get_slice(k).get_shape()) != 2
+            ]
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{path}: not a safetensors file; LoRAs are read from .safetensors only "
+            "(convert a .ckpt or .bin with safetensors.torch.save_file)"
+        ) from err
+    if not keys:
+        raise ValueError(f"{path}: holds no tensors, so no LoRA weights")
+    if any(k.startswith(OFFICIAL_PREFIX) for k in keys):
+        bad = [k for k in keys if not _OFFICIAL_KEY.search(k)]
+    else:
+        bad = [k for k in keys if not _CANONICAL_KEY.search(canonical_name(k.removeprefix(DIFFUSERS_PREFIX)))]
+    if bad:
+        raise ValueError(f"{path}: not a LoRA file (unexpected key {bad[0]})")
+    if flat:
+        raise ValueError(f"{path}: not a LoRA file ({flat[0]} is not a matrix)")
+
+
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Canonical weights and {r, lora_alpha, target_modules} from either file format (or a peft
     ``adapter_model.safetensors``). Official per-module ``alpha_scale`` is folded into lora_B, so the
     returned weights apply with scale alpha / r."""
+    check_lora_file(path)
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         raw = {k: f.get_tensor(k) for k in f.keys()}
     if any(k.startswith(OFFICIAL_PREFIX) for k in raw):
         return _from_official(raw, path)
     weights = {canonical_name(k.removeprefix(DIFFUSERS_PREFIX)): v for k, v in raw.items()}
-    bad = [k for k in weights if not re.search(r"\.lora_[AB]\.weight$", k)]
-    if bad:
-        raise ValueError(f"{path}: not a LoRA file (unexpected key {bad[0]})")
-    rank = next(v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight"))
-    settings = {"r": rank, "lora_alpha": float(rank)}
+    ranks = [v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight")]
+    if not ranks:
+        raise ValueError(f"{path}: no lora_A weights, so not a whole LoRA")
+    settings = {"r": ranks[0], "lora_alpha": float(ranks[0])}
     if METADATA_KEY in metadata:
         stored = json.loads(metadata[METADATA_KEY])
         settings.update({k.removeprefix(DIFFUSERS_PREFIX): v for k, v in stored.items()})
@@ -186,11 +217,15 @@ def _from_official(raw: dict[str, torch.Tensor], path: str | Path) -> tuple[dict
         if not key.endswith(".lora_down.weight"):
             continue
         name = key.removesuffix(".lora_down.weight")
+        if f"{name}.lora_up.weight" not in raw:
+            raise ValueError(f"{path}: {name} has lora_down but no lora_up weights")
         module = name.removeprefix(OFFICIAL_PREFIX).replace(OFFICIAL_HYPHEN, ".")
         scale = raw[f"{name}.alpha_scale"].float() if f"{name}.alpha_scale" in raw else torch.tensor(1.0)
         weights[f"{module}.lora_A.weight"] = value
         weights[f"{module}.lora_B.weight"] = (raw[f"{name}.lora_up.weight"].float() * scale).to(value.dtype)
         ranks.add(value.shape[0])
+    if not ranks:
+        raise ValueError(f"{path}: no lora_down weights, so not a whole LoRA")
     if len(ranks) != 1:
         raise ValueError(f"{path}: LoRA modules have different ranks {sorted(ranks)}")
     rank = ranks.pop()

@@ -8,6 +8,7 @@ sampling itself is ``sampling.generate_videos``, shared with the trainer's valid
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,12 +19,13 @@ from peft.tuners.lora import LoraLayer
 
 from longcat_data.defaults import DEFAULT_MODEL
 from longcat_data.encode import default_dtype, encode_text, load_text_encoder, load_vae
+from longcat_data.files import NotWritable, check_writable
 from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
 from longcat_train.config import SampleConfig, VideoSettings
 from longcat_train.loading import load_dit
 from longcat_train.lora import ADAPTER as LORA_ADAPTER
-from longcat_train.lora import load_lora
+from longcat_train.lora import check_lora_file, load_lora
 from longcat_train.offload import BlockSwap, apply_block_swap
 from longcat_train.sampling import (
     SampleInputError,
@@ -107,8 +109,7 @@ class Sampler:
         if path is None:
             return
         if self.lora is None:
-            if not Path(path).is_file():
-                raise SampleInputError(f"LoRA file not found: {path}")
+            check_lora(path)
             try:
                 self.dit = load_lora(self.dit, path).eval()
             except (ValueError, OSError) as err:
@@ -177,20 +178,21 @@ class Sampler:
 
 
 def check_sample_config(config: SampleConfig) -> np.ndarray | None:
-    """Refuse bad input before any model loads; returns the start image (None when serving)."""
+    """Refuse bad input before any model loads: values, the device, LoRA files, the start image, every
+    path the command writes; when serving, the page's folder and address. Returns the start image (None
+    when serving)."""
+    config.validate()
+    _check_device(config.device)
     for lora in config.lora:
-        if not Path(lora).is_file():
-            raise SampleInputError(f"LoRA file not found: {lora}")
-    if config.steps < 1:
-        raise SampleInputError(f"--steps must be at least 1, got {config.steps}")
+        check_lora(lora)
     config.frames = round_frames(config.frames)
-    if config.block_swap < 0:
-        raise SampleInputError(f"--block-swap must be >= 0, got {config.block_swap}")
     if config.serve:
         if config.block_swap and config.lora:
             raise SampleInputError(
                 "--serve with --block-swap cannot switch LoRAs (swapped weights are fixed)"
             )
+        _check_output("--serve-dir", config.serve_dir, folder=True)
+        _check_address(config.host, config.port)
         return None
     if len(config.lora) > 1:
         raise SampleInputError(
@@ -204,7 +206,61 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
         raise SampleInputError("--prompt is empty: describe what should happen in the video")
     if Path(config.output).suffix.lower() != ".mp4":
         raise SampleInputError(f"-o {config.output}: the output must be an .mp4 file")
+    for path in output_paths(config.output, len(config.prompts)):
+        _check_output("-o", path)
+        if config.gif:
+            _check_output("--gif", path.with_suffix(".gif"))
+        if config.save_frames:
+            _check_output("--save-frames", path.with_suffix(""), folder=True)
     return image
+
+
+def check_lora(path: str) -> None:
+    """A SampleInputError unless ``path`` is a LoRA safetensors file (its header alone is read)."""
+    if not Path(path).is_file():
+        raise SampleInputError(f"LoRA file not found: {path}")
+    try:
+        check_lora_file(path)
+    except ValueError as err:
+        raise SampleInputError(f"--lora {err}") from None
+
+
+def _check_output(flag: str, path: str | Path, *, folder: bool = False) -> None:
+    try:
+        check_writable(path, folder=folder)
+    except NotWritable as err:
+        raise SampleInputError(f"{flag} {path}: {err}; choose another path") from None
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise SampleInputError(f"--device {device}: not a device name (cpu, cuda, cuda:N)") from None
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise SampleInputError(
+            f"--device {device}: {visible or 'no'} CUDA GPU{'' if visible == 1 else 's'} visible; "
+            "use --device cpu or another GPU"
+        )
+
+
+def _check_address(host: str, port: int) -> None:
+    """The page's address must be free now, not found taken once the models have loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise SampleInputError(f"--host {host}: not an address of this machine ({err})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise SampleInputError(
+                f"--host {host} --port {port}: cannot listen there ({err.strerror}); choose another --port or --host"
+            ) from None
 
 
 def output_paths(output: str | Path, count: int) -> list[Path]:

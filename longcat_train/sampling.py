@@ -36,7 +36,7 @@ from longcat_data.buckets import (
 )
 from longcat_data.defaults import DEFAULT_AREA, DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS
 from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
-from longcat_data.video import VideoError, read_image, resize_center_crop
+from longcat_data.video import ImageTooLarge, VideoError, read_image, resize_center_crop
 from longcat_train.config import VideoSettings
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,15 @@ def round_frames(frames: int) -> int:
 
 def read_start_image(source: str | Path | bytes, name: str = "upload") -> np.ndarray:
     """``read_image`` for the sampler: a start image (a file, or its bytes named ``name``) as uint8
-    [H, W, 3] RGB, upright; a missing or unreadable one is a SampleInputError."""
+    [H, W, 3] RGB, upright; a missing, unreadable or too large one is a SampleInputError."""
+    if not isinstance(source, bytes) and Path(source).is_dir():
+        raise SampleInputError(f"start image {source} is a folder; give an image file")
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise SampleInputError(f"start image not found: {source}")
     try:
         return read_image(source, name)
+    except ImageTooLarge as err:
+        raise SampleInputError(str(err)) from err
     except VideoError as err:
         raise SampleInputError(
             f"{err.path} is not an image that can be read (PNG, JPEG or WebP expected)"

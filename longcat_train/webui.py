@@ -5,6 +5,10 @@ machines without network). Generation is slow and holds the GPU, so jobs go into
 worker thread, one at a time; the page polls the job's state. The app knows nothing about models: it
 calls a ``generate(request, on_step)`` function that returns the video frames, which makes the page
 testable with a stand-in and lets the CLI plug in the real sampler.
+
+Whoever reaches the page learns nothing of the server's files: LoRAs are offered by name (their paths
+stay in ``sampler_generate``), and every message the app sends has its absolute paths cut to their last
+part (``public_text``). An upload is decoded on a worker thread, so status polls keep answering.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import html
 import itertools
 import logging
 import queue
+import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import anyio
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
@@ -31,7 +37,7 @@ from starlette.routing import Route
 
 from longcat_data.defaults import DEFAULT_FPS
 from longcat_data.video import write_mp4
-from longcat_train.config import SampleConfig, VideoSettings
+from longcat_train.config import SAMPLE_LIMITS, SampleConfig, VideoSettings
 from longcat_train.sampler import Sampler, check_sample_config
 from longcat_train.sampling import (
     SampleInputError,
@@ -46,8 +52,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_MB = 20
 MAX_QUEUED = 16
 MAX_PROMPT_CHARS = 4000
-MAX_STEPS = 200
-MAX_FRAMES = 257
+# Uploads decoded at once: each may be a 64-megapixel image, hundreds of MB while it is fitted.
+DECODE_THREADS = 2
+
+# An absolute path (POSIX, home-relative or Windows) in a message, up to a space, quote or bracket.
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~/\\:])(?:~|[A-Za-z]:)?[\\/][^\s'"<>|,;()\[\]{}]+""")
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,7 @@ class JobQueue:
                 Exception
             ) as err:  # the page shows any failure; the worker must stay alive for the next job
                 log.exception("job %s failed", job.id)
-                job.error = str(err) or type(err).__name__
+                job.error = public_text(str(err) or type(err).__name__)
                 state = "error"
             job.seconds = time.monotonic() - started
             job.request = None
@@ -166,19 +175,50 @@ def _job_json(jobs: JobQueue, job: Job) -> dict:
     }
 
 
-def _field(form, name: str, cast: type, low: float, high: float, default: float | int | None = None):
+def public_text(text: str) -> str:
+    """``text`` with every absolute path cut to its last part, for a message that leaves the server."""
+    return _ABSOLUTE_PATH.sub(lambda m: re.split(r"[\\/]", m.group().rstrip("\\/"))[-1] or "/", text)
+
+
+def lora_names(paths: Sequence[str]) -> dict[str, str]:
+    """The page's name for each LoRA file -> its path: the file's stem; a stem already taken gets
+    ``-2``, ``-3``, ... in the order given. The same file given twice is offered once."""
+    names: dict[str, str] = {}
+    seen: set[Path] = set()
+    for path in paths:
+        if (real := Path(path).resolve()) in seen:
+            continue
+        seen.add(real)
+        stem = Path(path).stem or "lora"
+        name, n = stem, 1
+        while name in names:
+            n += 1
+            name = f"{stem}-{n}"
+        names[name] = path
+    return names
+
+
+def _field(form, name: str, default: float) -> float:
+    """A number of the form, within ``SAMPLE_LIMITS[name]`` (an int field where the limits are ints)."""
+    low, high = SAMPLE_LIMITS[name]
     raw = form.get(name)
     if raw is None or str(raw).strip() == "":
-        if default is None:
-            raise HTTPException(400, f"{name} is missing")
         return default
     try:
-        value = cast(str(raw).strip())
+        value = type(low)(str(raw).strip())
     except ValueError:
         raise HTTPException(400, f"{name} must be a number, got {str(raw)[:40]!r}") from None
     if not low <= value <= high:
-        raise HTTPException(400, f"{name} must be between {low:g} and {high:g}, got {value:g}")
+        raise HTTPException(400, f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _start_image(data: bytes, filename: str, area: tuple[int, int]) -> np.ndarray:
+    """An upload decoded and fitted to its bucket; runs on a worker thread (seconds for a large image)."""
+    try:
+        return fit_start_image(read_start_image(data, name=re.split(r"[\\/]", filename)[-1]), area)
+    except SampleInputError as err:
+        raise HTTPException(400, str(err)) from None
 
 
 def create_app(
@@ -194,12 +234,14 @@ def create_app(
     ``defaults``: the area start images are fitted to, and the frames, steps and guidance a job asks
     for unless the page says otherwise."""
     jobs = JobQueue(generate, Path(output_dir), fps=fps)
-    lora_names = list(loras or [])
+    offered = list(loras or [])
     max_bytes = int(max_upload_mb * 1024 * 1024)
     area = defaults.area
+    per_job = {"lora_strength": 1.0, "steps": defaults.steps, "seed": 0, "guidance": defaults.guidance}
+    decoding = anyio.CapacityLimiter(DECODE_THREADS)
 
     async def page(request: Request) -> Response:
-        options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>' for n in lora_names)
+        options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>' for n in offered)
         body = (
             PAGE.replace("{{LORA_OPTIONS}}", options)
             .replace("{{MAX_MB}}", f"{max_upload_mb:g}")
@@ -236,22 +278,15 @@ def create_app(
                     400, f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}"
                 )
             lora = str(form.get("lora") or "") or None
-            if lora is not None and lora not in lora_names:
-                raise HTTPException(400, f"unknown LoRA {lora!r}")
-            wanted_frames = _field(form, "frames", int, 5, MAX_FRAMES, defaults.frames)
-            try:
-                image = fit_start_image(read_start_image(data, name=upload.filename), area)
-            except SampleInputError as err:
-                raise HTTPException(400, str(err)) from None
+            if lora is not None and lora not in offered:
+                raise HTTPException(400, f"unknown LoRA {lora!r}: choose one the page offers")
+            wanted_frames = _field(form, "frames", defaults.frames)
+            settings = {name: _field(form, name, default) for name, default in per_job.items()}
+            image = await anyio.to_thread.run_sync(
+                _start_image, data, upload.filename, area, limiter=decoding
+            )
             request_ = GenerationRequest(
-                image=image,
-                prompt=prompt,
-                lora=lora,
-                lora_strength=_field(form, "lora_strength", float, -4.0, 4.0, 1.0),
-                steps=_field(form, "steps", int, 1, MAX_STEPS, defaults.steps),
-                seed=_field(form, "seed", int, 0, 2**63 - 1, 0),
-                frames=round_frames(wanted_frames),
-                guidance=_field(form, "guidance", float, 0.0, 20.0, defaults.guidance),
+                image=image, prompt=prompt, lora=lora, frames=round_frames(wanted_frames), **settings
             )
         job = jobs.submit(request_)
         payload = _job_json(jobs, job)
@@ -272,7 +307,7 @@ def create_app(
         return FileResponse(job.video, media_type="video/mp4", filename=job.video.name)
 
     async def error(request: Request, exc: HTTPException) -> Response:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": public_text(exc.detail)}, status_code=exc.status_code)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -296,11 +331,11 @@ def create_app(
     return app
 
 
-def sampler_generate(sampler: Sampler, config: SampleConfig) -> GenerateFn:
-    """The page's generate function on a loaded sampler; the page's LoRA names are ``config.lora`` paths."""
+def sampler_generate(sampler: Sampler, config: SampleConfig, loras: Mapping[str, str]) -> GenerateFn:
+    """The page's generate function on a loaded sampler; ``loras`` maps the page's LoRA names to files."""
 
     def generate(request: GenerationRequest, on_step: StepCallback) -> np.ndarray:
-        sampler.use_lora(request.lora, request.lora_strength)
+        sampler.use_lora(loras[request.lora] if request.lora else None, request.lora_strength)
         # The page asks for these per job; the shift and the area are the command's.
         settings = replace(
             config.video_settings,
@@ -325,10 +360,11 @@ def serve_sampler(config: SampleConfig) -> None:
     """``longcat-sample --serve``: load the models once, then serve the page until interrupted."""
     check_sample_config(config)
     sampler = Sampler.from_config(config)
+    loras = lora_names(config.lora)
     app = create_app(
-        sampler_generate(sampler, config),
+        sampler_generate(sampler, config, loras),
         output_dir=config.serve_dir,
-        loras=config.lora,
+        loras=list(loras),
         max_upload_mb=config.max_upload_mb,
         defaults=config.video_settings,
         fps=config.fps,
@@ -413,6 +449,9 @@ function show(text, kind) {
   message.textContent = text;
   message.className = text ? kind : "";
 }
+
+// A file the browser cannot show (a video, a bomb) hides the preview; the server says why on submit.
+preview.addEventListener("error", () => { preview.style.display = "none"; });
 
 imageInput.addEventListener("change", () => {
   const file = imageInput.files[0];

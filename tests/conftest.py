@@ -1,8 +1,12 @@
+import io
 import os
+import struct
+import zlib
 from collections.abc import Callable
 
 import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,3 +38,32 @@ def _gradient_image(h: int, w: int) -> np.ndarray:
 def make_image() -> Callable[[int, int], np.ndarray]:
     """``make_image(h, w)``: a smooth uint8 [h, w, 3] gradient, a test picture of any size."""
     return _gradient_image
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _jpeg_with_size(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(out, format="JPEG")
+    data = bytearray(out.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.fixture
+def huge_image() -> Callable[[str, int, int], bytes]:
+    """``huge_image(format, width, height)``: a small PNG or JPEG file whose header declares that size
+    (its pixel data is nowhere near: a decompression bomb, or just a broken file)."""
+    return lambda fmt, width, height: (_png_header_only if fmt == "PNG" else _jpeg_with_size)(width, height)

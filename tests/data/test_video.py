@@ -1,7 +1,9 @@
 import dataclasses
+import io
 import pickle
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import av
@@ -20,6 +22,7 @@ from longcat_data.demo import (
 )
 from longcat_data.video import (
     CropBox,
+    ImageTooLarge,
     VideoError,
     find_start_frame,
     load_start_frame,
@@ -380,3 +383,65 @@ def test_gif_and_frames(tmp_path: Path, make_image) -> None:
     with Image.open(gif) as image:
         assert image.n_frames == 5
     assert len(write_frames(video, tmp_path / "frames")) == 5
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize(
+    ("width", "height", "megapixels"),
+    [(30000, 30000, "900.0"), (10000, 10000, "100.0"), (8001, 8000, "64.0")],
+)
+def test_read_image_refuses_too_many_pixels_from_the_header(
+    tmp_path: Path, huge_image, fmt: str, width: int, height: int, megapixels: str
+) -> None:
+    data = huge_image(fmt, width, height)
+    assert len(data) < 1000
+    expected = (
+        f"bomb.png: {width}x{height} is {megapixels} megapixels, more than the 64 a start image may have; "
+        "resize it"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would be a second line
+        with pytest.raises(ImageTooLarge) as err:
+            read_image(data, name="bomb.png")
+        assert str(err.value) == expected
+        (tmp_path / "bomb.png").write_bytes(data)
+        with pytest.raises(ImageTooLarge) as err:
+            read_image(tmp_path / "bomb.png")
+        assert str(err.value) == expected.replace("bomb.png", str(tmp_path / "bomb.png"), 1)
+
+
+def test_read_image_at_the_pixel_cap_is_read_not_refused(huge_image) -> None:
+    # 8000x8000 is exactly the cap: the size passes and decoding starts (and fails: no pixel data).
+    with pytest.raises(VideoError) as err:
+        read_image(huge_image("PNG", 8000, 8000), name="edge.png")
+    assert not isinstance(err.value, ImageTooLarge)
+    assert str(err.value).startswith("edge.png: not a readable image")
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "EPS"])
+def test_read_image_decodes_png_jpeg_and_webp_only(fmt: str) -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(out, format=fmt)
+    with pytest.raises(VideoError) as err:
+        read_image(out.getvalue(), name=f"start.{fmt.lower()}")
+    assert str(err.value) == (
+        f"start.{fmt.lower()}: not a readable image (not a PNG, JPEG or WebP file); re-save it as PNG or JPEG"
+    )
+    for accepted in ("PNG", "JPEG", "WEBP"):
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8), (0, 0, 255)).save(out, format=accepted)
+        assert read_image(out.getvalue()).shape == (8, 8, 3)
+
+
+def test_read_image_turns_every_corruption_into_a_video_error() -> None:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 40, 3), np.uint8)).save(out, format="PNG")
+    good, rng = out.getvalue(), np.random.default_rng(1)
+    for _ in range(200):
+        broken = bytearray(good[: rng.integers(8, len(good))])
+        for position in rng.integers(0, len(broken), 3):
+            broken[position] = rng.integers(0, 256)
+        try:
+            read_image(bytes(broken), name="broken.png")
+        except VideoError as err:
+            assert str(err).startswith("broken.png: not a readable image") and "\n" not in str(err)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from longcat_train import lora
 from longcat_train.config import DEFAULT_LORA_TARGETS, ConfigError
@@ -122,6 +123,56 @@ def test_wrong_shapes_are_refused(tmp_path):
     narrower = lora.apply_lora(tiny(), rank=4, targets=["attn.qkv", "ffn.w1"])
     with pytest.raises(ValueError, match="missing"):
         lora.load_lora(narrower, path)
+
+
+NOT_SAFETENSORS = (
+    "not a safetensors file; LoRAs are read from .safetensors only "
+    "(convert a .ckpt or .bin with safetensors.torch.save_file)"
+)
+O_QKV = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        (
+            "style.ckpt",
+            lambda path: torch.save({"lora": torch.zeros(2, 2)}, path),
+            NOT_SAFETENSORS,
+        ),
+        (
+            "garbage.safetensors",
+            lambda path: path.write_bytes(b"\x00\x01 not a header"),
+            NOT_SAFETENSORS,
+        ),
+        ("empty.safetensors", lambda path: save_file({}, path), "holds no tensors, so no LoRA weights"),
+        (
+            "model.safetensors",
+            lambda path: save_file({"blocks.0.attn.qkv.weight": torch.zeros(4, 4)}, path),
+            "not a LoRA file (unexpected key blocks.0.attn.qkv.weight)",
+        ),
+        (
+            "flat.safetensors",
+            lambda path: save_file({"transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(4)}, path),
+            "not a LoRA file (transformer.blocks.0.attn.qkv.lora_A.weight is not a matrix)",
+        ),
+        (
+            "half.safetensors",
+            lambda path: save_file({f"{O_QKV}.lora_down.weight": torch.zeros(2, 128)}, path),
+            f"{O_QKV} has lora_down but no lora_up weights",
+        ),
+    ],
+)
+def test_files_that_are_not_loras_are_one_line_errors(tmp_path, name, content, reason):
+    path = tmp_path / name
+    content(path)
+    with pytest.raises(ValueError) as err:
+        lora.read_lora(path)
+    assert str(err.value) == f"{path}: {reason}"
+    if name != "half.safetensors":  # needs the tensors; the rest is known from the header alone
+        with pytest.raises(ValueError) as err:
+            lora.check_lora_file(path)
+        assert str(err.value) == f"{path}: {reason}"
 
 
 @pytest.mark.skipif(not OFFICIAL_LORA_UTILS.is_file(), reason="official LongCat-Video code not checked out")

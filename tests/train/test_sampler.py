@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +210,171 @@ def test_cli_bad_input_is_one_clear_line(
     err = capsys.readouterr().err.strip()
     assert err.startswith("longcat-sample: error: ") and message in err and "\n" not in err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def _read_only_folder(tmp_path) -> str:
+    """A folder this process cannot create files in: a 0o555 one, or for root (whom modes do not stop)
+    /sys, which refuses new files."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            return str(candidate)
+    pytest.skip("no folder here refuses new files")
+
+
+NOT_SAFETENSORS = (
+    "not a safetensors file; LoRAs are read from .safetensors only "
+    "(convert a .ckpt or .bin with safetensors.torch.save_file)"
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (
+            {"--image": "bomb.png"},
+            "bomb.png: 30000x30000 is 900.0 megapixels, more than the 64 a start image may have; resize it",
+        ),
+        ({"--image": "clip.mp4"}, "clip.mp4 is not an image that can be read (PNG, JPEG or WebP expected)"),
+        ({"--image": "."}, "start image . is a folder; give an image file"),
+        ({"--lora": "style.ckpt"}, f"--lora style.ckpt: {NOT_SAFETENSORS}"),
+        ({"--lora": "garbage.safetensors"}, f"--lora garbage.safetensors: {NOT_SAFETENSORS}"),
+        (
+            {"-o": "notes.txt/out.mp4"},
+            "-o notes.txt/out.mp4: notes.txt is a file, so no folder can be made in it; choose another path",
+        ),
+        (
+            {"-o": "notes.txt/new/out.mp4"},
+            "-o notes.txt/new/out.mp4: notes.txt is a file, so no folder can be made in it; choose another path",
+        ),
+        ({"-o": "taken.mp4"}, "-o taken.mp4: taken.mp4 is a folder, not a file; choose another path"),
+        (
+            {"-o": "READ_ONLY/out.mp4"},
+            "-o READ_ONLY/out.mp4: cannot write in READ_ONLY (Permission denied); choose another path",
+        ),
+        (
+            {"-o": "READ_ONLY/new/out.mp4"},
+            "-o READ_ONLY/new/out.mp4: cannot write in READ_ONLY (Permission denied); choose another path",
+        ),
+        (
+            {"-o": "x" * 250 + ".mp4"},
+            f"-o {'x' * 250}.mp4: the name {'x' * 40}... is longer than . allows (255 bytes); choose another path",
+        ),
+        (
+            {"--prompt": ["a cat", "a dog"], "-o": "pair.mp4"},
+            "-o pair_1.mp4: pair_1.mp4 is a folder, not a file; choose another path",
+        ),
+        (
+            {"--gif": None, "-o": "clip.mp4"},
+            "--gif clip.gif: clip.gif is a folder, not a file; choose another path",
+        ),
+        (
+            {"--save-frames": None, "-o": "notes.mp4"},
+            "--save-frames notes: notes is a file, not a folder; choose another path",
+        ),
+        ({"--guidance": "nan"}, "--guidance nan: must be between 0.0 and 20.0"),
+        ({"--lora-strength": "inf"}, "--lora-strength inf: must be between -4.0 and 4.0"),
+        ({"--shift": "inf"}, "--shift inf: must be a positive number"),
+        ({"--shift": "0"}, "--shift 0.0: must be a positive number"),
+        ({"--frames": "100001"}, "--frames 100001: must be between 5 and 257"),
+        ({"--steps": "0"}, "--steps 0: must be between 1 and 200"),
+        ({"--seed": str(2**64)}, f"--seed {2**64}: must be between 0 and {2**63 - 1}"),
+        ({"--fps": "0"}, "--fps 0: must be between 1 and 240"),
+        ({"--block-swap": "-1"}, "--block-swap -1: must be 0 (off) or more"),
+        (
+            {"--prompt": "a cat \udcff"},
+            "--prompt holds bytes that are not UTF-8 text; set a UTF-8 locale or type it again",
+        ),
+        (
+            {"--negative-prompt": "\udcfe"},
+            "--negative-prompt holds bytes that are not UTF-8 text; set a UTF-8 locale or type it again",
+        ),
+        ({"--device": "gpu0"}, "--device gpu0: not a device name (cpu, cuda, cuda:N)"),
+        ({"--size": "8x8"}, "--area 8x8: both sides must be multiples of 16, e.g. 480x832"),
+    ],
+)
+def test_cli_refuses_before_any_model_loads(
+    tmp_path, make_image, huge_image, monkeypatch, capsys, change: dict, error: str
+) -> None:
+    from safetensors.torch import save_file
+
+    from longcat_train.cli import sample_main
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the models were loaded before the input was checked")
+
+    monkeypatch.setattr(sampler_module.Sampler, "__init__", no_models)
+    monkeypatch.chdir(tmp_path)
+    _png(tmp_path / "start.png", make_image(192, 320))
+    (tmp_path / "bomb.png").write_bytes(huge_image("PNG", 30000, 30000))
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    torch.save({"lora": torch.zeros(2, 2)}, "style.ckpt")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    save_file({"transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(2, 128)}, "lora.safetensors")
+    (tmp_path / "notes.txt").write_text("a shopping list")
+    (tmp_path / "notes").write_text("a file where the frames folder would go")
+    for folder in ("taken.mp4", "pair_1.mp4", "clip.gif"):
+        (tmp_path / folder).mkdir()
+    read_only = _read_only_folder(tmp_path) if any("READ_ONLY" in str(v) for v in change.values()) else ""
+    args: dict = {"--model": "tiny", "--image": "start.png", "--prompt": "a cat walks", "-o": "out.mp4"}
+    args.update(
+        {k: v.replace("READ_ONLY", read_only) if isinstance(v, str) else v for k, v in change.items()}
+    )
+    argv = []
+    for flag, value in args.items():
+        for item in value if isinstance(value, list) else [value]:
+            argv += [flag] if item is None else [flag, item]
+    assert sample_main(argv) == 2
+    assert capsys.readouterr().err == f"longcat-sample: error: {error.replace('READ_ONLY', read_only)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".mp4", ".gif")) == [
+        "clip.gif",
+        "clip.mp4",
+        "pair_1.mp4",
+        "taken.mp4",
+    ]
+
+
+def test_serve_refuses_before_any_model_loads(tmp_path, monkeypatch, capsys) -> None:
+    from longcat_train.cli import sample_main
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("the models were loaded before the input was checked")
+
+    monkeypatch.setattr(sampler_module.Sampler, "__init__", no_models)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a shopping list")
+    (tmp_path / "style.bin").write_bytes(b"PK\x03\x04 a torch zip")
+    serve = ["--model", "tiny", "--serve", "--port", "0"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (
+                ["--serve-dir", "notes.txt"],
+                "--serve-dir notes.txt: notes.txt is a file, not a folder; choose another path",
+            ),
+            (
+                ["--serve-dir", "notes.txt/videos"],
+                "--serve-dir notes.txt/videos: notes.txt is a file, so no folder can be made in it; choose another path",
+            ),
+            (["--lora", "style.bin"], f"--lora style.bin: {NOT_SAFETENSORS}"),
+            (
+                ["--port", str(port)],
+                f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use); choose another --port or --host",
+            ),
+            (
+                ["--host", "203.0.113.7"],
+                "--host 203.0.113.7 --port 0: cannot listen there (Cannot assign requested address); choose another --port or --host",
+            ),
+            (["--max-upload-mb", "0"], "--max-upload-mb 0.0: must be a positive number"),
+        ]
+        for extra, error in cases:
+            assert sample_main(serve + extra) == 2, extra
+            assert capsys.readouterr().err == f"longcat-sample: error: {error}\n"
+    assert not (tmp_path / "longcat_previews").exists()

@@ -89,7 +89,7 @@ def lora_path(tmp_path_factory) -> str:
     return str(save_diffusers(lora_weights(model), path, adapter_settings(model)))
 
 
-def post(url: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[int, dict]:
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = []
     for name, value in fields.items():
@@ -99,15 +99,25 @@ def post(url: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]]) 
     for name, (filename, data) in files.items():
         head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
         parts.append(head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n")
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    req = urllib.request.Request(
-        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def fetch(
+    url: str, method: str = "GET", body: bytes | None = None, content_type: str = ""
+) -> tuple[int, str, bytes]:
+    """(status, headers, body) of any answer, errors included."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
-            return response.status, json.load(response)
+            return response.status, str(response.headers), response.read()
     except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+        return err.code, str(err.headers), err.read()
+
+
+def post(url: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[int, dict]:
+    status, _, body = fetch(url, "POST", *multipart(fields, files))
+    return status, json.loads(body)
 
 
 def get_json(url: str) -> dict:
@@ -191,6 +201,235 @@ def test_unknown_job_is_404(server: str) -> None:
     assert err.value.code == 404
 
 
+def mp4_bytes(tmp_path: Path) -> bytes:
+    from longcat_data.video import write_mp4
+
+    return write_mp4(np.zeros((5, 64, 64, 3), np.uint8), tmp_path / "clip.mp4").read_bytes()
+
+
+def pdf_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (300, 300), (200, 200, 200)).save(out, format="PDF")
+    return out.getvalue()
+
+
+BOMB = "bomb.png: 30000x30000 is 900.0 megapixels, more than the 64 a start image may have; resize it"
+
+
+@pytest.mark.parametrize(
+    ("fields", "upload", "error"),
+    [
+        ({}, "bomb", BOMB),
+        ({}, "windows path", BOMB),
+        ({}, "video", "clip.mp4 is not an image that can be read (PNG, JPEG or WebP expected)"),
+        ({}, "pdf", "report.pdf is not an image that can be read (PNG, JPEG or WebP expected)"),
+        ({"steps": "nan"}, "good", "steps must be a number, got 'nan'"),
+        ({"seed": "1e3"}, "good", "seed must be a number, got '1e3'"),
+        ({"seed": str(2**64)}, "good", f"seed must be between 0 and {2**63 - 1}, got {2**64}"),
+        ({"guidance": "nan"}, "good", "guidance must be between 0.0 and 20.0, got nan"),
+        ({"lora_strength": "-inf"}, "good", "lora_strength must be between -4.0 and 4.0, got -inf"),
+        ({"frames": "100001"}, "good", "frames must be between 5 and 257, got 100001"),
+        ({"frames": "9.5"}, "good", "frames must be a number, got '9.5'"),
+        (
+            {"lora": "/srv/loras/style.safetensors"},
+            "good",
+            "unknown LoRA 'style.safetensors': choose one the page offers",
+        ),
+    ],
+)
+def test_refused_uploads_and_fields_are_400_with_one_line(
+    server: str, huge_image, tmp_path: Path, fields: dict, upload: str, error: str
+) -> None:
+    files = {
+        "bomb": ("bomb.png", huge_image("PNG", 30000, 30000)),
+        "windows path": ("C:\\Users\\me\\bomb.png", huge_image("PNG", 30000, 30000)),
+        "video": ("clip.mp4", mp4_bytes(tmp_path)),
+        "pdf": ("report.pdf", pdf_bytes()),
+        "good": ("start.png", png_bytes(256, 256)),
+    }
+    status, body = post(f"{server}/api/jobs", {"prompt": "a cat walks", **fields}, {"image": files[upload]})
+    assert (status, body) == (400, {"error": error})
+
+
+def test_unknown_jobs_and_videos_are_404(server: str) -> None:
+    for path, error in [
+        ("/api/jobs/99999", "no such job"),
+        ("/api/jobs/not-a-job", "no such job"),
+        ("/videos/99999.mp4", "no such video"),
+        ("/videos/..%2F..%2Fetc%2Fpasswd.mp4", "Not Found"),
+        ("/nowhere", "Not Found"),
+    ]:
+        status, _, body = fetch(server + path)
+        assert (status, json.loads(body)) == (404, {"error": error}), path
+
+
+@contextmanager
+def held_generator(tmp_path: Path, **app_options) -> Iterator[tuple[str, threading.Event]]:
+    """A server whose generations wait for the event: jobs stay queued while a test looks."""
+    release = threading.Event()
+
+    def generate(request: GenerationRequest, on_step) -> np.ndarray:
+        release.wait(30)
+        return fake_generate(request, on_step)
+
+    app = create_app(
+        generate, output_dir=tmp_path / "videos", defaults=VideoSettings(area=AREA), **app_options
+    )
+    with running(app) as url:
+        try:
+            yield url, release
+        finally:
+            release.set()
+
+
+def test_concurrent_submissions_past_the_queue_limit_are_429(tmp_path: Path) -> None:
+    from longcat_train.webui import MAX_QUEUED
+
+    image = {"image": ("start.png", png_bytes(256, 256))}
+    with held_generator(tmp_path) as (url, _):
+        _, first = post(f"{url}/api/jobs", {"prompt": "first", "steps": "1"}, image)
+        deadline = time.monotonic() + 10
+        while get_json(f"{url}/api/jobs/{first['id']}")["state"] != "running":
+            assert time.monotonic() < deadline, "the first job never started"
+            time.sleep(0.02)
+        answers: list[tuple[int, dict]] = []
+        threads = [
+            threading.Thread(
+                target=lambda: answers.append(
+                    post(f"{url}/api/jobs", {"prompt": "more", "steps": "1"}, image)
+                )
+            )
+            for _ in range(MAX_QUEUED + 4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert sorted(status for status, _ in answers) == [202] * MAX_QUEUED + [429] * 4
+    refusals = {body["error"] for status, body in answers if status == 429}
+    assert refusals == {f"the queue is full ({MAX_QUEUED} videos waiting); try again later"}
+
+
+def test_an_upload_is_decoded_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from longcat_train import webui
+
+    decoding, finish = threading.Event(), threading.Event()
+    real = webui.read_start_image
+
+    def slow_decode(data: bytes, name: str) -> np.ndarray:
+        decoding.set()
+        finish.wait(10)  # a huge image's seconds of decoding
+        return real(data, name)
+
+    monkeypatch.setattr(webui, "read_start_image", slow_decode)
+    app = create_app(fake_generate, output_dir=tmp_path / "videos", defaults=VideoSettings(area=AREA))
+    with running(app) as url:
+        answer: list[tuple[int, dict]] = []
+        upload = threading.Thread(
+            target=lambda: answer.append(
+                post(
+                    f"{url}/api/jobs",
+                    {"prompt": "a cat", "steps": "1"},
+                    {"image": ("a.png", png_bytes(256, 256))},
+                )
+            )
+        )
+        upload.start()
+        assert decoding.wait(10)
+        # While that upload is decoded, the server answers others at once.
+        started = time.monotonic()
+        status, _, _ = fetch(f"{url}/")
+        poll, _, _ = fetch(f"{url}/api/jobs/00042")
+        assert (status, poll) == (200, 404) and time.monotonic() - started < 5
+        assert not answer  # the upload is still being decoded
+        finish.set()
+        upload.join(30)
+    assert answer[0][0] == 202
+
+
+def test_lora_names_are_stems_made_unique_in_order() -> None:
+    from longcat_train.webui import lora_names
+
+    paths = ["/a/style.safetensors", "/b/style.safetensors", "/c/style-2.safetensors", "/a/style.safetensors"]
+    assert lora_names(paths) == {
+        "style": "/a/style.safetensors",
+        "style-2": "/b/style.safetensors",
+        "style-2-2": "/c/style-2.safetensors",
+    }
+    assert lora_names(list(reversed(paths)))["style"] == "/a/style.safetensors"
+
+
+def test_no_answer_names_a_path_of_the_server(tmp_path: Path, lora_path: str) -> None:
+    """Every answer the app gives (page, submissions, polls, videos, errors) is free of server paths: LoRAs
+    by name, failures with their paths cut, however the failure arose."""
+    from longcat_train.config import SampleConfig
+    from longcat_train.sampler import check_lora
+    from longcat_train.webui import lora_names, sampler_generate
+
+    broken = tmp_path / "loras" / "broken.safetensors"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a safetensors file")
+
+    class StandInSampler:
+        """Checks the LoRA as the real one does, then slides the image."""
+
+        def use_lora(self, path: str | None, strength: float) -> None:
+            if path is not None:
+                check_lora(path)
+
+        def generate(self, image, prompts, settings, **kwargs) -> np.ndarray:
+            return fake_generate(
+                GenerationRequest(image, prompts[0], None, 1.0, 1, 0, 9, 1.0), lambda i, n: None
+            )[None]
+
+    loras = lora_names([lora_path, str(broken)])
+    config = SampleConfig(model="tiny", area=AREA, lora=list(loras.values()))
+    out = tmp_path / "videos"
+    out.mkdir()
+    (out / "longcat_00003.mp4").mkdir()  # the third video cannot be written: the OS error names both paths
+    app = create_app(
+        sampler_generate(StandInSampler(), config, loras),
+        output_dir=out,
+        loras=list(loras),
+        defaults=VideoSettings(area=AREA),
+    )
+    answers: list[tuple[int, str, bytes]] = []
+    image = {"image": ("start.png", png_bytes(256, 256))}
+    with running(app) as url:
+        answers.append(fetch(f"{url}/"))
+        jobs = []
+        for fields in ({"lora": "style"}, {"lora": "broken"}, {}, {"lora": "nothing"}, {"steps": "x"}):
+            answers.append(fetch(f"{url}/api/jobs", "POST", *multipart({"prompt": "a cat", **fields}, image)))
+            if answers[-1][0] == 202:
+                jobs.append(json.loads(answers[-1][2])["id"])
+        finished = [wait_done(url, job) for job in jobs]
+        for job in jobs:
+            answers.append(fetch(f"{url}/api/jobs/{job}"))
+            answers.append(fetch(f"{url}/videos/{job}.mp4"))
+        answers += [
+            fetch(f"{url}/api/jobs"),
+            fetch(f"{url}/", "POST", b"x", "text/plain"),
+            fetch(f"{url}/missing"),
+        ]
+    assert [job["state"] for job in finished] == ["done", "error", "error"]
+    assert finished[1]["error"] == f"--lora broken.safetensors: {NOT_SAFETENSORS}"
+    assert finished[2]["error"].startswith("[Errno 21] Is a directory: ")
+    assert (
+        '<option value="style">style</option><option value="broken">broken</option>' in answers[0][2].decode()
+    )
+    server_paths = {str(tmp_path), str(Path(lora_path).parent), str(Path.cwd()), str(Path.home()), "/tmp/"}
+    for status, headers, body in answers:
+        for text in (headers, body.decode("utf-8", "replace")):
+            assert not any(p in text for p in server_paths), (status, text[:300])
+        assert status < 500
+
+
+NOT_SAFETENSORS = (
+    "not a safetensors file; LoRAs are read from .safetensors only "
+    "(convert a .ckpt or .bin with safetensors.torch.save_file)"
+)
+
+
 # ---------------------------------------------------------------- the page in a real browser
 
 CHROMIUM_FLAGS = [
@@ -228,7 +467,7 @@ def browser_page(tmp_path):
             context.close()
 
 
-def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: Path) -> None:
+def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: Path, huge_image) -> None:
     page = browser_page
     start = tmp_path / "start.png"
     start.write_bytes(png_bytes(256, 256))
@@ -253,6 +492,14 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
     page.wait_for_function("document.querySelector('#message').textContent.includes('limit')")
     assert "the limit is 0.25 MB" in page.inner_text("#message")
     page.screenshot(path=str(tmp_path / "refused.png"))
+    # And a decompression bomb: its one line, on the page.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(huge_image("PNG", 30000, 30000))
+    page.set_input_files("#image", str(bomb))
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#message').textContent.includes('megapixels')")
+    assert page.inner_text("#message") == BOMB
+    page.screenshot(path=str(tmp_path / "bomb-refused.png"))
 
     page.set_input_files("#image", str(start))
     page.fill("#steps", "5")
@@ -274,18 +521,19 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
 def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None:
     from longcat_train.config import SampleConfig
     from longcat_train.sampler import Sampler
-    from longcat_train.webui import sampler_generate
+    from longcat_train.webui import lora_names, sampler_generate
 
     config = SampleConfig(model="tiny", area=(64, 64), frames=5, steps=2, lora=[lora_path])
-    generate = sampler_generate(Sampler("tiny", device="cpu"), config)
+    loras = lora_names(config.lora)
+    generate = sampler_generate(Sampler("tiny", device="cpu"), config, loras)
     app = create_app(
         generate,
         output_dir=tmp_path / "videos",
-        loras=config.lora,
+        loras=list(loras),
         defaults=config.video_settings,
     )
     with running(app) as url:
-        fields = {"prompt": "a cat walks", "lora": lora_path, "lora_strength": "0.8"}
+        fields = {"prompt": "a cat walks", "lora": "style", "lora_strength": "0.8"}
         status, job = post(f"{url}/api/jobs", fields, {"image": ("start.png", png_bytes(64, 64))})
         assert status == 202, job
         done = wait_done(url, job["id"])
