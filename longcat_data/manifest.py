@@ -197,7 +197,7 @@ def manifest_shards(directory: Path, *, allow_missing: bool = False) -> list[str
     names = [s["name"] for s in manifest.get("shards", [])]
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
-        what = f"{len(missing)} of the {len(names)} shards {directory}/{MANIFEST} lists are missing"
+        what = f"{directory}/{MANIFEST} lists {len(names)} shards, {len(missing)} of them missing"
         first = f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
         if not allow_missing:
             raise ShardError(

@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
@@ -352,11 +353,24 @@ class ShardStream(IterableDataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    # A worker shares the terminal's Ctrl-C and a scheduler's SIGTERM with the trainer, which answers
-    # them by finishing its step and saving; a worker dying of them first would end the run instead.
-    # Workers end when the loader shuts down, or on their own once the main process is gone.
+    """A loader worker shares the terminal's Ctrl-C and a scheduler's group SIGTERM with the trainer,
+    which answers them by finishing its step and saving; a worker dying of them first would end the
+    run instead. So workers ignore the stop signals, except a SIGTERM from their own parent: the
+    loader's shutdown and the interpreter's exit end workers with it."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+    parent = os.getppid()
+    # Blocked here, and so in every thread started later; one thread takes each SIGTERM and its sender.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def obey_parent() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == parent or os.getppid() != parent:
+                os._exit(0)  # asked to by the parent: a normal end, nothing to report
+
+    threading.Thread(target=obey_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 def make_loader(dataset: ShardStream, num_workers: int = 2, pin_memory: bool | None = None) -> DataLoader:

@@ -88,9 +88,12 @@ def _one_line(err: BaseException) -> str:
 
 
 def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, ConfigError | FileNotFoundError):
+        return True
+    # Imported only for the errors that can be one: a refused flag loads no torch.
     from longcat_data.shards import ShardError
 
-    return isinstance(err, (ConfigError, ShardError, FileNotFoundError))
+    return isinstance(err, ShardError)
 
 
 def _error_lines(err: BaseException) -> list[str]:

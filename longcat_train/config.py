@@ -420,7 +420,7 @@ class TrainConfig:
 VALUE_RULES: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
     (
         lambda c: c.max_train_steps == 0 and c.num_train_epochs <= 0,
-        "max_train_steps = 0 needs num_train_epochs > 0: set one of them",
+        "max_train_steps = 0: must come with num_train_epochs > 0 (set one of them)",
     ),
     (
         lambda c: c.overwrite and c.resume is not None,
