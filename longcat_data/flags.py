@@ -337,15 +337,16 @@ def config_errors(config: Any) -> list[str]:
     errors = []
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
+        check: Check | None = field.metadata.get("check")
         if not _type_ok(value, hints[field.name]):
-            errors.append(f"{field.name} = {value!r}: must be {_type_name(hints[field.name])}")
+            rule = f"; allowed: {check.rule}" if check is not None else ""
+            errors.append(f"{field.name} = {value!r}: must be {_type_name(hints[field.name])}{rule}")
             continue
         choices = field.metadata.get("choices")
         bad = [v for v in (value if isinstance(value, list) else [value]) if choices and v not in choices]
         if bad:
             errors.append(f"{field.name} = {bad[0]!r}: choose one of {', '.join(choices)}")
             continue
-        check: Check | None = field.metadata.get("check")
         if check is None or value is None:
             continue
         try:

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,9 +111,12 @@ def export_lora(train_model: nn.Module, model: nn.Module, directory: Path, d: Di
     """Write both LoRA files into ``directory`` (rank 0); gathering is a collective under FSDP."""
     weights = lora.lora_weights(parallel.trainable_state(train_model))
     if d.main:
-        settings = lora.adapter_settings(model)
-        lora.save_diffusers(weights, directory / LORA_FILE, settings)
-        lora.save_official(weights, directory / OFFICIAL_LORA_FILE, settings)
+        write_lora_files(weights, lora.adapter_settings(model), directory)
+
+
+def write_lora_files(weights: dict[str, torch.Tensor], settings: dict, directory: Path) -> None:
+    lora.save_diffusers(weights, directory / LORA_FILE, settings)
+    lora.save_official(weights, directory / OFFICIAL_LORA_FILE, settings)
 
 
 # ---------------------------------------------------------------- checksums
@@ -172,6 +176,10 @@ def checkpoint_problem(path: Path, names: list[str]) -> str | None:
 # ---------------------------------------------------------------- save and load
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written (the disk refused a write); the ones before it are untouched."""
+
+
 def save_checkpoint(
     cfg: TrainConfig,
     state: TrainState,
@@ -182,34 +190,70 @@ def save_checkpoint(
     d: Dist,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically: into ``step-N.partial``, renamed when every rank is done
-    and ``checksums.json`` is written; then drop the oldest beyond ``checkpoints_total_limit``."""
+    and ``checksums.json`` is written; then drop the oldest beyond ``checkpoints_total_limit``.
+
+    A write the disk refuses (full, read-only, gone) on any rank is a CheckpointError on every rank,
+    after the collectives all ranks take part in, so no rank is left waiting; the partial folder is
+    removed."""
     root = checkpoint_root(cfg)
     final = root / f"step-{state.step:07d}"
     partial = final.with_name(final.name + ".partial")
+    failures: list[str] = []
+
+    def attempt(write: Callable[[], object]) -> None:
+        if not failures:
+            try:
+                write()
+            except OSError as err:
+                failures.append(f"{type(err).__name__}: {err}")
+
+    def check_all() -> None:
+        if parallel.agree(int(bool(failures)), d, op="max"):
+            if d.main:
+                shutil.rmtree(partial, ignore_errors=True)
+            newest = list_checkpoints(root)
+            raise CheckpointError(
+                f"checkpoint {final} not saved ({failures[0] if failures else 'on another rank'}); "
+                f"the newest saved one is {newest[-1] if newest else 'none'}"
+            )
+
     if d.main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        attempt(lambda: (shutil.rmtree(partial, ignore_errors=True), partial.mkdir(parents=True)))
     parallel.barrier(d)
-    torch.save(rng_state(generator), partial / rng_file(d.rank))
-    export_lora(train_model, model, partial, d)
+    attempt(lambda: torch.save(rng_state(generator), partial / rng_file(d.rank)))
+    weights = lora.lora_weights(parallel.trainable_state(train_model))
     optim = parallel.optimizer_state(train_model, optimizer)
     if d.main:
-        torch.save(optim, partial / OPTIMIZER_FILE)
-        save_config(cfg, partial / CONFIG_FILE)
-        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-    parallel.barrier(d)
+        attempt(lambda: write_lora_files(weights, lora.adapter_settings(model), partial))
+        attempt(lambda: torch.save(optim, partial / OPTIMIZER_FILE))
+        attempt(lambda: save_config(cfg, partial / CONFIG_FILE))
+        attempt(lambda: (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n"))
+    check_all()
     if d.main:
-        write_checksums(partial)
-        if final.exists():
-            remove_checkpoint(final)
-        partial.rename(final)
-        _fsync_dir(root)
-        kept = list_checkpoints(root)
-        for old in kept[: -cfg.checkpoints_total_limit] if cfg.checkpoints_total_limit > 0 else []:
-            remove_checkpoint(old)
+        attempt(lambda: _publish(partial, final))
+    check_all()
+    if d.main:
+        _drop_oldest(root, cfg.checkpoints_total_limit)
         log.info("saved checkpoint %s", final)
     parallel.barrier(d)
     return final
+
+
+def _publish(partial: Path, final: Path) -> None:
+    write_checksums(partial)
+    _fsync_dir(partial)
+    if final.exists():
+        remove_checkpoint(final)
+    partial.rename(final)
+    _fsync_dir(final.parent)
+
+
+def _drop_oldest(root: Path, limit: int) -> None:
+    for old in list_checkpoints(root)[:-limit] if limit > 0 else []:
+        try:
+            remove_checkpoint(old)
+        except OSError as err:
+            log.warning("could not remove the old checkpoint %s (%s)", old, err)
 
 
 def _load(path: Path, d: Dist) -> tuple[Resumed | None, str | None]:

@@ -92,8 +92,9 @@ def _is_user_error(err: BaseException) -> bool:
         return True
     # Imported only for the errors that can be one: a refused flag loads no torch.
     from longcat_data.shards import ShardError
+    from longcat_train.checkpoints import CheckpointError
 
-    return isinstance(err, ShardError)
+    return isinstance(err, ShardError | CheckpointError)
 
 
 def _error_lines(err: BaseException) -> list[str]:

@@ -40,6 +40,7 @@ from longcat_data.stream import (
 )
 from longcat_train import flow, parallel
 from longcat_train.checkpoints import (
+    CheckpointError,
     TrainState,
     check_resumable,
     export_lora,
@@ -432,6 +433,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     def checkpoint() -> Path:
         return save_checkpoint(cfg, state, train_model, model, optimizer, generator, d)
 
+    def checkpoint_or_warn() -> Path | None:
+        """A checkpoint the run can do without: a refused write is a warning, training goes on."""
+        try:
+            return checkpoint()
+        except CheckpointError as err:
+            log.warning("%s; training goes on", err)
+            return None
+
     data = counted(batches)
     start_step = state.step
     with StopSignals() as stop:
@@ -462,15 +471,18 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 if signum:
                     raise TrainingStopped(state.step, checkpoint(), signum, cfg.output_dir)
                 if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0:
-                    result.checkpoint = checkpoint()
+                    result.checkpoint = checkpoint_or_warn() or result.checkpoint
                 if validation.due(state.step, total_steps):
                     validation(train_model, state.step, text, metrics.tb)
             # The LoRA is on disk before the last validation, which may take long or fail.
             if state.step > start_step:
-                result.checkpoint = checkpoint()
+                result.checkpoint = checkpoint_or_warn() or result.checkpoint
             export_lora(train_model, model, out, d)
-            if validation.due(state.step, total_steps) and not parallel.agree(stop.signum, d, op="max"):
-                validation(train_model, state.step, text, metrics.tb)
+            if validation.due(state.step, total_steps):
+                if parallel.agree(stop.signum, d, op="max"):
+                    log.warning("stop requested after the last step: final validation skipped")
+                else:
+                    validation(train_model, state.step, text, metrics.tb)
         finally:
             metrics.close()
 

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from longcat_train import cli, trainer
 from longcat_train.checkpoints import CHECKSUMS_FILE, load_checkpoint
 from longcat_train.cli import parse_train_args, train_main
-from longcat_train.config import ConfigError, TrainConfig, save_config
+from longcat_train.config import TrainConfig, save_config
 from longcat_train.parallel import Dist
 from longcat_train.runs import resume_candidates
+from longcat_train.stopping import STOP_SIGNALS, StopSignals
 from longcat_train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -195,6 +196,17 @@ def test_one_rank_signalled_alone_stops_every_rank_at_the_same_step(tiny_shards,
     assert [m["step"] for m in metrics(out)] == [1, 2]
 
 
+def test_stop_signals_are_recorded_then_the_previous_handlers_come_back():
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing
+        assert stop.signum == signal.SIGUSR1
+        with pytest.raises(KeyboardInterrupt):  # but a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+
+
 # ---------------------------------------------------------------- damaged checkpoints
 
 
@@ -281,6 +293,24 @@ def test_no_intact_checkpoint_is_one_line(three_checkpoints, tmp_path, capsys):
     assert train_main(["--resume", "latest", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no intact checkpoint" in err[0] and "step-0000001" in err[0], err
+
+
+def test_a_checkpoint_the_disk_refuses_is_a_warning_and_training_goes_on(
+    tiny_shards, tmp_path, monkeypatch, caplog
+):
+    save = torch.save
+
+    def disk_full_at_step_2(obj, path, *args, **kwargs):
+        if Path(path).parent.name == "step-0000002.partial" and Path(path).name == "optimizer.pt":
+            raise OSError(28, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
+    with caplog.at_level(logging.WARNING):
+        result = train(tiny_config(tiny_shards, tmp_path))
+    assert sorted(result.losses) == [1, 2, 3] and result.lora_path.is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001", "step-0000003"]
+    assert "step-0000002 not saved (OSError: [Errno 28] No space left on device)" in caplog.text
 
 
 # ---------------------------------------------------------------- settings
@@ -380,6 +410,16 @@ def test_several_bad_values_are_one_line_each(tmp_path, capsys):
         "longcat-train: error: lora_rank",
         "longcat-train: error: learning_rate",
     ]
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [(["--steps", "0"], "steps"), (["--guidance", "nan"], "guidance"), (["--size", "480x830"], "area")],
+)
+def test_longcat_sample_refuses_bad_values_in_one_line(capsys, flags, key):
+    assert cli.sample_main(["--model", "tiny", "--prompt", "a cat", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"longcat-sample: error: {key} = "), err
 
 
 def test_refusing_a_bad_value_imports_no_model_library(tmp_path):
