@@ -381,8 +381,8 @@ def coerce_text(value: Any, hint: Any) -> Any:
         )
     try:
         if hint is int:
-            number = float(text)
-            return int(number) if number.is_integer() else value
+            parsed = float(text)
+            return int(parsed) if parsed.is_integer() else value
         if hint is float:
             return float(text)
     except ValueError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType, TracebackType
 
@@ -40,10 +41,16 @@ class TrainingStopped(Exception):
 class StopSignals:
     """While entered, the stop signals record a stop request instead of ending the process; the
     handlers that were there before come back on exit. Only the main thread can own signal handlers:
-    elsewhere this does nothing and signals keep their usual effect."""
+    elsewhere this does nothing and signals keep their usual effect.
 
-    def __init__(self) -> None:
+    A Ctrl-C that comes ``quit_after`` seconds or more after the first stop signal raises
+    KeyboardInterrupt at once. Sooner it is the same request again: torchrun passes its own Ctrl-C on
+    to ranks that got the terminal's already."""
+
+    def __init__(self, quit_after: float = 1.0) -> None:
         self.signum = 0  # the first stop signal received, 0 for none
+        self.quit_after = quit_after
+        self._first = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -59,13 +66,13 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         if not self.signum:
-            self.signum = signum
+            self.signum, self._first = signum, time.monotonic()
             # A raw write: the handler may run while the logging or tqdm machinery is mid-write.
             os.write(
                 2,
                 f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and "
                 f"stopping (Ctrl-C again stops at once)\n".encode(),
             )
+        elif signum == signal.SIGINT and time.monotonic() - self._first >= self.quit_after:
+            raise KeyboardInterrupt
