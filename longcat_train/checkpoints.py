@@ -267,6 +267,7 @@ def _load(path: Path, d: Dist) -> tuple[Resumed | None, str | None]:
         if problem is not None:
             return None, problem
         state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+        json.loads((path / CONFIG_FILE).read_text())  # check_resumable compares it next
         lora_file = lora.read_lora(path / LORA_FILE)
         optim = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
         rng = torch.load(path / rng_file(d.rank), map_location="cpu", weights_only=False)

@@ -255,6 +255,10 @@ DAMAGE = {
     "missing state.json": lambda c: (c / "state.json").unlink(),
     "missing rng file": lambda c: (c / "rng-rank00000.pt").unlink(),
     "bad checksums.json": lambda c: (c / CHECKSUMS_FILE).write_text("[]"),
+    "older run, bad config": lambda c: [
+        (c / CHECKSUMS_FILE).unlink(),
+        (c / "train_config.json").write_text("{"),
+    ],
     "older run, truncated optimizer": lambda c: [(c / CHECKSUMS_FILE).unlink(), truncate(c / "optimizer.pt")],
 }
 
