@@ -5,6 +5,8 @@ Both packages read them: ``longcat_data`` (prep) and ``longcat_train`` (trainer,
 
 from __future__ import annotations
 
+import signal
+
 # The released checkpoint: `--model` of every command unless given.
 DEFAULT_MODEL = "meituan-longcat/LongCat-Video"
 
@@ -41,3 +43,9 @@ def default_area(model: str) -> tuple[int, int]:
 def default_frames(model: str) -> int:
     """The clip length for ``model`` when none is given: the demo clips' length for the tiny model."""
     return DEMO_FRAMES if model == TINY else DEFAULT_FRAMES
+
+
+# Signals that ask a long job to stop between steps: Ctrl-C, SIGTERM (schedulers, kill), SIGHUP (the
+# terminal went away), SIGUSR1 (SLURM's warning before the time limit). The trainer finishes its step and
+# saves; loader workers ignore them (the main process decides).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)

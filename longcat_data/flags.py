@@ -11,6 +11,9 @@ fields declare themselves with :func:`option`: help, choices, aliases, the Simpl
 - :func:`from_dict` / :func:`read_config_file`: TOML or JSON files with the same keys (or their aliases);
   an unknown key is refused naming the closest known one.
 - :func:`simpletuner_keys`: SimpleTuner key -> field, for the commands that read SimpleTuner configs.
+- :func:`config_errors` / :func:`check_config`: every field's value against its annotation (values from
+  files are not typed by argparse), its choices and its declared ``check`` (:class:`Check`: ranges,
+  grids, paths); :func:`parse` and :func:`from_dict` run it on the configs they build.
 - :func:`parse_area` and :func:`parse_size`: the value parsers all commands share.
 
 One small builder over argparse, not a library such as tyro: flags here also answer to SimpleTuner's
@@ -24,11 +27,13 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +64,7 @@ def option(
     parse: Callable[[str], Any] | None = None,
     simpletuner: str | None = None,
     group: str | None = None,
+    check: Check | None = None,
 ) -> Any:
     """A config field that is also a flag.
 
@@ -75,6 +81,7 @@ def option(
         parse: turns the flag's text into the value (e.g. :func:`parse_area`); errors become flag errors.
         simpletuner: the key of this setting in a SimpleTuner ``config.json``.
         group: the heading the flag is listed under in ``--help``.
+        check: the values allowed beyond the type (:class:`Check`); :func:`config_errors` applies it.
     """
     metadata = {
         "help": help,
@@ -88,6 +95,7 @@ def option(
         "parse": parse,
         "simpletuner": simpletuner,
         "group": group,
+        "check": check,
     }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -224,20 +232,180 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def parse(cls: type, args: argparse.Namespace, base: Mapping[str, Any] | None = None) -> Any:
-    """An instance of ``cls``: typed flags over ``base`` (e.g. a config file's values) over the defaults."""
-    return cls(**{**(base or {}), **given(args, cls)})
+    """An instance of ``cls``: typed flags over ``base`` (e.g. a config file's values) over the defaults,
+    checked with :func:`check_config`."""
+    typed = given(args, cls)
+    config = cls(**{**(base or {}), **typed})
+    check_config(config, typed=typed.keys())
+    return config
 
 
-def check_choices(config: Any) -> None:
-    """ConfigError for a field whose value is not one of its declared choices (e.g. from a file)."""
+# ---------------------------------------------------------------- value checks
+
+
+@dataclass(frozen=True)
+class Check:
+    """The values a field allows beyond its type: ``test(value)`` is true for them, ``rule`` completes
+    the message "KEY = VALUE: must be ..." (it says the fix). A test that raises counts as false."""
+
+    test: Callable[[Any], bool]
+    rule: str
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _bound(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def number(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Check:
+    """A finite number within the bounds (``None``: unbounded); ``*_open`` leaves the bound itself out."""
+
+    def test(value: Any) -> bool:
+        return (
+            _finite(value)
+            and (low is None or (value > low if low_open else value >= low))
+            and (high is None or (value < high if high_open else value <= high))
+        )
+
+    if low is not None and high is not None:
+        bounds = f"in {'(' if low_open else '['}{_bound(low)}, {_bound(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = f"{'>' if low_open else '>='} {_bound(low)}"
+    elif high is not None:
+        bounds = f"{'<' if high_open else '<='} {_bound(high)}"
+    else:
+        bounds = ""
+    return Check(test, f"a finite number {bounds}".strip())
+
+
+def at_least(low: int) -> Check:
+    """A whole number >= ``low`` (the type check has made sure it is one)."""
+    return Check(lambda value: value >= low, f">= {low}")
+
+
+NOT_EMPTY = Check(lambda value: len(value) > 0, "non-empty")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type (ints pass as floats; bools never pass as numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is tuple:
+        return (
+            isinstance(value, tuple | list)
+            and len(value) == len(args)
+            and all(_type_ok(v, a) for v, a in zip(value, args, strict=True))
+        )
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0]).removeprefix('a ')}s"
+    if origin is tuple:
+        return f"{len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    names = {
+        bool: "true or false",
+        int: "a whole number",
+        float: "a number",
+        str: "a text value",
+        type(None): "unset (null)",
+    }
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _setting(field: dataclasses.Field, value: Any, typed: bool) -> str:
+    """How an error names a value: as the flag that was typed (``--steps 0``), else as the key a file or
+    the default gave (``steps = 0``). Text is quoted, so any character prints."""
+    if not typed:
+        return f"{field.name} = {value!r}"
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return f"{flag_names(field)[0]} {format_area(value)}"
+    shown = value if isinstance(value, list) else [value]
+    return " ".join([flag_names(field)[0], *(repr(v) if isinstance(v, str) else str(v) for v in shown)])
+
+
+def config_errors(config: Any, typed: Collection[str] = ()) -> list[str]:
+    """One line per field of the dataclass instance ``config`` whose value is not of its annotated type,
+    not one of its choices, or fails its declared ``check``; each names the setting and what it must be:
+    the flag for the fields in ``typed`` (given on the command line), else the key."""
+    hints = typing.get_type_hints(type(config))
+    errors = []
     for field in dataclasses.fields(config):
-        choices = field.metadata.get("choices")
-        if not choices:
-            continue
         value = getattr(config, field.name)
-        for item in value if isinstance(value, list) else [value]:
-            if item not in choices:
-                raise ConfigError(f"{field.name} = {item!r}: choose one of {', '.join(choices)}")
+        name = _setting(field, value, field.name in typed)
+        check: Check | None = field.metadata.get("check")
+        if not _type_ok(value, hints[field.name]):
+            rule = f"; allowed: {check.rule}" if check is not None else ""
+            errors.append(f"{name}: must be {_type_name(hints[field.name])}{rule}")
+            continue
+        choices = field.metadata.get("choices")
+        bad = [v for v in (value if isinstance(value, list) else [value]) if choices and v not in choices]
+        if bad:
+            errors.append(f"{_setting(field, bad[0], field.name in typed)}: choose one of {', '.join(choices)}")
+            continue
+        if check is None or value is None:
+            continue
+        try:
+            allowed = bool(check.test(value))
+        except (TypeError, ValueError, OSError):
+            allowed = False
+        if not allowed:
+            errors.append(f"{name}: must be {check.rule}")
+    return errors
+
+
+def check_config(config: Any, source: str | None = None, typed: Collection[str] = ()) -> None:
+    """ConfigError listing :func:`config_errors` (one per line, prefixed with ``source`` when given)."""
+    errors = config_errors(config, typed)
+    if errors:
+        raise ConfigError("\n".join(f"{source}: {e}" if source else e for e in errors))
+
+
+def coerce_text(value: Any, hint: Any) -> Any:
+    """A value that a source writing everything as text (SimpleTuner's CLI-style config.json) gave as a
+    string, turned into the annotated scalar type when it spells one exactly (``"8"``, ``"1e-4"``,
+    ``"true"``); anything else is returned unchanged for :func:`config_errors` to name."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if hint is bool:
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+            text.lower(), value
+        )
+    try:
+        if hint is int:
+            parsed = float(text)
+            return int(parsed) if parsed.is_integer() else value
+        if hint is float:
+            return float(text)
+    except ValueError:
+        return value
+    return value
 
 
 # ---------------------------------------------------------------- files
@@ -260,18 +428,26 @@ def canonical_keys(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     return {names.get(key, key): value for key, value in values.items()}
 
 
-def from_dict(cls: type, values: Mapping[str, Any], source: str = "config") -> Any:
-    """An instance of ``cls`` from a file's values; an unknown key raises ConfigError with the closest key."""
+def known_keys(cls: type, values: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """``values`` under the field names of ``cls`` (aliases renamed); an unknown key raises ConfigError
+    naming the closest known one."""
     names = key_names(cls)
     for key in values:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {names[close[0]]}?)" if close else ""
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+    return canonical_keys(cls, values)
+
+
+def from_dict(cls: type, values: Mapping[str, Any], source: str = "config") -> Any:
+    """An instance of ``cls`` from a file's values (:func:`known_keys`), checked with :func:`check_config`."""
     try:
-        return cls(**canonical_keys(cls, values))
+        config = cls(**known_keys(cls, values, source))
     except TypeError as err:
         raise ConfigError(f"{source}: {err}") from err
+    check_config(config, source)
+    return config
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -187,14 +187,25 @@ def merge_manifest(out_dir: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- reading side
 
 
-def manifest_shards(directory: Path) -> list[str] | None:
-    """Paths of the shards ``directory``'s manifest lists and that exist, or None without a manifest."""
+def manifest_shards(directory: Path, *, allow_missing: bool = False) -> list[str] | None:
+    """Paths of the shards ``directory``'s manifest lists, or None without a manifest. A listed shard
+    that is not there is a ShardError naming it, or with ``allow_missing`` a warning and left out."""
     # The manifest lists finished shards; a half-written one from a running prep must not be read.
     manifest = read_manifest(directory)
     if manifest is None:
         return None
     names = [s["name"] for s in manifest.get("shards", [])]
-    return [str(directory / n) for n in names if (directory / n).is_file()]
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        what = f"{directory}/{MANIFEST} lists {len(names)} shards, {len(missing)} of them missing"
+        first = f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
+        if not allow_missing:
+            raise ShardError(
+                f"{what} ({first}): re-run `longcat-prep shard VIDEOS {directory}` with the same settings "
+                f"(it encodes the missing shards' clips again), or train on the rest with --allow-missing-shards"
+            )
+        log.warning("%s (%s): training on the other %d", what, first, len(names) - len(missing))
+    return [str(directory / n) for n in names if n not in missing]
 
 
 def find_manifest(urls: Sequence[str]) -> dict | None:

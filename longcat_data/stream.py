@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from longcat_data.defaults import STOP_SIGNALS
 from longcat_data.encode import pad_text_embeds
 from longcat_data.hub import is_hf_spec, resolve_hf_shards
 from longcat_data.manifest import manifest_shards
@@ -49,23 +52,24 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- shard specs
 
 
-def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
+def expand_shard_spec(spec: str | Sequence[str], *, allow_missing: bool = False) -> list[str]:
     """URLs webdataset can open from: a directory of ``*.tar``, a brace pattern or glob, a list, ``a::b``,
     ``pipe:cmd`` (braces expand to one command per shard), or a Hugging Face dataset
-    (``hf://datasets/user/name`` or ``user/name``)."""
+    (``hf://datasets/user/name`` or ``user/name``). A directory's manifest listing shards that are not
+    there is a ShardError unless ``allow_missing`` (``manifest.manifest_shards``)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in specs:
-        urls.extend(_expand_one(str(item)))
+        urls.extend(_expand_one(str(item), allow_missing))
     if not urls:
         raise ShardError(f"no shards in {spec!r}")
     return urls
 
 
-def _expand_one(spec: str) -> list[str]:
+def _expand_one(spec: str, allow_missing: bool) -> list[str]:
     path = Path(spec).expanduser()
     if path.is_dir():
-        listed = manifest_shards(path)
+        listed = manifest_shards(path, allow_missing=allow_missing)
         tars = listed if listed is not None else sorted(str(p) for p in path.glob("*.tar"))
         if not tars:
             raw = any(p.suffix.lower() in VIDEO_EXTENSIONS for p in path.iterdir())
@@ -348,8 +352,30 @@ class ShardStream(IterableDataset):
             yield out
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker shares the terminal's Ctrl-C and a scheduler's group SIGTERM with the trainer,
+    which answers them by finishing its step and saving; a worker dying of them first would end the
+    run instead. So workers ignore the stop signals, except a SIGTERM from their own parent: the
+    loader's shutdown and the interpreter's exit end workers with it."""
+    for signum in STOP_SIGNALS:
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+    parent = os.getppid()
+    # Blocked here, and so in every thread started later; one thread takes each SIGTERM and its sender.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def obey_parent() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == parent or os.getppid() != parent:
+                os._exit(0)  # asked to by the parent: a normal end, nothing to report
+
+    threading.Thread(target=obey_parent, name="sigterm-from-parent", daemon=True).start()
+
+
 def make_loader(dataset: ShardStream, num_workers: int = 2, pin_memory: bool | None = None) -> DataLoader:
-    """A DataLoader over the stream: batching is the stream's, so ``batch_size=None``."""
+    """A DataLoader over the stream: batching is the stream's, so ``batch_size=None``. Its workers
+    ignore the stop signals (``defaults.STOP_SIGNALS``): the main process decides when the stream ends."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return DataLoader(
         dataset,
@@ -359,6 +385,7 @@ def make_loader(dataset: ShardStream, num_workers: int = 2, pin_memory: bool | N
         prefetch_factor=4 if num_workers > 0 else None,
         # The order must not depend on the global torch RNG (resume restores it after this is built).
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_ignore_stop_signals,
     )
 
 

@@ -12,19 +12,28 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from longcat_data.flags import ConfigError, add_flags, from_dict, parse, read_config_file
+from longcat_data.flags import ConfigError, add_flags, from_dict, known_keys, parse, read_config_file
 from longcat_train.config import SampleConfig, TrainConfig
+from longcat_train.runs import resume_base
 from longcat_train.simpletuner import from_simpletuner, is_simpletuner
+from longcat_train.stopping import TrainingStopped
 from longcat_train.techniques import check_techniques
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """``--config``: our TOML/JSON config, or a SimpleTuner config.json (detected by its keys)."""
+def config_file_values(path: str | Path) -> dict[str, Any]:
+    """``--config``: the TrainConfig values our TOML/JSON file sets, or a SimpleTuner config.json
+    (detected by its keys) translates to."""
     values = read_config_file(path)
     if is_simpletuner(values):
-        return TrainConfig(**from_simpletuner(values, base_dir=Path(path).parent))
-    return from_dict(TrainConfig, values, str(path))
+        return from_simpletuner(values, base_dir=Path(path).parent)
+    return known_keys(TrainConfig, values, str(path))
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig of a ``--config`` file alone (checked)."""
+    return from_dict(TrainConfig, config_file_values(path), str(path))
 
 
 def train_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:
@@ -40,10 +49,17 @@ def train_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    """The config of ``longcat-train ARGV``: typed flags over ``--config``'s file over the defaults, checked."""
+    """The config of ``longcat-train ARGV``: typed flags over ``--config``'s file over the defaults;
+    when resuming, over the saved config of the run resumed instead of the defaults (so ``--resume
+    latest --output-dir OUT`` alone continues a run, and only what was typed or filed can differ from
+    it). Checked: ConfigError with one line per problem."""
     args = train_parser().parse_args(argv)
     path = getattr(args, "config", None)
-    cfg = parse(TrainConfig, args, load_config(path).to_dict() if path else None)
+    file_values = config_file_values(path) if path else {}
+    cfg = parse(TrainConfig, args, file_values)
+    saved = resume_base(cfg)
+    if saved is not None:
+        cfg = parse(TrainConfig, args, {**saved, **file_values})
     cfg.validate()
     check_techniques(cfg)
     return cfg
@@ -59,6 +75,7 @@ def sample_parser() -> argparse.ArgumentParser:
 
 
 def parse_sample_args(argv: list[str] | None = None) -> SampleConfig:
+    """The checked config of ``longcat-sample ARGV`` (ConfigError, one line per problem)."""
     return parse(SampleConfig, sample_parser().parse_args(argv))
 
 
@@ -71,10 +88,20 @@ def _one_line(err: BaseException) -> str:
 
 
 def _is_user_error(err: BaseException) -> bool:
-    from longcat_data.flags import ConfigError
+    if isinstance(err, ConfigError | FileNotFoundError):
+        return True
+    # Imported only for the errors that can be one: a refused flag loads no torch.
     from longcat_data.shards import ShardError
+    from longcat_train.checkpoints import CheckpointError
 
-    return isinstance(err, (ConfigError, ShardError, FileNotFoundError))
+    return isinstance(err, ShardError | CheckpointError)
+
+
+def _error_lines(err: BaseException) -> list[str]:
+    """A ConfigError lists one problem per line; anything else is reported by its last line."""
+    if isinstance(err, ConfigError):
+        return str(err).strip().splitlines() or [type(err).__name__]
+    return [_one_line(err)]
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -97,13 +124,21 @@ def train_main(argv: list[str] | None = None) -> int:
         from longcat_train.trainer import train
 
         train(cfg)
+    except TrainingStopped as stopped:
+        if rank == 0:
+            print(f"longcat-train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except Exception as err:
         if not _is_user_error(err):
             raise
-        print(f"longcat-train: error: {_one_line(err)}", file=sys.stderr)
+        for line in _error_lines(err):
+            print(f"longcat-train: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("longcat-train: interrupted; resume with --resume (from the last checkpoint)", file=sys.stderr)
+        print(
+            "longcat-train: interrupted; resume with --resume latest (from the last checkpoint)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
@@ -113,7 +148,12 @@ def sample_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    config = parse_sample_args(argv)
+    try:
+        config = parse_sample_args(argv)
+    except ConfigError as err:
+        for line in _error_lines(err):
+            print(f"longcat-sample: error: {line}", file=sys.stderr)
+        return 2
     # After parsing, as in train_main: --help answers without the model stack's imports.
     from longcat_train.sampler import run_sample
     from longcat_train.sampling import SampleInputError

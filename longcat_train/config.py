@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcat_data.buckets import MIN_FRAMES, MODEL_SIDE_MULTIPLE
+from longcat_data.buckets import MIN_FRAMES, MODEL_SIDE_MULTIPLE, VAE_TEMPORAL_STRIDE
 from longcat_data.defaults import (
     DEFAULT_AREA,
     DEFAULT_FPS,
@@ -30,10 +31,14 @@ from longcat_data.defaults import (
     default_frames,
 )
 from longcat_data.flags import (
+    NOT_EMPTY,
+    Check,
     ConfigError,
+    at_least,
     canonical_keys,
-    check_choices,
+    config_errors,
     format_area,
+    number,
     option,
     parse_area,
 )
@@ -45,6 +50,51 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = BLOCK_LINEARS
 BASE_PRECISIONS = ("no_change", "bf16", "int8-quanto", "fp8-torchao")
+
+
+# ---------------------------------------------------------------- value checks of the fields
+
+
+def _area_on_grid(value: str | tuple[int, int]) -> bool:
+    return all(side % MODEL_SIDE_MULTIPLE == 0 for side in parse_area(value))
+
+
+def _creatable_folder(value: str) -> bool:
+    """An existing writable folder, or one whose nearest existing parent is a writable folder."""
+    path = Path(value).expanduser().absolute()
+    if path.exists():
+        return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    parent = next(p for p in path.parents if p.exists())
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+
+
+def _local_source_exists(value: str) -> bool:
+    """False only for a plain local path that does not exist; URLs, pipes, brace or glob patterns and
+    ``user/name`` hub ids are checked when they are read."""
+    remote = "://" in value or value.startswith("pipe:")
+    pattern = any(c in value for c in "{*?[") or "::" in value
+    hub_id = value.count("/") == 1 and not value.startswith(("/", ".", "~"))
+    return remote or pattern or hub_id or Path(value).expanduser().exists()
+
+
+CLIP_FRAMES = Check(
+    lambda f: f >= MIN_FRAMES and (f - 1) % VAE_TEMPORAL_STRIDE == 0,
+    f"4k+1 and at least {MIN_FRAMES} (the VAE's {VAE_TEMPORAL_STRIDE}x time stride): 5, 9, ..., 93",
+)
+AREA_ON_GRID = Check(
+    _area_on_grid,
+    f"HxW with both sides multiples of {MODEL_SIDE_MULTIPLE} (the model's pixel grid), e.g. 480x832",
+)
+# numpy seeds are 32-bit, and each rank adds its rank to the seed.
+SEED = Check(lambda s: 0 <= s < 2**31, "in [0, 2**31)")
+CREATABLE_FOLDER = Check(_creatable_folder, "a folder that exists or can be created, and is writable")
+VALIDATION_SOURCE = Check(
+    _local_source_exists, "an existing folder of image + .txt pairs, or eval shards, or unset"
+)
+RESUME_FROM = Check(
+    lambda v: v == "latest" or Path(v).expanduser().exists(),
+    "'latest' (in output_dir) or an existing checkpoint or output folder",
+)
 
 
 @dataclass(frozen=True)
@@ -68,78 +118,115 @@ class TrainConfig:
         DEFAULT_MODEL,
         "'tiny', an official checkpoint directory, or a hub id",
         simpletuner="pretrained_model_name_or_path",
+        check=NOT_EMPTY,
     )
     shards: list[str] = option(
         [], "shard spec(s): directory, brace pattern, pipe:cmd, hf://datasets/user/name"
     )
     frames: int = option(
-        DEFAULT_FRAMES, "video frames per clip (4k+1); the shards must have been made with this count"
+        DEFAULT_FRAMES,
+        "video frames per clip (4k+1); the shards must have been made with this count",
+        check=CLIP_FRAMES,
     )
     i2v: bool = option(
         True, "image-to-video: latent frame 0 is the clean start frame; --no-i2v trains text-to-video"
     )
     output_dir: str = option(
-        "output", "where checkpoints, the LoRA, logs and validation videos go", simpletuner="output_dir"
+        "output",
+        "where checkpoints, the LoRA, logs and validation videos go",
+        simpletuner="output_dir",
+        check=CREATABLE_FOLDER,
     )
     seed: int = option(
-        0, "seed for LoRA init, noise, sigmas, caption dropout and the data order", simpletuner="seed"
+        0,
+        "seed for LoRA init, noise, sigmas, caption dropout and the data order",
+        simpletuner="seed",
+        check=SEED,
     )
     # -- LoRA
-    lora_rank: int = option(8, "LoRA rank", simpletuner="lora_rank")
+    lora_rank: int = option(8, "LoRA rank", simpletuner="lora_rank", check=at_least(1))
     lora_alpha: float = option(
-        0.0, "LoRA alpha (scale = alpha / rank); 0 means alpha = rank", simpletuner="lora_alpha"
+        0.0,
+        "LoRA alpha (scale = alpha / rank); 0 means alpha = rank",
+        simpletuner="lora_alpha",
+        check=number(0),
     )
-    lora_dropout: float = option(0.0, "dropout on the LoRA input", simpletuner="lora_dropout")
+    lora_dropout: float = option(
+        0.0, "dropout on the LoRA input", simpletuner="lora_dropout", check=number(0, 1, high_open=True)
+    )
     lora_targets: list[str] = option(
-        list(DEFAULT_LORA_TARGETS), "module-name suffixes of the DiT linears that get LoRA"
+        list(DEFAULT_LORA_TARGETS), "module-name suffixes of the DiT linears that get LoRA", check=NOT_EMPTY
     )
     # -- optimisation
-    learning_rate: float = option(1e-4, "peak learning rate", simpletuner="learning_rate")
+    learning_rate: float = option(
+        1e-4, "peak learning rate", simpletuner="learning_rate", check=number(0, low_open=True)
+    )
     optimizer: str = option(
         "adamw", "adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit")
     )
-    adam_beta1: float = option(0.9, "AdamW beta1", simpletuner="adam_beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2", simpletuner="adam_beta2")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon", simpletuner="adam_epsilon")
-    weight_decay: float = option(0.01, "AdamW decoupled weight decay", simpletuner="adam_weight_decay")
+    adam_beta1: float = option(
+        0.9, "AdamW beta1", simpletuner="adam_beta1", check=number(0, 1, high_open=True)
+    )
+    adam_beta2: float = option(
+        0.999, "AdamW beta2", simpletuner="adam_beta2", check=number(0, 1, high_open=True)
+    )
+    adam_epsilon: float = option(
+        1e-8, "AdamW epsilon", simpletuner="adam_epsilon", check=number(0, low_open=True)
+    )
+    weight_decay: float = option(
+        0.01, "AdamW decoupled weight decay", simpletuner="adam_weight_decay", check=number(0)
+    )
     lr_scheduler: str = option(
         "constant",
         "constant or cosine (to 0 at max_train_steps), after linear warmup",
         choices=("constant", "cosine"),
     )
     lr_warmup_steps: int = option(
-        0, "linear warmup steps from 0 to learning_rate", simpletuner="lr_warmup_steps"
+        0, "linear warmup steps from 0 to learning_rate", simpletuner="lr_warmup_steps", check=at_least(0)
     )
     max_train_steps: int = option(
-        1000, "optimizer steps to train; 0 derives it from num_train_epochs", simpletuner="max_train_steps"
+        1000,
+        "optimizer steps to train; 0 derives it from num_train_epochs",
+        simpletuner="max_train_steps",
+        check=at_least(0),
     )
     num_train_epochs: float = option(
-        0.0, "epochs (of epoch_samples samples) when max_train_steps is 0", simpletuner="num_train_epochs"
+        0.0,
+        "epochs (of epoch_samples samples) when max_train_steps is 0",
+        simpletuner="num_train_epochs",
+        check=number(0),
     )
     train_batch_size: int = option(
-        1, "clips per batch per GPU (one bucket per batch)", simpletuner="train_batch_size"
+        1, "clips per batch per GPU (one bucket per batch)", simpletuner="train_batch_size", check=at_least(1)
     )
     gradient_accumulation_steps: int = option(
-        1, "batches per optimizer step", simpletuner="gradient_accumulation_steps"
+        1, "batches per optimizer step", simpletuner="gradient_accumulation_steps", check=at_least(1)
     )
     max_grad_norm: float = option(
-        1.0, "clip the gradient norm to this; 0 turns clipping off", simpletuner="max_grad_norm"
+        1.0,
+        "clip the gradient norm to this; 0 turns clipping off",
+        simpletuner="max_grad_norm",
+        check=number(0),
     )
     # -- flow matching
     flow_schedule_shift: float = option(
         DEFAULT_SHIFT,
         "sigma shift s' = shift*s/(1+(shift-1)*s); 12 for 480p",
         simpletuner="flow_schedule_shift",
+        check=number(0, low_open=True),
     )
     sigma_sampling: str = option(
         "logit_normal", "training sigma distribution", choices=("logit_normal", "uniform")
     )
-    logit_mean: float = option(0.0, "mean of the logit-normal sigma distribution")
-    logit_std: float = option(1.0, "std of the logit-normal sigma distribution")
+    logit_mean: float = option(0.0, "mean of the logit-normal sigma distribution", check=number())
+    logit_std: float = option(
+        1.0, "std of the logit-normal sigma distribution", check=number(0, low_open=True)
+    )
     caption_dropout: float = option(
         0.0,
         "probability of training a clip on the empty prompt (for CFG)",
         simpletuner="caption_dropout_probability",
+        check=number(0, 1),
     )
     # -- memory and speed
     gradient_checkpointing: str = option(
@@ -173,6 +260,7 @@ class TrainConfig:
         1,
         "run each block's feed-forward in this many latent-frame groups in training: lower peak memory "
         "(24 GB cards: 4) for one more feed-forward pass",
+        check=at_least(1),
     )
     fsdp: bool = option(
         False, "shard the base model over GPUs with FSDP2 (per block) instead of replicating it"
@@ -183,6 +271,7 @@ class TrainConfig:
         aliases=("--musubi-blocks-to-swap", "--musubi_blocks_to_swap"),
         simpletuner="musubi_blocks_to_swap",
         metavar="N",
+        check=at_least(0),
     )
     block_swap_device: str = option(
         "cpu", "where swapped blocks live", simpletuner="musubi_block_swap_device"
@@ -208,19 +297,34 @@ class TrainConfig:
         2,
         "DataLoader worker processes per GPU (part of the data order)",
         simpletuner="dataloader_num_workers",
+        check=at_least(0),
     )
-    shuffle_buffer: int = option(64, "samples each worker holds for shuffling")
+    shuffle_buffer: int = option(64, "samples each worker holds for shuffling", check=at_least(1))
     resampled: bool = option(False, "draw shards with replacement forever instead of shuffled passes")
-    epoch_samples: int = option(0, "samples per epoch for logging and num_train_epochs; 0 reads the manifest")
+    allow_missing_shards: bool = option(
+        False, "train on the shards that exist when the manifest lists some that are missing (a warning)"
+    )
+    epoch_samples: int = option(
+        0, "samples per epoch for logging and num_train_epochs; 0 reads the manifest", check=at_least(0)
+    )
     pin_memory: bool = option(True, "pinned host memory for batches (CUDA only)")
     # -- checkpoints
     checkpointing_steps: int = option(
         500,
         "save a resumable checkpoint every N steps (0: only at the end)",
         simpletuner="checkpointing_steps",
+        check=at_least(0),
     )
     checkpoints_total_limit: int = option(
-        3, "keep the newest N checkpoints (0 keeps all)", simpletuner="checkpoints_total_limit"
+        3,
+        "keep the newest N checkpoints (0 keeps all)",
+        simpletuner="checkpoints_total_limit",
+        check=at_least(0),
+    )
+    overwrite: bool = option(
+        False,
+        "start over in an output_dir that holds a run: delete its checkpoints, validation, tensorboard, "
+        "metrics, LoRA and config files first (nothing else)",
     )
     resume: str | None = option(
         None,
@@ -228,6 +332,7 @@ class TrainConfig:
         const="latest",
         metavar="DIR",
         simpletuner="resume_from_checkpoint",
+        check=RESUME_FROM,
     )
     # -- logging
     report_to: str = option(
@@ -241,62 +346,55 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
     # -- validation
     validation_source: str | None = option(
-        None, "eval shards or a folder of image + .txt pairs; unset: no validation"
+        None, "eval shards or a folder of image + .txt pairs; unset: no validation", check=VALIDATION_SOURCE
     )
     validation_every: int = option(
-        0, "validate every N steps (0: only at the end)", simpletuner="validation_steps"
+        0, "validate every N steps (0: only at the end)", simpletuner="validation_steps", check=at_least(0)
     )
-    validation_limit: int = option(2, "validation pairs to sample")
+    validation_limit: int = option(2, "validation pairs to sample", check=at_least(1))
     validation_frames: int = option(
-        DEFAULT_FRAMES, "frames of each validation video", simpletuner="validation_num_video_frames"
+        DEFAULT_FRAMES,
+        "frames of each validation video",
+        simpletuner="validation_num_video_frames",
+        check=CLIP_FRAMES,
     )
     validation_inference_steps: int = option(
-        DEFAULT_STEPS, "sampler steps", simpletuner="validation_num_inference_steps"
+        DEFAULT_STEPS, "sampler steps", simpletuner="validation_num_inference_steps", check=at_least(1)
     )
     validation_guidance: float = option(
-        DEFAULT_GUIDANCE, "classifier-free guidance (CFG-Zero*)", simpletuner="validation_guidance"
+        DEFAULT_GUIDANCE,
+        "classifier-free guidance (CFG-Zero*)",
+        simpletuner="validation_guidance",
+        check=number(0),
     )
     validation_area: str = option(
         format_area(DEFAULT_AREA),
         "HxW area the start images are fitted to (their nearest bucket)",
         aliases=("--validation-resolution", "--validation_resolution"),
         simpletuner="validation_resolution",
+        check=AREA_ON_GRID,
     )
-    validation_seed: int = option(0, "sampler seed", simpletuner="validation_seed")
+    validation_seed: int = option(0, "sampler seed", simpletuner="validation_seed", check=SEED)
 
     def __post_init__(self) -> None:
         if isinstance(self.gradient_checkpointing, bool):
             # SimpleTuner and TOML say true/false: true keeps attention outputs where memory allows.
             self.gradient_checkpointing = "selective" if self.gradient_checkpointing else "none"
+        # A file may name one shard spec or target as a plain string.
         if isinstance(self.shards, str):
             self.shards = [self.shards]
-        self.lora_targets = list(self.lora_targets)
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [self.lora_targets]
+        elif isinstance(self.lora_targets, tuple):
+            self.lora_targets = list(self.lora_targets)
 
     def validate(self) -> None:
-        """Raise ConfigError for values no run can use. Settings that do not combine are
-        ``longcat_train.techniques.check_techniques``'s to refuse."""
-        check_choices(self)
-        parse_area(self.validation_area)
-        if (self.frames - 1) % 4 or self.frames < 5:
-            raise ConfigError(
-                f"frames = {self.frames}: must be 4k+1 and at least 5 (the VAE's 4x time stride)"
-            )
-        if self.feed_forward_chunks < 1:
-            raise ConfigError(
-                f"feed_forward_chunks = {self.feed_forward_chunks}: must be at least 1 (1: no chunking)"
-            )
-        if self.block_swap < 0:
-            raise ConfigError(f"block_swap = {self.block_swap}: must be 0 (off) or more")
-        if self.lora_rank < 1:
-            raise ConfigError(f"lora_rank = {self.lora_rank}: must be at least 1")
-        if not self.lora_targets:
-            raise ConfigError("lora_targets is empty: name at least one DiT linear (e.g. attn.qkv)")
-        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ConfigError("train_batch_size and gradient_accumulation_steps must be at least 1")
-        if self.max_train_steps < 0 or (self.max_train_steps == 0 and self.num_train_epochs <= 0):
-            raise ConfigError("set max_train_steps > 0, or max_train_steps = 0 with num_train_epochs > 0")
-        if not 0 <= self.caption_dropout <= 1:
-            raise ConfigError(f"caption_dropout = {self.caption_dropout}: a probability in [0, 1]")
+        """ConfigError with one line per value no run can use: each field's type, choices and declared
+        check (``flags.config_errors``), then the rules between fields (``VALUE_RULES``). Settings that
+        do not combine are ``longcat_train.techniques.check_techniques``'s to refuse."""
+        errors = config_errors(self) or [message for clashes, message in VALUE_RULES if clashes(self)]
+        if errors:
+            raise ConfigError("\n".join(errors))
 
     @property
     def alpha(self) -> float:
@@ -318,6 +416,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Values of several fields that no run can use together: (test, the message naming the fix).
+VALUE_RULES: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
+    (
+        lambda c: c.max_train_steps == 0 and c.num_train_epochs <= 0,
+        "max_train_steps = 0: must come with num_train_epochs > 0 (set one of them)",
+    ),
+    (
+        lambda c: c.overwrite and c.resume is not None,
+        "overwrite and resume exclude each other: resume continues the run in output_dir, overwrite "
+        "deletes it; drop one",
+    ),
+)
+
 # Keys that may change between a run and its resume: where things go and how often things happen, not
 # what the model sees. Everything else must match the checkpoint.
 RESUMABLE_CHANGES = frozenset(
@@ -328,6 +439,8 @@ RESUMABLE_CHANGES = frozenset(
         "num_train_epochs",
         "checkpointing_steps",
         "checkpoints_total_limit",
+        "overwrite",
+        "allow_missing_shards",
     }
     | {"report_to", "wandb_project", "progress", "pin_memory"}
     | {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("validation_")}
@@ -340,10 +453,11 @@ def resume_mismatch(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     ``saved`` may come from an older version that named some keys differently (their aliases today)."""
     saved = canonical_keys(TrainConfig, saved)
     now = current.to_dict()
+    # Only keys the saved run had: a setting added since then kept its default behaviour there.
     return [
-        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-        for k in sorted(set(saved) | set(now))
-        if k not in RESUMABLE_CHANGES and _normal(saved.get(k)) != _normal(now.get(k))
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in sorted(set(saved) & set(now))
+        if k not in RESUMABLE_CHANGES and _normal(saved[k]) != _normal(now[k])
     ]
 
 
@@ -383,6 +497,19 @@ SAMPLE_LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+def _within_limits(name: str) -> Check:
+    return number(*SAMPLE_LIMITS[name])
+
+
+def _utf8(text: str | list[str]) -> bool:
+    for item in [text] if isinstance(text, str) else text:
+        item.encode("utf-8")
+    return True
+
+
+UTF8_TEXT = Check(_utf8, "UTF-8 text (set a UTF-8 locale or type it again)")
+
+
 @dataclass
 class SampleConfig:
     """What ``longcat-sample`` does; one field per flag. ``None`` sizes mean the model's defaults."""
@@ -396,30 +523,36 @@ class SampleConfig:
         "what happens in the video; repeat for several videos of the same start frame (seeds seed, seed+1, ...)",
         flag="--prompt",
         repeat=True,
+        check=UTF8_TEXT,
     )
-    negative_prompt: str = option("", "the unconditional prompt of guidance (empty, as upstream)")
+    negative_prompt: str = option(
+        "", "the unconditional prompt of guidance (empty, as upstream)", check=UTF8_TEXT
+    )
     output: str = option("out.mp4", "MP4 path (several prompts: out_0.mp4, ...)", aliases=("-o",))
     lora: list[str] = option(
         [],
         "LoRA safetensors, ours or the official format; with --serve, repeat to offer several on the page",
         repeat=True,
     )
-    lora_strength: float = option(1.0, "LoRA multiplier")
+    lora_strength: float = option(1.0, "LoRA multiplier", check=_within_limits("lora_strength"))
     frames: int | None = option(
-        None, f"4k+1 frames (others are rounded); default {DEFAULT_FRAMES}, {default_frames('tiny')} for tiny"
+        None,
+        f"4k+1 frames (others are rounded); default {DEFAULT_FRAMES}, {default_frames('tiny')} for tiny",
+        check=_within_limits("frames"),
     )
-    steps: int = option(DEFAULT_STEPS, "Euler steps")
-    guidance: float = option(DEFAULT_GUIDANCE, "CFG-Zero* scale; 1 = off")
-    shift: float = option(DEFAULT_SHIFT, "sigma shift (12 at 480p)")
-    seed: int = option(0, "noise seed (prompt i uses seed + i)")
+    steps: int = option(DEFAULT_STEPS, "Euler steps", check=_within_limits("steps"))
+    guidance: float = option(DEFAULT_GUIDANCE, "CFG-Zero* scale; 1 = off", check=_within_limits("guidance"))
+    shift: float = option(DEFAULT_SHIFT, "sigma shift (12 at 480p)", check=number(0, low_open=True))
+    seed: int = option(0, "noise seed (prompt i uses seed + i)", check=_within_limits("seed"))
     area: tuple[int, int] | None = option(
         None,
         f"bucket area HxW; the start image's shape picks the bucket (default {format_area(DEFAULT_AREA)}, "
         f"{format_area(default_area('tiny'))} for tiny)",
         parse=parse_area,
         aliases=("--size",),
+        check=AREA_ON_GRID,
     )
-    fps: int = option(DEFAULT_FPS, "frame rate of the MP4")
+    fps: int = option(DEFAULT_FPS, "frame rate of the MP4", check=_within_limits("fps"))
     gif: bool = option(False, "also write a small GIF preview beside the MP4")
     save_frames: bool = option(False, "also write every frame as PNG into out/")
     vae_tiling: bool = option(False, "decode in spatial tiles: less memory, a bit slower")
@@ -427,6 +560,7 @@ class SampleConfig:
         0,
         "keep the last N DiT blocks in host memory and stream them in (GPUs smaller than the model)",
         metavar="N",
+        check=at_least(0),
     )
     attention: str = option(
         "sdpa",
@@ -438,9 +572,16 @@ class SampleConfig:
     device: str | None = option(None, "default: cuda if available, else cpu")
     serve: bool = option(False, "serve the preview page instead of sampling once", group="preview page")
     host: str = option("127.0.0.1", "address the page listens on", group="preview page")
-    port: int = option(7860, "port the page listens on", group="preview page")
+    port: int = option(
+        7860,
+        "port the page listens on",
+        group="preview page",
+        check=_within_limits("port"),
+    )
     serve_dir: str = option("longcat_previews", "where the page's videos are written", group="preview page")
-    max_upload_mb: float = option(20.0, "largest start image the page accepts", group="preview page")
+    max_upload_mb: float = option(
+        20.0, "largest start image the page accepts", group="preview page", check=number(0, low_open=True)
+    )
 
     def __post_init__(self) -> None:
         # The tiny model is for trying the tools on a CPU: its defaults are the demo clips' small size.
@@ -449,34 +590,6 @@ class SampleConfig:
         self.area = parse_area(self.area)
         if self.frames is None:
             self.frames = default_frames(self.model)
-
-    def validate(self) -> None:
-        """Raise ConfigError, naming the flag, for values no video can use; files are the sampler's to check."""
-        check_choices(self)
-        for name, (low, high) in SAMPLE_LIMITS.items():
-            value = getattr(self, name)
-            if not low <= value <= high:  # NaN fails too
-                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be between {low} and {high}")
-        for name in ("shift", "max_upload_mb"):
-            value = getattr(self, name)
-            if not 0 < value < math.inf:
-                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a positive number")
-        if self.block_swap < 0:
-            raise ConfigError(f"--block-swap {self.block_swap}: must be 0 (off) or more")
-        if any(side % MODEL_SIDE_MULTIPLE for side in self.area):
-            raise ConfigError(
-                f"--area {format_area(self.area)}: both sides must be multiples of {MODEL_SIDE_MULTIPLE}, "
-                "e.g. 480x832"
-            )
-        for flag, text in [("--prompt", p) for p in self.prompts] + [
-            ("--negative-prompt", self.negative_prompt)
-        ]:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ConfigError(
-                    f"{flag} holds bytes that are not UTF-8 text; set a UTF-8 locale or type it again"
-                ) from None
 
     @property
     def video_settings(self) -> VideoSettings:

@@ -86,6 +86,16 @@ def mean_across(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value / d.world_size
 
 
+def agree(value: int, d: Dist, *, op: str) -> int:
+    """``op`` ("max" or "min") of one integer over ranks, the same on every rank; a cheap collective
+    for decisions all ranks must take together (stop now, this checkpoint is intact)."""
+    if not d.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=d.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def apply_ddp(model: nn.Module, d: Dist) -> DistributedDataParallel:
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     frozen += [name for name, _ in model.named_buffers()]

@@ -20,6 +20,7 @@ from peft.tuners.lora import LoraLayer
 from longcat_data.defaults import DEFAULT_MODEL
 from longcat_data.encode import default_dtype, encode_text, load_text_encoder, load_vae
 from longcat_data.files import NotWritable, check_writable
+from longcat_data.flags import check_config
 from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
 from longcat_train.config import SampleConfig, VideoSettings
@@ -181,7 +182,7 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
     """Refuse bad input before any model loads: values, the device, LoRA files, the start image, every
     path the command writes; when serving, the page's folder and address. Returns the start image (None
     when serving)."""
-    config.validate()
+    check_config(config)  # as parsing the flags did: a config built in Python gets the same checks
     _check_device(config.device)
     for lora in config.lora:
         check_lora(lora)

@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from longcat_data.flags import ConfigError, simpletuner_keys
+from longcat_data.flags import ConfigError, coerce_text, simpletuner_keys
 from longcat_train.architecture import ATTENTION_BACKENDS
 from longcat_train.config import BASE_PRECISIONS, TrainConfig, choices_of
 
@@ -117,16 +117,10 @@ def from_simpletuner(values: dict[str, Any], base_dir: str | Path = ".") -> dict
 
 
 def _convert(name: str, value: Any) -> Any:
-    kind = typing.get_type_hints(TrainConfig)[name]
+    """SimpleTuner configs mirror its command line, so numbers and booleans often come as text."""
     if name == "gradient_checkpointing" and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    if kind is int:
-        return int(float(value))
-    if kind is float:
-        return float(value)
-    if kind is bool and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes")
-    return value
+    return coerce_text(value, typing.get_type_hints(TrainConfig)[name])
 
 
 def _translate(key: str, value: str, table: dict[str, str], fallback: str) -> str:

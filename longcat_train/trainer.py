@@ -40,19 +40,27 @@ from longcat_data.stream import (
 )
 from longcat_train import flow, parallel
 from longcat_train.checkpoints import (
-    CONFIG_FILE,
-    LORA_FILE,
-    OFFICIAL_LORA_FILE,
+    CheckpointError,
     TrainState,
     check_resumable,
     export_lora,
     load_checkpoint,
-    resolve_resume,
     save_checkpoint,
     set_rng_state,
 )
 from longcat_train.config import ConfigError, TrainConfig, save_config
 from longcat_train.parallel import Dist
+from longcat_train.runs import (
+    CONFIG_FILE,
+    LORA_FILE,
+    METRICS_FILE,
+    OFFICIAL_LORA_FILE,
+    clear_run,
+    drop_after,
+    resume_candidates,
+    used_output,
+)
+from longcat_train.stopping import StopSignals, TrainingStopped
 from longcat_train.techniques import apply_techniques, check_techniques, load_device
 from longcat_train.validation import Validation
 
@@ -148,6 +156,8 @@ class StepResult:
     updated: bool
     data_wait: float  # seconds spent waiting for batches
     samples: int
+    keys: list[str] = field(default_factory=list)  # this rank's samples of the step
+    non_finite_keys: list[str] = field(default_factory=list)  # of micro-batches whose own loss was not finite
 
 
 def train_step(
@@ -165,6 +175,7 @@ def train_step(
         "cuda", torch.bfloat16, enabled=d.device.type == "cuda" and cfg.mixed_precision == "bf16"
     )
     total, waited, samples = torch.zeros((), device=d.device), 0.0, 0
+    micro_losses: list[tuple[list[str], torch.Tensor]] = []
     for micro in range(cfg.gradient_accumulation_steps):
         start = time.perf_counter()
         batch = next(batches)
@@ -175,6 +186,7 @@ def train_step(
             loss = training_loss(train_model, batch, cfg, generator, empty_embeds, d.device)
         (loss / cfg.gradient_accumulation_steps).backward()
         total += loss.detach()
+        micro_losses.append((list(batch.get("keys", [])), loss.detach()))
     loss = parallel.mean_across(total / cfg.gradient_accumulation_steps, d)
     grad_norm = parallel.total_grad_norm(params, cfg.max_grad_norm)
     # Every rank sees the same reduced loss and gradients, so all take the same branch.
@@ -182,7 +194,10 @@ def train_step(
     if updated:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss.item(), grad_norm.item(), updated, waited, samples)
+    keys = [k for batch_keys, _ in micro_losses for k in batch_keys]
+    # Looked at only when the step failed: reading each micro-batch's loss waits for the device.
+    non_finite = [] if updated else [k for ks, v in micro_losses if not torch.isfinite(v) for k in ks]
+    return StepResult(loss.item(), grad_norm.item(), updated, waited, samples, keys, non_finite)
 
 
 # ---------------------------------------------------------------- text embeddings
@@ -241,7 +256,7 @@ class Metrics:
         if not self.active:
             return
         out = Path(cfg.output_dir)
-        self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        self.jsonl = open(out / METRICS_FILE, "a", encoding="utf-8")
         if cfg.report_to != "none":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -326,7 +341,7 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
         raise ConfigError(
             "no shards: pass --shards DIR|PATTERN|hf://datasets/user/name (made by longcat-prep shard)"
         )
-    urls = expand_shard_spec(cfg.shards)
+    urls = expand_shard_spec(cfg.shards, allow_missing=cfg.allow_missing_shards)
     manifest = find_manifest(urls)
     encoders = encoder_ids(cfg.model)
     if manifest is not None:
@@ -347,9 +362,13 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume = resolve_resume(cfg)
-    if resume is not None:
-        check_resumable(resume, cfg, d)
+    candidates = resume_candidates(cfg)
+    if cfg.resume is not None and not candidates:
+        log.info("resume: no checkpoint in %s yet, starting from scratch", out)
+    resumed = load_checkpoint(candidates, d) if candidates else None
+    overwritten = used_output(cfg, resuming=cfg.resume is not None)
+    if resumed is not None:
+        check_resumable(resumed.path, cfg, d)
 
     urls, manifest, encoders = shard_checks(cfg)
     epoch_samples = cfg.epoch_samples or (sum(s["samples"] for s in manifest["shards"]) if manifest else 0)
@@ -361,6 +380,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         )
 
     validation = Validation(cfg, d, weight_dtype(cfg, d.device))
+    # Only now, with every check passed, does the folder change.
+    if d.main:
+        clear_run(out, overwritten)
+        if cfg.resume is not None:
+            drop_after(out, resumed.state.step if resumed is not None else 0)
+    parallel.barrier(d)
     shards_lack_text = manifest is not None and manifest.get("settings", {}).get("text_embeds") is False
     prompts = ([""] if cfg.caption_dropout > 0 else []) + validation.prompts
     text = prepare_text(cfg, d, urls, shards_lack_text, prompts)
@@ -368,23 +393,23 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     from longcat_train.loading import load_dit
 
-    state, lora_file, optim_state, rng = TrainState(world_size=d.world_size), None, None, None
-    if resume is not None:
-        state, lora_file, optim_state, rng = load_checkpoint(resume, d)
+    state = resumed.state if resumed is not None else TrainState(world_size=d.world_size)
     base = load_dit(cfg.model, dtype=weight_dtype(cfg, d.device), device=load_device(cfg, d.device))
+    lora_file = resumed.lora_file if resumed is not None else None
     train_model, model = apply_techniques(base, cfg, d, lora_weights=lora_file)
     params = [p for p in train_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, d.device)
-    if optim_state is not None:
-        parallel.load_optimizer_state(train_model, optimizer, optim_state)
+    if resumed is not None:
+        parallel.load_optimizer_state(train_model, optimizer, resumed.optimizer)
     if d.main:
         save_config(cfg, out / CONFIG_FILE)
 
     batches = build_loader(cfg, d, urls, encoders, state.batches, text.path if shards_lack_text else None)
     generator = torch.Generator(d.device).manual_seed(cfg.seed + d.rank)
     seed_rngs(cfg.seed + d.rank)
-    if rng is not None:
-        set_rng_state(rng, generator)  # last, so nothing after it draws before the first step
+    if resumed is not None:
+        set_rng_state(resumed.rng, generator)  # last, so nothing after it draws before the first step
+        resumed = None  # the optimizer state and LoRA weights are in the model now
     train_model.train()
     result = TrainResult(skipped_steps=state.skipped_steps)
     metrics = Metrics(cfg, d, state.step, total_steps)
@@ -405,43 +430,62 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             corrupt[batch["worker"]] = batch["skipped"]
             yield batch
 
-    data = counted(batches)
-    try:
-        while state.step < total_steps:
-            start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * lr_factor(
-                    state.step, warmup=cfg.lr_warmup_steps, total=total_steps, schedule=cfg.lr_scheduler
-                )
-            step = train_step(train_model, data, optimizer, params, cfg, generator, empty_embeds, d)
-            state.step += 1
-            state.samples += step.samples * d.world_size
-            if not step.updated:
-                state.skipped_steps += 1
-                log.warning(
-                    "step %d: loss %s, grad norm %s: update skipped (%d so far)",
-                    state.step,
-                    step.loss,
-                    step.grad_norm,
-                    state.skipped_steps,
-                )
-            result.losses[state.step] = step.loss
-            seconds = time.perf_counter() - start
-            metrics.log(
-                state.step,
-                _step_values(step, optimizer, seconds, state, epoch_samples, d),
-                _postfix(step, optimizer, seconds, d),
-            )
-            if validation.due(state.step, total_steps):
-                validation(train_model, state.step, text, metrics.tb)
-            if state.step == total_steps or (
-                cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0
-            ):
-                result.checkpoint = save_checkpoint(cfg, state, train_model, model, optimizer, generator, d)
-    finally:
-        metrics.close()
+    def checkpoint() -> Path:
+        return save_checkpoint(cfg, state, train_model, model, optimizer, generator, d)
 
-    export_lora(train_model, model, out, d)
+    def checkpoint_or_warn() -> Path | None:
+        """A checkpoint the run can do without: a refused write is a warning, training goes on."""
+        try:
+            return checkpoint()
+        except CheckpointError as err:
+            log.warning("%s; training goes on", err)
+            return None
+
+    data = counted(batches)
+    start_step = state.step
+    with StopSignals() as stop:
+        try:
+            while state.step < total_steps:
+                start = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.learning_rate * lr_factor(
+                        state.step, warmup=cfg.lr_warmup_steps, total=total_steps, schedule=cfg.lr_scheduler
+                    )
+                step = train_step(train_model, data, optimizer, params, cfg, generator, empty_embeds, d)
+                state.step += 1
+                state.samples += step.samples * d.world_size
+                if not step.updated:
+                    state.skipped_steps += 1
+                    _warn_skipped(state, step)
+                result.losses[state.step] = step.loss
+                seconds = time.perf_counter() - start
+                metrics.log(
+                    state.step,
+                    _step_values(step, optimizer, seconds, state, epoch_samples, d),
+                    _postfix(step, optimizer, seconds, d),
+                )
+                if state.step == total_steps:
+                    break
+                # A collective at every step boundary: all ranks stop at the same step.
+                signum = parallel.agree(stop.signum, d, op="max")
+                if signum:
+                    raise TrainingStopped(state.step, checkpoint(), signum, cfg.output_dir)
+                if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0:
+                    result.checkpoint = checkpoint_or_warn() or result.checkpoint
+                if validation.due(state.step, total_steps):
+                    validation(train_model, state.step, text, metrics.tb)
+            # The LoRA is on disk before the last validation, which may take long or fail.
+            if state.step > start_step:
+                result.checkpoint = checkpoint_or_warn() or result.checkpoint
+            export_lora(train_model, model, out, d)
+            if validation.due(state.step, total_steps):
+                if parallel.agree(stop.signum, d, op="max"):
+                    log.warning("stop requested after the last step: final validation skipped")
+                else:
+                    validation(train_model, state.step, text, metrics.tb)
+        finally:
+            metrics.close()
+
     result.lora_path = out / LORA_FILE
     result.skipped_steps = state.skipped_steps
     result.corrupt_samples = sum(corrupt.values())
@@ -450,6 +494,21 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if d.main:
         log.info("done: LoRA in %s and %s", out / LORA_FILE, out / OFFICIAL_LORA_FILE)
     return result
+
+
+def _warn_skipped(state: TrainState, step: StepResult) -> None:
+    if step.non_finite_keys:
+        culprits = f"non-finite loss on sample(s) {', '.join(step.non_finite_keys)}"
+    else:
+        culprits = f"this rank's samples: {', '.join(step.keys) or '?'}"
+    log.warning(
+        "step %d: loss %s, grad norm %s: update skipped (%d so far); %s",
+        state.step,
+        step.loss,
+        step.grad_norm,
+        state.skipped_steps,
+        culprits,
+    )
 
 
 def _step_values(

@@ -24,11 +24,11 @@ from webdataset.handlers import reraise_exception
 
 from longcat_data.defaults import DEFAULT_FPS
 from longcat_data.encode import load_vae
-from longcat_data.shards import CAPTION, COND_IMAGE
+from longcat_data.shards import CAPTION, COND_IMAGE, ShardError
 from longcat_data.stream import TextCache, expand_shard_spec, read_tars
-from longcat_data.video import IMAGE_EXTENSIONS, read_mp4, write_mp4
+from longcat_data.video import IMAGE_EXTENSIONS, VideoError, read_mp4, write_mp4
 from longcat_train import parallel
-from longcat_train.config import TrainConfig, VideoSettings
+from longcat_train.config import ConfigError, TrainConfig, VideoSettings
 from longcat_train.parallel import Dist
 from longcat_train.sampling import SampleInputError, fit_start_image, generate_videos, read_start_image
 
@@ -221,7 +221,11 @@ def _base_video(
 
 class Validation:
     """Samples the validation pairs with the current LoRA (``run_validation``) when the config names a
-    ``validation_source``; otherwise says so once and does nothing. ``dtype``: the VAE's weights."""
+    ``validation_source``; otherwise says so once and does nothing. ``dtype``: the VAE's weights.
+
+    The pairs are read and fitted to the validation area when training starts, so a bad source is a
+    ConfigError before anything loads; a validation that fails later (a sampling error, out of memory)
+    is logged in one line and training goes on."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, dtype: torch.dtype) -> None:
         self.cfg, self.d, self.dtype = cfg, d, dtype
@@ -230,7 +234,13 @@ class Validation:
         if not cfg.validation_source:
             log.info("no validation_source: validation off")
             return
-        self.pairs = load_validation_pairs(cfg.validation_source, cfg.validation_limit)
+        source = cfg.validation_source
+        try:
+            self.pairs = load_validation_pairs(source, cfg.validation_limit)
+            for pair in self.pairs:
+                fit_start_image(pair.image, cfg.validation_settings.area)
+        except (SampleInputError, ShardError, VideoError, OSError) as err:
+            raise ConfigError(f"validation_source {source}: {str(err).strip().splitlines()[-1]}") from err
 
     @property
     def prompts(self) -> list[str]:
@@ -243,13 +253,29 @@ class Validation:
         return bool(self.pairs) and (step == last or (every > 0 and step % every == 0))
 
     def __call__(self, model: nn.Module, step: int, text: TextCache, tb_writer: object | None) -> None:
-        """All ranks call this; with DDP rank 0 samples alone, with FSDP every rank takes part."""
+        """All ranks call this; with DDP rank 0 samples alone, with FSDP every rank takes part. Any
+        error inside is logged with the step and swallowed: a validation never ends a run."""
         sharded = parallel.is_fsdp(model)
         if self.d.main or sharded:
-            if self.vae is None:
-                self.vae = load_vae(self.cfg.model, device=self.d.device, dtype=self.dtype)
-            embeds = {p: text[p] for p in self.prompts}
-            out = self.cfg.output_dir if self.d.main else tempfile.mkdtemp(prefix="longcat-val-")
+            try:
+                self._sample(model, step, text, tb_writer, sharded)
+            except Exception as err:  # whatever sampling raises, the training is worth more
+                line = (str(err).strip().splitlines() or [""])[-1][:300]
+                log.warning(
+                    "validation at step %d failed (%s: %s); training goes on", step, type(err).__name__, line
+                )
+                if self.d.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        parallel.barrier(self.d)
+
+    def _sample(
+        self, model: nn.Module, step: int, text: TextCache, tb_writer: object | None, sharded: bool
+    ) -> None:
+        if self.vae is None:
+            self.vae = load_vae(self.cfg.model, device=self.d.device, dtype=self.dtype)
+        embeds = {p: text[p] for p in self.prompts}
+        out = self.cfg.output_dir if self.d.main else tempfile.mkdtemp(prefix="longcat-val-")
+        try:
             # Sampling must not move the training RNG, or a changed validation cadence would change training.
             with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
                 run_validation(
@@ -263,6 +289,6 @@ class Validation:
                     tb_writer=tb_writer if self.d.main else None,
                     sharded=sharded,
                 )
+        finally:
             if not self.d.main:
                 shutil.rmtree(out, ignore_errors=True)
-        parallel.barrier(self.d)

@@ -80,7 +80,9 @@ def test_manifest_lists_only_finished_shards_on_disk(tmp_path: Path) -> None:
     (tmp_path / "train-000001.tar.partial").write_bytes(b"")
     listed = [{"name": "train-000000.tar"}, {"name": "train-000001.tar"}]
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": listed}))
-    assert manifest_shards(tmp_path) == [str(tmp_path / "train-000000.tar")]
+    with pytest.raises(ShardError, match=r"2 shards, 1 of them missing \(train-000001.tar\).*allow-missing"):
+        manifest_shards(tmp_path)
+    assert manifest_shards(tmp_path, allow_missing=True) == [str(tmp_path / "train-000000.tar")]
     assert find_manifest([str(tmp_path / "train-000000.tar")])["shards"] == listed
     assert find_manifest(["pipe:curl -s https://example.org/train-000000.tar"]) is None
     assert find_manifest(["https://example.org/train-000000.tar"]) is None

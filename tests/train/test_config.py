@@ -184,7 +184,9 @@ def test_toml_and_cli_overrides(tmp_path):
         "none",
     )
     assert cfg.lora_targets == ["attn.qkv", "ffn.w1"] and cfg.resume == "latest"
-    assert parse_train_args(["--resume", "/x/ckpt"]).resume == "/x/ckpt"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000005"  # a resume path must exist
+    checkpoint.mkdir(parents=True)
+    assert parse_train_args(["--resume", str(checkpoint)]).resume == str(checkpoint)
     assert parse_train_args([]).resume is None
 
 

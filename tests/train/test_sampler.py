@@ -277,25 +277,28 @@ NOT_SAFETENSORS = (
             {"--save-frames": None, "-o": "notes.mp4"},
             "--save-frames notes: notes is a file, not a folder; choose another path",
         ),
-        ({"--guidance": "nan"}, "--guidance nan: must be between 0.0 and 20.0"),
-        ({"--lora-strength": "inf"}, "--lora-strength inf: must be between -4.0 and 4.0"),
-        ({"--shift": "inf"}, "--shift inf: must be a positive number"),
-        ({"--shift": "0"}, "--shift 0.0: must be a positive number"),
-        ({"--frames": "100001"}, "--frames 100001: must be between 5 and 257"),
-        ({"--steps": "0"}, "--steps 0: must be between 1 and 200"),
-        ({"--seed": str(2**64)}, f"--seed {2**64}: must be between 0 and {2**63 - 1}"),
-        ({"--fps": "0"}, "--fps 0: must be between 1 and 240"),
-        ({"--block-swap": "-1"}, "--block-swap -1: must be 0 (off) or more"),
+        ({"--guidance": "nan"}, "--guidance nan: must be a finite number in [0, 20]"),
+        ({"--lora-strength": "inf"}, "--lora-strength inf: must be a finite number in [-4, 4]"),
+        ({"--shift": "inf"}, "--shift inf: must be a finite number > 0"),
+        ({"--shift": "0"}, "--shift 0.0: must be a finite number > 0"),
+        ({"--frames": "100001"}, "--frames 100001: must be a finite number in [5, 257]"),
+        ({"--steps": "0"}, "--steps 0: must be a finite number in [1, 200]"),
+        ({"--seed": str(2**64)}, f"--seed {2**64}: must be a finite number in [0, {2**63 - 1}]"),
+        ({"--fps": "0"}, "--fps 0: must be a finite number in [1, 240]"),
+        ({"--block-swap": "-1"}, "--block-swap -1: must be >= 0"),
         (
             {"--prompt": "a cat \udcff"},
-            "--prompt holds bytes that are not UTF-8 text; set a UTF-8 locale or type it again",
+            "--prompt 'a cat \\udcff': must be UTF-8 text (set a UTF-8 locale or type it again)",
         ),
         (
             {"--negative-prompt": "\udcfe"},
-            "--negative-prompt holds bytes that are not UTF-8 text; set a UTF-8 locale or type it again",
+            "--negative-prompt '\\udcfe': must be UTF-8 text (set a UTF-8 locale or type it again)",
         ),
         ({"--device": "gpu0"}, "--device gpu0: not a device name (cpu, cuda, cuda:N)"),
-        ({"--size": "8x8"}, "--area 8x8: both sides must be multiples of 16, e.g. 480x832"),
+        (
+            {"--size": "8x8"},
+            "--area 8x8: must be HxW with both sides multiples of 16 (the model's pixel grid), e.g. 480x832",
+        ),
     ],
 )
 def test_cli_refuses_before_any_model_loads(
@@ -372,7 +375,7 @@ def test_serve_refuses_before_any_model_loads(tmp_path, monkeypatch, capsys) -> 
                 ["--host", "203.0.113.7"],
                 "--host 203.0.113.7 --port 0: cannot listen there (Cannot assign requested address); choose another --port or --host",
             ),
-            (["--max-upload-mb", "0"], "--max-upload-mb 0.0: must be a positive number"),
+            (["--max-upload-mb", "0"], "--max-upload-mb 0.0: must be a finite number > 0"),
         ]
         for extra, error in cases:
             assert sample_main(serve + extra) == 2, extra

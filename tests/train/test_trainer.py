@@ -276,6 +276,7 @@ def test_non_finite_loss_skips_the_update_and_training_goes_on(shard_copy, tmp_p
     rewrite_shard(shard_copy, poison)
     result = train(tiny_config(shard_copy, tmp_path, max_train_steps=4))
     assert 1 <= result.skipped_steps < 4 and "update skipped" in caplog.text
+    assert "non-finite loss on sample(s) beach_waves" in caplog.text  # the warning names the sample
     finite = [v for v in result.losses.values() if v == v]
     assert len(finite) == 4 - result.skipped_steps
     assert all(torch.isfinite(w).all() for w in load_file(str(result.lora_path)).values())
