@@ -39,6 +39,8 @@ from longcat_data.manifest import (
     build_manifest,
     read_manifest,
     read_states,
+    repair_hint,
+    verify_shards,
 )
 from longcat_data.shards import META
 
@@ -194,14 +196,9 @@ def load_finished_manifest(out_dir: str | Path) -> dict:
     names = [shard["name"] for shard in manifest.get("shards", [])]
     if not names:
         raise PushError(f"{out_dir}: {MANIFEST} lists no shards; nothing to push")
-    for shard in manifest["shards"]:
-        size = (out_dir / shard["name"]).stat().st_size if (out_dir / shard["name"]).is_file() else None
-        if size is None:
-            raise PushError(f"{out_dir}: shard {shard['name']} is in {MANIFEST} but not on disk")
-        if "bytes" in shard and size != shard["bytes"]:
-            raise PushError(
-                f"{out_dir}: shard {shard['name']} is {size} bytes, {MANIFEST} says {shard['bytes']}"
-            )
+    problems = verify_shards(out_dir, manifest["shards"], count_samples=False)
+    if problems:
+        raise PushError(f"{problems[0]}; {repair_hint(out_dir)}")
     strays = sorted(p.name for p in out_dir.glob("*.tar") if p.name not in set(names))
     if strays:
         raise PushError(

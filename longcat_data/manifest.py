@@ -281,7 +281,7 @@ def verify_shards(directory: Path, shards: Sequence[Mapping[str, Any]], *, count
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            problems.append(f"{path} is listed in {MANIFEST} but missing")
+            problems.append(f"{path} is listed in {MANIFEST} but not on disk")
             continue
         if "bytes" in shard and size != shard["bytes"]:
             problems.append(f"{path} is {size} bytes, {MANIFEST} records {shard['bytes']}")
