@@ -105,45 +105,49 @@ def list_videos(videos_dir: Path, exclude: Path | None = None) -> list[str]:
     """Relative paths of files with a video extension, sorted, through symlinked folders too.
 
     Hidden files and folders (e.g. macOS ._ forks) are left out, and so is ``exclude`` (the output
-    folder). A folder reached a second time (a symlink loop, or two links to one folder) is listed once,
-    under its first path; a folder that cannot be read is left out with a warning naming it.
+    folder). A folder reached twice (a symlink loop, a link to a folder listed already) is listed once:
+    real folders are walked before symlinks to folders, so a video keeps its real path where it has one.
+    A folder that cannot be read is left out with a warning naming it.
     """
     found: list[str] = []
     seen: set[Path] = set()
     excluded = exclude.resolve() if exclude is not None else None
-    pending = [(videos_dir, PurePosixPath())]
-    while pending:
-        folder, relative = pending.pop()
+    folders: list[tuple[Path, PurePosixPath]] = [(videos_dir, PurePosixPath())]
+    links: list[tuple[Path, PurePosixPath]] = []
+    while folders or links:
+        folder, relative = folders.pop() if folders else links.pop()
         real = folder.resolve()
         if excluded is not None and real.is_relative_to(excluded):
             continue
         if real in seen:
-            log.warning("%s is %s, listed already (a symlink loop?); not listed again", folder, real)
+            log.warning("%s leads to %s, listed already (a symlink loop?); not listed again", folder, real)
             continue
         seen.add(real)
         try:
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name, reverse=True)
         except OSError as err:
+            if folder == videos_dir:
+                raise ValueError(
+                    f"cannot read the videos folder {folder} ({err.strerror}); check its permissions"
+                ) from err
             log.warning(
                 "cannot read folder %s (%s); its videos are left out: fix its permissions",
                 folder,
                 err.strerror,
             )
             continue
-        subfolders = []
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             try:
-                is_dir = entry.is_dir()  # follows symlinks
+                is_dir, is_link = entry.is_dir(), entry.is_symlink()  # is_dir follows symlinks
             except OSError as err:
                 log.warning("cannot read %s (%s); left out", entry.path, err.strerror)
                 continue
             if is_dir:
-                subfolders.append((Path(entry.path), relative / entry.name))
+                (links if is_link else folders).append((Path(entry.path), relative / entry.name))
             elif Path(entry.name).suffix.lower() in VIDEO_EXTENSIONS:
                 found.append((relative / entry.name).as_posix())
-        pending.extend(reversed(subfolders))
     return sorted(found)
 
 

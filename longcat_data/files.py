@@ -63,6 +63,9 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err  # named by the file, not the temporary
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -51,23 +51,26 @@ class RecordError(ShardError):
 
 
 def _check_fields(
-    value: Any, fields: Mapping[str, type | tuple[type, ...]], what: str, required: bool
+    value: Any, fields: Mapping[str, type | tuple[type, ...]], where: str, *, required: bool, at: str = ""
 ) -> None:
-    """FileFormatError when ``value`` is not an object with these fields of these types (bool is no int)."""
+    """FileFormatError "``where``: ``at``NAME is str, expected int" for the first field of another type
+    (or missing, when ``required``); bool does not count as int."""
     if not isinstance(value, dict):
-        raise FileFormatError(f"{what} is {type(value).__name__}, expected an object")
+        raise FileFormatError(
+            f"{where}: {at.rstrip('.') or 'the content'} is {type(value).__name__}, expected an object"
+        )
     for name, kind in fields.items():
         if name not in value:
             if required:
-                raise FileFormatError(f"{what} has no {name!r}")
+                raise FileFormatError(f"{where}: {at}{name} is missing")
             continue
         got = value[name]
         if not isinstance(got, kind) or (isinstance(got, bool) and kind is int):
             expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise FileFormatError(f"{what}.{name} is {type(got).__name__}, expected {expected}")
+            raise FileFormatError(f"{where}: {at}{name} is {type(got).__name__}, expected {expected}")
 
 
-def _check_items(value: dict | list, item: type, what: str) -> None:
+def _check_items(value: dict | list, item: type, where: str, at: str) -> None:
     """FileFormatError unless every value (and every key of a dict, as a str) has the right type."""
     keys = value.keys() if isinstance(value, dict) else ()
     values = value.values() if isinstance(value, dict) else value
@@ -75,7 +78,7 @@ def _check_items(value: dict | list, item: type, what: str) -> None:
         isinstance(v, item) and not (isinstance(v, bool) and item is int) for v in values
     )
     if not good:
-        raise FileFormatError(f"{what} holds other things than {item.__name__}s")
+        raise FileFormatError(f"{where}: {at} holds other things than {item.__name__}s")
 
 
 RECORD_FIELDS = {"name": str, "samples": int, "bytes": int, "keys": list, "inputs": dict, "buckets": dict}
@@ -129,14 +132,14 @@ class StreamState:
         _check_fields(d, STATE_FIELDS, what, required=True)
         shards = []
         for i, s in enumerate(d["shards"]):
-            where = f"{what}: shards[{i}]"
-            _check_fields(s, RECORD_FIELDS, where, required=True)
-            _check_items(s["keys"], str, f"{where}.keys")
-            _check_items(s["inputs"], str, f"{where}.inputs")
-            _check_items(s["buckets"], int, f"{where}.buckets")
+            at = f"shards[{i}]"
+            _check_fields(s, RECORD_FIELDS, what, required=True, at=f"{at}.")
+            _check_items(s["keys"], str, what, f"{at}.keys")
+            _check_items(s["inputs"], str, what, f"{at}.inputs")
+            _check_items(s["buckets"], int, what, f"{at}.buckets")
             shards.append(ShardRecord(**{k: s[k] for k in RECORD_FIELDS}))
         for i, entry in enumerate(d["rejected"]):
-            _check_fields(entry, {"source": str, "reason": str}, f"{what}: rejected[{i}]", required=True)
+            _check_fields(entry, {"source": str, "reason": str}, what, required=True, at=f"rejected[{i}].")
         return cls(**{k: d[k] for k in STATE_FIELDS if k != "shards"}, shards=shards)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,8 +174,10 @@ def read_manifest(out_dir: str | Path) -> dict | None:
         if manifest is not None:
             _check_fields(manifest, MANIFEST_FIELDS, str(path), required=False)
             for i, shard in enumerate(manifest.get("shards", [])):
-                _check_fields(shard, {"name": str}, f"{path}: shards[{i}]", required=True)
-                _check_fields(shard, {"samples": int, "bytes": int}, f"{path}: shards[{i}]", required=False)
+                _check_fields(shard, {"name": str}, str(path), required=True, at=f"shards[{i}].")
+                _check_fields(
+                    shard, {"samples": int, "bytes": int}, str(path), required=False, at=f"shards[{i}]."
+                )
     except FileFormatError as err:
         raise RecordError(
             f"{err}; rebuild it from the prep states with `longcat-prep merge {out_dir}`"

@@ -55,6 +55,16 @@ UNLISTED = ".unlisted"
 DEFAULT_SHARD_BYTES = 1_000_000_000
 
 
+class DirectTarWriter(TarWriter):
+    """``TarWriter`` writing straight into its file (tar mode ``w:``) rather than through tarfile's
+    stream buffer, so a shard dropped after a failed write leaves no buffer that would later be flushed
+    into the closed file."""
+
+    @staticmethod
+    def tarmode(fileobj: Any, compress: Any = None) -> str:
+        return "w:"
+
+
 def stream_name(rank: int, world_size: int) -> str:
     """Shard-name prefix of one writer: ``train`` alone, ``train-r{rank}`` when split over ranks."""
     if not 0 <= rank < world_size:
@@ -120,9 +130,13 @@ def recover_stream(out_dir: Path, stream: str, records: list[ShardRecord]) -> li
     return kept
 
 
-def adopt_shard(path: Path, encoders: Mapping[str, Any], taken: set[str]) -> ShardRecord | str:
+def adopt_shard(
+    path: Path, encoders: Mapping[str, Any], taken: set[str], single_clip: bool
+) -> ShardRecord | str:
     """The record of a finished shard no state lists (its state was lost or moved away), read back
-    from the tar; or why it cannot be adopted. ``taken``: keys recorded elsewhere."""
+    from the tar; or why it cannot be adopted. ``taken``: keys recorded elsewhere. With one clip per
+    video (``single_clip``) a clip is its whole input, so its input counts as done too; otherwise the
+    inputs are probed again on the next run (their written clips are still skipped)."""
     damage: list[Any] = []
     with open(path, "rb") as f:
         members = ({"fname": n, "data": d, "__url__": str(path)} for n, d in tar_members(f, damage.append))
@@ -130,6 +144,7 @@ def adopt_shard(path: Path, encoders: Mapping[str, Any], taken: set[str]) -> Sha
     if damage:
         return f"is damaged ({damage[0].describe()})"
     keys: list[str] = []
+    inputs: dict[str, str] = {}
     buckets: Counter[str] = Counter()
     for sample in samples:
         key = sample["__key__"]
@@ -145,7 +160,9 @@ def adopt_shard(path: Path, encoders: Mapping[str, Any], taken: set[str]) -> Sha
             return f"holds sample {key}, which is recorded already"
         keys.append(key)
         buckets[bucket] += 1
-    return ShardRecord(path.name, len(keys), path.stat().st_size, keys, {}, dict(buckets))
+        if single_clip and isinstance(meta.get("source"), str):
+            inputs[key] = meta["source"]
+    return ShardRecord(path.name, len(keys), path.stat().st_size, keys, inputs, dict(buckets))
 
 
 class ShardWriter:
@@ -184,13 +201,13 @@ class ShardWriter:
             self._tidy(settings, encoders)
         except OSError as err:
             self._stream_lock.release()
-            raise OutputError(describe_os_error(err)) from err
+            raise OutputError(describe_os_error(err, err.filename or self.out_dir)) from err
         except BaseException:
             self._stream_lock.release()
             raise
 
         self._lock = threading.RLock()
-        self._tar: TarWriter | None = None
+        self._tar: DirectTarWriter | None = None
         self._file: IO[bytes] | None = None
         self._broken = False  # the shard in progress may end mid-sample
         self._failed: OutputError | None = None  # a write to disk failed: nothing more is written
@@ -209,8 +226,9 @@ class ShardWriter:
                 self._write(sample, bucket)
             except OSError as err:
                 self._failed = OutputError(
-                    f"{describe_os_error(err)}, then re-run the same command to continue (the shards "
-                    "finished so far are kept; the one in progress is dropped and encoded again)"
+                    f"{describe_os_error(err, err.filename or self._partial_path())}, then re-run the same "
+                    "command to continue (the shards finished so far are kept; the one in progress is "
+                    "dropped and encoded again)"
                 )
                 raise self._failed from err
 
@@ -247,8 +265,8 @@ class ShardWriter:
                     )
                     return None
                 raise OutputError(
-                    f"{describe_os_error(err)}, then re-run the same command to continue "
-                    "(the shards finished so far are kept)"
+                    f"{describe_os_error(err, err.filename or self._path)}, then re-run the same command "
+                    "to continue (the shards finished so far are kept)"
                 ) from err
             finally:
                 self._stream_lock.release()
@@ -281,7 +299,7 @@ class ShardWriter:
         for path in stream_shards(self.out_dir, self.stream):
             if path.name in recorded:
                 continue
-            adopted = adopt_shard(path, encoders, taken)
+            adopted = adopt_shard(path, encoders, taken, settings.get("clips_per_video", 1) == 1)
             if isinstance(adopted, str):
                 set_aside(path, f"is not in any prep state and {adopted}")
                 continue
@@ -348,7 +366,7 @@ class ShardWriter:
     def _open(self) -> None:
         self._file = open(self._partial_path(), "wb")
         # PAX headers: member names come from user file names, which may be long or non-ASCII.
-        self._tar = TarWriter(self._file, encoder=False, format="PAX_FORMAT")
+        self._tar = DirectTarWriter(self._file, encoder=False, format="PAX_FORMAT")
 
     def _close_file(self) -> None:
         if self._tar is not None and self._file is not None:
