@@ -314,7 +314,7 @@ def match_captions(
             f"entry {key!r} could be {uncaptioned[0]} or {other}; write its path relative to the videos folder",
         )
     captions = {source: caption for source, (_, caption) in {**by_name, **by_path}.items()}
-    return MatchedCaptions(captions, unmatched)
+    return MatchedCaptions(captions, sorted(unmatched))
 
 
 def _relative_key(key: str, root: Path) -> str:

@@ -211,15 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _is_user_error(err: BaseException) -> bool:
     """Errors printed as one line (exit 2) rather than a traceback; imported only once one is raised, so
     ``--help`` loads none of the modules that define them. ``RecordError`` and ``ShardError`` are
-    ``ValueError``s; ``OutputError`` covers a failing disk and a locked output folder."""
+    ``ValueError``s; ``OutputError`` covers a failing disk and a locked output folder; any other
+    ``OSError`` that gets this far is the system's (a disk, a permission), not a bug of ours."""
     from longcat_data.captions import CaptionError
     from longcat_data.files import OutputError
     from longcat_data.hub import PushError
     from longcat_data.manifest import OutputMismatch
 
-    return isinstance(
-        err, (ValueError, FileNotFoundError, OutputMismatch, OutputError, CaptionError, PushError)
-    )
+    return isinstance(err, (ValueError, OSError, OutputMismatch, OutputError, CaptionError, PushError))
+
+
+def _one_line(err: BaseException) -> str:
+    """An OSError from the system (errno set) as file, cause and fix; any other error as its message."""
+    from longcat_data.files import describe_os_error
+
+    return describe_os_error(err) if isinstance(err, OSError) and err.errno else str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not _is_user_error(err):
             raise
-        print(f"longcat-prep {args.command}: error: {err}", file=sys.stderr)
+        print(f"longcat-prep {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -39,7 +39,8 @@ def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
     """One line for an OSError: the file, what went wrong and what to do about it."""
     where = path if path is not None else err.filename
     fix = IO_FIXES.get(err.errno or 0, "check the disk and the path")
-    return f"{where}: {err.strerror or err}; {fix}"
+    cause = f"{err.strerror or err}; {fix}"
+    return cause if where is None else f"{where}: {cause}"
 
 
 def temporary_path(path: Path) -> Path:

@@ -106,8 +106,11 @@ class StreamLock:
         self._beat: threading.Thread | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
+        except OSError as err:
+            raise OutputError(describe_os_error(err, self.path)) from err
         fd = file.fileno()
         try:
             flocked = self._flock(fd)
@@ -127,6 +130,9 @@ class StreamLock:
                 )
             self._write(fd, json.dumps(asdict(self.holder)))
             self._file = file
+        except OSError as err:
+            file.close()
+            raise OutputError(describe_os_error(err, self.path)) from err
         except BaseException:
             file.close()
             raise

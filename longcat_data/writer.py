@@ -154,7 +154,7 @@ def adopt_shard(
             bucket = bucket_name(*meta["bucket"])
         except (ValueError, KeyError, TypeError) as err:
             return f"holds an unreadable sample {key} ({err})"
-        if meta.get("encoders") != dict(encoders):
+        if meta.get("encoders") not in (None, dict(encoders)):  # as readers judge it
             return f"holds sample {key} made with other encoders ({meta.get('encoders')})"
         if key in taken or key in keys:
             return f"holds sample {key}, which is recorded already"
