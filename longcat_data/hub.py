@@ -223,17 +223,18 @@ def _check_shard_encoders(shard: Path, encoders: dict) -> None:
 
     Only the small ``.json`` members are read; the tar index lets the reader seek past the latents.
     """
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if not member.name.endswith(f".{META}"):
-                continue
-            meta = json.load(tar.extractfile(member))
-            found = meta.get("encoders")
-            if found is not None and found != encoders:
-                raise PushError(
-                    f"{shard}: sample {member.name} was encoded with {found}, the manifest says {encoders}: "
-                    "this dir mixes encoders; re-run prep into a fresh dir with one --model"
-                )
+    try:
+        with tarfile.open(shard) as tar:
+            metas = [(m.name, json.load(tar.extractfile(m))) for m in tar if m.name.endswith(f".{META}")]
+    except (tarfile.TarError, ValueError) as err:
+        raise PushError(f"{shard} is damaged ({err}); run longcat-prep inspect on its folder") from err
+    for name, meta in metas:
+        found = meta.get("encoders")
+        if found is not None and found != encoders:
+            raise PushError(
+                f"{shard}: sample {name} was encoded with {found}, the manifest says {encoders}: "
+                "this dir mixes encoders; re-run prep into a fresh dir with one --model"
+            )
 
 
 def split_patterns(shard_names: Iterable[str]) -> dict[str, str]:

@@ -372,6 +372,7 @@ def run_shard(
             max_bytes=parse_size(cfg.shard_size),
         )
         finished = False
+        records: Iterator[dict] | None = None
         try:
             stats = PrepStats()
             todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
@@ -415,9 +416,15 @@ def run_shard(
                 write_clips(batches, writer, ids, stats, bar)
             finished = True
         finally:
-            # A stop signal now waits: the shard in progress is being closed and the state saved.
-            with stop.deferred(raise_after=finished):
-                writer.close(complete=finished)
+            try:
+                # A stop signal now waits: the shard in progress is being closed and the state saved.
+                with stop.deferred(raise_after=finished):
+                    writer.close(complete=finished)
+            finally:
+                if records is not None:
+                    # Stops the decode workers now rather than whenever the generator is collected: they
+                    # ignore stop signals, so only this tells them to go.
+                    records.close()
     stats.shards = len(writer.state.shards)
     stats.wall_seconds = time.perf_counter() - started
     return stats

@@ -49,6 +49,11 @@ FAULT_SCRIPT = """
 import os, signal, sys
 from longcat_data import cli, clips, prep, writer
 
+# As a shell starts a command, whatever the test runner ignores (nohup, a background job).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 point, nth, name = os.environ["FAULT"].split(":")
 sig, nth, calls = getattr(signal, "SIG" + name), int(nth), []
 
