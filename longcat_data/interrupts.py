@@ -2,10 +2,12 @@
 Ctrl-C does, by an exception in the main thread that the pipeline's cleanup already handles.
 
 ``stop_signals()`` installs the handlers for its block and puts the previous ones back after it (so a
-library caller keeps its own); a signal that was ignored (SIGHUP under ``nohup``) stays ignored. The first signal raises ``Interrupted``; later ones are only logged, so a
-second Ctrl-C cannot cut the cleanup short. Inside ``deferred()`` (closing a shard) the first signal
-waits until the block ends. ``Interrupted`` is a ``KeyboardInterrupt``, so code that handles Ctrl-C
-handles all three, and its ``exit_code`` is the shell's 128 + signal number.
+library caller keeps its own); a signal that was ignored (SIGHUP under ``nohup``) stays ignored. The
+first signal raises ``Interrupted``: at once, or, inside ``deferred()`` (closing a shard), when the block
+ends, or, while ``between()`` fetches the next input, once it has arrived (a second signal there stops
+the wait). Later signals are only logged, so a second Ctrl-C cannot cut the cleanup short.
+``Interrupted`` is a ``KeyboardInterrupt``, so code that handles Ctrl-C handles all three, and its
+``exit_code`` is the shell's 128 + signal number.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+T = TypeVar("T")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,10 +46,13 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._deferring = 0
+        self._waiting = False
         self._raised = False
 
     def handle(self, signum: int, _: FrameType | None) -> None:
         if self.received is not None:
+            if self._waiting and not self._deferring and not self._raised:
+                self._raise()  # asked twice: stop waiting for the input in flight (a hung decoder?)
             log.warning(
                 "%s: already stopping (closing the shard in progress); kill -9 to stop at once, "
                 "losing that shard",
@@ -55,9 +61,29 @@ class StopSignals:
             return
         self.received = signum
         log.warning("%s: stopping after the clip in flight", signal.Signals(signum).name)
-        if not self._deferring:
-            self._raised = True
-            raise Interrupted(signum)
+        if not self._deferring and not self._waiting:
+            self._raise()
+
+    def _raise(self) -> None:
+        assert self.received is not None
+        self._raised = True
+        raise Interrupted(self.received)
+
+    def between(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, a first stop signal raising only between two of them: one arriving while the next
+        item is being fetched (a decode worker's transfer, an inline decode) waits for it."""
+        iterator = iter(items)
+        while True:
+            self._waiting = True
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self._waiting = False
+            if self.received is not None and not self._raised:
+                self._raise()
+            yield item
 
     @contextmanager
     def deferred(self, *, raise_after: bool = True) -> Iterator[None]:
@@ -69,8 +95,7 @@ class StopSignals:
         finally:
             self._deferring -= 1
         if raise_after and self.received is not None and not self._raised and not self._deferring:
-            self._raised = True
-            raise Interrupted(self.received)
+            self._raise()
 
 
 @contextmanager

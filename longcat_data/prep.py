@@ -407,10 +407,13 @@ def run_shard(
             clips = len(todo) * cfg.clips_per_video
             with logging_redirect_tqdm(), progress_bar(clips, rank, world) as bar:
                 records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")
+                # A signal while an input is being received waits for it: cut short, the transfer from
+                # the decode worker would fail noisily on both sides.
+                prepared = stop.between(records)
                 # Duplicate keys are the listing's, so one rank reports them.
                 samples = chain(
                     duplicates if rank == 0 else [],
-                    clips_of_inputs(records, writer, bar, cfg.clips_per_video),
+                    clips_of_inputs(prepared, writer, bar, cfg.clips_per_video),
                 )
                 batches = encode_batches(same_shape_batches(samples, cfg.batch_size), enc, stats)
                 write_clips(batches, writer, ids, stats, bar)

@@ -164,9 +164,9 @@ def test_killed_or_stopped_at_a_seam_then_rerun(
     assert run.returncode == code, err
     if code > 0:
         signame = fault.rsplit(":", 1)[1]
-        assert (
-            err.strip().splitlines()[-1] == f"interrupted (SIG{signame}); re-run the same command to continue"
-        )
+        last = err.strip().splitlines()[-1]
+        assert last == f"interrupted (SIG{signame}); re-run the same command to continue", err
+        assert "Traceback" not in err, err
         assert not list(out.glob("*.partial")), "the shard in progress was closed, not left half-written"
     if fault.startswith("recorded"):
         assert (out / "train-000000.tar.partial").is_file() and not (out / "train-000000.tar").exists()

@@ -69,3 +69,27 @@ def test_outside_the_main_thread_nothing_changes() -> None:
     thread.start()
     thread.join()
     assert seen == [(before, None)]
+
+
+@pytest.mark.usefixtures("own_handlers")
+def test_a_signal_while_an_input_is_fetched_waits_for_it_and_a_second_one_stops_the_wait() -> None:
+    fetched, used = [], []
+
+    def inputs():
+        signal.raise_signal(signal.SIGTERM)  # arrives mid-fetch: the fetch goes on
+        fetched.append(1)
+        yield 1
+
+    with pytest.raises(Interrupted), stop_signals() as stop:
+        used.extend(stop.between(inputs()))
+    assert (fetched, used) == ([1], []), "fetched whole, then dropped: the signal raised before its use"
+
+    def hung():
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # asked again: stop waiting
+        fetched.append(2)
+        yield 2
+
+    with pytest.raises(Interrupted), stop_signals() as stop:
+        used.extend(stop.between(hung()))
+    assert (fetched, used) == ([1], [])
