@@ -59,7 +59,7 @@ def run_merge(cfg: MergeConfig) -> None:
 
     manifest = merge_manifest(cfg.out_dir)
     samples = sum(s["samples"] for s in manifest["shards"])
-    state = "complete" if manifest["complete"] else "INCOMPLETE (some rank has not finished)"
+    state = "complete" if manifest["complete"] else "INCOMPLETE (a rank has not finished, or see the warning)"
     print(f"{cfg.out_dir}/manifest.json: {samples} samples in {len(manifest['shards'])} shards, {state}")
 
 

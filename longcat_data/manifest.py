@@ -288,10 +288,17 @@ def verify_shards(directory: Path, shards: Sequence[Mapping[str, Any]], *, count
         except FileNotFoundError:
             problems.append(f"{path} is listed in {MANIFEST} but not on disk")
             continue
+        except OSError as err:
+            problems.append(f"{path} cannot be read ({err.strerror})")
+            continue
         if "bytes" in shard and size != shard["bytes"]:
             problems.append(f"{path} is {size} bytes, {MANIFEST} records {shard['bytes']}")
         elif count_samples and "samples" in shard:
-            keys, damage = shard_keys(path)
+            try:
+                keys, damage = shard_keys(path)
+            except OSError as err:
+                problems.append(f"{path} cannot be read ({err.strerror})")
+                continue
             if damage:
                 problems.append(f"{path} is damaged ({damage[0].describe()})")
             elif len(keys) != shard["samples"]:
