@@ -49,7 +49,9 @@ def _is_header(block: bytes) -> bool:
     except ValueError:
         return False
     blank = block[:148] + b" " * 8 + block[156:]
-    return stored in (sum(blank), sum(b - 256 if b > 127 else b for b in blank))
+    if stored == sum(blank):
+        return True
+    return stored == sum(blank) - 256 * sum(1 for b in blank if b > 127)  # old tars summed signed bytes
 
 
 def _padded(size: int) -> int:
@@ -135,7 +137,10 @@ def tar_members(
                 on_damage(Damage(start, None))
                 return
             if kind == b"x":
-                records = _pax_records(data[:member_size])
+                try:
+                    records = _pax_records(data[:member_size])
+                except ValueError:
+                    records = {}  # garbled: the ustar header's own name and size stand
                 name = records.get("path")
                 size = int(records["size"]) if "size" in records else None
             elif kind == b"L":
