@@ -26,6 +26,7 @@ from longcat_data.config import (
 )
 from longcat_data.defaults import DEMO_AREA, DEMO_FRAMES
 from longcat_data.flags import add_flags, parse
+from longcat_data.interrupts import Interrupted
 
 
 def run_demo(cfg: DemoConfig) -> None:
@@ -58,13 +59,13 @@ def run_merge(cfg: MergeConfig) -> None:
 
     manifest = merge_manifest(cfg.out_dir)
     samples = sum(s["samples"] for s in manifest["shards"])
-    state = "complete" if manifest["complete"] else "INCOMPLETE (some rank has not finished)"
+    state = "complete" if manifest["complete"] else "INCOMPLETE (a rank has not finished, or see the warning)"
     print(f"{cfg.out_dir}/manifest.json: {samples} samples in {len(manifest['shards'])} shards, {state}")
 
 
 def caption_prompt(cfg: CaptionConfig) -> str:
     """``--prompt-template``: the text itself, ``@FILE`` to read it, or the default template."""
-    from longcat_data.captions import DEFAULT_PROMPT_TEMPLATE
+    from longcat_data.qwen_captions import DEFAULT_PROMPT_TEMPLATE
 
     if cfg.prompt_template is None:
         return DEFAULT_PROMPT_TEMPLATE
@@ -76,8 +77,8 @@ def caption_prompt(cfg: CaptionConfig) -> str:
 def run_caption(cfg: CaptionConfig) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from longcat_data.captions import QwenCaptioner, caption_videos
     from longcat_data.clips import list_videos
+    from longcat_data.qwen_captions import QwenCaptioner, caption_videos
 
     videos_dir = Path(cfg.videos_dir)
     if not videos_dir.is_dir():
@@ -140,6 +141,9 @@ file name with a warning; jsonl/csv map file names to captions (file_name + capt
 'qwen' captions every video with Qwen-2.5-VL first (cached in OUT_DIR/.prep, so reruns skip it).
 Rerunning into the same OUT_DIR resumes: finished shards are kept and their videos skipped. A different
 --model or content setting is refused. Bad inputs are reported, listed in manifest.json, and skipped.
+SIGTERM/SIGHUP (a scheduler stopping the job) act like Ctrl-C: the shard in progress is closed with its
+whole clips and the state saved; the exit code is 128 + the signal. One writer per output stream: a
+second run into the same OUT_DIR is refused while the first runs (lock: OUT_DIR/.prep/STREAM.lock).
 """
 
 CAPTION_EPILOG = """\
@@ -206,12 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _is_user_error(err: BaseException) -> bool:
     """Errors printed as one line (exit 2) rather than a traceback; imported only once one is raised, so
-    ``--help`` loads none of the modules that define them."""
+    ``--help`` loads none of the modules that define them. ``RecordError`` and ``ShardError`` are
+    ``ValueError``s; ``OutputError`` covers a failing disk and a locked output folder; any other
+    ``OSError`` that gets this far is the system's (a disk, a permission), not a bug of ours."""
     from longcat_data.captions import CaptionError
+    from longcat_data.files import OutputError
     from longcat_data.hub import PushError
     from longcat_data.manifest import OutputMismatch
 
-    return isinstance(err, (ValueError, FileNotFoundError, OutputMismatch, CaptionError, PushError))
+    return isinstance(err, (ValueError, OSError, OutputMismatch, OutputError, CaptionError, PushError))
+
+
+def _one_line(err: BaseException) -> str:
+    """An OSError from the system (errno set) as file, cause and fix; any other error as its message."""
+    from longcat_data.files import describe_os_error
+
+    return describe_os_error(err) if isinstance(err, OSError) and err.errno else str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(cls, args)
         run(cfg)
+    except Interrupted as err:
+        print(f"interrupted ({err.name}); re-run the same command to continue", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; re-run the same command to continue", file=sys.stderr)
         return 130
     except Exception as err:
         if not _is_user_error(err):
             raise
-        print(f"longcat-prep {args.command}: error: {err}", file=sys.stderr)
+        print(f"longcat-prep {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,19 +16,21 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import re
 import signal
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from longcat_data.buckets import Bucket, InputTooSmall, choose_bucket, clip_starts, trim_to_4k_plus_1
 from longcat_data.captions import Captioner, CaptionError, CaptionSource, resolve_caption
+from longcat_data.interrupts import ignore_stop_signals
 from longcat_data.video import (
     VIDEO_EXTENSIONS,
     VideoError,
@@ -42,6 +44,8 @@ from longcat_data.video import (
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+# Rates outside these are warned about: real footage, slow motion included, sits well inside.
+MIN_PLAUSIBLE_FPS, MAX_PLAUSIBLE_FPS = 1.0, 240.0
 
 
 # ---------------------------------------------------------------- inputs and rejections (pure)
@@ -98,17 +102,53 @@ def assign_keys(sources: Iterable[str], done: dict[str, str]) -> tuple[list[dict
 
 
 def list_videos(videos_dir: Path, exclude: Path | None = None) -> list[str]:
-    """Relative paths of files with a video extension; hidden files (e.g. macOS ._ forks) are left out."""
-    found = []
-    for path in videos_dir.rglob("*"):
-        relative = path.relative_to(videos_dir)
-        if any(part.startswith(".") for part in relative.parts):
+    """Relative paths of files with a video extension, sorted, through symlinked folders too.
+
+    Hidden files and folders (e.g. macOS ._ forks) are left out, and so is ``exclude`` (the output
+    folder). A folder reached twice (a symlink loop, a link to a folder listed already) is listed once:
+    real folders are walked before symlinks to folders, so a video keeps its real path where it has one.
+    A folder that cannot be read is left out with a warning naming it.
+    """
+    found: list[str] = []
+    seen: set[Path] = set()
+    excluded = exclude.resolve() if exclude is not None else None
+    folders: list[tuple[Path, PurePosixPath]] = [(videos_dir, PurePosixPath())]
+    links: list[tuple[Path, PurePosixPath]] = []
+    while folders or links:
+        folder, relative = folders.pop() if folders else links.pop()
+        real = folder.resolve()
+        if excluded is not None and real.is_relative_to(excluded):
             continue
-        if exclude is not None and path.is_relative_to(exclude):
+        if real in seen:
+            log.warning("%s leads to %s, listed already (a symlink loop?); not listed again", folder, real)
             continue
-        if path.suffix.lower() in VIDEO_EXTENSIONS and not path.is_dir():
-            found.append(relative.as_posix())
-    return found
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name, reverse=True)
+        except OSError as err:
+            if folder == videos_dir:
+                raise ValueError(
+                    f"cannot read the videos folder {folder} ({err.strerror}); check its permissions"
+                ) from err
+            log.warning(
+                "cannot read folder %s (%s); its videos are left out: fix its permissions",
+                folder,
+                err.strerror,
+            )
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir, is_link = entry.is_dir(), entry.is_symlink()  # is_dir follows symlinks
+            except OSError as err:
+                log.warning("cannot read %s (%s); left out", entry.path, err.strerror)
+                continue
+            if is_dir:
+                (links if is_link else folders).append((Path(entry.path), relative / entry.name))
+            elif Path(entry.name).suffix.lower() in VIDEO_EXTENSIONS:
+                found.append((relative / entry.name).as_posix())
+    return sorted(found)
 
 
 # ---------------------------------------------------------------- per-input stages (worker processes)
@@ -167,7 +207,14 @@ def _attempt(step: Callable[[dict, ClipSpec], None], sample: dict, spec: ClipSpe
 
 @stage("unreadable")
 def probe_inputs(sample: dict, spec: ClipSpec) -> None:
-    sample["info"] = probe(spec.videos_dir / sample["source"])
+    info = probe(spec.videos_dir / sample["source"])
+    if not MIN_PLAUSIBLE_FPS <= info.fps <= MAX_PLAUSIBLE_FPS:
+        warning = (
+            f"{sample['source']}: the file says {info.fps:g} frames per second, implausible for a video "
+            "(broken timestamps?); check its clips, or set --fps to resample"
+        )
+        sample.setdefault("warnings", []).append(warning)
+    sample["info"] = info
 
 
 @stage("too small")
@@ -284,7 +331,10 @@ def _unbatched(sample: dict) -> dict:
     return sample
 
 
-def _die_with_parent(_: int) -> None:
+def _init_worker(_: int) -> None:
+    # Stop signals reach the whole process group; the main process stops decoding when it is ready, so
+    # a worker must not die first (its death would surface as a DataLoader error, not an interruption).
+    ignore_stop_signals()
     # A decoder whose parent was killed (kill -9, OOM killer) would otherwise linger, blocked on a
     # result pipe nobody reads. Linux only; elsewhere the DataLoader's own watchdog has to do.
     if sys.platform == "linux":
@@ -303,6 +353,6 @@ def decoded_inputs(
         pin_memory=pin_memory,
         collate_fn=_unbatched,
         prefetch_factor=2 if workers else None,
-        worker_init_fn=_die_with_parent,
+        worker_init_fn=_init_worker,
     )
     yield from loader

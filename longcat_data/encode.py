@@ -290,6 +290,12 @@ def encode_text(
     return [h[:n].clone() for h, n in zip(hidden, lengths, strict=True)]
 
 
+def token_counts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[int]:
+    """Tokens each prompt has before ``encode_text`` cuts it at ``max_length`` (</s> included)."""
+    tokens = tokenizer([clean_caption(p) for p in prompts], add_special_tokens=True, verbose=False)
+    return [len(ids) for ids in tokens.input_ids]
+
+
 def pad_text_embeds(
     embeds: Sequence[torch.Tensor], length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,14 @@
 """Files written so that a reader, or a rerun after a crash, sees the old content or the new, never half.
 
 Prep's resume state, the manifest, caption sidecars and the dataset card all go through ``write_atomic``.
+A write that fails (a full disk) leaves the old file and no temporary behind; one killed half-way leaves
+a temporary named ``.NAME.PID.tmp``, which ``stray_temporaries`` finds for the next run to remove.
 ``check_writable`` asks, before long work, whether its result could be written at all.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,15 +16,62 @@ from pathlib import Path
 from typing import Any
 
 
+class OutputError(RuntimeError):
+    """A file of an output folder cannot be read or written; the message names it and the fix."""
+
+
+class FileFormatError(ValueError):
+    """A file that exists but does not hold what it should (not JSON, wrong types)."""
+
+
+# What to do about an OSError, by errno: the common causes on a shared cluster filesystem.
+IO_FIXES = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space or raise your quota",
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+    errno.EROFS: "the filesystem is read-only: choose another output folder",
+    errno.ENOTDIR: "a path above it is a file, not a folder: choose another output folder",
+    errno.EISDIR: "it is a folder where a file belongs: move it away",
+    errno.EEXIST: "it is a file where a folder belongs: move it away or choose another output folder",
+}
+
+
+def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
+    """One line for an OSError: the file, what went wrong and what to do about it."""
+    where = path if path is not None else err.filename
+    fix = IO_FIXES.get(err.errno or 0, "check the disk and the path")
+    cause = f"{err.strerror or err}; {fix}"
+    return cause if where is None else f"{where}: {cause}"
+
+
+def temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def stray_temporaries(path: Path) -> list[Path]:
+    """Temporaries ``write_atomic`` left for ``path`` when a process was killed mid-write."""
+    return sorted(
+        p for p in path.parent.glob(f".{path.name}.*.tmp") if p.name[len(path.name) + 2 : -4].isdigit()
+    )
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, rename over ``path`` (text as UTF-8)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err  # named by the file, not the temporary
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -29,11 +79,25 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any | None:
-    """The parsed file, or None when it does not exist."""
+    """The parsed file, or None when it does not exist; FileFormatError when it is not JSON, OutputError
+    when it cannot be read."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as err:
+        raise FileFormatError(f"{path} is not UTF-8 text (bad byte at offset {err.start})") from err
+    except OSError as err:
+        raise OutputError(describe_os_error(err, path)) from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        what = (
+            "empty"
+            if not text.strip()
+            else f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        )
+        raise FileFormatError(f"{path} is {what}") from err
 
 
 class NotWritable(ValueError):

@@ -39,6 +39,8 @@ from longcat_data.manifest import (
     build_manifest,
     read_manifest,
     read_states,
+    repair_hint,
+    verify_shards,
 )
 from longcat_data.shards import META
 
@@ -194,14 +196,9 @@ def load_finished_manifest(out_dir: str | Path) -> dict:
     names = [shard["name"] for shard in manifest.get("shards", [])]
     if not names:
         raise PushError(f"{out_dir}: {MANIFEST} lists no shards; nothing to push")
-    for shard in manifest["shards"]:
-        size = (out_dir / shard["name"]).stat().st_size if (out_dir / shard["name"]).is_file() else None
-        if size is None:
-            raise PushError(f"{out_dir}: shard {shard['name']} is in {MANIFEST} but not on disk")
-        if "bytes" in shard and size != shard["bytes"]:
-            raise PushError(
-                f"{out_dir}: shard {shard['name']} is {size} bytes, {MANIFEST} says {shard['bytes']}"
-            )
+    problems = verify_shards(out_dir, manifest["shards"], count_samples=False)
+    if problems:
+        raise PushError(f"{problems[0]}; {repair_hint(out_dir)}")
     strays = sorted(p.name for p in out_dir.glob("*.tar") if p.name not in set(names))
     if strays:
         raise PushError(
@@ -226,17 +223,18 @@ def _check_shard_encoders(shard: Path, encoders: dict) -> None:
 
     Only the small ``.json`` members are read; the tar index lets the reader seek past the latents.
     """
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if not member.name.endswith(f".{META}"):
-                continue
-            meta = json.load(tar.extractfile(member))
-            found = meta.get("encoders")
-            if found is not None and found != encoders:
-                raise PushError(
-                    f"{shard}: sample {member.name} was encoded with {found}, the manifest says {encoders}: "
-                    "this dir mixes encoders; re-run prep into a fresh dir with one --model"
-                )
+    try:
+        with tarfile.open(shard) as tar:
+            metas = [(m.name, json.load(tar.extractfile(m))) for m in tar if m.name.endswith(f".{META}")]
+    except (tarfile.TarError, ValueError) as err:
+        raise PushError(f"{shard} is damaged ({err}); run longcat-prep inspect on its folder") from err
+    for name, meta in metas:
+        found = meta.get("encoders")
+        if found is not None and found != encoders:
+            raise PushError(
+                f"{shard}: sample {name} was encoded with {found}, the manifest says {encoders}: "
+                "this dir mixes encoders; re-run prep into a fresh dir with one --model"
+            )
 
 
 def split_patterns(shard_names: Iterable[str]) -> dict[str, str]:

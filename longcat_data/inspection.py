@@ -1,5 +1,7 @@
 """``longcat-prep inspect``: what a shard folder holds (counts, buckets, rejections) and a contact sheet
-of its start frames with their captions, to eyeball crops and captions before training."""
+of its start frames with their captions, to eyeball crops and captions before training. Every listed
+shard is checked against the manifest (size and sample count); a mismatch is reported and, after the
+summary, raised as a ShardError naming the shard and the fix."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
 from longcat_data.config import InspectConfig
-from longcat_data.manifest import CONTACT_SHEET, MANIFEST, read_manifest
-from longcat_data.shards import COND_IMAGE, ShardSample
+from longcat_data.files import OutputError, describe_os_error
+from longcat_data.manifest import CONTACT_SHEET, MANIFEST, read_manifest, repair_hint, verify_shards
+from longcat_data.shards import COND_IMAGE, ShardError, ShardSample
+from longcat_data.stream import SkipCounter, read_tars
 
 
 def contact_sheet(items: list[tuple[np.ndarray, str]], cell: int = 192, columns: int = 6) -> Image.Image:
@@ -36,11 +39,15 @@ def contact_sheet(items: list[tuple[np.ndarray, str]], cell: int = 192, columns:
 def start_frames(urls: list[str], limit: int) -> list[tuple[np.ndarray, str]]:
     """(start frame, "key: caption") of the first ``limit`` samples, in shard order."""
     items: list[tuple[np.ndarray, str]] = []
-    if not urls:
-        return items
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).select(lambda s: COND_IMAGE in s)
-    for members in dataset:
-        sample = ShardSample.from_members(members)
+    handler = SkipCounter()
+    for members in read_tars((dict(url=u) for u in urls), handler):
+        if COND_IMAGE not in members:
+            continue
+        try:
+            sample = ShardSample.from_members(members)
+        except (ValueError, KeyError, OSError) as err:
+            handler(err)
+            continue
         items.append((sample.cond_image, f"{sample.key}: {sample.caption}"))
         if len(items) >= limit:
             break
@@ -53,19 +60,29 @@ def run_inspect(cfg: InspectConfig) -> None:
     manifest = read_manifest(out)
     if manifest is None:
         raise FileNotFoundError(f"{out}/{MANIFEST} not found: not a shard folder (or run longcat-prep merge)")
-    total = sum(s["samples"] for s in manifest["shards"])
-    size = sum(s["bytes"] for s in manifest["shards"])
-    state = "complete" if manifest["complete"] else "INCOMPLETE"
-    print(f"{out}: {total} samples in {len(manifest['shards'])} shards ({size / 1e6:.1f} MB), {state}")
-    print(f"encoders: {manifest['encoders'].get('model')}  settings: {manifest['settings']}")
+    shards, rejected = manifest.get("shards", []), manifest.get("rejected", [])
+    total = sum(s.get("samples", 0) for s in shards)
+    size = sum(s.get("bytes", 0) for s in shards)
+    problems = verify_shards(out, shards, count_samples=True)
+    state = "DAMAGED" if problems else "complete" if manifest.get("complete") else "INCOMPLETE"
+    print(f"{out}: {total} samples in {len(shards)} shards ({size / 1e6:.1f} MB), {state}")
+    print(f"encoders: {manifest.get('encoders', {}).get('model')}  settings: {manifest.get('settings')}")
     print(f"{'bucket (HxWxF)':<20}{'samples':>8}")
-    for bucket, count in manifest["buckets"].items():
+    for bucket, count in manifest.get("buckets", {}).items():
         print(f"{bucket:<20}{count:>8}")
-    if manifest["rejected"]:
-        print(f"rejected {len(manifest['rejected'])}:")
-        for entry in manifest["rejected"]:
-            print(f"  {entry['source']}: {entry['reason']}")
-    items = start_frames([str(out / s["name"]) for s in manifest["shards"]], cfg.max_images)
+    if rejected:
+        print(f"rejected {len(rejected)}:")
+        for entry in rejected:
+            print(f"  {entry.get('source')}: {entry.get('reason')}")
+    items = start_frames([str(out / s["name"]) for s in shards], cfg.max_images)
     sheet_path = Path(cfg.sheet) if cfg.sheet else out / CONTACT_SHEET
-    contact_sheet(items).save(sheet_path)
+    try:
+        contact_sheet(items).save(sheet_path)
+    except OSError as err:
+        raise OutputError(describe_os_error(err, sheet_path)) from err
     print(f"contact sheet: {sheet_path}")
+    for problem in problems:
+        print(f"  {problem}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ShardError(f"{problems[0]}{more}; {repair_hint(out)}")

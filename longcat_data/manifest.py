@@ -5,12 +5,16 @@ On disk, in the output directory::
     manifest.json            the merged view readers use (format in docs/contracts.md)
     contact_sheet.png        start frames and captions, when longcat-prep inspect made it
     .prep/{stream}.json      resume state of one writer ("stream" = its shard-name prefix)
+    .prep/{stream}.lock      held by the live writer of that stream (``longcat_data.locks``)
     .prep/merge.lock         orders ranks that finish at the same time
 
 Each writer (``longcat_data.writer``) keeps its own state; ``merge_manifest`` folds all states into
-``manifest.json`` under the file lock, so whichever rank finishes last writes the complete one.
-``check_compatible`` refuses to add to a directory made with other encoders or settings; on the reading
-side ``find_manifest`` and ``check_manifest`` do the same for training.
+``manifest.json`` under the file lock, so whichever rank finishes last writes the complete one, and
+``complete`` is only written true once every listed shard is on disk with the recorded sample count and
+size (``verify_shards``). ``check_compatible`` refuses to add to a directory made with other encoders or
+settings; on the reading side ``find_manifest`` and ``check_manifest`` do the same for training.
+A manifest or state that cannot be read or has the wrong shape is a ``RecordError`` naming the file and
+the fix.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longcat_data.files import read_json, write_json_atomic
+from longcat_data.files import FileFormatError, read_json, stray_temporaries, write_json_atomic
 from longcat_data.shards import ShardError
+from longcat_data.tars import shard_keys
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,64 @@ CONTACT_SHEET = (
 
 class OutputMismatch(RuntimeError):
     """The output directory holds shards made with other encoders or settings."""
+
+
+class RecordError(ShardError):
+    """``manifest.json`` or a prep state that cannot be used as it is; the message says how to repair it."""
+
+
+def _check_fields(
+    value: Any, fields: Mapping[str, type | tuple[type, ...]], where: str, *, required: bool, at: str = ""
+) -> None:
+    """FileFormatError "``where``: ``at``NAME is str, expected int" for the first field of another type
+    (or missing, when ``required``); bool does not count as int."""
+    if not isinstance(value, dict):
+        raise FileFormatError(
+            f"{where}: {at.rstrip('.') or 'the content'} is {type(value).__name__}, expected an object"
+        )
+    for name, kind in fields.items():
+        if name not in value:
+            if required:
+                raise FileFormatError(f"{where}: {at}{name} is missing")
+            continue
+        got = value[name]
+        if not isinstance(got, kind) or (isinstance(got, bool) and kind is int):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise FileFormatError(f"{where}: {at}{name} is {type(got).__name__}, expected {expected}")
+
+
+def _check_items(value: dict | list, item: type, where: str, at: str) -> None:
+    """FileFormatError unless every value (and every key of a dict, as a str) has the right type."""
+    keys = value.keys() if isinstance(value, dict) else ()
+    values = value.values() if isinstance(value, dict) else value
+    good = all(isinstance(k, str) for k in keys) and all(
+        isinstance(v, item) and not (isinstance(v, bool) and item is int) for v in values
+    )
+    if not good:
+        raise FileFormatError(f"{where}: {at} holds other things than {item.__name__}s")
+
+
+RECORD_FIELDS = {"name": str, "samples": int, "bytes": int, "keys": list, "inputs": dict, "buckets": dict}
+STATE_FIELDS = {
+    "stream": str,
+    "rank": int,
+    "world_size": int,
+    "listing": str,
+    "settings": dict,
+    "encoders": dict,
+    "shards": list,
+    "rejected": list,
+    "complete": bool,
+}
+MANIFEST_FIELDS = {
+    "version": int,
+    "settings": dict,
+    "encoders": dict,
+    "shards": list,
+    "buckets": dict,
+    "rejected": list,
+    "complete": bool,
+}
 
 
 @dataclass
@@ -64,10 +127,20 @@ class StreamState:
     complete: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StreamState:
-        fields = {k: v for k, v in d.items() if k != "version"}
-        fields["shards"] = [ShardRecord(**s) for s in d["shards"]]
-        return cls(**fields)
+    def from_dict(cls, d: Any, what: str = "prep state") -> StreamState:
+        """The state ``to_dict`` wrote; FileFormatError naming the first field of the wrong type."""
+        _check_fields(d, STATE_FIELDS, what, required=True)
+        shards = []
+        for i, s in enumerate(d["shards"]):
+            at = f"shards[{i}]"
+            _check_fields(s, RECORD_FIELDS, what, required=True, at=f"{at}.")
+            _check_items(s["keys"], str, what, f"{at}.keys")
+            _check_items(s["inputs"], str, what, f"{at}.inputs")
+            _check_items(s["buckets"], int, what, f"{at}.buckets")
+            shards.append(ShardRecord(**{k: s[k] for k in RECORD_FIELDS}))
+        for i, entry in enumerate(d["rejected"]):
+            _check_fields(entry, {"source": str, "reason": str}, what, required=True, at=f"rejected[{i}].")
+        return cls(**{k: d[k] for k in STATE_FIELDS if k != "shards"}, shards=shards)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, **asdict(self)}
@@ -91,16 +164,51 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
 
 
 def read_manifest(out_dir: str | Path) -> dict | None:
-    return read_json(Path(out_dir) / MANIFEST)
+    """``manifest.json`` (None when there is none); RecordError when it is unreadable or misshapen.
+
+    Fields a reader needs are type-checked; missing ones are allowed (hand-written or older manifests).
+    """
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = read_json(path)
+        if manifest is not None:
+            _check_fields(manifest, MANIFEST_FIELDS, str(path), required=False)
+            for i, shard in enumerate(manifest.get("shards", [])):
+                _check_fields(shard, {"name": str}, str(path), required=True, at=f"shards[{i}].")
+                _check_fields(
+                    shard, {"samples": int, "bytes": int}, str(path), required=False, at=f"shards[{i}]."
+                )
+    except FileFormatError as err:
+        raise RecordError(
+            f"{err}; rebuild it from the prep states with `longcat-prep merge {out_dir}`"
+        ) from err
+    return manifest
 
 
 def state_path(out_dir: Path, stream: str) -> Path:
     return out_dir / STATE_DIR / f"{stream}.json"
 
 
+def captions_cache_path(out_dir: Path, stream: str) -> Path:
+    """Where ``--captions qwen`` keeps the captions of one stream's videos."""
+    return out_dir / STATE_DIR / f"captions-{stream}.jsonl"
+
+
+def read_state(path: Path) -> StreamState | None:
+    """One writer's state (None when there is none); RecordError when it is unreadable or misshapen."""
+    try:
+        data = read_json(path)
+        return None if data is None else StreamState.from_dict(data, str(path))
+    except FileFormatError as err:
+        raise RecordError(
+            f"{err}; move it out of {path.parent} and re-run the longcat-prep shard command that wrote it "
+            "(the shards it finished are read back from disk, nothing is encoded twice)"
+        ) from err
+
+
 def read_states(out_dir: str | Path) -> list[StreamState]:
     paths = sorted((Path(out_dir) / STATE_DIR).glob("*.json"))
-    return [StreamState.from_dict(d) for d in map(read_json, paths) if d is not None]
+    return [state for state in map(read_state, paths) if state is not None]
 
 
 def check_compatible(out_dir: str | Path, settings: Mapping[str, Any], encoders: Mapping[str, Any]) -> None:
@@ -109,10 +217,10 @@ def check_compatible(out_dir: str | Path, settings: Mapping[str, Any], encoders:
     existing = [(MANIFEST, read_manifest(out_dir))]
     existing += [(f"{STATE_DIR}/{s.stream}.json", s.to_dict()) for s in read_states(out_dir)]
     for source, old in existing:
-        if old is None:
+        if old is None or ("encoders" not in old and "settings" not in old):
             continue
         diffs = config_diff(
-            {"encoders": old["encoders"], "settings": old["settings"]},
+            {"encoders": old.get("encoders", {}), "settings": old.get("settings", {})},
             {"encoders": dict(encoders), "settings": dict(settings)},
         )
         if diffs:
@@ -169,17 +277,68 @@ def build_manifest(states: list[StreamState]) -> dict[str, Any]:
     }
 
 
-def merge_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """Fold every stream's state into ``manifest.json``; the lock orders concurrent finishing ranks."""
+def verify_shards(directory: Path, shards: Sequence[Mapping[str, Any]], *, count_samples: bool) -> list[str]:
+    """One line per listed shard that is missing or differs from its record: size always, the sample
+    count too with ``count_samples`` (reads every tar header, so meant for the end of a run)."""
+    problems = []
+    for shard in shards:
+        path = directory / shard["name"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path} is listed in {MANIFEST} but not on disk")
+            continue
+        except OSError as err:
+            problems.append(f"{path} cannot be read ({err.strerror})")
+            continue
+        if "bytes" in shard and size != shard["bytes"]:
+            problems.append(f"{path} is {size} bytes, {MANIFEST} records {shard['bytes']}")
+        elif count_samples and "samples" in shard:
+            try:
+                keys, damage = shard_keys(path)
+            except OSError as err:
+                problems.append(f"{path} cannot be read ({err.strerror})")
+                continue
+            if damage:
+                problems.append(f"{path} is damaged ({damage[0].describe()})")
+            elif len(keys) != shard["samples"]:
+                problems.append(f"{path} holds {len(keys)} samples, {MANIFEST} records {shard['samples']}")
+    return problems
+
+
+def repair_hint(out_dir: str | Path) -> str:
+    return (
+        f"re-run longcat-prep shard into {out_dir} to encode its clips again, or `longcat-prep merge "
+        f"{out_dir}` if the shards were replaced after the manifest was written"
+    )
+
+
+def merge_manifest(out_dir: str | Path, *, count_samples: bool = True) -> dict[str, Any]:
+    """Fold every stream's state into ``manifest.json``; the lock orders concurrent finishing ranks.
+
+    ``complete`` is true only when the shards on disk match the records (``verify_shards``; with
+    ``count_samples`` False only their sizes are compared, for the merges in the middle of a run).
+    """
     out_dir = Path(out_dir)
     lock_path = out_dir / STATE_DIR / "merge.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = build_manifest(read_states(out_dir))
-        missing = [s["name"] for s in manifest["shards"] if not (out_dir / s["name"]).exists()]
-        if missing:
-            log.warning("manifest lists shards not (yet) on disk: %s", ", ".join(missing))
+        states = read_states(out_dir)
+        if not states:
+            raise RecordError(
+                f"no prep state in {out_dir / STATE_DIR}; run longcat-prep shard into {out_dir}"
+            )
+        manifest = build_manifest(states)
+        problems = verify_shards(
+            out_dir, manifest["shards"], count_samples=count_samples and manifest["complete"]
+        )
+        if problems:
+            log.warning("%s (and %d more); %s", problems[0], len(problems) - 1, repair_hint(out_dir))
+            manifest["complete"] = False
+        # Every writer of the manifest holds this lock, so a temporary of it now is a killed run's.
+        for stray in stray_temporaries(out_dir / MANIFEST):
+            stray.unlink(missing_ok=True)
         write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -217,9 +376,20 @@ def find_manifest(urls: Sequence[str]) -> dict | None:
 
 
 def check_manifest(
-    manifest: dict, *, encoders: dict | None, frames: int | None, where: str = "shards"
+    manifest: dict,
+    *,
+    encoders: dict | None,
+    frames: int | None,
+    where: str = "shards",
+    directory: Path | None = None,
 ) -> None:
-    """Raise ShardError when the shards were made with other encoders or another frame count."""
+    """Raise ShardError when the shards were made with other encoders or another frame count, or (given
+    the manifest's ``directory``) when a listed shard is missing or not the size recorded."""
+    if directory is not None:
+        problems = verify_shards(directory, manifest.get("shards", []), count_samples=False)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ShardError(f"{problems[0]}{more}; {repair_hint(directory)}")
     made_by = manifest.get("encoders")
     if encoders is not None and made_by and made_by != encoders:
         diff = sorted(k for k in set(encoders) | set(made_by) if encoders.get(k) != made_by.get(k))

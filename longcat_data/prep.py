@@ -11,6 +11,10 @@ Encoding adds ``latents``, ``cond_latents`` and ``text_embeds`` to each clip sam
 (an input a stage failed on) pass every stage untouched and end in the writer's reject list. Decoding
 runs in worker processes and tar writing in a background thread, so the main process keeps the GPU busy
 with encoding.
+
+SIGTERM and SIGHUP stop a run as Ctrl-C does (``longcat_data.interrupts``): the clip in flight is
+finished or dropped, the shard in progress is closed with its whole samples, the state is saved, and
+``Interrupted`` propagates (the CLI exits 128 + the signal number).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from longcat_data import encode
 from longcat_data.buckets import make_buckets
-from longcat_data.captions import Captioner, QwenCaptioner, load_caption_mapping, precompute_captions
+from longcat_data.captions import Captioner, load_caption_mapping, match_captions
 from longcat_data.clips import (
     ClipSpec,
     assign_keys,
@@ -44,8 +48,12 @@ from longcat_data.clips import (
     rejection,
 )
 from longcat_data.config import PrepConfig, parse_captions
+from longcat_data.defaults import TEXT_MAX_LENGTH
+from longcat_data.files import OutputError
 from longcat_data.flags import parse_area, parse_size
-from longcat_data.manifest import STATE_DIR, check_compatible, listing_digest, read_states
+from longcat_data.interrupts import stop_signals
+from longcat_data.manifest import captions_cache_path, check_compatible, listing_digest, read_states
+from longcat_data.qwen_captions import QwenCaptioner, precompute_captions
 from longcat_data.shards import ShardSample, bucket_name
 from longcat_data.writer import ShardWriter
 
@@ -183,7 +191,18 @@ def encode_batch(batch: list[dict], enc: Encoders) -> list[dict]:
     latents, cond_latents = latents.to(torch.bfloat16).cpu(), cond_latents.to(torch.bfloat16).cpu()
     embeds: list[torch.Tensor | None] = [None] * len(batch)
     if enc.text_encoder is not None:
-        texts = encode.encode_text(enc.tokenizer, enc.text_encoder, [c["caption"] for c in batch])
+        captions = [c["caption"] for c in batch]
+        for clip, tokens in zip(batch, encode.token_counts(enc.tokenizer, captions), strict=True):
+            if tokens > TEXT_MAX_LENGTH:
+                log.warning(
+                    "%s (clip %s): its caption is %d tokens; the text encoder reads %d and the rest is cut "
+                    "off: shorten it to keep all of it",
+                    clip["source"],
+                    clip["__key__"],
+                    tokens,
+                    TEXT_MAX_LENGTH,
+                )
+        texts = encode.encode_text(enc.tokenizer, enc.text_encoder, captions)
         embeds = [e.to(torch.bfloat16).cpu() for e in texts]
     return [
         {
@@ -296,82 +315,119 @@ def qwen_captions(cfg: PrepConfig, videos_dir: Path, sources: list[str], stream:
     Captions are cached in ``OUT_DIR/.prep/captions-<stream>.jsonl``; a rerun captions only what is new.
     """
     captioner = QwenCaptioner(cfg.caption_model, device=encoding_device(cfg), dtype=encoding_dtype(cfg))
-    cache = Path(cfg.out_dir) / STATE_DIR / f"captions-{stream}.jsonl"
-    captions = precompute_captions(videos_dir, sources, captioner, cache)
+    captions = precompute_captions(
+        videos_dir, sources, captioner, captions_cache_path(Path(cfg.out_dir), stream)
+    )
     del captioner
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return captions
 
 
+def caption_mapping(mapping_file: Path, sources: list[str], videos_dir: Path, report: bool) -> dict[str, str]:
+    """The mapping file's caption for each video of the listing (``captions.match_captions``); entries
+    that match no video are reported once (``report``: by rank 0)."""
+    matched = match_captions(load_caption_mapping(mapping_file), sources, mapping_file, videos_dir)
+    warning = matched.report(mapping_file)
+    if report and warning:
+        log.warning("%s", warning)
+    return matched.captions
+
+
 def run_shard(
     cfg: PrepConfig, encoders: Encoders | None = None, captioner: Captioner | None = None
 ) -> PrepStats:
-    """The whole shard command; ``encoders``/``captioner`` let callers (benchmarks, tests) inject models."""
+    """The whole shard command; ``encoders``/``captioner`` let callers (benchmarks, tests) inject models.
+
+    Stop signals raise ``interrupts.Interrupted`` after the shard in progress is closed and the state
+    saved; a failing disk raises OutputError after the same (the shard in progress is dropped then).
+    """
     started = time.perf_counter()
     rank, world = cfg.resolved_rank
     videos_dir, out_dir = Path(cfg.videos_dir), Path(cfg.out_dir)
     if not videos_dir.is_dir():
         raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir} is a file, not a folder: choose another output folder")
     strategy, mapping_file = parse_captions(cfg.captions)
-    mapping = load_caption_mapping(mapping_file) if mapping_file else None
     settings = prep_settings(cfg)
     ids = encoders.ids if encoders is not None else encode.encoder_ids(cfg.model)
     # Checked before loading the models: a refusal should come in seconds, not after a download.
     check_compatible(out_dir, settings, ids)
 
-    sources = list_videos(videos_dir, exclude=out_dir.resolve() if out_dir.exists() else None)
+    sources = list_videos(videos_dir, exclude=out_dir)
+    mapping = caption_mapping(mapping_file, sources, videos_dir, rank == 0) if mapping_file else None
     prior = {key: src for s in read_states(out_dir) for r in s.shards for key, src in r.inputs.items()}
     all_inputs, duplicates = assign_keys(sources, prior)
     mine = all_inputs[rank::world]
 
-    writer = ShardWriter(
-        out_dir,
-        settings=settings,
-        encoders=ids,
-        listing=listing_digest(s["__key__"] for s in all_inputs),
-        rank=rank,
-        world_size=world,
-        max_bytes=parse_size(cfg.shard_size),
-    )
-    stats = PrepStats()
-    todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
-    stats.skipped = len(mine) - len(todo)
-    log.info(
-        "%s: %d videos (%d for rank %d of %d), %d already done",
-        videos_dir,
-        len(all_inputs) + len(duplicates),
-        len(mine),
-        rank,
-        world,
-        stats.skipped,
-    )
-    if strategy == "captioner" and captioner is None:
-        captioner = qwen_captions(cfg, videos_dir, [s["source"] for s in todo], writer.stream)
-    enc = encoders or load_encoders(cfg)
-    spec = ClipSpec(
-        videos_dir=videos_dir,
-        buckets=make_buckets(parse_area(cfg.area)),
-        frames=cfg.frames,
-        fps=cfg.fps,
-        clips_per_video=cfg.clips_per_video,
-        caption_strategy=strategy,
-        caption_mapping=mapping,
-        conditioning_dir=Path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
-        done_keys=writer.done_keys,
-        captioner=captioner,
-        # Each decoder left to its default starts a thread per core: 8 workers then oversubscribe the
-        # CPU and slow the kernel launches of the encoding process, which is what the GPU waits on.
-        decode_threads=max(1, (os.cpu_count() or 2) // cfg.workers) if cfg.workers else 0,
-    )
-    with writer, logging_redirect_tqdm(), progress_bar(len(todo) * cfg.clips_per_video, rank, world) as bar:
-        records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")
-        # Duplicate keys are the listing's, so one rank reports them.
-        samples = chain(
-            duplicates if rank == 0 else [], clips_of_inputs(records, writer, bar, cfg.clips_per_video)
+    with stop_signals() as stop:
+        writer = ShardWriter(
+            out_dir,
+            settings=settings,
+            encoders=ids,
+            listing=listing_digest(s["__key__"] for s in all_inputs),
+            rank=rank,
+            world_size=world,
+            max_bytes=parse_size(cfg.shard_size),
         )
-        batches = encode_batches(same_shape_batches(samples, cfg.batch_size), enc, stats)
-        write_clips(batches, writer, ids, stats, bar)
+        finished = False
+        records: Iterator[dict] | None = None
+        try:
+            stats = PrepStats()
+            todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
+            stats.skipped = len(mine) - len(todo)
+            log.info(
+                "%s: %d videos (%d for rank %d of %d), %d already done",
+                videos_dir,
+                len(all_inputs) + len(duplicates),
+                len(mine),
+                rank,
+                world,
+                stats.skipped,
+            )
+            if strategy == "captioner" and captioner is None:
+                captioner = qwen_captions(cfg, videos_dir, [s["source"] for s in todo], writer.stream)
+            enc = encoders or load_encoders(cfg)
+            spec = ClipSpec(
+                videos_dir=videos_dir,
+                buckets=make_buckets(parse_area(cfg.area)),
+                frames=cfg.frames,
+                fps=cfg.fps,
+                clips_per_video=cfg.clips_per_video,
+                caption_strategy=strategy,
+                caption_mapping=mapping,
+                conditioning_dir=Path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
+                done_keys=writer.done_keys,
+                captioner=captioner,
+                # Each decoder left to its default starts a thread per core: 8 workers then oversubscribe
+                # the CPU and slow the kernel launches of the encoding process, which the GPU waits on.
+                decode_threads=max(1, (os.cpu_count() or 2) // cfg.workers) if cfg.workers else 0,
+            )
+            clips = len(todo) * cfg.clips_per_video
+            with logging_redirect_tqdm(), progress_bar(clips, rank, world) as bar:
+                records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")
+                # A signal while an input is being received waits for it: cut short, the transfer from
+                # the decode worker would fail noisily on both sides.
+                prepared = stop.between(records)
+                # Duplicate keys are the listing's, so one rank reports them.
+                samples = chain(
+                    duplicates if rank == 0 else [],
+                    clips_of_inputs(prepared, writer, bar, cfg.clips_per_video),
+                )
+                batches = encode_batches(same_shape_batches(samples, cfg.batch_size), enc, stats)
+                write_clips(batches, writer, ids, stats, bar)
+            finished = True
+        finally:
+            try:
+                # A stop signal now waits: the shard in progress is being closed and the state saved.
+                with stop.deferred(raise_after=finished):
+                    writer.close(complete=finished)
+            finally:
+                if records is not None:
+                    # Stops the decode workers now rather than whenever the generator is collected: they
+                    # ignore stop signals, so only this tells them to go.
+                    records.close()
     stats.shards = len(writer.state.shards)
     stats.wall_seconds = time.perf_counter() - started
     return stats

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,13 +39,14 @@ import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, group_by_keys, url_opener
 
 from longcat_data.defaults import STOP_SIGNALS
 from longcat_data.encode import pad_text_embeds
 from longcat_data.hub import is_hf_spec, resolve_hf_shards
-from longcat_data.manifest import manifest_shards
+from longcat_data.manifest import find_manifest, manifest_shards
 from longcat_data.shards import CAPTION, META, TEXT_EMBEDS, ShardError, ShardSample, decode_tensors
+from longcat_data.tars import Damage, tar_members
 from longcat_data.video import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -110,17 +112,39 @@ def _rng(*parts: object) -> random.Random:
     return random.Random("/".join(map(str, parts)))
 
 
+class DamagedShard(ShardError):
+    """Part of a tar could not be read; ``lost`` whole samples went with it."""
+
+    def __init__(self, message: str, lost: int) -> None:
+        super().__init__(message)
+        self.lost = lost
+
+
 class SkipCounter:
-    """webdataset handler: log and count a bad shard or member, keep streaming."""
+    """webdataset handler: log and count a bad shard or member (the samples lost), keep streaming."""
 
     def __init__(self) -> None:
         self.count = 0
 
     def __call__(self, exn: BaseException) -> bool:
-        self.count += 1
-        if self.count <= 10:
+        self.count += exn.lost if isinstance(exn, DamagedShard) else 1
+        if self.count <= 10 or isinstance(exn, DamagedShard):
             log.warning("skipping corrupt data (%d so far): %s", self.count, str(exn).splitlines()[0][:300])
         return True
+
+
+def expected_samples(urls: Sequence[str]) -> dict[str, int]:
+    """Sample count per local shard path, from the manifest beside them ({} without one): what lets a
+    reader count the samples a damaged tar lost."""
+    manifest = find_manifest(urls) if urls else None
+    if manifest is None:
+        return {}
+    directory = Path(urls[0]).expanduser().parent
+    return {
+        os.path.abspath(directory / s["name"]): s["samples"]
+        for s in manifest.get("shards", [])
+        if "samples" in s
+    }
 
 
 # ---------------------------------------------------------------- stages
@@ -144,10 +168,51 @@ def shard_urls(urls: Sequence[str], cfg: StreamConfig, worker: int, workers: int
         yield from (dict(url=u) for u in (order[me::readers] if len(urls) >= readers else order))
 
 
-def read_tars(sources: Iterable[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
-    """Samples (member bytes keyed by extension) from opened tars; unreadable data goes to ``handler``."""
-    files = tar_file_expander(url_opener(sources, handler=handler), handler=handler)
-    return group_by_keys(files, handler=handler)
+def read_tars(
+    sources: Iterable[dict], handler: Callable[[BaseException], bool], expected: dict[str, int] | None = None
+) -> Iterator[dict]:
+    """Samples (member bytes keyed by extension) from opened tars; unreadable data goes to ``handler``.
+
+    A damaged stretch of a tar is read past (``longcat_data.tars``), and reported once the tar ends as
+    a ``DamagedShard`` counting the samples lost: ``expected`` (sample count by local path, see
+    ``expected_samples``) minus those read, or one per damaged stretch when the count is unknown.
+    """
+    return group_by_keys(_tar_files(sources, handler, expected or {}), handler=handler)
+
+
+def _tar_files(
+    sources: Iterable[dict], handler: Callable[[BaseException], bool], expected: dict[str, int]
+) -> Iterator[dict]:
+    for source in url_opener(sources, handler=handler):
+        url, stream = source["url"], source["stream"]
+        damage: list[Damage] = []
+        keys: set[str] = set()
+        try:
+            for name, data in tar_members(stream, damage.append):
+                key, _ = base_plus_ext(name)
+                if key is None or re.match(r"__[^/]*__($|/)", name):
+                    continue
+                keys.add(key)
+                yield {"fname": name, "data": data, "__url__": url}
+        except OSError as exn:  # the stream itself failed (a vanished file, a network error)
+            damage.append(Damage(0, None))
+            log.debug("reading %s: %s", url, exn)
+        finally:
+            try:
+                stream.close()
+            except OSError as exn:  # a pipe: command that failed
+                damage.append(Damage(0, None))
+                log.debug("closing %s: %s", url, exn)
+        yield {}  # the end of a tar: group_by_keys never joins samples across it
+        if damage:
+            known = (
+                expected.get(os.path.abspath(url))
+                if "://" not in url and not url.startswith("pipe:")
+                else None
+            )
+            lost = max(0, known - len(keys)) if known is not None else len(damage)
+            count = f"{lost} samples lost" if known is not None else f"at least {lost} sample(s) lost"
+            handler(DamagedShard(f"{url}: {damage[0].describe()}; {count}", lost))
 
 
 def keep_share(samples: Iterable[dict], me: int, readers: int) -> Iterator[dict]:
@@ -304,6 +369,7 @@ class ShardStream(IterableDataset):
         self.cfg = cfg
         self.start_batch = start_batch
         self.text_cache = TextCache(text_cache) if text_cache is not None else None
+        self.expected = expected_samples(self.urls)
 
     def raw_batches(
         self, worker: int, workers: int, handler: Callable[[BaseException], bool]
@@ -332,7 +398,7 @@ class ShardStream(IterableDataset):
                 since_sample = 0
                 yield sample
 
-        samples = read_tars(counted(shard_urls(self.urls, cfg, worker, workers)), handler)
+        samples = read_tars(counted(shard_urls(self.urls, cfg, worker, workers)), handler, self.expected)
         if not cfg.resampled and len(self.urls) < readers:
             # Every reader gets every shard, so deal samples: else two readers train on the same clips.
             samples = keep_share(samples, me, readers)

@@ -5,17 +5,22 @@ On disk, in the output directory::
     train-000000.tar ...          finished shards (one writer: ``--world-size 1``)
     train-r{rank}-000000.tar ...  finished shards of rank ``rank`` when the work is split over ranks
     *.tar.partial                 the shard being written; renamed to its final name once complete
+    *.tar.unlisted                a shard file set aside because it is not what its record says
 
-A writer owns one stream, so ranks never touch each other's files. Its state (``longcat_data.manifest``)
-lists every finished shard with the clip keys and input keys inside it; it is rewritten (atomically)
-*before* a finished tar is renamed to its final name, so a visible ``.tar`` is always recorded and a
-crash can lose at most the ``.partial`` shard in progress. On restart the writer renames a
-recorded-but-unrenamed partial, deletes unrecorded ones, and skips inputs found in any stream's
-finished shards.
+A writer owns one stream, under that stream's lock (``longcat_data.locks``), so two runs can never write
+one stream at once and ranks never touch each other's files. Its state (``longcat_data.manifest``) lists
+every finished shard with the clip keys and input keys inside it; it is rewritten (atomically) *before*
+a finished tar is renamed to its final name, so a visible ``.tar`` is always recorded and a crash can
+lose at most the ``.partial`` shard in progress. On start the writer tidies up after a killed run
+(``recover_stream``): it renames a recorded-but-unrenamed partial, deletes unrecorded partials and stray
+temporaries, reads back finished shards its state does not list (``adopt_shard``), and does the same
+tidying for streams whose writer no longer runs. A write that fails (disk full) drops the shard in
+progress and keeps the state, so a rerun continues.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -25,21 +30,39 @@ from pathlib import Path
 from typing import IO, Any
 
 from webdataset import TarWriter
+from webdataset.tariterators import group_by_keys
 
-from longcat_data.files import read_json, write_json_atomic
+from longcat_data.files import OutputError, describe_os_error, stray_temporaries, write_json_atomic
+from longcat_data.locks import Holder, StreamLock, try_lock, unlock
 from longcat_data.manifest import (
+    STATE_DIR,
     ShardRecord,
     StreamState,
+    captions_cache_path,
     check_compatible,
     merge_manifest,
+    read_state,
     read_states,
     state_path,
 )
+from longcat_data.shards import META, ShardSample, bucket_name
+from longcat_data.tars import tar_members
 
 log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
+UNLISTED = ".unlisted"
 DEFAULT_SHARD_BYTES = 1_000_000_000
+
+
+class DirectTarWriter(TarWriter):
+    """``TarWriter`` writing straight into its file (tar mode ``w:``) rather than through tarfile's
+    stream buffer, so a shard dropped after a failed write leaves no buffer that would later be flushed
+    into the closed file."""
+
+    @staticmethod
+    def tarmode(fileobj: Any, compress: Any = None) -> str:
+        return "w:"
 
 
 def stream_name(rank: int, world_size: int) -> str:
@@ -53,6 +76,95 @@ def shard_filename(stream: str, index: int) -> str:
     return f"{stream}-{index:06d}.tar"
 
 
+def shard_index(name: str) -> int:
+    return int(name.removesuffix(".tar").rsplit("-", 1)[1])
+
+
+def stream_shards(out_dir: Path, stream: str, suffix: str = "") -> list[Path]:
+    """``stream``'s shard files in ``out_dir`` ending in ``.tar`` + ``suffix``, by index."""
+    pattern = f"{stream}-[0-9][0-9][0-9][0-9][0-9][0-9].tar{suffix}"
+    return sorted(out_dir.glob(pattern))
+
+
+def open_output_dir(out_dir: Path) -> None:
+    """Create the output folder; OutputError (one line) when it is a file or cannot be made or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / STATE_DIR).mkdir(exist_ok=True)
+    except FileExistsError as err:
+        raise OutputError(f"{err.filename} is a file, not a folder: choose another output folder") from err
+    except OSError as err:
+        raise OutputError(describe_os_error(err)) from err
+    if not os.access(out_dir / STATE_DIR, os.W_OK | os.X_OK):
+        raise OutputError(f"{out_dir}: cannot write into it; check its permissions or choose another one")
+
+
+def set_aside(path: Path, why: str) -> None:
+    os.replace(path, path.with_name(path.name + UNLISTED))
+    log.warning("%s %s; set aside as %s%s (delete it once checked)", path, why, path.name, UNLISTED)
+
+
+def recover_stream(out_dir: Path, stream: str, records: list[ShardRecord]) -> list[ShardRecord]:
+    """Make the folder agree with one stream's records after a crash; the records still true.
+
+    Only call it while holding the stream's lock: it renames and deletes that stream's files.
+    """
+    kept = []
+    for record in records:
+        final = out_dir / record.name
+        partial = final.with_name(final.name + PARTIAL)
+        if not final.exists() and partial.is_file() and partial.stat().st_size == record.bytes:
+            os.replace(partial, final)  # the crash fell between saving state and renaming
+        if not final.is_file():
+            log.warning("%s is recorded but missing; its clips will be encoded again", final)
+        elif final.stat().st_size != record.bytes:
+            set_aside(final, f"is {final.stat().st_size} bytes but recorded as {record.bytes}")
+        else:
+            kept.append(record)
+    for partial in stream_shards(out_dir, stream, PARTIAL):
+        log.info("removing %s, left by an interrupted run; its clips will be encoded again", partial.name)
+        partial.unlink(missing_ok=True)
+    for owned in (state_path(out_dir, stream), captions_cache_path(out_dir, stream)):
+        for stray in stray_temporaries(owned):
+            stray.unlink(missing_ok=True)
+    return kept
+
+
+def adopt_shard(
+    path: Path, encoders: Mapping[str, Any], taken: set[str], single_clip: bool
+) -> ShardRecord | str:
+    """The record of a finished shard no state lists (its state was lost or moved away), read back
+    from the tar; or why it cannot be adopted. ``taken``: keys recorded elsewhere. With one clip per
+    video (``single_clip``) a clip is its whole input, so its input counts as done too; otherwise the
+    inputs are probed again on the next run (their written clips are still skipped)."""
+    damage: list[Any] = []
+    with open(path, "rb") as f:
+        members = ({"fname": n, "data": d, "__url__": str(path)} for n, d in tar_members(f, damage.append))
+        samples = list(group_by_keys(members))
+    if damage:
+        return f"is damaged ({damage[0].describe()})"
+    keys: list[str] = []
+    inputs: dict[str, str] = {}
+    buckets: Counter[str] = Counter()
+    for sample in samples:
+        key = sample["__key__"]
+        try:
+            ShardSample.check_members(sample)
+            meta = json.loads(sample[META])
+            bucket = bucket_name(*meta["bucket"])
+        except (ValueError, KeyError, TypeError) as err:
+            return f"holds an unreadable sample {key} ({err})"
+        if meta.get("encoders") not in (None, dict(encoders)):  # as readers judge it
+            return f"holds sample {key} made with other encoders ({meta.get('encoders')})"
+        if key in taken or key in keys:
+            return f"holds sample {key}, which is recorded already"
+        keys.append(key)
+        buckets[bucket] += 1
+        if single_clip and isinstance(meta.get("source"), str):
+            inputs[key] = meta["source"]
+    return ShardRecord(path.name, len(keys), path.stat().st_size, keys, inputs, dict(buckets))
+
+
 class ShardWriter:
     """Writes samples of one stream into size-rolled tars, atomically, with resumable state.
 
@@ -60,8 +172,9 @@ class ShardWriter:
     holds ``max_bytes`` of payload already (so a shard overshoots by at most one sample). Use as a
     context manager: on a clean exit the stream is marked complete; on an exception the shard in
     progress is still finished when every sample in it was written whole (Ctrl-C keeps its work), and
-    discarded otherwise. Safe to call from several threads (a background thread may write while the
-    main thread records rejections).
+    discarded otherwise or when the disk failed. Safe to call from several threads (a background thread
+    may write while the main thread records rejections). Holds the stream's lock until ``close``;
+    OutputLocked when another live process has it.
     """
 
     def __init__(
@@ -76,37 +189,48 @@ class ShardWriter:
         max_bytes: int = DEFAULT_SHARD_BYTES,
     ) -> None:
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        check_compatible(self.out_dir, settings, encoders)
+        open_output_dir(self.out_dir)
         self.max_bytes = max_bytes
         self.stream = stream_name(rank, world_size)
-        self._path = state_path(self.out_dir, self.stream)
-        old = read_json(self._path)
-        previous = StreamState.from_dict(old).shards if old else []
-        self.state = StreamState(self.stream, rank, world_size, listing, dict(settings), dict(encoders))
-        self.state.shards = self._recover(previous)
-        self._save_state()
-
-        self.done_keys: set[str] = set()
-        self.done_inputs: dict[str, str] = {}
-        for other in read_states(self.out_dir):
-            for record in other.shards:
-                self.done_keys.update(record.keys)
-                self.done_inputs.update(record.inputs)
+        self._stream_lock = StreamLock(self.out_dir / STATE_DIR, Holder.me(self.stream, world_size, listing))
+        self._stream_lock.acquire()
+        try:
+            check_compatible(self.out_dir, settings, encoders)
+            self._path = state_path(self.out_dir, self.stream)
+            self.state = StreamState(self.stream, rank, world_size, listing, dict(settings), dict(encoders))
+            self._tidy(settings, encoders)
+        except OSError as err:
+            self._stream_lock.release()
+            raise OutputError(describe_os_error(err, err.filename or self.out_dir)) from err
+        except BaseException:
+            self._stream_lock.release()
+            raise
 
         self._lock = threading.RLock()
-        self._tar: TarWriter | None = None
+        self._tar: DirectTarWriter | None = None
         self._file: IO[bytes] | None = None
-        self._broken = False
-        self._next_index = 1 + max((self._index(r.name) for r in self.state.shards), default=-1)
+        self._broken = False  # the shard in progress may end mid-sample
+        self._failed: OutputError | None = None  # a write to disk failed: nothing more is written
+        self._next_index = 1 + max((shard_index(r.name) for r in self.state.shards), default=-1)
         self._reset_current()
 
     # -- public
 
     def write(self, sample: Mapping[str, bytes | str], bucket: str) -> None:
-        """Add one sample's members (``ShardSample.to_members``); a key already written raises ``KeyError``."""
+        """Add one sample's members (``ShardSample.to_members``); a key already written raises ``KeyError``,
+        a failing disk OutputError (after which the writer only closes)."""
         with self._lock:
-            self._write(sample, bucket)
+            if self._failed is not None:
+                raise self._failed
+            try:
+                self._write(sample, bucket)
+            except OSError as err:
+                self._failed = OutputError(
+                    f"{describe_os_error(err, err.filename or self._partial_path())}, then re-run the same "
+                    "command to continue (the shards finished so far are kept; the one in progress is "
+                    "dropped and encoded again)"
+                )
+                raise self._failed from err
 
     def finish_input(self, key: str, source: str) -> None:
         """All clips of input ``key`` are written; it counts as done once the current shard is finished."""
@@ -117,17 +241,35 @@ class ShardWriter:
         with self._lock:
             self.state.rejected.append({"source": source, "reason": reason})
 
-    def close(self, complete: bool = True) -> dict[str, Any]:
-        """Finish the shard in progress (unless broken), save state, and merge ``manifest.json``
-        (which is also refreshed after every finished shard)."""
+    def close(self, complete: bool = True) -> dict[str, Any] | None:
+        """Finish the shard in progress (unless broken or the disk failed: then drop it), save state,
+        release the lock and merge ``manifest.json`` (also refreshed after every finished shard).
+
+        Returns the manifest, or None when saving failed after an earlier failed write (the state on
+        disk is then the one before it, still consistent). OutputError when saving fails here first.
+        """
         with self._lock:
-            if self._broken:
+            try:
+                if self._broken or self._failed is not None:
+                    self._discard_shard()
+                else:
+                    self._finish_shard()
+                self.state.complete = complete and self._failed is None
+                self._save_state()
+                return merge_manifest(self.out_dir)
+            except OSError as err:
                 self._discard_shard()
-            else:
-                self._finish_shard()
-            self.state.complete = complete
-            self._save_state()
-        return merge_manifest(self.out_dir)
+                if self._failed is not None:
+                    log.error(
+                        "could not save the prep state after the failed write: %s", describe_os_error(err)
+                    )
+                    return None
+                raise OutputError(
+                    f"{describe_os_error(err, err.filename or self._path)}, then re-run the same command "
+                    "to continue (the shards finished so far are kept)"
+                ) from err
+            finally:
+                self._stream_lock.release()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -136,6 +278,55 @@ class ShardWriter:
         self.close(complete=exc_type is None)
 
     # -- internals
+
+    def _tidy(self, settings: Mapping[str, Any], encoders: Mapping[str, Any]) -> None:
+        """After a killed run: this stream's files made to agree with its state, other streams' too
+        where their writer no longer runs; finished shards no state lists are read back."""
+        previous = read_state(self._path)
+        self.state.shards = recover_stream(self.out_dir, self.stream, previous.shards if previous else [])
+        for other in read_states(self.out_dir):
+            if other.stream != self.stream:
+                self._tidy_other(other)
+        taken = {
+            key
+            for s in read_states(self.out_dir)
+            if s.stream != self.stream
+            for r in s.shards
+            for key in r.keys
+        }
+        taken.update(key for r in self.state.shards for key in r.keys)
+        recorded = {r.name for r in self.state.shards}
+        for path in stream_shards(self.out_dir, self.stream):
+            if path.name in recorded:
+                continue
+            adopted = adopt_shard(path, encoders, taken, settings.get("clips_per_video", 1) == 1)
+            if isinstance(adopted, str):
+                set_aside(path, f"is not in any prep state and {adopted}")
+                continue
+            log.warning("%s is not in the prep state; read back its %d samples", path.name, adopted.samples)
+            self.state.shards.append(adopted)
+            taken.update(adopted.keys)
+        self.state.shards.sort(key=lambda r: r.name)
+        self._save_state()
+
+        self.done_keys: set[str] = set()
+        self.done_inputs: dict[str, str] = {}
+        for state in [*(s for s in read_states(self.out_dir) if s.stream != self.stream), self.state]:
+            for record in state.shards:
+                self.done_keys.update(record.keys)
+                self.done_inputs.update(record.inputs)
+
+    def _tidy_other(self, other: StreamState) -> None:
+        fd = try_lock(self.out_dir / STATE_DIR, other.stream)
+        if fd is None:
+            return  # its writer runs: its files are its own
+        try:
+            kept = recover_stream(self.out_dir, other.stream, other.shards)
+            if kept != other.shards:
+                other.shards = kept
+                write_json_atomic(state_path(self.out_dir, other.stream), other.to_dict())
+        finally:
+            unlock(fd)
 
     def _write(self, sample: Mapping[str, bytes | str], bucket: str) -> None:
         if self._broken:
@@ -160,31 +351,6 @@ class ShardWriter:
         self._buckets[bucket] += 1
         self._bytes += size
 
-    @staticmethod
-    def _index(name: str) -> int:
-        return int(name.removesuffix(".tar").rsplit("-", 1)[1])
-
-    def _recover(self, records: list[ShardRecord]) -> list[ShardRecord]:
-        """Make the directory agree with the recorded shards after a crash."""
-        kept = []
-        for record in records:
-            final = self.out_dir / record.name
-            partial = final.with_name(final.name + PARTIAL)
-            if not final.exists() and partial.exists():
-                os.replace(partial, final)  # the crash fell between saving state and renaming
-            if final.exists():
-                kept.append(record)
-            else:
-                log.warning("%s is recorded but missing; its clips will be encoded again", final)
-        recorded = {r.name + PARTIAL for r in kept}
-        for partial in self.out_dir.glob(f"{self.stream}-[0-9]*.tar{PARTIAL}"):
-            if partial.name not in recorded:
-                log.info(
-                    "removing %s, left by an interrupted run; its clips will be encoded again", partial.name
-                )
-                partial.unlink()
-        return kept
-
     def _reset_current(self) -> None:
         self._keys: list[str] = []
         self._inputs: dict[str, str] = {}
@@ -194,11 +360,13 @@ class ShardWriter:
     def _current_path(self) -> Path:
         return self.out_dir / shard_filename(self.stream, self._next_index)
 
+    def _partial_path(self) -> Path:
+        return self._current_path().with_name(self._current_path().name + PARTIAL)
+
     def _open(self) -> None:
-        partial = self._current_path().with_name(self._current_path().name + PARTIAL)
-        self._file = open(partial, "wb")
+        self._file = open(self._partial_path(), "wb")
         # PAX headers: member names come from user file names, which may be long or non-ASCII.
-        self._tar = TarWriter(self._file, encoder=False, format="PAX_FORMAT")
+        self._tar = DirectTarWriter(self._file, encoder=False, format="PAX_FORMAT")
 
     def _close_file(self) -> None:
         if self._tar is not None and self._file is not None:
@@ -213,33 +381,43 @@ class ShardWriter:
             # Inputs can finish without writing a clip (all clips were done by an earlier run).
             return
         self._close_file()
-        final = self._current_path()
-        partial = final.with_name(final.name + PARTIAL)
-        self.state.shards.append(
-            ShardRecord(
-                final.name,
-                len(self._keys),
-                partial.stat().st_size,
-                list(self._keys),
-                dict(self._inputs),
-                dict(self._buckets),
-            )
+        final, partial = self._current_path(), self._partial_path()
+        record = ShardRecord(
+            final.name,
+            len(self._keys),
+            partial.stat().st_size,
+            list(self._keys),
+            dict(self._inputs),
+            dict(self._buckets),
         )
-        self._save_state()
+        self.state.shards.append(record)
+        try:
+            self._save_state()
+        except BaseException:
+            self.state.shards.pop()  # not on disk, so not recorded: the partial is dropped
+            raise
         os.replace(partial, final)
         log.debug("finished %s (%d samples)", final.name, len(self._keys))
         # Readers and `inspect` can use finished shards while the run goes on.
-        merge_manifest(self.out_dir)
+        merge_manifest(self.out_dir, count_samples=False)
         self.done_keys.update(self._keys)
         self.done_inputs.update(self._inputs)
         self._next_index += 1
         self._reset_current()
 
     def _discard_shard(self) -> None:
-        path = self._current_path()
-        self._close_file()
-        path.with_name(path.name + PARTIAL).unlink(missing_ok=True)
-        log.warning("discarded the unfinished %s; its clips will be encoded again on the next run", path.name)
+        """Drop the shard in progress without writing another byte (the disk may be full)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            log.warning(
+                "discarded the unfinished %s; its clips will be encoded again on the next run",
+                self._current_path().name,
+            )
+        self._tar = self._file = None
+        self._partial_path().unlink(missing_ok=True)
         self._reset_current()
         self._broken = False
 

@@ -345,7 +345,10 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     manifest = find_manifest(urls)
     encoders = encoder_ids(cfg.model)
     if manifest is not None:
-        check_manifest(manifest, encoders=encoders, frames=cfg.frames, where=str(Path(urls[0]).parent))
+        directory = Path(urls[0]).expanduser().parent
+        check_manifest(
+            manifest, encoders=encoders, frames=cfg.frames, where=str(directory), directory=directory
+        )
     return urls, manifest, encoders
 
 

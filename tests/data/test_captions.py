@@ -8,6 +8,7 @@ from longcat_data.captions import (
     caption_from_filename,
     clean_caption,
     load_caption_mapping,
+    match_captions,
     resolve_caption,
 )
 
@@ -136,3 +137,52 @@ def test_malformed_mapping_files_name_the_line(tmp_path: Path, name: str, conten
 def test_missing_mapping_file(tmp_path: Path) -> None:
     with pytest.raises(CaptionError, match="not found"):
         load_caption_mapping(tmp_path / "nope.jsonl")
+
+
+# ---------------------------------------------------------------- a mapping matched over a listing
+
+LISTING = ["clip00.mp4", "a/clip00.mp4", "b/clip00.mp4", "b/solo.mp4", "c/x.mp4", "c/x.mov"]
+
+
+def matched(entries: dict[str, str], sources=LISTING):
+    return match_captions(entries, sources, "m.jsonl", "/videos")
+
+
+def test_a_bare_name_never_captions_a_video_in_a_subfolder_that_has_its_own_path() -> None:
+    result = matched({"clip00.mp4": "root", "a/clip00": "in a", "solo": "only one", "b/clip00.mp4": "in b"})
+    assert result.captions == {
+        "clip00.mp4": "root",
+        "a/clip00.mp4": "in a",
+        "b/clip00.mp4": "in b",
+        "b/solo.mp4": "only one",
+    }
+    assert result.unmatched == []
+
+
+def test_an_ambiguous_bare_name_is_an_error_naming_both_files() -> None:
+    with pytest.raises(CaptionError) as err:
+        matched({"clip00.mp4": "which one?"}, ["a/clip00.mp4", "b/clip00.mp4"])
+    assert str(err.value) == (
+        "m.jsonl: entry 'clip00.mp4' could be a/clip00.mp4 or b/clip00.mp4; "
+        "write its path relative to the videos folder"
+    )
+    with pytest.raises(CaptionError, match="entry 'c/x' could be c/x.mov or c/x.mp4; give its extension"):
+        matched({"c/x": "?"})
+    with pytest.raises(
+        CaptionError, match="entries 'solo' and 'solo.mp4' both caption b/solo.mp4, differently"
+    ):
+        matched({"solo": "one", "solo.mp4": "two"})
+
+
+def test_a_bare_name_of_videos_that_all_have_paths_is_unused_and_so_are_strangers() -> None:
+    entries = {"a/clip00.mp4": "a", "b/clip00.mp4": "b", "clip00.mp4": "root"}
+    result = matched({**entries, "gone.mp4": "?", "x/clip00.mp4": "?"}, LISTING[1:3])
+    assert result.captions == {"a/clip00.mp4": "a", "b/clip00.mp4": "b"}
+    assert result.unmatched == ["clip00.mp4", "gone.mp4", "x/clip00.mp4"]
+    assert result.report("m.jsonl") == (
+        "m.jsonl: 3 entries match no video ('clip00.mp4', 'gone.mp4', 'x/clip00.mp4'); "
+        "check their paths (relative to the videos folder)"
+    )
+    assert matched({"/videos/a/clip00.mp4": "absolute"}, LISTING[1:2]).captions == {
+        "a/clip00.mp4": "absolute"
+    }

@@ -10,8 +10,8 @@ import pytest
 from longcat_data import clips
 from longcat_data.buckets import InputTooSmall, make_buckets
 from longcat_data.clips import ClipSpec, is_rejection, prepare_inputs, rejection, stage
-from longcat_data.demo import DEMO_CLIPS, write_demo_clips
-from longcat_data.video import VideoError
+from longcat_data.demo import DEMO_CLIPS, synthetic_frames, write_demo_clips
+from longcat_data.video import VideoError, write_mp4
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,68 @@ def test_a_missing_file_is_rejected_by_the_first_stage_and_never_decoded(tmp_pat
     (out,) = prepare_inputs([{"__key__": "gone", "source": "gone.mp4"}], spec(tmp_path))
     assert is_rejection(out) and out["rejected"] == "unreadable" and "not found" in out["reason"]
     assert "clips" not in out
+
+
+# ---------------------------------------------------------------- listing folders
+
+
+def test_symlinked_folders_are_followed_once_and_loops_not_at_all(tmp_path: Path, caplog) -> None:
+    videos, elsewhere = tmp_path / "videos", tmp_path / "elsewhere"
+    for folder in (videos / "real" / "deep", elsewhere):
+        folder.mkdir(parents=True)
+    for path in (
+        videos / "top.mp4",
+        videos / "real" / "a.mp4",
+        videos / "real" / "deep" / "b.mov",
+        elsewhere / "c.mp4",
+    ):
+        path.write_bytes(b"")
+    (videos / "real" / "notes.txt").write_text("not a video")
+    (videos / "a_link").symlink_to(videos / "real")  # sorts before "real": the real path still wins
+    (videos / "more").symlink_to(elsewhere)
+    (videos / "real" / "deep" / "loop").symlink_to(videos)
+    (videos / "out").mkdir()
+    (videos / "out" / "x.mp4").write_bytes(b"")
+    assert clips.list_videos(videos, exclude=videos / "out") == [
+        "more/c.mp4",
+        "real/a.mp4",
+        "real/deep/b.mov",
+        "top.mp4",
+    ]
+    assert f"{videos / 'a_link'} leads to {videos / 'real'}, listed already" in caplog.text
+    assert (
+        f"{videos / 'real' / 'deep' / 'loop'} leads to {videos}, listed already (a symlink loop?)"
+        in caplog.text
+    )
+
+
+def test_an_unreadable_subfolder_is_reported_not_skipped_silently(
+    tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("open", "locked"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "v.mp4").write_bytes(b"")
+    scandir = clips.os.scandir
+
+    def no_entry(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(clips.os, "scandir", no_entry)  # root reads everything; a chmod would not do
+    assert clips.list_videos(tmp_path) == ["open/v.mp4"]
+    assert (
+        f"cannot read folder {tmp_path / 'locked'} (Permission denied); its videos are left out: "
+        "fix its permissions" in caplog.text
+    )
+    with pytest.raises(ValueError, match=f"cannot read the videos folder {tmp_path / 'locked'}"):
+        clips.list_videos(tmp_path / "locked")
+
+
+def test_an_implausible_frame_rate_is_warned_about(tmp_path: Path) -> None:
+    write_mp4(synthetic_frames(128, 192, 12), tmp_path / "fast.mp4", fps=1000)
+    (sample,) = clips.probe_inputs([{"__key__": "fast", "source": "fast.mp4"}], spec(tmp_path))
+    assert sample["warnings"] == [
+        "fast.mp4: the file says 1000 frames per second, implausible for a video (broken timestamps?); "
+        "check its clips, or set --fps to resample"
+    ]

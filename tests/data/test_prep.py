@@ -4,7 +4,9 @@ it quick on a CPU."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -289,3 +291,46 @@ def test_two_ranks_then_merge(demo_videos: Path, tmp_path: Path) -> None:
     assert {n.split("-")[1] for n in names} == {"r0", "r1"}
     keys = [s.key for s in read_samples(out)]
     assert sorted(keys) == sorted(c.name for c in DEMO_CLIPS)
+
+
+def test_a_caption_past_the_text_encoders_limit_is_reported_once_per_clip(tmp_path: Path, caplog) -> None:
+    videos = tmp_path / "videos"
+    write_demo_clips(videos, DEMO_CLIPS[:2])
+    (videos / "beach_waves.txt").write_text("a cat walks across a sunny garden " * 120)
+    prep.run_shard(config(videos, tmp_path / "out", workers=0))
+    warnings = [r.getMessage() for r in caplog.records if "tokens; the text encoder reads" in r.getMessage()]
+    assert len(warnings) == 1
+    assert re.fullmatch(
+        r"beach_waves\.mp4 \(clip beach_waves\): its caption is \d+ tokens; the text encoder reads 512 and "
+        r"the rest is cut off: shorten it to keep all of it",
+        warnings[0],
+    )
+
+
+def test_a_mapping_never_gives_one_video_anothers_caption(tmp_path: Path, capsys, caplog) -> None:
+    videos = tmp_path / "videos"
+    write_demo_clips(videos / "a", DEMO_CLIPS[:1])
+    write_demo_clips(videos / "b", DEMO_CLIPS[:1])
+    mapping = tmp_path / "captions.jsonl"
+    mapping.write_text(json.dumps({"file_name": "beach_waves.mp4", "caption": "which beach?"}) + "\n")
+    out = tmp_path / "out"
+    flags = [*FLAGS, "--captions", f"jsonl:{mapping}"]
+    assert cli.main(["shard", str(videos), str(out), *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"longcat-prep shard: error: {mapping}: entry 'beach_waves.mp4' could be a/beach_waves.mp4 or "
+        "b/beach_waves.mp4; write its path relative to the videos folder"
+    )
+    assert not out.exists(), "refused before anything was written"
+
+    lines = [
+        {"file_name": "a/beach_waves.mp4", "caption": "beach a"},
+        {"file_name": "gone.mp4", "caption": "?"},
+    ]
+    mapping.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    prep.run_shard(config(videos, out, captions=f"jsonl:{mapping}"))
+    assert {s.key: s.caption for s in read_samples(out)} == {"a__beach_waves": "beach a"}
+    (rejected,) = read_manifest(out)["rejected"]
+    assert (
+        rejected["source"] == "b/beach_waves.mp4" and "no entry in the caption mapping" in rejected["reason"]
+    )
+    assert f"{mapping}: 1 entries match no video ('gone.mp4')" in caplog.text

@@ -17,9 +17,10 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import is_torchvision_available
 
-from longcat_data import captions
-from longcat_data.captions import QwenCaptioner, caption_videos, load_caption_mapping, resolve_caption
+from longcat_data import qwen_captions as captions
+from longcat_data.captions import load_caption_mapping, resolve_caption
 from longcat_data.demo import CLIP_ENCODING, synthetic_frames
+from longcat_data.qwen_captions import QwenCaptioner, caption_videos
 from longcat_data.video import write_mp4
 
 SPECIAL_TOKENS = [

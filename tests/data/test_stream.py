@@ -1,4 +1,5 @@
 import json
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -241,3 +242,54 @@ def test_captions_encoded_into_a_cache_when_shards_lack_embeddings(tmp_path):
     for caption, emb, mask in zip(b["captions"], b["embeds"], b["embeds_mask"], strict=True):
         i = int(caption[-1])
         assert mask.sum() == i + 1 and (emb[: i + 1] == i).all()
+
+
+# ---------------------------------------------------------------- damaged tar headers
+
+
+def shard_with_manifest(directory: Path, n: int) -> Path:
+    url = Path(write_shard(directory / "train-000000.tar", [clip(f"c_{i}") for i in range(n)]))
+    (directory / "manifest.json").write_text(json.dumps({"shards": [{"name": url.name, "samples": n}]}))
+    return url
+
+
+def header_offset(url: Path, member: str) -> int:
+    with tarfile.open(url) as tar:
+        return tar.getmember(member).offset_data - 512
+
+
+def trained_keys(url: Path, good: int) -> tuple[set[str], int]:
+    """Keys of one pass over the shard, and what the reader counts as lost in that pass (read at the
+    first batch of the next pass, once the damage has been reported)."""
+    batches = take(ShardStream([str(url)], StreamConfig(shuffle_buffer=1)), good + 1)
+    return {k for b in batches[:good] for k in b["keys"]}, batches[-1]["skipped"]
+
+
+def test_a_damaged_header_loses_only_its_member(tmp_path):
+    url = shard_with_manifest(tmp_path, 6)
+    data = bytearray(url.read_bytes())
+    data[header_offset(url, "c_2.latents.safetensors") + 20] ^= 0xFF  # its checksum no longer adds up
+    url.write_bytes(bytes(data))
+    keys, skipped = trained_keys(url, 5)
+    assert keys == {"c_0", "c_1", "c_3", "c_4", "c_5"}, "the samples after the damage are read"
+    assert skipped == 1, "c_2, incomplete without its latents"
+
+
+def test_a_sample_wiped_out_is_counted_from_the_manifest(tmp_path, caplog):
+    url = shard_with_manifest(tmp_path, 6)
+    data = bytearray(url.read_bytes())
+    start, end = header_offset(url, "c_2.cond.png"), header_offset(url, "c_3.cond.png")
+    data[start:end] = bytes(end - start)  # zeroed, like a lost disk block
+    url.write_bytes(bytes(data))
+    keys, skipped = trained_keys(url, 5)
+    assert keys == {"c_0", "c_1", "c_3", "c_4", "c_5"} and skipped == 1
+    assert f"{url}: damaged between bytes {start} and {end}, read on after it; 1 samples lost" in caplog.text
+
+
+def test_a_cut_off_shard_reports_the_samples_it_lost(tmp_path):
+    url = shard_with_manifest(tmp_path, 6)
+    data = url.read_bytes()
+    url.write_bytes(data[: header_offset(url, "c_3.latents.safetensors") + 700])
+    keys, skipped = trained_keys(url, 3)
+    assert keys == {"c_0", "c_1", "c_2"}
+    assert skipped == 3, "c_3 cut short, c_4 and c_5 never read"

@@ -179,3 +179,55 @@ def test_two_ranks_merge_into_one_manifest(tmp_path: Path) -> None:
     assert manifest["buckets"] == {"x": 1, "y": 1}
     assert manifest["rejected"] == [{"source": "bad.mp4", "reason": "not a video"}]
     assert merge_manifest(tmp_path) == manifest
+
+
+def test_a_rerun_tidies_what_killed_runs_left_and_nothing_else(tmp_path: Path) -> None:
+    for rank in (0, 1):
+        with writer(tmp_path, rank=rank, world_size=2, listing="L") as w:
+            w.write(make_sample(f"k{rank}"), "b")
+    prep_dir = tmp_path / ".prep"
+    ours = [
+        prep_dir / ".train-r0.json.123.tmp",
+        prep_dir / ".captions-train-r0.jsonl.77.tmp",
+        tmp_path / "train-r0-000005.tar.partial",
+        tmp_path / ".manifest.json.999.tmp",
+        tmp_path / "train-r1-000003.tar.partial",  # rank 1's writer is gone: tidied too
+        prep_dir / ".train-r1.json.5.tmp",
+    ]
+    theirs = [prep_dir / ".notes.tmp", tmp_path / "notes.tar.partial", tmp_path / ".README.md.tmp"]
+    for path in ours + theirs:
+        path.write_bytes(b"x")
+    writer(tmp_path, rank=0, world_size=2, listing="L").close()
+    assert [p.name for p in ours if p.exists()] == []
+    assert all(p.exists() for p in theirs)
+    assert sorted(read_keys(tmp_path)) == ["k0", "k1"]
+
+
+def test_a_live_writers_files_are_left_alone(tmp_path: Path) -> None:
+    r1 = writer(tmp_path, rank=1, world_size=2, listing="L")
+    r1.write(make_sample("k1"), "b")
+    in_progress = tmp_path / "train-r1-000000.tar.partial"
+    assert in_progress.is_file()
+    r0 = writer(tmp_path, rank=0, world_size=2, listing="L")
+    assert in_progress.is_file(), "rank 1 still writes it"
+    r0.write(make_sample("k0"), "b")
+    r0.close()
+    r1.close()
+    assert sorted(read_keys(tmp_path)) == ["k0", "k1"]
+
+
+def test_shards_no_state_lists_are_read_back_or_set_aside(tmp_path: Path, caplog) -> None:
+    with writer(tmp_path) as w:
+        for i in range(4):
+            w.write(make_sample(f"k{i}"), "64x64x9")
+    (tmp_path / ".prep" / "train.json").unlink()
+    damaged = tmp_path / "train-000001.tar"
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    again = writer(tmp_path)
+    assert again.done_keys == {"k0", "k1"}, "the whole shard is read back"
+    assert (tmp_path / "train-000001.tar.unlisted").is_file() and not damaged.exists()
+    assert "train-000001.tar is not in any prep state and is damaged" in caplog.text
+    for key in ("k2", "k3"):
+        again.write(make_sample(key), "64x64x9")
+    manifest = again.close()
+    assert manifest["complete"] and sorted(read_keys(tmp_path)) == ["k0", "k1", "k2", "k3"]

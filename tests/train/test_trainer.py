@@ -51,7 +51,9 @@ def one_batch(shards: Path, size: int = 2) -> dict:
 
 
 def rewrite_shard(directory: Path, change) -> None:
-    """Rewrite every tar of ``directory`` with ``change(sample) -> sample | None`` applied."""
+    """Rewrite every tar of ``directory`` with ``change(sample) -> sample | None`` applied, and its
+    manifest record with it (the trainer refuses shards whose size differs from the record)."""
+    sizes = {}
     for tar in directory.glob("*.tar"):
         samples = list(group_by_keys(tar_file_expander(url_opener([dict(url=str(tar))]))))
         with TarWriter(str(tar), encoder=False) as out:
@@ -59,6 +61,13 @@ def rewrite_shard(directory: Path, change) -> None:
                 s = change({k: v for k, v in s.items() if k != "__url__"})
                 if s is not None:
                     out.write(s)
+        sizes[tar.name] = tar.stat().st_size
+    manifest_path = directory / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        for shard in manifest["shards"]:
+            shard["bytes"] = sizes.get(shard["name"], shard["bytes"])
+        manifest_path.write_text(json.dumps(manifest))
 
 
 # ---------------------------------------------------------------- pure parts
