@@ -382,11 +382,16 @@ def check_manifest(
     frames: int | None,
     where: str = "shards",
     directory: Path | None = None,
+    allow_missing: bool = False,
 ) -> None:
     """Raise ShardError when the shards were made with other encoders or another frame count, or (given
-    the manifest's ``directory``) when a listed shard is missing or not the size recorded."""
+    the manifest's ``directory``) when a listed shard is not the size recorded, or missing (unless
+    ``allow_missing``: ``manifest_shards`` has warned about those and left them out)."""
     if directory is not None:
-        problems = verify_shards(directory, manifest.get("shards", []), count_samples=False)
+        shards = manifest.get("shards", [])
+        if allow_missing:
+            shards = [s for s in shards if (directory / s["name"]).is_file()]
+        problems = verify_shards(directory, shards, count_samples=False)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ShardError(f"{problems[0]}{more}; {repair_hint(directory)}")

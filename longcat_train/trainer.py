@@ -347,7 +347,12 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     if manifest is not None:
         directory = Path(urls[0]).expanduser().parent
         check_manifest(
-            manifest, encoders=encoders, frames=cfg.frames, where=str(directory), directory=directory
+            manifest,
+            encoders=encoders,
+            frames=cfg.frames,
+            where=str(directory),
+            directory=directory,
+            allow_missing=cfg.allow_missing_shards,
         )
     return urls, manifest, encoders
 
