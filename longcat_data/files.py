@@ -1,6 +1,7 @@
 """Files written so that a reader, or a rerun after a crash, sees the old content or the new, never half.
 
-Prep's resume state, the manifest, caption sidecars and the dataset card all go through ``write_atomic``.
+Prep's resume state, the manifest, caption sidecars and the dataset card all go through ``write_atomic``;
+files another library writes (safetensors) through ``replace_atomic``.
 ``check_writable`` asks, before long work, whether its result could be written at all.
 """
 
@@ -9,19 +10,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename over ``path`` (text as UTF-8)."""
+def replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` makes the file under a temporary name beside ``path``; it is flushed to the disk and
+    renamed over ``path``. A write that fails leaves ``path`` as it was and removes the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, rename over ``path`` (text as UTF-8)."""
+    replace_atomic(path, lambda tmp: tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import save_file
+from tqdm import tqdm
 
-from longcat_data.files import write_atomic
+from longcat_data.files import replace_atomic
 from longcat_train import lora_layouts as layouts
 from longcat_train.lora_layouts import WRITE_FORMATS
 from longcat_train.lora_pieces import (
@@ -176,6 +177,12 @@ def _stated_alpha(config: dict, module: str) -> float | None:
     return float(alpha) if alpha is not None else None
 
 
+def _scalar(tensor: torch.Tensor, name: str, path: str | Path) -> float:
+    if tensor.numel() != 1:
+        raise LoraFormatError(f"{path}: the alpha of {name} has shape {tuple(tensor.shape)}, not one number")
+    return float(tensor.float().item())
+
+
 def _pieces(name: str, roles: dict[str, torch.Tensor], path: str) -> tuple[LowRankPiece, ...]:
     down = roles.get("down")
     blocks = sorted((int(r[3:]), t) for r, t in roles.items() if r.startswith("up."))
@@ -215,7 +222,12 @@ def parse_file(
             continue
         style, name, role, default = found
         adapter_named |= default
-        grouped.setdefault((style, name), {})[role] = tensor
+        group = grouped.setdefault((style, name), {})
+        if role in group:
+            raise LoraFormatError(
+                f"{path}: {key} and {keys[(style, name)][0]} give the same {role} of {name}"
+            )
+        group[role] = tensor
         keys.setdefault((style, name), []).append(key)
     matrices = {k: v for k, v in grouped.items() if "down" in v or "up" in v or "up.0" in v}
     if not matrices:
@@ -234,14 +246,14 @@ def parse_file(
             unread.extend((key, "an alpha without LoRA matrices") for key in keys[(style, name)])
             continue
         if any(t.ndim != 2 for r, t in roles.items() if r not in ("alpha", "alpha_scale")):
-            unread.extend((key, "a convolution LoRA (not a matrix pair)") for key in keys[(style, name)])
+            unread.extend((key, "not a matrix pair (a convolution LoRA?)") for key in keys[(style, name)])
             continue
         pieces = _pieces(name, roles, str(path))
         rank = pieces[0].rank
         if "alpha_scale" in roles:
-            scale = float(roles["alpha_scale"].float().item())
+            scale = _scalar(roles["alpha_scale"], name, path)
         elif "alpha" in roles:
-            scale = float(roles["alpha"].float().item()) / rank
+            scale = _scalar(roles["alpha"], name, path) / rank
         elif style == "official" and metadata.get("lora_network_alpha"):
             scale = float(metadata["lora_network_alpha"]) / rank
         elif (alpha := _stated_alpha(config, name)) is not None:
@@ -341,7 +353,8 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise LoraFormatError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            keys = tqdm(f.keys(), desc=f"reading {path.name}", unit="tensor", leave=False, disable=None)
+            return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise LoraFormatError(
             f"{path}: not a safetensors file ({err}); LoRAs are read from .safetensors only"
@@ -377,9 +390,17 @@ def from_peft_weights(weights: dict[str, torch.Tensor], settings: dict) -> LowRa
 Tensors = dict[str, torch.Tensor]
 
 
-def _own(tensor: torch.Tensor) -> torch.Tensor:
-    # safetensors refuses tensors that share memory: a shared down or a row slice of an up does.
-    return tensor.detach().to("cpu").contiguous().clone()
+def _unshared(tensors: Tensors) -> Tensors:
+    """On the CPU, contiguous, each with its own memory: safetensors refuses tensors sharing memory
+    (a down shared by row pieces, row slices of one up); only those are copied."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
 
 
 def _alpha(value: float) -> torch.Tensor:
@@ -398,8 +419,8 @@ def peft_tensors(lora: LowRankSet) -> tuple[Tensors, dict[str, str], list[str]]:
     alphas: dict[str, float] = {}
     for module, delta in lora.deltas.items():
         piece = one_piece(delta).pieces[0]
-        tensors[f"{DIFFUSERS_PREFIX}{module}.lora_A.weight"] = _own(piece.down)
-        tensors[f"{DIFFUSERS_PREFIX}{module}.lora_B.weight"] = _own(piece.up)
+        tensors[f"{DIFFUSERS_PREFIX}{module}.lora_A.weight"] = piece.down
+        tensors[f"{DIFFUSERS_PREFIX}{module}.lora_B.weight"] = piece.up
         ranks[module], alphas[module] = piece.rank, delta.scale * piece.rank
     rank, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
     config: dict = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(lora.deltas)}
@@ -437,11 +458,11 @@ def official_tensors(lora: LowRankSet) -> tuple[Tensors, dict[str, str], list[st
     for module, delta in shaped.items():
         name = OFFICIAL_PREFIX + module.replace(".", OFFICIAL_HYPHEN)
         pieces = [padded(p, rank) for p in delta.pieces]
-        tensors[f"{name}.lora_down.weight"] = _own(torch.cat([p.down for p in pieces]))
+        tensors[f"{name}.lora_down.weight"] = torch.cat([p.down for p in pieces])
         if len(pieces) == 1:
-            tensors[f"{name}.lora_up.weight"] = _own(pieces[0].up)
+            tensors[f"{name}.lora_up.weight"] = pieces[0].up
         for i, piece in enumerate(pieces if len(pieces) > 1 else []):
-            tensors[f"{name}.lora_up.blocks.{i}.weight"] = _own(piece.up)
+            tensors[f"{name}.lora_up.blocks.{i}.weight"] = piece.up
         tensors[f"{name}.alpha_scale"] = _alpha(delta.scale)
     alpha = _most_common([d.scale * rank for d in shaped.values()])
     header = {"format": "pt", "lora_network_dim": str(rank), "lora_network_alpha": str(alpha)}
@@ -467,8 +488,8 @@ def comfyui_tensors(lora: LowRankSet) -> tuple[Tensors, dict[str, str], list[str
             )
             continue
         for name, piece in zip(names, row_parts(delta, len(names)), strict=True):
-            tensors[f"{COMFYUI_PREFIX}{name}.lora_A.weight"] = _own(piece.down)
-            tensors[f"{COMFYUI_PREFIX}{name}.lora_B.weight"] = _own(piece.up)
+            tensors[f"{COMFYUI_PREFIX}{name}.lora_A.weight"] = piece.down
+            tensors[f"{COMFYUI_PREFIX}{name}.lora_B.weight"] = piece.up
             tensors[f"{COMFYUI_PREFIX}{name}.alpha"] = _alpha(delta.scale * piece.rank)
     return tensors, {"format": "pt"}, notes
 
@@ -488,7 +509,8 @@ def write(lora: LowRankSet, path: str | Path, to: str) -> list[str]:
         raise LoraFormatError(
             f"{path}: nothing of this LoRA can be written in the {to} layout ({notes[0] if notes else 'it is empty'})"
         )
-    write_atomic(Path(path), save(tensors, metadata=header))
+    tensors = _unshared(tensors)
+    replace_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
     return notes
 
 
