@@ -280,6 +280,9 @@ def resolve(parsed: ParsedFile, path: str | Path = "", alpha: float | str | None
     is a zero piece), split modules kept as pieces. ``alpha`` is used where the file states none (a
     number, or ``"rank"``: alpha = rank, scale 1, as ComfyUI applies such a file); without it such a
     file is refused."""
+    if not parsed.modules:
+        key, why = parsed.unread[0]
+        raise LoraFormatError(f"{path}: none of its LoRA modules can be applied (e.g. {key}: {why})")
     missing = parsed.missing_alpha
     if missing and alpha is None:
         raise LoraFormatError(
@@ -411,19 +414,32 @@ def _most_common(values: list) -> object:
     return Counter(values).most_common(1)[0][0]
 
 
+def _matrix_modules(lora: LowRankSet, layout: str) -> tuple[dict[str, LowRankDelta], list[str]]:
+    """The deltas a layout of matrix pairs can hold: a convolution's update is no matrix pair there."""
+    notes = [
+        f"{m}: a convolution, which the {layout} layout holds no LoRA for"
+        for m in lora.deltas
+        if layouts.is_convolution(m)
+    ]
+    return {m: d for m, d in lora.deltas.items() if not layouts.is_convolution(m)}, notes
+
+
 def peft_tensors(lora: LowRankSet) -> tuple[Tensors, dict[str, str], list[str]]:
     """Our ``lora.safetensors`` layout (diffusers/peft): one pair per module; ranks or alphas that differ
     from the most common are peft's ``rank_pattern`` / ``alpha_pattern`` in the adapter config."""
+    deltas, notes = _matrix_modules(lora, "peft")
+    if not deltas:
+        return {}, {}, notes
     tensors: Tensors = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    for module, delta in lora.deltas.items():
+    for module, delta in deltas.items():
         piece = one_piece(delta).pieces[0]
         tensors[f"{DIFFUSERS_PREFIX}{module}.lora_A.weight"] = piece.down
         tensors[f"{DIFFUSERS_PREFIX}{module}.lora_B.weight"] = piece.up
         ranks[module], alphas[module] = piece.rank, delta.scale * piece.rank
     rank, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
-    config: dict = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(lora.deltas)}
+    config: dict = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(deltas)}
     rank_pattern = {m: r for m, r in ranks.items() if r != rank}
     alpha_pattern = {m: a for m, a in alphas.items() if a != alpha}
     if rank_pattern:
@@ -434,15 +450,16 @@ def peft_tensors(lora: LowRankSet) -> tuple[Tensors, dict[str, str], list[str]]:
         "format": "pt",
         METADATA_KEY: json.dumps({f"{DIFFUSERS_PREFIX}{k}": v for k, v in config.items()}),
     }
-    return tensors, header, []
+    return tensors, header, notes
 
 
 def official_tensors(lora: LowRankSet) -> tuple[Tensors, dict[str, str], list[str]]:
     """The file the official ``load_lora(path, key, lora_network_dim=R)`` loads strictly: split modules
     as ``lora_up.blocks.{i}``, one rank R for every module (smaller ones padded with zeros, exact),
     ``alpha_scale`` per module."""
-    notes, shaped = [], {}
-    for module, delta in lora.deltas.items():
+    deltas, notes = _matrix_modules(lora, "official")
+    shaped = {}
+    for module, delta in deltas.items():
         if not layouts.is_official(module):
             notes.append(f"{module}: not a module of the official DiT, not written")
             continue

@@ -58,11 +58,9 @@ def split_block_diagonal(delta: LowRankDelta, parts: int) -> LowRankDelta:
     if down.shape[0] % parts or up.shape[0] % parts:
         return delta
     rank, rows = down.shape[0] // parts, up.shape[0] // parts
-    blocks = up.reshape(parts, rows, parts, rank)
-    for i in range(parts):
-        for j in range(parts):
-            if bool(blocks[i, :, j].any()) != (i == j):
-                return delta
+    nonzero = up.reshape(parts, rows, parts, rank).ne(0).any(dim=3).any(dim=1)  # [row block, rank block]
+    if not torch.equal(nonzero, torch.eye(parts, dtype=torch.bool)):
+        return delta
     pieces = tuple(
         LowRankPiece(
             down[i * rank : (i + 1) * rank], up[i * rows : (i + 1) * rows, i * rank : (i + 1) * rank]

@@ -2,6 +2,7 @@
 back, the round trips between our three layouts, and the official loader on our split files."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from lora_files import (
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from longcat_train import checkpoints, lora, lora_formats
+from longcat_train import checkpoints, lora, lora_formats, lora_layouts
 from longcat_train.config import DEFAULT_LORA_TARGETS
 from longcat_train.loading import tiny_dit
 from longcat_train.lora_formats import LoraFormatError, read_file, write
+from longcat_train.lora_pieces import one_piece, split_block_diagonal
+from longcat_train.lora_tool import module_shapes
 from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
+from longcat_train.model import DiTConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -121,8 +125,6 @@ def test_peft_writer_states_differing_ranks_and_alphas_as_peft_patterns(tmp_path
     source = random_lora(split=True)
     write(source, tmp_path / "p.safetensors", "peft")
     with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
-        import json
-
         config = json.loads(f.metadata()["lora_adapter_metadata"])
     # Split modules become one block-diagonal pair of rank n*r: rank_pattern; per-module scales: alpha_pattern.
     assert config["transformer.r"] == 4
@@ -162,6 +164,29 @@ def test_official_loader_reads_our_split_file_strictly_and_computes_our_update(t
         x = torch.randn(3, delta.in_features)
         theirs = module.lora_up(module.lora_down(x)) * module.multiplier * module.alpha_scale
         torch.testing.assert_close(theirs, x @ delta.weight().T, rtol=1e-4, atol=1e-4)
+
+
+def test_the_layout_tables_name_every_linear_and_convolution_of_the_dit():
+    for name in module_shapes(DiTConfig.tiny()):
+        assert lora_layouts.is_official(name) and lora_layouts.wrapper_names(name), name
+        assert lora_layouts.official_part(name) == (name, 0, 1)
+        for i, wrapper in enumerate(lora_layouts.wrapper_names(name)):
+            assert lora_layouts.official_part(wrapper)[:2] == (name, i)
+            assert lora_layouts.resolve_underscored(wrapper.replace(".", "_")) == wrapper
+
+
+def test_block_diagonal_pieces_come_back_but_an_untrained_up_is_no_split():
+
+    split = random_lora().deltas["blocks.0.adaLN_modulation.1"]
+    whole = one_piece(split)
+    assert len(whole.pieces) == 1 and whole.rank == 24
+    back = split_block_diagonal(whole, 6)
+    assert all(
+        torch.equal(a.up, b.up) and torch.equal(a.down, b.down)
+        for a, b in zip(back.pieces, split.pieces, strict=True)
+    )
+    untrained = LowRankDelta((LowRankPiece(torch.randn(24, 64), torch.zeros(768, 24)),), 1.0)
+    assert split_block_diagonal(untrained, 6) is untrained
 
 
 # ---------------------------------------------------------------- files other projects write
@@ -308,6 +333,13 @@ def test_wrapper_parts_missing_or_at_other_scales_still_give_the_fused_update(tm
         ),
         (
             {
+                "transformer.x_embedder.proj.lora_A.weight": torch.zeros(2, 16, 1, 2, 2),
+                "transformer.x_embedder.proj.lora_B.weight": torch.zeros(128, 2, 1, 1, 1),
+            },
+            "none of its LoRA modules can be applied .*x_embedder.proj.lora_A.weight: not a matrix pair",
+        ),
+        (
+            {
                 "transformer.blocks.0.ffn.w1.lora_A.weight": torch.zeros(2, 3),
                 "blocks.0.ffn.w1.lora_A.weight": torch.zeros(2, 3),
             },
@@ -343,6 +375,20 @@ def test_comfyui_writer_reports_what_the_wrapper_cannot_take(tmp_path):
     assert len(notes) == 2 and "Control-LoRA" in notes[0] and "vace_blocks.0.proj" in notes[1]
     keys = load_file(str(tmp_path / "c.safetensors")).keys()
     assert not any("patch_embedding" in k or "vace" in k for k in keys)
+
+
+@pytest.mark.parametrize("to", ["peft", "official"])
+def test_matrix_layouts_report_a_convolution_update_and_refuse_an_empty_lora(tmp_path, to):
+    source = random_lora(split=False)
+    source.deltas["x_embedder.proj"] = LowRankDelta(
+        (LowRankPiece(torch.ones(2, 64), torch.ones(128, 2)),), 1.0
+    )
+    notes = write(source, tmp_path / "x.safetensors", to)
+    assert len(notes) == 1 and notes[0].startswith("x_embedder.proj: a convolution")
+    assert "x_embedder.proj" not in read_file(tmp_path / "x.safetensors").deltas
+    with pytest.raises(LoraFormatError, match="nothing of this LoRA can be written"):
+        write(LowRankSet({}, "peft"), tmp_path / "empty.safetensors", to)
+    assert not (tmp_path / "empty.safetensors").exists()
 
 
 def test_training_export_writes_the_comfyui_file_beside_the_others(tmp_path):
