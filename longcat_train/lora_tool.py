@@ -237,6 +237,7 @@ def run_convert(cfg: ConvertLoraConfig) -> list[str]:
     check_writable(target)
     lora = read_file(source, alpha=cfg.alpha)
     log.info("%s: %s, %d modules", source, LAYOUT_NAMES[lora.format], len(lora.deltas))
+    log.info("writing %s in the %s layout", target, cfg.to)
     notes = write(lora, target, cfg.to)
     print(f"wrote {target} ({cfg.to}, {len(lora.deltas) - len(notes)} modules)")
     return notes
