@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from longcat_data.files import check_writable
+from longcat_data.flags import ConfigError
 from longcat_train import lora_layouts as layouts
 from longcat_train.lora_comfyui import WrapperLoad, emulate_load
 from longcat_train.lora_config import ConvertLoraConfig, InspectLoraConfig
@@ -49,10 +50,11 @@ def dit_config(model: str) -> tuple[str, DiTConfig]:
     else:
         folder = Path(model)
         file = folder / "config.json" if (folder / "config.json").is_file() else folder / "dit/config.json"
-        config, name = (
-            DiTConfig.from_dict(json.loads(file.read_text(encoding="utf-8"))),
-            f"the DiT of {model}",
-        )
+        try:
+            config = DiTConfig.from_dict(json.loads(file.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"--model {model}: {file} is not a LongCat-Video DiT config ({err})") from None
+        name = f"the DiT of {model}"
     return f"{name} ({config.depth} blocks, hidden {config.hidden_size})", config
 
 

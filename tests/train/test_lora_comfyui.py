@@ -294,6 +294,10 @@ def test_convert_and_its_one_line_errors(tmp_path, capsys):
     assert code == 2 and "not a safetensors file" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["inspect", str(tmp_path / "missing.safetensors")], capsys)
     assert code == 2 and "FILE" in err and "existing .safetensors file" in err
+    (tmp_path / "dit").mkdir()
+    (tmp_path / "dit" / "config.json").write_text("{not json")
+    code, _, err = run_cli(["inspect", target, "--model", str(tmp_path)], capsys)
+    assert code == 2 and "is not a LongCat-Video DiT config" in err
     with pytest.raises(SystemExit):
         lora_cli.main(["convert", source, target, "--alpha", "-1"])
     assert "a positive number or 'rank'" in capsys.readouterr().err
