@@ -1,8 +1,9 @@
 """Files written so that a reader, or a rerun after a crash, sees the old content or the new, never half.
 
-Prep's resume state, the manifest, caption sidecars and the dataset card all go through ``write_atomic``.
-A write that fails (a full disk) leaves the old file and no temporary behind; one killed half-way leaves
-a temporary named ``.NAME.PID.tmp``, which ``stray_temporaries`` finds for the next run to remove.
+Prep's resume state, the manifest, caption sidecars and the dataset card all go through ``write_atomic``;
+files another library writes (safetensors) through ``replace_atomic``. A write that fails (a full disk)
+leaves the old file and no temporary behind; one killed half-way leaves a temporary named
+``.NAME.PID.tmp``, which ``stray_temporaries`` finds for the next run to remove.
 ``check_writable`` asks, before long work, whether its result could be written at all.
 """
 
@@ -12,6 +13,7 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,22 +58,28 @@ def stray_temporaries(path: Path) -> list[Path]:
     )
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename over ``path`` (text as UTF-8)."""
+def replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` makes the file under a temporary name beside ``path``; it is flushed to the disk and
+    renamed over ``path``. A write that fails leaves ``path`` as it was and removes the temporary file; an
+    OSError names ``path``, not the temporary."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from err  # named by the file, not the temporary
+        raise OSError(err.errno, err.strerror, str(path)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, rename over ``path`` (text as UTF-8)."""
+    replace_atomic(path, lambda tmp: tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

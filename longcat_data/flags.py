@@ -340,6 +340,8 @@ def _setting(field: dataclasses.Field, value: Any, typed: bool) -> str:
     the default gave (``steps = 0``). Text is quoted, so any character prints."""
     if not typed:
         return f"{field.name} = {value!r}"
+    if field.metadata.get("positional"):
+        return f"{field.name.upper()} {value!r}"
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
         return f"{flag_names(field)[0]} {format_area(value)}"
     shown = value if isinstance(value, list) else [value]

@@ -1,6 +1,6 @@
 """Training checkpoints: what makes a resume exact, written atomically, verified, and found again.
 
-``checkpoints/step-N`` holds the LoRA weights (fp32, in both file formats), the optimizer state, every RNG
+``checkpoints/step-N`` holds the LoRA weights (fp32, in our three file layouts), the optimizer state, every RNG
 each process draws from (torch CPU and CUDA, the noise generator, numpy, python), the config, the train
 state (the step and the stream position: micro-batches each rank consumed) and, written last,
 ``checksums.json`` (sha256 and size of every other file). The data order is a function of (seed, epoch,
@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from longcat_data.files import write_json_atomic
-from longcat_train import lora, parallel
+from longcat_train import lora, lora_formats, parallel
 from longcat_train.config import ConfigError, TrainConfig, resume_mismatch, save_config
 from longcat_train.parallel import Dist
 from longcat_train.runs import (
     CHECKPOINTS,
+    COMFYUI_LORA_FILE,
     CONFIG_FILE,
     LORA_FILE,
     OFFICIAL_LORA_FILE,
@@ -108,7 +109,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def export_lora(train_model: nn.Module, model: nn.Module, directory: Path, d: Dist) -> None:
-    """Write both LoRA files into ``directory`` (rank 0); gathering is a collective under FSDP."""
+    """Write the LoRA files (ours, official, ComfyUI) into ``directory`` (rank 0); gathering is a
+    collective under FSDP."""
     weights = lora.lora_weights(parallel.trainable_state(train_model))
     if d.main:
         write_lora_files(weights, lora.adapter_settings(model), directory)
@@ -117,6 +119,9 @@ def export_lora(train_model: nn.Module, model: nn.Module, directory: Path, d: Di
 def write_lora_files(weights: dict[str, torch.Tensor], settings: dict, directory: Path) -> None:
     lora.save_diffusers(weights, directory / LORA_FILE, settings)
     lora.save_official(weights, directory / OFFICIAL_LORA_FILE, settings)
+    lora_formats.write_comfyui(
+        lora_formats.from_peft_weights(weights, settings), directory / COMFYUI_LORA_FILE
+    )
 
 
 # ---------------------------------------------------------------- checksums

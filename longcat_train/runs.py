@@ -34,10 +34,11 @@ CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "train_config.json"
 LORA_FILE = "lora.safetensors"
 OFFICIAL_LORA_FILE = "lora_longcat.safetensors"
+COMFYUI_LORA_FILE = "lora_comfyui.safetensors"  # the ComfyUI-WanVideoWrapper layout (lora_formats)
 METRICS_FILE = "metrics.jsonl"
 # What a run writes into output_dir: what marks a folder as holding a run, and all that overwrite deletes.
 RUN_FOLDERS = (CHECKPOINTS, "validation", "tensorboard")
-RUN_FILES = (CONFIG_FILE, LORA_FILE, OFFICIAL_LORA_FILE, METRICS_FILE)
+RUN_FILES = (CONFIG_FILE, LORA_FILE, OFFICIAL_LORA_FILE, COMFYUI_LORA_FILE, METRICS_FILE)
 # Per-invocation settings: never taken over from the run being resumed.
 INVOCATION_KEYS = frozenset({"resume", "overwrite"})
 

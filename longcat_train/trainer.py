@@ -51,6 +51,7 @@ from longcat_train.checkpoints import (
 from longcat_train.config import ConfigError, TrainConfig, save_config
 from longcat_train.parallel import Dist
 from longcat_train.runs import (
+    COMFYUI_LORA_FILE,
     CONFIG_FILE,
     LORA_FILE,
     METRICS_FILE,
@@ -500,7 +501,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if result.corrupt_samples:
         log.warning("skipped %d corrupt sample(s) or shard read(s) in this run", result.corrupt_samples)
     if d.main:
-        log.info("done: LoRA in %s and %s", out / LORA_FILE, out / OFFICIAL_LORA_FILE)
+        log.info(
+            "done: LoRA in %s, %s (official) and %s (ComfyUI-WanVideoWrapper)",
+            out / LORA_FILE,
+            out / OFFICIAL_LORA_FILE,
+            out / COMFYUI_LORA_FILE,
+        )
     return result
 
 

@@ -17,6 +17,7 @@ from longcat_train import lora
 from longcat_train.cli import train_main
 from longcat_train.config import ConfigError, TrainConfig
 from longcat_train.loading import load_dit
+from longcat_train.lora_formats import read_file
 from longcat_train.techniques import check_techniques
 from longcat_train.trainer import lr_factor, train, training_loss
 
@@ -153,6 +154,10 @@ def test_loss_falls_when_overfitting_two_clips(tiny_shards, tmp_path):
     assert len(result.losses) == 30 and result.skipped_steps == 0
     out = Path(cfg.output_dir)
     assert (out / "lora.safetensors").is_file() and (out / "lora_longcat.safetensors").is_file()
+    comfyui, ours = read_file(out / "lora_comfyui.safetensors"), read_file(out / "lora.safetensors")
+    assert comfyui.format == "comfyui" and comfyui.deltas.keys() == ours.deltas.keys()
+    for name, delta in ours.deltas.items():
+        assert torch.equal(comfyui.deltas[name].weight(), delta.weight()), name
     assert json.loads((out / "train_config.json").read_text())["learning_rate"] == 3e-3
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 30
 

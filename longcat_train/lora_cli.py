@@ -1,0 +1,80 @@
+"""``longcat-lora``: inspect a LoRA file or convert it between layouts; parses flags and dispatches.
+
+Each subcommand is a config dataclass (``longcat_train.lora_config``) and a function of
+``longcat_train.lora_tool``, imported after the flags are parsed so ``--help`` loads no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from longcat_data.flags import ConfigError, add_flags, parse
+from longcat_train.lora_config import ConvertLoraConfig, InspectLoraConfig
+
+
+def _inspect(cfg: InspectLoraConfig) -> None:
+    from longcat_train.lora_tool import run_inspect
+
+    run_inspect(cfg)
+
+
+def _convert(cfg: ConvertLoraConfig) -> None:
+    from longcat_train.lora_tool import run_convert
+
+    for note in run_convert(cfg):
+        print(f"longcat-lora convert: warning: {note}", file=sys.stderr)
+
+
+COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
+    "inspect": (
+        InspectLoraConfig,
+        _inspect,
+        "layout, modules, ranks, alpha, split modules, the model it fits, what ComfyUI would drop",
+    ),
+    "convert": (ConvertLoraConfig, _convert, "rewrite a LoRA in another layout (peft, official, comfyui)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longcat-lora",
+        description="LongCat-Video LoRA files: ours, the official one, ComfyUI-WanVideoWrapper's, other trainers'.",
+        epilog="e.g. longcat-lora convert out/lora.safetensors lora_comfyui.safetensors --to comfyui",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (cls, _, help_text) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help_text, description=help_text), cls)
+    return parser
+
+
+def _is_user_error(err: BaseException) -> bool:
+    # Imported once an error is raised: --help loads none of the modules defining them.
+    from longcat_data.files import NotWritable
+    from longcat_train.lora_formats import LoraFormatError
+
+    return isinstance(err, ConfigError | LoraFormatError | NotWritable | FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cls, run, _ = COMMANDS[args.command]
+    try:
+        run(parse(cls, args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        for line in str(err).strip().splitlines() or [type(err).__name__]:
+            print(f"longcat-lora {args.command}: error: {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
