@@ -28,7 +28,8 @@ from torch import nn
 
 from longcat_data.files import write_json_atomic
 from longcat_train import lora, parallel
-from longcat_train.config import ConfigError, TrainConfig, resume_mismatch, save_config
+from longcat_train.config import ConfigError, TrainConfig, save_config
+from longcat_train.lowrank import LowRankSet
 from longcat_train.parallel import Dist
 from longcat_train.runs import (
     CHECKPOINTS,
@@ -37,8 +38,8 @@ from longcat_train.runs import (
     OFFICIAL_LORA_FILE,
     list_checkpoints,
     remove_checkpoint,
+    resume_mismatch,
 )
-from longcat_train.techniques import LoraFile
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Resumed:
 
     path: Path
     state: TrainState
-    lora_file: LoraFile
+    lora: LowRankSet  # the trained adapter's weights
     optimizer: dict
     rng: dict
 
@@ -268,13 +269,13 @@ def _load(path: Path, d: Dist) -> tuple[Resumed | None, str | None]:
             return None, problem
         state = TrainState(**json.loads((path / STATE_FILE).read_text()))
         json.loads((path / CONFIG_FILE).read_text())  # check_resumable compares it next
-        lora_file = lora.read_lora(path / LORA_FILE)
+        lora_set = lora.read_lora_file(path / LORA_FILE)
         optim = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
         rng = torch.load(path / rng_file(d.rank), map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged file fails in its reader's own way
         first = (str(err).strip().splitlines() or [""])[0][:200]
         return None, f"does not load: {type(err).__name__}: {first}"
-    return Resumed(path, state, lora_file, optim, rng), None
+    return Resumed(path, state, lora_set, optim, rng), None
 
 
 def load_checkpoint(candidates: list[Path], d: Dist) -> Resumed:

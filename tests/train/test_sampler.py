@@ -47,19 +47,19 @@ def _latents(sampler: Sampler) -> torch.Tensor:
 def test_lora_strength_swap_and_merge(lora_file: str) -> None:
     sampler = Sampler("tiny", device="cpu")
     base = _latents(sampler)
-    sampler.use_lora(lora_file, 1.0)
+    sampler.use_loras([(lora_file, 1.0)])
     full = _latents(sampler)
     assert not torch.allclose(full, base, atol=1e-3)
-    sampler.use_lora(lora_file, 0.0)
+    sampler.use_loras([(lora_file, 0.0)])
     torch.testing.assert_close(_latents(sampler), base)
-    sampler.use_lora(lora_file, 0.5)
+    sampler.use_loras([(lora_file, 0.5)])
     half = _latents(sampler)
     assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, full, atol=1e-4)
-    sampler.use_lora(None)
+    sampler.use_loras([])
     torch.testing.assert_close(_latents(sampler), base)
 
     merged = Sampler("tiny", device="cpu")
-    merged.use_lora(lora_file, 1.0, merge=True)
+    merged.use_loras([(lora_file, 1.0)], merge=True)
     assert not any("lora" in name for name, _ in merged.dit.named_parameters())
     torch.testing.assert_close(_latents(merged), full, atol=1e-4, rtol=1e-4)
 
@@ -77,7 +77,7 @@ def test_lora_of_another_model_is_refused(tmp_path) -> None:
         str(other),
     )
     with pytest.raises(SampleInputError, match="does not fit the DiT of --model tiny.*match no Linear"):
-        sampler.use_lora(str(other))
+        sampler.use_loras([(str(other), 1.0)])
     wrong_rank = tmp_path / "wrong_rank.safetensors"
     save_file(
         {
@@ -87,9 +87,9 @@ def test_lora_of_another_model_is_refused(tmp_path) -> None:
         str(wrong_rank),
     )
     with pytest.raises(SampleInputError, match="does not fit.*shape"):
-        sampler.use_lora(str(wrong_rank))
+        sampler.use_loras([(str(wrong_rank), 1.0)])
     with pytest.raises(SampleInputError, match="not found"):
-        sampler.use_lora(str(tmp_path / "missing.safetensors"))
+        sampler.use_loras([(str(tmp_path / "missing.safetensors"), 1.0)])
 
 
 def test_sampler_makes_one_video_per_prompt(make_image) -> None:

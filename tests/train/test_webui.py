@@ -373,14 +373,14 @@ def test_no_answer_names_a_path_of_the_server(tmp_path: Path, lora_path: str) ->
     class StandInSampler:
         """Checks the LoRA as the real one does, then slides the image."""
 
-        def use_lora(self, path: str | None, strength: float) -> None:
-            if path is not None:
+        def use_loras(self, loras: list[tuple[str, float]]) -> None:
+            for path, _ in loras:
                 check_lora(path)
 
         def generate(self, image, prompts, settings, **kwargs) -> np.ndarray:
-            return fake_generate(
-                GenerationRequest(image, prompts[0], None, 1.0, 1, 0, 9, 1.0), lambda i, n: None
-            )[None]
+            return fake_generate(GenerationRequest(image, prompts[0], (), 1, 0, 9, 1.0), lambda i, n: None)[
+                None
+            ]
 
     loras = lora_names([lora_path, str(broken)])
     config = SampleConfig(model="tiny", area=AREA, lora=list(loras.values()))
