@@ -151,40 +151,18 @@ def test_official_class_reads_our_config_json(official_module) -> None:
 
 # ------------------------------------------------------------------------------------ LoRAs
 
-# Official-layout LoRA modules: (module path, row blocks n), n > 1 being the official loader's n_seperate.
-SPLIT_MODULES = [
-    ("blocks.0.attn.qkv", 3),
-    ("blocks.1.cross_attn.kv_linear", 2),
-    ("blocks.0.adaLN_modulation.1", 6),
-    ("blocks.1.adaLN_modulation.1", 6),
-    ("final_layer.adaLN_modulation.1", 2),
-    ("final_layer.linear", 1),
-    ("blocks.1.ffn.w2", 1),
-    ("t_embedder.mlp.2", 1),
-    ("y_embedder.y_proj.0", 1),
-]
-
-
-def _official_lora_file(path, model: torch.nn.Module, modules, rank: int, seed: int) -> str:
-    """A random LoRA in the official layout (split ``lora_up.blocks.{i}`` where n > 1), a different
-    alpha_scale per module."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i, (module, n) in enumerate(modules):
-        linear = model.get_submodule(module)
-        name = "lora___lorahyphen___" + module.replace(".", "___lorahyphen___")
-        tensors[f"{name}.lora_down.weight"] = torch.randn(n * rank, linear.in_features, generator=g) * 0.2
-        rows = linear.out_features // n
-        ups = [torch.randn(rows, rank, generator=g) * 0.2 for _ in range(n)]
-        if n == 1:
-            tensors[f"{name}.lora_up.weight"] = ups[0]
-        for b, up in enumerate(ups if n > 1 else []):
-            tensors[f"{name}.lora_up.blocks.{b}.weight"] = up
-        tensors[f"{name}.alpha_scale"] = torch.tensor(0.25 + 0.25 * i)
-    save_file(tensors, str(path))
-    return str(path)
+# Official-layout LoRA modules: path -> row blocks n, n > 1 being the official loader's n_seperate.
+SPLIT_MODULES = {
+    "blocks.0.attn.qkv": 3,
+    "blocks.1.cross_attn.kv_linear": 2,
+    "blocks.0.adaLN_modulation.1": 6,
+    "blocks.1.adaLN_modulation.1": 6,
+    "final_layer.adaLN_modulation.1": 2,
+    "final_layer.linear": 1,
+    "blocks.1.ffn.w2": 1,
+    "t_embedder.mlp.2": 1,
+    "y_embedder.y_proj.0": 1,
+}
 
 
 def _forward(model: torch.nn.Module, x: dict, official: bool) -> torch.Tensor:
@@ -197,14 +175,17 @@ def _forward(model: torch.nn.Module, x: dict, official: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("merge", [False, True])
-def test_split_official_loras_together_match_the_official_forward(official_module, tmp_path, merge) -> None:
+def test_split_official_loras_together_match_the_official_forward(
+    official_module, official_lora_file, tmp_path, merge
+) -> None:
     """Two official files at once (ranks 4 and 2; split qkv, kv, adaLN and final adaLN; the final layer,
     timestep and caption MLPs): our forward equals the official load_lora + enable_loras forward."""
     from longcat_train.lora_apply import load_loras
 
     official, ours = _pair(official_module, zero_pad=True)
-    first = _official_lora_file(tmp_path / "a.safetensors", ours, SPLIT_MODULES, rank=4, seed=3)
-    second = _official_lora_file(tmp_path / "b.safetensors", ours, SPLIT_MODULES[::2], rank=2, seed=4)
+    first = official_lora_file(tmp_path / "a.safetensors", ours, SPLIT_MODULES, rank=4, seed=3)
+    every_other = dict(list(SPLIT_MODULES.items())[::2])
+    second = official_lora_file(tmp_path / "b.safetensors", ours, every_other, rank=2, seed=4)
     x = _inputs(ours.config, lengths=[5, 9])
     base = _forward(ours, x, official=False)
     official.load_lora(first, "a", multiplier=0.8, lora_network_dim=4)

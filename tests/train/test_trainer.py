@@ -462,3 +462,77 @@ def test_help_answers_without_importing_the_model_stack(command, flag):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert flag in proc.stdout and proc.stdout.strip().endswith("[]")
+
+
+# ---------------------------------------------------------------- training on top of other LoRAs
+
+
+def _fixed_inputs() -> dict:
+    g = torch.Generator().manual_seed(5)
+    return dict(
+        hidden_states=torch.randn(1, 16, 3, 4, 4, generator=g),
+        timestep=torch.tensor([400.0]),
+        encoder_hidden_states=torch.randn(1, 6, 64, generator=g),
+        num_cond_latents=1,
+    )
+
+
+def test_base_lora_trains_underneath_and_stacks_at_inference(
+    tiny_shards, tmp_path, monkeypatch, official_lora_file
+):
+    """A LoRA trained with --base-lora (an official split file) and --validation-lora saves only itself;
+    base + both LoRAs sampled together is the model the run validated; the validation LoRA never acts in
+    training; a changed base_lora is refused on resume."""
+    from longcat_train import validation as validation_module
+    from longcat_train.architecture import BLOCK_LINEARS
+    from longcat_train.lora import read_lora_file
+
+    tiny = load_dit("tiny", torch.float32)
+    base_lora = official_lora_file(
+        tmp_path / "distill.safetensors",
+        tiny,
+        {"blocks.0.attn.qkv": 3, "blocks.1.adaLN_modulation.1": 6},
+        2,
+        1,
+    )
+    extra = official_lora_file(tmp_path / "extra.safetensors", tiny, {"final_layer.linear": 1}, 2, 2)
+    seen: dict = {}
+
+    def probe(model, vae, pairs, embeds, settings, *, step, **kw):
+        with torch.no_grad():
+            seen["lora"] = model(**_fixed_inputs())
+            with model.disable_adapter():
+                seen["base"] = model(**_fixed_inputs())
+        return []
+
+    monkeypatch.setattr(validation_module, "run_validation", probe)
+    common = dict(max_train_steps=2, learning_rate=1e-2, base_lora=[f"{base_lora}:0.8"])
+    validating = dict(
+        validation_source=str(tiny_shards), validation_limit=1, validation_area="64x64", validation_every=1
+    )
+    cfg = tiny_config(
+        tiny_shards, tmp_path / "run", validation_lora=[f"{extra}:-1.5"], **common, **validating
+    )
+    result = train(cfg)
+    saved = read_lora_file(result.lora_path)
+    assert set(saved.deltas) == {f"blocks.{i}.{name}" for i in range(2) for name in BLOCK_LINEARS}
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["base_lora"] == cfg.base_lora
+
+    stacked = load_dit("tiny", torch.float32)
+    load_loras(stacked, [(base_lora, 0.8), (result.lora_path, 1.0), (extra, -1.5)], merge=True)
+    without_trained = load_dit("tiny", torch.float32)
+    load_loras(without_trained, [(extra, -1.5), (base_lora, 0.8)], merge=False)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(**_fixed_inputs()), seen["lora"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(without_trained(**_fixed_inputs()), seen["base"], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(seen["lora"], seen["base"], atol=1e-3)
+
+    plain = load_file(str(train(tiny_config(tiny_shards, tmp_path / "plain", **common)).lora_path))
+    validated = load_file(str(result.lora_path))
+    assert plain.keys() == validated.keys() and all(torch.equal(plain[k], validated[k]) for k in plain)
+    changed = tiny_config(
+        tiny_shards, tmp_path / "run", **{**common, "base_lora": [f"{base_lora}:0.5"], "max_train_steps": 3}
+    )
+    changed.resume = "latest"
+    with pytest.raises(ConfigError, match="base_lora"):
+        train(changed)
