@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ class TrainState:
     samples: int = 0  # samples consumed by all ranks together
     skipped_steps: int = 0  # updates dropped by the NaN/inf guard
     world_size: int = 1
+    base_lora_sha256: dict[str, str] = field(default_factory=dict)  # each base_lora file it trains on
 
 
 @dataclass
@@ -81,12 +82,23 @@ def check_resumable(path: Path, cfg: TrainConfig, d: Dist) -> None:
     diffs = resume_mismatch(saved, cfg)
     if diffs:
         raise ConfigError(f"cannot resume from {path}: the config differs in {'; '.join(diffs)}")
-    world = json.loads((path / STATE_FILE).read_text())["world_size"]
-    if world != d.world_size:
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["world_size"] != d.world_size:
         raise ConfigError(
-            f"cannot resume from {path}: it ran on {world} processes, this run has {d.world_size} "
-            f"(the data order depends on it)"
+            f"cannot resume from {path}: it ran on {state['world_size']} processes, this run has "
+            f"{d.world_size} (the data order depends on it)"
         )
+    for lora_path, digest in state.get("base_lora_sha256", {}).items():
+        if base_lora_digests([lora_path]).get(lora_path) != digest:
+            raise ConfigError(
+                f"cannot resume from {path}: base_lora {lora_path} is not the file it trained on (its "
+                "content changed); put that file back, or start a new run"
+            )
+
+
+def base_lora_digests(paths: list[str]) -> dict[str, str]:
+    """sha256 of each LoRA file a run merges into its base (a missing file has none)."""
+    return {p: file_digest(Path(p))["sha256"] for p in paths if Path(p).is_file()}
 
 
 def rng_state(generator: torch.Generator) -> dict:

@@ -42,6 +42,7 @@ from longcat_train import flow, parallel
 from longcat_train.checkpoints import (
     CheckpointError,
     TrainState,
+    base_lora_digests,
     check_resumable,
     export_lora,
     load_checkpoint,
@@ -418,7 +419,11 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     from longcat_train.loading import load_dit
 
-    state = resumed.state if resumed is not None else TrainState(world_size=d.world_size)
+    if resumed is not None:
+        state = resumed.state
+    else:  # what the run trains on top of, checked again on resume
+        digests = base_lora_digests([parse_lora_spec(spec).path for spec in cfg.base_lora])
+        state = TrainState(world_size=d.world_size, base_lora_sha256=digests)
     base = load_dit(cfg.model, dtype=weight_dtype(cfg, d.device), device=load_device(cfg, d.device))
     train_model, model = apply_techniques(base, cfg, d, lora_weights=resumed.lora if resumed else None)
     validation.attach(train_model)

@@ -64,6 +64,46 @@ def test_lora_strength_swap_and_merge(lora_file: str) -> None:
     torch.testing.assert_close(_latents(merged), full, atol=1e-4, rtol=1e-4)
 
 
+def test_merged_loras_switch_and_come_off_again(lora_file: str, official_lora_file, tmp_path) -> None:
+    sampler = Sampler("tiny", device="cpu")
+    base = _latents(sampler)
+    split = official_lora_file(tmp_path / "o.safetensors", sampler.dit, {"blocks.0.attn.qkv": 3}, 2, 1)
+    sampler.use_loras([(lora_file, 1.0), (split, -0.5)], merge=True)
+    both = _latents(sampler)
+    hooked = Sampler("tiny", device="cpu")
+    hooked.use_loras([(lora_file, 1.0), (split, -0.5)])
+    torch.testing.assert_close(_latents(hooked), both, atol=1e-4, rtol=1e-4)
+    sampler.use_loras([(split, -0.5)], merge=True)  # the first one out again, the second kept
+    hooked.use_loras([(split, -0.5)])
+    torch.testing.assert_close(_latents(sampler), _latents(hooked), atol=1e-4, rtol=1e-4)
+    sampler.use_loras([], merge=True)
+    torch.testing.assert_close(_latents(sampler), base, atol=1e-5, rtol=1e-5)
+    with pytest.raises(SampleInputError, match=r"strength nan must be a finite number in \[-4, 4\]"):
+        sampler.use_loras([(lora_file, float("nan"))])
+
+
+def test_cli_samples_with_several_loras_at_their_strengths(
+    tmp_path, make_image, monkeypatch, lora_file: str
+) -> None:
+    import shutil
+
+    from longcat_train.cli import sample_main
+
+    used = []
+    real = Sampler.use_loras
+    monkeypatch.setattr(
+        Sampler, "use_loras", lambda self, loras, **kw: used.append((loras, kw)) or real(self, loras, **kw)
+    )
+    folder = tmp_path / "run:2"  # a ':' inside the path is part of it
+    folder.mkdir()
+    style = shutil.copy(lora_file, folder / "style.safetensors")
+    image = _png(tmp_path / "start.png", make_image(64, 64))
+    argv = ["--model", "tiny", "--image", image, "--prompt", "a cat", "-o", str(tmp_path / "out.mp4")]
+    argv += ["--frames", "5", "--steps", "1", "--size", "64x64", "--lora-strength", "-0.25"]
+    assert sample_main([*argv, "--lora", f"{style}:0.5", "--lora", lora_file]) == 0
+    assert used == [([(str(style), 0.5), (lora_file, -0.25)], {"merge": True})]
+
+
 def test_lora_of_another_model_is_refused(tmp_path) -> None:
     from safetensors.torch import save_file
 
@@ -279,6 +319,10 @@ NOT_SAFETENSORS = (
         ),
         ({"--guidance": "nan"}, "--guidance nan: must be a finite number in [0, 20]"),
         ({"--lora-strength": "inf"}, "--lora-strength inf: must be a finite number in [-4, 4]"),
+        (
+            {"--lora": "style.safetensors:inf"},
+            "--lora 'style.safetensors:inf': must be PATH or PATH:STRENGTH, STRENGTH a finite number in [-4, 4]",
+        ),
         ({"--shift": "inf"}, "--shift inf: must be a finite number > 0"),
         ({"--shift": "0"}, "--shift 0.0: must be a finite number > 0"),
         ({"--frames": "100001"}, "--frames 100001: must be a finite number in [5, 257]"),

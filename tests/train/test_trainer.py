@@ -536,3 +536,10 @@ def test_base_lora_trains_underneath_and_stacks_at_inference(
     changed.resume = "latest"
     with pytest.raises(ConfigError, match="base_lora"):
         train(changed)
+    # The same setting, but another file under the name: refused too.
+    official_lora_file(
+        Path(base_lora), tiny, {"blocks.0.attn.qkv": 3, "blocks.1.adaLN_modulation.1": 6}, 2, 9
+    )
+    same = tiny_config(tiny_shards, tmp_path / "run", **{**common, "max_train_steps": 3}, resume="latest")
+    with pytest.raises(ConfigError, match=f"base_lora {base_lora} is not the file it trained on"):
+        train(same)
