@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from longcat_train.lora import read_lora_file
-from longcat_train.lowrank import LowRankDelta, LowRankSet
+from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
 from longcat_train.model import FP32Linear, transformer_of
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,9 @@ def lora_targets(model: nn.Module, lora: NamedLora) -> dict[str, nn.Linear]:
     return targets
 
 
-def _dense(delta: LowRankDelta, device: torch.device) -> torch.Tensor:
-    """The update ``[out, in]`` in fp32 on ``device``."""
-    rows = [p.up.to(device, torch.float32) @ p.down.to(device, torch.float32) for p in delta.pieces]
-    return torch.cat(rows) * delta.scale
+def _moved(delta: LowRankDelta, device: torch.device, dtype: torch.dtype) -> LowRankDelta:
+    pieces = tuple(LowRankPiece(p.down.to(device, dtype), p.up.to(device, dtype)) for p in delta.pieces)
+    return LowRankDelta(pieces, delta.scale)
 
 
 class _Update:
@@ -125,8 +124,9 @@ class _Update:
     def __init__(
         self, delta: LowRankDelta, strength: float, device: torch.device, dtype: torch.dtype
     ) -> None:
-        self.down = torch.cat([p.down for p in delta.pieces]).to(device, dtype)  # [sum of ranks, in]
-        self.ups = [p.up.to(device, dtype) for p in delta.pieces]
+        delta = _moved(delta, device, dtype)
+        self.down = torch.cat([p.down for p in delta.pieces])  # [sum of ranks, in]
+        self.ups = [p.up for p in delta.pieces]
         self.ranks = [p.rank for p in delta.pieces]
         self.scale = delta.scale * strength
 
@@ -191,7 +191,7 @@ class LoadedLoras:
             for linear, terms in self._targets.items():
                 weight = linear.weight
                 device = self._device or weight.device
-                total = sum(strength * _dense(delta, device) for delta, strength in terms)
+                total = sum(strength * _moved(d, device, torch.float32).weight() for d, strength in terms)
                 weight.copy_(weight.detach().to(device, torch.float32) + sign * total)
 
     def _hook(self, dtype: torch.dtype, device: torch.device) -> None:
