@@ -245,11 +245,14 @@ def _read_official(tensors: dict[str, torch.Tensor], metadata: dict[str, str], p
 def _peft_settings(metadata: dict[str, str], path: Path) -> dict:
     """The adapter config of a peft-style file: diffusers' header entry, else peft's
     ``adapter_config.json`` beside the file; {} when neither says (alpha = rank)."""
-    if METADATA_KEY in metadata:
-        stored = json.loads(metadata[METADATA_KEY])
-        return {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in stored.items()}
     beside = path.with_name("adapter_config.json")
-    return json.loads(beside.read_text()) if beside.is_file() else {}
+    where, text = (path, metadata[METADATA_KEY]) if METADATA_KEY in metadata else (beside, None)
+    try:
+        if text is not None:
+            return {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in json.loads(text).items()}
+        return json.loads(beside.read_text()) if beside.is_file() else {}
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{where}: its adapter config is not a JSON object ({err})") from None
 
 
 def _peft_scale(module: str, rank: int, settings: dict) -> float:
