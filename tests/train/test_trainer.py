@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, load_file, save, save_file
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
@@ -312,6 +312,26 @@ def test_user_errors_are_one_line(tiny_shards, shard_copy, tmp_path, capsys):
     assert "no shards (*.tar) in directory" in run("--shards", str(tmp_path))
     assert "match no Linear" in run("--shards", str(tiny_shards), "--lora-targets", "attn.qkvz")
     assert "trains on 13 frames" in run("--shards", str(tiny_shards), "--frames", "13")
+    not_lora, other = tmp_path / "model.safetensors", tmp_path / "sdxl.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(4, 4)}, str(not_lora))
+    save_file(
+        {
+            "down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 32),
+            "down_blocks.0.to_q.lora_B.weight": torch.zeros(32, 4),
+        },
+        str(other),
+    )
+    assert run("--shards", str(tiny_shards), "--base-lora", f"{not_lora}:0.5") == (
+        f"longcat-train: error: base_lora {not_lora}: not a LoRA file (unexpected key blocks.0.attn.qkv.weight)"
+    )
+    assert run("--shards", str(tiny_shards), "--validation-lora", "x.safetensors:inf") == (
+        "longcat-train: error: --validation-lora 'x.safetensors:inf': must be PATH or PATH:STRENGTH, "
+        "STRENGTH a finite number in [-4, 4]"
+    )
+    assert run("--shards", str(tiny_shards), "--base-lora", str(other)) == (
+        f"longcat-train: error: base_lora: LoRA {other}: 1 of its modules match no Linear layer of the DiT: "
+        "down_blocks.0.to_q (a LoRA for another model?)"
+    )
 
     manifest = json.loads((shard_copy / "manifest.json").read_text())
     manifest["encoders"]["text_encoder_config"] = "0000"

@@ -559,6 +559,22 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
     assert (tmp_path / "preview.png").stat().st_size > 10_000
 
 
+def test_choosing_a_lora_on_the_page_suggests_its_strength(tmp_path: Path, browser_page) -> None:
+    app = create_app(
+        fake_generate,
+        output_dir=tmp_path,
+        loras={"style": 0.6, "distill": -1.5},
+        defaults=VideoSettings(area=AREA),
+    )
+    with running(app) as url:
+        browser_page.goto(url)
+        assert browser_page.locator("select[name=lora]").count() == 2
+        browser_page.select_option("#lora-2", "distill")
+        browser_page.select_option("#lora", "style")
+        assert browser_page.input_value("#lora-strength") == "0.6"
+        assert browser_page.input_value("#lora-2-strength") == "-1.5"
+
+
 def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None:
     from longcat_train.config import SampleConfig
     from longcat_train.sampler import Sampler
