@@ -240,6 +240,8 @@ class Validation:
         self.loras: LoadedLoras | None = None
         if not cfg.validation_source:
             log.info("no validation_source: validation off")
+            if cfg.validation_lora:
+                log.warning("validation_lora is not used: there is no validation_source to sample")
             return
         source = cfg.validation_source
         try:
