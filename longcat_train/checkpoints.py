@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,8 @@ from torch import nn
 
 from longcat_data.files import write_json_atomic
 from longcat_train import lora, lora_formats, parallel
-from longcat_train.config import ConfigError, TrainConfig, resume_mismatch, save_config
+from longcat_train.config import ConfigError, TrainConfig, save_config
+from longcat_train.lowrank import LowRankSet
 from longcat_train.parallel import Dist
 from longcat_train.runs import (
     CHECKPOINTS,
@@ -38,8 +39,8 @@ from longcat_train.runs import (
     OFFICIAL_LORA_FILE,
     list_checkpoints,
     remove_checkpoint,
+    resume_mismatch,
 )
-from longcat_train.techniques import LoraFile
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class TrainState:
     samples: int = 0  # samples consumed by all ranks together
     skipped_steps: int = 0  # updates dropped by the NaN/inf guard
     world_size: int = 1
+    base_lora_sha256: dict[str, str] = field(default_factory=dict)  # each base_lora file it trains on
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Resumed:
 
     path: Path
     state: TrainState
-    lora_file: LoraFile
+    lora: LowRankSet  # the trained adapter's weights
     optimizer: dict
     rng: dict
 
@@ -81,12 +83,23 @@ def check_resumable(path: Path, cfg: TrainConfig, d: Dist) -> None:
     diffs = resume_mismatch(saved, cfg)
     if diffs:
         raise ConfigError(f"cannot resume from {path}: the config differs in {'; '.join(diffs)}")
-    world = json.loads((path / STATE_FILE).read_text())["world_size"]
-    if world != d.world_size:
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["world_size"] != d.world_size:
         raise ConfigError(
-            f"cannot resume from {path}: it ran on {world} processes, this run has {d.world_size} "
-            f"(the data order depends on it)"
+            f"cannot resume from {path}: it ran on {state['world_size']} processes, this run has "
+            f"{d.world_size} (the data order depends on it)"
         )
+    for lora_path, digest in state.get("base_lora_sha256", {}).items():
+        if base_lora_digests([lora_path]).get(lora_path) != digest:
+            raise ConfigError(
+                f"cannot resume from {path}: base_lora {lora_path} is not the file it trained on (its "
+                "content changed); put that file back, or start a new run"
+            )
+
+
+def base_lora_digests(paths: list[str]) -> dict[str, str]:
+    """sha256 of each LoRA file a run merges into its base (a missing file has none)."""
+    return {p: file_digest(Path(p))["sha256"] for p in paths if Path(p).is_file()}
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -273,13 +286,13 @@ def _load(path: Path, d: Dist) -> tuple[Resumed | None, str | None]:
             return None, problem
         state = TrainState(**json.loads((path / STATE_FILE).read_text()))
         json.loads((path / CONFIG_FILE).read_text())  # check_resumable compares it next
-        lora_file = lora.read_lora(path / LORA_FILE)
+        lora_set = lora.read_lora_file(path / LORA_FILE)
         optim = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
         rng = torch.load(path / rng_file(d.rank), map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged file fails in its reader's own way
         first = (str(err).strip().splitlines() or [""])[0][:200]
         return None, f"does not load: {type(err).__name__}: {first}"
-    return Resumed(path, state, lora_file, optim, rng), None
+    return Resumed(path, state, lora_set, optim, rng), None
 
 
 def load_checkpoint(candidates: list[Path], d: Dist) -> Resumed:

@@ -35,7 +35,6 @@ from longcat_data.flags import (
     Check,
     ConfigError,
     at_least,
-    canonical_keys,
     config_errors,
     format_area,
     number,
@@ -43,6 +42,7 @@ from longcat_data.flags import (
     parse_area,
 )
 from longcat_train.architecture import ATTENTION_BACKENDS, BLOCK_LINEARS, CHECKPOINT_MODES
+from longcat_train.lora_spec import LORA_SPECS, STRENGTH_RANGE
 
 __all__ = ["ConfigError", "SampleConfig", "TrainConfig", "VideoSettings", "save_config"]
 
@@ -156,6 +156,13 @@ class TrainConfig:
     )
     lora_targets: list[str] = option(
         list(DEFAULT_LORA_TARGETS), "module-name suffixes of the DiT linears that get LoRA", check=NOT_EMPTY
+    )
+    base_lora: list[str] = option(
+        [],
+        "PATH[:STRENGTH] of a LoRA merged into the frozen base before training (e.g. the distill LoRA); "
+        "repeat for several; sample with it and the trained LoRA together",
+        repeat=True,
+        check=LORA_SPECS,
     )
     # -- optimisation
     learning_rate: float = option(
@@ -375,18 +382,22 @@ class TrainConfig:
         check=AREA_ON_GRID,
     )
     validation_seed: int = option(0, "sampler seed", simpletuner="validation_seed", check=SEED)
+    validation_lora: list[str] = option(
+        [],
+        "PATH[:STRENGTH] of a LoRA validation samples with besides the one training; repeat for several",
+        repeat=True,
+        check=LORA_SPECS,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.gradient_checkpointing, bool):
             # SimpleTuner and TOML say true/false: true keeps attention outputs where memory allows.
             self.gradient_checkpointing = "selective" if self.gradient_checkpointing else "none"
-        # A file may name one shard spec or target as a plain string.
-        if isinstance(self.shards, str):
-            self.shards = [self.shards]
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = [self.lora_targets]
-        elif isinstance(self.lora_targets, tuple):
-            self.lora_targets = list(self.lora_targets)
+        # A file may name one shard spec, target or LoRA as a plain string.
+        for name in ("shards", "lora_targets", "base_lora", "validation_lora"):
+            value = getattr(self, name)
+            if isinstance(value, str | tuple):
+                setattr(self, name, [value] if isinstance(value, str) else list(value))
 
     def validate(self) -> None:
         """ConfigError with one line per value no run can use: each field's type, choices and declared
@@ -429,42 +440,6 @@ VALUE_RULES: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
     ),
 )
 
-# Keys that may change between a run and its resume: where things go and how often things happen, not
-# what the model sees. Everything else must match the checkpoint.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "output_dir",
-        "resume",
-        "max_train_steps",
-        "num_train_epochs",
-        "checkpointing_steps",
-        "checkpoints_total_limit",
-        "overwrite",
-        "allow_missing_shards",
-    }
-    | {"report_to", "wandb_project", "progress", "pin_memory"}
-    | {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("validation_")}
-)
-
-
-def resume_mismatch(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """``key: saved -> current`` for every key that differs and would change the training trajectory.
-
-    ``saved`` may come from an older version that named some keys differently (their aliases today)."""
-    saved = canonical_keys(TrainConfig, saved)
-    now = current.to_dict()
-    # Only keys the saved run had: a setting added since then kept its default behaviour there.
-    return [
-        f"{k}: {saved[k]!r} -> {now[k]!r}"
-        for k in sorted(set(saved) & set(now))
-        if k not in RESUMABLE_CHANGES and _normal(saved[k]) != _normal(now[k])
-    ]
-
-
-def _normal(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 # ---------------------------------------------------------------- files
 
 
@@ -490,7 +465,7 @@ SAMPLE_LIMITS: dict[str, tuple[float, float]] = {
     "frames": (MIN_FRAMES, 257),
     "steps": (1, 200),
     "guidance": (0.0, 20.0),
-    "lora_strength": (-4.0, 4.0),
+    "lora_strength": STRENGTH_RANGE,
     "seed": (0, 2**63 - 1),
     "fps": (1, 240),
     "port": (0, 65535),
@@ -531,10 +506,14 @@ class SampleConfig:
     output: str = option("out.mp4", "MP4 path (several prompts: out_0.mp4, ...)", aliases=("-o",))
     lora: list[str] = option(
         [],
-        "LoRA safetensors, ours or the official format; with --serve, repeat to offer several on the page",
+        "PATH[:STRENGTH] of a LoRA safetensors file (ours, peft, official); repeat to sample with several "
+        "at once; with --serve, the LoRAs the page offers (STRENGTH: its default there)",
         repeat=True,
+        check=LORA_SPECS,
     )
-    lora_strength: float = option(1.0, "LoRA multiplier", check=_within_limits("lora_strength"))
+    lora_strength: float = option(
+        1.0, "strength of each --lora given without one", check=_within_limits("lora_strength")
+    )
     frames: int | None = option(
         None,
         f"4k+1 frames (others are rounded); default {DEFAULT_FRAMES}, {default_frames('tiny')} for tiny",

@@ -195,11 +195,22 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 # ------------------------------------------------------------------------------------------ numerics
 
 
-def _fp32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # The official model runs its timestep MLP, adaLN projections and output layer under fp32 autocast:
-    # fp32 arithmetic on weights that may be stored in bf16.
-    bias = None if linear.bias is None else linear.bias.float()
-    return F.linear(x.float(), linear.weight.float(), bias)
+class FP32Linear(nn.Linear):
+    """A linear the official model runs under fp32 autocast (its timestep MLP, adaLN projections and
+    output layer): fp32 arithmetic on weights that may be stored in bf16. The model calls these modules
+    (never their weights directly) inside :func:`fp32_region`, so a LoRA wrapped around one, or hooked
+    onto one, acts there and computes in fp32 too, as the official LoRA forward does under that autocast.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_region(device: torch.device) -> torch.autocast:
+    """Autocast off: inside, ops keep the dtypes they are given. The stand-in for the official fp32
+    autocast that also works on the CPU, and keeps a caller's bf16 autocast (training) out."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -258,11 +269,10 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, embed_dim: int, frequency_embedding_size: int) -> None:
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        # Kept as a Sequential for the checkpoint's key names (mlp.0, mlp.2); run in fp32 in forward.
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, embed_dim),
+            FP32Linear(frequency_embedding_size, embed_dim),
             nn.SiLU(),
-            nn.Linear(embed_dim, embed_dim),
+            FP32Linear(embed_dim, embed_dim),
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -272,7 +282,8 @@ class TimestepEmbedder(nn.Module):
         )
         args = t.float()[..., None] * freqs  # [..., half]
         features = torch.cat([args.cos(), args.sin()], dim=-1)  # [..., frequency_embedding_size]
-        return _fp32_linear(self.mlp[2], F.silu(_fp32_linear(self.mlp[0], features)))
+        with fp32_region(t.device):
+            return self.mlp(features)
 
 
 class CaptionEmbedder(nn.Module):
@@ -385,7 +396,7 @@ class LongCatBlock(nn.Module):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         C = config.hidden_size
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.adaln_tembed_dim, 6 * C))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), FP32Linear(config.adaln_tembed_dim, 6 * C))
         self.pre_crs_attn_norm = FP32LayerNorm(C, eps=1e-6)
         self.attn = SelfAttention(config)
         self.cross_attn = CrossAttention(config)
@@ -407,7 +418,8 @@ class LongCatBlock(nn.Module):
         B, N, C = x.shape
         T, height, width = latent_shape
         n_cond = num_cond_latents * height * width
-        modulation = _fp32_linear(self.adaLN_modulation[1], F.silu(temb)).unsqueeze(2)  # [B, T, 1, 6C]
+        with fp32_region(x.device):
+            modulation = self.adaLN_modulation(temb).unsqueeze(2)  # [B, T, 1, 6C]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
 
         frames = x.view(B, T, -1, C)  # [B, T, H*W, C]: modulation is per latent frame
@@ -444,15 +456,16 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, adaln_tembed_dim: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_tembed_dim, 2 * hidden_size))
+        self.linear = FP32Linear(hidden_size, patch_volume * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), FP32Linear(adaln_tembed_dim, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x ``[B, N, C]``, temb ``[B, T, C_t]`` -> ``[B, N, patch_volume * C_out]`` fp32."""
         B, N, C = x.shape
-        shift, scale = _fp32_linear(self.adaLN_modulation[1], F.silu(temb)).unsqueeze(2).chunk(2, dim=-1)
-        x = _modulate(x.view(B, num_frames, -1, C), shift, scale).view(B, N, C)
-        return _fp32_linear(self.linear, x)
+        with fp32_region(x.device):
+            shift, scale = self.adaLN_modulation(temb).unsqueeze(2).chunk(2, dim=-1)
+            x = _modulate(x.view(B, num_frames, -1, C), shift, scale).view(B, N, C)
+            return self.linear(x)
 
 
 # ------------------------------------------------------------------------------------------ model

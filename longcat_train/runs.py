@@ -45,6 +45,42 @@ INVOCATION_KEYS = frozenset({"resume", "overwrite"})
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 
+# Keys that may change between a run and its resume: where things go and how often things happen, not
+# what the model sees. Everything else must match the checkpoint.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "max_train_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "overwrite",
+        "allow_missing_shards",
+    }
+    | {"report_to", "wandb_project", "progress", "pin_memory"}
+    | {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("validation_")}
+)
+
+
+def resume_mismatch(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """``key: saved -> current`` for every key that differs and would change the training trajectory.
+
+    ``saved`` may come from an older version that named some keys differently (their aliases today)."""
+    saved = canonical_keys(TrainConfig, saved)
+    now = current.to_dict()
+    # Only keys the saved run had: a setting added since then kept its default behaviour there.
+    return [
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in sorted(set(saved) & set(now))
+        if k not in RESUMABLE_CHANGES and _normal(saved[k]) != _normal(now[k])
+    ]
+
+
+def _normal(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def checkpoint_step(path: Path) -> int | None:
     """N of a checkpoint folder ``step-N`` (None for anything else, e.g. ``step-N.partial``)."""
     match = _CHECKPOINT_NAME.fullmatch(path.name)

@@ -1,7 +1,7 @@
 """The sampler behind ``longcat-sample`` and its preview page: models loaded once, LoRAs, the command.
 
 ``Sampler`` owns what only a standalone sampler has: the text encoder, the VAE and the DiT loaded from
-``--model``, their placement on the GPU (offload, block swap), and the LoRA to sample with. The
+``--model``, their placement on the GPU (offload, block swap), and the LoRAs to sample with. The
 sampling itself is ``sampling.generate_videos``, shared with the trainer's validation.
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft.tuners.lora import LoraLayer
 
 from longcat_data.defaults import DEFAULT_MODEL
 from longcat_data.encode import default_dtype, encode_text, load_text_encoder, load_vae
@@ -25,8 +24,10 @@ from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
 from longcat_train.config import SampleConfig, VideoSettings
 from longcat_train.loading import load_dit
-from longcat_train.lora import ADAPTER as LORA_ADAPTER
-from longcat_train.lora import check_lora_file, load_lora
+from longcat_train.lora import check_lora_file, read_lora_file
+from longcat_train.lora_apply import LoadedLoras, NamedLora, load_loras, lora_targets
+from longcat_train.lora_spec import STRENGTH_RANGE, parse_lora_spec, strength_allowed
+from longcat_train.lowrank import LowRankSet
 from longcat_train.offload import BlockSwap, apply_block_swap
 from longcat_train.sampling import (
     SampleInputError,
@@ -47,7 +48,7 @@ class Sampler:
     device only for their own step, so the DiT's activations at 480x832x93 have the GPU to themselves.
     ``block_swap`` N keeps the weights of the DiT's last N blocks in host memory and streams them in
     (``longcat_train.offload``), for GPUs smaller than the bf16 model; it is applied at the first video,
-    after the LoRA is merged, and fixes the weights from then on.
+    after the LoRAs are merged, and fixes the weights from then on (hooked LoRAs still switch).
     """
 
     def __init__(
@@ -79,8 +80,9 @@ class Sampler:
         )
         self.dit.attention_implementation = attention
         warn_if_unavailable(attention)
-        self.lora: tuple[str, float] | None = None  # the unmerged LoRA and strength now on the DiT
-        self.merged: str | None = None
+        self.loras: list[tuple[str, float]] = []  # the LoRA files and strengths on the DiT now
+        self._loaded: LoadedLoras | None = None
+        self._files: dict[str, LowRankSet] = {}  # every LoRA file read so far, checked against the DiT
         self.swap: BlockSwap | None = None
 
     @classmethod
@@ -94,37 +96,52 @@ class Sampler:
             attention=config.attention,
         )
 
-    def use_lora(self, path: str | None, strength: float = 1.0, *, merge: bool = False) -> None:
-        """Sample with the LoRA file at ``path`` (ours or the official format; None: the base model), its
-        update scaled by ``strength``.
+    def use_loras(self, loras: Sequence[tuple[str, float]], *, merge: bool = False) -> None:
+        """Sample with these LoRA files (ours, peft or the official format), each update scaled by its
+        strength; none: the base model. The DiT changes only once every file is known to fit it.
 
-        ``merge`` folds it into the base weights: no extra cost per step, but it stays for good (the CLI,
-        which makes one set of videos). Unmerged, the next call can swap or rescale it (the preview page).
+        ``merge`` folds them into the base weights: no extra cost per step (the CLI); a later call takes
+        them out again (fp32, to rounding) unless block swap has packed the weights. Unmerged, they are
+        hooked on and the next call switches them exactly (the preview page, where jobs differ).
         """
-        if self.merged is not None or self.swap is not None:
-            fixed = f"LoRA {self.merged} is merged" if self.merged else "block swap has packed the weights"
-            raise SampleInputError(f"{fixed}; the LoRA cannot change now (choose it before the first video)")
-        if self.lora is not None and (path is None or self.lora[0] != path):
-            self.dit = self.dit.unload()  # back to the untouched base weights
-            self.lora = None
-        if path is None:
+        wanted = [(str(path), float(strength)) for path, strength in loras]
+        for path, strength in wanted:
+            if not strength_allowed(strength):
+                low, high = STRENGTH_RANGE
+                raise SampleInputError(
+                    f"LoRA {path}: strength {strength} must be a finite number in [{low:g}, {high:g}]"
+                )
+        merged = self._loaded is not None and self._loaded.merged
+        if wanted == self.loras and (merged == merge or not wanted):
             return
-        if self.lora is None:
+        if self.swap is not None and (merged or merge):
+            raise SampleInputError(
+                "block swap has packed the merged weights; the LoRAs cannot change now (choose them before "
+                "the first video)"
+            )
+        named = [NamedLora(path, self._lora_file(path), strength) for path, strength in wanted]
+        if self._loaded is not None:
+            self._loaded.remove()
+            self._loaded, self.loras = None, []
+        if named:
+            self._loaded = load_loras(self.dit, named, merge=merge, device=self.device)
+        self.loras = wanted
+
+    def _lora_file(self, path: str) -> LowRankSet:
+        """The LoRA at ``path``, read once and checked against the DiT; SampleInputError when it is not a
+        LoRA or does not fit."""
+        if path not in self._files:
             check_lora(path)
             try:
-                self.dit = load_lora(self.dit, path).eval()
+                lora = read_lora_file(path)
+                lora_targets(self.dit, NamedLora(path, lora, 1.0))
             except (ValueError, OSError) as err:
+                detail = str(err).removeprefix(f"LoRA {path}: ").removeprefix(f"{path}: ")
                 raise SampleInputError(
-                    f"LoRA {path} does not fit the DiT of --model {self.model}: {err}"
+                    f"LoRA {path} does not fit the DiT of --model {self.model}: {detail}"
                 ) from err
-        for module in self.dit.modules():
-            if isinstance(module, LoraLayer):
-                module.set_scale(LORA_ADAPTER, strength)
-        self.lora = (path, strength)
-        log.info("LoRA %s at strength %g%s", path, strength, " (merged)" if merge else "")
-        if merge:
-            self.dit = self.dit.merge_and_unload()
-            self.lora, self.merged = None, path
+            self._files[path] = lora
+        return self._files[path]
 
     @contextmanager
     def _visiting(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -184,21 +201,13 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
     when serving)."""
     check_config(config)  # as parsing the flags did: a config built in Python gets the same checks
     _check_device(config.device)
-    for lora in config.lora:
-        check_lora(lora)
+    for spec in config.lora:
+        check_lora(parse_lora_spec(spec).path)
     config.frames = round_frames(config.frames)
     if config.serve:
-        if config.block_swap and config.lora:
-            raise SampleInputError(
-                "--serve with --block-swap cannot switch LoRAs (swapped weights are fixed)"
-            )
         _check_output("--serve-dir", config.serve_dir, folder=True)
         _check_address(config.host, config.port)
         return None
-    if len(config.lora) > 1:
-        raise SampleInputError(
-            "give one --lora to sample with (several are for --serve, which offers them all)"
-        )
     if config.image is None:
         raise SampleInputError("--image is required: the start frame of the video")
     image = read_start_image(config.image)
@@ -214,6 +223,11 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
         if config.save_frames:
             _check_output("--save-frames", path.with_suffix(""), folder=True)
     return image
+
+
+def lora_entries(config: SampleConfig) -> list[tuple[str, float]]:
+    """``(path, strength)`` of every ``--lora``; ``--lora-strength`` for those given without one."""
+    return [parse_lora_spec(spec).entry(config.lora_strength) for spec in config.lora]
 
 
 def check_lora(path: str) -> None:
@@ -276,8 +290,7 @@ def run_sample(config: SampleConfig) -> list[Path]:
     """Make one video per prompt from the start image and write them (plus GIF / frames if asked)."""
     image = check_sample_config(config)
     sampler = Sampler.from_config(config)
-    if config.lora:
-        sampler.use_lora(config.lora[0], config.lora_strength, merge=True)
+    sampler.use_loras(lora_entries(config), merge=True)
     videos = sampler.generate(
         image,
         config.prompts,

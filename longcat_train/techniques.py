@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from longcat_train.config import TrainConfig
+    from longcat_train.lowrank import LowRankSet
     from longcat_train.model import LongCatVideoTransformer
     from longcat_train.parallel import Dist
 
@@ -100,10 +101,6 @@ def check_techniques(cfg: TrainConfig) -> None:
             raise ConfigError(rule.message.format(**vars(cfg)))
 
 
-# (canonical LoRA weights, their settings) as longcat_train.lora.read_lora returns them.
-LoraFile = tuple[dict[str, "torch.Tensor"], dict]
-
-
 def load_device(cfg: TrainConfig, device: torch.device) -> torch.device:
     """Where the base loads: host memory when FSDP shards it from there or block swap places it, else
     straight onto the compute ``device``."""
@@ -113,20 +110,22 @@ def load_device(cfg: TrainConfig, device: torch.device) -> torch.device:
 
 
 def apply_techniques(
-    base: LongCatVideoTransformer, cfg: TrainConfig, d: Dist, *, lora_weights: LoraFile | None = None
+    base: LongCatVideoTransformer, cfg: TrainConfig, d: Dist, *, lora_weights: LowRankSet | None = None
 ) -> tuple[nn.Module, PeftModel]:
     """The training techniques of ``cfg`` on the loaded ``base``, in the order they compose in.
 
     1. the attention backend (a runtime choice of the model);
-    2. base quantisation: replaces the block linears' weights, so LoRA then wraps quantised layers;
-    3. LoRA (seeded: the same adapter on every rank), then ``lora_weights`` when resuming, before anything
+    2. ``base_lora``: merged into the base weights (computed on the compute device), while they are
+       still plain tensors: the LoRA then trains on that base, and is saved alone;
+    3. base quantisation: replaces the block linears' weights, so LoRA then wraps quantised layers;
+    4. LoRA (seeded: the same adapter on every rank), then ``lora_weights`` when resuming, before anything
        places or shards the model;
-    4. float8 matmuls: the frozen base layers under LoRA, after the GPU's capability check;
-    5. gradient checkpointing and feed-forward chunks;
-    6. compile (of the per-block step, traced at the first forward);
-    7. placement: block swap (it refuses blocks that change after it, so no module changes later) or the
+    5. float8 matmuls: the frozen base layers under LoRA, after the GPU's capability check;
+    6. gradient checkpointing and feed-forward chunks;
+    7. compile (of the per-block step, traced at the first forward);
+    8. placement: block swap (it refuses blocks that change after it, so no module changes later) or the
        compute device, then activation offload's hooks;
-    8. DDP or FSDP2 around the placed model.
+    9. DDP or FSDP2 around the placed model.
 
     Returns:
         ``(train_model, peft_model)``: the module to train (wrapped for data parallelism where there is
@@ -134,11 +133,18 @@ def apply_techniques(
     """
     import torch
 
-    from longcat_train import lora, offload, parallel, quant
+    from longcat_train import lora, lora_apply, offload, parallel, quant
+    from longcat_train.lora_spec import parse_lora_spec
 
     base.attention_implementation = cfg.attention
     # FSDP all-gathers in the model's compute dtype (that of its input projection, as forward uses).
     compute_dtype = base.x_embedder.proj.weight.dtype
+    if cfg.base_lora:
+        entries = [parse_lora_spec(spec).entry(1.0) for spec in cfg.base_lora]
+        try:
+            lora_apply.load_loras(base, entries, merge=True, device=d.device)
+        except ValueError as err:
+            raise ConfigError(f"base_lora: {err}") from None
     quant.quantize_base(base, cfg.base_model_precision)
 
     with torch.random.fork_rng(devices=[]):
@@ -148,7 +154,7 @@ def apply_techniques(
             base, rank=cfg.lora_rank, alpha=cfg.alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets
         )
     if lora_weights is not None:
-        lora.load_lora_weights(model, *lora_weights)
+        lora.load_lora_weights(model, lora_weights)
 
     if cfg.fp8_matmuls:
         quant.check_fp8_matmuls(d.device)

@@ -42,6 +42,7 @@ from longcat_train import flow, parallel
 from longcat_train.checkpoints import (
     CheckpointError,
     TrainState,
+    base_lora_digests,
     check_resumable,
     export_lora,
     load_checkpoint,
@@ -49,8 +50,11 @@ from longcat_train.checkpoints import (
     set_rng_state,
 )
 from longcat_train.config import ConfigError, TrainConfig, save_config
+from longcat_train.lora import check_lora_file
+from longcat_train.lora_spec import parse_lora_spec
 from longcat_train.parallel import Dist
 from longcat_train.runs import (
+    CHECKPOINTS,
     COMFYUI_LORA_FILE,
     CONFIG_FILE,
     LORA_FILE,
@@ -358,9 +362,31 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     return urls, manifest, encoders
 
 
+def check_frozen_loras(cfg: TrainConfig) -> None:
+    """ConfigError unless every ``base_lora`` and ``validation_lora`` names a LoRA file (its header is
+    read) other than the one this run trains (its exports and checkpoints, rewritten and pruned)."""
+    out = Path(cfg.output_dir).resolve()
+    trained = {out / LORA_FILE, out / OFFICIAL_LORA_FILE}
+    for setting in ("base_lora", "validation_lora"):
+        for path in (parse_lora_spec(spec).path for spec in getattr(cfg, setting)):
+            if not Path(path).is_file():
+                raise ConfigError(f"{setting} {path}: no such LoRA file")
+            real = Path(path).resolve()
+            if real in trained or (out / CHECKPOINTS) in real.parents:
+                raise ConfigError(
+                    f"{setting} {path} is the LoRA this run trains: one LoRA trains at a time; copy it "
+                    "elsewhere to train a new one on top of it"
+                )
+            try:
+                check_lora_file(path)
+            except ValueError as err:
+                raise ConfigError(f"{setting} {err}") from None
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     check_techniques(cfg)
+    check_frozen_loras(cfg)
     d = parallel.init_distributed()
     try:
         return _train(cfg, d)
@@ -402,10 +428,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     from longcat_train.loading import load_dit
 
-    state = resumed.state if resumed is not None else TrainState(world_size=d.world_size)
+    if resumed is not None:
+        state = resumed.state
+    else:  # what the run trains on top of, checked again on resume
+        digests = base_lora_digests([parse_lora_spec(spec).path for spec in cfg.base_lora])
+        state = TrainState(world_size=d.world_size, base_lora_sha256=digests)
     base = load_dit(cfg.model, dtype=weight_dtype(cfg, d.device), device=load_device(cfg, d.device))
-    lora_file = resumed.lora_file if resumed is not None else None
-    train_model, model = apply_techniques(base, cfg, d, lora_weights=lora_file)
+    train_model, model = apply_techniques(base, cfg, d, lora_weights=resumed.lora if resumed else None)
+    validation.attach(train_model)
     params = [p for p in train_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, d.device)
     if resumed is not None:

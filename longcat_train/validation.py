@@ -2,6 +2,8 @@
 
 Each validation writes ``validation/step_NNNNNN/<key>.mp4`` and a contact sheet comparing the LoRA's
 video with the base model's. The videos come from ``sampling.generate_videos``, the sampler's own path.
+``validation_lora`` LoRAs (e.g. the distill LoRA) are on for both rows, so the sheet compares with and
+without the LoRA that trains.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from longcat_data.stream import TextCache, expand_shard_spec, read_tars
 from longcat_data.video import IMAGE_EXTENSIONS, VideoError, read_mp4, write_mp4
 from longcat_train import parallel
 from longcat_train.config import ConfigError, TrainConfig, VideoSettings
+from longcat_train.lora_apply import LoadedLoras, load_loras
+from longcat_train.lora_spec import parse_lora_spec
 from longcat_train.parallel import Dist
 from longcat_train.sampling import SampleInputError, fit_start_image, generate_videos, read_start_image
 
@@ -225,14 +229,19 @@ class Validation:
 
     The pairs are read and fitted to the validation area when training starts, so a bad source is a
     ConfigError before anything loads; a validation that fails later (a sampling error, out of memory)
-    is logged in one line and training goes on."""
+    is logged in one line and training goes on. The ``validation_lora`` LoRAs are hooked onto the model
+    once (:meth:`attach`, before the first step, so one that does not fit is refused then) and are on
+    only while the pairs are sampled."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, dtype: torch.dtype) -> None:
         self.cfg, self.d, self.dtype = cfg, d, dtype
         self.pairs: list[ValidationPair] = []
         self.vae: nn.Module | None = None
+        self.loras: LoadedLoras | None = None
         if not cfg.validation_source:
             log.info("no validation_source: validation off")
+            if cfg.validation_lora:
+                log.warning("validation_lora is not used: there is no validation_source to sample")
             return
         source = cfg.validation_source
         try:
@@ -241,6 +250,17 @@ class Validation:
                 fit_start_image(pair.image, cfg.validation_settings.area)
         except (SampleInputError, ShardError, VideoError, OSError) as err:
             raise ConfigError(f"validation_source {source}: {str(err).strip().splitlines()[-1]}") from err
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook the ``validation_lora`` LoRAs onto ``model`` (the one training), off until a validation."""
+        if not self.pairs or not self.cfg.validation_lora:
+            return
+        entries = [parse_lora_spec(spec).entry(1.0) for spec in self.cfg.validation_lora]
+        try:
+            self.loras = load_loras(model, entries, merge=False, device=self.d.device)
+        except ValueError as err:
+            raise ConfigError(f"validation_lora: {err}") from None
+        self.loras.enabled = False
 
     @property
     def prompts(self) -> list[str]:
@@ -275,6 +295,8 @@ class Validation:
             self.vae = load_vae(self.cfg.model, device=self.d.device, dtype=self.dtype)
         embeds = {p: text[p] for p in self.prompts}
         out = self.cfg.output_dir if self.d.main else tempfile.mkdtemp(prefix="longcat-val-")
+        if self.loras is not None:
+            self.loras.enabled = True
         try:
             # Sampling must not move the training RNG, or a changed validation cadence would change training.
             with torch.random.fork_rng(devices=[self.d.device] if self.d.device.type == "cuda" else []):
@@ -290,5 +312,7 @@ class Validation:
                     sharded=sharded,
                 )
         finally:
+            if self.loras is not None:
+                self.loras.enabled = False
             if not self.d.main:
                 shutil.rmtree(out, ignore_errors=True)

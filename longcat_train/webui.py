@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import json
 import logging
 import queue
 import re
@@ -38,7 +39,7 @@ from starlette.routing import Route
 from longcat_data.defaults import DEFAULT_FPS
 from longcat_data.video import write_mp4
 from longcat_train.config import SAMPLE_LIMITS, SampleConfig, VideoSettings
-from longcat_train.sampler import Sampler, check_sample_config
+from longcat_train.sampler import Sampler, check_sample_config, lora_entries
 from longcat_train.sampling import (
     SampleInputError,
     StepCallback,
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_MB = 20
 MAX_QUEUED = 16
 MAX_PROMPT_CHARS = 4000
+# LoRA menus (each with its strength) the page shows, at most: a job may stack that many from the page.
+MAX_LORA_SLOTS = 4
 # Uploads decoded at once: each may be a 64-megapixel image, hundreds of MB while it is fitted.
 DECODE_THREADS = 2
 
@@ -65,8 +68,7 @@ class GenerationRequest:
 
     image: np.ndarray  # uint8 [H, W, 3], fitted to its bucket
     prompt: str
-    lora: str | None  # a name from the server's LoRA list, None for the base model
-    lora_strength: float
+    loras: tuple[tuple[str, float], ...]  # (a name from the server's LoRA list, its strength); () = base
     steps: int
     seed: int
     frames: int
@@ -198,10 +200,9 @@ def lora_names(paths: Sequence[str]) -> dict[str, str]:
     return names
 
 
-def _field(form, name: str, default: float) -> float:
-    """A number of the form, within ``SAMPLE_LIMITS[name]`` (an int field where the limits are ints)."""
+def _number(raw: object, name: str, default: float) -> float:
+    """A form value within ``SAMPLE_LIMITS[name]`` (an int field where the limits are ints)."""
     low, high = SAMPLE_LIMITS[name]
-    raw = form.get(name)
     if raw is None or str(raw).strip() == "":
         return default
     try:
@@ -211,6 +212,30 @@ def _field(form, name: str, default: float) -> float:
     if not low <= value <= high:
         raise HTTPException(400, f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _field(form, name: str, default: float) -> float:
+    return _number(form.get(name), name, default)
+
+
+def _chosen_loras(form, offered: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+    """The job's LoRAs: the i-th ``lora`` field (a name, or empty for none) with the i-th
+    ``lora_strength`` (missing: that LoRA's default strength), as the page's menus send them."""
+    strengths = form.getlist("lora_strength")
+    chosen: dict[str, float] = {}
+    for i, name in enumerate(str(n) for n in form.getlist("lora")):
+        if name and name not in offered:
+            raise HTTPException(400, f"unknown LoRA {name!r}: choose one the page offers")
+        if name in chosen:
+            raise HTTPException(400, f"LoRA {name!r} is chosen twice: choose it once, with one strength")
+        strength = _number(
+            strengths[i] if i < len(strengths) else None, "lora_strength", offered.get(name, 1.0)
+        )
+        if name:
+            chosen[name] = strength
+    for raw in strengths:  # a strength without a LoRA is still checked
+        _number(raw, "lora_strength", 1.0)
+    return tuple(chosen.items())
 
 
 def _start_image(data: bytes, filename: str, area: tuple[int, int]) -> np.ndarray:
@@ -225,25 +250,32 @@ def create_app(
     generate: GenerateFn,
     *,
     output_dir: str | Path,
-    loras: list[str] | None = None,
+    loras: Sequence[str] | Mapping[str, float] | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     defaults: VideoSettings = VideoSettings(),
     fps: int = DEFAULT_FPS,
 ) -> Starlette:
-    """The preview app. ``loras`` are the names offered in the page's LoRA menu (besides none).
-    ``defaults``: the area start images are fitted to, and the frames, steps and guidance a job asks
-    for unless the page says otherwise."""
+    """The preview app. ``loras`` are the names offered in the page's LoRA menus (besides none), or
+    name -> the strength a menu suggests for it (1 for names given as a list). ``defaults``: the area
+    start images are fitted to, and the frames, steps and guidance a job asks for unless the page says
+    otherwise."""
     jobs = JobQueue(generate, Path(output_dir), fps=fps)
-    offered = list(loras or [])
+    offered = dict(loras) if isinstance(loras, Mapping) else dict.fromkeys(loras or [], 1.0)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     area = defaults.area
-    per_job = {"lora_strength": 1.0, "steps": defaults.steps, "seed": 0, "guidance": defaults.guidance}
+    per_job = {"steps": defaults.steps, "seed": 0, "guidance": defaults.guidance}
     decoding = anyio.CapacityLimiter(DECODE_THREADS)
 
     async def page(request: Request) -> Response:
         options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>' for n in offered)
+        slots = "".join(
+            LORA_SLOT.replace("{{ID}}", "lora" if i == 0 else f"lora-{i + 1}").replace("{{OPTIONS}}", options)
+            for i in range(min(len(offered), MAX_LORA_SLOTS))
+        )
+        suggested = json.dumps(offered).replace("<", "\\u003c")  # inside <script>
         body = (
-            PAGE.replace("{{LORA_OPTIONS}}", options)
+            PAGE.replace("{{LORA_SLOTS}}", slots)
+            .replace("{{LORA_STRENGTHS}}", suggested)
             .replace("{{MAX_MB}}", f"{max_upload_mb:g}")
             .replace("{{AREA}}", f"{area[0]}x{area[1]}")
             .replace("{{FRAMES}}", str(defaults.frames))
@@ -261,7 +293,7 @@ def create_app(
             raise HTTPException(
                 413, f"the upload is {int(length) / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB"
             )
-        async with request.form(max_files=1, max_fields=16) as form:
+        async with request.form(max_files=1, max_fields=16 + 2 * len(offered)) as form:
             upload = form.get("image")
             if not isinstance(upload, UploadFile) or not upload.filename:
                 raise HTTPException(400, "choose a start image first")
@@ -277,16 +309,14 @@ def create_app(
                 raise HTTPException(
                     400, f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}"
                 )
-            lora = str(form.get("lora") or "") or None
-            if lora is not None and lora not in offered:
-                raise HTTPException(400, f"unknown LoRA {lora!r}: choose one the page offers")
+            chosen = _chosen_loras(form, offered)
             wanted_frames = _field(form, "frames", defaults.frames)
             settings = {name: _field(form, name, default) for name, default in per_job.items()}
             image = await anyio.to_thread.run_sync(
                 _start_image, data, upload.filename, area, limiter=decoding
             )
             request_ = GenerationRequest(
-                image=image, prompt=prompt, lora=lora, frames=round_frames(wanted_frames), **settings
+                image=image, prompt=prompt, loras=chosen, frames=round_frames(wanted_frames), **settings
             )
         job = jobs.submit(request_)
         payload = _job_json(jobs, job)
@@ -332,10 +362,11 @@ def create_app(
 
 
 def sampler_generate(sampler: Sampler, config: SampleConfig, loras: Mapping[str, str]) -> GenerateFn:
-    """The page's generate function on a loaded sampler; ``loras`` maps the page's LoRA names to files."""
+    """The page's generate function on a loaded sampler; ``loras`` maps the page's LoRA names to files.
+    Each job's LoRAs are hooked on (not merged), so switching them between jobs is exact."""
 
     def generate(request: GenerationRequest, on_step: StepCallback) -> np.ndarray:
-        sampler.use_lora(loras[request.lora] if request.lora else None, request.lora_strength)
+        sampler.use_loras([(loras[name], strength) for name, strength in request.loras])
         # The page asks for these per job; the shift and the area are the command's.
         settings = replace(
             config.video_settings,
@@ -360,11 +391,12 @@ def serve_sampler(config: SampleConfig) -> None:
     """``longcat-sample --serve``: load the models once, then serve the page until interrupted."""
     check_sample_config(config)
     sampler = Sampler.from_config(config)
-    loras = lora_names(config.lora)
+    strengths = dict(reversed(lora_entries(config)))  # the first strength a file is given
+    loras = lora_names(list(strengths))
     app = create_app(
         sampler_generate(sampler, config, loras),
         output_dir=config.serve_dir,
-        loras=list(loras),
+        loras={name: strengths[path] for name, path in loras.items()},
         max_upload_mb=config.max_upload_mb,
         defaults=config.video_settings,
         fps=config.fps,
@@ -372,6 +404,14 @@ def serve_sampler(config: SampleConfig) -> None:
     log.info("preview page on http://%s:%d (videos in %s)", config.host, config.port, config.serve_dir)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 
+
+# One LoRA menu of the page and its strength; several stack.
+LORA_SLOT = """<div class="row">
+      <div><label for="{{ID}}">LoRA</label>
+        <select id="{{ID}}" name="lora"><option value="">none (base model)</option>{{OPTIONS}}</select></div>
+      <div><label for="{{ID}}-strength">Strength</label>
+        <input id="{{ID}}-strength" name="lora_strength" type="number" value="1.0" step="0.05"></div>
+    </div>"""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -415,12 +455,7 @@ PAGE = """<!doctype html>
     <img id="preview" alt="start frame preview">
     <label for="prompt">Prompt</label>
     <textarea id="prompt" name="prompt" placeholder="What happens in the video"></textarea>
-    <div class="row">
-      <div><label for="lora">LoRA</label>
-        <select id="lora" name="lora"><option value="">none (base model)</option>{{LORA_OPTIONS}}</select></div>
-      <div><label for="lora_strength">Strength</label>
-        <input id="lora_strength" name="lora_strength" type="number" value="1.0" step="0.05"></div>
-    </div>
+    {{LORA_SLOTS}}
     <div class="row">
       <div><label for="steps">Steps</label><input id="steps" name="steps" type="number" value="{{STEPS}}" min="1"></div>
       <div><label for="seed">Seed</label><input id="seed" name="seed" type="number" value="0" min="0"></div>
@@ -441,6 +476,15 @@ PAGE = """<!doctype html>
 </main>
 <script>
 const form = document.getElementById("generate");
+const LORA_STRENGTHS = {{LORA_STRENGTHS}};
+
+// Choosing a LoRA in a menu suggests its strength (the one given to --lora), still editable.
+for (const menu of document.querySelectorAll("select[name=lora]")) {
+  menu.addEventListener("change", () => {
+    const strength = menu.parentElement.parentElement.querySelector("input[name=lora_strength]");
+    if (menu.value in LORA_STRENGTHS) strength.value = LORA_STRENGTHS[menu.value];
+  });
+}
 const message = document.getElementById("message");
 const imageInput = document.getElementById("image");
 const preview = document.getElementById("preview");

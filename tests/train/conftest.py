@@ -91,3 +91,32 @@ def tiny() -> dict:
     tokenizer, text_encoder = load_text_encoder("tiny")
     prompt, negative = encode_text(tokenizer, text_encoder, ["a cat walks across a sunny garden", ""])
     return dict(model=model, vae=load_vae("tiny"), prompt=prompt, negative=negative)
+
+
+def _write_official_lora(
+    path: Path, model: torch.nn.Module, modules: dict[str, int], rank: int, seed: int
+) -> str:
+    """A random LoRA in the official layout on ``modules`` (path -> row blocks n; n > 1 written as the
+    official loader's split ``lora_up.blocks.{i}``), a different alpha_scale per module."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i, (module, n) in enumerate(modules.items()):
+        linear = model.get_submodule(module)
+        name = "lora___lorahyphen___" + module.replace(".", "___lorahyphen___")
+        tensors[f"{name}.lora_down.weight"] = torch.randn(n * rank, linear.in_features, generator=g) * 0.2
+        ups = [torch.randn(linear.out_features // n, rank, generator=g) * 0.2 for _ in range(n)]
+        if n == 1:
+            tensors[f"{name}.lora_up.weight"] = ups[0]
+        else:
+            tensors |= {f"{name}.lora_up.blocks.{b}.weight": up for b, up in enumerate(ups)}
+        tensors[f"{name}.alpha_scale"] = torch.tensor(0.25 + 0.25 * i)
+    save_file(tensors, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def official_lora_file():
+    """``(path, model, {module: row blocks}, rank, seed) -> path``: writes a random official-layout LoRA."""
+    return _write_official_lora

@@ -4,6 +4,7 @@ import logging
 import pytest
 
 from longcat_train import config as C
+from longcat_train import runs
 from longcat_train.cli import load_config, parse_train_args
 from longcat_train.config import ConfigError, SampleConfig, TrainConfig, VideoSettings
 from longcat_train.simpletuner import from_simpletuner
@@ -221,8 +222,8 @@ def test_validate_errors(kw, message):
 def test_resume_mismatch_names_the_trajectory_keys_only():
     saved = TrainConfig(learning_rate=1e-4, lora_rank=8).to_dict()
     now = TrainConfig(learning_rate=2e-4, lora_rank=8, max_train_steps=5000, output_dir="elsewhere")
-    assert C.resume_mismatch(saved, now) == ["learning_rate: 0.0001 -> 0.0002"]
-    assert C.resume_mismatch(saved, TrainConfig(max_train_steps=10)) == []
+    assert runs.resume_mismatch(saved, now) == ["learning_rate: 0.0001 -> 0.0002"]
+    assert runs.resume_mismatch(saved, TrainConfig(max_train_steps=10)) == []
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from safetensors.torch import save_file
 
 from longcat_train import lora
 from longcat_train.config import DEFAULT_LORA_TARGETS, ConfigError
+from longcat_train.lora_apply import load_loras
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -84,16 +86,23 @@ def test_save_load_round_trip(tmp_path, fmt):
     save = lora.save_diffusers if fmt == "diffusers" else lora.save_official
     path = save(weights, tmp_path / "lora.safetensors", settings)
 
-    read, read_settings = lora.read_lora(path)
-    assert set(read) == set(weights) and read_settings["r"] == 4
+    read = lora.read_lora_file(path)
+    modules = {k.rsplit(".", 2)[0] for k in weights}
+    assert set(read.deltas) == modules and all(d.rank == 4 and d.scale == 2.0 for d in read.deltas.values())
     if fmt == "diffusers":
-        assert all(torch.equal(read[k], weights[k]) for k in weights)
-        assert read_settings["lora_alpha"] == 8 and read_settings["target_modules"] == sorted(
+        for module, delta in read.deltas.items():
+            assert torch.equal(delta.pieces[0].down, weights[f"{module}.lora_A.weight"])
+            assert torch.equal(delta.pieces[0].up, weights[f"{module}.lora_B.weight"])
+        stored = json.loads(read.metadata[lora.METADATA_KEY])
+        assert stored["transformer.lora_alpha"] == 8 and stored["transformer.target_modules"] == sorted(
             DEFAULT_LORA_TARGETS
         )
-    # Into a bare base model (a new adapter shaped by the file) and into an adapter with another alpha.
-    for target in (tiny(), lora.apply_lora(tiny(), rank=4, alpha=4, targets=list(DEFAULT_LORA_TARGETS))):
-        loaded = lora.load_lora(target, path)
+    # Onto a bare base model (hooked) and into an adapter with another alpha (rescaled).
+    bare = tiny()
+    load_loras(bare, [(path, 1.0)], merge=False)
+    adapter = lora.apply_lora(tiny(), rank=4, alpha=4, targets=list(DEFAULT_LORA_TARGETS))
+    lora.load_lora_weights(adapter, read)
+    for loaded in (bare, adapter):
         torch.testing.assert_close(loaded(**inputs()), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -119,10 +128,10 @@ def test_wrong_shapes_are_refused(tmp_path):
     )
     other = lora.apply_lora(tiny(), rank=2, targets=["attn.qkv"])
     with pytest.raises(ValueError, match="shape"):
-        lora.load_lora(other, path)
+        lora.load_lora_weights(other, lora.read_lora_file(path))
     narrower = lora.apply_lora(tiny(), rank=4, targets=["attn.qkv", "ffn.w1"])
     with pytest.raises(ValueError, match="missing"):
-        lora.load_lora(narrower, path)
+        lora.load_lora_weights(narrower, lora.read_lora_file(path))
 
 
 NOT_SAFETENSORS = (
@@ -167,7 +176,7 @@ def test_files_that_are_not_loras_are_one_line_errors(tmp_path, name, content, r
     path = tmp_path / name
     content(path)
     with pytest.raises(ValueError) as err:
-        lora.read_lora(path)
+        lora.read_lora_file(path)
     assert str(err.value) == f"{path}: {reason}"
     if name != "half.safetensors":  # needs the tensors; the rest is known from the header alone
         with pytest.raises(ValueError) as err:

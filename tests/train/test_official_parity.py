@@ -147,3 +147,56 @@ def test_official_class_reads_our_config_json(official_module) -> None:
     official = official_module.LongCatVideoTransformer3DModel.from_config(config.to_dict())
     LongCatVideoTransformer(config).load_state_dict(official.state_dict(), strict=True)
     assert DiTConfig.from_dict(config.to_dict()) == config
+
+
+# ------------------------------------------------------------------------------------ LoRAs
+
+# Official-layout LoRA modules: path -> row blocks n, n > 1 being the official loader's n_seperate.
+SPLIT_MODULES = {
+    "blocks.0.attn.qkv": 3,
+    "blocks.1.cross_attn.kv_linear": 2,
+    "blocks.0.adaLN_modulation.1": 6,
+    "blocks.1.adaLN_modulation.1": 6,
+    "final_layer.adaLN_modulation.1": 2,
+    "final_layer.linear": 1,
+    "blocks.1.ffn.w2": 1,
+    "t_embedder.mlp.2": 1,
+    "y_embedder.y_proj.0": 1,
+}
+
+
+def _forward(model: torch.nn.Module, x: dict, official: bool) -> torch.Tensor:
+    t_frames = x["timestep"][:, None].repeat(1, x["latents"].shape[2])
+    t_frames[:, :1] = 0
+    with torch.no_grad():
+        if official:
+            return model(x["latents"], t_frames, x["text"][:, None], x["mask"], num_cond_latents=1)
+        return model(x["latents"], x["timestep"], x["text"], x["mask"], num_cond_latents=1)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_split_official_loras_together_match_the_official_forward(
+    official_module, official_lora_file, tmp_path, merge
+) -> None:
+    """Two official files at once (ranks 4 and 2; split qkv, kv, adaLN and final adaLN; the final layer,
+    timestep and caption MLPs): our forward equals the official load_lora + enable_loras forward."""
+    from longcat_train.lora_apply import load_loras
+
+    official, ours = _pair(official_module, zero_pad=True)
+    first = official_lora_file(tmp_path / "a.safetensors", ours, SPLIT_MODULES, rank=4, seed=3)
+    every_other = dict(list(SPLIT_MODULES.items())[::2])
+    second = official_lora_file(tmp_path / "b.safetensors", ours, every_other, rank=2, seed=4)
+    x = _inputs(ours.config, lengths=[5, 9])
+    base = _forward(ours, x, official=False)
+    official.load_lora(first, "a", multiplier=0.8, lora_network_dim=4)
+    official.load_lora(second, "b", multiplier=-1.5, lora_network_dim=2)
+    for keys, loras in ([["a"], [(first, 0.8)]], [["a", "b"], [(first, 0.8), (second, -1.5)]]):
+        official.enable_loras(keys)
+        expected = _forward(official, x, official=True)
+        loaded = load_loras(ours, loras, merge=merge)
+        actual = _forward(ours, x, official=False)
+        loaded.remove()
+        error = _max_error(actual, expected)
+        print(f"official LoRA parity ({'+'.join(keys)}, merge={merge}): max rel error {error:.2e}")
+        assert error < TOLERANCE and _max_error(base, expected) > 100 * TOLERANCE
+    torch.testing.assert_close(_forward(ours, x, official=False), base, rtol=1e-6, atol=1e-6)

@@ -47,21 +47,61 @@ def _latents(sampler: Sampler) -> torch.Tensor:
 def test_lora_strength_swap_and_merge(lora_file: str) -> None:
     sampler = Sampler("tiny", device="cpu")
     base = _latents(sampler)
-    sampler.use_lora(lora_file, 1.0)
+    sampler.use_loras([(lora_file, 1.0)])
     full = _latents(sampler)
     assert not torch.allclose(full, base, atol=1e-3)
-    sampler.use_lora(lora_file, 0.0)
+    sampler.use_loras([(lora_file, 0.0)])
     torch.testing.assert_close(_latents(sampler), base)
-    sampler.use_lora(lora_file, 0.5)
+    sampler.use_loras([(lora_file, 0.5)])
     half = _latents(sampler)
     assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, full, atol=1e-4)
-    sampler.use_lora(None)
+    sampler.use_loras([])
     torch.testing.assert_close(_latents(sampler), base)
 
     merged = Sampler("tiny", device="cpu")
-    merged.use_lora(lora_file, 1.0, merge=True)
+    merged.use_loras([(lora_file, 1.0)], merge=True)
     assert not any("lora" in name for name, _ in merged.dit.named_parameters())
     torch.testing.assert_close(_latents(merged), full, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_loras_switch_and_come_off_again(lora_file: str, official_lora_file, tmp_path) -> None:
+    sampler = Sampler("tiny", device="cpu")
+    base = _latents(sampler)
+    split = official_lora_file(tmp_path / "o.safetensors", sampler.dit, {"blocks.0.attn.qkv": 3}, 2, 1)
+    sampler.use_loras([(lora_file, 1.0), (split, -0.5)], merge=True)
+    both = _latents(sampler)
+    hooked = Sampler("tiny", device="cpu")
+    hooked.use_loras([(lora_file, 1.0), (split, -0.5)])
+    torch.testing.assert_close(_latents(hooked), both, atol=1e-4, rtol=1e-4)
+    sampler.use_loras([(split, -0.5)], merge=True)  # the first one out again, the second kept
+    hooked.use_loras([(split, -0.5)])
+    torch.testing.assert_close(_latents(sampler), _latents(hooked), atol=1e-4, rtol=1e-4)
+    sampler.use_loras([], merge=True)
+    torch.testing.assert_close(_latents(sampler), base, atol=1e-5, rtol=1e-5)
+    with pytest.raises(SampleInputError, match=r"strength nan must be a finite number in \[-4, 4\]"):
+        sampler.use_loras([(lora_file, float("nan"))])
+
+
+def test_cli_samples_with_several_loras_at_their_strengths(
+    tmp_path, make_image, monkeypatch, lora_file: str
+) -> None:
+    import shutil
+
+    from longcat_train.cli import sample_main
+
+    used = []
+    real = Sampler.use_loras
+    monkeypatch.setattr(
+        Sampler, "use_loras", lambda self, loras, **kw: used.append((loras, kw)) or real(self, loras, **kw)
+    )
+    folder = tmp_path / "run:2"  # a ':' inside the path is part of it
+    folder.mkdir()
+    style = shutil.copy(lora_file, folder / "style.safetensors")
+    image = _png(tmp_path / "start.png", make_image(64, 64))
+    argv = ["--model", "tiny", "--image", image, "--prompt", "a cat", "-o", str(tmp_path / "out.mp4")]
+    argv += ["--frames", "5", "--steps", "1", "--size", "64x64", "--lora-strength", "-0.25"]
+    assert sample_main([*argv, "--lora", f"{style}:0.5", "--lora", lora_file]) == 0
+    assert used == [([(str(style), 0.5), (lora_file, -0.25)], {"merge": True})]
 
 
 def test_lora_of_another_model_is_refused(tmp_path) -> None:
@@ -77,7 +117,7 @@ def test_lora_of_another_model_is_refused(tmp_path) -> None:
         str(other),
     )
     with pytest.raises(SampleInputError, match="does not fit the DiT of --model tiny.*match no Linear"):
-        sampler.use_lora(str(other))
+        sampler.use_loras([(str(other), 1.0)])
     wrong_rank = tmp_path / "wrong_rank.safetensors"
     save_file(
         {
@@ -87,9 +127,9 @@ def test_lora_of_another_model_is_refused(tmp_path) -> None:
         str(wrong_rank),
     )
     with pytest.raises(SampleInputError, match="does not fit.*shape"):
-        sampler.use_lora(str(wrong_rank))
+        sampler.use_loras([(str(wrong_rank), 1.0)])
     with pytest.raises(SampleInputError, match="not found"):
-        sampler.use_lora(str(tmp_path / "missing.safetensors"))
+        sampler.use_loras([(str(tmp_path / "missing.safetensors"), 1.0)])
 
 
 def test_sampler_makes_one_video_per_prompt(make_image) -> None:
@@ -279,6 +319,10 @@ NOT_SAFETENSORS = (
         ),
         ({"--guidance": "nan"}, "--guidance nan: must be a finite number in [0, 20]"),
         ({"--lora-strength": "inf"}, "--lora-strength inf: must be a finite number in [-4, 4]"),
+        (
+            {"--lora": "style.safetensors:inf"},
+            "--lora 'style.safetensors:inf': must be PATH or PATH:STRENGTH, STRENGTH a finite number in [-4, 4]",
+        ),
         ({"--shift": "inf"}, "--shift inf: must be a finite number > 0"),
         ({"--shift": "0"}, "--shift 0.0: must be a finite number > 0"),
         ({"--frames": "100001"}, "--frames 100001: must be a finite number in [5, 257]"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from longcat_train import lora, offload, parallel, quant
 from longcat_train.cli import parse_train_args
 from longcat_train.config import ConfigError, TrainConfig
 from longcat_train.loading import tiny_dit
+from longcat_train.lowrank import LowRankSet
 from longcat_train.model import LongCatVideoTransformer, SelfAttention
 from longcat_train.parallel import Dist
 from longcat_train.techniques import RULES, apply_techniques, check_techniques, load_device
@@ -88,15 +90,16 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-def _adapter_file() -> tuple[dict[str, torch.Tensor], dict]:
+def _adapter_file(folder: Path) -> LowRankSet:
     """LoRA weights as a checkpoint holds them: ones everywhere, so loading them is visible."""
     with torch.random.fork_rng(devices=[]):
         model = lora.apply_lora(tiny_dit(), rank=2, targets=list(TrainConfig().lora_targets))
     weights = {k: torch.ones_like(v) for k, v in lora.lora_weights(model).items()}
-    return weights, lora.adapter_settings(model)
+    path = lora.save_diffusers(weights, folder / "lora.safetensors", lora.adapter_settings(model))
+    return lora.read_lora_file(path)
 
 
-def test_quantised_base_lora_resume_swap_offload_then_ddp(calls: list[str]) -> None:
+def test_quantised_base_lora_resume_swap_offload_then_ddp(calls: list[str], tmp_path: Path) -> None:
     pytest.importorskip("optimum.quanto")
     cfg = TrainConfig(
         model="tiny",
@@ -109,7 +112,7 @@ def test_quantised_base_lora_resume_swap_offload_then_ddp(calls: list[str]) -> N
         attention="xformers",
     )
     cfg.validate()
-    base, resumed = tiny_dit(), _adapter_file()
+    base, resumed = tiny_dit(), _adapter_file(tmp_path)
     calls.clear()
     train_model, model = apply_techniques(base, cfg, Dist(world_size=2, device=CPU), lora_weights=resumed)
     assert calls == [

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, load_file, save, save_file
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from longcat_data.shards import ShardError
 from longcat_data.stream import ShardStream, StreamConfig, expand_shard_spec
-from longcat_train import lora
 from longcat_train.cli import train_main
 from longcat_train.config import ConfigError, TrainConfig
 from longcat_train.loading import load_dit
+from longcat_train.lora_apply import load_loras
 from longcat_train.lora_formats import read_file
 from longcat_train.techniques import check_techniques
 from longcat_train.trainer import lr_factor, train, training_loss
@@ -149,7 +149,9 @@ def test_loss_falls_when_overfitting_two_clips(tiny_shards, tmp_path):
             return sum(training_loss(model, batch, cfg, g, None, CPU).item() for _ in range(8)) / 8
 
     before = fixed_noise_loss(load_dit("tiny", torch.float32))
-    after = fixed_noise_loss(lora.load_lora(load_dit("tiny", torch.float32), result.lora_path))
+    trained = load_dit("tiny", torch.float32)
+    load_loras(trained, [(result.lora_path, 1.0)], merge=True)
+    after = fixed_noise_loss(trained)
     assert after < 0.85 * before, (before, after)
     assert len(result.losses) == 30 and result.skipped_steps == 0
     out = Path(cfg.output_dir)
@@ -324,6 +326,26 @@ def test_user_errors_are_one_line(tiny_shards, shard_copy, tmp_path, capsys):
     assert "no shards (*.tar) in directory" in run("--shards", str(tmp_path))
     assert "match no Linear" in run("--shards", str(tiny_shards), "--lora-targets", "attn.qkvz")
     assert "trains on 13 frames" in run("--shards", str(tiny_shards), "--frames", "13")
+    not_lora, other = tmp_path / "model.safetensors", tmp_path / "sdxl.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(4, 4)}, str(not_lora))
+    save_file(
+        {
+            "down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 32),
+            "down_blocks.0.to_q.lora_B.weight": torch.zeros(32, 4),
+        },
+        str(other),
+    )
+    assert run("--shards", str(tiny_shards), "--base-lora", f"{not_lora}:0.5") == (
+        f"longcat-train: error: base_lora {not_lora}: not a LoRA file (unexpected key blocks.0.attn.qkv.weight)"
+    )
+    assert run("--shards", str(tiny_shards), "--validation-lora", "x.safetensors:inf") == (
+        "longcat-train: error: --validation-lora 'x.safetensors:inf': must be PATH or PATH:STRENGTH, "
+        "STRENGTH a finite number in [-4, 4]"
+    )
+    assert run("--shards", str(tiny_shards), "--base-lora", str(other)) == (
+        f"longcat-train: error: base_lora: LoRA {other}: 1 of its modules match no Linear layer of the DiT: "
+        "down_blocks.0.to_q (a LoRA for another model?)"
+    )
 
     manifest = json.loads((shard_copy / "manifest.json").read_text())
     manifest["encoders"]["text_encoder_config"] = "0000"
@@ -474,3 +496,84 @@ def test_help_answers_without_importing_the_model_stack(command, flag):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert flag in proc.stdout and proc.stdout.strip().endswith("[]")
+
+
+# ---------------------------------------------------------------- training on top of other LoRAs
+
+
+def _fixed_inputs() -> dict:
+    g = torch.Generator().manual_seed(5)
+    return dict(
+        hidden_states=torch.randn(1, 16, 3, 4, 4, generator=g),
+        timestep=torch.tensor([400.0]),
+        encoder_hidden_states=torch.randn(1, 6, 64, generator=g),
+        num_cond_latents=1,
+    )
+
+
+def test_base_lora_trains_underneath_and_stacks_at_inference(
+    tiny_shards, tmp_path, monkeypatch, official_lora_file
+):
+    """A LoRA trained with --base-lora (an official split file) and --validation-lora saves only itself;
+    base + both LoRAs sampled together is the model the run validated; the validation LoRA never acts in
+    training; a changed base_lora is refused on resume."""
+    from longcat_train import validation as validation_module
+    from longcat_train.architecture import BLOCK_LINEARS
+    from longcat_train.lora import read_lora_file
+
+    tiny = load_dit("tiny", torch.float32)
+    base_lora = official_lora_file(
+        tmp_path / "distill.safetensors",
+        tiny,
+        {"blocks.0.attn.qkv": 3, "blocks.1.adaLN_modulation.1": 6},
+        2,
+        1,
+    )
+    extra = official_lora_file(tmp_path / "extra.safetensors", tiny, {"final_layer.linear": 1}, 2, 2)
+    seen: dict = {}
+
+    def probe(model, vae, pairs, embeds, settings, *, step, **kw):
+        with torch.no_grad():
+            seen["lora"] = model(**_fixed_inputs())
+            with model.disable_adapter():
+                seen["base"] = model(**_fixed_inputs())
+        return []
+
+    monkeypatch.setattr(validation_module, "run_validation", probe)
+    common = dict(max_train_steps=2, learning_rate=1e-2, base_lora=[f"{base_lora}:0.8"])
+    validating = dict(
+        validation_source=str(tiny_shards), validation_limit=1, validation_area="64x64", validation_every=1
+    )
+    cfg = tiny_config(
+        tiny_shards, tmp_path / "run", validation_lora=[f"{extra}:-1.5"], **common, **validating
+    )
+    result = train(cfg)
+    saved = read_lora_file(result.lora_path)
+    assert set(saved.deltas) == {f"blocks.{i}.{name}" for i in range(2) for name in BLOCK_LINEARS}
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["base_lora"] == cfg.base_lora
+
+    stacked = load_dit("tiny", torch.float32)
+    load_loras(stacked, [(base_lora, 0.8), (result.lora_path, 1.0), (extra, -1.5)], merge=True)
+    without_trained = load_dit("tiny", torch.float32)
+    load_loras(without_trained, [(extra, -1.5), (base_lora, 0.8)], merge=False)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(**_fixed_inputs()), seen["lora"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(without_trained(**_fixed_inputs()), seen["base"], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(seen["lora"], seen["base"], atol=1e-3)
+
+    plain = load_file(str(train(tiny_config(tiny_shards, tmp_path / "plain", **common)).lora_path))
+    validated = load_file(str(result.lora_path))
+    assert plain.keys() == validated.keys() and all(torch.equal(plain[k], validated[k]) for k in plain)
+    changed = tiny_config(
+        tiny_shards, tmp_path / "run", **{**common, "base_lora": [f"{base_lora}:0.5"], "max_train_steps": 3}
+    )
+    changed.resume = "latest"
+    with pytest.raises(ConfigError, match="base_lora"):
+        train(changed)
+    # The same setting, but another file under the name: refused too.
+    official_lora_file(
+        Path(base_lora), tiny, {"blocks.0.attn.qkv": 3, "blocks.1.adaLN_modulation.1": 6}, 2, 9
+    )
+    same = tiny_config(tiny_shards, tmp_path / "run", **{**common, "max_train_steps": 3}, resume="latest")
+    with pytest.raises(ConfigError, match=f"base_lora {base_lora} is not the file it trained on"):
+        train(same)

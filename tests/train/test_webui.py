@@ -89,10 +89,13 @@ def lora_path(tmp_path_factory) -> str:
     return str(save_diffusers(lora_weights(model), path, adapter_settings(model)))
 
 
-def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+def multipart(
+    fields: dict[str, str] | list[tuple[str, str]], files: dict[str, tuple[str, bytes]]
+) -> tuple[bytes, str]:
+    """A form body; ``fields`` as a list of pairs may repeat a name."""
     boundary = uuid.uuid4().hex
     parts = []
-    for name, value in fields.items():
+    for name, value in fields.items() if isinstance(fields, dict) else fields:
         parts.append(
             f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
         )
@@ -115,7 +118,9 @@ def fetch(
         return err.code, str(err.headers), err.read()
 
 
-def post(url: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[int, dict]:
+def post(
+    url: str, fields: dict[str, str] | list[tuple[str, str]], files: dict[str, tuple[str, bytes]]
+) -> tuple[int, dict]:
     status, _, body = fetch(url, "POST", *multipart(fields, files))
     return status, json.loads(body)
 
@@ -154,6 +159,42 @@ def test_jobs_run_one_at_a_time_and_serve_an_mp4(server: str) -> None:
     with urllib.request.urlopen(server + done["video"], timeout=30) as response:
         assert response.headers["content-type"] == "video/mp4"
         assert response.read(12)[4:8] == b"ftyp"
+
+
+def test_a_job_stacks_several_loras_each_at_its_strength(tmp_path: Path) -> None:
+    asked: list[tuple] = []
+
+    def generate(request: GenerationRequest, on_step) -> np.ndarray:
+        asked.append(request.loras)
+        return fake_generate(request, on_step)
+
+    offered = {"style": 0.6, "distill": 1.0, "detail": -0.5}
+    app = create_app(generate, output_dir=tmp_path, loras=offered, defaults=VideoSettings(area=AREA))
+    image = {"image": ("start.png", png_bytes(256, 256))}
+    with running(app) as url:
+        page = fetch(f"{url}/")[2].decode()
+        assert page.count('<select id="lora') == 3 and json.dumps(offered) in page  # the suggested strengths
+        menus = [("lora", "distill"), ("lora_strength", "1"), ("lora", ""), ("lora_strength", "2")]
+        for fields in (
+            [*menus, ("lora", "style"), ("lora_strength", "0.3")],
+            [("lora", "detail")],  # no strength sent: the one suggested for it
+            [("lora", ""), ("lora_strength", "")],
+        ):
+            status, job = post(f"{url}/api/jobs", [("prompt", "a cat"), ("steps", "1"), *fields], image)
+            assert status == 202, job
+            assert wait_done(url, job["id"])["state"] == "done"
+        for fields, error in [
+            (
+                [("lora", "style"), ("lora", "style")],
+                "LoRA 'style' is chosen twice: choose it once, with one strength",
+            ),
+            (
+                [("lora", "style"), ("lora_strength", "1"), ("lora", "distill"), ("lora_strength", "9")],
+                "lora_strength must be between -4.0 and 4.0, got 9.0",
+            ),
+        ]:
+            assert post(f"{url}/api/jobs", [("prompt", "a cat"), *fields], image) == (400, {"error": error})
+    assert asked == [(("distill", 1.0), ("style", 0.3)), (("detail", -0.5),), ()]
 
 
 def test_a_failed_generation_reports_and_the_queue_goes_on(server: str) -> None:
@@ -373,14 +414,14 @@ def test_no_answer_names_a_path_of_the_server(tmp_path: Path, lora_path: str) ->
     class StandInSampler:
         """Checks the LoRA as the real one does, then slides the image."""
 
-        def use_lora(self, path: str | None, strength: float) -> None:
-            if path is not None:
+        def use_loras(self, loras: list[tuple[str, float]]) -> None:
+            for path, _ in loras:
                 check_lora(path)
 
         def generate(self, image, prompts, settings, **kwargs) -> np.ndarray:
-            return fake_generate(
-                GenerationRequest(image, prompts[0], None, 1.0, 1, 0, 9, 1.0), lambda i, n: None
-            )[None]
+            return fake_generate(GenerationRequest(image, prompts[0], (), 1, 0, 9, 1.0), lambda i, n: None)[
+                None
+            ]
 
     loras = lora_names([lora_path, str(broken)])
     config = SampleConfig(model="tiny", area=AREA, lora=list(loras.values()))
@@ -516,6 +557,22 @@ def test_page_uploads_generates_and_plays(server: str, browser_page, tmp_path: P
     assert size == [256, 256]
     page.screenshot(path=str(tmp_path / "preview.png"), full_page=True)
     assert (tmp_path / "preview.png").stat().st_size > 10_000
+
+
+def test_choosing_a_lora_on_the_page_suggests_its_strength(tmp_path: Path, browser_page) -> None:
+    app = create_app(
+        fake_generate,
+        output_dir=tmp_path,
+        loras={"style": 0.6, "distill": -1.5},
+        defaults=VideoSettings(area=AREA),
+    )
+    with running(app) as url:
+        browser_page.goto(url)
+        assert browser_page.locator("select[name=lora]").count() == 2
+        browser_page.select_option("#lora-2", "distill")
+        browser_page.select_option("#lora", "style")
+        assert browser_page.input_value("#lora-strength") == "0.6"
+        assert browser_page.input_value("#lora-2-strength") == "-1.5"
 
 
 def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None:
