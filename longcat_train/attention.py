@@ -105,11 +105,21 @@ _XFORMERS_OPS = {
 _BLOCK_SPARSE: Callable[..., torch.Tensor] | None
 try:
     from longcat_kernels import block_sparse_attention as _BLOCK_SPARSE
+    from longcat_kernels import triton_unsupported
 
     _BLOCK_SPARSE_MISSING = ""
 except ImportError as err:
     _BLOCK_SPARSE = None
     _BLOCK_SPARSE_MISSING = str(err)
+
+
+def block_sparse_kernel_missing(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why ``block_sparse`` would not run as its Triton kernel for attention on this device in this dtype
+    (None: it would). Elsewhere it falls back to a path that is exact but takes N x N memory (or, without
+    the package, to SDPA): fine for tests, not for a 720p video."""
+    if _BLOCK_SPARSE is None:
+        return f"longcat_kernels cannot be imported ({_BLOCK_SPARSE_MISSING})"
+    return triton_unsupported(device, dtype, head_dim)
 
 
 @functools.cache
