@@ -246,7 +246,9 @@ def encode_video(vae: AutoencoderKLWan, video: torch.Tensor | np.ndarray) -> tor
     return encode_pixels(vae, x.to(vae.dtype) / 127.5 - 1.0)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the refinement writes into these latents and hands them to the DiT, whose
+# block-sparse custom op then fails on the CPU ("vector::reserve") on memory inference mode handed out.
+@torch.no_grad()
 def encode_pixels(vae: AutoencoderKLWan, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels [B, 3, F, H, W] in [-1, 1] (any float dtype, any device) -> normalised posterior mean,
     fp32 [B, 16, 1 + (F-1)/4, H/8, W/8]: for videos made in floating point (resampled, blended)."""

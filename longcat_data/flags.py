@@ -363,7 +363,9 @@ def config_errors(config: Any, typed: Collection[str] = ()) -> list[str]:
         choices = field.metadata.get("choices")
         bad = [v for v in (value if isinstance(value, list) else [value]) if choices and v not in choices]
         if bad:
-            errors.append(f"{_setting(field, bad[0], field.name in typed)}: choose one of {', '.join(choices)}")
+            errors.append(
+                f"{_setting(field, bad[0], field.name in typed)}: choose one of {', '.join(choices)}"
+            )
             continue
         if check is None or value is None:
             continue

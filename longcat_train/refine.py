@@ -133,7 +133,7 @@ def upsample_video(
     """uint8 [F, h, w, 3] -> float32 [1, 3, out_frames, H, W] in [-1, 1] on ``device``: bilinear to
     ``size`` frame by frame, then trilinear in time to ``out_frames`` (corner-aligned both, so the first
     and last frames and the corners keep their values)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.require(frames, requirements=["C", "W"])).to(device).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=True) / 255
     x = x.permute(1, 0, 2, 3)[None]
     if out_frames != len(frames):
@@ -170,7 +170,10 @@ def refine_latents(
     noise = initial_noise(clean.shape[1:], [seed]).to(clean.device)
     latents = (1 - strength) * clean + strength * noise
     pixels = (
-        torch.from_numpy(np.ascontiguousarray(start)).to(vae.device).permute(2, 0, 1).float() / 255 * 2 - 1
+        torch.from_numpy(np.require(start, requirements=["C", "W"])).to(vae.device).permute(2, 0, 1).float()
+        / 255
+        * 2
+        - 1
     )
     condition = pixels[None, :, None].expand(-1, -1, 1 + layout.front, -1, -1)
     latents[:, :, : layout.cond_latents] = encode_pixels(vae, condition)
