@@ -105,7 +105,6 @@ _XFORMERS_OPS = {
 _BLOCK_SPARSE: Callable[..., torch.Tensor] | None
 try:
     from longcat_kernels import block_sparse_attention as _BLOCK_SPARSE
-    from longcat_kernels import triton_unsupported
 
     _BLOCK_SPARSE_MISSING = ""
 except ImportError as err:
@@ -119,6 +118,8 @@ def block_sparse_kernel_missing(device: torch.device, dtype: torch.dtype, head_d
     the package, to SDPA): fine for tests, not for a 720p video."""
     if _BLOCK_SPARSE is None:
         return f"longcat_kernels cannot be imported ({_BLOCK_SPARSE_MISSING})"
+    from longcat_kernels import triton_unsupported
+
     return triton_unsupported(device, dtype, head_dim)
 
 

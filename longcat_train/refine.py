@@ -80,7 +80,7 @@ def refine_bucket(h: int, w: int, area: tuple[int, int]) -> tuple[int, int]:
     if stretch > MAX_STRETCH:
         raise SampleInputError(
             f"--refine: {size} has no bucket of {where} near its aspect ratio (the nearest, {target}, "
-            f"would stretch it {stretch - 1:.0%}); sample it at an --area nearer 16:9 or 1:1"
+            f"would stretch it {stretch - 1:.0%}); start from an image (or an --area) of a less extreme shape"
         )
     if bucket[0] * bucket[1] <= h * w:
         raise SampleInputError(

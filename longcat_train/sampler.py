@@ -227,6 +227,9 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
             )
     if config.refine:
         _check_refine(config)
+    elif config.refine_lora or config.refine_temporal:
+        flag = "--refine-lora" if config.refine_lora else "--refine-temporal"
+        raise SampleInputError(f"{flag} is a setting of --refine: add --refine, or leave {flag} out")
     if config.serve:
         if config.block_swap and config.lora:
             raise SampleInputError(

@@ -4,9 +4,10 @@ The sampler follows the official LongCat-Video I2V pipeline: the start image, fi
 aspect bucket, is VAE-encoded alone and normalised; it is latent frame 0 of every DiT input (timestep 0,
 ``num_cond_latents=1``), so the first frame never drifts. The remaining latent frames start as noise
 and follow flow-match Euler steps over ``linspace(1, 0.001, steps)`` sigmas shifted by ``shift`` (12 at
-480p). With guidance > 1 the conditional and unconditional (empty prompt) passes run as one batch and
-are combined with CFG-Zero*. The DiT predicts ``x0 - eps``; the flow velocity ``dx/dsigma`` is its
-negative.
+480p), or with ``distill`` over the distilled model's grid (``distill_sigmas``). With guidance > 1 the
+conditional and unconditional (empty prompt) passes run as one batch and are combined with CFG-Zero*.
+The DiT predicts ``x0 - eps``; the flow velocity ``dx/dsigma`` is its negative. ``euler_loop`` is that
+loop for every stage (the 720p refinement in ``longcat_train.refine`` runs it too).
 
 ``generate_videos`` is the whole path from start image to frames; the command's ``Sampler``, the
 preview page and the trainer's validation all sample through it.

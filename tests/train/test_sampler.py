@@ -427,6 +427,14 @@ NOT_SAFETENSORS = (
             "--refine-area 8x8: must be HxW with both sides multiples of 16 (the model's pixel grid), e.g. 480x832",
         ),
         (
+            {"--refine-lora": "lora.safetensors"},
+            "--refine-lora is a setting of --refine: add --refine, or leave --refine-lora out",
+        ),
+        (
+            {"--refine-temporal": None},
+            "--refine-temporal is a setting of --refine: add --refine, or leave --refine-temporal out",
+        ),
+        (
             {"--refine": None, "--refine-lora": "lora.safetensors", "-o": "mid.mp4"},
             "--refine mid_192p.mp4: mid_192p.mp4 is a folder, not a file; choose another path",
         ),
