@@ -3,10 +3,22 @@
 Default: the full 13.6B DiT with random bf16 weights at 480x832x93, 40 steps, guidance 4 (conditional
 and unconditional passes batched), then a Wan2.1-sized VAE decode, on one GPU. Random weights cost the
 same time as real ones and need no download. ``--quick`` runs the tiny model on the CPU at a small size,
-to check the script itself.
+to check the script itself (every mode has one).
 
-    python benchmarks/sample.py                 # H100: the numbers for RESULTS.md
-    python benchmarks/sample.py --quick         # CPU smoke run
+Modes (combine freely with ``--attention`` and ``--compile``):
+
+- ``--distill``: the distilled schedule, 16 steps without guidance (the distill LoRA's setting).
+- ``--merged-loras N``: N random LoRAs of rank ``--lora-rank`` merged into the base weights first (the
+  merged model costs what the base does per step; the number to check).
+- ``--refine``: the 720p refinement of a random 480p video, end to end (upsampling, VAE encoding,
+  the steps below sigma 0.5, decoding), block-sparse attention unless ``--attention`` says otherwise;
+  a 5-frame refinement first warms the kernels up.
+
+    python benchmarks/sample.py                                         # H100: the numbers for RESULTS.md
+    python benchmarks/sample.py --distill --attention block_sparse      # distilled, sparse
+    python benchmarks/sample.py --distill --merged-loras 3              # three merged LoRAs
+    python benchmarks/sample.py --refine                                # 720p refinement
+    python benchmarks/sample.py --quick [--distill | --refine | ...]    # CPU smoke runs
 """
 
 from __future__ import annotations
@@ -23,9 +35,20 @@ from _shared import created_on, write_report  # benchmarks/_shared.py
 from diffusers import AutoencoderKLWan
 
 from longcat_data.buckets import latent_frames
-from longcat_data.defaults import DEFAULT_AREA, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_STEPS
+from longcat_data.defaults import (
+    DEFAULT_AREA,
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_REFINE_AREA,
+    DEFAULT_STEPS,
+    DISTILL_GUIDANCE,
+    DISTILL_STEPS,
+)
 from longcat_data.encode import decode_latents, tiny_vae
+from longcat_train.config import RefineSettings, TrainConfig
+from longcat_train.lora import apply_lora
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.refine import refine_videos
 from longcat_train.sampling import denoise
 
 log = logging.getLogger("benchmarks.sample")
@@ -43,6 +66,20 @@ def build_dit(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> Lo
     return model.eval().requires_grad_(False)
 
 
+def merge_random_loras(model: LongCatVideoTransformer, count: int, rank: int) -> LongCatVideoTransformer:
+    """``model`` with ``count`` random rank-``rank`` LoRAs on every block linear merged into its weights,
+    one after the other (peft's merge; the multi-LoRA loader's merge replaces it once it lands)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(count):
+        peft_model = apply_lora(model, rank=rank, targets=TrainConfig().lora_targets)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=g).to(param) * 0.01)
+        model = peft_model.merge_and_unload()
+    return model.eval().requires_grad_(False)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -55,22 +92,50 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run(args: argparse.Namespace) -> dict:
+def build_vae(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with created_on(device, dtype):
+        # AutoencoderKLWan's default config is the Wan2.1 VAE's.
+        vae = tiny_vae() if args.quick else AutoencoderKLWan()
+    return vae.eval().requires_grad_(False)
+
+
+def device_of(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return device, torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def build_sampling_dit(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> LongCatVideoTransformer:
     config = DiTConfig.tiny() if args.quick else DiTConfig.full()
     model = build_dit(config, device, dtype)
+    if args.merged_loras:
+        model = merge_random_loras(model, args.merged_loras, args.lora_rank)
     model.attention_implementation = args.attention
     if args.compile:
         # Per-block compile: one graph shared by 48 blocks, far quicker to build than the whole model's.
         model.compile_blocks()
+    return model
+
+
+def run(args: argparse.Namespace) -> dict:
+    device, dtype = device_of(args)
+    model = build_sampling_dit(args, device, dtype)
+    config = model.config
     latent_h, latent_w, latent_t = args.height // 8, args.width // 8, latent_frames(args.frames)
 
     g = torch.Generator().manual_seed(0)
     cond = torch.randn(1, 16, 1, latent_h, latent_w, generator=g)
     prompt = torch.randn(PROMPT_TOKENS, config.caption_channels, generator=g)
     negative = torch.randn(1, config.caption_channels, generator=g)
-    settings = dict(frames=args.frames, guidance=args.guidance, seeds=[0], progress=not args.quiet)
+    settings = dict(
+        frames=args.frames, guidance=args.guidance, seeds=[0], distill=args.distill, progress=not args.quiet
+    )
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -87,11 +152,7 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(0)
-    with created_on(device, dtype):
-        # AutoencoderKLWan's default config is the Wan2.1 VAE's.
-        vae = tiny_vae() if args.quick else AutoencoderKLWan()
-    vae.eval().requires_grad_(False)
+    vae = build_vae(args, device, dtype)
     if args.vae_tiling:
         vae.enable_tiling()
     decode_latents(vae, latents[:, :, :2])  # warm-up on two latent frames
@@ -104,13 +165,14 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "sample_i2v",
         "mode": "quick" if args.quick else "full",
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "attention": args.attention,
         "compile": args.compile,
+        "distill": args.distill,
+        "merged_loras": args.merged_loras,
+        "lora_rank": args.lora_rank if args.merged_loras else None,
         "size": [args.height, args.width, args.frames],
         "latent_shape": [16, latent_t, latent_h, latent_w],
         "video_shape": list(video.shape[1:]),
@@ -125,19 +187,93 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def run_refine(args: argparse.Namespace) -> dict:
+    """The 720p refinement of one random ``--height`` x ``--width`` x ``--frames`` video, timed end to end."""
+    device, dtype = device_of(args)
+    model = build_sampling_dit(args, device, dtype)
+    vae = build_vae(args, device, dtype)
+    if args.vae_tiling:
+        vae.enable_tiling()
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(
+        0, 256, (1, args.frames, args.height, args.width, 3), generator=g, dtype=torch.uint8
+    )
+    image = video[0, 0].numpy()
+    prompt = [torch.randn(PROMPT_TOKENS, model.config.caption_channels, generator=g)]
+    settings = RefineSettings(area=args.refine_area, temporal=args.refine_temporal, attention=args.attention)
+    step_times: list[float] = []
+
+    def refine(frames: int, on_step=None):
+        return refine_videos(
+            model,
+            vae,
+            video[:, :frames].numpy(),
+            image,
+            prompt,
+            settings,
+            on_step=on_step,
+            progress=not args.quiet,
+        )
+
+    refine(5)  # warm-up: kernels and the VAE's convolutions at this size
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    refined = refine(args.frames, on_step=lambda i, n: (sync(device), step_times.append(time.perf_counter())))
+    sync(device)
+    total_s = time.perf_counter() - start
+    steps = len(step_times)
+    return {
+        "benchmark": "refine_720p",
+        "mode": "quick" if args.quick else "full",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": args.attention,
+        "compile": args.compile,
+        "merged_loras": args.merged_loras,
+        "size": [args.height, args.width, args.frames],
+        "refine_area": list(args.refine_area),
+        "temporal": args.refine_temporal,
+        "video_shape": list(refined.shape[1:]),
+        "steps": steps,
+        # The first step's time includes upsampling and encoding; the rest are DiT steps alone.
+        "seconds_per_step": (step_times[-1] - step_times[0]) / max(steps - 1, 1),
+        "seconds_upsample_encode_first_step": step_times[0] - start,
+        "seconds_decode": start + total_s - step_times[-1],
+        "seconds_per_video": total_s,
+        "peak_memory_gb": peak_memory_gb(device),
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny model on the CPU at 128x128x9, 4 steps")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model on the CPU at 128x128x9, 4 steps (refine: 64x64 -> 128x128)",
+    )
     parser.add_argument("--height", type=int, default=DEFAULT_AREA[0])
     parser.add_argument("--width", type=int, default=DEFAULT_AREA[1])
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--steps", type=int, help=f"default {DEFAULT_STEPS}, {DISTILL_STEPS} with --distill")
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument(
-        "--attention", default="sdpa", help="DiT attention implementation (sdpa, xformers, ...)"
+        "--guidance", type=float, help=f"default {DEFAULT_GUIDANCE:g}, {DISTILL_GUIDANCE:g} with --distill"
+    )
+    parser.add_argument(
+        "--distill", action="store_true", help="the distilled schedule (16 steps, no guidance)"
+    )
+    parser.add_argument("--merged-loras", type=int, default=0, help="random LoRAs merged into the base first")
+    parser.add_argument("--lora-rank", type=int, default=128, help="rank of each merged LoRA")
+    parser.add_argument("--refine", action="store_true", help="time the 720p refinement instead")
+    parser.add_argument("--refine-temporal", action="store_true", help="refine to twice the frames too")
+    parser.add_argument(
+        "--attention",
+        help="DiT attention implementation (sdpa, xformers, block_sparse); default sdpa, block_sparse with --refine",
     )
     parser.add_argument(
         "--compile", action="store_true", help="compile the DiT block step first (compile_blocks)"
@@ -147,16 +283,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    args.attention = args.attention or ("block_sparse" if args.refine else "sdpa")
+    args.refine_area = DEFAULT_REFINE_AREA
     if args.quick:
-        args.height, args.width, args.frames, args.steps, args.warmup_steps = 128, 128, 9, 4, 1
+        args.height, args.width, args.frames, args.warmup_steps = 128, 128, 9, 1
+        args.steps, args.lora_rank = args.steps or 4, min(args.lora_rank, 8)
+        if args.refine:
+            args.height, args.width, args.frames, args.refine_area = 64, 64, 5, (128, 128)
         args.device = args.device or "cpu"
+    if args.steps is None:
+        args.steps = DISTILL_STEPS if args.distill else DEFAULT_STEPS
+    if args.guidance is None:
+        args.guidance = DISTILL_GUIDANCE if args.distill else DEFAULT_GUIDANCE
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    result = run(args)
+    result = run_refine(args) if args.refine else run(args)
     write_report(result, args.output)
     return 0
 

@@ -34,15 +34,26 @@ def _triton_available() -> bool:
     return True
 
 
+def triton_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the Triton kernels cannot run on inputs of this device, dtype and head dim; None when they can
+    (CUDA Ampere or newer, fp16/bf16, head dim 16..128)."""
+    if device.type != "cuda":
+        return f"the inputs are on {device.type}, the kernels run on CUDA"
+    if not _triton_available():
+        return "triton is not installed"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        return f"GPU compute capability {capability[0]}.{capability[1]}, the kernels need 8.0 or newer"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{str(dtype).removeprefix('torch.')} inputs, the kernels take float16 or bfloat16"
+    if head_dim not in (16, 32, 64, 128):
+        return f"head dim {head_dim}, the kernels take 16, 32, 64 or 128"
+    return None
+
+
 def triton_supported(q: Tensor) -> bool:
-    """Whether the Triton kernels run on this input: CUDA Ampere or newer, fp16/bf16, head dim 16..128."""
-    return (
-        q.is_cuda
-        and _triton_available()
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] in (16, 32, 64, 128)
-    )
+    """Whether the Triton kernels run on this input (:func:`triton_unsupported` names why not)."""
+    return triton_unsupported(q.device, q.dtype, q.shape[-1]) is None
 
 
 def _check_grid(latent_shape: Shape3, q: Tensor, *others: Tensor) -> None:
@@ -175,7 +186,8 @@ def block_sparse_attention(
 
 def _use_triton(q: Tensor, implementation: str) -> bool:
     if implementation == "triton" and not triton_supported(q):
-        raise RuntimeError("the Triton kernel needs CUDA (sm80+), triton, fp16/bf16 and head dim 16..128")
+        reason = triton_unsupported(q.device, q.dtype, q.shape[-1])
+        raise RuntimeError(f"the Triton kernel cannot run here: {reason}")
     return implementation == "triton" or (implementation == "auto" and triton_supported(q))
 
 

@@ -31,6 +31,16 @@ DEFAULT_GUIDANCE = 4.0
 DEFAULT_SHIFT = 12.0
 DEFAULT_FPS = 15
 
+# Distilled sampling (the official distill LoRA): its steps, and no guidance (it was trained without CFG).
+DISTILL_STEPS = 16
+DISTILL_GUIDANCE = 1.0
+
+# The 720p refinement (the official refinement LoRA): the pixel area its buckets cover, the plain schedule
+# whose tail it runs (entered at sigma REFINE_STRENGTH, the noise the upsampled video is brought back to).
+DEFAULT_REFINE_AREA = (720, 1280)
+REFINE_STEPS = 50
+REFINE_STRENGTH = 0.5
+
 # Writes captions only (`longcat-prep caption`, `--captions qwen`); the DiT reads umT5 embeddings of them.
 DEFAULT_CAPTION_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
@@ -43,6 +53,11 @@ def default_area(model: str) -> tuple[int, int]:
 def default_frames(model: str) -> int:
     """The clip length for ``model`` when none is given: the demo clips' length for the tiny model."""
     return DEMO_FRAMES if model == TINY else DEFAULT_FRAMES
+
+
+def default_refine_area(model: str) -> tuple[int, int]:
+    """The area ``--refine`` upsamples to for ``model``: twice the tiny model's sides (its CPU-sized demo)."""
+    return (2 * DEMO_AREA[0], 2 * DEMO_AREA[1]) if model == TINY else DEFAULT_REFINE_AREA
 
 
 # Signals that ask a long job to stop between steps: Ctrl-C, SIGTERM (schedulers, kill), SIGHUP (the

@@ -243,8 +243,16 @@ def encode_video(vae: AutoencoderKLWan, video: torch.Tensor | np.ndarray) -> tor
         raise ValueError(f"encode_video wants uint8 [B, F, H, W, 3], got {video.dtype} {tuple(video.shape)}")
     # Move as uint8 (4x fewer bytes than fp32), convert on the device.
     x = video.to(vae.device, non_blocking=True).permute(0, 4, 1, 2, 3)
-    x = x.to(vae.dtype) / 127.5 - 1.0
-    z = vae.encode(x).latent_dist.mode()
+    return encode_pixels(vae, x.to(vae.dtype) / 127.5 - 1.0)
+
+
+# no_grad, not inference_mode: the refinement writes into these latents and hands them to the DiT, whose
+# block-sparse custom op then fails on the CPU ("vector::reserve") on memory inference mode handed out.
+@torch.no_grad()
+def encode_pixels(vae: AutoencoderKLWan, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, 3, F, H, W] in [-1, 1] (any float dtype, any device) -> normalised posterior mean,
+    fp32 [B, 16, 1 + (F-1)/4, H/8, W/8]: for videos made in floating point (resampled, blended)."""
+    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
     return normalize_latents(z.float(), vae)
 
 

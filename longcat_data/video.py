@@ -206,6 +206,15 @@ def read_frames(
     return _read_pyav(info, times, threads)
 
 
+def center_crop_box(src_h: int, src_w: int, height: int, width: int) -> CropBox:
+    """The centred region of an ``src_h`` x ``src_w`` frame with the aspect ratio of ``height`` x ``width``:
+    what :func:`resize_center_crop` scales to that size (fractional, so the aspect ratio is exact)."""
+    scale = cover_scale(src_h, src_w, (height, width))
+    crop_w, crop_h = width / scale, height / scale
+    left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
+    return CropBox(left, top, left + crop_w, top + crop_h)
+
+
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> tuple[np.ndarray, CropBox]:
     """Scale [F, H, W, 3] (or one [H, W, 3] image) to cover ``height`` x ``width``, then centre-crop.
 
@@ -216,11 +225,7 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> tuple[np.
     batch = frames[None] if single else frames
     if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
         raise ValueError(f"expected uint8 [F, H, W, 3] or [H, W, 3], got {frames.dtype} {list(frames.shape)}")
-    src_h, src_w = batch.shape[1:3]
-    scale = cover_scale(src_h, src_w, (height, width))
-    crop_w, crop_h = width / scale, height / scale
-    left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
-    box = CropBox(left, top, left + crop_w, top + crop_h)
+    box = center_crop_box(*batch.shape[1:3], height, width)
     out = np.empty((len(batch), height, width, 3), dtype=np.uint8)
     for i, frame in enumerate(batch):
         resized = Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC, box=box)

@@ -112,6 +112,17 @@ except ImportError as err:
     _BLOCK_SPARSE_MISSING = str(err)
 
 
+def block_sparse_kernel_missing(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why ``block_sparse`` would not run as its Triton kernel for attention on this device in this dtype
+    (None: it would). Elsewhere it falls back to a path that is exact but takes N x N memory (or, without
+    the package, to SDPA): fine for tests, not for a 720p video."""
+    if _BLOCK_SPARSE is None:
+        return f"longcat_kernels cannot be imported ({_BLOCK_SPARSE_MISSING})"
+    from longcat_kernels import triton_unsupported
+
+    return triton_unsupported(device, dtype, head_dim)
+
+
 @functools.cache
 def warn_if_unavailable(implementation: str) -> None:
     """Warn once that ``implementation`` falls back to SDPA here. Called eagerly by :func:`attention` and by

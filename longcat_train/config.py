@@ -12,23 +12,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcat_data.buckets import MIN_FRAMES, MODEL_SIDE_MULTIPLE, VAE_TEMPORAL_STRIDE
+from longcat_data.buckets import MIN_FRAMES
 from longcat_data.defaults import (
     DEFAULT_AREA,
     DEFAULT_FPS,
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
     DEFAULT_MODEL,
+    DEFAULT_REFINE_AREA,
     DEFAULT_SHIFT,
     DEFAULT_STEPS,
+    DISTILL_GUIDANCE,
+    DISTILL_STEPS,
     default_area,
     default_frames,
+    default_refine_area,
 )
 from longcat_data.flags import (
     NOT_EMPTY,
@@ -42,73 +45,23 @@ from longcat_data.flags import (
     parse_area,
 )
 from longcat_train.architecture import ATTENTION_BACKENDS, BLOCK_LINEARS, CHECKPOINT_MODES
+from longcat_train.checks import (
+    AREA_ON_GRID,
+    CLIP_FRAMES,
+    CREATABLE_FOLDER,
+    RESUME_FROM,
+    SEED,
+    VALIDATION_SOURCE,
+)
 from longcat_train.lora_spec import LORA_SPECS, STRENGTH_RANGE
+from longcat_train.video_settings import RefineSettings, VideoSettings
 
-__all__ = ["ConfigError", "SampleConfig", "TrainConfig", "VideoSettings", "save_config"]
+__all__ = ["ConfigError", "RefineSettings", "SampleConfig", "TrainConfig", "VideoSettings", "save_config"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = BLOCK_LINEARS
 BASE_PRECISIONS = ("no_change", "bf16", "int8-quanto", "fp8-torchao")
-
-
-# ---------------------------------------------------------------- value checks of the fields
-
-
-def _area_on_grid(value: str | tuple[int, int]) -> bool:
-    return all(side % MODEL_SIDE_MULTIPLE == 0 for side in parse_area(value))
-
-
-def _creatable_folder(value: str) -> bool:
-    """An existing writable folder, or one whose nearest existing parent is a writable folder."""
-    path = Path(value).expanduser().absolute()
-    if path.exists():
-        return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
-    parent = next(p for p in path.parents if p.exists())
-    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
-
-
-def _local_source_exists(value: str) -> bool:
-    """False only for a plain local path that does not exist; URLs, pipes, brace or glob patterns and
-    ``user/name`` hub ids are checked when they are read."""
-    remote = "://" in value or value.startswith("pipe:")
-    pattern = any(c in value for c in "{*?[") or "::" in value
-    hub_id = value.count("/") == 1 and not value.startswith(("/", ".", "~"))
-    return remote or pattern or hub_id or Path(value).expanduser().exists()
-
-
-CLIP_FRAMES = Check(
-    lambda f: f >= MIN_FRAMES and (f - 1) % VAE_TEMPORAL_STRIDE == 0,
-    f"4k+1 and at least {MIN_FRAMES} (the VAE's {VAE_TEMPORAL_STRIDE}x time stride): 5, 9, ..., 93",
-)
-AREA_ON_GRID = Check(
-    _area_on_grid,
-    f"HxW with both sides multiples of {MODEL_SIDE_MULTIPLE} (the model's pixel grid), e.g. 480x832",
-)
-# numpy seeds are 32-bit, and each rank adds its rank to the seed.
-SEED = Check(lambda s: 0 <= s < 2**31, "in [0, 2**31)")
-CREATABLE_FOLDER = Check(_creatable_folder, "a folder that exists or can be created, and is writable")
-VALIDATION_SOURCE = Check(
-    _local_source_exists, "an existing folder of image + .txt pairs, or eval shards, or unset"
-)
-RESUME_FROM = Check(
-    lambda v: v == "latest" or Path(v).expanduser().exists(),
-    "'latest' (in output_dir) or an existing checkpoint or output folder",
-)
-
-
-@dataclass(frozen=True)
-class VideoSettings:
-    """What a sampled video depends on besides the model, the start image and the prompt: its length,
-    the Euler steps, the guidance scale, the sigma shift, the noise seed and the bucket area the start
-    image is fitted to. The same settings and inputs make the same frames."""
-
-    frames: int = DEFAULT_FRAMES
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
-    shift: float = DEFAULT_SHIFT
-    seed: int = 0
-    area: tuple[int, int] = DEFAULT_AREA
 
 
 @dataclass
@@ -519,8 +472,21 @@ class SampleConfig:
         f"4k+1 frames (others are rounded); default {DEFAULT_FRAMES}, {default_frames('tiny')} for tiny",
         check=_within_limits("frames"),
     )
-    steps: int = option(DEFAULT_STEPS, "Euler steps", check=_within_limits("steps"))
-    guidance: float = option(DEFAULT_GUIDANCE, "CFG-Zero* scale; 1 = off", check=_within_limits("guidance"))
+    steps: int | None = option(
+        None,
+        f"Euler steps; default {DEFAULT_STEPS}, {DISTILL_STEPS} with --distill",
+        check=_within_limits("steps"),
+    )
+    guidance: float | None = option(
+        None,
+        f"CFG-Zero* scale, 1 = off; default {DEFAULT_GUIDANCE:g}, {DISTILL_GUIDANCE:g} with --distill",
+        check=_within_limits("guidance"),
+    )
+    distill: bool = option(
+        False,
+        "the distilled sigma schedule, for the distill LoRA (give it with --lora): "
+        f"{DISTILL_STEPS} steps without guidance unless --steps / --guidance say otherwise",
+    )
     shift: float = option(DEFAULT_SHIFT, "sigma shift (12 at 480p)", check=number(0, low_open=True))
     seed: int = option(0, "noise seed (prompt i uses seed + i)", check=_within_limits("seed"))
     area: tuple[int, int] | None = option(
@@ -549,6 +515,28 @@ class SampleConfig:
         aliases=("--attention-implementation", "--attention_implementation"),
     )
     device: str | None = option(None, "default: cuda if available, else cpu")
+    refine: bool = option(
+        False,
+        "then refine each video to 720p with --refine-lora and block-sparse attention; the first video "
+        "is kept beside it as OUT_<short side>p.mp4",
+        group="720p refinement",
+    )
+    refine_lora: str | None = option(
+        None,
+        "the refinement LoRA (the official checkpoint's lora/refinement_lora.safetensors)",
+        group="720p refinement",
+    )
+    refine_temporal: bool = option(
+        False, "refine to twice the frames too, written at twice --fps", group="720p refinement"
+    )
+    refine_area: tuple[int, int] | None = option(
+        None,
+        f"pixel area of the refined video's bucket (sides on a 64 grid; default "
+        f"{format_area(DEFAULT_REFINE_AREA)}, {format_area(default_refine_area('tiny'))} for tiny)",
+        parse=parse_area,
+        check=AREA_ON_GRID,
+        group="720p refinement",
+    )
     serve: bool = option(False, "serve the preview page instead of sampling once", group="preview page")
     host: str = option("127.0.0.1", "address the page listens on", group="preview page")
     port: int = option(
@@ -569,9 +557,20 @@ class SampleConfig:
         self.area = parse_area(self.area)
         if self.frames is None:
             self.frames = default_frames(self.model)
+        if self.steps is None:
+            self.steps = DISTILL_STEPS if self.distill else DEFAULT_STEPS
+        if self.guidance is None:
+            self.guidance = DISTILL_GUIDANCE if self.distill else DEFAULT_GUIDANCE
+        self.refine_area = parse_area(self.refine_area or default_refine_area(self.model))
 
     @property
     def video_settings(self) -> VideoSettings:
         """The settings of the videos this config asks for (video i of several prompts: seed + i): the
         flags of the same names."""
         return VideoSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VideoSettings)})
+
+    @property
+    def refine_settings(self) -> RefineSettings:
+        """The refinement ``--refine`` runs on those videos (video i: seed + i); the rest of it is the
+        refinement's own (the official schedule, block-sparse attention)."""
+        return RefineSettings(area=self.refine_area, temporal=self.refine_temporal, seed=self.seed)

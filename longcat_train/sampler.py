@@ -22,16 +22,18 @@ from longcat_data.files import NotWritable, check_writable
 from longcat_data.flags import check_config
 from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
-from longcat_train.config import SampleConfig, VideoSettings
+from longcat_train.config import RefineSettings, SampleConfig, VideoSettings
 from longcat_train.loading import load_dit
 from longcat_train.lora import check_lora_file, read_lora_file
 from longcat_train.lora_apply import LoadedLoras, NamedLora, load_loras, lora_targets
 from longcat_train.lora_spec import STRENGTH_RANGE, parse_lora_spec, strength_allowed
 from longcat_train.lowrank import LowRankSet
 from longcat_train.offload import BlockSwap, apply_block_swap
+from longcat_train.refine import refine_bucket, refine_videos
 from longcat_train.sampling import (
     SampleInputError,
     StepCallback,
+    distill_sigmas,
     fit_start_image,
     generate_videos,
     read_start_image,
@@ -191,6 +193,34 @@ class Sampler:
             tiled_decode=self.vae_tiling,
         )
 
+    def refine(
+        self,
+        videos: np.ndarray,
+        image: np.ndarray,
+        prompts: Sequence[str],
+        settings: RefineSettings,
+        *,
+        on_step: StepCallback | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """uint8 [B, F', H, W, 3]: ``videos`` [B, F, h, w, 3], made by :meth:`generate` from ``image``
+        and ``prompts``, refined at 720p (``refine.refine_videos``) with the DiT as it is now: switch to
+        the refinement LoRA first (:meth:`use_loras`)."""
+        with self._visiting(self.text_encoder) as text_encoder:
+            embeds = encode_text(self.tokenizer, text_encoder, [p.strip() for p in prompts])
+        return refine_videos(
+            self.dit,
+            self.vae,
+            videos,
+            image,
+            embeds,
+            settings,
+            on_step=on_step,
+            progress=progress,
+            visiting=self._visiting,
+            tiled_decode=self.vae_tiling,
+        )
+
 
 # ---------------------------------------------------------------- the longcat-sample command
 
@@ -204,6 +234,19 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
     for spec in config.lora:
         check_lora(parse_lora_spec(spec).path)
     config.frames = round_frames(config.frames)
+    if config.distill:
+        distill_sigmas(config.steps)  # refuses step counts the distilled schedule does not have
+        if config.guidance > 1:
+            log.warning(
+                "--distill with --guidance %g: the distilled model was trained without guidance (CFG); "
+                "its setting is --guidance 1",
+                config.guidance,
+            )
+    if config.refine:
+        _check_refine(config)
+    elif config.refine_lora or config.refine_temporal:
+        flag = "--refine-lora" if config.refine_lora else "--refine-temporal"
+        raise SampleInputError(f"{flag} is a setting of --refine: add --refine, or leave {flag} out")
     if config.serve:
         _check_output("--serve-dir", config.serve_dir, folder=True)
         _check_address(config.host, config.port)
@@ -211,7 +254,9 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
     if config.image is None:
         raise SampleInputError("--image is required: the start frame of the video")
     image = read_start_image(config.image)
-    fit_start_image(image, config.area)
+    stage = fit_start_image(image, config.area).shape[:2]
+    if config.refine:
+        refine_bucket(*stage, config.refine_area)
     if not config.prompts or not all(p.strip() for p in config.prompts):
         raise SampleInputError("--prompt is empty: describe what should happen in the video")
     if Path(config.output).suffix.lower() != ".mp4":
@@ -222,6 +267,8 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
             _check_output("--gif", path.with_suffix(".gif"))
         if config.save_frames:
             _check_output("--save-frames", path.with_suffix(""), folder=True)
+        if config.refine:
+            _check_output("--refine", stage_path(path, stage))
     return image
 
 
@@ -230,14 +277,30 @@ def lora_entries(config: SampleConfig) -> list[tuple[str, float]]:
     return [parse_lora_spec(spec).entry(config.lora_strength) for spec in config.lora]
 
 
-def check_lora(path: str) -> None:
+def _check_refine(config: SampleConfig) -> None:
+    if config.serve:
+        raise SampleInputError("--refine with --serve: the preview page does not refine; leave out --refine")
+    if config.block_swap:
+        raise SampleInputError(
+            "--refine with --block-swap: block swap fixes the weights, so the refinement LoRA cannot take "
+            "the video's place; leave out one of them"
+        )
+    if not config.refine_lora:
+        raise SampleInputError(
+            "--refine needs --refine-lora PATH, the refinement LoRA (the official checkpoint's "
+            "lora/refinement_lora.safetensors)"
+        )
+    check_lora(config.refine_lora, flag="--refine-lora")
+
+
+def check_lora(path: str, flag: str = "--lora") -> None:
     """A SampleInputError unless ``path`` is a LoRA safetensors file (its header alone is read)."""
     if not Path(path).is_file():
         raise SampleInputError(f"LoRA file not found: {path}")
     try:
         check_lora_file(path)
     except ValueError as err:
-        raise SampleInputError(f"--lora {err}") from None
+        raise SampleInputError(f"{flag} {err}") from None
 
 
 def _check_output(flag: str, path: str | Path, *, folder: bool = False) -> None:
@@ -286,31 +349,48 @@ def output_paths(output: str | Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
 
 
+def stage_path(path: Path, size: tuple[int, int]) -> Path:
+    """Where ``--refine`` keeps the video before refinement: ``out.mp4`` -> ``out_480p.mp4`` (the short
+    side of ``size``)."""
+    return path.with_name(f"{path.stem}_{min(size)}p{path.suffix}")
+
+
 def run_sample(config: SampleConfig) -> list[Path]:
-    """Make one video per prompt from the start image and write them (plus GIF / frames if asked)."""
+    """Make one video per prompt from the start image and write them (plus GIF / frames if asked); with
+    ``--refine``, write those first beside the outputs, then refine them into the outputs."""
     image = check_sample_config(config)
     sampler = Sampler.from_config(config)
-    sampler.use_loras(lora_entries(config), merge=True)
+    # Hooked when a refinement follows: it takes the LoRAs off again and puts its own on.
+    sampler.use_loras(lora_entries(config), merge=not config.refine)
     videos = sampler.generate(
         image,
         config.prompts,
         config.video_settings,
         negative_prompt=config.negative_prompt,
     )
+    paths = output_paths(config.output, len(videos))
+    if not config.refine:
+        return _write_videos(videos, paths, config, config.fps)
+    # Written before the refinement starts, so its failure loses none of them.
+    stages = [stage_path(path, videos.shape[2:4]) for path in paths]
+    written = _write_videos(videos, stages, config, config.fps, extras=False)
+    sampler.use_loras([(config.refine_lora, 1.0)])
+    refined = sampler.refine(videos, image, config.prompts, config.refine_settings)
+    fps = config.fps * (2 if config.refine_temporal else 1)
+    return written + _write_videos(refined, paths, config, fps)
+
+
+def _write_videos(
+    videos: np.ndarray, paths: Sequence[Path], config: SampleConfig, fps: int, *, extras: bool = True
+) -> list[Path]:
+    """Each video as an MP4 at its path; with ``extras``, the GIF and frames the config asks for too."""
     written = []
-    for video, path in zip(videos, output_paths(config.output, len(videos)), strict=True):
-        written.append(write_mp4(video, path, fps=config.fps))
-        if config.gif:
-            written.append(write_gif(video, path.with_suffix(".gif"), fps=config.fps))
-        if config.save_frames:
+    for video, path in zip(videos, paths, strict=True):
+        written.append(write_mp4(video, path, fps=fps))
+        if extras and config.gif:
+            written.append(write_gif(video, path.with_suffix(".gif"), fps=fps))
+        if extras and config.save_frames:
             write_frames(video, path.with_suffix(""))
             written.append(path.with_suffix(""))
-        log.info(
-            "wrote %s (%d frames, %dx%d, %d fps)",
-            path,
-            len(video),
-            video.shape[2],
-            video.shape[1],
-            config.fps,
-        )
+        log.info("wrote %s (%d frames, %dx%d, %d fps)", path, len(video), video.shape[2], video.shape[1], fps)
     return written

@@ -4,9 +4,10 @@ The sampler follows the official LongCat-Video I2V pipeline: the start image, fi
 aspect bucket, is VAE-encoded alone and normalised; it is latent frame 0 of every DiT input (timestep 0,
 ``num_cond_latents=1``), so the first frame never drifts. The remaining latent frames start as noise
 and follow flow-match Euler steps over ``linspace(1, 0.001, steps)`` sigmas shifted by ``shift`` (12 at
-480p). With guidance > 1 the conditional and unconditional (empty prompt) passes run as one batch and
-are combined with CFG-Zero*. The DiT predicts ``x0 - eps``; the flow velocity ``dx/dsigma`` is its
-negative.
+480p), or with ``distill`` over the distilled model's grid (``distill_sigmas``). With guidance > 1 the
+conditional and unconditional (empty prompt) passes run as one batch and are combined with CFG-Zero*.
+The DiT predicts ``x0 - eps``; the flow velocity ``dx/dsigma`` is its negative. ``euler_loop`` is that
+loop for every stage (the 720p refinement in ``longcat_train.refine`` runs it too).
 
 ``generate_videos`` is the whole path from start image to frames; the command's ``Sampler``, the
 preview page and the trainer's validation all sample through it.
@@ -34,7 +35,13 @@ from longcat_data.buckets import (
     latent_frames,
     make_buckets,
 )
-from longcat_data.defaults import DEFAULT_AREA, DEFAULT_GUIDANCE, DEFAULT_SHIFT, DEFAULT_STEPS
+from longcat_data.defaults import (
+    DEFAULT_AREA,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+    DISTILL_STEPS,
+)
 from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
 from longcat_data.video import ImageTooLarge, VideoError, read_image, resize_center_crop
 from longcat_train.config import VideoSettings
@@ -49,8 +56,13 @@ MAX_UPSCALE = 2.0
 MIN_KEPT_FRACTION = 0.5
 
 StepCallback = Callable[[int, int], None]
+LatentsCallback = Callable[[int, torch.Tensor], None]
 # Holds a module where it runs for the duration of the block (the sampler's offload); default: in place.
 Visiting = Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]
+
+
+# The distilled model learnt sigmas on a grid of this many points, 1/50 apart (1.0, 0.98, ..., 0.02).
+DISTILL_GRID = 50
 
 
 class SampleInputError(ValueError):
@@ -60,17 +72,48 @@ class SampleInputError(ValueError):
 # ---------------------------------------------------------------- schedule and guidance
 
 
-def flow_scheduler(steps: int, shift: float = DEFAULT_SHIFT) -> FlowMatchEulerDiscreteScheduler:
-    """Flow-match Euler over ``linspace(1, 0.001, steps)`` shifted: s' = shift*s / (1 + (shift-1)*s).
+def distill_sigmas(steps: int) -> torch.Tensor:
+    """The distilled schedule's sigmas before the shift: ``steps`` points of its grid k / 50, k = 50 .. 1,
+    evenly spaced from the top (point ``floor(j * 50 / steps)`` for j < steps): 1.0, 0.94, 0.88, ...
+    for 16 steps. More steps than the grid holds would repeat sigmas, so they are refused."""
+    if not 1 <= steps <= DISTILL_GRID:
+        raise SampleInputError(
+            f"distilled sampling takes 1 to {DISTILL_GRID} steps (its sigma grid), got {steps}; "
+            f"{DISTILL_STEPS} is the official setting"
+        )
+    grid_points = [DISTILL_GRID - j * DISTILL_GRID // steps for j in range(steps)]
+    return torch.tensor(grid_points, dtype=torch.float32) / DISTILL_GRID
+
+
+def flow_scheduler(
+    steps: int, shift: float = DEFAULT_SHIFT, *, distill: bool = False
+) -> FlowMatchEulerDiscreteScheduler:
+    """Flow-match Euler over ``linspace(1, 0.001, steps)`` (``distill``: :func:`distill_sigmas`) shifted:
+    s' = shift*s / (1 + (shift-1)*s).
 
     ``scheduler.sigmas`` holds the ``steps`` shifted sigmas and a final 0; ``scheduler.timesteps`` is
     1000 * sigma. Built fresh per video because the scheduler counts its own steps.
     """
     if steps < 1:
         raise SampleInputError(f"steps must be at least 1, got {steps}")
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     # torch's float32 linspace, as upstream builds it (numpy's differs in the last bit for some steps).
-    scheduler.set_timesteps(steps, sigmas=torch.linspace(1.0, 0.001, steps).numpy())
+    sigmas = distill_sigmas(steps) if distill else torch.linspace(1.0, 0.001, steps)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps, sigmas=sigmas.numpy())
+    return scheduler
+
+
+def refine_scheduler(steps: int, shift: float, strength: float) -> FlowMatchEulerDiscreteScheduler:
+    """The plain schedule of ``steps`` entered part way: a first step from sigma ``strength`` (the noise
+    level a refined video starts at), then the schedule's own sigmas below it, then 0."""
+    if not 0.0 < strength <= 1.0:
+        raise SampleInputError(f"the refinement strength must be in (0, 1], got {strength}")
+    scheduler = flow_scheduler(steps, shift)
+    start = torch.tensor(strength * 1000, dtype=torch.float32)
+    timesteps = torch.cat([start[None], scheduler.timesteps[scheduler.timesteps < start]])
+    scheduler.timesteps = timesteps
+    # sigma = timestep / 1000 for every step, as upstream recomputes them after the cut.
+    scheduler.sigmas = torch.cat([timesteps / 1000, torch.zeros(1)])
     return scheduler
 
 
@@ -178,16 +221,18 @@ def denoise(
     guidance: float = DEFAULT_GUIDANCE,
     shift: float = DEFAULT_SHIFT,
     seeds: Sequence[int] = (0,),
+    distill: bool = False,
     on_step: StepCallback | None = None,
-    on_latents: Callable[[int, torch.Tensor], None] | None = None,
+    on_latents: LatentsCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Latents [B, 16, T, h, w] (normalised, fp32) for B start frames and prompts.
 
     ``cond_latents`` [B, 16, 1, h, w] are the encoded start frames; ``prompt_embeds`` B real-token
     embeddings [L_i, D]; ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1.
-    ``on_step(i, steps)`` is called after each step; ``on_latents(i, latents)`` sees the full latents
-    (condition frame included) the model is given at step i.
+    ``distill``: the distilled model's sigma schedule. ``on_step(i, steps)`` is called after each step;
+    ``on_latents(i, latents)`` sees the full latents (condition frame included) the model is given at
+    step i.
     """
     batch = cond_latents.shape[0]
     if len(prompt_embeds) != batch or len(seeds) != batch:
@@ -207,29 +252,67 @@ def denoise(
     text, mask = pad_text_embeds([t.to(device, torch.float32) for t in texts])
 
     noisy = initial_noise((channels, latent_frames(frames) - 1, h, w), seeds).to(device)
-    scheduler = flow_scheduler(steps, shift)
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress)):
-        # The clean condition frame is put back in front of the noisy frames at every step.
+    scheduler = flow_scheduler(steps, shift, distill=distill)
+    noisy = euler_loop(
+        model,
+        cond,
+        noisy,
+        text,
+        mask,
+        scheduler,
+        guidance=guidance,
+        on_step=on_step,
+        on_latents=on_latents,
+        progress=progress,
+    )
+    return torch.cat([cond, noisy], dim=2)
+
+
+def euler_loop(
+    model: torch.nn.Module,
+    cond: torch.Tensor,
+    noisy: torch.Tensor,
+    text: torch.Tensor,
+    mask: torch.Tensor,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    *,
+    guidance: float = 1.0,
+    desc: str = "sampling",
+    on_step: StepCallback | None = None,
+    on_latents: LatentsCallback | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The noisy latents [B, 16, T, h, w] after every step of ``scheduler``, the clean condition
+    latents [B, 16, C, h, w] in front of them at each model call (``num_cond_latents`` = C).
+
+    ``text`` / ``mask`` are the padded prompt embeddings; with guidance > 1 they hold the B
+    unconditional rows first, then the B conditional ones, and both halves run as one batch.
+    """
+    use_cfg = guidance > 1.0
+    steps = len(scheduler.timesteps)
+    num_cond = cond.shape[2]
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress)):
+        # The clean condition frames are put back in front of the noisy frames at every step.
         latents = torch.cat([cond, noisy], dim=2)
         if on_latents is not None:
             on_latents(i, latents)
         x = torch.cat([latents, latents]) if use_cfg else latents
-        timestep = t.to(device).expand(x.shape[0])  # the model sets the condition frame's to 0
+        timestep = t.to(x.device).expand(x.shape[0])  # the model sets the condition frames' to 0
         pred = model(
             hidden_states=x,
             timestep=timestep,
             encoder_hidden_states=text,
             encoder_attention_mask=mask,
-            num_cond_latents=1,
+            num_cond_latents=num_cond,
         ).float()
         if use_cfg:
             uncond, pred = pred.chunk(2)
             pred = cfg_zero_star(pred, uncond, guidance)
         # The DiT predicts x0 - eps; the Euler step wants d x / d sigma = eps - x0.
-        noisy = scheduler.step(-pred[:, :, 1:], t, noisy).prev_sample
+        noisy = scheduler.step(-pred[:, :, num_cond:], t, noisy).prev_sample
         if on_step is not None:
             on_step(i + 1, steps)
-    return torch.cat([cond, noisy], dim=2)
+    return noisy
 
 
 def generate_videos(
@@ -267,16 +350,25 @@ def generate_videos(
         guidance=settings.guidance,
         shift=settings.shift,
         seeds=[settings.seed + i for i in range(batch)],
+        distill=settings.distill,
         on_step=on_step,
         progress=progress,
     )
+    return decode_videos(vae, latents, visiting=visiting, tiled=tiled_decode)
+
+
+def decode_videos(
+    vae: torch.nn.Module, latents: torch.Tensor, *, visiting: Visiting = nullcontext, tiled: bool = False
+) -> np.ndarray:
+    """uint8 [B, F, H, W, 3] from normalised latents [B, 16, T, h, w], the VAE held where it runs by
+    ``visiting``; ``tiled``: in spatial tiles (less memory)."""
     with visiting(vae) as on_device:
-        if tiled_decode:
+        if tiled:
             on_device.enable_tiling()
         try:
             # One video at a time: decoding memory grows with the batch, and the batch gains nothing.
-            videos = [decode_latents(on_device, latents[i : i + 1])[0].numpy() for i in range(batch)]
+            videos = [decode_latents(on_device, latents[i : i + 1])[0].numpy() for i in range(len(latents))]
         finally:
-            if tiled_decode:
+            if tiled:
                 on_device.disable_tiling()
     return np.stack(videos)

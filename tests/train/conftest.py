@@ -1,9 +1,11 @@
 """Shards for the trainer tests, made once per session by the real `longcat-prep demo` + `shard --model tiny`."""
 
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,3 +122,56 @@ def _write_official_lora(
 def official_lora_file():
     """``(path, model, {module: row blocks}, rank, seed) -> path``: writes a random official-layout LoRA."""
     return _write_official_lora
+
+
+OFFICIAL_DIR = os.environ.get("LONGCAT_OFFICIAL_DIR")
+
+
+class OfficialFacing(torch.nn.Module):
+    """Our DiT behind the official pipeline's call: prompt embeddings arrive as [B, 1, L, C]."""
+
+    cp_split_hw = None
+    dtype = torch.float32
+    config = SimpleNamespace(in_channels=16)
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.inputs: list[torch.Tensor] = []  # hidden_states of every call
+
+    def forward(
+        self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents
+    ):
+        self.inputs.append(hidden_states.clone())
+        return self.model(
+            hidden_states,
+            timestep,
+            encoder_hidden_states.squeeze(1),
+            encoder_attention_mask,
+            num_cond_latents,
+        )
+
+
+@pytest.fixture
+def official(tiny: dict, monkeypatch) -> SimpleNamespace:
+    """The official pipeline module and a ``LongCatVideoPipeline`` driving our tiny DiT (``.dit``, an
+    ``OfficialFacing``) with the tiny VAE and text encoder, on the CPU; ``.tokenizer`` / ``.text_encoder``.
+    Skips the test unless ``LONGCAT_OFFICIAL_DIR`` names an official checkout."""
+    if not OFFICIAL_DIR:
+        pytest.skip("set LONGCAT_OFFICIAL_DIR to an official checkout")
+    for module in ("einops", "ftfy", "loguru", "regex"):
+        pytest.importorskip(module)
+    monkeypatch.syspath_prepend(OFFICIAL_DIR)
+    module = pytest.importorskip("longcat_video.pipeline_longcat_video")
+    from longcat_data.encode import load_text_encoder
+
+    tokenizer, text_encoder = load_text_encoder("tiny")
+    pipe = module.LongCatVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=tiny["vae"],
+        scheduler=module.FlowMatchEulerDiscreteScheduler(shift=12.0),
+        dit=OfficialFacing(tiny["model"]),
+    )
+    pipe.device = "cpu"  # the official class assumes CUDA
+    return SimpleNamespace(module=module, pipe=pipe, tokenizer=tokenizer, text_encoder=text_encoder)

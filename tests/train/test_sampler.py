@@ -205,6 +205,96 @@ def test_cli_block_sparse_attention(tmp_path, make_image, monkeypatch: pytest.Mo
     assert read_mp4(out).shape == (5, 64, 64, 3)
 
 
+def test_distill_sets_its_steps_and_guidance_and_warns_against_guidance(tmp_path, make_image, caplog) -> None:
+    from longcat_train.cli import parse_sample_args
+
+    image = _png(tmp_path / "start.png", make_image(192, 320))
+    base = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(tmp_path / "out.mp4")]
+    distilled = parse_sample_args([*base, "--distill"])
+    assert (distilled.steps, distilled.guidance, distilled.video_settings.distill) == (16, 1.0, True)
+    plain = parse_sample_args(base)
+    assert (plain.steps, plain.guidance, plain.video_settings.distill) == (40, 4.0, False)
+    given = parse_sample_args([*base, "--distill", "--steps", "8", "--guidance", "1.5"])
+    assert (given.steps, given.guidance) == (8, 1.5)
+    with caplog.at_level(logging.WARNING):
+        sampler_module.check_sample_config(distilled)
+        assert not caplog.records
+        sampler_module.check_sample_config(given)
+    [record] = caplog.records
+    assert "--distill with --guidance 1.5: the distilled model was trained without guidance" in record.message
+    assert "\n" not in record.message
+
+
+def test_cli_distilled_video(tmp_path, make_image, monkeypatch) -> None:
+    from longcat_train.cli import sample_main
+
+    schedules: list[bool] = []
+    real = sampling.flow_scheduler
+    monkeypatch.setattr(
+        sampling,
+        "flow_scheduler",
+        lambda *a, distill=False, **k: schedules.append(distill) or real(*a, distill=distill, **k),
+    )
+    out = tmp_path / "cat.mp4"
+    image = _png(tmp_path / "start.png", make_image(64, 64))
+    argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
+    assert sample_main([*argv, "--size", "64x64", "--distill", "--steps", "2"]) == 0
+    assert schedules == [True] and read_mp4(out).shape == (5, 64, 64, 3)
+
+
+def test_cli_refine_keeps_the_first_video_and_writes_the_refined_one(
+    tmp_path, make_image, lora_file: str, single_thread
+) -> None:
+    from longcat_data.video import probe
+    from longcat_train.cli import sample_main
+
+    out = tmp_path / "cat.mp4"
+    image = _png(tmp_path / "start.png", make_image(40, 40))
+    argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
+    argv += ["--steps", "2", "--size", "32x32", "--lora", lora_file, "--refine", "--refine-lora", lora_file]
+    assert sample_main([*argv, "--refine-area", "64x64", "--refine-temporal", "--gif"]) == 0
+    assert read_mp4(tmp_path / "cat_32p.mp4").shape == (5, 32, 32, 3)
+    assert read_mp4(out).shape == (10, 64, 64, 3) and probe(out).fps == 30
+    assert (tmp_path / "cat.gif").is_file() and not (tmp_path / "cat_32p.gif").exists()
+
+
+def test_cli_refine_failing_keeps_the_first_video(tmp_path, make_image, capsys, single_thread) -> None:
+    from safetensors.torch import save_file
+
+    from longcat_train.cli import sample_main
+
+    other = tmp_path / "sdxl.safetensors"
+    save_file(
+        {
+            "transformer.down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 320),
+            "transformer.down_blocks.0.to_q.lora_B.weight": torch.zeros(320, 4),
+        },
+        str(other),
+    )
+    out = tmp_path / "cat.mp4"
+    image = _png(tmp_path / "start.png", make_image(32, 32))
+    argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
+    assert (
+        sample_main(
+            [
+                *argv,
+                "--steps",
+                "1",
+                "--size",
+                "32x32",
+                "--refine",
+                "--refine-lora",
+                str(other),
+                "--refine-area",
+                "64x64",
+            ]
+        )
+        == 2
+    )
+    assert "does not fit the DiT of --model tiny" in capsys.readouterr().err
+    assert read_mp4(tmp_path / "cat_32p.mp4").shape == (5, 32, 32, 3) and not out.exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -340,6 +430,59 @@ NOT_SAFETENSORS = (
         ),
         ({"--device": "gpu0"}, "--device gpu0: not a device name (cpu, cuda, cuda:N)"),
         (
+            {"--distill": None, "--steps": "60"},
+            "distilled sampling takes 1 to 50 steps (its sigma grid), got 60; 16 is the official setting",
+        ),
+        (
+            {"--refine": None},
+            "--refine needs --refine-lora PATH, the refinement LoRA (the official checkpoint's "
+            "lora/refinement_lora.safetensors)",
+        ),
+        (
+            {"--refine": None, "--refine-lora": "missing.safetensors"},
+            "LoRA file not found: missing.safetensors",
+        ),
+        (
+            {"--refine": None, "--refine-lora": "garbage.safetensors"},
+            f"--refine-lora garbage.safetensors: {NOT_SAFETENSORS}",
+        ),
+        (
+            {"--refine": None, "--refine-lora": "lora.safetensors", "--block-swap": "2"},
+            "--refine with --block-swap: block swap fixes the weights, so the refinement LoRA cannot take "
+            "the video's place; leave out one of them",
+        ),
+        (
+            {"--refine": None, "--refine-lora": "lora.safetensors", "--serve": None},
+            "--refine with --serve: the preview page does not refine; leave out --refine",
+        ),
+        (
+            {"--refine": None, "--refine-lora": "lora.safetensors", "--size": "64x64"},
+            "--refine: the 64x64 (WxH) video is too small for --refine-area 384x640: its bucket 512x512 is "
+            "8.0x larger (at most 2x: the refinement adds detail, not size); sample it at a larger --area or "
+            "give a smaller --refine-area",
+        ),
+        (
+            {"--refine": None, "--refine-lora": "lora.safetensors", "--refine-area": "192x320"},
+            "--refine: the 320x192 (WxH) video is already as large as its bucket 320x192 of --refine-area "
+            "192x320; refine a smaller video (--area) or give a larger --refine-area",
+        ),
+        (
+            {"--refine": None, "--refine-lora": "lora.safetensors", "--refine-area": "8x8"},
+            "--refine-area 8x8: must be HxW with both sides multiples of 16 (the model's pixel grid), e.g. 480x832",
+        ),
+        (
+            {"--refine-lora": "lora.safetensors"},
+            "--refine-lora is a setting of --refine: add --refine, or leave --refine-lora out",
+        ),
+        (
+            {"--refine-temporal": None},
+            "--refine-temporal is a setting of --refine: add --refine, or leave --refine-temporal out",
+        ),
+        (
+            {"--refine": None, "--refine-lora": "lora.safetensors", "-o": "mid.mp4"},
+            "--refine mid_192p.mp4: mid_192p.mp4 is a folder, not a file; choose another path",
+        ),
+        (
             {"--size": "8x8"},
             "--area 8x8: must be HxW with both sides multiples of 16 (the model's pixel grid), e.g. 480x832",
         ),
@@ -365,7 +508,7 @@ def test_cli_refuses_before_any_model_loads(
     save_file({"transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(2, 128)}, "lora.safetensors")
     (tmp_path / "notes.txt").write_text("a shopping list")
     (tmp_path / "notes").write_text("a file where the frames folder would go")
-    for folder in ("taken.mp4", "pair_1.mp4", "clip.gif"):
+    for folder in ("taken.mp4", "pair_1.mp4", "clip.gif", "mid_192p.mp4"):
         (tmp_path / folder).mkdir()
     read_only = _read_only_folder(tmp_path) if any("READ_ONLY" in str(v) for v in change.values()) else ""
     args: dict = {"--model": "tiny", "--image": "start.png", "--prompt": "a cat walks", "-o": "out.mp4"}
@@ -381,6 +524,7 @@ def test_cli_refuses_before_any_model_loads(
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".mp4", ".gif")) == [
         "clip.gif",
         "clip.mp4",
+        "mid_192p.mp4",
         "pair_1.mp4",
         "taken.mp4",
     ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -15,6 +14,7 @@ from PIL import Image
 from longcat_train import sampling
 from longcat_train.config import VideoSettings
 from longcat_train.sampling import (
+    DISTILL_GRID,
     SampleInputError,
     cfg_zero_star,
     denoise,
@@ -39,6 +39,30 @@ def test_schedule_is_the_official_shifted_linspace(steps: int) -> None:
     assert torch.equal(scheduler.timesteps, expected * 1000)
     exact = 12.0 * s.double() / (1 + 11.0 * s.double())
     assert torch.allclose(scheduler.sigmas[:-1].double(), exact, rtol=0, atol=1e-6)
+
+
+def test_distill_sigmas_pick_evenly_from_the_fifty_point_grid() -> None:
+    # 16 steps take grid points floor(j * 50 / 16) from the top: 0, 3, 6, ..., 43, 46 -> k / 50.
+    expected = [50, 47, 44, 41, 38, 35, 32, 29, 25, 22, 19, 16, 13, 10, 7, 4]
+    assert torch.equal(sampling.distill_sigmas(16), torch.tensor(expected, dtype=torch.float32) / 50)
+    assert torch.equal(sampling.distill_sigmas(1), torch.tensor([1.0]))
+    assert torch.equal(
+        sampling.distill_sigmas(DISTILL_GRID), torch.arange(50, 0, -1, dtype=torch.float32) / 50
+    )
+    for steps in range(1, DISTILL_GRID + 1):
+        sigmas = sampling.distill_sigmas(steps)
+        assert len(sigmas) == steps and sigmas[0] == 1.0 and bool((sigmas.diff() < 0).all())
+    for steps in (0, DISTILL_GRID + 1):
+        with pytest.raises(SampleInputError, match="1 to 50 steps"):
+            sampling.distill_sigmas(steps)
+
+
+def test_distill_schedule_is_shifted_like_the_plain_one() -> None:
+    scheduler = flow_scheduler(16, shift=12.0, distill=True)
+    s = sampling.distill_sigmas(16)
+    assert torch.equal(scheduler.sigmas[:-1], 12.0 * s / (1 + 11.0 * s))
+    assert scheduler.sigmas[-1] == 0
+    assert torch.equal(scheduler.timesteps, scheduler.sigmas[:-1] * 1000)
 
 
 def test_euler_step_moves_along_the_velocity() -> None:
@@ -184,6 +208,16 @@ def test_guidance_one_is_the_plain_conditional_prediction() -> None:
     torch.testing.assert_close(out, torch.cat([cond, noisy], dim=2))
 
 
+def test_distilled_denoising_steps_through_the_distill_schedule_without_guidance() -> None:
+    cond, prompts, _ = _denoise_inputs()
+    model = RecordingDiT()
+    denoise(model, cond, prompts, None, frames=9, steps=5, guidance=1.0, distill=True, progress=False)
+    assert [c["batch"] for c in model.calls] == [1] * 5
+    seen = torch.stack([c["timestep"][0] for c in model.calls])
+    assert torch.equal(seen, flow_scheduler(5, distill=True).timesteps)
+    assert not torch.equal(seen, flow_scheduler(5).timesteps)
+
+
 def test_a_video_depends_only_on_its_own_seed() -> None:
     cond, prompts, negative = _denoise_inputs(batch=2)
     both = denoise(RecordingDiT(), cond, prompts, negative, frames=9, steps=3, seeds=[5, 6], progress=False)
@@ -224,6 +258,25 @@ def test_tiny_condition_frame_equals_the_encoded_start_image(tiny: dict, make_im
     assert not torch.equal(seen[0][:, :, 1:], out[:, :, 1:])  # the noisy frames did move
 
 
+def test_tiny_generate_videos_follows_the_distill_setting(tiny: dict, make_image) -> None:
+    timesteps: list[torch.Tensor] = []
+
+    class Watched(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny["model"]
+
+        def forward(self, *, timestep, **inputs):
+            timesteps.append(timestep[0])
+            return self.inner(timestep=timestep, **inputs)
+
+    settings = VideoSettings(frames=5, steps=3, guidance=1.0, area=(64, 64), distill=True)
+    generate_videos(
+        Watched(), tiny["vae"], make_image(64, 64), [tiny["prompt"]], None, settings, progress=False
+    )
+    assert torch.equal(torch.stack(timesteps), flow_scheduler(3, distill=True).timesteps)
+
+
 def test_tiny_generate_videos_is_a_video_of_the_bucket_size_set_by_the_seed(tiny: dict, make_image) -> None:
     settings = VideoSettings(frames=5, steps=2, area=(64, 64))
     video = generate_videos(
@@ -250,55 +303,17 @@ def test_tiny_generate_videos_is_a_video_of_the_bucket_size_set_by_the_seed(tiny
 
 # ---------------------------------------------------------------- parity with the official pipeline
 
-OFFICIAL_DIR = os.environ.get("LONGCAT_OFFICIAL_DIR")
 
-
-@pytest.mark.skipif(not OFFICIAL_DIR, reason="set LONGCAT_OFFICIAL_DIR to an official checkout")
-def test_denoising_matches_the_official_pipeline(tiny: dict, make_image, monkeypatch) -> None:
+def test_denoising_matches_the_official_pipeline(tiny: dict, official, make_image, monkeypatch) -> None:
     """The official ``generate_i2v`` loop, driving our tiny DiT, lands on the latents ``denoise`` does."""
-    for module in ("einops", "ftfy", "loguru", "regex"):
-        pytest.importorskip(module)
-    monkeypatch.syspath_prepend(OFFICIAL_DIR)
-    official = pytest.importorskip("longcat_video.pipeline_longcat_video")
-    from longcat_data.encode import encode_text, load_text_encoder
+    from longcat_data.encode import encode_text
 
-    class OfficialFacing(torch.nn.Module):
-        """Our DiT behind the official pipeline's call: prompt embeddings arrive as [B, 1, L, C]."""
-
-        cp_split_hw = None
-        dtype = torch.float32
-        config = SimpleNamespace(in_channels=16)
-
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(
-            self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents
-        ):
-            return self.model(
-                hidden_states,
-                timestep,
-                encoder_hidden_states.squeeze(1),
-                encoder_attention_mask,
-                num_cond_latents,
-            )
-
-    tokenizer, text_encoder = load_text_encoder("tiny")
-    pipe = official.LongCatVideoPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=tiny["vae"],
-        scheduler=official.FlowMatchEulerDiscreteScheduler(shift=12.0),
-        dit=OfficialFacing(tiny["model"]),
-    )
-    pipe.device = "cpu"  # the official class assumes CUDA
     prompt = "a cat walks across a sunny garden"
     start = Image.fromarray(
         make_image(128, 224)
     )  # the official 480p bucket for 4:7 is 480x832: 60x104 latents
     noise = torch.randn(1, 16, 2, 60, 104, generator=torch.Generator().manual_seed(7))
-    theirs = pipe.generate_i2v(
+    theirs = official.pipe.generate_i2v(
         image=start,
         prompt=prompt,
         num_frames=5,
@@ -310,7 +325,53 @@ def test_denoising_matches_the_official_pipeline(tiny: dict, make_image, monkeyp
     )
 
     monkeypatch.setattr(sampling, "initial_noise", lambda shape, seeds: noise[:, :, 1:])
-    embeds = encode_text(tokenizer, text_encoder, [prompt, ""])
+    embeds = encode_text(official.tokenizer, official.text_encoder, [prompt, ""])
     ours = denoise(tiny["model"], theirs[:, :, :1], embeds[:1], embeds[1], frames=5, steps=4, progress=False)
     assert not torch.allclose(theirs[:, :, 1:], noise[:, :, 1:])  # the official loop did move the latents
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)  # bitwise equal on CPU here
+
+
+def test_distill_sigmas_match_the_official_schedule(official) -> None:
+    counts = SimpleNamespace(num_distill_sample_steps=DISTILL_GRID, num_timesteps=1000)
+    for steps in range(1, DISTILL_GRID + 1):
+        theirs = official.module.LongCatVideoPipeline.get_timesteps_sigmas(counts, steps, use_distill=True)
+        assert torch.equal(sampling.distill_sigmas(steps), theirs), steps
+
+
+def test_distilled_denoising_matches_the_official_pipeline(
+    tiny: dict, official, make_image, monkeypatch
+) -> None:
+    """The official ``generate_i2v(use_distill=True)`` loop as its demo runs it (16 steps, guidance 1, no
+    negative prompt), driving our tiny DiT, lands on the latents ``denoise(distill=True)`` does."""
+    from longcat_data.encode import encode_text
+
+    prompt = "a cat walks across a sunny garden"
+    noise = torch.randn(1, 16, 2, 60, 104, generator=torch.Generator().manual_seed(7))
+    theirs = official.pipe.generate_i2v(
+        image=Image.fromarray(make_image(128, 224)),
+        prompt=prompt,
+        num_frames=5,
+        num_inference_steps=16,
+        use_distill=True,
+        guidance_scale=1.0,
+        latents=noise.clone(),
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
+    assert len(official.pipe.dit.inputs) == 16 and all(len(x) == 1 for x in official.pipe.dit.inputs)
+
+    monkeypatch.setattr(sampling, "initial_noise", lambda shape, seeds: noise[:, :, 1:])
+    embeds = encode_text(official.tokenizer, official.text_encoder, [prompt])
+    ours = denoise(
+        tiny["model"],
+        theirs[:, :, :1],
+        embeds,
+        None,
+        frames=5,
+        steps=16,
+        guidance=1.0,
+        distill=True,
+        progress=False,
+    )
+    assert not torch.allclose(theirs[:, :, 1:], noise[:, :, 1:])
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)

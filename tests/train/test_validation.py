@@ -100,6 +100,35 @@ def test_run_validation_writes_videos_sheets_and_tensorboard(
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_distilled_validation_needs_no_negative_prompt_and_has_its_own_base_videos(
+    tiny: dict, tmp_path, make_image, monkeypatch
+) -> None:
+    from longcat_train import sampling
+    from longcat_train.loading import tiny_dit
+    from longcat_train.lora import apply_lora
+
+    schedules: list[bool] = []
+    real = sampling.flow_scheduler
+    monkeypatch.setattr(
+        sampling,
+        "flow_scheduler",
+        lambda *a, distill=False, **k: schedules.append(distill) or real(*a, distill=distill, **k),
+    )
+    model = apply_lora(tiny_dit(), rank=2, targets=["attn.qkv"])
+    pairs = [ValidationPair("cat", make_image(64, 64), "a cat walks")]
+    distilled = VideoSettings(frames=5, steps=2, guidance=1.0, area=(64, 64), distill=True)
+    run_validation(
+        model, tiny["vae"], pairs, {"a cat walks": tiny["prompt"]}, distilled, step=1, output_dir=tmp_path
+    )
+    assert schedules == [True, True]  # the LoRA's video and the base one
+    plain = VideoSettings(frames=5, steps=2, guidance=1.0, area=(64, 64))
+    run_validation(
+        model, tiny["vae"], pairs, {"a cat walks": tiny["prompt"]}, plain, step=2, output_dir=tmp_path
+    )
+    assert schedules == [True, True, False, False]
+    assert len(list((tmp_path / "validation" / "base").glob("cat_*.mp4"))) == 2
+
+
 def test_sharded_models_do_not_use_the_base_cache(tiny: dict, tmp_path, make_image, monkeypatch) -> None:
     # Under FSDP all ranks sample together but only rank 0 keeps the cache: every rank must make the same
     # calls, so a sharded model samples the base video every time.

@@ -598,3 +598,27 @@ def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None
     with av_open(tmp_path / "videos" / f"longcat_{job['id']}.mp4") as container:
         frames = list(container.decode(video=0))
     assert len(frames) == 5 and (frames[0].height, frames[0].width) == (64, 64)
+
+
+def test_the_page_samples_distilled_under_distill() -> None:
+    from longcat_train.config import SampleConfig
+    from longcat_train.webui import sampler_generate
+
+    seen: list[VideoSettings] = []
+
+    class StandInSampler:
+        def use_loras(self, loras) -> None:
+            pass
+
+        def generate(self, image, prompts, settings, **kwargs) -> np.ndarray:
+            seen.append(settings)
+            return np.zeros((1, 5, 64, 64, 3), np.uint8)
+
+    config = SampleConfig(model="tiny", area=AREA, distill=True)
+    generate = sampler_generate(StandInSampler(), config, {})
+    generate(
+        GenerationRequest(np.zeros((64, 64, 3), np.uint8), "a cat", (), 8, 3, 5, 1.0),
+        lambda i, n: None,
+    )
+    assert seen[0].distill and (seen[0].steps, seen[0].seed, seen[0].guidance) == (8, 3, 1.0)
+    assert (config.video_settings.steps, config.video_settings.guidance) == (16, 1.0)  # the page's defaults
