@@ -118,6 +118,19 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
+def report_header(benchmark: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """What every report of this script starts with: the run, the machine, the settings shared by modes."""
+    return {
+        "benchmark": benchmark,
+        "mode": "quick" if args.quick else "full",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": args.attention,
+        "compile": args.compile,
+    }
+
+
 def build_sampling_dit(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> LongCatVideoTransformer:
@@ -186,13 +199,7 @@ def run(args: argparse.Namespace) -> dict:
     decode_s = time.perf_counter() - start
 
     return {
-        "benchmark": "sample_i2v",
-        "mode": "quick" if args.quick else "full",
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "attention": args.attention,
-        "compile": args.compile,
+        **report_header("sample_i2v", args, device, dtype),
         "distill": args.distill,
         "merged_loras": args.merged_loras,
         "lora_rank": args.lora_rank if args.merged_loras else None,
@@ -249,13 +256,7 @@ def run_refine(args: argparse.Namespace) -> dict:
     total_s = time.perf_counter() - start
     steps = len(step_times)
     return {
-        "benchmark": "refine_720p",
-        "mode": "quick" if args.quick else "full",
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "attention": args.attention,
-        "compile": args.compile,
+        **report_header("refine_720p", args, device, dtype),
         "size": [args.height, args.width, args.frames],
         "refine_area": list(args.refine_area),
         "temporal": args.refine_temporal,
