@@ -301,11 +301,13 @@ def verify_shards(
     """One line per listed shard that is missing or differs from its record: size always, the sample
     count too with ``count_samples`` (reads every tar header, so meant for the end of a run)."""
     store = storage.folder(directory)
+    # A remote folder is listed once: a request per shard, after every shard of a long run, would not scale.
+    listed = store.top_sizes() if isinstance(store, storage.RemoteFolder) and shards else None
     problems = []
     for shard in shards:
         path = store.url(shard["name"])
         try:
-            size = store.size(shard["name"])
+            size = listed.get(shard["name"]) if listed is not None else store.size(shard["name"])
         except OSError as err:
             problems.append(f"{path} cannot be read ({err.strerror or err})")
             continue

@@ -196,6 +196,15 @@ class RemoteFolder:
     def is_file(self, name: str) -> bool:
         return self.size(name) is not None
 
+    def top_sizes(self) -> dict[str, int]:
+        """Size of every file directly in the folder, from one listing (not a request per file)."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {PurePosixPath(e["name"]).name: int(e["size"]) for e in entries if e.get("type") == "file"}
+
     def names(self, pattern: str) -> list[str]:
         self.fs.invalidate_cache(self.root)
         found = self.fs.glob(self._path(pattern))

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("s3fs", reason="needs s3fs (pip install -e '.[s3]')")
 moto_server = pytest.importorskip("moto.server", reason="needs moto's server mode (pip install -e '.[test]')")
 
-from longcat_data import prep  # noqa: E402
+from longcat_data import cli, prep  # noqa: E402
 from longcat_data.captions import CaptionError  # noqa: E402
 from longcat_data.config import InspectConfig, PrepConfig  # noqa: E402
 from longcat_data.demo import DEMO_CLIPS, write_demo_clips  # noqa: E402
@@ -166,6 +166,8 @@ def test_prep_from_and_to_s3_then_train_inspect_push(bucket, demo_videos, tmp_pa
     )
     assert sorted(result.losses) == [1, 2] and result.corrupt_samples == 0
 
+    assert cli.main(["merge", out]) == 0
+    assert read_manifest(out) == manifest
     run_inspect(InspectConfig(out, max_images=4))
     push = push_dataset(out, "me/clips", dry_run=True)
     assert set(names) <= set(push)
