@@ -213,6 +213,13 @@ def test_captions_mapping_and_start_frames_from_the_bucket(bucket, demo_videos, 
     assert {s.meta["cond_source"] for s in samples} == {f"{c.name}.png" for c in CLIPS[:2]}
     assert read_manifest(store)["settings"]["conditioning_dir"] == f"s3://{bucket}/frames"
 
+    # A state lost (moved away): its finished shards are read back from the bucket, nothing is encoded.
+    shards = read_manifest(store)["shards"]
+    store.remove(".prep/train.json")
+    again = prep.run_shard(cfg)
+    assert (again.written, again.skipped) == (0, 2)
+    assert read_manifest(store)["shards"] == shards
+
     missing = config(
         f"s3://{bucket}/videos", f"s3://{bucket}/other", captions=f"jsonl:s3://{bucket}/no.jsonl"
     )
