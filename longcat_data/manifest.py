@@ -202,9 +202,13 @@ def state_path(out_dir: Path, stream: str) -> Path:
     return out_dir / state_name(stream)
 
 
+def captions_cache_name(stream: str) -> str:
+    """Where ``--captions qwen`` keeps the captions of one stream's videos, relative to the output."""
+    return f"{STATE_DIR}/captions-{stream}.jsonl"
+
+
 def captions_cache_path(out_dir: Path, stream: str) -> Path:
-    """Where ``--captions qwen`` keeps the captions of one stream's videos."""
-    return out_dir / STATE_DIR / f"captions-{stream}.jsonl"
+    return out_dir / captions_cache_name(stream)
 
 
 def read_state(out_dir: str | Path | Folder, name: str) -> StreamState | None:

@@ -20,6 +20,7 @@ finished or dropped, the shard in progress is closed with its whole samples, the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -334,7 +335,7 @@ def caption_mapping(
     that match no video are reported once (``report``: by rank 0). A remote file is copied into
     ``staging`` first; messages name it by its URL."""
     if isinstance(mapping_file, str):
-        local = staging / "captions" / Path(mapping_file.rstrip("/").rsplit("/", 1)[-1])
+        local = staging / f"captions-{os.getpid()}" / Path(mapping_file.rstrip("/").rsplit("/", 1)[-1])
         try:
             if not storage.fetch(mapping_file, local):
                 raise CaptionError(mapping_file, "caption mapping file not found")
@@ -355,9 +356,11 @@ def caption_mapping(
 @contextlib.contextmanager
 def staging_folder(cfg: PrepConfig) -> Iterator[Path]:
     """``--staging-dir``, else a temporary folder removed at the end: where a remote output's shard in
-    progress and remote videos being decoded wait on the local disk."""
+    progress and remote videos being decoded wait on the local disk. Inside ``--staging-dir`` each
+    output folder has a subfolder of its own, so runs into different outputs can share it."""
     if cfg.staging_dir is not None:
-        path = storage.local_path(cfg.staging_dir)
+        output = hashlib.sha256(cfg.out_dir.rstrip("/").encode()).hexdigest()[:16]
+        path = storage.local_path(cfg.staging_dir) / output
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:

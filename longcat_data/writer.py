@@ -44,6 +44,7 @@ from longcat_data.manifest import (
     STATE_DIR,
     ShardRecord,
     StreamState,
+    captions_cache_name,
     check_compatible,
     merge_manifest,
     read_state,
@@ -138,7 +139,7 @@ def recover_stream(
     for partial in partials:
         log.info("removing %s, left by an interrupted run; its clips will be encoded again", partial.name)
         partial.unlink(missing_ok=True)
-    for name in (state_name(stream), f"{STATE_DIR}/captions-{stream}.jsonl"):
+    for name in (state_name(stream), captions_cache_name(stream)):
         for stray in store.temporaries(name):
             store.remove(stray)
     if store.local is None:
