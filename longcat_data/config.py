@@ -13,7 +13,7 @@ from typing import Any
 
 from longcat_data.defaults import DEFAULT_AREA, DEFAULT_CAPTION_MODEL, DEFAULT_FRAMES, DEFAULT_MODEL
 from longcat_data.flags import ConfigError, format_area, option, parse_area, parse_size
-from longcat_data.storage import is_remote
+from longcat_data.storage import is_remote, local_path
 
 ENCODER_DTYPES = ("auto", "bf16", "fp32")
 CAPTION_SOURCES = "sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | qwen"
@@ -128,7 +128,7 @@ class PrepConfig:
             and (
                 self.conditioning_dir.rstrip("/")
                 if is_remote(self.conditioning_dir)
-                else str(Path(self.conditioning_dir).resolve())
+                else str(local_path(self.conditioning_dir).resolve())
             ),
             "text_embeds": self.text_embeds,
             "dtype": dtype,

@@ -478,7 +478,7 @@ def _run_shard(
                 clips_per_video=cfg.clips_per_video,
                 caption_strategy=strategy,
                 caption_mapping=mapping,
-                conditioning_dir=Path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
+                conditioning_dir=storage.local_path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
                 done_keys=writer.done_keys,
                 captioner=captioner,
                 # Each decoder left to its default starts a thread per core: 8 workers then oversubscribe

@@ -58,8 +58,8 @@ def knows_protocol(url: str) -> bool:
 
 
 def local_path(location: str | Path) -> Path:
-    """A local location as a path (``file://`` taken off, ``~`` expanded)."""
-    return Path(str(location).removeprefix("file://")).expanduser()
+    """A local location as a path (``file://`` taken off)."""
+    return Path(str(location).removeprefix("file://"))
 
 
 def join(location: str, *names: str) -> str:
