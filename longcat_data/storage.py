@@ -17,6 +17,7 @@ temporary name ``.NAME.PID.tmp`` and moved into place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -97,8 +98,36 @@ def describe_remote_error(err: BaseException, url: str) -> str:
     elif isinstance(err, FileNotFoundError):
         fix = "check the bucket and the path"
     else:
-        fix = "check the connection and the store"
+        fix = "check the endpoint, the connection and the credentials"
     return f"{url}: {what}; {fix}"
+
+
+# Packages whose errors mean "the store call failed" (no connection, no credentials), not a bug of ours.
+_STORE_PACKAGES = frozenset(
+    {"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "fsspec", "huggingface_hub", "requests"}
+)
+
+
+class StoreError(OSError):
+    """A call to a remote store failed for another reason than a missing or forbidden file."""
+
+
+def store_call(function: Callable) -> Callable:
+    """Errors of the store's client libraries (a refused connection, missing credentials) raised as
+    ``StoreError``, an OSError, so callers handle them with the file system's errors."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except OSError:
+            raise
+        except Exception as err:
+            if type(err).__module__.split(".")[0] not in _STORE_PACKAGES:
+                raise
+            raise StoreError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+
+    return call
 
 
 def describe_error(err: OSError, where: str | Path | None = None) -> str:
@@ -184,6 +213,7 @@ class RemoteFolder:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
+    @store_call
     def size(self, name: str) -> int | None:
         path = self._path(name)
         self.fs.invalidate_cache(path)
@@ -193,9 +223,11 @@ class RemoteFolder:
             return None
         return int(info["size"]) if info.get("type") == "file" else None
 
+    @store_call
     def is_file(self, name: str) -> bool:
         return self.size(name) is not None
 
+    @store_call
     def top_sizes(self) -> dict[str, int]:
         """Size of every file directly in the folder, from one listing (not a request per file)."""
         self.fs.invalidate_cache(self.root)
@@ -205,17 +237,22 @@ class RemoteFolder:
             return {}
         return {PurePosixPath(e["name"]).name: int(e["size"]) for e in entries if e.get("type") == "file"}
 
+    @store_call
     def names(self, pattern: str) -> list[str]:
         self.fs.invalidate_cache(self.root)
         found = self.fs.glob(self._path(pattern))
         return sorted(str(PurePosixPath(p).relative_to(self.root)) for p in found)
 
+    @store_call
     def read_bytes(self, name: str) -> bytes:
         return self.fs.cat_file(self._path(name))
 
+    @store_call
     def open(self, name: str) -> IO[bytes]:
-        return self.fs.open(self._path(name), "rb", block_size=READ_BLOCK, cache_type="readahead")
+        opened = self.fs.open(self._path(name), "rb", block_size=READ_BLOCK, cache_type="readahead")
+        return StoreFile(opened)  # type: ignore[return-value]
 
+    @store_call
     def write_atomic(self, name: str, data: str | bytes) -> None:
         payload = data.encode("utf-8") if isinstance(data, str) else data
         if self.atomic_put:
@@ -226,6 +263,7 @@ class RemoteFolder:
             self.fs.mv(self._path(temporary), self._path(name))
         self.fs.invalidate_cache(self._path(name))
 
+    @store_call
     def write_file_atomic(self, name: str, write: Callable[[Path], None]) -> None:
         import tempfile
 
@@ -234,6 +272,7 @@ class RemoteFolder:
             write(staged)
             self.publish(staged, name)
 
+    @store_call
     def publish(self, staged: Path, name: str) -> None:
         """Upload a finished local file to ``name`` (visible only once whole), then delete it locally."""
         if self.atomic_put:
@@ -245,10 +284,12 @@ class RemoteFolder:
         self.fs.invalidate_cache(self._path(name))
         staged.unlink()
 
+    @store_call
     def rename(self, old: str, new: str) -> None:
         self.fs.mv(self._path(old), self._path(new))
         self.fs.invalidate_cache(self.root)
 
+    @store_call
     def remove(self, name: str) -> None:
         try:
             self.fs.rm_file(self._path(name))
@@ -256,11 +297,13 @@ class RemoteFolder:
             pass
         self.fs.invalidate_cache(self._path(name))
 
+    @store_call
     def temporaries(self, name: str) -> list[str]:
         pure = PurePosixPath(name)
         pattern = str(pure.with_name(f".{pure.name}.*.tmp"))
         return [n for n in self.names(pattern) if PurePosixPath(n).name[len(pure.name) + 2 : -4].isdigit()]
 
+    @store_call
     def abort_uploads(self, owned: Callable[[str], bool]) -> int:
         """Abort the multipart uploads into this folder whose name is ``owned`` that a killed run left
         unfinished (S3 bills their parts though no object shows); the count aborted. Only call it while
@@ -277,6 +320,7 @@ class RemoteFolder:
             )
         return len(uploads)
 
+    @store_call
     def modified(self, name: str) -> float:
         path = self._path(name)
         self.fs.invalidate_cache(path)
@@ -288,6 +332,7 @@ class RemoteFolder:
             return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
         return float(stamp) if stamp is not None else time.time()
 
+    @store_call
     def create(self, name: str, data: bytes) -> bool:
         """Write ``name`` only if it does not exist: True when written, False when it existed. Exclusive
         where the store has a conditional put (S3's If-None-Match, the local file system); elsewhere
@@ -308,6 +353,26 @@ class RemoteFolder:
     def _temporary(self, name: str) -> str:
         pure = PurePosixPath(name)
         return str(pure.with_name(f".{pure.name}.{os.getpid()}.tmp"))
+
+
+class StoreFile:
+    """A remote file opened for reading whose store errors (a connection lost mid-shard) are
+    ``StoreError``s, as a local read's are OSErrors."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.read = store_call(file.read)
+        self.readinto = store_call(file.readinto)
+        self.seek = store_call(file.seek)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def __enter__(self) -> StoreFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._file.close()
 
 
 Folder = LocalFolder | RemoteFolder
@@ -334,12 +399,14 @@ def read_json_in(store: Folder, name: str) -> Any | None:
     return parse_json(data, store.url(name))
 
 
+@store_call
 def open_input(url: str) -> IO[bytes]:
     """A remote file opened for streaming reads (blocks fetched as they are read, never all at once)."""
     fs, path = remote_fs(url)
-    return fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
+    return StoreFile(fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead"))  # type: ignore[return-value]
 
 
+@store_call
 def list_files(url: str) -> list[str]:
     """Relative paths of every file under a remote folder, sorted; FileNotFoundError when it has none."""
     fs, root = remote_fs(url)
@@ -351,6 +418,7 @@ def list_files(url: str) -> list[str]:
     return sorted(str(PurePosixPath(p).relative_to(root)) for p in found)
 
 
+@store_call
 def fetch(url: str, target: Path) -> bool:
     """Copy a remote file to ``target`` (folders made); False when there is no such file."""
     fs, path = remote_fs(url)

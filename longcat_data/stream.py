@@ -45,6 +45,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 from longcat_data import storage
 from longcat_data.defaults import STOP_SIGNALS
 from longcat_data.encode import pad_text_embeds
+from longcat_data.files import OutputError
 from longcat_data.hub import is_hf_spec, resolve_hf_shards
 from longcat_data.manifest import find_manifest, manifest_shards
 from longcat_data.shards import CAPTION, META, TEXT_EMBEDS, ShardError, ShardSample, decode_tensors
@@ -82,6 +83,8 @@ def _remote_folder(spec: str, allow_missing: bool) -> list[str] | None:
         tars = [store.url(n) for n in store.names("*.tar")]
     except OSError as err:
         raise ShardError(f"cannot read the shards: {storage.describe_remote_error(err, spec)}") from err
+    except OutputError as err:  # the manifest could not be read
+        raise ShardError(str(err)) from err
     return tars or None
 
 

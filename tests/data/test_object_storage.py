@@ -324,3 +324,19 @@ def test_unreachable_bucket_is_one_line(s3_endpoint, demo_videos, tmp_path):
     with pytest.raises((OutputError, OSError)) as err:
         prep.run_shard(config(str(demo_videos), "s3://no-such-bucket/shards", staging_dir=str(tmp_path)))
     assert "s3://no-such-bucket" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_store_that_cannot_be_reached_is_one_line(s3_endpoint, monkeypatch):
+    import s3fs
+
+    from longcat_data.shards import ShardError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()  # file systems are cached per arguments, not per environment
+    try:
+        with pytest.raises(ShardError, match=r"^s3://any/shards/manifest.json: Could not connect") as err:
+            expand_shard_spec("s3://any/shards")
+        assert "\n" not in str(err.value)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
