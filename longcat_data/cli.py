@@ -118,7 +118,9 @@ def run_push(cfg: PushConfig) -> None:
     except HfHubHTTPError as err:
         # The hub's own message says what failed; the usual cause is a missing or read-only token.
         raise hub.PushError(f"{err} (log in with `hf auth login` or set HF_TOKEN to a write token)") from err
-    card = Path(cfg.out_dir) / hub.CARD
+    from longcat_data.storage import join
+
+    card = join(cfg.out_dir, hub.CARD)
     if cfg.dry_run:
         print(f"wrote {card}; a push would upload {len(files)} files to datasets/{cfg.repo_id}")
         return
@@ -135,6 +137,12 @@ examples:
   longcat-prep shard videos/ shards/ --captions jsonl:metadata.jsonl --fps 16 --clips-per-video 3
   torchrun --nproc-per-node 8 -m longcat_data.cli shard videos/ shards/    # one slice per GPU
   longcat-prep shard videos/ shards/ --rank 1 --world-size 4   # by hand, e.g. one per machine; then merge
+  longcat-prep shard s3://bucket/videos s3://bucket/shards --staging-dir /scratch/stage   # any fsspec URL
+
+Remote folders (s3://, gs://, hf://, ...; credentials from the store's usual environment, e.g. AWS_*
+and ~/.aws for s3) are read and written in place: videos are fetched one at a time per decode worker,
+each shard is staged locally and uploaded whole under its name, manifest.json last; reruns resume from
+the bucket. One writer per stream there too: a lock object OUT_DIR/.prep/STREAM.lock.
 
 Captions: 'sidecar' reads VIDEO.txt beside each video (SimpleTuner's textfile), falling back to the
 file name with a warning; jsonl/csv map file names to captions (file_name + caption/text columns);

@@ -13,6 +13,7 @@ from typing import Any
 
 from longcat_data.defaults import DEFAULT_AREA, DEFAULT_CAPTION_MODEL, DEFAULT_FRAMES, DEFAULT_MODEL
 from longcat_data.flags import ConfigError, format_area, option, parse_area, parse_size
+from longcat_data.storage import is_remote, local_path
 
 ENCODER_DTYPES = ("auto", "bf16", "fp32")
 CAPTION_SOURCES = "sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | qwen"
@@ -22,11 +23,12 @@ def _default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def parse_captions(text: str) -> tuple[str, Path | None]:
-    """``--captions`` value -> (the ``captions.resolve_caption`` strategy, the mapping file or None)."""
+def parse_captions(text: str) -> tuple[str, Path | str | None]:
+    """``--captions`` value -> (the ``captions.resolve_caption`` strategy, the mapping file or None; a
+    remote one as its URL)."""
     kind, _, path = text.partition(":")
     if kind in ("jsonl", "csv") and path:
-        return "mapping", Path(path)
+        return "mapping", path if is_remote(path) else Path(path)
     if kind == "sidecar" and not path:
         return "textfile", None
     if kind == "filename" and not path:
@@ -40,8 +42,14 @@ def parse_captions(text: str) -> tuple[str, Path | None]:
 class PrepConfig:
     """``longcat-prep shard``: a folder of videos into WebDataset shards."""
 
-    videos_dir: str = option(help="folder of videos, searched recursively", positional=True)
-    out_dir: str = option(help="where shards and manifest.json go; rerun to resume", positional=True)
+    videos_dir: str = option(
+        help="folder of videos, searched recursively: a path or a URL (s3://, gs://, hf://, file://)",
+        positional=True,
+    )
+    out_dir: str = option(
+        help="where shards and manifest.json go, a path or a URL (s3://, ...); rerun to resume",
+        positional=True,
+    )
     model: str = option(
         DEFAULT_MODEL, "'tiny' (random tiny encoders, no download), a checkpoint dir, or a hub id"
     )
@@ -67,6 +75,11 @@ class PrepConfig:
         "auto", "encoder dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", choices=ENCODER_DTYPES
     )
     vae_tiling: bool = option(False, "tile the VAE to save memory (slightly changes latents)")
+    staging_dir: str | None = option(
+        None,
+        "local folder for the shard being written and the videos being decoded when the output or the "
+        "videos are remote (default: a temporary folder, removed at the end)",
+    )
     rank: int | None = option(None, "this process's slice of the inputs (default: $RANK or 0)")
     world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
 
@@ -82,6 +95,13 @@ class PrepConfig:
             raise ConfigError(
                 "--conditioning-dir pairs one start frame with one clip: use --clips-per-video 1"
             )
+        if self.captions == "qwen" and (is_remote(self.videos_dir) or is_remote(self.out_dir)):
+            raise ConfigError(
+                "--captions qwen reads local videos and keeps its cache beside local shards: caption a local "
+                "copy with `longcat-prep caption --jsonl FILE`, then use --captions jsonl:FILE"
+            )
+        if self.staging_dir is not None and is_remote(self.staging_dir):
+            raise ConfigError(f"--staging-dir must be a local folder, got {self.staging_dir}")
         if self.dtype not in ENCODER_DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.dtype!r}")
         self.resolved_rank  # noqa: B018 (validates rank and world size)
@@ -104,7 +124,12 @@ class PrepConfig:
             "fps": self.fps,
             "clips_per_video": self.clips_per_video,
             "captions": self.captions,
-            "conditioning_dir": self.conditioning_dir and str(Path(self.conditioning_dir).resolve()),
+            "conditioning_dir": self.conditioning_dir
+            and (
+                self.conditioning_dir.rstrip("/")
+                if is_remote(self.conditioning_dir)
+                else str(local_path(self.conditioning_dir).resolve())
+            ),
             "text_embeds": self.text_embeds,
             "dtype": dtype,
             "vae_tiling": self.vae_tiling,
@@ -159,6 +184,11 @@ class CaptionConfig:
     device: str | None = option(None, "default: cuda if available, else cpu (bf16 on GPU)")
 
     def __post_init__(self) -> None:
+        if is_remote(self.videos_dir):
+            raise ConfigError(
+                f"longcat-prep caption writes captions beside local videos; copy {self.videos_dir} to a local "
+                "folder first (longcat-prep shard reads captions from the bucket)"
+            )
         if self.fps <= 0 or self.max_frames < 1 or self.max_pixels < 1 or self.batch_size < 1:
             raise ConfigError("--fps must be > 0; --max-frames, --max-pixels and --batch-size >= 1")
 

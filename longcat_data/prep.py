@@ -19,9 +19,12 @@ finished or dropped, the shard in progress is closed with its whole samples, the
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
@@ -36,14 +39,15 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from longcat_data import encode
+from longcat_data import encode, storage
 from longcat_data.buckets import make_buckets
-from longcat_data.captions import Captioner, load_caption_mapping, match_captions
+from longcat_data.captions import Captioner, CaptionError, load_caption_mapping, match_captions
 from longcat_data.clips import (
     ClipSpec,
     assign_keys,
     decoded_inputs,
     is_rejection,
+    list_remote_videos,
     list_videos,
     rejection,
 )
@@ -324,14 +328,78 @@ def qwen_captions(cfg: PrepConfig, videos_dir: Path, sources: list[str], stream:
     return captions
 
 
-def caption_mapping(mapping_file: Path, sources: list[str], videos_dir: Path, report: bool) -> dict[str, str]:
+def caption_mapping(
+    mapping_file: Path | str, sources: list[str], videos_dir: Path, report: bool, staging: Path
+) -> dict[str, str]:
     """The mapping file's caption for each video of the listing (``captions.match_captions``); entries
-    that match no video are reported once (``report``: by rank 0)."""
-    matched = match_captions(load_caption_mapping(mapping_file), sources, mapping_file, videos_dir)
+    that match no video are reported once (``report``: by rank 0). A remote file is copied into
+    ``staging`` first; messages name it by its URL."""
+    if isinstance(mapping_file, str):
+        local = staging / f"captions-{os.getpid()}" / Path(mapping_file.rstrip("/").rsplit("/", 1)[-1])
+        try:
+            if not storage.fetch(mapping_file, local):
+                raise CaptionError(mapping_file, "caption mapping file not found")
+            mapping = load_caption_mapping(local)
+        except CaptionError as err:
+            raise CaptionError(mapping_file, err.reason) from None
+        finally:
+            local.unlink(missing_ok=True)
+    else:
+        mapping = load_caption_mapping(mapping_file)
+    matched = match_captions(mapping, sources, mapping_file, videos_dir)
     warning = matched.report(mapping_file)
     if report and warning:
         log.warning("%s", warning)
     return matched.captions
+
+
+@contextlib.contextmanager
+def staging_folder(cfg: PrepConfig) -> Iterator[Path]:
+    """``--staging-dir``, else a temporary folder removed at the end: where a remote output's shard in
+    progress and remote videos being decoded wait on the local disk. Inside ``--staging-dir`` each
+    output folder has a subfolder of its own, so runs into different outputs can share it."""
+    if cfg.staging_dir is not None:
+        output = hashlib.sha256(cfg.out_dir.rstrip("/").encode()).hexdigest()[:16]
+        path = storage.local_path(cfg.staging_dir) / output
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"--staging-dir {storage.describe_error(err, path)}") from err
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="longcat-staging-"))
+    try:
+        yield path
+    finally:
+        storage.remove_tree(path)
+
+
+def remote_inputs(cfg: PrepConfig, spec: ClipSpec, staging: Path, stream: str) -> ClipSpec:
+    """``spec`` reading remote videos (and start frames) through mirrors in ``staging``."""
+    if storage.is_remote(cfg.videos_dir):
+        spec.videos_url = cfg.videos_dir.rstrip("/")
+        spec.videos_dir = staging / f"videos-{stream}"
+    if cfg.conditioning_dir is not None and storage.is_remote(cfg.conditioning_dir):
+        spec.conditioning_url = cfg.conditioning_dir.rstrip("/")
+        try:
+            spec.conditioning_names = frozenset(storage.list_files(spec.conditioning_url))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"start-frame folder {spec.conditioning_url} holds no files") from None
+        spec.conditioning_dir = staging / f"start-frames-{stream}"
+    return spec
+
+
+def list_inputs(cfg: PrepConfig) -> list[str]:
+    """The videos of ``cfg.videos_dir`` (local or remote), the output folder left out."""
+    if storage.is_remote(cfg.videos_dir):
+        return list_remote_videos(
+            cfg.videos_dir, exclude=cfg.out_dir if storage.is_remote(cfg.out_dir) else None
+        )
+    videos_dir = storage.local_path(cfg.videos_dir)
+    if not videos_dir.is_dir():
+        raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
+    out = None if storage.is_remote(cfg.out_dir) else storage.local_path(cfg.out_dir)
+    return list_videos(videos_dir, exclude=out)
 
 
 def run_shard(
@@ -342,21 +410,33 @@ def run_shard(
     Stop signals raise ``interrupts.Interrupted`` after the shard in progress is closed and the state
     saved; a failing disk raises OutputError after the same (the shard in progress is dropped then).
     """
+    with staging_folder(cfg) as staging:
+        return _run_shard(cfg, encoders, captioner, staging)
+
+
+def _run_shard(
+    cfg: PrepConfig, encoders: Encoders | None, captioner: Captioner | None, staging: Path
+) -> PrepStats:
     started = time.perf_counter()
     rank, world = cfg.resolved_rank
-    videos_dir, out_dir = Path(cfg.videos_dir), Path(cfg.out_dir)
-    if not videos_dir.is_dir():
-        raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
-    if out_dir.exists() and not out_dir.is_dir():
+    remote_out = storage.is_remote(cfg.out_dir)
+    out_dir: str | Path = cfg.out_dir.rstrip("/") if remote_out else storage.local_path(cfg.out_dir)
+    if isinstance(out_dir, Path) and out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} is a file, not a folder: choose another output folder")
+    videos_dir = (
+        Path(cfg.videos_dir) if storage.is_remote(cfg.videos_dir) else storage.local_path(cfg.videos_dir)
+    )
     strategy, mapping_file = parse_captions(cfg.captions)
     settings = prep_settings(cfg)
     ids = encoders.ids if encoders is not None else encode.encoder_ids(cfg.model)
     # Checked before loading the models: a refusal should come in seconds, not after a download.
-    check_compatible(out_dir, settings, ids)
+    try:
+        check_compatible(out_dir, settings, ids)
+    except OSError as err:  # a store that cannot be reached, credentials refused
+        raise OutputError(storage.describe_error(err, str(out_dir))) from err
 
-    sources = list_videos(videos_dir, exclude=out_dir)
-    mapping = caption_mapping(mapping_file, sources, videos_dir, rank == 0) if mapping_file else None
+    sources = list_inputs(cfg)
+    mapping = caption_mapping(mapping_file, sources, videos_dir, rank == 0, staging) if mapping_file else None
     prior = {key: src for s in read_states(out_dir) for r in s.shards for key, src in r.inputs.items()}
     all_inputs, duplicates = assign_keys(sources, prior)
     mine = all_inputs[rank::world]
@@ -370,6 +450,7 @@ def run_shard(
             rank=rank,
             world_size=world,
             max_bytes=parse_size(cfg.shard_size),
+            staging_dir=staging / "shards" if remote_out else None,
         )
         finished = False
         records: Iterator[dict] | None = None
@@ -379,7 +460,7 @@ def run_shard(
             stats.skipped = len(mine) - len(todo)
             log.info(
                 "%s: %d videos (%d for rank %d of %d), %d already done",
-                videos_dir,
+                cfg.videos_dir,
                 len(all_inputs) + len(duplicates),
                 len(mine),
                 rank,
@@ -397,13 +478,14 @@ def run_shard(
                 clips_per_video=cfg.clips_per_video,
                 caption_strategy=strategy,
                 caption_mapping=mapping,
-                conditioning_dir=Path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
+                conditioning_dir=storage.local_path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
                 done_keys=writer.done_keys,
                 captioner=captioner,
                 # Each decoder left to its default starts a thread per core: 8 workers then oversubscribe
                 # the CPU and slow the kernel launches of the encoding process, which the GPU waits on.
                 decode_threads=max(1, (os.cpu_count() or 2) // cfg.workers) if cfg.workers else 0,
             )
+            spec = remote_inputs(cfg, spec, staging, writer.stream)
             clips = len(todo) * cfg.clips_per_video
             with logging_redirect_tqdm(), progress_bar(clips, rank, world) as bar:
                 records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")

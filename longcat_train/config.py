@@ -74,7 +74,7 @@ class TrainConfig:
         check=NOT_EMPTY,
     )
     shards: list[str] = option(
-        [], "shard spec(s): directory, brace pattern, pipe:cmd, hf://datasets/user/name"
+        [], "shard spec(s): directory, brace pattern, pipe:cmd, hf://datasets/user/name, s3://bucket/shards"
     )
     frames: int = option(
         DEFAULT_FRAMES,

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longcat_data.buckets import latent_frames
-from longcat_data.manifest import check_manifest, find_manifest
+from longcat_data.manifest import check_manifest, find_manifest, manifest_folder
 from longcat_data.stream import (
     ShardStream,
     StreamConfig,
@@ -350,7 +350,7 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     manifest = find_manifest(urls)
     encoders = encoder_ids(cfg.model)
     if manifest is not None:
-        directory = Path(urls[0]).expanduser().parent
+        directory = manifest_folder(urls[0])
         check_manifest(
             manifest,
             encoders=encoders,
