@@ -105,7 +105,7 @@ class Workload:
     width: int
     batch: int = 1
     lora_rank: int = 8
-    activation_bytes: int = 2  # bf16 autocast; 4 in fp32
+    activation_bytes: int = 2  # and weight bytes: bf16 weights and autocast; 4 in fp32
 
     def tokens(self, shape: ModelShape) -> int:
         latent_frames = 1 + (self.frames - 1) // 4
@@ -219,9 +219,9 @@ class Calibration:
     derived: tuple[str, ...]  # paths with no step measured of their own
 
 
-def _weights(shape: ModelShape, precision: str, resident: int, pooled: int, outer_bytes: int = 2) -> float:
-    block = block_bytes(shape, precision)
-    return (resident + pooled) * block + shape.outer_params * outer_bytes
+def _weights(shape: ModelShape, precision: str, resident: int, pooled: int, weight_bytes: int = 2) -> float:
+    block = block_bytes(shape, precision, weight_bytes)
+    return (resident + pooled) * block + shape.outer_params * weight_bytes
 
 
 def block_bytes(shape: ModelShape, precision: str, weight_bytes: int = 2) -> float:
@@ -316,7 +316,9 @@ def predict(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration) -
     """Peak memory (bytes, as ``torch.cuda.max_memory_allocated`` reads it) and seconds of one step."""
     depth, modes, chunks = shape.depth, flags.checkpointing, flags.feed_forward_chunks
     swapped = min(flags.block_swap, depth)
-    weights = _weights(shape, flags.base_model_precision, depth - swapped, min(swapped, 2))
+    weights = _weights(
+        shape, flags.base_model_precision, depth - swapped, min(swapped, 2), work.activation_bytes
+    )
     lora = lora_bytes(shape, work)
     kept = [kept_bytes(shape, work, mode, chunks) for mode in modes]
     if flags.offload_activations:
@@ -371,7 +373,7 @@ def step_time(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration)
     swapped = min(flags.block_swap, shape.depth)
     if swapped:
         # A swapped block's copy hides behind the block before it, unless the copy takes longer.
-        copy = block_bytes(shape, flags.base_model_precision) / cal.host_to_device
+        copy = block_bytes(shape, flags.base_model_precision, work.activation_bytes) / cal.host_to_device
         exposed = max(0.0, copy - (attn_f + rest_f))
         terms["block_swap"] = swapped * (cal.swap_per_block + 2 * exposed)
     if flags.offload_activations:

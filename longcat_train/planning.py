@@ -239,7 +239,8 @@ def _flag_args(cfg: TrainConfig, plan_cfg: TrainConfig) -> list[str]:
     """The command-line flags that differ from the defaults in ``plan_cfg``'s technique fields."""
     default = TrainConfig()
     args = []
-    for name in _TECHNIQUE_FIELDS:
+    # Checkpointing is left to --memory-budget, which the command line carries.
+    for name in (n for n in _TECHNIQUE_FIELDS if n != "gradient_checkpointing"):
         value = getattr(plan_cfg, name)
         if value == getattr(default, name):
             continue
@@ -277,11 +278,10 @@ def plan_report(cfg: TrainConfig, argv: list[str]) -> list[str]:
     command = ["longcat-train", *_kept_args(argv), *_flag_args(cfg, config_with(cfg, flags))]
     command += ["--memory-budget", f"{budget / GB:g}"]
     lines.append("run: " + shlex.join(command))
-    lines.append(
-        "(predictions: benchmarks/plan_check.py measures them; step times are for an H200/H100-class GPU; "
-        + "; ".join(cal.derived)
-        + ")"
-    )
+    notes = ["checked against the GPU by benchmarks/plan_check.py", "step times of an H200/H100-class GPU"]
+    if current.fp8_matmuls and not current.compile:
+        notes += cal.derived
+    lines.append(f"({'; '.join(notes)})")
     return lines
 
 
