@@ -148,8 +148,9 @@ def worker(cells: list[dict[str, Any]], quick: bool, steps: int) -> None:
         base_model.gradient_checkpointing = tuple(cell["flags"]["checkpointing"])
         cell_cfg = replace(run_cfg, attention=ATTENTION[cell["attention"]])
         if cuda:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cell["budget_gb"] * mp.GB / total), device)
+            index = torch.cuda.current_device()  # the cap wants an index, not a bare "cuda"
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cell["budget_gb"] * mp.GB / total), index)
         generator = torch.Generator(device).manual_seed(0)
         times: list[float] = []
         try:

@@ -273,7 +273,7 @@ def plan_report(cfg: TrainConfig, argv: list[str]) -> list[str]:
         "  checkpointing per block: "
         + ", ".join(f"{m} x{n}" for m, n in mp.mode_counts(flags.checkpointing).items())
     )
-    lines.append("  memory: " + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in prediction.memory.items()))
+    lines.append("  memory: " + ", ".join(f"{k} {_size(v)}" for k, v in prediction.memory.items()))
     lines.append("  step: " + ", ".join(f"{k} {v:.2f} s" for k, v in prediction.time.items()))
     command = ["longcat-train", *_kept_args(argv), *_flag_args(cfg, config_with(cfg, flags))]
     command += ["--memory-budget", f"{budget / GB:g}"]
@@ -287,7 +287,11 @@ def plan_report(cfg: TrainConfig, argv: list[str]) -> list[str]:
 
 def _summary(prediction: Prediction, budget: float, cal: mp.Calibration) -> str:
     fits = "fits" if prediction.peak_bytes * cal.reserve <= budget else "does not fit"
-    return f"peak {prediction.peak_bytes / GB:.1f} GB ({fits}), {prediction.step_seconds:.2f} s/step"
+    return f"peak {_size(prediction.peak_bytes)} ({fits}), {prediction.step_seconds:.2f} s/step"
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GB:.1f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1e6:.1f} MB"
 
 
 _PLAN_FIELDS = ("plan", "gpu_memory", "memory_budget")
