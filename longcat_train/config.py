@@ -53,7 +53,7 @@ from longcat_train.checks import (
     SEED,
     VALIDATION_SOURCE,
 )
-from longcat_train.lora_spec import LORA_SPECS, STRENGTH_RANGE
+from longcat_train.lora_spec import LORA_SPEC, LORA_SPECS, STRENGTH_RANGE
 from longcat_train.video_settings import RefineSettings, VideoSettings
 
 __all__ = ["ConfigError", "RefineSettings", "SampleConfig", "TrainConfig", "VideoSettings", "save_config"]
@@ -380,6 +380,14 @@ class TrainConfig:
         check=LORA_SPECS,
     )
 
+    validation_distill_lora: str | None = option(
+        None,
+        "the distill LoRA (the official checkpoint's lora/cfg_step_lora.safetensors): validation samples "
+        f"with it on and the distilled schedule, {DISTILL_STEPS} steps without guidance unless "
+        "--validation-inference-steps / --validation-guidance say otherwise",
+        check=LORA_SPEC,
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.gradient_checkpointing, bool):
             # SimpleTuner and TOML say true/false: true keeps attention outputs where memory allows.
@@ -404,15 +412,28 @@ class TrainConfig:
 
     @property
     def validation_settings(self) -> VideoSettings:
-        """The settings every validation video is sampled with."""
+        """The settings every validation video is sampled with; with ``validation_distill_lora`` the
+        distilled schedule, and its steps and guidance where the run keeps the plain defaults."""
+        distill = self.validation_distill_lora is not None
+        steps, guidance = self.validation_inference_steps, self.validation_guidance
+        if distill and steps == DEFAULT_STEPS:
+            steps = DISTILL_STEPS
+        if distill and guidance == DEFAULT_GUIDANCE:
+            guidance = DISTILL_GUIDANCE
         return VideoSettings(
             frames=self.validation_frames,
-            steps=self.validation_inference_steps,
-            guidance=self.validation_guidance,
+            steps=steps,
+            guidance=guidance,
             shift=self.flow_schedule_shift,
             seed=self.validation_seed,
             area=parse_area(self.validation_area),
+            distill=distill,
         )
+
+    @property
+    def validation_loras(self) -> list[str]:
+        """PATH[:STRENGTH] of every frozen LoRA validation samples with (the distill LoRA last)."""
+        return self.validation_lora + ([self.validation_distill_lora] if self.validation_distill_lora else [])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,8 +24,8 @@ from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
 from longcat_train.config import RefineSettings, SampleConfig, VideoSettings
 from longcat_train.loading import load_dit
-from longcat_train.lora import check_lora_file, read_lora_file
 from longcat_train.lora_apply import LoadedLoras, NamedLora, load_loras, lora_targets
+from longcat_train.lora_formats import check_file, read_file
 from longcat_train.lora_spec import STRENGTH_RANGE, parse_lora_spec, strength_allowed
 from longcat_train.lowrank import LowRankSet
 from longcat_train.offload import BlockSwap, apply_block_swap
@@ -135,9 +135,12 @@ class Sampler:
         if path not in self._files:
             check_lora(path)
             try:
-                lora = read_lora_file(path)
-                lora_targets(self.dit, NamedLora(path, lora, 1.0))
+                lora = read_file(path)
             except (ValueError, OSError) as err:
+                raise SampleInputError(f"LoRA {err}") from err
+            try:
+                lora_targets(self.dit, NamedLora(path, lora, 1.0))
+            except ValueError as err:
                 detail = str(err).removeprefix(f"LoRA {path}: ").removeprefix(f"{path}: ")
                 raise SampleInputError(
                     f"LoRA {path} does not fit the DiT of --model {self.model}: {detail}"
@@ -298,7 +301,7 @@ def check_lora(path: str, flag: str = "--lora") -> None:
     if not Path(path).is_file():
         raise SampleInputError(f"LoRA file not found: {path}")
     try:
-        check_lora_file(path)
+        check_file(path)
     except ValueError as err:
         raise SampleInputError(f"{flag} {err}") from None
 

@@ -50,7 +50,7 @@ from longcat_train.checkpoints import (
     set_rng_state,
 )
 from longcat_train.config import ConfigError, TrainConfig, save_config
-from longcat_train.lora import check_lora_file
+from longcat_train.lora_formats import check_file
 from longcat_train.lora_spec import parse_lora_spec
 from longcat_train.parallel import Dist
 from longcat_train.planning import budget_checkpointing
@@ -367,9 +367,12 @@ def check_frozen_loras(cfg: TrainConfig) -> None:
     """ConfigError unless every ``base_lora`` and ``validation_lora`` names a LoRA file (its header is
     read) other than the one this run trains (its exports and checkpoints, rewritten and pruned)."""
     out = Path(cfg.output_dir).resolve()
-    trained = {out / LORA_FILE, out / OFFICIAL_LORA_FILE}
-    for setting in ("base_lora", "validation_lora"):
-        for path in (parse_lora_spec(spec).path for spec in getattr(cfg, setting)):
+    trained = {out / LORA_FILE, out / OFFICIAL_LORA_FILE, out / COMFYUI_LORA_FILE}
+    for setting in ("base_lora", "validation_lora", "validation_distill_lora"):
+        specs = getattr(cfg, setting)
+        for path in (
+            parse_lora_spec(spec).path for spec in ([specs] if isinstance(specs, str) else specs or [])
+        ):
             if not Path(path).is_file():
                 raise ConfigError(f"{setting} {path}: no such LoRA file")
             real = Path(path).resolve()
@@ -379,7 +382,7 @@ def check_frozen_loras(cfg: TrainConfig) -> None:
                     "elsewhere to train a new one on top of it"
                 )
             try:
-                check_lora_file(path)
+                check_file(path)
             except ValueError as err:
                 raise ConfigError(f"{setting} {err}") from None
 

@@ -229,7 +229,7 @@ class Validation:
 
     The pairs are read and fitted to the validation area when training starts, so a bad source is a
     ConfigError before anything loads; a validation that fails later (a sampling error, out of memory)
-    is logged in one line and training goes on. The ``validation_lora`` LoRAs are hooked onto the model
+    is logged in one line and training goes on. The ``validation_lora`` LoRAs (and ``validation_distill_lora``) are hooked onto the model
     once (:meth:`attach`, before the first step, so one that does not fit is refused then) and are on
     only while the pairs are sampled."""
 
@@ -240,8 +240,10 @@ class Validation:
         self.loras: LoadedLoras | None = None
         if not cfg.validation_source:
             log.info("no validation_source: validation off")
-            if cfg.validation_lora:
-                log.warning("validation_lora is not used: there is no validation_source to sample")
+            if cfg.validation_loras:
+                log.warning(
+                    "validation_lora / validation_distill_lora not used: there is no validation_source to sample"
+                )
             return
         source = cfg.validation_source
         try:
@@ -253,9 +255,9 @@ class Validation:
 
     def attach(self, model: nn.Module) -> None:
         """Hook the ``validation_lora`` LoRAs onto ``model`` (the one training), off until a validation."""
-        if not self.pairs or not self.cfg.validation_lora:
+        if not self.pairs or not self.cfg.validation_loras:
             return
-        entries = [parse_lora_spec(spec).entry(1.0) for spec in self.cfg.validation_lora]
+        entries = [parse_lora_spec(spec).entry(1.0) for spec in self.cfg.validation_loras]
         try:
             self.loras = load_loras(model, entries, merge=False, device=self.d.device)
         except ValueError as err:
@@ -266,7 +268,7 @@ class Validation:
     def prompts(self) -> list[str]:
         if not self.pairs:
             return []
-        return [p.prompt for p in self.pairs] + ([""] if self.cfg.validation_guidance > 1 else [])
+        return [p.prompt for p in self.pairs] + ([""] if self.cfg.validation_settings.guidance > 1 else [])
 
     def due(self, step: int, last: int) -> bool:
         every = self.cfg.validation_every

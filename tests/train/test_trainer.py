@@ -330,21 +330,22 @@ def test_user_errors_are_one_line(tiny_shards, shard_copy, tmp_path, capsys):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(4, 4)}, str(not_lora))
     save_file(
         {
-            "down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 32),
-            "down_blocks.0.to_q.lora_B.weight": torch.zeros(32, 4),
+            "blocks.0.attn.qkv.lora_A.weight": torch.zeros(4, 32),
+            "blocks.0.attn.qkv.lora_B.weight": torch.zeros(96, 4),
+            "blocks.0.attn.qkv.alpha": torch.tensor(4.0),
         },
         str(other),
     )
     assert run("--shards", str(tiny_shards), "--base-lora", f"{not_lora}:0.5") == (
-        f"longcat-train: error: base_lora {not_lora}: not a LoRA file (unexpected key blocks.0.attn.qkv.weight)"
+        f"longcat-train: error: base_lora {not_lora}: not a LongCat-Video LoRA in any layout this tool reads (e.g. key blocks.0.attn.qkv.weight)"
     )
     assert run("--shards", str(tiny_shards), "--validation-lora", "x.safetensors:inf") == (
         "longcat-train: error: --validation-lora 'x.safetensors:inf': must be PATH or PATH:STRENGTH, "
         "STRENGTH a finite number in [-4, 4]"
     )
     assert run("--shards", str(tiny_shards), "--base-lora", str(other)) == (
-        f"longcat-train: error: base_lora: LoRA {other}: 1 of its modules match no Linear layer of the DiT: "
-        "down_blocks.0.to_q (a LoRA for another model?)"
+        f"longcat-train: error: base_lora: LoRA {other}: blocks.0.attn.qkv is [96, 32] in the LoRA but "
+        "[384, 128] in the DiT (a LoRA for another model?)"
     )
 
     manifest = json.loads((shard_copy / "manifest.json").read_text())
@@ -519,7 +520,7 @@ def test_base_lora_trains_underneath_and_stacks_at_inference(
     training; a changed base_lora is refused on resume."""
     from longcat_train import validation as validation_module
     from longcat_train.architecture import BLOCK_LINEARS
-    from longcat_train.lora import read_lora_file
+    from longcat_train.lora_formats import read_file
 
     tiny = load_dit("tiny", torch.float32)
     base_lora = official_lora_file(
@@ -548,7 +549,7 @@ def test_base_lora_trains_underneath_and_stacks_at_inference(
         tiny_shards, tmp_path / "run", validation_lora=[f"{extra}:-1.5"], **common, **validating
     )
     result = train(cfg)
-    saved = read_lora_file(result.lora_path)
+    saved = read_file(result.lora_path)
     assert set(saved.deltas) == {f"blocks.{i}.{name}" for i in range(2) for name in BLOCK_LINEARS}
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["base_lora"] == cfg.base_lora
 
@@ -619,3 +620,47 @@ def test_memory_budget_applies_the_plan_for_the_shards_bucket(tiny_shards, tmp_p
     assert planned.losses == plain.losses
     with pytest.raises(ConfigError, match="memory_budget = 1e-06: even full checkpointing"):
         train(replace(cfg, output_dir=str(tmp_path / "small"), memory_budget="1e-06"))
+
+
+def test_validation_distill_lora_samples_distilled_with_the_lora_on(
+    tiny_shards, tmp_path, monkeypatch, official_lora_file
+):
+    """--validation-distill-lora: the validation videos use the distilled schedule at its 16 steps and
+    guidance 1 (where the run keeps the plain defaults), with the LoRA on for both rows; training does
+    not see it."""
+    from longcat_train import validation as validation_module
+
+    tiny = load_dit("tiny", torch.float32)
+    distill = official_lora_file(tmp_path / "distill.safetensors", tiny, {"blocks.0.attn.qkv": 3}, 2, 3)
+    seen: dict = {}
+
+    def probe(model, vae, pairs, embeds, settings, *, step, **kw):
+        seen["settings"], seen["prompts"] = settings, sorted(embeds)
+        with torch.no_grad(), model.disable_adapter():
+            seen["base"] = model(**_fixed_inputs())
+        return []
+
+    monkeypatch.setattr(validation_module, "run_validation", probe)
+    validating = dict(validation_source=str(tiny_shards), validation_limit=1, validation_area="64x64")
+    cfg = tiny_config(
+        tiny_shards, tmp_path / "run", max_train_steps=1, validation_distill_lora=distill, **validating
+    )
+    assert cfg.validation_loras == [distill]
+    train(cfg)
+    settings = seen["settings"]
+    assert settings.distill and (settings.steps, settings.guidance) == (16, 1.0)
+    assert "" not in seen["prompts"]  # no negative pass without guidance
+    with_distill = load_dit("tiny", torch.float32)
+    load_loras(with_distill, [(distill, 1.0)], merge=False)
+    with torch.no_grad():
+        torch.testing.assert_close(with_distill(**_fixed_inputs()), seen["base"], rtol=1e-5, atol=1e-5)
+    kept = tiny_config(
+        tiny_shards,
+        tmp_path / "b",
+        validation_distill_lora=distill,
+        validation_inference_steps=8,
+        **validating,
+    )
+    assert (kept.validation_settings.steps, kept.validation_settings.guidance) == (8, 1.0)
+    with pytest.raises(ConfigError, match="validation_distill_lora .*no such LoRA file"):
+        train(tiny_config(tiny_shards, tmp_path / "c", validation_distill_lora="none.safetensors"))
