@@ -119,6 +119,12 @@ def train_main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = parse_train_args(argv)
+        if cfg.plan:
+            from longcat_train.planning import plan_report
+
+            for line in plan_report(cfg, sys.argv[1:] if argv is None else argv):
+                print(line)
+            return 0
         # Imported after parsing, so that --help and flag errors answer at once, without the model and data
         # stack's imports (diffusers, peft, torchao) and their warnings.
         from longcat_train.trainer import train

@@ -64,6 +64,18 @@ DEFAULT_LORA_TARGETS = BLOCK_LINEARS
 BASE_PRECISIONS = ("no_change", "bf16", "int8-quanto", "fp8-torchao")
 
 
+def _memory_budget(value: str | None) -> bool:
+    if value is None or value == "auto":
+        return True
+    try:
+        return 0 < float(value) < float("inf")
+    except ValueError:
+        return False
+
+
+MEMORY_BUDGET = Check(_memory_budget, "a number of GB (e.g. 24) or auto")
+
+
 @dataclass
 class TrainConfig:
     # -- model and data
@@ -251,6 +263,32 @@ class TrainConfig:
         False,
         "float8 matmuls for the frozen base linears, weights kept in bf16 (GPUs with compute capability "
         "8.9+: Ada, Hopper); faster steps, LoRA gradients as close to float32 as bf16's",
+    )
+    memory_budget: str | None = option(
+        None,
+        "GB of GPU memory a step may use, or auto (the GPU's): checkpointing is then chosen per block so "
+        "that the step fits and recomputes least (the other flags as given; see --plan)",
+        metavar="GB|auto",
+        check=MEMORY_BUDGET,
+    )
+    plan: bool = option(
+        False,
+        "print the predicted peak memory and step time of these flags and the fastest flags that fit "
+        "(--gpu-memory, else this GPU), as a command line; loads no weights, trains nothing",
+        group="memory plan",
+    )
+    gpu_memory: float | None = option(
+        None,
+        "with --plan: plan for a GPU of this many GB instead of this machine's",
+        metavar="GB",
+        check=number(0, low_open=True),
+        group="memory plan",
+    )
+    area: str = option(
+        format_area(DEFAULT_AREA),
+        "HxW of the clips --plan plans for (--memory-budget takes the largest bucket the manifest lists)",
+        check=AREA_ON_GRID,
+        group="memory plan",
     )
     # -- data loading
     num_workers: int = option(

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -401,8 +401,9 @@ class LongCatBlock(nn.Module):
         self.attn = SelfAttention(config)
         self.cross_attn = CrossAttention(config)
         self.ffn = FeedForward(C, config.ffn_hidden_size)
-        # Set through LongCatVideoTransformer.feed_forward_chunks.
+        # Set through LongCatVideoTransformer.feed_forward_chunks and .gradient_checkpointing.
         self.feed_forward_chunks = 1
+        self.checkpointing: CheckpointMode = "full"
 
     def forward(
         self,
@@ -513,8 +514,8 @@ class LongCatVideoTransformer(nn.Module):
         self.final_layer = FinalLayer(
             config.hidden_size, math.prod(config.patch_size), config.out_channels, config.adaln_tembed_dim
         )
-        self._gradient_checkpointing: CheckpointMode = "full"
         self._block_step = _block_step
+        self.gradient_checkpointing = "full"
         self.attention_implementation = "sdpa"
         self.block_sparse_params = config.official_block_sparse_params
 
@@ -551,19 +552,32 @@ class LongCatVideoTransformer(nn.Module):
                 module.block_sparse_params = params
 
     @property
-    def gradient_checkpointing(self) -> CheckpointMode:
-        """Per-block activation checkpointing while gradients are enabled.
+    def gradient_checkpointing(self) -> CheckpointMode | tuple[CheckpointMode, ...]:
+        """Activation checkpointing while gradients are enabled: one mode for every block, or one per block.
 
-        ``full`` recomputes each block in backward; ``selective`` keeps the self-attention outputs and
-        recomputes the rest (more memory, no second attention forward); ``none`` stores everything.
+        ``full`` recomputes a block in backward; ``selective`` keeps the self-attention outputs and
+        recomputes the rest (more memory, no second attention forward); ``none`` stores everything. A
+        tuple (one mode per block, e.g. a memory plan's) reads back as a tuple unless all modes agree.
+        Every mode computes the same loss and gradients: only what is kept differs.
         """
-        return self._gradient_checkpointing
+        modes = self.block_checkpointing
+        return modes[0] if modes and all(m == modes[0] for m in modes) else modes
 
     @gradient_checkpointing.setter
-    def gradient_checkpointing(self, mode: CheckpointMode) -> None:
-        if mode not in CHECKPOINT_MODES:
-            raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINT_MODES}, got {mode!r}")
-        self._gradient_checkpointing = mode
+    def gradient_checkpointing(self, mode: CheckpointMode | Sequence[CheckpointMode]) -> None:
+        modes = (mode,) * len(self.blocks) if isinstance(mode, str) else tuple(mode)
+        if len(modes) != len(self.blocks):
+            raise ValueError(f"gradient_checkpointing: {len(modes)} modes for {len(self.blocks)} blocks")
+        for m in modes:
+            if m not in CHECKPOINT_MODES:
+                raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINT_MODES}, got {m!r}")
+        for block, m in zip(self.blocks, modes, strict=True):
+            block.checkpointing = m
+
+    @property
+    def block_checkpointing(self) -> tuple[CheckpointMode, ...]:
+        """The checkpointing mode of each block, in order."""
+        return tuple(block.checkpointing for block in self.blocks)
 
     @property
     def feed_forward_chunks(self) -> int:
@@ -599,8 +613,8 @@ class LongCatVideoTransformer(nn.Module):
         self._block_step = torch.compile(_block_step, **{"fullgraph": True, **compile_kwargs})
 
     def run_block(self, block: LongCatBlock, *args: Any) -> torch.Tensor:
-        """``block(*args)`` under the model's checkpointing mode (compiled after :meth:`compile_blocks`)."""
-        checkpointing = self._gradient_checkpointing if torch.is_grad_enabled() else "none"
+        """``block(*args)`` under its checkpointing mode (compiled after :meth:`compile_blocks`)."""
+        checkpointing = block.checkpointing if torch.is_grad_enabled() else "none"
         return self._block_step(block, checkpointing, *args)
 
     def forward(

@@ -59,6 +59,9 @@ RESUMABLE_CHANGES = frozenset(
         "allow_missing_shards",
     }
     | {"report_to", "wandb_project", "progress", "pin_memory"}
+    # The memory plan's settings choose what is kept for backward, not what is computed: a run stopped for
+    # memory resumes under another budget.
+    | {"memory_budget", "plan", "gpu_memory", "area"}
     | {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("validation_")}
 )
 

@@ -53,6 +53,7 @@ from longcat_train.config import ConfigError, TrainConfig, save_config
 from longcat_train.lora_formats import check_file
 from longcat_train.lora_spec import parse_lora_spec
 from longcat_train.parallel import Dist
+from longcat_train.planning import budget_checkpointing
 from longcat_train.runs import (
     CHECKPOINTS,
     COMFYUI_LORA_FILE,
@@ -417,6 +418,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             "num_train_epochs needs the sample count: set epoch_samples (no manifest found) or max_train_steps"
         )
 
+    checkpointing = budget_checkpointing(cfg, manifest, d.device) if cfg.memory_budget is not None else None
     validation = Validation(cfg, d, weight_dtype(cfg, d.device))
     # Only now, with every check passed, does the folder change.
     if d.main:
@@ -437,7 +439,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         digests = base_lora_digests([parse_lora_spec(spec).path for spec in cfg.base_lora])
         state = TrainState(world_size=d.world_size, base_lora_sha256=digests)
     base = load_dit(cfg.model, dtype=weight_dtype(cfg, d.device), device=load_device(cfg, d.device))
-    train_model, model = apply_techniques(base, cfg, d, lora_weights=resumed.lora if resumed else None)
+    train_model, model = apply_techniques(
+        base, cfg, d, lora_weights=resumed.lora if resumed else None, checkpointing=checkpointing
+    )
     validation.attach(train_model)
     params = [p for p in train_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, d.device)

@@ -580,6 +580,48 @@ def test_base_lora_trains_underneath_and_stacks_at_inference(
         train(same)
 
 
+def test_memory_budget_applies_the_plan_for_the_shards_bucket(tiny_shards, tmp_path, monkeypatch):
+    """--memory-budget: the trainer plans per-block checkpointing for the manifest's bucket (64x64 here,
+    not the 480x832 --area default) and trains bit for bit what no checkpointing trains (fp32)."""
+    from dataclasses import replace
+
+    from longcat_train import memory_plan, planning
+    from longcat_train import trainer as trainer_module
+    from longcat_train.model import DiTConfig, transformer_of
+
+    cfg = tiny_config(tiny_shards, tmp_path / "plain", gradient_checkpointing="none", max_train_steps=2)
+    shape = planning.model_shape(DiTConfig.tiny(), list(cfg.lora_targets))
+    work, cal = planning.workload(cfg, (64, 64)), planning.calibration()
+
+    def peak(*modes: str) -> float:
+        flags = replace(planning.flags_of(cfg, shape.depth), checkpointing=modes)
+        return memory_plan.predict(shape, work, flags, cal).peak_bytes * cal.reserve
+
+    budget_gb = (peak("none", "selective") + peak("none", "none")) / 2 / memory_plan.GB
+    applied = []
+    apply = trainer_module.apply_techniques
+
+    def recording(base, *args, **kwargs):
+        out = apply(base, *args, **kwargs)
+        applied.append(transformer_of(out[0]).block_checkpointing)
+        return out
+
+    monkeypatch.setattr(trainer_module, "apply_techniques", recording)
+    plain = train(cfg)
+    planned = train(
+        replace(
+            cfg,
+            output_dir=str(tmp_path / "planned"),
+            memory_budget=str(budget_gb),
+            gradient_checkpointing="full",
+        )
+    )
+    assert applied == [("none", "none"), ("none", "selective")]
+    assert planned.losses == plain.losses
+    with pytest.raises(ConfigError, match="memory_budget = 1e-06: even full checkpointing"):
+        train(replace(cfg, output_dir=str(tmp_path / "small"), memory_budget="1e-06"))
+
+
 def test_validation_distill_lora_samples_distilled_with_the_lora_on(
     tiny_shards, tmp_path, monkeypatch, official_lora_file
 ):
