@@ -17,6 +17,7 @@ generator, so a resumed run draws what the uninterrupted one would have.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from longcat_data.buckets import VAE_TEMPORAL_STRIDE, latent_frames
@@ -102,6 +103,12 @@ def min_clip_frames(weights: Mapping[str, float], cond_frames: int) -> int | Non
     return cond_frames + VAE_TEMPORAL_STRIDE
 
 
+def min_latent_frames(weights: Mapping[str, float], cond_frames: int) -> int | None:
+    """``min_clip_frames`` in latent frames (what a shard sample's header tells)."""
+    frames = min_clip_frames(weights, cond_frames)
+    return latent_frames(frames) if frames else None
+
+
 def draw_tasks(weights: Mapping[str, float], count: int, generator: torch.Generator) -> list[str]:
     """``count`` tasks, each drawn with ``weights`` (normalised) from ``generator``; a single task is
     returned without drawing, so a one-task run uses the generator exactly as before tasks existed."""
@@ -147,3 +154,24 @@ def condition_latents(task: str, batch: Mapping[str, Any], cond_frames: int) -> 
     if task == "i2v":
         return batch["cond_latents"]
     return batch["latents"][:, :, : cond_latent_count(task, cond_frames)]
+
+
+def check_clip_lengths(
+    weights: Mapping[str, float], cond_frames: int, manifest: dict, directory: Path
+) -> None:
+    """ShardError naming a shard whose clips are too short for the continuation condition, from the
+    manifest's bucket counts and the prep states (before any shard is read)."""
+    from longcat_data.manifest import short_clips
+    from longcat_data.shards import ShardError
+
+    shortest = min_clip_frames(weights, cond_frames)
+    found = short_clips(manifest, directory, shortest) if shortest else []
+    if found:
+        shard, frames, clips = found[0]
+        more = f" (and {len(found) - 1} more like it)" if len(found) > 1 else ""
+        raise ShardError(
+            f"{directory / shard if shard else directory} holds {clips} clip(s) of {frames} frames{more}: "
+            f"too few for continuation with cond_frames = {cond_frames}, which needs {shortest}; set "
+            f"cond_frames <= {frames - VAE_TEMPORAL_STRIDE}, or re-run longcat-prep shard without videos "
+            "that short"
+        )

@@ -123,7 +123,7 @@ def test_target_sign_model_predicting_x0_minus_eps_has_zero_loss(tiny_shards, tm
 @pytest.mark.parametrize("i2v", [True, False])
 def test_condition_frame_is_the_clean_start_frame_and_not_in_the_loss(tiny_shards, tmp_path, i2v):
     batch = one_batch(tiny_shards)
-    cfg = tiny_config(tiny_shards, tmp_path, i2v=i2v)
+    cfg = tiny_config(tiny_shards, tmp_path, conditioning="i2v" if i2v else "t2v")
     oracle = Oracle(batch["latents"].float(), frame0=1e3)  # garbage on frame 0
     loss = training_loss(oracle, batch, cfg, torch.Generator().manual_seed(0), None, CPU)
     call = oracle.calls[0]
