@@ -329,7 +329,9 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
     # -- validation
     validation_source: str | None = option(
-        None, "eval shards or a folder of image + .txt pairs; unset: no validation", check=VALIDATION_SOURCE
+        None,
+        "eval shards or a folder of images (or videos) + .txt captions; unset: no validation",
+        check=VALIDATION_SOURCE,
     )
     validation_every: int = option(
         0, "validate every N steps (0: only at the end)", simpletuner="validation_steps", check=at_least(0)

@@ -307,3 +307,27 @@ def test_a_mix_is_checked_only_where_it_can_be_used():
     # cond_frames does not matter to runs that never draw continuation.
     TrainConfig(conditioning="mixed", conditioning_mix="i2v=1,t2v=1", frames=13).validate()
     TrainConfig(conditioning="i2v", frames=13).validate()
+
+
+def test_a_continuation_run_validates_continuations_of_its_eval_clips(tiny_shards, tmp_path):
+    from longcat_data.video import read_mp4
+
+    cfg = tiny_config(
+        tiny_shards,
+        tmp_path,
+        conditioning="continuation",
+        max_train_steps=1,
+        validation_source=str(tiny_shards),
+        validation_limit=1,
+        validation_frames=TINY_FRAMES,
+        validation_inference_steps=1,
+        validation_guidance=1.0,
+        validation_area="64x64",
+    )
+    assert cfg.validation_task == "continuation"
+    train(cfg)
+    (video,) = (tmp_path / "validation" / "step_000001").glob("*.mp4")
+    assert len(read_mp4(video)) == TINY_FRAMES
+    refused = dict(cfg.to_dict(), validation_frames=5, output_dir=str(tmp_path / "again"))
+    with pytest.raises(ConfigError, match="cond_frames = 5: a continuation validation needs fewer"):
+        TrainConfig(**refused).validate()
