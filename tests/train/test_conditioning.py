@@ -331,3 +331,26 @@ def test_a_continuation_run_validates_continuations_of_its_eval_clips(tiny_shard
     refused = dict(cfg.to_dict(), validation_frames=5, output_dir=str(tmp_path / "again"))
     with pytest.raises(ConfigError, match="cond_frames = 5: a continuation validation needs fewer"):
         TrainConfig(**refused).validate()
+
+
+def test_a_run_saved_with_the_i2v_key_resumes_as_its_conditioning():
+    from longcat_train.runs import resume_mismatch
+
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("conditioning", "cond_frames")}
+    assert resume_mismatch({**old, "i2v": True}, TrainConfig()) == []
+    assert resume_mismatch({**old, "i2v": False}, TrainConfig()) == ["conditioning: 't2v' -> 'i2v'"]
+    changed = TrainConfig(conditioning="mixed")
+    assert resume_mismatch(TrainConfig().to_dict(), changed) == ["conditioning: 'i2v' -> 'mixed'"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "block_sparse"])
+def test_continuation_and_mixed_train_on_the_gpu(tiny_shards, tmp_path, attention):
+    # bf16 autocast and the block-sparse kernel with several condition latent frames (their own blocks).
+    for task in ("continuation", "mixed"):
+        cfg = tiny_config(
+            tiny_shards, tmp_path / task, conditioning=task, attention=attention, train_batch_size=2
+        )
+        result = train(cfg)
+        assert sorted(result.losses) == [1, 2] and all(np.isfinite(v) for v in result.losses.values())
+        assert result.skipped_steps == 0
