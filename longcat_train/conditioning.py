@@ -167,7 +167,7 @@ def check_clip_lengths(
     shortest = min_clip_frames(weights, cond_frames)
     found = short_clips(manifest, directory, shortest) if shortest else []
     if found:
-        shard, frames, clips = found[0]
+        shard, frames, clips = min(found, key=lambda entry: entry[1])  # the fix must fit the shortest
         more = f" (and {len(found) - 1} more like it)" if len(found) > 1 else ""
         raise ShardError(
             f"{directory / shard if shard else directory} holds {clips} clip(s) of {frames} frames{more}: "
