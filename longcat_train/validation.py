@@ -99,7 +99,7 @@ def load_validation_pairs(source: str, limit: int, cond_frames: int | None = Non
                 f"{source} holds images: a continuation validation continues videos; give a folder of "
                 "videos + .txt captions, or eval shards"
             )
-        pairs = _folder_pairs(images[:limit], read_start_image)
+        pairs = _folder_pairs(images[:limit], lambda path: (read_start_image(path), None))
     elif videos:
         pairs = _folder_pairs(videos[:limit], lambda path: _first_frames(path, cond_frames))
     else:
@@ -113,10 +113,10 @@ def load_validation_pairs(source: str, limit: int, cond_frames: int | None = Non
 
 
 def _folder_pairs(
-    paths: list[Path], read: Callable[[Path], np.ndarray | tuple[np.ndarray, np.ndarray]]
+    paths: list[Path], read: Callable[[Path], tuple[np.ndarray, np.ndarray | None]]
 ) -> list[ValidationPair]:
-    """A pair per image or video, with its same-stem ``.txt``; ``read`` gives the start image, or the
-    start image and the frames a continuation continues."""
+    """A pair per image or video, with its same-stem ``.txt``; ``read`` gives the start image and the
+    frames a continuation continues (None: image-to-video)."""
     pairs = []
     for path in paths:
         caption = path.with_suffix(".txt")
@@ -125,8 +125,7 @@ def _folder_pairs(
         prompt = caption.read_text(encoding="utf-8").strip()
         if not prompt:
             raise SampleInputError(f"validation caption {caption} is empty")
-        read_back = read(path)
-        image, frames = read_back if isinstance(read_back, tuple) else (read_back, None)
+        image, frames = read(path)
         pairs.append(ValidationPair(_safe_key(path.stem), image, prompt, frames=frames))
     return pairs
 
