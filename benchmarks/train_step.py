@@ -3,6 +3,7 @@
     LONGCAT_OFFICIAL_DIR=/path/to/LongCat-Video python benchmarks/train_step.py [--steps 5] [--warmup 2]
         [--checkpointing selective] [--no-naive] [--out FILE]
     python benchmarks/train_step.py --quick      # CPU smoke run: tiny model, 9 frames at 64x64
+    python benchmarks/train_step.py --conditioning continuation   # 13 clean leading frames (4 latents)
 
 Full config with random bf16 weights at 480x832x93 (24 latent frames of 60x104: 37,440 tokens), image-to-
 video, rank-8 LoRA on the default targets, batch 1, fused AdamW, bf16 autocast. Data: a temporary shard of
@@ -166,6 +167,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument(
+        "--conditioning",
+        default="i2v",
+        choices=("i2v", "t2v", "continuation"),
+        help="what the clips are conditioned on (the trainer's --conditioning)",
+    )
+    parser.add_argument(
+        "--cond-frames",
+        type=int,
+        default=None,
+        help="continuation: clean leading frames (default 13; 5 quick)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="compile our block step (the naive step runs after, compiled too)",
@@ -203,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         num_workers=args.num_workers,
         mixed_precision="bf16",
         attention=args.attention,
+        conditioning=args.conditioning,
+        cond_frames=args.cond_frames or (5 if args.quick else 13),
     )
     d = Dist(device=device)
     dtype = trainer.weight_dtype(cfg, device)
@@ -273,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch": 1,
             "lora_rank": 8,
             "attention": args.attention,
+            "conditioning": args.conditioning,
+            "cond_frames": cfg.cond_frames if args.conditioning == "continuation" else None,
             "weights": str(dtype).removeprefix("torch."),
             "num_workers": args.num_workers,
             "steps": args.steps,

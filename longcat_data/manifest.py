@@ -431,6 +431,25 @@ def find_manifest(urls: Sequence[str]) -> dict | None:
     return None if where is None else read_manifest(where)
 
 
+def short_clips(manifest: dict, directory: Path, min_frames: int) -> list[tuple[str | None, int, int]]:
+    """``(shard, frames, clips)`` for the clips of fewer than ``min_frames`` frames the manifest's buckets
+    count, each shard named from the prep states beside it (``None`` where no state records the bucket,
+    e.g. shards copied without their ``.prep`` folder)."""
+
+    def frames(bucket: str) -> int:
+        return int(bucket.rsplit("x", 1)[-1])
+
+    short = {k: n for k, n in manifest.get("buckets", {}).items() if frames(k) < min_frames}
+    if not short:
+        return []
+    records = sorted((r for s in read_states(directory) for r in s.shards), key=lambda r: r.name)
+    found: list[tuple[str | None, int, int]] = [
+        (r.name, frames(k), n) for r in records for k, n in sorted(r.buckets.items()) if k in short
+    ]
+    recorded = {k for r in records for k in r.buckets}
+    return found + [(None, frames(k), n) for k, n in sorted(short.items()) if k not in recorded]
+
+
 def check_manifest(
     manifest: dict,
     *,

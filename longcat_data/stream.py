@@ -136,6 +136,7 @@ class StreamConfig:
     shuffle_buffer: int = 64  # samples held for shuffling in each worker
     need_cond: bool = True  # image-to-video: every sample must carry cond.safetensors
     max_latent_frames: int | None = None  # refuse samples longer than the configured clip length
+    min_latent_frames: int | None = None  # refuse samples shorter (continuation: its condition + 1)
     encoders: dict | None = None  # refuse samples whose json names other encoders
 
 
@@ -299,6 +300,12 @@ def check_samples(
             raise ShardError(
                 f"{where} has {shape[1]} latent frames, more than the config's {cfg.max_latent_frames}; "
                 f"set frames to match the shards or re-run longcat-prep shard"
+            )
+        if cfg.min_latent_frames is not None and shape[1] < cfg.min_latent_frames:
+            raise ShardError(
+                f"{where} has {shape[1]} latent frames, fewer than the {cfg.min_latent_frames} the config "
+                "needs (continuation: the cond_frames condition plus one); lower cond_frames or re-run "
+                "longcat-prep shard without clips this short"
             )
         found = meta.get("encoders")
         if cfg.encoders is not None and found is not None and found != cfg.encoders:

@@ -47,7 +47,7 @@ AREA_ON_GRID = Check(
 SEED = Check(lambda s: 0 <= s < 2**31, "in [0, 2**31)")
 CREATABLE_FOLDER = Check(_creatable_folder, "a folder that exists or can be created, and is writable")
 VALIDATION_SOURCE = Check(
-    _local_source_exists, "an existing folder of image + .txt pairs, or eval shards, or unset"
+    _local_source_exists, "an existing folder of images or videos + .txt captions, or eval shards, or unset"
 )
 RESUME_FROM = Check(
     lambda v: v == "latest" or Path(v).expanduser().exists(),

@@ -53,6 +53,15 @@ from longcat_train.checks import (
     SEED,
     VALIDATION_SOURCE,
 )
+from longcat_train.conditioning import (
+    COND_FRAMES,
+    CONDITIONING_MIX,
+    CONDITIONINGS,
+    DEFAULT_COND_FRAMES,
+    DEFAULT_MIX,
+    VALIDATION_CONDITIONINGS,
+    task_weights,
+)
 from longcat_train.lora_spec import LORA_SPEC, LORA_SPECS, STRENGTH_RANGE
 from longcat_train.video_settings import RefineSettings, VideoSettings
 
@@ -93,8 +102,22 @@ class TrainConfig:
         "video frames per clip (4k+1); the shards must have been made with this count",
         check=CLIP_FRAMES,
     )
-    i2v: bool = option(
-        True, "image-to-video: latent frame 0 is the clean start frame; --no-i2v trains text-to-video"
+    conditioning: str = option(
+        "i2v",
+        "what each clip is conditioned on: i2v (the start frame), t2v (nothing), continuation (its "
+        "first --cond-frames frames), mixed (a task drawn per clip with --conditioning-mix)",
+        choices=CONDITIONINGS,
+        switch=("i2v", "i2v", "t2v"),
+    )
+    cond_frames: int = option(
+        DEFAULT_COND_FRAMES,
+        "continuation: clean leading frames of each clip (4k+1; 13 -> 4 latent frames), fewer than frames",
+        check=COND_FRAMES,
+    )
+    conditioning_mix: str = option(
+        DEFAULT_MIX,
+        "mixed: TASK=WEIGHT,... over i2v, continuation, t2v (weights normalised; 0 or left out: never)",
+        check=CONDITIONING_MIX,
     )
     output_dir: str = option(
         "output",
@@ -344,7 +367,9 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
     # -- validation
     validation_source: str | None = option(
-        None, "eval shards or a folder of image + .txt pairs; unset: no validation", check=VALIDATION_SOURCE
+        None,
+        "eval shards or a folder of images (or videos) + .txt captions; unset: no validation",
+        check=VALIDATION_SOURCE,
     )
     validation_every: int = option(
         0, "validate every N steps (0: only at the end)", simpletuner="validation_steps", check=at_least(0)
@@ -373,6 +398,13 @@ class TrainConfig:
         check=AREA_ON_GRID,
     )
     validation_seed: int = option(0, "sampler seed", simpletuner="validation_seed", check=SEED)
+    validation_conditioning: str = option(
+        "auto",
+        "what validation samples: i2v (from the start image), continuation (of the validation clip's "
+        "first --cond-frames frames: eval shards or a folder of videos + .txt); auto: continuation "
+        "when --conditioning continuation, else i2v",
+        choices=VALIDATION_CONDITIONINGS,
+    )
     validation_lora: list[str] = option(
         [],
         "PATH[:STRENGTH] of a LoRA validation samples with besides the one training; repeat for several",
@@ -402,13 +434,33 @@ class TrainConfig:
         """ConfigError with one line per value no run can use: each field's type, choices and declared
         check (``flags.config_errors``), then the rules between fields (``VALUE_RULES``). Settings that
         do not combine are ``longcat_train.techniques.check_techniques``'s to refuse."""
-        errors = config_errors(self) or [message for clashes, message in VALUE_RULES if clashes(self)]
+        errors = config_errors(self) or [
+            message.format(**self.to_dict()) for clashes, message in VALUE_RULES if clashes(self)
+        ]
         if errors:
             raise ConfigError("\n".join(errors))
 
     @property
     def alpha(self) -> float:
         return self.lora_alpha or float(self.lora_rank)
+
+    @property
+    def i2v(self) -> bool:
+        """Every clip trains image-to-video (``--i2v``, the default)."""
+        return self.conditioning == "i2v"
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        """The tasks this run trains -> their weights (> 0)."""
+        return task_weights(self.conditioning, self.conditioning_mix)
+
+    @property
+    def validation_task(self) -> str:
+        """The task validation samples: ``validation_conditioning``, where ``auto`` follows a
+        continuation run and is i2v otherwise."""
+        if self.validation_conditioning != "auto":
+            return self.validation_conditioning
+        return "continuation" if self.conditioning == "continuation" else "i2v"
 
     @property
     def validation_settings(self) -> VideoSettings:
@@ -449,6 +501,20 @@ VALUE_RULES: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
         lambda c: c.overwrite and c.resume is not None,
         "overwrite and resume exclude each other: resume continues the run in output_dir, overwrite "
         "deletes it; drop one",
+    ),
+    (
+        lambda c: "continuation" in c.tasks and c.cond_frames >= c.frames,
+        "cond_frames = {cond_frames}: continuation needs fewer than frames = {frames} (at least one latent "
+        "frame to train); lower cond_frames",
+    ),
+    (
+        lambda c: (
+            c.validation_source is not None
+            and c.validation_task == "continuation"
+            and c.cond_frames >= c.validation_frames
+        ),
+        "cond_frames = {cond_frames}: a continuation validation needs fewer than validation_frames = "
+        "{validation_frames}; raise validation_frames or lower cond_frames",
     ),
 )
 

@@ -228,7 +228,8 @@ def denoise(
 ) -> torch.Tensor:
     """Latents [B, 16, T, h, w] (normalised, fp32) for B start frames and prompts.
 
-    ``cond_latents`` [B, 16, 1, h, w] are the encoded start frames; ``prompt_embeds`` B real-token
+    ``cond_latents`` [B, 16, n, h, w] are the clean condition latents (n = 1: the encoded start frames;
+    more: a continuation's encoded leading frames); ``prompt_embeds`` B real-token
     embeddings [L_i, D]; ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1.
     ``distill``: the distilled model's sigma schedule. ``on_step(i, steps)`` is called after each step;
     ``on_latents(i, latents)`` sees the full latents (condition frame included) the model is given at
@@ -251,7 +252,7 @@ def denoise(
     texts = ([negative_embeds] * batch if use_cfg else []) + list(prompt_embeds)
     text, mask = pad_text_embeds([t.to(device, torch.float32) for t in texts])
 
-    noisy = initial_noise((channels, latent_frames(frames) - 1, h, w), seeds).to(device)
+    noisy = initial_noise((channels, latent_frames(frames) - cond.shape[2], h, w), seeds).to(device)
     scheduler = flow_scheduler(steps, shift, distill=distill)
     noisy = euler_loop(
         model,

@@ -98,6 +98,14 @@ RULES: tuple[Rule, ...] = (
         "views of the swap buffers, which are refilled before backward",
         {"block_swap": 2, "gradient_checkpointing": "none"},
     ),
+    Rule(
+        ("conditioning", "fsdp"),
+        lambda c: c.fsdp and len(c.tasks) > 1 and c.train_batch_size > 1,
+        "conditioning = mixed with train_batch_size > 1 runs one forward per task drawn in a batch, so "
+        "ranks would make different numbers of the calls fsdp takes together: set train_batch_size = 1 "
+        "(raise gradient_accumulation_steps instead) or turn off fsdp",
+        {"conditioning": "mixed", "train_batch_size": 2, "fsdp": True},
+    ),
 )
 
 

@@ -38,7 +38,7 @@ from longcat_data.stream import (
     make_loader,
     write_text_cache,
 )
-from longcat_train import flow, parallel
+from longcat_train import conditioning, flow, parallel
 from longcat_train.checkpoints import (
     CheckpointError,
     TrainState,
@@ -126,10 +126,13 @@ def training_loss(
     generator: torch.Generator,
     empty_embeds: torch.Tensor | None,
     device: torch.device,
+    task: str | None = None,
 ) -> torch.Tensor:
-    """Flow-matching loss of one batch: noise, condition on the start frame (I2V), predict x0 - eps."""
+    """Flow-matching loss of one batch as ``task`` (default: the config's one task): predict x0 - eps."""
+    (task,) = [task] if task is not None else cfg.tasks
     x0 = batch["latents"].to(device, torch.float32, non_blocking=True)
-    cond = batch["cond_latents"].to(device, torch.float32, non_blocking=True) if cfg.i2v else None
+    cond = conditioning.condition_latents(task, {**batch, "latents": x0}, cfg.cond_frames)
+    cond = cond.to(device, torch.float32, non_blocking=True) if cond is not None else None
     embeds = batch["embeds"].to(device, non_blocking=True)
     mask = batch["embeds_mask"].to(device, non_blocking=True)
     if empty_embeds is not None:
@@ -186,13 +189,18 @@ def train_step(
         start = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - start
-        samples += batch["latents"].shape[0]
-        last = micro == cfg.gradient_accumulation_steps - 1
-        with parallel.grad_sync(train_model, last), autocast:
-            loss = training_loss(train_model, batch, cfg, generator, empty_embeds, d.device)
-        (loss / cfg.gradient_accumulation_steps).backward()
-        total += loss.detach()
-        micro_losses.append((list(batch.get("keys", [])), loss.detach()))
+        size = batch["latents"].shape[0]
+        samples += size
+        # Each sample draws its task; a model call has one condition length, so one call per task.
+        groups = conditioning.task_groups(conditioning.draw_tasks(cfg.tasks, size, generator))
+        for group, (task, indices) in enumerate(groups):
+            piece, share = conditioning.sub_batch(batch, indices), len(indices) / size
+            last = micro == cfg.gradient_accumulation_steps - 1 and group == len(groups) - 1
+            with parallel.grad_sync(train_model, last), autocast:
+                loss = training_loss(train_model, piece, cfg, generator, empty_embeds, d.device, task)
+            (loss * share / cfg.gradient_accumulation_steps).backward()
+            total += loss.detach() * share
+            micro_losses.append((list(piece.get("keys", [])), loss.detach()))
     loss = parallel.mean_across(total / cfg.gradient_accumulation_steps, d)
     grad_norm = parallel.total_grad_norm(params, cfg.max_grad_norm)
     # Every rank sees the same reduced loss and gradients, so all take the same branch.
@@ -314,8 +322,9 @@ def build_loader(
         world_size=d.world_size,
         resampled=cfg.resampled,
         shuffle_buffer=cfg.shuffle_buffer,
-        need_cond=cfg.i2v,
+        need_cond=conditioning.needs_start_frame(cfg.tasks),
         max_latent_frames=latent_frames(cfg.frames),
+        min_latent_frames=conditioning.min_latent_frames(cfg.tasks, cfg.cond_frames),
         encoders=encoders,
     )
     stream = ShardStream(urls, stream_cfg, start_batch=start_batch, text_cache=text_cache)
@@ -360,6 +369,7 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
             directory=directory,
             allow_missing=cfg.allow_missing_shards,
         )
+        conditioning.check_clip_lengths(cfg.tasks, cfg.cond_frames, manifest, directory)
     return urls, manifest, encoders
 
 

@@ -123,7 +123,7 @@ def test_target_sign_model_predicting_x0_minus_eps_has_zero_loss(tiny_shards, tm
 @pytest.mark.parametrize("i2v", [True, False])
 def test_condition_frame_is_the_clean_start_frame_and_not_in_the_loss(tiny_shards, tmp_path, i2v):
     batch = one_batch(tiny_shards)
-    cfg = tiny_config(tiny_shards, tmp_path, i2v=i2v)
+    cfg = tiny_config(tiny_shards, tmp_path, conditioning="i2v" if i2v else "t2v")
     oracle = Oracle(batch["latents"].float(), frame0=1e3)  # garbage on frame 0
     loss = training_loss(oracle, batch, cfg, torch.Generator().manual_seed(0), None, CPU)
     call = oracle.calls[0]
@@ -164,12 +164,20 @@ def test_loss_falls_when_overfitting_two_clips(tiny_shards, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 30
 
 
-def test_resume_matches_an_uninterrupted_run_bit_for_bit(tiny_shards, tmp_path):
+# mixed: each sample of a batch of two draws one of three tasks, so the batches split into per-task calls.
+MIXED = dict(
+    conditioning="mixed", cond_frames=5, conditioning_mix="i2v=1,continuation=1,t2v=1", train_batch_size=2
+)
+
+
+@pytest.mark.parametrize("conditioning", [{}, MIXED], ids=["i2v", "mixed"])
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(tiny_shards, tmp_path, conditioning):
     """Stop at step 3 (the checkpoint an interrupted run leaves) and resume: steps 4-7 equal the
     uninterrupted run exactly. Two loader workers (resuming at batch 9 rotates them), gradient
     accumulation, LoRA dropout (global RNG), caption dropout (noise generator + text encoder), warmup +
-    cosine (schedule)."""
+    cosine (schedule); mixed conditioning (the task draws)."""
     kw = dict(
+        **conditioning,
         max_train_steps=7,
         checkpointing_steps=3,
         num_workers=2,
