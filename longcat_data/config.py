@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from longcat_data.buckets import MODEL_SIDE_MULTIPLE, clip_frames
 from longcat_data.defaults import DEFAULT_AREA, DEFAULT_CAPTION_MODEL, DEFAULT_FRAMES, DEFAULT_MODEL
 from longcat_data.flags import ConfigError, format_area, option, parse_area, parse_size
 
@@ -45,9 +46,15 @@ class PrepConfig:
     model: str = option(
         DEFAULT_MODEL, "'tiny' (random tiny encoders, no download), a checkpoint dir, or a hub id"
     )
-    frames: int = option(DEFAULT_FRAMES, "frames per clip at most (trimmed to 4k+1; 93 -> 24 latents)")
+    frames: int = option(
+        DEFAULT_FRAMES,
+        "frames per clip at most, 4k+1 (others are rounded down; 93 -> 24 latents); shorter videos are "
+        "kept at their own length (4k+1), in buckets of their own",
+    )
     area: str = option(
-        format_area(DEFAULT_AREA), "target HxW pixel area; buckets of the same area on a 64 px grid"
+        format_area(DEFAULT_AREA),
+        f"target HxW pixel area, both sides multiples of {MODEL_SIDE_MULTIPLE} (the model's grid); each video "
+        "goes to the bucket of that pixel count nearest its aspect: HxW, WxH, or sides on a 64 px grid",
     )
     fps: float | None = option(None, "resample every video to this frame rate (default: keep)")
     clips_per_video: int = option(1, "back-to-back clips taken from each long video")
@@ -71,9 +78,14 @@ class PrepConfig:
     world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
 
     def __post_init__(self) -> None:
-        parse_area(self.area)
+        if any(side % MODEL_SIDE_MULTIPLE for side in parse_area(self.area)):
+            raise ConfigError(
+                f"--area {self.area}: both sides must be multiples of {MODEL_SIDE_MULTIPLE} (the model's "
+                "pixel grid), e.g. 480x832"
+            )
         parse_captions(self.captions)
         parse_size(self.shard_size)
+        self.frames = clip_frames(self.frames, "frames")
         if self.frames < 5:
             raise ConfigError(f"--frames must be at least 5 (one 4k+1 clip), got {self.frames}")
         if self.clips_per_video < 1 or self.batch_size < 1 or self.workers < 0:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from longcat_data.buckets import MIN_FRAMES, floor_4k_plus_1
 from longcat_data.files import FileFormatError, read_json, stray_temporaries, write_json_atomic
 from longcat_data.shards import ShardError
 from longcat_data.tars import shard_keys
@@ -375,6 +376,18 @@ def find_manifest(urls: Sequence[str]) -> dict | None:
     return read_manifest(Path(first).expanduser().parent)
 
 
+def made_frames(manifest: dict) -> int | None:
+    """The clip length prep made the shards with: its ``--frames`` as a 4k+1 count (shards written before
+    prep rounded it stored the value typed), else the longest bucket; None when the manifest has neither.
+    Shorter clips (short videos, kept at their own length) are in buckets of their own."""
+    made = manifest.get("settings", {}).get("frames")
+    if isinstance(made, int) and made >= MIN_FRAMES:
+        return floor_4k_plus_1(made)
+    if manifest.get("buckets"):
+        return max(int(k.rsplit("x", 1)[-1]) for k in manifest["buckets"])
+    return None
+
+
 def check_manifest(
     manifest: dict,
     *,
@@ -402,14 +415,11 @@ def check_manifest(
             f"{where} were encoded with other encoders than --model (differ in {', '.join(diff)}: "
             f"{made_by.get(diff[0])!r} vs {encoders.get(diff[0])!r}); re-run longcat-prep shard"
         )
-    # Prep trims short videos to fewer frames (their own buckets); what must match is its --frames.
-    made = manifest.get("settings", {}).get("frames")
-    if made is None and manifest.get("buckets"):
-        made = max(int(k.rsplit("x", 1)[-1]) for k in manifest["buckets"])
+    made = made_frames(manifest)
     if frames is not None and made is not None and made != frames:
         raise ShardError(
-            f"{where} were made with --frames {made} but the config trains on {frames} frames; "
-            f"set frames = {made} or re-run longcat-prep shard --frames {frames}"
+            f"{where} were made with --frames {made} but the config trains on {frames} frames; leave "
+            f"frames unset to train on their {made}, or re-run longcat-prep shard --frames {frames}"
         )
     if manifest.get("complete") is False:
         log.warning("%s: manifest says prep did not finish; training on the shards written so far", where)

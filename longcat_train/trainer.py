@@ -339,7 +339,8 @@ class TrainResult:
 
 def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     """Shard URLs, the manifest (None for remote shards without one) and the model's encoder ids;
-    ShardError when the shards were made for other encoders or another frame count."""
+    ShardError when the shards were made for other encoders or another frame count. Fills the
+    frames and validation settings left unset from the manifest (``TrainConfig.take_shard_settings``)."""
     from longcat_data.encode import encoder_ids
 
     if not cfg.shards:
@@ -359,6 +360,7 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
             directory=directory,
             allow_missing=cfg.allow_missing_shards,
         )
+    cfg.take_shard_settings(manifest)
     return urls, manifest, encoders
 
 
