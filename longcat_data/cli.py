@@ -45,7 +45,37 @@ def run_shard(cfg: PrepConfig) -> None:
     from longcat_data import prep
 
     prep.limit_encoding_threads(cfg)
-    print(prep.run_shard(cfg).summary())
+    if cfg.simpletuner is not None:
+        run_simpletuner_datasets(cfg)
+        return
+    stats = prep.run_shard(cfg)
+    print(stats.summary())
+    failure = stats.failure()
+    if failure:
+        raise prep.NothingWritten(failure)
+
+
+def run_simpletuner_datasets(cfg: PrepConfig) -> None:
+    from longcat_data import prep
+    from longcat_data.simpletuner import BACKENDS_FILE, CONFIG_FILE, run_simpletuner
+
+    results = run_simpletuner(cfg, prep.run_shard)
+    failed = []
+    for dataset, stats in results:
+        print(f"{dataset.id}: {stats.summary()}")
+        if stats.failure():
+            failed.append(f"dataset {dataset.id}: {stats.failure()}")
+    out = Path(str(cfg.out_dir))
+    written = out / (CONFIG_FILE if (out / CONFIG_FILE).is_file() else BACKENDS_FILE)
+    print(f"wrote {out / BACKENDS_FILE}: its datasets point at the shards")
+    if written.name == CONFIG_FILE:
+        print(f"train: longcat-train --config {written}")
+    else:
+        print(
+            f"train: set data_backend_config to {out / BACKENDS_FILE} in your config.json, then longcat-train --config config.json"
+        )
+    if failed:
+        raise prep.NothingWritten("; ".join(failed))
 
 
 def run_inspect(cfg: InspectConfig) -> None:

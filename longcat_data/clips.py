@@ -168,6 +168,7 @@ class ClipSpec:
     conditioning_dir: Path | None
     done_keys: set[str]
     captioner: Captioner | None = None
+    caption_prompt: str | None = None  # the caption of every video (--captions prompt:TEXT)
     decode_threads: int = 0  # per worker; 0: one per core (the decoder's default)
 
 
@@ -238,6 +239,7 @@ def caption_inputs(sample: dict, spec: ClipSpec) -> None:
         mapping=spec.caption_mapping,
         captioner=spec.captioner,
         filename_fallback=spec.caption_strategy == "textfile",
+        prompt=spec.caption_prompt,
     )
     if spec.caption_strategy == "textfile" and sample["caption_source"] == "filename":
         warning = f"{sample['source']}: no sidecar caption, using its file name; add {path.stem}.txt"

@@ -16,7 +16,10 @@ from longcat_data.defaults import DEFAULT_AREA, DEFAULT_CAPTION_MODEL, DEFAULT_F
 from longcat_data.flags import ConfigError, format_area, option, parse_area, parse_size
 
 ENCODER_DTYPES = ("auto", "bf16", "fp32")
-CAPTION_SOURCES = "sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | qwen"
+CAPTION_SOURCES = (
+    "sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | prompt:TEXT (one caption "
+    "for every video) | qwen"
+)
 
 
 def _default_workers() -> int:
@@ -34,17 +37,35 @@ def parse_captions(text: str) -> tuple[str, Path | None]:
         return "filename", None
     if kind == "qwen" and not path:
         return "captioner", None
-    raise ConfigError(f"--captions must be sidecar, filename, jsonl:FILE, csv:FILE or qwen; got {text!r}")
+    if kind == "prompt" and path.strip():
+        return "prompt", None
+    raise ConfigError(
+        f"--captions must be sidecar, filename, jsonl:FILE, csv:FILE, prompt:TEXT or qwen; got {text!r}"
+    )
 
 
 @dataclass
 class PrepConfig:
     """``longcat-prep shard``: a folder of videos into WebDataset shards."""
 
-    videos_dir: str = option(help="folder of videos, searched recursively", positional=True)
-    out_dir: str = option(help="where shards and manifest.json go; rerun to resume", positional=True)
+    videos_dir: str | None = option(
+        None, "folder of videos, searched recursively (not with --simpletuner)", positional=True
+    )
+    out_dir: str | None = option(
+        None,
+        "where shards and manifest.json go; rerun to resume",
+        positional=True,
+        aliases=("--output-dir", "--output_dir"),
+    )
     model: str = option(
         DEFAULT_MODEL, "'tiny' (random tiny encoders, no download), a checkpoint dir, or a hub id"
+    )
+    simpletuner: str | None = option(
+        None,
+        "a SimpleTuner multidatabackend.json (or the config.json naming it): prep each video dataset into "
+        "OUT_DIR/<id>/ with its own frames, resolution, captions and start frames, and write "
+        "OUT_DIR/multidatabackend.json pointing at the shards",
+        metavar="FILE",
     )
     frames: int = option(
         DEFAULT_FRAMES,
@@ -85,6 +106,7 @@ class PrepConfig:
             )
         parse_captions(self.captions)
         parse_size(self.shard_size)
+        self._check_inputs()
         self.frames = clip_frames(self.frames, "frames")
         if self.frames < 5:
             raise ConfigError(f"--frames must be at least 5 (one 4k+1 clip), got {self.frames}")
@@ -97,6 +119,29 @@ class PrepConfig:
         if self.dtype not in ENCODER_DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.dtype!r}")
         self.resolved_rank  # noqa: B018 (validates rank and world size)
+
+    def _check_inputs(self) -> None:
+        """Videos and output folder from the positionals, or datasets from a SimpleTuner file."""
+        if self.simpletuner is None:
+            if self.videos_dir is None or self.out_dir is None:
+                raise ConfigError(
+                    "give VIDEOS_DIR and OUT_DIR (or --simpletuner multidatabackend.json --output-dir OUT)"
+                )
+            return
+        if self.videos_dir is not None or self.out_dir is None:
+            raise ConfigError(
+                "--simpletuner FILE takes each dataset's videos from its instance_data_dir: give only "
+                "--output-dir OUT (the shards go to OUT/<dataset id>/)"
+            )
+        per_dataset = {"frames": DEFAULT_FRAMES, "area": format_area(DEFAULT_AREA), "captions": "sidecar"}
+        typed = [f"--{k}" for k, v in per_dataset.items() if getattr(self, k) != v]
+        if self.conditioning_dir is not None:
+            typed.append("--conditioning-dir")
+        if typed:
+            raise ConfigError(
+                f"{', '.join(typed)}: with --simpletuner each dataset sets its own (video.num_frames, "
+                "resolution, caption_strategy, conditioning_data); change them in the file"
+            )
 
     @property
     def resolved_rank(self) -> tuple[int, int]:

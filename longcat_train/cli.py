@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from longcat_data.flags import ConfigError, add_flags, from_dict, known_keys, parse, read_config_file
 from longcat_train.config import SampleConfig, TrainConfig
-from longcat_train.runs import resume_base
+from longcat_train.runs import CONFIG_FILE, resume_base, resume_candidates
 from longcat_train.simpletuner import from_simpletuner, is_simpletuner
 from longcat_train.stopping import TrainingStopped
 from longcat_train.techniques import check_techniques
@@ -117,6 +119,7 @@ def train_main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    cfg: TrainConfig | None = None
     try:
         cfg = parse_train_args(argv)
         # Imported after parsing, so that --help and flag errors answer at once, without the model and data
@@ -135,12 +138,21 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"longcat-train: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "longcat-train: interrupted; resume with --resume latest (from the last checkpoint)",
-            file=sys.stderr,
-        )
+        print(f"longcat-train: interrupted; {resume_hint(cfg)}", file=sys.stderr)
         return 130
     return 0
+
+
+def resume_hint(cfg: TrainConfig | None) -> str:
+    """The command that continues an interrupted run: ``--resume latest`` once its output folder holds
+    what a resume reads (a checkpoint or the saved config), else the same command again."""
+    if (
+        cfg is None
+        or not (Path(cfg.output_dir) / CONFIG_FILE).is_file()
+        and not resume_candidates(replace(cfg, resume="latest"))
+    ):
+        return "nothing was saved yet: run the same command again"
+    return f"continue with: longcat-train --resume latest --output-dir {shlex.quote(cfg.output_dir)}"
 
 
 def sample_main(argv: list[str] | None = None) -> int:
