@@ -165,11 +165,16 @@ examples:
   longcat-prep shard videos/ shards/ --captions jsonl:metadata.jsonl --fps 16 --clips-per-video 3
   torchrun --nproc-per-node 8 -m longcat_data.cli shard videos/ shards/    # one slice per GPU
   longcat-prep shard videos/ shards/ --rank 1 --world-size 4   # by hand, e.g. one per machine; then merge
+  longcat-prep shard --simpletuner config.json --output-dir shards/   # SimpleTuner datasets -> shards/<id>/
 
 Captions: 'sidecar' reads VIDEO.txt beside each video (SimpleTuner's textfile), falling back to the
 file name with a warning; jsonl/csv map file names to captions (file_name + caption/text columns);
 'qwen' captions every video with Qwen-2.5-VL first (cached in OUT_DIR/.prep, so reruns skip it).
-Rerunning into the same OUT_DIR resumes: finished shards are kept and their videos skipped. A different
+--frames is rounded down to 4k+1; videos shorter than it are kept at their own length (the summary counts
+them). A run that rejects every video exits 2 with the most common reason and its fix. With --simpletuner,
+each video dataset of a SimpleTuner dataloader config is prepped with its own settings (resolution +
+resolution_type -> --area as longcat_data/simpletuner.py documents) and OUT_DIR/multidatabackend.json
+(and config.json, when one was given) points at the shards. Rerunning into the same OUT_DIR resumes: finished shards are kept and their videos skipped. A different
 --model or content setting is refused. Bad inputs are reported, listed in manifest.json, and skipped.
 SIGTERM/SIGHUP (a scheduler stopping the job) act like Ctrl-C: the shard in progress is closed with its
 whole clips and the state saved; the exit code is 128 + the signal. One writer per output stream: a
@@ -197,11 +202,39 @@ longcat-prep inspect made one. Refused when the folder is unfinished or mixes en
 an interruption resumes the upload. Then: longcat-train --shards hf://datasets/me/my-clips
 """
 
+DEMO_EPILOG = f"""\
+example:
+  longcat-prep demo demo_videos     # then: longcat-prep shard demo_videos shards --model tiny --area \
+{DEMO_AREA[0]}x{DEMO_AREA[1]} --frames {DEMO_FRAMES}
+"""
+
+INSPECT_EPILOG = """\
+example:
+  longcat-prep inspect shards/ --sheet sheet.png --max-images 24
+
+Checks every shard the manifest lists (size, sample count) and exits 2 naming the first that differs.
+"""
+
+MERGE_EPILOG = """\
+example:
+  longcat-prep merge shards/     # after copying the ranks' outputs of several machines into one folder
+"""
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str, str]] = {
-    "demo": (DemoConfig, run_demo, "write a few generated demo clips with captions", ""),
+    "demo": (DemoConfig, run_demo, "write a few generated demo clips with captions", DEMO_EPILOG),
     "shard": (PrepConfig, run_shard, "encode a folder of videos into WebDataset shards", SHARD_EPILOG),
-    "inspect": (InspectConfig, run_inspect, "counts, bucket table and a contact sheet of a shard folder", ""),
-    "merge": (MergeConfig, run_merge, "write one manifest.json for shards written by several ranks", ""),
+    "inspect": (
+        InspectConfig,
+        run_inspect,
+        "counts, bucket table and a contact sheet of a shard folder",
+        INSPECT_EPILOG,
+    ),
+    "merge": (
+        MergeConfig,
+        run_merge,
+        "write one manifest.json for shards written by several ranks",
+        MERGE_EPILOG,
+    ),
     "caption": (
         CaptionConfig,
         run_caption,

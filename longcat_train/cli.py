@@ -38,10 +38,34 @@ def load_config(path: str | Path) -> TrainConfig:
     return from_dict(TrainConfig, config_file_values(path), str(path))
 
 
+TRAIN_EPILOG = """\
+examples:
+  longcat-train --model tiny --shards shards/ --max-train-steps 30 --output-dir run/   # CPU, no downloads
+  longcat-train --shards shards/ --output-dir run/ --validation-source val_shards/ --validation-every 250
+  longcat-train --config config.json            # a SimpleTuner config.json + its multidatabackend.json
+  longcat-train --resume latest --output-dir run/   # continue a stopped run (its saved settings)
+  torchrun --nproc-per-node 8 -m longcat_train.cli --shards shards/ --fsdp
+
+frames, validation_frames and validation_area default to what the shards were made with. Quantised bases
+(--base-model-precision int8-quanto / fp8-torchao) need pip install -e ".[quant]".
+"""
+
+SAMPLE_EPILOG = """\
+examples:
+  longcat-sample --model tiny --image start.png --prompt "a cat walks" -o cat.mp4        # CPU, no downloads
+  longcat-sample --image start.png --prompt "waves roll in" --lora run/lora.safetensors:0.8 --gif
+  longcat-sample --image start.png --prompt "..." --distill --lora cfg_step_lora.safetensors
+  longcat-sample --serve --lora run/lora.safetensors --port 7860   # the preview page (pip install -e ".[web]")
+"""
+
+
 def train_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:
     """A flag per TrainConfig field, plus ``--config``."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train a LongCat-Video LoRA from longcat-prep shards."
+        prog=prog,
+        description="Train a LongCat-Video LoRA from longcat-prep shards.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", default=argparse.SUPPRESS, help="TOML/JSON config, or a SimpleTuner config.json"
@@ -71,6 +95,8 @@ def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longcat-sample",
         description="Image-to-video with LongCat-Video (and a LoRA): one MP4 per prompt, or --serve a preview page.",
+        epilog=SAMPLE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flags(parser, SampleConfig)
     return parser
@@ -167,6 +193,8 @@ def sample_main(argv: list[str] | None = None) -> int:
             print(f"longcat-sample: error: {line}", file=sys.stderr)
         return 2
     # After parsing, as in train_main: --help answers without the model stack's imports.
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from longcat_train.sampler import run_sample
     from longcat_train.sampling import SampleInputError
 
@@ -176,7 +204,9 @@ def sample_main(argv: list[str] | None = None) -> int:
 
             serve_sampler(config)
         else:
-            for path in run_sample(config):
+            with logging_redirect_tqdm():
+                paths = run_sample(config)
+            for path in paths:
                 print(path)
     except (SampleInputError, ConfigError, FileNotFoundError) as err:
         print(f"longcat-sample: error: {_one_line(err)}", file=sys.stderr)

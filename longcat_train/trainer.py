@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from longcat_data.buckets import latent_frames
 from longcat_data.manifest import check_manifest, find_manifest
@@ -52,6 +53,7 @@ from longcat_train.checkpoints import (
 from longcat_train.config import ConfigError, TrainConfig, save_config
 from longcat_train.lora import check_lora_file
 from longcat_train.lora_spec import parse_lora_spec
+from longcat_train.loss_curve import write_loss_curve
 from longcat_train.parallel import Dist
 from longcat_train.runs import (
     CHECKPOINTS,
@@ -484,7 +486,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     data = counted(batches)
     start_step = state.step
-    with StopSignals() as stop:
+    # Validation's bars and log lines print between the training bar's updates without tearing it.
+    with StopSignals() as stop, logging_redirect_tqdm():
         try:
             while state.step < total_steps:
                 start = time.perf_counter()
@@ -533,6 +536,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if result.corrupt_samples:
         log.warning("skipped %d corrupt sample(s) or shard read(s) in this run", result.corrupt_samples)
     if d.main:
+        try:
+            curve = write_loss_curve(out)
+            if curve is not None:
+                log.info("loss per step: %s", curve)
+        except OSError as err:  # a chart is worth less than the run's exit status
+            log.warning("loss curve not written: %s", err)
         log.info(
             "done: LoRA in %s, %s (official) and %s (ComfyUI-WanVideoWrapper)",
             out / LORA_FILE,
