@@ -1,7 +1,8 @@
 """``longcat-prep shard --simpletuner FILE``: the video datasets of a SimpleTuner dataloader config, each
 prepped into shards, and the config rewritten to point at them.
 
-A SimpleTuner dataset names its videos (``instance_data_dir``), captions (``caption_strategy``), size
+A SimpleTuner dataset names its videos (``instance_data_dir``), captions (``caption_strategy``: textfile,
+filename, instanceprompt, parquet with its ``parquet`` table, a parquet or JSONL file), size
 (``resolution`` + ``resolution_type``), clip length (``video.num_frames``) and start frames
 (``conditioning_data``: a ``conditioning`` dataset of images named like the videos). Each becomes one
 ``PrepConfig`` (``OUT/<id>/``); ``OUT/multidatabackend.json`` lists the same datasets with
@@ -37,7 +38,7 @@ from typing import Any
 from longcat_data.buckets import MODEL_SIDE_MULTIPLE
 from longcat_data.config import PrepConfig
 from longcat_data.defaults import DEFAULT_FRAMES
-from longcat_data.files import write_json_atomic
+from longcat_data.files import write_atomic, write_json_atomic
 from longcat_data.flags import ConfigError, format_area
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ _USED = {
     "video",
     "is_i2v",
     "conditioning_data",
+    "parquet",
     "disabled",
     "disable",
 }
@@ -74,6 +76,47 @@ class Dataset:
     id: str
     config: PrepConfig
     entry: dict[str, Any]  # the file's entry, rewritten to point at the shards
+    caption_table: CaptionTable | None = None  # caption_strategy parquet: written as config's jsonl first
+
+
+@dataclass(frozen=True)
+class CaptionTable:
+    """SimpleTuner's ``parquet`` block: a parquet or JSONL table of file names and captions."""
+
+    path: Path
+    filename_column: str
+    caption_column: str
+    fallback_column: str | None
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self.path.suffix.lower() in (".jsonl", ".json"):
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            return [json.loads(line) for line in lines if line.strip()]
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(
+                f'{self.path}: reading parquet needs pyarrow (pip install -e ".[simpletuner]"), or give a .jsonl'
+            ) from None
+        return pq.read_table(self.path).to_pylist()
+
+    def captions(self) -> list[dict[str, str]]:
+        """``{"file_name", "caption"}`` per row with a caption (the first of a list; else the fallback's)."""
+        out = []
+        for row in self.rows():
+            caption = _first_text(row.get(self.caption_column)) or _first_text(
+                row.get(self.fallback_column or "")
+            )
+            name = row.get(self.filename_column)
+            if caption and name not in (None, ""):
+                out.append({"file_name": str(name), "caption": caption})
+        return out
+
+
+def _first_text(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        value = value[0] if value else ""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _round(value: float, multiple: int) -> int:
@@ -217,6 +260,8 @@ def _plan_one(
     if unused:
         notes.append(f"{where}: keys not used by longcat-prep: {', '.join(unused)}")
     out_dir = Path(str(base.out_dir)) / folder
+    table = _caption_table(entry, where) if values["caption_strategy"] == "parquet" else None
+    captions_file = Path(str(base.out_dir)) / ".simpletuner" / f"{folder}.captions.jsonl"
     try:
         config = dataclasses.replace(
             base,
@@ -225,7 +270,7 @@ def _plan_one(
             out_dir=str(out_dir),
             frames=frames,
             area=format_area(area),
-            captions=_captions(values, where),
+            captions=f"jsonl:{captions_file.resolve()}" if table else _captions(values, where),
             conditioning_dir=start_frames,
         )
     except ConfigError as err:
@@ -244,7 +289,24 @@ def _plan_one(
         )
         is_i2v = False
     rewritten["is_i2v"] = bool(is_i2v)
-    return Dataset(name, config, rewritten)
+    return Dataset(name, config, rewritten, table)
+
+
+def _caption_table(entry: dict, where: str) -> CaptionTable:
+    block = entry.get("parquet")
+    if not isinstance(block, dict) or not block.get("path"):
+        raise ConfigError(f"{where}: caption_strategy parquet needs a parquet block with its path")
+    path = Path(str(block["path"])).expanduser()
+    if not path.is_absolute():
+        path = Path(str(entry["instance_data_dir"])).expanduser() / path
+    if not path.is_file():
+        raise ConfigError(f"{where}: parquet.path {block['path']!r}: no such file ({path})")
+    return CaptionTable(
+        path,
+        str(block.get("filename_column", "filename")),
+        str(block.get("caption_column", "caption")),
+        block.get("fallback_caption_column"),
+    )
 
 
 def _area(values: Mapping[str, Any], where: str) -> tuple[int, int]:
@@ -268,7 +330,7 @@ def _captions(values: Mapping[str, Any], where: str) -> str:
         return f"prompt:{prompt.strip()}"
     raise ConfigError(
         f"{where}: caption_strategy {strategy!r} is not one longcat-prep reads (textfile, filename, "
-        "instanceprompt): write the captions as VIDEO.txt files or a jsonl and use textfile"
+        "instanceprompt, parquet): write the captions as VIDEO.txt files and use textfile"
     )
 
 
@@ -313,6 +375,9 @@ def run_simpletuner(cfg: PrepConfig, run_shard: Callable[[PrepConfig], Any]) -> 
         )
     results = []
     for job in jobs:
+        if job.caption_table is not None:
+            mapping = Path(job.config.captions.partition(":")[2])
+            write_atomic(mapping, "".join(json.dumps(row) + "\n" for row in job.caption_table.captions()))
         log.info("dataset %s: %s -> %s", job.id, job.config.videos_dir, job.config.out_dir)
         results.append((job, run_shard(job.config)))
     out = Path(cfg.out_dir)

@@ -169,7 +169,9 @@ def test_simpletuner_defaults_are_simpletuners(tmp_path):
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"caption_strategy": "parquet"}, "caption_strategy 'parquet' is not one longcat-prep reads"),
+        ({"caption_strategy": "csv"}, "caption_strategy 'csv' is not one longcat-prep reads"),
+        ({"caption_strategy": "parquet"}, "caption_strategy parquet needs a parquet block"),
+        ({"caption_strategy": "parquet", "parquet": {"path": "nope.parquet"}}, "parquet.path 'nope.parquet'"),
         ({"caption_strategy": "instanceprompt"}, "needs a non-empty instance_prompt"),
         ({"type": "aws"}, "type 'aws': longcat-prep reads local folders"),
         ({"instance_data_dir": "/no/such/clips"}, "is not a folder of videos"),
@@ -208,3 +210,36 @@ def test_simpletuner_command_lines_are_checked(tmp_path, monkeypatch, capsys, ar
     assert cli.main(["shard", *argv]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert message in line
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_simpletuner_parquet_captions_become_a_caption_mapping(tmp_path, suffix):
+    from longcat_data.simpletuner import run_simpletuner
+
+    rows = [
+        {"id": "a", "caption": "a dog runs", "tags": "dog"},
+        {"id": "b", "caption": "", "tags": "a cat sits"},  # empty: the fallback column's
+        {"id": "c", "caption": None, "tags": None},  # none: left to the prep's missing-caption rule
+    ]
+    table = tmp_path / f"captions{suffix}"
+    if suffix == ".jsonl":
+        table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq = pytest.importorskip("pyarrow.parquet")
+        import pyarrow as pa
+
+        pq.write_table(pa.Table.from_pylist(rows), table)
+    block = {"path": str(table), "filename_column": "id", "caption_column": "caption"}
+    entry = _video(tmp_path, caption_strategy="parquet", parquet={**block, "fallback_caption_column": "tags"})
+    (tmp_path / "db.json").write_text(json.dumps([entry]))
+    cfg = PrepConfig(simpletuner=str(tmp_path / "db.json"), out_dir=str(tmp_path / "out"), model="tiny")
+    prepped = []
+    run_simpletuner(cfg, prepped.append)
+    [job] = prepped
+    kind, _, mapping = job.captions.partition(":")
+    assert kind == "jsonl"
+    assert [json.loads(line) for line in Path(mapping).read_text().splitlines()] == [
+        {"file_name": "a", "caption": "a dog runs"},
+        {"file_name": "b", "caption": "a cat sits"},
+    ]
+    assert json.loads((tmp_path / "out" / "multidatabackend.json").read_text())[0]["id"] == "clips"
