@@ -252,3 +252,22 @@ def test_the_seed_simpletuner_example_preps_and_trains_as_is(tiny_shards, tmp_pa
     assert manifest["settings"]["conditioning_dir"] == str(starts.resolve())
     assert train_main(["--config", str(out / "config.json"), "--no-progress"]) == 0
     assert (tmp_path / "run" / "lora.safetensors").is_file()
+
+
+def test_every_shard_folder_is_checked_not_only_the_first(tiny_shards, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["settings"]["frames"] = 13
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    argv = [
+        "--shards",
+        str(tiny_shards),
+        str(other),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--max-train-steps",
+        "1",
+    ]
+    code, err = _train(capsys, *argv)
+    assert code == 2 and f"{other} were made with --frames 13 but the config trains on 9 frames" in err
