@@ -52,7 +52,7 @@ def run_shard(cfg: PrepConfig) -> None:
     print(stats.summary())
     failure = stats.failure()
     if failure:
-        raise prep.NothingWritten(failure)
+        raise prep.NothingWritten(f"{cfg.videos_dir}: {failure}")
 
 
 def run_simpletuner_datasets(cfg: PrepConfig) -> None:

@@ -99,6 +99,7 @@ class PrepStats:
     wall_seconds: float = 0.0
     shards: int = 0
     frames: int = 0  # --frames: the clip length asked for
+    listed: int = 0  # videos in the whole listing (every rank's)
     short_clips: Counter[int] = field(default_factory=Counter)  # frames -> clips kept shorter than asked
     first_reason: dict[str, str] = field(default_factory=dict)  # rejection kind -> its first reason
 
@@ -119,12 +120,13 @@ class PrepStats:
         return line
 
     def failure(self) -> str | None:
-        """Why the run is a failure (nothing to train on: every input of this rank was rejected, or there
-        were none), with the most common rejection's reason and fix; None when it is not."""
-        if self.written or self.skipped or self.inputs_written:
+        """Why the run is a failure: the folder holds no video, or every input of this rank was rejected
+        (with the most common rejection's reason and fix); None otherwise, also for a rank whose slice
+        of the listing is empty (more ranks than videos)."""
+        if not self.listed:
+            return "no videos to prep: the folder holds no video file (searched recursively)"
+        if self.written or self.skipped or self.inputs_written or not self.rejected:
             return None
-        if not self.rejected:
-            return "no videos to prep: the videos folder holds none (or every one is excluded)"
         kind, count = self.rejected.most_common(1)[0]
         return (
             f"every video was rejected, nothing was written; most common ({count}, {kind}): "
@@ -405,7 +407,7 @@ def run_shard(
         finished = False
         records: Iterator[dict] | None = None
         try:
-            stats = PrepStats(frames=cfg.frames)
+            stats = PrepStats(frames=cfg.frames, listed=len(all_inputs) + len(duplicates))
             todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
             stats.skipped = len(mine) - len(todo)
             log.info(

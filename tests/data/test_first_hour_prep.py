@@ -79,8 +79,16 @@ def test_a_run_that_rejects_every_video_fails_with_the_fix(two_videos, tmp_path,
 
 def test_a_folder_without_videos_fails(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a video")
     assert cli.main(["shard", str(tmp_path / "empty"), str(tmp_path / "out"), *TINY]) == 2
-    assert "no videos to prep" in capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: no videos to prep" in capsys.readouterr().err
+
+
+def test_a_rank_whose_slice_is_empty_is_no_failure(two_videos, tmp_path, capsys):
+    # More ranks than videos (torchrun on 8 GPUs, 2 videos): the idle rank finishes cleanly.
+    argv = ["shard", str(two_videos), str(tmp_path / "out"), *TINY, "--rank", "3", "--world-size", "4"]
+    assert cli.main(argv) == 0
+    assert "written 0 clips" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("area", ["100x100", "480x830"])
