@@ -57,25 +57,12 @@ def run_shard(cfg: PrepConfig) -> None:
 
 def run_simpletuner_datasets(cfg: PrepConfig) -> None:
     from longcat_data import prep
-    from longcat_data.simpletuner import BACKENDS_FILE, CONFIG_FILE, run_simpletuner
+    from longcat_data.simpletuner import report, run_simpletuner
 
-    results = run_simpletuner(cfg, prep.run_shard)
-    failed = []
-    for dataset, stats in results:
-        print(f"{dataset.id}: {stats.summary()}")
-        if stats.failure():
-            failed.append(f"dataset {dataset.id}: {stats.failure()}")
-    out = Path(str(cfg.out_dir))
-    written = out / (CONFIG_FILE if (out / CONFIG_FILE).is_file() else BACKENDS_FILE)
-    print(f"wrote {out / BACKENDS_FILE}: its datasets point at the shards")
-    if written.name == CONFIG_FILE:
-        print(f"train: longcat-train --config {written}")
-    else:
-        print(
-            f"train: set data_backend_config to {out / BACKENDS_FILE} in your config.json, then longcat-train --config config.json"
-        )
-    if failed:
-        raise prep.NothingWritten("; ".join(failed))
+    lines, failure = report(run_simpletuner(cfg, prep.run_shard), Path(str(cfg.out_dir)))
+    print("\n".join(lines))
+    if failure:
+        raise prep.NothingWritten(failure)
 
 
 def run_inspect(cfg: InspectConfig) -> None:
@@ -170,11 +157,9 @@ examples:
 Captions: 'sidecar' reads VIDEO.txt beside each video (SimpleTuner's textfile), falling back to the
 file name with a warning; jsonl/csv map file names to captions (file_name + caption/text columns);
 'qwen' captions every video with Qwen-2.5-VL first (cached in OUT_DIR/.prep, so reruns skip it).
---frames is rounded down to 4k+1; videos shorter than it are kept at their own length (the summary counts
-them). A run that rejects every video exits 2 with the most common reason and its fix. With --simpletuner,
-each video dataset of a SimpleTuner dataloader config is prepped with its own settings (resolution +
-resolution_type -> --area as longcat_data/simpletuner.py documents) and OUT_DIR/multidatabackend.json
-(and config.json, when one was given) points at the shards. Rerunning into the same OUT_DIR resumes: finished shards are kept and their videos skipped. A different
+--frames is rounded down to 4k+1; shorter videos are kept at their own length (counted in the summary).
+A run that rejects every video exits 2 with the most common reason and its fix. --simpletuner: see the
+README ("SimpleTuner datasets") for how its keys map. Rerunning into the same OUT_DIR resumes: finished shards are kept and their videos skipped. A different
 --model or content setting is refused. Bad inputs are reported, listed in manifest.json, and skipped.
 SIGTERM/SIGHUP (a scheduler stopping the job) act like Ctrl-C: the shard in progress is closed with its
 whole clips and the state saved; the exit code is 128 + the signal. One writer per output stream: a

@@ -60,13 +60,6 @@ class PrepConfig:
     model: str = option(
         DEFAULT_MODEL, "'tiny' (random tiny encoders, no download), a checkpoint dir, or a hub id"
     )
-    simpletuner: str | None = option(
-        None,
-        "a SimpleTuner multidatabackend.json (or the config.json naming it): prep each video dataset into "
-        "OUT_DIR/<id>/ with its own frames, resolution, captions and start frames, and write "
-        "OUT_DIR/multidatabackend.json pointing at the shards",
-        metavar="FILE",
-    )
     frames: int = option(
         DEFAULT_FRAMES,
         "frames per clip at most, 4k+1 (others are rounded down; 93 -> 24 latents); shorter videos are "
@@ -97,6 +90,13 @@ class PrepConfig:
     vae_tiling: bool = option(False, "tile the VAE to save memory (slightly changes latents)")
     rank: int | None = option(None, "this process's slice of the inputs (default: $RANK or 0)")
     world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
+    simpletuner: str | None = option(
+        None,
+        "a SimpleTuner multidatabackend.json (or the config.json naming it): prep each video dataset into "
+        "OUT_DIR/<id>/ with its own frames, resolution, captions and start frames, and write "
+        "OUT_DIR/multidatabackend.json pointing at the shards",
+        metavar="FILE",
+    )
 
     def __post_init__(self) -> None:
         if any(side % MODEL_SIDE_MULTIPLE for side in parse_area(self.area)):

@@ -376,6 +376,25 @@ def find_manifest(urls: Sequence[str]) -> dict | None:
     return read_manifest(Path(first).expanduser().parent)
 
 
+def check_shard_folders(
+    urls: Sequence[str], *, encoders: dict | None, frames: int | None, allow_missing: bool
+) -> None:
+    """``check_manifest`` for the manifest of every local folder ``urls`` come from, not only the first's:
+    folders made with other frame counts or encoders do not train together."""
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    for directory in dict.fromkeys(Path(u).expanduser().parent for u in local):
+        manifest = read_manifest(directory)
+        if manifest is not None:
+            check_manifest(
+                manifest,
+                encoders=encoders,
+                frames=frames,
+                where=str(directory),
+                directory=directory,
+                allow_missing=allow_missing,
+            )
+
+
 def made_frames(manifest: dict) -> int | None:
     """The clip length prep made the shards with: its ``--frames`` as a 4k+1 count (shards written before
     prep rounded it stored the value typed), else the longest bucket; None when the manifest has neither.

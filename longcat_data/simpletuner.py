@@ -386,3 +386,19 @@ def run_simpletuner(cfg: PrepConfig, run_shard: Callable[[PrepConfig], Any]) -> 
         keys = [k for k in config if k.lstrip("-") == "data_backend_config"]
         write_json_atomic(out / CONFIG_FILE, {**config, keys[0]: str((out / BACKENDS_FILE).resolve())})
     return results
+
+
+def report(results: list[tuple[Dataset, Any]], out: Path) -> tuple[list[str], str | None]:
+    """The lines ``longcat-prep`` prints after ``run_simpletuner`` (each dataset's summary, where the
+    config went, how to train), and the failure of the datasets that wrote nothing (None: none)."""
+    lines = [f"{dataset.id}: {stats.summary()}" for dataset, stats in results]
+    failed = [f"dataset {dataset.id}: {stats.failure()}" for dataset, stats in results if stats.failure()]
+    lines.append(f"wrote {out / BACKENDS_FILE}: its datasets point at the shards")
+    if (out / CONFIG_FILE).is_file():
+        lines.append(f"train: longcat-train --config {out / CONFIG_FILE}")
+    else:
+        lines.append(
+            f"train: set data_backend_config to {out / BACKENDS_FILE} in your config.json, then "
+            "longcat-train --config config.json"
+        )
+    return lines, "; ".join(failed) or None

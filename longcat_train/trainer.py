@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from longcat_data.buckets import latent_frames
-from longcat_data.manifest import check_manifest, find_manifest, read_manifest
+from longcat_data.manifest import check_shard_folders, find_manifest
 from longcat_data.stream import (
     ShardStream,
     StreamConfig,
@@ -353,20 +353,7 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     manifest = find_manifest(urls)
     encoders = encoder_ids(cfg.model)
     cfg.take_shard_settings(manifest)
-    # Every local shard folder's manifest, not only the first's: folders made with other frame counts
-    # or encoders do not train together.
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    for directory in dict.fromkeys(Path(u).expanduser().parent for u in local):
-        found = read_manifest(directory)
-        if found is not None:
-            check_manifest(
-                found,
-                encoders=encoders,
-                frames=cfg.frames,
-                where=str(directory),
-                directory=directory,
-                allow_missing=cfg.allow_missing_shards,
-            )
+    check_shard_folders(urls, encoders=encoders, frames=cfg.frames, allow_missing=cfg.allow_missing_shards)
     return urls, manifest, encoders
 
 
