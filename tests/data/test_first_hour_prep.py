@@ -251,3 +251,12 @@ def test_simpletuner_parquet_captions_become_a_caption_mapping(tmp_path, suffix)
         {"file_name": "b", "caption": "a cat sits"},
     ]
     assert json.loads((tmp_path / "out" / "multidatabackend.json").read_text())[0]["id"] == "clips"
+
+
+def test_shards_made_before_the_rule_train_at_the_count_they_hold():
+    from longcat_data.manifest import check_manifest, made_frames
+
+    # An older prep stored --frames 90 as typed; its clips are 89 frames long.
+    manifest = {"settings": {"frames": 90}, "buckets": {"64x64x89": 2}}
+    assert made_frames(manifest) == 89
+    check_manifest(manifest, encoders=None, frames=89)

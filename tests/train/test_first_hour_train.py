@@ -271,3 +271,12 @@ def test_every_shard_folder_is_checked_not_only_the_first(tiny_shards, tmp_path,
     ]
     code, err = _train(capsys, *argv)
     assert code == 2 and f"{other} were made with --frames 13 but the config trains on 9 frames" in err
+
+
+def test_a_simpletuner_value_without_a_counterpart_is_one_line_from_the_cli(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"--model_family": "longcat_video", "--mixed_precision": "int4"}))
+    code, err = _train(capsys, "--config", str(config), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and err.strip().splitlines() == [
+        "longcat-train: error: SimpleTuner mixed_precision = 'int4': must be one of bf16, no, fp32, fp16, fp8"
+    ]
