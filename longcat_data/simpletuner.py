@@ -171,7 +171,8 @@ def read_simpletuner(path: str | Path) -> tuple[list[dict], dict[str, Any], dict
         settings = {}
     if not isinstance(values, list) or not all(isinstance(e, dict) for e in values):
         raise ConfigError(f"{backends_path}: a SimpleTuner dataset config is a JSON list of datasets")
-    return values, {k: settings[k] for k in _DEFAULTS if settings.get(k) is not None}, config, backends_path
+    defaults = {k: settings[k] for k in (*_DEFAULTS, "eval_dataset_id") if settings.get(k) is not None}
+    return values, defaults, config, backends_path
 
 
 def _read_json(path: Path) -> Any:
@@ -185,12 +186,15 @@ def _read_json(path: Path) -> Any:
 
 def plan_datasets(
     entries: list[dict], settings: Mapping[str, Any], base: PrepConfig, source: Path
-) -> tuple[list[Dataset], list[str]]:
-    """The prep job of every usable video dataset, and one warning line per dataset or key not used.
-    A video dataset that cannot be prepped as written is a ConfigError naming it and the fix."""
+) -> tuple[list[Dataset], list[dict], list[str]]:
+    """The prep job of every usable video dataset, the entries kept as they are (an image dataset that
+    is ``eval_dataset_id``: validation reads its image + caption pairs), and one warning line per
+    dataset or key not used. A video dataset that cannot be prepped as written is a ConfigError naming
+    it and the fix."""
     by_id = {str(e.get("id")): e for e in entries}
     used_as_start_frames = {c for e in entries for c in _as_list(e.get("conditioning_data"))}
     jobs: list[Dataset] = []
+    kept: list[dict] = []
     notes: list[str] = []
     taken: set[str] = set()
     for entry in entries:
@@ -206,6 +210,10 @@ def plan_datasets(
                     f"{where}: conditioning images no video dataset names in conditioning_data, skipped"
                 )
             continue
+        if kind == "image" and name == settings.get("eval_dataset_id"):
+            notes.append(f"{where}: the eval dataset, kept as it is (validation reads its images + captions)")
+            kept.append(entry)
+            continue
         if kind != "video":
             notes.append(
                 f"{where}: dataset_type {kind!r} not used (longcat-prep makes video clips; the umT5 "
@@ -215,7 +223,7 @@ def plan_datasets(
         jobs.append(_plan_one(entry, settings, base, where, by_id, taken, notes))
     if not jobs:
         raise ConfigError(f"{source}: no video dataset (dataset_type: video) to prep")
-    return jobs, notes
+    return jobs, kept, notes
 
 
 def _plan_one(
@@ -283,6 +291,8 @@ def _plan_one(
         "video": {"num_frames": config.frames},
     }
     is_i2v = video.get("is_i2v", entry.get("is_i2v"))
+    if isinstance(is_i2v, str):
+        is_i2v = is_i2v.strip().lower() in ("true", "1", "yes")
     if is_i2v is None:
         notes.append(
             f"{where}: is_i2v not set (SimpleTuner then trains text-to-video): set is_i2v: true for I2V"
@@ -366,7 +376,7 @@ def run_simpletuner(cfg: PrepConfig, run_shard: Callable[[PrepConfig], Any]) -> 
     dataset is checked before the first is prepped. Returns each dataset with its run's result."""
     assert cfg.simpletuner is not None and cfg.out_dir is not None
     entries, settings, config, source = read_simpletuner(cfg.simpletuner)
-    jobs, notes = plan_datasets(entries, settings, cfg, source)
+    jobs, kept, notes = plan_datasets(entries, settings, cfg, source)
     for note in notes:
         log.warning("%s", note)
     if len({job.config.frames for job in jobs}) > 1:
@@ -381,7 +391,7 @@ def run_simpletuner(cfg: PrepConfig, run_shard: Callable[[PrepConfig], Any]) -> 
         log.info("dataset %s: %s -> %s", job.id, job.config.videos_dir, job.config.out_dir)
         results.append((job, run_shard(job.config)))
     out = Path(cfg.out_dir)
-    write_json_atomic(out / BACKENDS_FILE, [job.entry for job in jobs])
+    write_json_atomic(out / BACKENDS_FILE, [*(job.entry for job in jobs), *kept])
     if config is not None:
         keys = [k for k in config if k.lstrip("-") == "data_backend_config"]
         write_json_atomic(out / CONFIG_FILE, {**config, keys[0]: str((out / BACKENDS_FILE).resolve())})

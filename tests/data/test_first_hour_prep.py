@@ -119,7 +119,8 @@ def test_simpletuner_resolutions_map_to_areas(resolution, kind, area):
 
 def _plan(tmp_path: Path, entries: list[dict], settings: dict | None = None, **base):
     cfg = PrepConfig(simpletuner="x.json", out_dir=str(tmp_path / "out"), model="tiny", **base)
-    return plan_datasets(entries, settings or {}, cfg, tmp_path / "multidatabackend.json")
+    jobs, _, notes = plan_datasets(entries, settings or {}, cfg, tmp_path / "multidatabackend.json")
+    return jobs, notes
 
 
 def _video(tmp_path: Path, **entry) -> dict:
@@ -260,3 +261,14 @@ def test_shards_made_before_the_rule_train_at_the_count_they_hold():
     manifest = {"settings": {"frames": 90}, "buckets": {"64x64x89": 2}}
     assert made_frames(manifest) == 89
     check_manifest(manifest, encoders=None, frames=89)
+
+
+def test_simpletuner_image_eval_dataset_is_kept_for_validation(tmp_path):
+    cfg = PrepConfig(simpletuner="x.json", out_dir=str(tmp_path / "out"), model="tiny")
+    (tmp_path / "val").mkdir()
+    val = {"id": "val", "type": "local", "dataset_type": "image", "instance_data_dir": str(tmp_path / "val")}
+    other = {**val, "id": "stills"}
+    entries = [_video(tmp_path), val, other]
+    jobs, kept, notes = plan_datasets(entries, {"eval_dataset_id": "val"}, cfg, tmp_path / "db.json")
+    assert [j.id for j in jobs] == ["clips"] and kept == [val]
+    assert any("'stills': dataset_type 'image' not used" in n for n in notes)
