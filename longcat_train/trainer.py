@@ -446,7 +446,6 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         resumed = None  # the optimizer state and LoRA weights are in the model now
     train_model.train()
     result = TrainResult(skipped_steps=state.skipped_steps)
-    metrics = Metrics(cfg, d, state.step, total_steps)
     corrupt: dict[int, int] = {}
     log.info(
         "training %d steps of %d samples (%d per GPU x %d accumulation x %d GPUs) from step %d",
@@ -457,6 +456,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         d.world_size,
         state.step,
     )
+    metrics = Metrics(cfg, d, state.step, total_steps)  # its bar starts after the lines above
 
     def counted(it: Iterator[dict]) -> Iterator[dict]:
         for batch in it:
