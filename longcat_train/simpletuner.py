@@ -212,6 +212,7 @@ def _datasets(st: dict[str, Any], base_dir: Path) -> dict[str, Any]:
                 name,
             )
         elif entry.get("dataset_type", "video") in ("video", "image") and location is not None:
+            _check_prepped(name, location)
             shards.append(location)
             if "is_i2v" in entry:
                 out["i2v"] = bool(entry["is_i2v"])
@@ -239,6 +240,18 @@ def _datasets(st: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     if eval_id is not None and not found_eval:
         log.warning("SimpleTuner eval_dataset_id %r is not in %s: no validation source", eval_id, path)
     return out
+
+
+def _check_prepped(name: str, location: str) -> None:
+    """A local dataset folder must hold shards: SimpleTuner's own datasets are videos, which
+    ``longcat-prep shard --simpletuner`` turns into shards and a config pointing at them."""
+    path = Path(location).expanduser()
+    if path.is_dir() and not (path / "manifest.json").is_file() and not any(path.glob("*.tar")):
+        raise ConfigError(
+            f"SimpleTuner dataset {name}: {location} holds no shards; prep the datasets first: "
+            "longcat-prep shard --simpletuner config.json --output-dir OUT, then train with "
+            "longcat-train --config OUT/config.json"
+        )
 
 
 def _dataset_location(entry: dict[str, Any]) -> str | None:

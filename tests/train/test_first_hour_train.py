@@ -280,3 +280,21 @@ def test_a_simpletuner_value_without_a_counterpart_is_one_line_from_the_cli(tmp_
     assert code == 2 and err.strip().splitlines() == [
         "longcat-train: error: SimpleTuner mixed_precision = 'int4': must be one of bf16, no, fp32, fp16, fp8"
     ]
+
+
+def test_a_simpletuner_config_on_raw_videos_says_to_prep_them_first(tmp_path, capsys):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.mp4").write_bytes(b"not decoded here")
+    backends = [
+        {
+            "id": "clips",
+            "type": "local",
+            "dataset_type": "video",
+            "instance_data_dir": str(tmp_path / "clips"),
+        }
+    ]
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    config = {"model_family": "longcat_video", "data_backend_config": "multidatabackend.json"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, err = _train(capsys, "--config", str(tmp_path / "config.json"), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "holds no shards; prep the datasets first: longcat-prep shard --simpletuner" in err
