@@ -199,7 +199,7 @@ def run_validation(
             )
             video = sample(pair)
             written.append(write_mp4(video, step_dir / f"{pair.key}.mp4", fps=fps))
-            rows = [(f"{lora} @{step}" if has_adapter else "model", video)]
+            rows = [(f"LoRA @{step}" if has_adapter else "model", video)]
             if has_adapter:
                 cached = root / "base" / _base_name(pair, settings)
                 base = _base_video(model, pair, sample, cached, fps, sharded=sharded)
