@@ -195,6 +195,7 @@ class ClipSpec:
     conditioning_dir: Path | None
     done_keys: set[str]
     captioner: Captioner | None = None
+    caption_prompt: str | None = None  # the caption of every video (--captions prompt:TEXT)
     decode_threads: int = 0  # per worker; 0: one per core (the decoder's default)
     # Remote inputs: the videos' URL (``videos_dir`` is then their local staging mirror), and the start
     # frames' URL with the names in it (``conditioning_dir`` their mirror).
@@ -308,6 +309,7 @@ def caption_inputs(sample: dict, spec: ClipSpec) -> None:
         mapping=spec.caption_mapping,
         captioner=spec.captioner,
         filename_fallback=spec.caption_strategy == "textfile",
+        prompt=spec.caption_prompt,
     )
     if spec.caption_strategy == "textfile" and sample["caption_source"] == "filename":
         warning = f"{sample['source']}: no sidecar caption, using its file name; add {path.stem}.txt"

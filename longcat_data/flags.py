@@ -213,7 +213,19 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         kind, is_list = _value_type(hints[field.name])
         convert = _flag_type(meta["parse"]) if meta.get("parse") else kind
         if meta.get("positional"):
-            target.add_argument(field.name, metavar=field.name.upper(), type=convert, help=text)
+            # A positional with a default may be left out, and its aliases give it as a flag instead.
+            optional = field.default is not dataclasses.MISSING
+            left_out = {"nargs": "?", "default": argparse.SUPPRESS} if optional else {}
+            target.add_argument(field.name, metavar=field.name.upper(), type=convert, help=text, **left_out)
+            if optional and meta.get("aliases"):
+                target.add_argument(
+                    *meta["aliases"],
+                    dest=field.name,
+                    type=convert,
+                    default=argparse.SUPPRESS,
+                    metavar=field.name.upper(),
+                    help=f"the same as {field.name.upper()}",
+                )
             continue
         names = flag_names(field)
         common: dict[str, Any] = {"dest": field.name, "help": text, "default": argparse.SUPPRESS}

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_data import storage
+from longcat_data.buckets import MIN_FRAMES, floor_4k_plus_1
 from longcat_data.files import FileFormatError
 from longcat_data.locks import STALE_SECONDS, Holder
 from longcat_data.object_locks import ObjectLock
@@ -431,7 +432,7 @@ def find_manifest(urls: Sequence[str]) -> dict | None:
     return None if where is None else read_manifest(where)
 
 
-def short_clips(manifest: dict, directory: Path, min_frames: int) -> list[tuple[str | None, int, int]]:
+def short_clips(manifest: dict, directory: str | Path, min_frames: int) -> list[tuple[str | None, int, int]]:
     """``(shard, frames, clips)`` for the clips of fewer than ``min_frames`` frames the manifest's buckets
     count, each shard named from the prep states beside it (``None`` where no state records the bucket,
     e.g. shards copied without their ``.prep`` folder)."""
@@ -448,6 +449,40 @@ def short_clips(manifest: dict, directory: Path, min_frames: int) -> list[tuple[
     ]
     recorded = {k for r in records for k in r.buckets}
     return found + [(None, frames(k), n) for k, n in sorted(short.items()) if k not in recorded]
+
+
+def check_shard_folders(
+    urls: Sequence[str], *, encoders: dict | None, frames: int | None, allow_missing: bool
+) -> list[tuple[str, dict]]:
+    """``check_manifest`` for the manifest of every folder ``urls`` come from (local or in a store), not
+    only the first's: folders made with other frame counts or encoders do not train together. Returns
+    (folder, manifest) of those that have one."""
+    checked = []
+    for directory in dict.fromkeys(d for d in map(manifest_folder, urls) if d is not None):
+        manifest = read_manifest(directory)
+        if manifest is not None:
+            check_manifest(
+                manifest,
+                encoders=encoders,
+                frames=frames,
+                where=str(directory),
+                directory=directory,
+                allow_missing=allow_missing,
+            )
+            checked.append((directory, manifest))
+    return checked
+
+
+def made_frames(manifest: dict) -> int | None:
+    """The clip length prep made the shards with: its ``--frames`` as a 4k+1 count (shards written before
+    prep rounded it stored the value typed), else the longest bucket; None when the manifest has neither.
+    Shorter clips (short videos, kept at their own length) are in buckets of their own."""
+    made = manifest.get("settings", {}).get("frames")
+    if isinstance(made, int) and made >= MIN_FRAMES:
+        return floor_4k_plus_1(made)
+    if manifest.get("buckets"):
+        return max(int(k.rsplit("x", 1)[-1]) for k in manifest["buckets"])
+    return None
 
 
 def check_manifest(
@@ -478,14 +513,11 @@ def check_manifest(
             f"{where} were encoded with other encoders than --model (differ in {', '.join(diff)}: "
             f"{made_by.get(diff[0])!r} vs {encoders.get(diff[0])!r}); re-run longcat-prep shard"
         )
-    # Prep trims short videos to fewer frames (their own buckets); what must match is its --frames.
-    made = manifest.get("settings", {}).get("frames")
-    if made is None and manifest.get("buckets"):
-        made = max(int(k.rsplit("x", 1)[-1]) for k in manifest["buckets"])
+    made = made_frames(manifest)
     if frames is not None and made is not None and made != frames:
         raise ShardError(
-            f"{where} were made with --frames {made} but the config trains on {frames} frames; "
-            f"set frames = {made} or re-run longcat-prep shard --frames {frames}"
+            f"{where} were made with --frames {made} but the config trains on {frames} frames; leave "
+            f"frames unset to train on their {made}, or re-run longcat-prep shard --frames {frames}"
         )
     if manifest.get("complete") is False:
         log.warning("%s: manifest says prep did not finish; training on the shards written so far", where)

@@ -89,6 +89,10 @@ def limit_encoding_threads(cfg: PrepConfig) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
 
 
+class NothingWritten(ValueError):
+    """A prep run that leaves nothing to train on; the message names the most common reason and its fix."""
+
+
 @dataclass
 class PrepStats:
     written: int = 0
@@ -98,14 +102,39 @@ class PrepStats:
     encode_seconds: float = 0.0
     wall_seconds: float = 0.0
     shards: int = 0
+    frames: int = 0  # --frames: the clip length asked for
+    listed: int = 0  # videos in the whole listing (every rank's)
+    short_clips: Counter[int] = field(default_factory=Counter)  # frames -> clips kept shorter than asked
+    first_reason: dict[str, str] = field(default_factory=dict)  # rejection kind -> its first reason
 
     def summary(self) -> str:
         rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
         reasons = ", ".join(f"{n} {kind}" for kind, n in self.rejected.most_common())
         rejected = sum(self.rejected.values())
-        return (
+        line = (
             f"written {self.written} clips from {self.inputs_written} videos ({rate:.2f} clips/s), "
             f"skipped {self.skipped} already done, rejected {rejected}" + (f" ({reasons})" if reasons else "")
+        )
+        if self.short_clips:
+            lengths = ", ".join(f"{n} of {f}" for f, n in sorted(self.short_clips.items()))
+            line += (
+                f"; {sum(self.short_clips.values())} clips from videos shorter than --frames {self.frames} "
+                f"kept at their own length ({lengths} frames)"
+            )
+        return line
+
+    def failure(self) -> str | None:
+        """Why the run is a failure: the folder holds no video, or every input of this rank was rejected
+        (with the most common rejection's reason and fix); None otherwise, also for a rank whose slice
+        of the listing is empty (more ranks than videos)."""
+        if not self.listed:
+            return "no videos to prep: the folder holds no video file (searched recursively)"
+        if self.written or self.skipped or self.inputs_written or not self.rejected:
+            return None
+        kind, count = self.rejected.most_common(1)[0]
+        return (
+            f"every video was rejected, nothing was written; most common ({count}, {kind}): "
+            f"{self.first_reason[kind]}"
         )
 
 
@@ -272,12 +301,16 @@ def write_clips(
         log.warning("skipped %s: %s", r["source"], r["reason"])
         writer.reject(r["source"], r["reason"])
         stats.rejected[r["rejected"]] += 1
+        stats.first_reason.setdefault(r["rejected"], f"{r['source']}: {r['reason']}")
 
     def settle(written: Future[list[tuple[dict, str | None]]]) -> None:
         for clip, error in written.result():
             if error is None:
                 stats.written += 1
                 bar.update(1)
+                frames = clip["meta"]["bucket"][2]
+                if frames < stats.frames:
+                    stats.short_clips[frames] += 1
             else:
                 reject(rejection(clip, "duplicate key", error))
             if clip.get("last"):
@@ -455,7 +488,7 @@ def _run_shard(
         finished = False
         records: Iterator[dict] | None = None
         try:
-            stats = PrepStats()
+            stats = PrepStats(frames=cfg.frames, listed=len(all_inputs) + len(duplicates))
             todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
             stats.skipped = len(mine) - len(todo)
             log.info(
@@ -481,6 +514,7 @@ def _run_shard(
                 conditioning_dir=storage.local_path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
                 done_keys=writer.done_keys,
                 captioner=captioner,
+                caption_prompt=cfg.captions.partition(":")[2] if strategy == "prompt" else None,
                 # Each decoder left to its default starts a thread per core: 8 workers then oversubscribe
                 # the CPU and slow the kernel launches of the encoding process, which the GPU waits on.
                 decode_threads=max(1, (os.cpu_count() or 2) // cfg.workers) if cfg.workers else 0,

@@ -47,7 +47,7 @@ from longcat_data.defaults import STOP_SIGNALS
 from longcat_data.encode import pad_text_embeds
 from longcat_data.files import OutputError
 from longcat_data.hub import is_hf_spec, resolve_hf_shards
-from longcat_data.manifest import find_manifest, manifest_shards
+from longcat_data.manifest import find_manifest, manifest_shards, read_manifest
 from longcat_data.shards import CAPTION, META, TEXT_EMBEDS, ShardError, ShardSample, decode_tensors
 from longcat_data.tars import Damage, tar_members
 from longcat_data.video import VIDEO_EXTENSIONS
@@ -108,6 +108,13 @@ def _expand_one(spec: str, allow_missing: bool) -> list[str]:
         if not tars:
             raw = any(p.suffix.lower() in VIDEO_EXTENSIONS for p in path.iterdir())
             hint = f"; it holds videos: run `longcat-prep shard {spec} OUT_DIR` first" if raw else ""
+            rejected = read_manifest(path).get("rejected", []) if listed is not None else []
+            if rejected:
+                first = rejected[0]
+                hint = (
+                    f"; longcat-prep rejected all {len(rejected)} videos (manifest.json 'rejected'), "
+                    f"e.g. {first['source']}: {first['reason']}"
+                )
             raise ShardError(f"no shards (*.tar) in directory {spec}{hint}")
         return tars
     if is_hf_spec(spec):

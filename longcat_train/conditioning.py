@@ -157,7 +157,7 @@ def condition_latents(task: str, batch: Mapping[str, Any], cond_frames: int) -> 
 
 
 def check_clip_lengths(
-    weights: Mapping[str, float], cond_frames: int, manifest: dict, directory: Path
+    weights: Mapping[str, float], cond_frames: int, manifest: dict, directory: str | Path
 ) -> None:
     """ShardError naming a shard whose clips are too short for the continuation condition, from the
     manifest's bucket counts and the prep states (before any shard is read)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcat_data.buckets import MIN_FRAMES
+from longcat_data.buckets import MIN_FRAMES, clip_frames
 from longcat_data.defaults import (
     DEFAULT_AREA,
     DEFAULT_FPS,
@@ -97,9 +97,10 @@ class TrainConfig:
     shards: list[str] = option(
         [], "shard spec(s): directory, brace pattern, pipe:cmd, hf://datasets/user/name, s3://bucket/shards"
     )
-    frames: int = option(
-        DEFAULT_FRAMES,
-        "video frames per clip (4k+1); the shards must have been made with this count",
+    frames: int | None = option(
+        None,
+        f"video frames per clip (4k+1; others are rounded down); default: what the shards were made with "
+        f"(their manifest.json), else {DEFAULT_FRAMES} ({default_frames('tiny')} for tiny); a count the shards do not hold is refused",
         check=CLIP_FRAMES,
     )
     conditioning: str = option(
@@ -375,9 +376,9 @@ class TrainConfig:
         0, "validate every N steps (0: only at the end)", simpletuner="validation_steps", check=at_least(0)
     )
     validation_limit: int = option(2, "validation pairs to sample", check=at_least(1))
-    validation_frames: int = option(
-        DEFAULT_FRAMES,
-        "frames of each validation video",
+    validation_frames: int | None = option(
+        None,
+        "frames of each validation video (4k+1; others are rounded down); default: frames",
         simpletuner="validation_num_video_frames",
         check=CLIP_FRAMES,
     )
@@ -390,9 +391,10 @@ class TrainConfig:
         simpletuner="validation_guidance",
         check=number(0),
     )
-    validation_area: str = option(
-        format_area(DEFAULT_AREA),
-        "HxW area the start images are fitted to (their nearest bucket)",
+    validation_area: str | None = option(
+        None,
+        f"HxW area the start images are fitted to (their nearest bucket); default: the shards' --area "
+        f"(their manifest.json), else {format_area(DEFAULT_AREA)} ({format_area(default_area('tiny'))} for tiny)",
         aliases=("--validation-resolution", "--validation_resolution"),
         simpletuner="validation_resolution",
         check=AREA_ON_GRID,
@@ -424,6 +426,8 @@ class TrainConfig:
         if isinstance(self.gradient_checkpointing, bool):
             # SimpleTuner and TOML say true/false: true keeps attention outputs where memory allows.
             self.gradient_checkpointing = "selective" if self.gradient_checkpointing else "none"
+        self.frames = clip_frames(self.frames, "frames")
+        self.validation_frames = clip_frames(self.validation_frames, "validation_frames")
         # A file may name one shard spec, target or LoRA as a plain string.
         for name in ("shards", "lora_targets", "base_lora", "validation_lora"):
             value = getattr(self, name)
@@ -443,6 +447,23 @@ class TrainConfig:
     @property
     def alpha(self) -> float:
         return self.lora_alpha or float(self.lora_rank)
+
+    def take_shard_settings(self, manifest: dict | None) -> None:
+        """Fill ``frames``, ``validation_frames`` and ``validation_area`` left unset from what the shards
+        were made with (their manifest; ``None``: remote shards without one), else the model's defaults.
+        Set values stay: the trainer's manifest check refuses a ``frames`` the shards do not hold."""
+        from longcat_data.manifest import made_frames  # torch, through the shard schema: not at --help
+
+        settings = (manifest or {}).get("settings", {})
+        if self.frames is None:
+            made = made_frames(manifest) if manifest else None
+            self.frames = made or default_frames(self.model)
+            log.info("frames = %d (%s)", self.frames, "the shards'" if made else "the default")
+        if self.validation_frames is None:
+            self.validation_frames = self.frames
+        if self.validation_area is None:
+            area = settings.get("area")
+            self.validation_area = format_area(area or default_area(self.model))
 
     @property
     def i2v(self) -> bool:
@@ -464,8 +485,9 @@ class TrainConfig:
 
     @property
     def validation_settings(self) -> VideoSettings:
-        """The settings every validation video is sampled with; with ``validation_distill_lora`` the
-        distilled schedule, and its steps and guidance where the run keeps the plain defaults."""
+        """The settings every validation video is sampled with (after ``take_shard_settings``); with
+        ``validation_distill_lora`` the distilled schedule, and its steps and guidance where the run keeps
+        the plain defaults."""
         distill = self.validation_distill_lora is not None
         steps, guidance = self.validation_inference_steps, self.validation_guidance
         if distill and steps == DEFAULT_STEPS:
@@ -473,12 +495,12 @@ class TrainConfig:
         if distill and guidance == DEFAULT_GUIDANCE:
             guidance = DISTILL_GUIDANCE
         return VideoSettings(
-            frames=self.validation_frames,
+            frames=self.validation_frames or self.frames or default_frames(self.model),
             steps=steps,
             guidance=guidance,
             shift=self.flow_schedule_shift,
             seed=self.validation_seed,
-            area=parse_area(self.validation_area),
+            area=parse_area(self.validation_area or default_area(self.model)),
             distill=distill,
         )
 

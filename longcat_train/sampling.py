@@ -31,6 +31,7 @@ from longcat_data.buckets import (
     InputTooSmall,
     aspect_distance,
     choose_bucket,
+    clip_frames,
     cover_scale,
     latent_frames,
     make_buckets,
@@ -133,14 +134,11 @@ def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> 
 
 
 def round_frames(frames: int) -> int:
-    """A 4k+1 frame count (the VAE's temporal stride): others are rounded to the nearest, with a warning."""
+    """A 4k+1 frame count (the VAE's temporal stride): others are rounded down, with a warning, as every
+    command does (``buckets.clip_frames``); fewer than 5 frames are refused."""
     if frames < 1 + VAE_TEMPORAL_STRIDE:
         raise SampleInputError(f"frames must be at least {1 + VAE_TEMPORAL_STRIDE}, got {frames}")
-    k = max(1, round((frames - 1) / VAE_TEMPORAL_STRIDE))
-    rounded = 1 + VAE_TEMPORAL_STRIDE * k
-    if rounded != frames:
-        log.warning("frames must be 4k+1 for the VAE: using %d instead of %d", rounded, frames)
-    return rounded
+    return clip_frames(frames, "frames")
 
 
 # ---------------------------------------------------------------- start image

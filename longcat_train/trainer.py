@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from longcat_data.buckets import latent_frames
-from longcat_data.manifest import check_manifest, find_manifest, manifest_folder
+from longcat_data.manifest import check_shard_folders, find_manifest
 from longcat_data.stream import (
     ShardStream,
     StreamConfig,
@@ -52,6 +53,7 @@ from longcat_train.checkpoints import (
 from longcat_train.config import ConfigError, TrainConfig, save_config
 from longcat_train.lora_formats import check_file
 from longcat_train.lora_spec import parse_lora_spec
+from longcat_train.loss_curve import write_loss_curve
 from longcat_train.parallel import Dist
 from longcat_train.planning import budget_checkpointing
 from longcat_train.runs import (
@@ -349,7 +351,8 @@ class TrainResult:
 
 def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     """Shard URLs, the manifest (None for remote shards without one) and the model's encoder ids;
-    ShardError when the shards were made for other encoders or another frame count."""
+    ShardError when the shards were made for other encoders or another frame count. Fills the
+    frames and validation settings left unset from the manifest (``TrainConfig.take_shard_settings``)."""
     from longcat_data.encode import encoder_ids
 
     if not cfg.shards:
@@ -359,17 +362,12 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     urls = expand_shard_spec(cfg.shards, allow_missing=cfg.allow_missing_shards)
     manifest = find_manifest(urls)
     encoders = encoder_ids(cfg.model)
-    if manifest is not None:
-        directory = manifest_folder(urls[0])
-        check_manifest(
-            manifest,
-            encoders=encoders,
-            frames=cfg.frames,
-            where=str(directory),
-            directory=directory,
-            allow_missing=cfg.allow_missing_shards,
-        )
-        conditioning.check_clip_lengths(cfg.tasks, cfg.cond_frames, manifest, directory)
+    cfg.take_shard_settings(manifest)
+    folders = check_shard_folders(
+        urls, encoders=encoders, frames=cfg.frames, allow_missing=cfg.allow_missing_shards
+    )
+    for directory, folder_manifest in folders:
+        conditioning.check_clip_lengths(cfg.tasks, cfg.cond_frames, folder_manifest, directory)
     return urls, manifest, encoders
 
 
@@ -468,7 +466,6 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         resumed = None  # the optimizer state and LoRA weights are in the model now
     train_model.train()
     result = TrainResult(skipped_steps=state.skipped_steps)
-    metrics = Metrics(cfg, d, state.step, total_steps)
     corrupt: dict[int, int] = {}
     log.info(
         "training %d steps of %d samples (%d per GPU x %d accumulation x %d GPUs) from step %d",
@@ -479,6 +476,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         d.world_size,
         state.step,
     )
+    metrics = Metrics(cfg, d, state.step, total_steps)  # its bar starts after the lines above
 
     def counted(it: Iterator[dict]) -> Iterator[dict]:
         for batch in it:
@@ -499,7 +497,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     data = counted(batches)
     start_step = state.step
-    with StopSignals() as stop:
+    # Validation's bars and log lines print between the training bar's updates without tearing it.
+    with StopSignals() as stop, logging_redirect_tqdm():
         try:
             while state.step < total_steps:
                 start = time.perf_counter()
@@ -548,6 +547,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if result.corrupt_samples:
         log.warning("skipped %d corrupt sample(s) or shard read(s) in this run", result.corrupt_samples)
     if d.main:
+        try:
+            curve = write_loss_curve(out)
+            if curve is not None:
+                log.info("loss per step: %s", curve)
+        except OSError as err:  # a chart is worth less than the run's exit status
+            log.warning("loss curve not written: %s", err)
         log.info(
             "done: LoRA in %s, %s (official) and %s (ComfyUI-WanVideoWrapper)",
             out / LORA_FILE,

@@ -191,27 +191,35 @@ def continuation_latents(vae: nn.Module, pair: ValidationPair, area: tuple[int, 
 
 
 def contact_sheet(
-    start: np.ndarray, rows: Sequence[tuple[str, np.ndarray]], columns: int = 4, height: int = 160
+    start: np.ndarray,
+    rows: Sequence[tuple[str, np.ndarray]],
+    columns: int = 4,
+    height: int = 160,
+    title: str = "",
 ) -> np.ndarray:
-    """A PNG-ready uint8 sheet: per row a label, the start frame, then ``columns`` evenly spaced frames."""
+    """A PNG-ready uint8 sheet: ``title`` on top, then per row a label, the start frame, then ``columns``
+    evenly spaced frames."""
     scale = height / start.shape[0]
     width = max(1, round(start.shape[1] * scale))
     label_w, gap = 72, 4
+    head = 34 if title else 18
     cells = 1 + columns
-    sheet = Image.new("RGB", (label_w + cells * (width + gap), len(rows) * (height + gap) + 18), "white")
+    sheet = Image.new("RGB", (label_w + cells * (width + gap), len(rows) * (height + gap) + head), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((label_w, 2), "start", fill="black")
+    if title:
+        draw.text((4, 2), title, fill="black")
+    draw.text((label_w, head - 16), "start", fill="black")
 
     def paste(frame: np.ndarray, col: int, row: int) -> None:
         cell = Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC)
-        sheet.paste(cell, (label_w + col * (width + gap), 18 + row * (height + gap)))
+        sheet.paste(cell, (label_w + col * (width + gap), head + row * (height + gap)))
 
     for r, (label, video) in enumerate(rows):
-        draw.text((4, 18 + r * (height + gap) + height // 2), label, fill="black")
+        draw.text((4, head + r * (height + gap) + height // 2), label, fill="black")
         paste(start, 0, r)
         for c, index in enumerate(np.linspace(0, len(video) - 1, columns).round().astype(int)):
             if r == 0:
-                draw.text((label_w + (c + 1) * (width + gap), 2), f"frame {index}", fill="black")
+                draw.text((label_w + (c + 1) * (width + gap), head - 16), f"frame {index}", fill="black")
             paste(video[index], c + 1, r)
     return np.asarray(sheet)
 
@@ -238,6 +246,8 @@ def run_validation(
     tb_writer: object | None = None,
     fps: int = DEFAULT_FPS,
     sharded: bool = False,
+    progress: bool = False,
+    lora: str = "LoRA",
 ) -> list[Path]:
     """Sample every pair with ``settings``, with the model as it is (LoRA on) and, where the model
     carries a peft adapter, with the adapter off; write ``validation/step_NNNNNN/<key>.mp4`` and
@@ -246,7 +256,8 @@ def run_validation(
     ``embeds`` maps each prompt, and ``""`` (the negative prompt) when guidance > 1, to its [L, D]
     embedding. Base-model videos do not change during training, so each is sampled once and kept in
     ``validation/base/`` under a name carrying its settings. ``sharded``: the model is split across
-    ranks (FSDP), which all sample together. Returns the files written.
+    ranks (FSDP), which all sample together. ``progress``: a bar per video (steps, ETA). ``lora``
+    names the trained LoRA on the sheet, whose title is it and the step. Returns the files written.
     """
     root = Path(output_dir) / "validation"
     step_dir = root / f"step_{step:06d}"
@@ -259,7 +270,7 @@ def run_validation(
     def sample(pair: ValidationPair) -> np.ndarray:
         prompt = [embeds[pair.prompt]]
         if not pair.continues:
-            return generate_videos(model, vae, pair.image, prompt, negative, settings, progress=False)[0]
+            return generate_videos(model, vae, pair.image, prompt, negative, settings, progress=progress)[0]
         latents = denoise(
             model,
             continuation_latents(vae, pair, settings.area),
@@ -271,23 +282,33 @@ def run_validation(
             shift=settings.shift,
             seeds=[settings.seed],
             distill=settings.distill,
-            progress=False,
+            progress=progress,
         )
         return decode_videos(vae, latents)[0]
 
     written: list[Path] = []
     with _eval_mode(model):
-        for pair in pairs:
+        for number, pair in enumerate(pairs, 1):
             if pair.prompt not in embeds:
                 raise KeyError(f"validation embeds have no entry for the prompt of {pair.key!r}")
+            log.info(
+                "validation at step %d: %s (%d of %d), %d steps%s",
+                step,
+                pair.key,
+                number,
+                len(pairs),
+                settings.steps,
+                " + the base model's once" if has_adapter else "",
+            )
             video = sample(pair)
             written.append(write_mp4(video, step_dir / f"{pair.key}.mp4", fps=fps))
-            rows = [("LoRA" if has_adapter else "model", video)]
+            rows = [(f"LoRA @{step}" if has_adapter else "model", video)]
             if has_adapter:
                 cached = root / "base" / _base_name(pair, settings)
                 base = _base_video(model, pair, sample, cached, fps, sharded=sharded)
                 rows.insert(0, ("base", base))
-            sheet = contact_sheet(fit_start_image(pair.image, settings.area), rows)
+            title = f"step {step}: {lora}" + (" (top: the base model, no LoRA)" if has_adapter else "")
+            sheet = contact_sheet(fit_start_image(pair.image, settings.area), rows, title=title)
             sheet_path = step_dir / f"{pair.key}_sheet.png"
             Image.fromarray(sheet).save(sheet_path)
             written.append(sheet_path)
@@ -422,6 +443,8 @@ class Validation:
                     output_dir=out,
                     tb_writer=tb_writer if self.d.main else None,
                     sharded=sharded,
+                    progress=self.d.main and self.cfg.progress,
+                    lora=f"LoRA {Path(self.cfg.output_dir).name} (rank {self.cfg.lora_rank})",
                 )
         finally:
             if self.loras is not None:
