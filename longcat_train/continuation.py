@@ -76,19 +76,23 @@ def read_condition_video(path: str | Path, cond_frames: int, fps: float, area: t
     """The last ``cond_frames`` frames of the video at ``path`` read at ``fps``, resized and centre-cropped
     to the bucket of ``area`` nearest its shape: uint8 [N, H, W, 3]. SampleInputError (one line naming
     the file and the fix) when it is missing, unreadable, too short or too small."""
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "not found"
+        raise SampleInputError(f"--video {path}: {what}; give the path of a video file")
     try:
         info = probe(path)
-        available = info.frames_at(fps)
-        if available < cond_frames:
-            raise SampleInputError(
-                f"--video {path} has {available} frames at {fps:g} fps, fewer than --cond-frames "
-                f"{cond_frames}: give a longer video or a smaller --cond-frames"
-            )
-        bucket = fitting_bucket(info.height, info.width, area, f"video {Path(path).name}")
-        frames = read_frames(path, available - cond_frames, cond_frames, fps, info=info)
     except VideoError as err:
         raise SampleInputError(f"--video {path}: {err.reason}") from None
-    except ValueError as err:  # the frames the probe promised are not all decodable
+    available = info.frames_at(fps)
+    if available < cond_frames:
+        raise SampleInputError(
+            f"--video {path} has {available} frames at {fps:g} fps, fewer than --cond-frames "
+            f"{cond_frames}: give a longer video or a smaller --cond-frames"
+        )
+    bucket = fitting_bucket(info.height, info.width, area, f"video {Path(path).name}")
+    try:
+        frames = read_frames(path, available - cond_frames, cond_frames, fps, info=info)
+    except (VideoError, ValueError) as err:  # the frames the probe promised are not all decodable
         raise SampleInputError(f"--video {path} cannot be read to its end ({err}); re-encode it") from None
     return resize_center_crop(frames, *bucket)[0]
 
