@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from longcat_data.demo import synthetic_frames
-from longcat_data.video import read_mp4, write_mp4
+from longcat_data.video import read_mp4, resize_center_crop, write_mp4
 from longcat_train import continuation, sampling
 from longcat_train import sampler as sampler_module
 from longcat_train.config import VideoSettings
@@ -212,11 +212,9 @@ def test_condition_video_is_its_last_frames_fitted(tmp_path) -> None:
     frames = synthetic_frames(96, 160, 20)
     path = write_mp4(frames, tmp_path / "clip.mp4", fps=15)
     cond = read_condition_video(path, 5, 15, (64, 64))
-    assert cond.shape == (5, 48, 80, 3)
-    written = read_mp4(path)
-    from longcat_data.video import resize_center_crop
-
-    assert np.array_equal(cond, resize_center_crop(written[-5:], 48, 80)[0])
+    bucket = sampling.fitting_bucket(96, 160, (64, 64), "video")
+    assert cond.shape == (5, *bucket, 3) and bucket != (96, 160)
+    assert np.array_equal(cond, resize_center_crop(read_mp4(path)[-5:], *bucket)[0])
 
 
 # ---------------------------------------------------------------- the command
