@@ -41,3 +41,38 @@ def test_cached_forward_equals_the_uncached_one(implementation: str) -> None:
     assert noisy.shape == (2, 16, 2, 8, 12)
     torch.testing.assert_close(noisy, full[:, :, 3:], atol=2e-6, rtol=0)
     torch.testing.assert_close(doubled, torch.cat([noisy, noisy]), atol=2e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cached_block_sparse_attention_equals_the_whole_sequence_on_the_gpu() -> None:
+    """The Triton kernel at the real head size: noisy queries' outputs do not depend on the condition
+    queries, which the cached call replaces by placeholders."""
+    from longcat_train.attention import attention
+    from longcat_train.kv_cache import LayerKV
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grid, cond = (8, 16, 16), 2
+    n_cond = cond * grid[1] * grid[2]
+    q, k, v = (
+        torch.randn(2, 4, grid[0] * grid[1] * grid[2], 128, generator=g, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3)
+    )
+    params = {"density": 1 / 16, "block": (4, 4, 4)}
+    whole = attention(
+        q,
+        k,
+        v,
+        implementation="block_sparse",
+        latent_shape=grid,
+        num_cond_latents=cond,
+        block_sparse_params=params,
+    )
+    layer = LayerKV((cond, grid[1], grid[2]), k[:, :, :n_cond], v[:, :, :n_cond])
+    cached = layer.attend(
+        q[:, :, n_cond:],
+        k[:, :, n_cond:],
+        v[:, :, n_cond:],
+        implementation="block_sparse",
+        block_sparse_params=params,
+    )
+    torch.testing.assert_close(cached, whole[:, :, n_cond:], atol=1e-2, rtol=0)
