@@ -39,6 +39,10 @@ CLIP_FRAMES = Check(
     lambda f: f >= MIN_FRAMES and (f - 1) % VAE_TEMPORAL_STRIDE == 0,
     f"4k+1 and at least {MIN_FRAMES} (the VAE's {VAE_TEMPORAL_STRIDE}x time stride): 5, 9, ..., 93",
 )
+COND_FRAMES = Check(
+    lambda f: f >= 1 and (f - 1) % VAE_TEMPORAL_STRIDE == 0,
+    f"4k+1 (whole latent frames of the VAE's {VAE_TEMPORAL_STRIDE}x time stride): 1, 5, 9, 13, ...",
+)
 AREA_ON_GRID = Check(
     _area_on_grid,
     f"HxW with both sides multiples of {MODEL_SIDE_MULTIPLE} (the model's pixel grid), e.g. 480x832",

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 TASKS = ("i2v", "continuation", "t2v")
 CONDITIONINGS = ("i2v", "t2v", "continuation", "mixed")
 VALIDATION_CONDITIONINGS = ("auto", "i2v", "continuation")
-DEFAULT_COND_FRAMES = 13  # the official continuation pipeline's num_cond_frames
 DEFAULT_MIX = "i2v=0.6,continuation=0.3,t2v=0.1"
 
 
@@ -71,10 +70,6 @@ CONDITIONING_MIX = Check(
     _parses,
     f"TASK=WEIGHT,... with tasks among {', '.join(TASKS)}, each once, weights >= 0 summing to more than 0 "
     f"(e.g. {DEFAULT_MIX})",
-)
-COND_FRAMES = Check(
-    lambda n: n >= 1 and (n - 1) % VAE_TEMPORAL_STRIDE == 0,
-    f"4k+1 (the VAE's {VAE_TEMPORAL_STRIDE}x time stride): 1, 5, 9, 13, ...",
 )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from longcat_data.buckets import MIN_FRAMES, clip_frames
 from longcat_data.defaults import (
     DEFAULT_AREA,
+    DEFAULT_COND_FRAMES,
     DEFAULT_FPS,
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
@@ -48,16 +49,15 @@ from longcat_train.architecture import ATTENTION_BACKENDS, BLOCK_LINEARS, CHECKP
 from longcat_train.checks import (
     AREA_ON_GRID,
     CLIP_FRAMES,
+    COND_FRAMES,
     CREATABLE_FOLDER,
     RESUME_FROM,
     SEED,
     VALIDATION_SOURCE,
 )
 from longcat_train.conditioning import (
-    COND_FRAMES,
     CONDITIONING_MIX,
     CONDITIONINGS,
-    DEFAULT_COND_FRAMES,
     DEFAULT_MIX,
     VALIDATION_CONDITIONINGS,
     task_weights,
@@ -569,6 +569,7 @@ SAMPLE_LIMITS: dict[str, tuple[float, float]] = {
     "seed": (0, 2**63 - 1),
     "fps": (1, 240),
     "port": (0, 65535),
+    "segments": (1, 100),
 }
 
 
@@ -593,9 +594,36 @@ class SampleConfig:
     image: str | None = option(
         None, "start frame (PNG, JPEG or WebP); resized and cropped to the nearest bucket"
     )
+    video: str | None = option(
+        None,
+        "a video to continue instead of --image: its last --cond-frames frames (at --fps), fitted to the "
+        "nearest bucket, are the condition",
+        group="continuation and long video",
+    )
+    cond_frames: int = option(
+        DEFAULT_COND_FRAMES,
+        "frames of the video (or of the previous segment) a continuation is conditioned on; 4k+1, "
+        "fewer than --frames",
+        check=COND_FRAMES,
+        group="continuation and long video",
+    )
+    segments: int = option(
+        1,
+        "chain this many segments into one video, each continuing the last --cond-frames frames of the "
+        "one before: --frames + (segments - 1) * (--frames - --cond-frames) frames; --prompt once, or "
+        "once per segment",
+        check=_within_limits("segments"),
+        group="continuation and long video",
+    )
+    kv_cache: bool = option(
+        True,
+        "compute the condition frames' keys and values once per segment instead of at every step",
+        group="continuation and long video",
+    )
     prompts: list[str] = option(
         [],
-        "what happens in the video; repeat for several videos of the same start frame (seeds seed, seed+1, ...)",
+        "what happens in the video; repeat for several videos of the same start frame (seeds seed, seed+1, ...), "
+        "or with --segments for one prompt per segment",
         flag="--prompt",
         repeat=True,
         check=UTF8_TEXT,
