@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from longcat_train.architecture import BLOCK_LINEARS, CHECKPOINT_MODES, OFFICIAL_CLASS_NAME
 from longcat_train.attention import BACKENDS, SAVED_OPS, attention, warn_if_unavailable
+
+if TYPE_CHECKING:
+    from longcat_train.step_cache import StepCache
 
 log = logging.getLogger(__name__)
 
@@ -517,6 +520,7 @@ class LongCatVideoTransformer(nn.Module):
         self._block_step = _block_step
         self.attention_implementation = "sdpa"
         self.block_sparse_params = config.official_block_sparse_params
+        self.step_cache: StepCache | None = None  # set for a denoising loop by step_cache.step_cache
 
     def _attention_modules(self) -> Iterator[SelfAttention | CrossAttention]:
         return (m for m in self.modules() if isinstance(m, SelfAttention | CrossAttention))
@@ -648,8 +652,13 @@ class LongCatVideoTransformer(nn.Module):
         )  # [B, L, C]
         rope = rope_tables(latent_shape, config.head_dim, x.device)
 
-        for block in self.blocks:
-            x = self.run_block(block, x, temb, text, text_mask, rope, latent_shape, num_cond_latents)
+        if self.step_cache is None:
+            for block in self.blocks:
+                x = self.run_block(block, x, temb, text, text_mask, rope, latent_shape, num_cond_latents)
+        else:
+            x = self.step_cache.run_blocks(
+                self, x, temb, text, text_mask, rope, latent_shape, num_cond_latents
+            )
 
         x = self.final_layer(x, temb, T)  # [B, N, ph*pw*C_out] fp32
         return self._unpatchify(x, latent_shape)

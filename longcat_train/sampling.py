@@ -45,6 +45,7 @@ from longcat_data.defaults import (
 from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
 from longcat_data.video import ImageTooLarge, VideoError, read_image, resize_center_crop
 from longcat_train.config import VideoSettings
+from longcat_train.step_cache import step_cache as cached_steps
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,7 @@ def denoise(
     shift: float = DEFAULT_SHIFT,
     seeds: Sequence[int] = (0,),
     distill: bool = False,
+    step_cache: float = 0.0,
     on_step: StepCallback | None = None,
     on_latents: LatentsCallback | None = None,
     progress: bool = True,
@@ -230,7 +232,8 @@ def denoise(
 
     ``cond_latents`` [B, 16, 1, h, w] are the encoded start frames; ``prompt_embeds`` B real-token
     embeddings [L_i, D]; ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1.
-    ``distill``: the distilled model's sigma schedule. ``on_step(i, steps)`` is called after each step;
+    ``distill``: the distilled model's sigma schedule. ``step_cache`` > 0: the first-block cache at that
+    threshold (``longcat_train.step_cache``; off by default). ``on_step(i, steps)`` is called after each step;
     ``on_latents(i, latents)`` sees the full latents (condition frame included) the model is given at
     step i.
     """
@@ -261,6 +264,7 @@ def denoise(
         mask,
         scheduler,
         guidance=guidance,
+        step_cache=step_cache,
         on_step=on_step,
         on_latents=on_latents,
         progress=progress,
@@ -277,6 +281,7 @@ def euler_loop(
     scheduler: FlowMatchEulerDiscreteScheduler,
     *,
     guidance: float = 1.0,
+    step_cache: float = 0.0,
     desc: str = "sampling",
     on_step: StepCallback | None = None,
     on_latents: LatentsCallback | None = None,
@@ -287,31 +292,33 @@ def euler_loop(
 
     ``text`` / ``mask`` are the padded prompt embeddings; with guidance > 1 they hold the B
     unconditional rows first, then the B conditional ones, and both halves run as one batch.
+    ``step_cache`` > 0: the first-block cache at that threshold for this loop (``longcat_train.step_cache``).
     """
     use_cfg = guidance > 1.0
     steps = len(scheduler.timesteps)
     num_cond = cond.shape[2]
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress)):
-        # The clean condition frames are put back in front of the noisy frames at every step.
-        latents = torch.cat([cond, noisy], dim=2)
-        if on_latents is not None:
-            on_latents(i, latents)
-        x = torch.cat([latents, latents]) if use_cfg else latents
-        timestep = t.to(x.device).expand(x.shape[0])  # the model sets the condition frames' to 0
-        pred = model(
-            hidden_states=x,
-            timestep=timestep,
-            encoder_hidden_states=text,
-            encoder_attention_mask=mask,
-            num_cond_latents=num_cond,
-        ).float()
-        if use_cfg:
-            uncond, pred = pred.chunk(2)
-            pred = cfg_zero_star(pred, uncond, guidance)
-        # The DiT predicts x0 - eps; the Euler step wants d x / d sigma = eps - x0.
-        noisy = scheduler.step(-pred[:, :, num_cond:], t, noisy).prev_sample
-        if on_step is not None:
-            on_step(i + 1, steps)
+    with cached_steps(model, step_cache):
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress)):
+            # The clean condition frames are put back in front of the noisy frames at every step.
+            latents = torch.cat([cond, noisy], dim=2)
+            if on_latents is not None:
+                on_latents(i, latents)
+            x = torch.cat([latents, latents]) if use_cfg else latents
+            timestep = t.to(x.device).expand(x.shape[0])  # the model sets the condition frames' to 0
+            pred = model(
+                hidden_states=x,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                encoder_attention_mask=mask,
+                num_cond_latents=num_cond,
+            ).float()
+            if use_cfg:
+                uncond, pred = pred.chunk(2)
+                pred = cfg_zero_star(pred, uncond, guidance)
+            # The DiT predicts x0 - eps; the Euler step wants d x / d sigma = eps - x0.
+            noisy = scheduler.step(-pred[:, :, num_cond:], t, noisy).prev_sample
+            if on_step is not None:
+                on_step(i + 1, steps)
     return noisy
 
 
@@ -351,6 +358,7 @@ def generate_videos(
         shift=settings.shift,
         seeds=[settings.seed + i for i in range(batch)],
         distill=settings.distill,
+        step_cache=settings.step_cache,
         on_step=on_step,
         progress=progress,
     )

@@ -26,7 +26,8 @@ from longcat_data.defaults import (
 class VideoSettings:
     """What a sampled video depends on besides the model, the start image and the prompt: its length,
     the Euler steps, the guidance scale, the sigma shift, the noise seed, the bucket area the start
-    image is fitted to, and the sigma schedule (``distill``: the distilled model's, else the plain one).
+    image is fitted to, the sigma schedule (``distill``: the distilled model's, else the plain one) and
+    the first-block cache's threshold (``step_cache``, 0: off; ``longcat_train.step_cache``).
     The same settings and inputs make the same frames."""
 
     frames: int = DEFAULT_FRAMES
@@ -36,6 +37,7 @@ class VideoSettings:
     seed: int = 0
     area: tuple[int, int] = DEFAULT_AREA
     distill: bool = False
+    step_cache: float = 0.0
 
 
 @dataclass(frozen=True)
