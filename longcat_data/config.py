@@ -67,6 +67,11 @@ class PrepConfig:
         "auto", "encoder dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", choices=ENCODER_DTYPES
     )
     vae_tiling: bool = option(False, "tile the VAE to save memory (slightly changes latents)")
+    compile_vae: bool = option(
+        True,
+        "on CUDA: torch.compile the VAE encoder and let cuDNN pick its fastest convolutions (the first clip "
+        "of each bucket waits for the compilation; latents equal within bf16 rounding)",
+    )
     rank: int | None = option(None, "this process's slice of the inputs (default: $RANK or 0)")
     world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
 

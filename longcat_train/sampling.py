@@ -45,6 +45,7 @@ from longcat_data.defaults import (
 from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
 from longcat_data.video import ImageTooLarge, VideoError, read_image, resize_center_crop
 from longcat_train.config import VideoSettings
+from longcat_train.step_cache import StepCache
 from longcat_train.step_cache import step_cache as cached_steps
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def denoise(
     shift: float = DEFAULT_SHIFT,
     seeds: Sequence[int] = (0,),
     distill: bool = False,
-    step_cache: float = 0.0,
+    step_cache: float | StepCache = 0.0,
     on_step: StepCallback | None = None,
     on_latents: LatentsCallback | None = None,
     progress: bool = True,
@@ -233,7 +234,7 @@ def denoise(
     ``cond_latents`` [B, 16, 1, h, w] are the encoded start frames; ``prompt_embeds`` B real-token
     embeddings [L_i, D]; ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1.
     ``distill``: the distilled model's sigma schedule. ``step_cache`` > 0: the first-block cache at that
-    threshold (``longcat_train.step_cache``; off by default). ``on_step(i, steps)`` is called after each step;
+    threshold (or that ``StepCache``: ``longcat_train.step_cache``; off by default). ``on_step(i, steps)`` is called after each step;
     ``on_latents(i, latents)`` sees the full latents (condition frame included) the model is given at
     step i.
     """
@@ -281,7 +282,7 @@ def euler_loop(
     scheduler: FlowMatchEulerDiscreteScheduler,
     *,
     guidance: float = 1.0,
-    step_cache: float = 0.0,
+    step_cache: float | StepCache = 0.0,
     desc: str = "sampling",
     on_step: StepCallback | None = None,
     on_latents: LatentsCallback | None = None,

@@ -94,10 +94,12 @@ class StepCache:
 
 
 @contextmanager
-def step_cache(model: nn.Module, threshold: float) -> Iterator[StepCache | None]:
-    """A fresh :class:`StepCache` on the DiT inside ``model`` for the duration (one denoising loop);
-    ``threshold`` <= 0: none, the model runs every block."""
-    if threshold <= 0:
+def step_cache(model: nn.Module, threshold: float | StepCache) -> Iterator[StepCache | None]:
+    """A :class:`StepCache` on the DiT inside ``model`` for the duration (one denoising loop): a fresh
+    one of ``threshold``, or the one given (a caller that reads its record afterwards: one per loop);
+    a threshold <= 0: none, the model runs every block."""
+    cache = threshold if isinstance(threshold, StepCache) else StepCache(threshold)
+    if cache.threshold <= 0:
         yield None
         return
     from longcat_train.model import transformer_of
@@ -105,7 +107,8 @@ def step_cache(model: nn.Module, threshold: float) -> Iterator[StepCache | None]
     dit = transformer_of(model)
     if dit.step_cache is not None:
         raise RuntimeError("this DiT already runs under a step cache: one denoising loop at a time")
-    cache = StepCache(threshold)
+    if cache.changes:
+        raise ValueError("this StepCache has run a denoising loop already: make one per loop")
     dit.step_cache = cache
     try:
         yield cache
@@ -113,7 +116,7 @@ def step_cache(model: nn.Module, threshold: float) -> Iterator[StepCache | None]
         dit.step_cache = None
         log.info(
             "step cache %g: the later blocks' residual reused at %d of %d model calls",
-            threshold,
+            cache.threshold,
             len(cache.reused),
             len(cache.changes),
         )
