@@ -234,7 +234,9 @@ def test_cli_fp8_matmuls_compile_and_step_cache(tmp_path, make_image, monkeypatc
     assert sample_main([*argv, "--size", "64x64", "--steps", "3", *flags]) == 0
     assert read_mp4(out).shape == (5, 64, 64, 3)
     linears = [m for m in loaded[0].blocks.modules() if isinstance(m, torch.nn.Linear)]
-    assert sum(isinstance(m, quant.Fp8MatmulLinear) for m in linears) == len(BLOCK_LINEARS) * len(loaded[0].blocks)
+    assert sum(isinstance(m, quant.Fp8MatmulLinear) for m in linears) == len(BLOCK_LINEARS) * len(
+        loaded[0].blocks
+    )
     assert compiled == [{"tune": False}]
     [cache] = caches
     assert cache.threshold == 0.5 and len(cache.changes) == 3

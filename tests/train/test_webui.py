@@ -622,3 +622,24 @@ def test_the_page_samples_distilled_under_distill() -> None:
     )
     assert seen[0].distill and (seen[0].steps, seen[0].seed, seen[0].guidance) == (8, 3, 1.0)
     assert (config.video_settings.steps, config.video_settings.guidance) == (16, 1.0)  # the page's defaults
+
+
+def test_page_jobs_keep_the_commands_step_cache(make_image) -> None:
+    from longcat_train.config import SampleConfig
+    from longcat_train.webui import sampler_generate
+
+    seen: list[VideoSettings] = []
+
+    class RecordingSampler:
+        def use_loras(self, loras) -> None:
+            pass
+
+        def generate(self, image, prompts, settings, **kwargs) -> np.ndarray:
+            seen.append(settings)
+            return np.zeros((1, 5, 16, 16, 3), np.uint8)
+
+    config = SampleConfig(model="tiny", step_cache=0.08)
+    generate = sampler_generate(RecordingSampler(), config, {})
+    generate(GenerationRequest(make_image(64, 64), "a cat", (), 3, 7, 5, 2.0), lambda i, n: None)
+    [settings] = seen
+    assert (settings.step_cache, settings.steps, settings.seed) == (0.08, 3, 7)
