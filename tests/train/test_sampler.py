@@ -205,7 +205,7 @@ def test_cli_block_sparse_attention(tmp_path, make_image, monkeypatch: pytest.Mo
     assert read_mp4(out).shape == (5, 64, 64, 3)
 
 
-def test_cli_fp8_matmuls_compile_and_step_cache(tmp_path, make_image, monkeypatch) -> None:
+def test_cli_fp8_matmuls_compile_and_step_cache(tmp_path, make_image, monkeypatch, lora_file) -> None:
     from longcat_train import quant, step_cache
     from longcat_train.architecture import BLOCK_LINEARS
     from longcat_train.cli import sample_main
@@ -230,7 +230,7 @@ def test_cli_fp8_matmuls_compile_and_step_cache(tmp_path, make_image, monkeypatc
     image = _png(tmp_path / "start.png", make_image(64, 64))
     out = tmp_path / "cat.mp4"
     argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
-    flags = ["--fp8-matmuls", "--compile", "--step-cache", "0.5"]
+    flags = ["--fp8-matmuls", "--compile", "--step-cache", "0.5", "--lora", lora_file]
     assert sample_main([*argv, "--size", "64x64", "--steps", "3", *flags]) == 0
     assert read_mp4(out).shape == (5, 64, 64, 3)
     linears = [m for m in loaded[0].blocks.modules() if isinstance(m, torch.nn.Linear)]
@@ -238,6 +238,9 @@ def test_cli_fp8_matmuls_compile_and_step_cache(tmp_path, make_image, monkeypatc
         loaded[0].blocks
     )
     assert compiled == [{"tune": False}]
+    # The LoRA went into the float8 layers' bf16 weights: they differ from a fresh load's.
+    fresh = real_load("tiny", dtype=loaded[0].x_embedder.proj.weight.dtype)
+    assert not torch.equal(loaded[0].blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
     [cache] = caches
     assert cache.threshold == 0.5 and len(cache.changes) == 3
 
