@@ -226,7 +226,8 @@ def test_cli_fp8_matmuls_compile_and_step_cache(tmp_path, make_image, monkeypatc
         real_compile(self, backend="eager")
 
     monkeypatch.setattr(LongCatVideoTransformer, "compile_blocks", compile_blocks)
-    monkeypatch.setattr(step_cache, "StepCache", lambda t: caches.append(real_cache(t)) or caches[-1])
+    real_run = real_cache.run_blocks
+    monkeypatch.setattr(real_cache, "run_blocks", lambda self, *a: caches.append(self) or real_run(self, *a))
     image = _png(tmp_path / "start.png", make_image(64, 64))
     out = tmp_path / "cat.mp4"
     argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
@@ -241,8 +242,8 @@ def test_cli_fp8_matmuls_compile_and_step_cache(tmp_path, make_image, monkeypatc
     # The LoRA went into the float8 layers' bf16 weights: they differ from a fresh load's.
     fresh = real_load("tiny", dtype=loaded[0].x_embedder.proj.weight.dtype)
     assert not torch.equal(loaded[0].blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
-    [cache] = caches
-    assert cache.threshold == 0.5 and len(cache.changes) == 3
+    cache = caches[0]
+    assert all(c is cache for c in caches) and cache.threshold == 0.5 and len(cache.changes) == 3
 
 
 def test_distill_sets_its_steps_and_guidance_and_warns_against_guidance(tmp_path, make_image, caplog) -> None:
