@@ -1,7 +1,7 @@
 """Prep throughput: `longcat-prep shard` end to end vs the VAE alone, at LongCat-Video's real size.
 
     python benchmarks/prep.py --device cuda [--clips 24] [--workers 8] [--text-encoder full|tiny|none]
-    python benchmarks/prep.py --small          # a CPU smoke run with the tiny encoders
+    python benchmarks/prep.py --small --compile-backend aot_eager   # a CPU smoke run with the tiny encoders
     python benchmarks/prep.py ... --store s3 --moto   # also through S3 (a local moto server), vs local disk
 
 Writes synthetic H.264 source videos (larger than the bucket, so decode, resize and crop are real work),
@@ -18,6 +18,11 @@ tokenizer is the tiny local one, whose ids are valid for the real vocabulary). T
   (``s3://.../videos`` -> ``s3://.../shards``, through ``longcat_data.storage``): its clips/s and its ratio
   to the local-disk run, the cost of the store. ``--moto`` starts a moto S3 server on localhost (a
   process of its own); without it the ``AWS_*`` environment names the store and ``--s3-url`` the prefix.
+
+Each is measured for the eager VAE encoder, then for the compiled one (`encode.compile_vae_encoder`,
+what `longcat-prep shard` does on CUDA unless `--no-compile-vae`; it turns cuDNN's algorithm search on),
+side by side in one run on the same weights and clips (`--modes` picks). The compiled warm-ups include
+the compilation; the timed runs do not. `speedup_end_to_end` is compiled over eager end-to-end clips/s.
 
 Prints one JSON document.
 """
@@ -177,7 +182,18 @@ def main() -> None:
     parser.add_argument(
         "--cudnn-benchmark",
         action="store_true",
-        help="let cuDNN time its conv algorithms per shape (for the VAE-only and end-to-end runs alike)",
+        help="let cuDNN time its conv algorithms per shape from the start (the compiled encoder turns it on)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=lambda text: text.split(","),
+        default=["eager", "compiled"],
+        help="VAE encoders to measure, in order: eager,compiled (default both)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compiled mode (aot_eager: a CPU smoke run without inductor's build)",
     )
     parser.add_argument("--keep", type=Path, default=None, help="keep sources and shards in this folder")
     parser.add_argument(
@@ -191,6 +207,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.store == "s3" and not (args.moto or args.s3_url):
         parser.error("--store s3 needs --moto or --s3-url")
+    if not args.modes or not set(args.modes) <= {"eager", "compiled"}:
+        parser.error(f"--modes: eager, compiled or eager,compiled, got {','.join(args.modes)}")
 
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -204,7 +222,6 @@ def main() -> None:
     write_sources(root / "videos", clips, *source_hw, frames + 4)
     write_sources(root / "warmup", 2, *source_hw, frames + 4)
     enc = build_encoders(args.small, text_encoder, device, dtype)
-    vae_rate = vae_only_rate(enc, frames, height, width, repeats=max(2, clips // 4), device=device)
 
     def run_prep(videos: Path | str, out: Path | str) -> prep.PrepStats:
         cfg = PrepConfig(
@@ -221,11 +238,30 @@ def main() -> None:
         )
         return prep.run_shard(cfg, encoders=enc)
 
-    run_prep(root / "warmup", root / "warmup_shards")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stats = run_prep(root / "videos", root / "shards")
-    e2e_rate = stats.written / stats.wall_seconds
+    modes: dict[str, dict] = {}
+    for mode in args.modes:
+        if mode == "compiled":
+            encode.compile_vae_encoder(enc.vae, backend=args.compile_backend)
+        vae_rate = vae_only_rate(enc, frames, height, width, repeats=max(2, clips // 4), device=device)
+        run_prep(root / "warmup", root / f"warmup_shards_{mode}")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        stats = run_prep(root / "videos", root / f"shards_{mode}")
+        e2e_rate = stats.written / stats.wall_seconds
+        modes[mode] = {
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "clips": stats.written,
+            "vae_only_clips_per_s": round(vae_rate, 4),
+            "end_to_end_clips_per_s": round(e2e_rate, 4),
+            "ratio_to_vae_only": round(e2e_rate / vae_rate, 3),
+            "gpu_busy": round(stats.encode_seconds / stats.wall_seconds, 3),
+            "wall_s": round(stats.wall_seconds, 2),
+            "shard_mb": round(
+                sum(p.stat().st_size for p in (root / f"shards_{mode}").glob("*.tar")) / 1e6, 1
+            ),
+        }
+        if device.type == "cuda":
+            modes[mode]["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "clip": f"{height}x{width}x{frames}",
@@ -237,17 +273,16 @@ def main() -> None:
         "dtype": str(dtype).removeprefix("torch."),
         "workers": args.workers,
         "batch_size": args.batch_size,
-        "cudnn_benchmark": args.cudnn_benchmark,
-        "clips": stats.written,
-        "vae_only_clips_per_s": round(vae_rate, 4),
-        "end_to_end_clips_per_s": round(e2e_rate, 4),
-        "ratio_to_vae_only": round(e2e_rate / vae_rate, 3),
-        "gpu_busy": round(stats.encode_seconds / stats.wall_seconds, 3),
-        "wall_s": round(stats.wall_seconds, 2),
-        "shard_mb": round(sum(p.stat().st_size for p in (root / "shards").glob("*.tar")) / 1e6, 1),
+        **modes,
     }
-    if device.type == "cuda":
-        result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if {"eager", "compiled"} <= modes.keys():
+        eager, compiled = modes["eager"], modes["compiled"]
+        result["speedup_vae_only"] = round(
+            compiled["vae_only_clips_per_s"] / eager["vae_only_clips_per_s"], 3
+        )
+        result["speedup_end_to_end"] = round(
+            compiled["end_to_end_clips_per_s"] / eager["end_to_end_clips_per_s"], 3
+        )
     if args.store == "s3":
         with moto_server() if args.moto else nullcontext(args.s3_url.rstrip("/")) as url:
             upload_sources(root / "videos", f"{url}/videos")

@@ -5,16 +5,26 @@ and unconditional passes batched), then a Wan2.1-sized VAE decode, on one GPU. R
 same time as real ones and need no download. ``--quick`` runs the tiny model on the CPU at a small size,
 to check the script itself (every mode has one).
 
-Modes (combine freely with ``--attention`` and ``--compile``):
+Speed options (combine freely with the modes and ``--attention``): ``--fp8-matmuls`` and ``--compile``
+(``techniques.apply_fast_paths``, as ``longcat-sample`` applies them) and ``--step-cache T`` (the
+first-block cache). With ``--step-cache`` the same sample (seed, start frame, prompt) is made twice in
+one run, without the cache and with it, and both are reported side by side: seconds and the cached
+latents' relative error ``||cached - reference|| / ||reference||`` over the generated latent frames.
+``--reference plain`` makes the reference without the speed options too (bf16, eager: their whole
+cost in error); the default ``uncached`` keeps them (the cache's own cost). ``--model DIR`` times real
+weights (an official checkpoint's ``dit/``) instead of random ones; the cache's hit rate depends on them.
+
+Modes (combine freely with ``--attention`` and the speed options):
 
 - ``--distill``: the distilled schedule, 16 steps without guidance (the distill LoRA's setting).
-- ``--merged-loras N``: after the base sample, N random LoRAs of rank ``--lora-rank`` are merged into the
+- ``--merged-loras N``: after the sample, N random LoRAs of rank ``--lora-rank`` are merged into the
   weights (``load_loras(merge=True)``) and the same sample is timed again in the same process.
 - ``--refine``: the 720p refinement of a random 480p video, end to end (upsampling, VAE encoding,
   the steps below sigma 0.5, decoding), block-sparse attention unless ``--attention`` says otherwise;
   a 5-frame refinement first warms the kernels up.
 
     python benchmarks/sample.py                                         # the numbers for RESULTS.md
+    python benchmarks/sample.py --fp8-matmuls --compile --step-cache 0.05   # uncached vs cached, 40 steps
     python benchmarks/sample.py --distill --attention block_sparse      # distilled, sparse
     python benchmarks/sample.py --distill --merged-loras 3              # three merged LoRAs
     python benchmarks/sample.py --refine                                # 720p refinement
@@ -46,11 +56,14 @@ from longcat_data.defaults import (
 )
 from longcat_data.encode import decode_latents, tiny_vae
 from longcat_train.config import RefineSettings, TrainConfig
+from longcat_train.loading import load_dit
 from longcat_train.lora import load_loras, matching_linears
 from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
 from longcat_train.refine import refine_videos
 from longcat_train.sampling import denoise
+from longcat_train.step_cache import StepCache
+from longcat_train.techniques import apply_fast_paths
 
 log = logging.getLogger("benchmarks.sample")
 
@@ -132,20 +145,59 @@ def report_header(benchmark: str, args: argparse.Namespace, device: torch.device
 
 
 def build_sampling_dit(
-    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, *, fast: bool = True
 ) -> LongCatVideoTransformer:
-    config = DiTConfig.tiny() if args.quick else DiTConfig.full()
-    model = build_dit(config, device, dtype)
+    """The DiT of ``--model`` (random weights by default), ``--attention`` set; with
+    ``fast`` the speed options applied (:func:`speed_up` applies them later otherwise)."""
+    if args.model:
+        model = load_dit(args.model, dtype=dtype, device=device).eval().requires_grad_(False)
+    else:
+        model = build_dit(DiTConfig.tiny() if args.quick else DiTConfig.full(), device, dtype)
     model.attention_implementation = args.attention
-    if args.compile:
-        # Per-block compile: one graph shared by 48 blocks, far quicker to build than the whole model's.
-        model.compile_blocks()
+    if fast:
+        speed_up(model, args, device)
     return model
 
 
+def speed_up(model: LongCatVideoTransformer, args: argparse.Namespace, device: torch.device) -> None:
+    # Per-block compile: one graph shared by 48 blocks, far quicker to build than the whole model's.
+    apply_fast_paths(model, device, fp8_matmuls=args.fp8_matmuls, compile=args.compile)
+
+
+def relative_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||latents - reference|| / ||reference||`` over the generated frames (frame 0 is the start frame)."""
+    diff = (latents[:, :, 1:].double() - reference[:, :, 1:].double()).norm()
+    return float(diff / reference[:, :, 1:].double().norm())
+
+
+def timed_sample(model, inputs: tuple, settings: dict, steps: int, threshold: float, device) -> dict:
+    """One sample of ``steps`` steps, timed: its latents, seconds and, cached, what the cache did."""
+    cache = StepCache(threshold)
+    sync(device)
+    start = time.perf_counter()
+    latents = denoise(model, *inputs, steps=steps, step_cache=cache, **settings)
+    sync(device)
+    seconds = time.perf_counter() - start
+    run = {"seconds_denoise": seconds, "seconds_per_step": seconds / steps, "latents": latents}
+    if threshold > 0:
+        run["reused_calls"] = len(cache.reused)
+        run["first_block_changes"] = [None if c is None else round(c, 5) for c in cache.changes]
+    return run
+
+
+def speed_name(args: argparse.Namespace, step_cache: float, fast: bool = True) -> str:
+    parts = [args.attention]
+    parts += ["fp8_matmuls"] if fast and args.fp8_matmuls else []
+    parts += ["compile"] if fast and args.compile else []
+    parts += [f"step_cache {step_cache:g}"] if step_cache > 0 else []
+    return " + ".join(parts)
+
+
 def run(args: argparse.Namespace) -> dict:
+    """The sample of ``args`` (and, with ``--step-cache``, its uncached reference first), then a decode."""
     device, dtype = device_of(args)
-    model = build_sampling_dit(args, device, dtype)
+    plain_reference = args.step_cache > 0 and args.reference == "plain"
+    model = build_sampling_dit(args, device, dtype, fast=not plain_reference)
     config = model.config
     latent_h, latent_w, latent_t = args.height // 8, args.width // 8, latent_frames(args.frames)
 
@@ -153,36 +205,42 @@ def run(args: argparse.Namespace) -> dict:
     cond = torch.randn(1, 16, 1, latent_h, latent_w, generator=g)
     prompt = torch.randn(PROMPT_TOKENS, config.caption_channels, generator=g)
     negative = torch.randn(1, config.caption_channels, generator=g)
+    inputs = (cond, [prompt], negative)
     settings = dict(
         frames=args.frames, guidance=args.guidance, seeds=[0], distill=args.distill, progress=not args.quiet
     )
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # Warm-up (kernel selection, compilation) is not part of the steady-state time.
-    denoise(model, cond, [prompt], negative, steps=args.warmup_steps, **settings)
-    sync(device)
-    start = time.perf_counter()
-    latents = denoise(model, cond, [prompt], negative, steps=args.steps, **settings)
-    sync(device)
-    denoise_s = time.perf_counter() - start
+    runs: list[dict] = []
+    if args.step_cache > 0:
+        # Warm-up (kernel selection, compilation) is not part of the steady-state time.
+        denoise(model, *inputs, steps=args.warmup_steps, **settings)
+        runs.append({"name": speed_name(args, 0.0, fast=not plain_reference)})
+        runs[-1].update(timed_sample(model, inputs, settings, args.steps, 0.0, device))
+        if plain_reference:
+            speed_up(model, args, device)
+    denoise(model, *inputs, steps=args.warmup_steps, step_cache=args.step_cache, **settings)
+    runs.append({"name": speed_name(args, args.step_cache)})
+    runs[-1].update(timed_sample(model, inputs, settings, args.steps, args.step_cache, device))
     merged: dict = {}
     if args.merged_loras:
-        # The same sample again in this process once the LoRAs are merged: the per-step cost of merging.
+        # The headline sample again in this process once the LoRAs are merged: what merging costs per step.
+        sync(device)
         start = time.perf_counter()
         load_loras(model, random_loras(model, args.merged_loras, args.lora_rank), merge=True, device=device)
         sync(device)
         merge_s = time.perf_counter() - start
-        start = time.perf_counter()
-        denoise(model, cond, [prompt], negative, steps=args.steps, **settings)
-        sync(device)
-        merged_s = time.perf_counter() - start
+        again = timed_sample(model, inputs, settings, args.steps, args.step_cache, device)
         merged = {
             "seconds_merge": merge_s,
-            "seconds_denoise_merged": merged_s,
-            "merged_over_base": merged_s / denoise_s,
+            "seconds_denoise_merged": again["seconds_denoise"],
+            "merged_over_base": again["seconds_denoise"] / runs[-1]["seconds_denoise"],
         }
     dit_peak = peak_memory_gb(device)
+    for r in runs:
+        r["latent_relative_error"] = relative_error(r["latents"], runs[0]["latents"])
+    latents = runs[-1]["latents"]
 
     del model
     if device.type == "cuda":
@@ -197,9 +255,17 @@ def run(args: argparse.Namespace) -> dict:
     video = decode_latents(vae, latents)
     sync(device)
     decode_s = time.perf_counter() - start
+    for r in runs:
+        del r["latents"]
+        r["seconds_per_video"] = r["seconds_denoise"] + decode_s
+    headline = runs[-1]
 
     return {
         **report_header("sample_i2v", args, device, dtype),
+        "weights": args.model or "random",
+        "fp8_matmuls": args.fp8_matmuls,
+        "step_cache": args.step_cache,
+        "reference": args.reference if args.step_cache > 0 else None,
         "distill": args.distill,
         "merged_loras": args.merged_loras,
         "lora_rank": args.lora_rank if args.merged_loras else None,
@@ -208,13 +274,15 @@ def run(args: argparse.Namespace) -> dict:
         "video_shape": list(video.shape[1:]),
         "steps": args.steps,
         "guidance": args.guidance,
-        "seconds_per_step": denoise_s / args.steps,
-        "seconds_denoise": denoise_s,
+        "seconds_per_step": headline["seconds_per_step"],
+        "seconds_denoise": headline["seconds_denoise"],
         "seconds_decode": decode_s,
-        "seconds_per_video": denoise_s + decode_s,
+        "seconds_per_video": headline["seconds_per_video"],
         **merged,
         "peak_memory_gb_dit": dit_peak,
         "peak_memory_gb_decode": peak_memory_gb(device),
+        # Side by side, same seed and inputs: the reference first, its error 0.
+        "runs": runs,
     }
 
 
@@ -304,6 +372,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="compile the DiT block step first (compile_blocks)"
     )
+    parser.add_argument("--fp8-matmuls", action="store_true", help="float8 matmuls for the block linears")
+    parser.add_argument(
+        "--step-cache",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="first-block cache threshold; > 0 also makes the uncached reference sample first",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=["uncached", "plain"],
+        default="uncached",
+        help="the --step-cache reference: the same speed options uncached, or plain (bf16, eager, uncached)",
+    )
+    parser.add_argument("--model", help="real DiT weights: a checkpoint directory or hub id (default random)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--output", help="also write the JSON to this file")

@@ -98,6 +98,11 @@ class PrepConfig:
         "local folder for the shard being written and the videos being decoded when the output or the "
         "videos are remote (default: a temporary folder, removed at the end)",
     )
+    compile_vae: bool = option(
+        True,
+        "on CUDA: torch.compile the VAE encoder and let cuDNN pick its fastest convolutions (the first clip "
+        "of each bucket waits for the compilation; latents equal within bf16 rounding)",
+    )
     rank: int | None = option(None, "this process's slice of the inputs (default: $RANK or 0)")
     world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
     simpletuner: str | None = option(

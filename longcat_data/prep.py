@@ -201,6 +201,8 @@ def load_encoders(cfg: PrepConfig) -> Encoders:
     vae = encode.load_vae(cfg.model, device, dtype)
     if cfg.vae_tiling:
         vae.enable_tiling()
+    if cfg.compile_vae and vae.device.type == "cuda":
+        encode.compile_vae_encoder(vae)
     tokenizer = text_encoder = None
     if cfg.text_embeds:
         tokenizer, text_encoder = encode.load_text_encoder(cfg.model, device, dtype)

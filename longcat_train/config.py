@@ -689,6 +689,17 @@ class SampleConfig:
         choices=ATTENTION_BACKENDS,
         aliases=("--attention-implementation", "--attention_implementation"),
     )
+    fp8_matmuls: bool = option(
+        False, "float8 matmuls for the DiT's block linears, weights kept in bf16 (compute capability 8.9+)"
+    )
+    compile: bool = option(False, "torch.compile each DiT block step (not with --block-swap)")
+    step_cache: float = option(
+        0.0,
+        "first-block cache threshold: reuse the later blocks' residual while the first block's output "
+        "changes less than this between steps (0: off; faster, a small change to the video)",
+        metavar="THRESHOLD",
+        check=number(0),
+    )
     device: str | None = option(None, "default: cuda if available, else cpu")
     refine: bool = option(
         False,

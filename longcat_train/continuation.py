@@ -143,6 +143,7 @@ def continue_videos(
         distill=settings.distill,
         hf_tail=not settings.distill,
         kv_cache=settings.kv_cache,
+        step_cache=settings.step_cache,
         desc=desc,
         on_step=on_step,
         progress=progress,

@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from longcat_train.architecture import BLOCK_LINEARS, CHECKPOINT_MODES, OFFICIAL_CLASS_NAME
 from longcat_train.attention import BACKENDS, SAVED_OPS, attention, warn_if_unavailable
 from longcat_train.kv_cache import ConditionCache, LayerKV, block_caches
+
+if TYPE_CHECKING:
+    from longcat_train.step_cache import StepCache
 
 log = logging.getLogger(__name__)
 
@@ -529,6 +532,7 @@ class LongCatVideoTransformer(nn.Module):
         self.gradient_checkpointing = "full"
         self.attention_implementation = "sdpa"
         self.block_sparse_params = config.official_block_sparse_params
+        self.step_cache: StepCache | None = None  # set for a denoising loop by step_cache.step_cache
 
     def _attention_modules(self) -> Iterator[SelfAttention | CrossAttention]:
         return (m for m in self.modules() if isinstance(m, SelfAttention | CrossAttention))
@@ -678,10 +682,12 @@ class LongCatVideoTransformer(nn.Module):
         rope = rope_tables((cached + T, *latent_shape[1:]), config.head_dim, x.device)
         rope = tuple(table[cached * latent_shape[1] * latent_shape[2] :] for table in rope)  # noisy positions
 
-        for block, kv in zip(self.blocks, layers, strict=True):
-            x = self.run_block(
-                block, x, temb, text, text_mask, rope, latent_shape, num_cond_latents - cached, kv
-            )
+        block_args = (temb, text, text_mask, rope, latent_shape, num_cond_latents - cached)
+        if self.step_cache is None:
+            for block, kv in zip(self.blocks, layers, strict=True):
+                x = self.run_block(block, x, *block_args, kv)
+        else:
+            x = self.step_cache.run_blocks(self, x, block_args, layers)
 
         x = self.final_layer(x, temb, T)  # [B, N, ph*pw*C_out] fp32
         return self._unpatchify(x, latent_shape)

@@ -22,7 +22,7 @@ from longcat_data.files import NotWritable, check_writable
 from longcat_data.flags import check_config
 from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
-from longcat_train.config import RefineSettings, SampleConfig, VideoSettings
+from longcat_train.config import ConfigError, RefineSettings, SampleConfig, VideoSettings
 from longcat_train.continuation import (
     SegmentCallback,
     check_cond_frames,
@@ -36,6 +36,7 @@ from longcat_train.lora_formats import check_file, read_file
 from longcat_train.lora_spec import STRENGTH_RANGE, parse_lora_spec, strength_allowed
 from longcat_train.lowrank import LowRankSet
 from longcat_train.offload import BlockSwap, apply_block_swap
+from longcat_train.quant import check_fp8_matmuls
 from longcat_train.refine import refine_bucket, refine_videos
 from longcat_train.sampling import (
     SampleInputError,
@@ -46,6 +47,7 @@ from longcat_train.sampling import (
     read_start_image,
     round_frames,
 )
+from longcat_train.techniques import apply_fast_paths
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Sampler:
     ``block_swap`` N keeps the weights of the DiT's last N blocks in host memory and streams them in
     (``longcat_train.offload``), for GPUs smaller than the bf16 model; it is applied at the first video,
     after the LoRAs are merged, and fixes the weights from then on (hooked LoRAs still switch).
+    ``fp8_matmuls`` and ``compile`` are the trainer's (``techniques.apply_fast_paths``), applied at load.
     """
 
     def __init__(
@@ -70,6 +73,8 @@ class Sampler:
         vae_tiling: bool = False,
         block_swap: int = 0,
         attention: str = "sdpa",
+        fp8_matmuls: bool = False,
+        compile: bool = False,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
@@ -89,6 +94,7 @@ class Sampler:
         )
         self.dit.attention_implementation = attention
         warn_if_unavailable(attention)
+        apply_fast_paths(self.dit, self.device, fp8_matmuls=fp8_matmuls, compile=compile)
         self.loras: list[tuple[str, float]] = []  # the LoRA files and strengths on the DiT now
         self._loaded: LoadedLoras | None = None
         self._files: dict[str, LowRankSet] = {}  # every LoRA file read so far, checked against the DiT
@@ -103,6 +109,8 @@ class Sampler:
             vae_tiling=config.vae_tiling,
             block_swap=config.block_swap,
             attention=config.attention,
+            fp8_matmuls=config.fp8_matmuls,
+            compile=config.compile,
         )
 
     def use_loras(self, loras: Sequence[tuple[str, float]], *, merge: bool = False) -> None:
@@ -282,6 +290,15 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
     for spec in config.lora:
         check_lora(parse_lora_spec(spec).path)
     config.frames = round_frames(config.frames)
+    if config.compile and config.block_swap:
+        raise SampleInputError(
+            "--compile with --block-swap: block swap's hooks break the compiled block graph; leave out one of them"
+        )
+    if config.fp8_matmuls:
+        try:
+            check_fp8_matmuls(torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        except ConfigError as err:
+            raise SampleInputError(f"--fp8-matmuls: {err}") from None
     if config.distill:
         distill_sigmas(config.steps)  # refuses step counts the distilled schedule does not have
         if config.guidance > 1:

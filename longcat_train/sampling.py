@@ -47,6 +47,8 @@ from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
 from longcat_data.video import ImageTooLarge, VideoError, read_image, resize_center_crop
 from longcat_train.config import VideoSettings
 from longcat_train.kv_cache import cache_condition
+from longcat_train.step_cache import StepCache
+from longcat_train.step_cache import step_cache as cached_steps
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +247,7 @@ def denoise(
     hf_tail: bool = False,
     kv_cache: bool = False,
     desc: str = "sampling",
+    step_cache: float | StepCache = 0.0,
     on_step: StepCallback | None = None,
     on_latents: LatentsCallback | None = None,
     progress: bool = True,
@@ -255,9 +258,10 @@ def denoise(
     frames of a video to continue; ``prompt_embeds`` B real-token embeddings [L_i, D];
     ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1. ``distill``: the
     distilled model's sigma schedule; ``hf_tail``: :func:`high_frequency_tail` on the plain one;
-    ``kv_cache``: the condition's keys and values computed once (``euler_loop``). ``on_step(i, steps)``
-    is called after each step; ``on_latents(i, latents)`` sees the full latents (condition included)
-    at step i.
+    ``kv_cache``: the condition's keys and values computed once (``euler_loop``); ``step_cache`` > 0:
+    the first-block cache at that threshold (or that ``StepCache``: ``longcat_train.step_cache``; off by
+    default). ``on_step(i, steps)`` is called after each step; ``on_latents(i, latents)`` sees the full
+    latents (condition included) at step i.
     """
     batch = cond_latents.shape[0]
     if len(prompt_embeds) != batch or len(seeds) != batch:
@@ -295,6 +299,7 @@ def denoise(
         guidance=guidance,
         kv_cache=kv_cache,
         desc=desc,
+        step_cache=step_cache,
         on_step=on_step,
         on_latents=on_latents,
         progress=progress,
@@ -312,6 +317,7 @@ def euler_loop(
     *,
     guidance: float = 1.0,
     kv_cache: bool = False,
+    step_cache: float | StepCache = 0.0,
     desc: str = "sampling",
     on_step: StepCallback | None = None,
     on_latents: LatentsCallback | None = None,
@@ -325,35 +331,37 @@ def euler_loop(
     ``kv_cache``: the condition's keys and values are computed once (``kv_cache.cache_condition``) and
     the model is given the noisy frames alone; CFG-Zero* then weighs the noisy frames' predictions only,
     as the official cached loop does.
+    ``step_cache`` > 0: the first-block cache at that threshold for this loop (``longcat_train.step_cache``).
     """
     use_cfg = guidance > 1.0
     steps = len(scheduler.timesteps)
     num_cond = cond.shape[2]
     cache = cache_condition(model, cond, text[-cond.shape[0] :], mask) if kv_cache and num_cond else None
     cached = {} if cache is None else {"cond_cache": cache}
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress)):
-        # The clean condition frames are put back in front of the noisy frames at every step.
-        latents = torch.cat([cond, noisy], dim=2)
-        if on_latents is not None:
-            on_latents(i, latents)
-        given = noisy if cache is not None else latents
-        x = torch.cat([given, given]) if use_cfg else given
-        timestep = t.to(x.device).expand(x.shape[0])  # the model sets the condition frames' to 0
-        pred = model(
-            hidden_states=x,
-            timestep=timestep,
-            encoder_hidden_states=text,
-            encoder_attention_mask=mask,
-            num_cond_latents=num_cond,
-            **cached,
-        ).float()
-        if use_cfg:
-            uncond, pred = pred.chunk(2)
-            pred = cfg_zero_star(pred, uncond, guidance)
-        # The DiT predicts x0 - eps; the Euler step wants d x / d sigma = eps - x0.
-        noisy = scheduler.step(-pred[:, :, pred.shape[2] - noisy.shape[2] :], t, noisy).prev_sample
-        if on_step is not None:
-            on_step(i + 1, steps)
+    with cached_steps(model, step_cache):
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress)):
+            # The clean condition frames are put back in front of the noisy frames at every step.
+            latents = torch.cat([cond, noisy], dim=2)
+            if on_latents is not None:
+                on_latents(i, latents)
+            given = noisy if cache is not None else latents
+            x = torch.cat([given, given]) if use_cfg else given
+            timestep = t.to(x.device).expand(x.shape[0])  # the model sets the condition frames' to 0
+            pred = model(
+                hidden_states=x,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                encoder_attention_mask=mask,
+                num_cond_latents=num_cond,
+                **cached,
+            ).float()
+            if use_cfg:
+                uncond, pred = pred.chunk(2)
+                pred = cfg_zero_star(pred, uncond, guidance)
+            # The DiT predicts x0 - eps; the Euler step wants d x / d sigma = eps - x0.
+            noisy = scheduler.step(-pred[:, :, pred.shape[2] - noisy.shape[2] :], t, noisy).prev_sample
+            if on_step is not None:
+                on_step(i + 1, steps)
     return noisy
 
 
@@ -393,6 +401,7 @@ def generate_videos(
         shift=settings.shift,
         seeds=[settings.seed + i for i in range(batch)],
         distill=settings.distill,
+        step_cache=settings.step_cache,
         on_step=on_step,
         progress=progress,
     )

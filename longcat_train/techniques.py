@@ -140,13 +140,12 @@ def apply_techniques(
     3. base quantisation: replaces the block linears' weights, so LoRA then wraps quantised layers;
     4. LoRA (seeded: the same adapter on every rank), then ``lora_weights`` when resuming, before anything
        places or shards the model;
-    5. float8 matmuls: the frozen base layers under LoRA, after the GPU's capability check;
-    6. gradient checkpointing (``checkpointing``, one mode per block, where a memory plan chose them; else
+    5. gradient checkpointing (``checkpointing``, one mode per block, where a memory plan chose them; else
        ``cfg.gradient_checkpointing`` on every block) and feed-forward chunks;
-    7. compile (of the per-block step, traced at the first forward);
-    8. placement: block swap (it refuses blocks that change after it, so no module changes later) or the
+    6. :func:`apply_fast_paths`: float8 matmuls for the frozen base layers under LoRA, then compile;
+    7. placement: block swap (it refuses blocks that change after it, so no module changes later) or the
        compute device, then activation offload's hooks;
-    9. DDP or FSDP2 around the placed model.
+    8. DDP or FSDP2 around the placed model.
 
     Returns:
         ``(train_model, peft_model)``: the module to train (wrapped for data parallelism where there is
@@ -177,14 +176,9 @@ def apply_techniques(
     if lora_weights is not None:
         lora.load_lora_weights(model, lora_weights)
 
-    if cfg.fp8_matmuls:
-        quant.check_fp8_matmuls(d.device)
-        quant.use_fp8_matmuls(model)
-
     base.gradient_checkpointing = checkpointing or cfg.gradient_checkpointing
     base.feed_forward_chunks = cfg.feed_forward_chunks
-    if cfg.compile:
-        base.compile_blocks(tune=cfg.compile_tune)
+    apply_fast_paths(model, d.device, fp8_matmuls=cfg.fp8_matmuls, compile=cfg.compile, tune=cfg.compile_tune)
 
     if cfg.block_swap > 0:
         offload.apply_block_swap(model, cfg.block_swap, cfg.block_swap_device, compute_device=d.device)
@@ -199,3 +193,21 @@ def apply_techniques(
             return model.to(d.device), model
         return parallel.apply_fsdp(model, d, compute_dtype if d.device.type == "cuda" else None), model
     return (parallel.apply_ddp(model, d) if d.enabled else model), model
+
+
+def apply_fast_paths(
+    model: nn.Module, device: torch.device, *, fp8_matmuls: bool, compile: bool, tune: bool = False
+) -> None:
+    """The speed techniques training and sampling share, in place on the DiT inside ``model`` (bare, or
+    under LoRA: its frozen base layers): float8 matmuls for the block linears once ``device`` is known
+    to run them (``quant.check_fp8_matmuls``), then the compiled block step (``compile_blocks``, traced
+    at the first forward; ``tune``: with coordinate-descent tuning). Call it before block swap places
+    the model and before LoRA hooks go on: both hold the modules it replaces."""
+    from longcat_train import quant
+    from longcat_train.model import transformer_of
+
+    if fp8_matmuls:
+        quant.check_fp8_matmuls(device)
+        quant.use_fp8_matmuls(model)
+    if compile:
+        transformer_of(model).compile_blocks(tune=tune)

@@ -27,7 +27,8 @@ from longcat_data.defaults import (
 class VideoSettings:
     """What a sampled video depends on besides the model, the start image and the prompt: its length,
     the Euler steps, the guidance scale, the sigma shift, the noise seed, the bucket area the start
-    image is fitted to, and the sigma schedule (``distill``: the distilled model's, else the plain one).
+    image is fitted to, the sigma schedule (``distill``: the distilled model's, else the plain one) and
+    the first-block cache's threshold (``step_cache``, 0: off; ``longcat_train.step_cache``).
     A continuation (``longcat_train.continuation``) also takes the last ``cond_frames`` frames of the video
     it continues, and with ``kv_cache`` computes their keys and values once (guidance then weighs the new
     frames only, as the official cached loop). The same settings and inputs make the same frames."""
@@ -41,6 +42,7 @@ class VideoSettings:
     distill: bool = False
     cond_frames: int = DEFAULT_COND_FRAMES
     kv_cache: bool = True
+    step_cache: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,33 @@ def test_causal_start_frame_on_cuda_bf16() -> None:
     torch.testing.assert_close(cond, latents[:, :, :1], rtol=1e-2, atol=1e-2)
 
 
+def test_the_compiled_encoder_traces_whole_and_encodes_as_the_eager_one() -> None:
+    # aot_eager: dynamo and autograd's tracing of the encoder's causal chunks and frame caches, without
+    # inductor's C++ build (minutes on a CPU); inductor's numerics are the GPU test's.
+    import torch._dynamo
+
+    eager = encode.tiny_vae()
+    clip = video(batch=1, frames=9, h=32, w=32)
+    want = encode.encode_video(eager, clip)
+    torch._dynamo.reset()
+    compiled = encode.compile_vae_encoder(encode.tiny_vae(), backend="aot_eager", fullgraph=True)
+    assert torch.equal(encode.encode_video(compiled, clip), want)
+    assert torch.equal(encode.encode_video(compiled, clip[:, :5]), want[:, :, :2])  # a causal prefix
+    assert torch._dynamo.config.recompile_limit >= encode.RECOMPILE_LIMIT
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [(64, 96), (96, 64)])
+def test_compiled_encoder_on_cuda_equals_the_eager_one_within_bf16_rounding(size) -> None:
+    clip = video(batch=1, frames=17, h=size[0], w=size[1])
+    eager = encode.tiny_vae().to("cuda", torch.bfloat16)
+    compiled = encode.compile_vae_encoder(encode.tiny_vae().to("cuda", torch.bfloat16))
+    assert torch.backends.cudnn.benchmark
+    want, got = encode.encode_video(eager, clip), encode.encode_video(compiled, clip)
+    error = float((got - want).norm() / want.norm())
+    assert error < 1e-2, error  # bf16 has 8 mantissa bits: a few roundings apart
+
+
 def test_encode_video_rejects_floats(tiny) -> None:
     with pytest.raises(ValueError, match="uint8"):
         encode.encode_video(tiny[0], video().float())

@@ -334,3 +334,13 @@ def test_a_mapping_never_gives_one_video_anothers_caption(tmp_path: Path, capsys
         rejected["source"] == "b/beach_waves.mp4" and "no entry in the caption mapping" in rejected["reason"]
     )
     assert f"{mapping}: 1 entries match no video ('gone.mp4')" in caplog.text
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_vae_encoder_is_compiled_on_cuda_unless_turned_off(tmp_path, device, monkeypatch) -> None:
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(encode, "compile_vae_encoder", lambda vae: compiled.append(vae) or vae)
+    for flag in (True, False):
+        enc = prep.load_encoders(config(tmp_path, tmp_path / "out", device=device, compile_vae=flag))
+        assert (enc.vae in compiled) == (flag and device == "cuda")
+    assert cli.build_parser().parse_args(["shard", "v", "o", "--no-compile-vae"]).compile_vae is False

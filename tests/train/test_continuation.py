@@ -106,6 +106,25 @@ def test_cached_loop_equals_the_uncached_one_without_guidance(tiny: dict) -> Non
     torch.testing.assert_close(runs[1], runs[0], atol=1e-5, rtol=0)
 
 
+def test_the_step_cache_runs_on_the_condition_cache(tiny: dict) -> None:
+    """The first-block step cache over the KV-cached continuation: at a threshold nothing reaches, every
+    call runs all blocks through the cache's runner and the sample is the cached loop's exactly; at a high threshold calls are reused, and the condition
+    frames still lead the output."""
+    from longcat_train.step_cache import StepCache
+
+    cond = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(4))
+    common = dict(frames=13, steps=4, guidance=1.0, kv_cache=True)
+    plain = denoise(tiny["model"], cond, tiny["embeds"][:1], None, **common)
+    off = StepCache(1e-30)
+    assert torch.equal(
+        denoise(tiny["model"], cond, tiny["embeds"][:1], None, step_cache=off, **common), plain
+    )
+    assert not off.reused and len(off.changes) == 4
+    reusing = StepCache(1e9)
+    cached = denoise(tiny["model"], cond, tiny["embeds"][:1], None, step_cache=reusing, **common)
+    assert reusing.reused == [1, 2, 3] and torch.equal(cached[:, :, :2], cond)
+
+
 # ---------------------------------------------------------------- parity with the official pipeline
 
 

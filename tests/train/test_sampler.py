@@ -227,6 +227,47 @@ def test_cli_block_sparse_attention(tmp_path, make_image, monkeypatch: pytest.Mo
     assert read_mp4(out).shape == (5, 64, 64, 3)
 
 
+def test_cli_fp8_matmuls_compile_and_step_cache(tmp_path, make_image, monkeypatch, lora_file) -> None:
+    from longcat_train import quant, step_cache
+    from longcat_train.architecture import BLOCK_LINEARS
+    from longcat_train.cli import sample_main
+    from longcat_train.model import LongCatVideoTransformer
+
+    loaded, compiled, caches = [], [], []
+    real_load, real_compile, real_cache = (
+        sampler_module.load_dit,
+        LongCatVideoTransformer.compile_blocks,
+        step_cache.StepCache,
+    )
+    monkeypatch.setattr(
+        sampler_module, "load_dit", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1]
+    )
+
+    def compile_blocks(self, **kwargs):  # traced whole by dynamo, without inductor's C++ build on the CPU
+        compiled.append(kwargs)
+        real_compile(self, backend="eager")
+
+    monkeypatch.setattr(LongCatVideoTransformer, "compile_blocks", compile_blocks)
+    real_run = real_cache.run_blocks
+    monkeypatch.setattr(real_cache, "run_blocks", lambda self, *a: caches.append(self) or real_run(self, *a))
+    image = _png(tmp_path / "start.png", make_image(64, 64))
+    out = tmp_path / "cat.mp4"
+    argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
+    flags = ["--fp8-matmuls", "--compile", "--step-cache", "0.5", "--lora", lora_file]
+    assert sample_main([*argv, "--size", "64x64", "--steps", "3", *flags]) == 0
+    assert read_mp4(out).shape == (5, 64, 64, 3)
+    linears = [m for m in loaded[0].blocks.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(isinstance(m, quant.Fp8MatmulLinear) for m in linears) == len(BLOCK_LINEARS) * len(
+        loaded[0].blocks
+    )
+    assert compiled == [{"tune": False}]
+    # The LoRA went into the float8 layers' bf16 weights: they differ from a fresh load's.
+    fresh = real_load("tiny", dtype=loaded[0].x_embedder.proj.weight.dtype)
+    assert not torch.equal(loaded[0].blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
+    cache = caches[0]
+    assert all(c is cache for c in caches) and cache.threshold == 0.5 and len(cache.changes) == 3
+
+
 def test_distill_sets_its_steps_and_guidance_and_warns_against_guidance(tmp_path, make_image, caplog) -> None:
     from longcat_train.cli import parse_sample_args
 
@@ -490,6 +531,12 @@ NOT_SAFETENSORS = (
             {"--refine-lora": "lora.safetensors"},
             "--refine-lora is a setting of --refine: add --refine, or leave --refine-lora out",
         ),
+        (
+            {"--compile": None, "--block-swap": "2"},
+            "--compile with --block-swap: block swap's hooks break the compiled block graph; leave out one of them",
+        ),
+        ({"--step-cache": "-0.1"}, "--step-cache -0.1: must be a finite number >= 0"),
+        ({"--step-cache": "inf"}, "--step-cache inf: must be a finite number >= 0"),
         (
             {"--refine-temporal": None},
             "--refine-temporal is a setting of --refine: add --refine, or leave --refine-temporal out",

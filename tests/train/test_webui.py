@@ -710,3 +710,24 @@ def test_the_real_tiny_sampler_chains_segments_behind_the_page(tmp_path) -> None
     assert done["steps"] == done["step"] == 2
     with av_open(tmp_path / "videos" / f"longcat_{job['id']}.mp4") as container:
         assert len(list(container.decode(video=0))) == 9 + (9 - 5)
+
+
+def test_page_jobs_keep_the_commands_step_cache(make_image) -> None:
+    from longcat_train.config import SampleConfig
+    from longcat_train.webui import sampler_generate
+
+    seen: list[VideoSettings] = []
+
+    class RecordingSampler:
+        def use_loras(self, loras) -> None:
+            pass
+
+        def generate(self, image, prompts, settings, **kwargs) -> np.ndarray:
+            seen.append(settings)
+            return np.zeros((1, 5, 16, 16, 3), np.uint8)
+
+    config = SampleConfig(model="tiny", step_cache=0.08)
+    generate = sampler_generate(RecordingSampler(), config, {})
+    generate(GenerationRequest(make_image(64, 64), "a cat", (), 3, 7, 5, 2.0), lambda i, n: None)
+    [settings] = seen
+    assert (settings.step_cache, settings.steps, settings.seed) == (0.08, 3, 7)
