@@ -164,8 +164,9 @@ def check_clip_lengths(
     if found:
         shard, frames, clips = min(found, key=lambda entry: entry[1])  # the fix must fit the shortest
         more = f" (and {len(found) - 1} more like it)" if len(found) > 1 else ""
+        where = f"{str(directory).rstrip('/')}/{shard}" if shard else str(directory)
         raise ShardError(
-            f"{directory / shard if shard else directory} holds {clips} clip(s) of {frames} frames{more}: "
+            f"{where} holds {clips} clip(s) of {frames} frames{more}: "
             f"too few for continuation with cond_frames = {cond_frames}, which needs {shortest}; set "
             f"cond_frames <= {frames - VAE_TEMPORAL_STRIDE}, or re-run longcat-prep shard without videos "
             "that short"

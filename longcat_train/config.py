@@ -525,7 +525,7 @@ VALUE_RULES: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
         "deletes it; drop one",
     ),
     (
-        lambda c: "continuation" in c.tasks and c.cond_frames >= c.frames,
+        lambda c: "continuation" in c.tasks and c.frames is not None and c.cond_frames >= c.frames,
         "cond_frames = {cond_frames}: continuation needs fewer than frames = {frames} (at least one latent "
         "frame to train); lower cond_frames",
     ),

@@ -363,6 +363,7 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     manifest = find_manifest(urls)
     encoders = encoder_ids(cfg.model)
     cfg.take_shard_settings(manifest)
+    cfg.validate()  # the rules between frames and the rest, now that frames are known
     folders = check_shard_folders(
         urls, encoders=encoders, frames=cfg.frames, allow_missing=cfg.allow_missing_shards
     )
