@@ -15,6 +15,7 @@ from longcat_data.defaults import DEFAULT_AREA, DEFAULT_CAPTION_MODEL, DEFAULT_F
 from longcat_data.flags import ConfigError, format_area, option, parse_area, parse_size
 
 ENCODER_DTYPES = ("auto", "bf16", "fp32")
+ENGINES = ("local", "ray")
 CAPTION_SOURCES = "sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | qwen"
 
 
@@ -69,6 +70,13 @@ class PrepConfig:
     vae_tiling: bool = option(False, "tile the VAE to save memory (slightly changes latents)")
     rank: int | None = option(None, "this process's slice of the inputs (default: $RANK or 0)")
     world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
+    engine: str = option(
+        "local",
+        "local: decode workers + one encoding process; ray: a Ray Data pipeline on the Ray instance in "
+        "$RAY_ADDRESS, else a local one (pip install -e '.[ray]')",
+        choices=ENGINES,
+    )
+    ray_encoders: int = option(1, "--engine ray: encoder actors, one GPU each where the cluster has GPUs")
 
     def __post_init__(self) -> None:
         parse_area(self.area)
@@ -81,6 +89,13 @@ class PrepConfig:
         if self.conditioning_dir is not None and self.clips_per_video != 1:
             raise ConfigError(
                 "--conditioning-dir pairs one start frame with one clip: use --clips-per-video 1"
+            )
+        if self.ray_encoders < 1:
+            raise ConfigError(f"--ray-encoders must be >= 1, got {self.ray_encoders}")
+        if self.engine == "ray" and self.resolved_rank[1] > 1:
+            raise ConfigError(
+                "--engine ray spreads the work over the Ray cluster itself: drop --world-size and "
+                "torchrun (or use --engine local for a slice per rank)"
             )
         if self.dtype not in ENCODER_DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(ENCODER_DTYPES)}, got {self.dtype!r}")

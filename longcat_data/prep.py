@@ -7,6 +7,10 @@ The pipeline is a chain of stages, each a generator over plain dict samples (web
     [main process]        clips_of_inputs -> same_shape_batches -> encode_batches (VAE, umT5)
     [writer thread]       write_clips: each clip packed as a ShardSample and written by the ShardWriter
 
+That is the local engine (``--engine local``). ``--engine ray`` (``longcat_data.ray_engine``) runs the
+same stage functions elsewhere: the per-input stages in Ray tasks, ``same_shape_batches`` +
+``encode_batch`` in encoder actors, and ``clips_of_inputs`` + ``write_clips`` here, streamed.
+
 Encoding adds ``latents``, ``cond_latents`` and ``text_embeds`` to each clip sample. Rejection records
 (an input a stage failed on) pass every stage untouched and end in the writer's reject list. Decoding
 runs in worker processes and tar writing in a background thread, so the main process keeps the GPU busy
@@ -24,9 +28,11 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -51,7 +57,7 @@ from longcat_data.config import PrepConfig, parse_captions
 from longcat_data.defaults import TEXT_MAX_LENGTH
 from longcat_data.files import OutputError
 from longcat_data.flags import parse_area, parse_size
-from longcat_data.interrupts import stop_signals
+from longcat_data.interrupts import StopSignals, stop_signals
 from longcat_data.manifest import captions_cache_path, check_compatible, listing_digest, read_states
 from longcat_data.qwen_captions import QwenCaptioner, precompute_captions
 from longcat_data.shards import ShardSample, bucket_name
@@ -94,14 +100,27 @@ class PrepStats:
     encode_seconds: float = 0.0
     wall_seconds: float = 0.0
     shards: int = 0
+    # perf_counter of the first and the last clip written: the steady rate leaves start-up out.
+    first_write: float | None = None
+    last_write: float | None = None
+
+    @property
+    def steady_rate(self) -> float:
+        """Clips/s from the first clip written to the last (0 with fewer than two)."""
+        if self.first_write is None or self.last_write is None or self.last_write <= self.first_write:
+            return 0.0
+        return (self.written - 1) / (self.last_write - self.first_write)
+
+    def rejected_line(self) -> str:
+        """``rejected 3 (2 unreadable, 1 too small)``: the progress bar's tail and the summary's."""
+        reasons = ", ".join(f"{n} {kind}" for kind, n in self.rejected.most_common())
+        return f"rejected {sum(self.rejected.values())}" + (f" ({reasons})" if reasons else "")
 
     def summary(self) -> str:
         rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
-        reasons = ", ".join(f"{n} {kind}" for kind, n in self.rejected.most_common())
-        rejected = sum(self.rejected.values())
         return (
             f"written {self.written} clips from {self.inputs_written} videos ({rate:.2f} clips/s), "
-            f"skipped {self.skipped} already done, rejected {rejected}" + (f" ({reasons})" if reasons else "")
+            f"skipped {self.skipped} already done, {self.rejected_line()}"
         )
 
 
@@ -163,15 +182,35 @@ class Encoders:
     ids: dict[str, str]
 
 
-def load_encoders(cfg: PrepConfig) -> Encoders:
-    device, dtype = encoding_device(cfg), encoding_dtype(cfg)
-    vae = encode.load_vae(cfg.model, device, dtype)
-    if cfg.vae_tiling:
+@dataclass(frozen=True)
+class EncoderFactory:
+    """How to build the encoders on a device, and their ids: what a Ray encoder actor is given, so the
+    models are built where they run. ``build`` must pickle (a module-level function or a partial)."""
+
+    build: Callable[[torch.device, torch.dtype], Encoders]
+    ids: dict[str, str]
+
+
+def _build_encoders(
+    model: str, vae_tiling: bool, text_embeds: bool, device: torch.device, dtype: torch.dtype
+) -> Encoders:
+    vae = encode.load_vae(model, device, dtype)
+    if vae_tiling:
         vae.enable_tiling()
     tokenizer = text_encoder = None
-    if cfg.text_embeds:
-        tokenizer, text_encoder = encode.load_text_encoder(cfg.model, device, dtype)
-    return Encoders(vae, tokenizer, text_encoder, encode.encoder_ids(cfg.model))
+    if text_embeds:
+        tokenizer, text_encoder = encode.load_text_encoder(model, device, dtype)
+    return Encoders(vae, tokenizer, text_encoder, encode.encoder_ids(model))
+
+
+def encoder_factory(cfg: PrepConfig) -> EncoderFactory:
+    """The encoders ``--model`` names, with the settings of ``cfg``."""
+    build = partial(_build_encoders, cfg.model, cfg.vae_tiling, cfg.text_embeds)
+    return EncoderFactory(build, encode.encoder_ids(cfg.model))
+
+
+def load_encoders(cfg: PrepConfig) -> Encoders:
+    return encoder_factory(cfg).build(encoding_device(cfg), encoding_dtype(cfg))
 
 
 def encode_batch(batch: list[dict], enc: Encoders) -> list[dict]:
@@ -225,6 +264,23 @@ def encode_batches(batches: Iterable[list[dict]], enc: Encoders, stats: PrepStat
         yield batch
 
 
+def encode_inputs(records: list[dict], enc: Encoders, batch_size: int) -> list[dict]:
+    """Prepared inputs -> the same inputs with their clips encoded, ``same_shape_batches`` and
+    ``encode_batches`` over all their clips (a Ray encoder actor's work on one batch of inputs). Each
+    input gets its share of the encoding time as ``encode_seconds``; rejections pass untouched."""
+    stats = PrepStats()
+    clips = [clip for record in records if not is_rejection(record) for clip in record["clips"]]
+    batches = encode_batches(same_shape_batches(clips, batch_size), enc, stats)
+    encoded = {clip["__key__"]: clip for batch in batches for clip in batch}
+    share = stats.encode_seconds / max(1, len(records))
+    return [
+        record
+        if is_rejection(record)
+        else {**record, "clips": [encoded[c["__key__"]] for c in record["clips"]], "encode_seconds": share}
+        for record in records
+    ]
+
+
 # ---------------------------------------------------------------- write stage (background thread)
 
 
@@ -268,11 +324,14 @@ def write_clips(
         log.warning("skipped %s: %s", r["source"], r["reason"])
         writer.reject(r["source"], r["reason"])
         stats.rejected[r["rejected"]] += 1
+        bar.set_postfix_str(stats.rejected_line(), refresh=False)
 
     def settle(written: Future[list[tuple[dict, str | None]]]) -> None:
         for clip, error in written.result():
             if error is None:
                 stats.written += 1
+                stats.last_write = time.perf_counter()
+                stats.first_write = stats.first_write or stats.last_write
                 bar.update(1)
             else:
                 reject(rejection(clip, "duplicate key", error))
@@ -298,11 +357,13 @@ def write_clips(
 # ---------------------------------------------------------------- the command
 
 
-def progress_bar(clips: int, rank: int, world: int) -> tqdm:
+def progress_bar(clips: int, rank: int, world: int, engine: str = "local") -> tqdm:
+    """One line for the whole run (with ``--engine ray``, the whole cluster): clips/s, ETA, rejections."""
     return tqdm(
         total=clips,
         unit="clip",
-        desc=f"rank {rank}" if world > 1 else "encoding",
+        desc=f"rank {rank}" if world > 1 else ("ray" if engine == "ray" else "encoding"),
+        postfix="rejected 0",
         # In a terminal, live; in a batch job's log, a line a minute rather than nothing for hours.
         dynamic_ncols=True,
         mininterval=0.1 if sys.stderr.isatty() else 60,
@@ -334,21 +395,95 @@ def caption_mapping(mapping_file: Path, sources: list[str], videos_dir: Path, re
     return matched.captions
 
 
-def run_shard(
-    cfg: PrepConfig, encoders: Encoders | None = None, captioner: Captioner | None = None
-) -> PrepStats:
-    """The whole shard command; ``encoders``/``captioner`` let callers (benchmarks, tests) inject models.
+def local_batches(
+    cfg: PrepConfig,
+    todo: list[dict],
+    spec: ClipSpec,
+    encoders: Encoders | EncoderFactory,
+    stats: PrepStats,
+    stop: StopSignals,
+    clips_of: Callable[[Iterable[dict]], Iterator[dict]],
+    cleanup: list[Callable[[], None]],
+) -> Iterator[list[dict]]:
+    """``--engine local``: decode workers prepare the inputs, this process encodes them."""
+    enc = (
+        encoders
+        if isinstance(encoders, Encoders)
+        else encoders.build(encoding_device(cfg), encoding_dtype(cfg))
+    )
+    records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")
+    # Stops the decode workers after the writer is closed rather than whenever the generator is
+    # collected: they ignore stop signals, so only this tells them to go.
+    cleanup.append(records.close)
+    # A signal while an input is being received waits for it: cut short, the transfer from the decode
+    # worker would fail noisily on both sides.
+    samples = clips_of(stop.between(records))
+    return encode_batches(same_shape_batches(samples, cfg.batch_size), enc, stats)
 
-    Stop signals raise ``interrupts.Interrupted`` after the shard in progress is closed and the state
-    saved; a failing disk raises OutputError after the same (the shard in progress is dropped then).
-    """
-    started = time.perf_counter()
-    rank, world = cfg.resolved_rank
+
+def ray_batches(
+    cfg: PrepConfig,
+    todo: list[dict],
+    spec: ClipSpec,
+    encoders: Encoders | EncoderFactory,
+    stats: PrepStats,
+    stop: StopSignals,
+    clips_of: Callable[[Iterable[dict]], Iterator[dict]],
+    cleanup: list[Callable[[], None]],
+) -> Iterator[list[dict]]:
+    """``--engine ray``: Ray tasks prepare the inputs and Ray actors encode them (``ray_engine``)."""
+    from longcat_data.ray_engine import EncodeJob, encoded_inputs
+
+    if isinstance(encoders, Encoders):
+        raise TypeError("--engine ray builds its encoders in its actors: pass an EncoderFactory")
+    job = EncodeJob(encoders, encoding_device(cfg).type, encoding_dtype(cfg), cfg.batch_size, encode_inputs)
+    records = encoded_inputs(todo, spec, job, cfg.ray_encoders)
+    cleanup.append(records.close)
+
+    def timed(records: Iterable[dict]) -> Iterator[dict]:
+        for record in records:
+            stats.encode_seconds += record.pop("encode_seconds", 0.0)
+            yield record
+
+    # Every clip of an input arrives encoded at once: each goes to the writer as it is.
+    return ([sample] for sample in clips_of(stop.between(timed(records))))
+
+
+def check_paths(cfg: PrepConfig) -> None:
     videos_dir, out_dir = Path(cfg.videos_dir), Path(cfg.out_dir)
     if not videos_dir.is_dir():
         raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} is a file, not a folder: choose another output folder")
+
+
+def run_shard(
+    cfg: PrepConfig, encoders: Encoders | EncoderFactory | None = None, captioner: Captioner | None = None
+) -> PrepStats:
+    """The whole shard command; ``encoders``/``captioner`` let callers (benchmarks, tests) inject models
+    (the Ray engine takes an ``EncoderFactory``: its actors build the models).
+
+    Stop signals raise ``interrupts.Interrupted`` after the shard in progress is closed and the state
+    saved; a failing disk raises OutputError after the same (the shard in progress is dropped then).
+    """
+    started = time.perf_counter()
+    check_paths(cfg)
+    with ExitStack() as session:
+        if cfg.engine == "ray":
+            from longcat_data import ray_engine  # ConfigError naming the extra to install without Ray
+
+            # Before the stop signals are ours: ray.init sets a SIGTERM handler of its own.
+            cfg = session.enter_context(ray_engine.connected(cfg))
+        stats = _run_shard(cfg, encoders, captioner)
+    stats.wall_seconds = time.perf_counter() - started
+    return stats
+
+
+def _run_shard(
+    cfg: PrepConfig, encoders: Encoders | EncoderFactory | None, captioner: Captioner | None
+) -> PrepStats:
+    rank, world = cfg.resolved_rank
+    videos_dir, out_dir = Path(cfg.videos_dir), Path(cfg.out_dir)
     strategy, mapping_file = parse_captions(cfg.captions)
     settings = prep_settings(cfg)
     ids = encoders.ids if encoders is not None else encode.encoder_ids(cfg.model)
@@ -372,7 +507,7 @@ def run_shard(
             max_bytes=parse_size(cfg.shard_size),
         )
         finished = False
-        records: Iterator[dict] | None = None
+        cleanup: list[Callable[[], None]] = []
         try:
             stats = PrepStats()
             todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
@@ -388,7 +523,6 @@ def run_shard(
             )
             if strategy == "captioner" and captioner is None:
                 captioner = qwen_captions(cfg, videos_dir, [s["source"] for s in todo], writer.stream)
-            enc = encoders or load_encoders(cfg)
             spec = ClipSpec(
                 videos_dir=videos_dir,
                 buckets=make_buckets(parse_area(cfg.area)),
@@ -405,17 +539,18 @@ def run_shard(
                 decode_threads=max(1, (os.cpu_count() or 2) // cfg.workers) if cfg.workers else 0,
             )
             clips = len(todo) * cfg.clips_per_video
-            with logging_redirect_tqdm(), progress_bar(clips, rank, world) as bar:
-                records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")
-                # A signal while an input is being received waits for it: cut short, the transfer from
-                # the decode worker would fail noisily on both sides.
-                prepared = stop.between(records)
-                # Duplicate keys are the listing's, so one rank reports them.
-                samples = chain(
-                    duplicates if rank == 0 else [],
-                    clips_of_inputs(prepared, writer, bar, cfg.clips_per_video),
-                )
-                batches = encode_batches(same_shape_batches(samples, cfg.batch_size), enc, stats)
+            with logging_redirect_tqdm(), progress_bar(clips, rank, world, cfg.engine) as bar:
+
+                def clips_of(records: Iterable[dict]) -> Iterator[dict]:
+                    # Duplicate keys are the listing's, so one rank reports them.
+                    return chain(
+                        duplicates if rank == 0 else [],
+                        clips_of_inputs(records, writer, bar, cfg.clips_per_video),
+                    )
+
+                engine = ray_batches if cfg.engine == "ray" else local_batches
+                factory = encoders if encoders is not None else encoder_factory(cfg)
+                batches = engine(cfg, todo, spec, factory, stats, stop, clips_of, cleanup)
                 write_clips(batches, writer, ids, stats, bar)
             finished = True
         finally:
@@ -424,10 +559,7 @@ def run_shard(
                 with stop.deferred(raise_after=finished):
                     writer.close(complete=finished)
             finally:
-                if records is not None:
-                    # Stops the decode workers now rather than whenever the generator is collected: they
-                    # ignore stop signals, so only this tells them to go.
-                    records.close()
+                for close in cleanup:
+                    close()
     stats.shards = len(writer.state.shards)
-    stats.wall_seconds = time.perf_counter() - started
     return stats
