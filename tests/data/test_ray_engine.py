@@ -1,0 +1,156 @@
+"""``longcat-prep shard --engine ray`` on a local 2-CPU Ray instance (one for the whole module: Ray starts
+slowly): the same samples as the local engine, workers that die once are retried, resume across
+engines. Tiny encoders, a handful of small clips."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from longcat_data import prep
+from longcat_data.config import PrepConfig
+from longcat_data.demo import DEMO_CLIPS, make_bad_inputs, write_demo_clips
+from longcat_data.interrupts import Interrupted
+from longcat_data.manifest import read_manifest
+from longcat_data.shards import ShardSample
+from longcat_data.writer import ShardWriter
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+ray_engine = pytest.importorskip("longcat_data.ray_engine")
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(300)]
+
+
+def config(videos: Path, out: Path, engine: str) -> PrepConfig:
+    return PrepConfig(
+        str(videos),
+        str(out),
+        model="tiny",
+        area="128x192",
+        frames=9,
+        shard_size="100KB",
+        workers=1,
+        engine=engine,
+    )
+
+
+def contents(out: Path) -> tuple[dict[str, ShardSample], list[tuple[str, str]], dict]:
+    """Samples by key (a key written twice fails), the rejected list, the manifest."""
+    manifest = read_manifest(out)
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    samples: dict[str, ShardSample] = {}
+    for members in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        sample = ShardSample.from_members(members)
+        assert sample.key not in samples, f"{sample.key} written twice"
+        samples[sample.key] = sample
+    rejected = sorted((r["source"], r["reason"]) for r in manifest["rejected"])
+    return samples, rejected, manifest
+
+
+def assert_same_output(out: Path, reference: Path) -> None:
+    samples, rejected, manifest = contents(out)
+    want, want_rejected, want_manifest = contents(reference)
+    assert manifest["complete"] and sorted(samples) == sorted(want)
+    assert rejected == want_rejected and manifest["buckets"] == want_manifest["buckets"]
+    assert manifest["settings"] == want_manifest["settings"]
+    for key, sample in samples.items():
+        other = want[key]
+        assert torch.equal(sample.latents, other.latents), key
+        assert torch.equal(sample.cond_latents, other.cond_latents), key
+        assert torch.equal(sample.text_embeds, other.text_embeds), key
+        assert (sample.caption, sample.meta) == (other.caption, other.meta), key
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory):
+    """The module's Ray instance (2 CPUs, a small object store); yields the fault folder its workers
+    watch (``ray_engine.FAULTS_ENV``, inherited by the workers, so set before ``ray.init``)."""
+    folder = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ray_engine.FAULTS_ENV, str(folder))
+        env.setenv("OMP_NUM_THREADS", "1")
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=100 * 2**20,
+            logging_level=logging.WARNING,
+        )
+        try:
+            yield folder
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("videos")
+    write_demo_clips(folder, DEMO_CLIPS[:4])
+    shutil.copy(make_bad_inputs(tmp_path_factory.mktemp("bad"))["zero_byte"], folder / "zero_byte.mp4")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("local")
+    prep.run_shard(config(videos, out, "local"))
+    return out
+
+
+def stop_after(monkeypatch: pytest.MonkeyPatch, inputs: int) -> None:
+    """A Ctrl-C (a real SIGINT to this process) once the run has finished ``inputs`` more inputs."""
+    finish = ShardWriter.finish_input
+    done = 0
+
+    def finishing(self: ShardWriter, key: str, source: str) -> None:
+        nonlocal done
+        finish(self, key, source)
+        done += 1
+        if done == inputs:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ShardWriter, "finish_input", finishing)
+
+
+def test_same_samples_as_the_local_engine(faults: Path, videos: Path, reference: Path, tmp_path: Path) -> None:
+    stats = prep.run_shard(config(videos, tmp_path, "ray"))
+    assert stats.written == 4 and stats.rejected == {"unreadable": 1}
+    assert_same_output(tmp_path, reference)
+
+
+def test_workers_that_die_once_are_retried(faults: Path, videos: Path, reference: Path, tmp_path: Path) -> None:
+    # One decode task and one encoder actor die mid-run (os._exit, as on a lost node).
+    for stage in ("decode", "encode"):
+        (faults / stage).touch()
+    stats = prep.run_shard(config(videos, tmp_path, "ray"))
+    assert not list(faults.iterdir()), "both faults fired"
+    assert stats.written == 4 and stats.rejected == {"unreadable": 1}
+    assert_same_output(tmp_path, reference)
+
+
+def test_resume_across_engines(
+    faults: Path, videos: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # local, stopped -> ray continues, stopped -> local finishes.
+    with monkeypatch.context() as patch:
+        stop_after(patch, 2)
+        with pytest.raises(Interrupted):
+            prep.run_shard(config(videos, tmp_path, "local"))
+    first = set(contents(tmp_path)[0])
+    assert 2 <= len(first) < 4
+    with monkeypatch.context() as patch:
+        stop_after(patch, 1)
+        with pytest.raises(Interrupted):
+            prep.run_shard(config(videos, tmp_path, "ray"))
+    second = set(contents(tmp_path)[0])
+    assert first < second
+    stats = prep.run_shard(config(videos, tmp_path, "local"))
+    assert stats.skipped == len(second) and stats.written == 4 - len(second)
+    assert_same_output(tmp_path, reference)
+
