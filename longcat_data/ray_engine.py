@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 # Per task and per actor. Ray's own default retries without end, which a file that crashes its decoder
 # every time would turn into a run that never finishes.
 RETRIES = 3
-# Fault injection for the tests: a folder; the first worker to reach a stage whose name is a file there
-# removes the file and dies at once, as a worker on a lost node would.
+# Fault injection for the tests: a folder. A file STAGE there: the first worker to reach that stage
+# removes it and dies at once, as a worker on a lost node would. A file STAGE.KEY: every worker that
+# reaches the stage with input KEY dies (a file that crashes its decoder).
 FAULTS_ENV = "LONGCAT_PREP_FAULTS"
 
 
@@ -67,10 +68,12 @@ class EncodeJob:
     encode: Callable[[list[dict], Encoders, int], list[dict]]
 
 
-def _fault_point(stage: str) -> None:
+def _fault_point(stage: str, key: str) -> None:
     folder = os.environ.get(FAULTS_ENV)
     if not folder:
         return
+    if os.path.exists(os.path.join(folder, f"{stage}.{key}")):
+        os._exit(1)
     try:
         os.remove(os.path.join(folder, stage))
     except FileNotFoundError:
@@ -83,8 +86,9 @@ def _pickled(record: dict) -> bytes:
 
 
 def _prepare(row: dict[str, Any], spec: ClipSpec) -> dict[str, bytes]:
-    _fault_point("decode")
-    return {"record": _pickled(prepare_input(pickle.loads(row["record"]), spec))}
+    sample = pickle.loads(row["record"])
+    _fault_point("decode", sample["__key__"])
+    return {"record": _pickled(prepare_input(sample, spec))}
 
 
 class InputEncoder:
@@ -95,8 +99,9 @@ class InputEncoder:
         self.encoders = job.factory.build(torch.device(job.device), job.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        _fault_point("encode")
         records = [pickle.loads(data) for data in batch["record"]]
+        for record in records:
+            _fault_point("encode", record["__key__"])
         encoded = self.job.encode(records, self.encoders, self.job.batch_size)
         column = np.empty(len(encoded), dtype=object)
         column[:] = [_pickled(record) for record in encoded]
