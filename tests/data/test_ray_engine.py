@@ -126,15 +126,26 @@ def test_same_samples_as_the_local_engine(
     assert_same_output(tmp_path, reference)
 
 
-def test_workers_that_die_once_are_retried(
+def test_dead_workers_are_retried_and_an_input_that_always_kills_one_is_a_rejection(
     faults: Path, videos: Path, reference: Path, tmp_path: Path
 ) -> None:
-    # One decode task and one encoder actor die mid-run (os._exit, as on a lost node).
-    for stage in ("decode", "encode"):
-        (faults / stage).touch()
-    stats = prep.run_shard(config(videos, tmp_path, "ray"))
-    assert not list(faults.iterdir()), "both faults fired"
-    assert stats.written == 4 and stats.rejected == {"unreadable": 1}
+    # One decode task and one encoder actor die once mid-run (os._exit, as on a lost node); one input
+    # kills every decode worker that takes it (a file that crashes the decoder).
+    poison = DEMO_CLIPS[0].name
+    for name in ("decode", "encode", f"decode.{poison}"):
+        (faults / name).touch()
+    try:
+        stats = prep.run_shard(config(videos, tmp_path, "ray"))
+    finally:
+        (faults / f"decode.{poison}").unlink()
+    assert not list(faults.iterdir()), "both one-time faults fired"
+    assert stats.written == 3 and stats.rejected == {"unreadable": 1, "lost": 1}
+    samples, rejected, _ = contents(tmp_path)
+    assert sorted(samples) == sorted(set(contents(reference)[0]) - {poison})
+    lost = [reason for source, reason in rejected if source == f"{poison}.mp4"]
+    assert len(lost) == 1 and f"failed {ray_engine.RETRIES + 1} times" in lost[0]
+    # The next run (here the local engine) tries it again and completes the set.
+    assert prep.run_shard(config(videos, tmp_path, "local")).written == 1
     assert_same_output(tmp_path, reference)
 
 
@@ -156,23 +167,4 @@ def test_resume_across_engines(
     assert first < second
     stats = prep.run_shard(config(videos, tmp_path, "local"))
     assert stats.skipped == len(second) and stats.written == 4 - len(second)
-    assert_same_output(tmp_path, reference)
-
-
-def test_an_input_that_kills_its_worker_every_time_is_a_rejection(
-    faults: Path, videos: Path, reference: Path, tmp_path: Path
-) -> None:
-    poison = DEMO_CLIPS[0].name
-    (faults / f"decode.{poison}").touch()
-    try:
-        stats = prep.run_shard(config(videos, tmp_path, "ray"))
-    finally:
-        (faults / f"decode.{poison}").unlink()
-    assert stats.written == 3 and stats.rejected == {"unreadable": 1, "lost": 1}
-    samples, rejected, manifest = contents(tmp_path)
-    assert sorted(samples) == sorted(set(contents(reference)[0]) - {poison})
-    lost = [reason for source, reason in rejected if source == f"{poison}.mp4"]
-    assert len(lost) == 1 and f"failed {ray_engine.RETRIES + 1} times" in lost[0]
-    # The next run (here the local engine) tries it again and completes the set.
-    prep.run_shard(config(videos, tmp_path, "local"))
     assert_same_output(tmp_path, reference)
