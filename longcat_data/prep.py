@@ -209,10 +209,6 @@ def encoder_factory(cfg: PrepConfig) -> EncoderFactory:
     return EncoderFactory(build, encode.encoder_ids(cfg.model))
 
 
-def load_encoders(cfg: PrepConfig) -> Encoders:
-    return encoder_factory(cfg).build(encoding_device(cfg), encoding_dtype(cfg))
-
-
 def encode_batch(batch: list[dict], enc: Encoders) -> list[dict]:
     """Clips of one shape -> the same records with ``latents`` [16, T, h, w], ``cond_latents``
     [16, 1, h, w] and ``text_embeds`` [L, D] or None (bf16, on the CPU) in place of their frames."""
