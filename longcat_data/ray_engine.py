@@ -35,6 +35,7 @@ import torch
 from longcat_data.clips import ClipSpec, prepare_input, rejection
 from longcat_data.config import PrepConfig
 from longcat_data.flags import ConfigError
+from longcat_data.interrupts import STOP_SIGNALS
 
 try:
     import ray
@@ -136,6 +137,10 @@ def connected(cfg: PrepConfig) -> Iterator[PrepConfig]:
     sigterm = signal.getsignal(signal.SIGTERM) if main else None
     if ours:
         address = os.environ.get("RAY_ADDRESS")
+        # A local instance's processes join this process group, so a stop signal to the group (Ctrl-C,
+        # a scheduler's SIGTERM) would end them before this process has closed its shard. Started with
+        # the stop signals blocked (inherited), they leave the stopping to this process and ray.shutdown.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         except ConnectionError as err:
@@ -143,6 +148,8 @@ def connected(cfg: PrepConfig) -> Iterator[PrepConfig]:
                 f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({err}); start it "
                 "(ray start --head) or unset RAY_ADDRESS for a local instance"
             ) from err
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         yield replace(cfg, device=actor_device(cfg))
     finally:

@@ -8,6 +8,9 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,47 @@ def test_resume_across_engines(
     stats = prep.run_shard(config(videos, tmp_path, "local"))
     assert stats.skipped == len(second) and stats.written == 4 - len(second)
     assert_same_output(tmp_path, reference)
+
+
+def test_the_command_stops_cleanly_on_a_sigterm_to_its_process_group(videos: Path, tmp_path: Path) -> None:
+    """The CLI starts a local Ray instance of its own; a scheduler's SIGTERM reaches the whole group,
+    Ray's processes included: the run still closes its shard, exits 143 with one line, and leaves no
+    Ray process behind; the local engine then finishes the set."""
+    many = tmp_path / "videos"
+    many.mkdir()
+    for copy in range(3):
+        for clip in DEMO_CLIPS[:4]:
+            (many / f"{clip.name}_{copy}.mp4").hardlink_to(videos / f"{clip.name}.mp4")
+    out = tmp_path / "out"
+    flags = ["--model", "tiny", "--area", "128x192", "--frames", "9", "--shard-size", "100KB"]
+    command = [
+        sys.executable,
+        "-m",
+        "longcat_data.cli",
+        "shard",
+        str(many),
+        str(out),
+        *flags,
+        "--engine",
+        "ray",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted (SIGTERM); re-run the same command to continue"
+    assert not list(out.glob("*.partial")) and contents(out)[0]
+    ray_left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    assert ray_left == "", "Ray processes of the stopped run are still there"
+    prep.run_shard(config(many, out, "local"))
+    samples, rejected, manifest = contents(out)
+    assert manifest["complete"] and rejected == []
+    assert sorted(samples) == sorted(f"{c.name}_{i}" for i in range(3) for c in DEMO_CLIPS[:4])
