@@ -215,3 +215,17 @@ def test_the_command_stops_cleanly_on_a_sigterm_to_its_process_group(videos: Pat
     samples, rejected, manifest = contents(out)
     assert manifest["complete"] and rejected == []
     assert sorted(samples) == sorted(f"{c.name}_{i}" for i in range(3) for c in DEMO_CLIPS[:4])
+
+
+@pytest.mark.gpu
+def test_gpu_actors_give_the_local_engines_samples(faults: Path, videos: Path, tmp_path: Path) -> None:
+    """On a GPU machine: the encoder actor takes the GPU (bf16 recorded, as the local engine on CUDA)."""
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    prep.run_shard(config(videos, local, "local"))
+    prep.run_shard(config(videos, remote, "ray"))
+    samples, rejected, manifest = contents(remote)
+    want, want_rejected, want_manifest = contents(local)
+    assert manifest["settings"]["dtype"] == want_manifest["settings"]["dtype"] == "bfloat16"
+    assert sorted(samples) == sorted(want) and rejected == want_rejected
+    for key, sample in samples.items():
+        torch.testing.assert_close(sample.latents, want[key].latents, rtol=1.6e-2, atol=1e-2)
