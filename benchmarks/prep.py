@@ -3,6 +3,7 @@
     python benchmarks/prep.py --device cuda [--clips 24] [--workers 8] [--text-encoder full|tiny|none]
     python benchmarks/prep.py --small          # a CPU smoke run with the tiny encoders
     python benchmarks/prep.py --device cuda --engine ray   # + the Ray engine, one GPU actor
+    python benchmarks/prep.py ... --store s3 --moto   # also through S3 (a local moto server), vs local disk
 
 Writes synthetic H.264 source videos (larger than the bucket, so decode, resize and crop are real work),
 builds the full-size Wan2.1 VAE (diffusers' default `AutoencoderKLWan` config) with random weights and,
@@ -18,6 +19,10 @@ tokenizer is the tiny local one, whose ids are valid for the real vocabulary). T
   GPU, decode tasks on the other cores) after the single-process run, and both steady rates (first
   clip written to last, so Ray's start-up and the actor's model build are left out of both).
   Target: ray_to_local >= 0.95. Needs `pip install -e ".[ray]"`.
+- with ``--store s3``: the same run again with the videos read from and the shards written to S3
+  (``s3://.../videos`` -> ``s3://.../shards``, through ``longcat_data.storage``): its clips/s and its ratio
+  to the local-disk run, the cost of the store. ``--moto`` starts a moto S3 server on localhost (a
+  process of its own); without it the ``AWS_*`` environment names the store and ``--s3-url`` the prefix.
 
 Prints one JSON document.
 """
@@ -26,16 +31,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
 from _shared import prep_encoders  # benchmarks/_shared.py
 
-from longcat_data import encode, prep
+from longcat_data import encode, prep, storage
 from longcat_data.config import PrepConfig
 from longcat_data.demo import CLIP_ENCODING, synthetic_frames
 from longcat_data.video import write_mp4
@@ -78,6 +89,50 @@ def vae_only_rate(
     return repeats / (time.perf_counter() - start)
 
 
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on a free localhost port, in its own process (so serving uploads does not share
+    the encoding process's interpreter); the AWS_* variables point s3fs at it. Yields a new bucket URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}",
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(
+                        "the moto server did not start (pip install 'moto[s3]' flask flask-cors)"
+                    ) from None
+                time.sleep(0.2)
+        fs, _ = storage.remote_fs("s3://prep-bench")
+        fs.mkdir("prep-bench")
+        yield "s3://prep-bench"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def upload_sources(local: Path, url: str) -> None:
+    store = storage.folder(url)
+    for path in sorted(local.iterdir()):
+        store.fs.put_file(str(path), f"{store.root}/{path.name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,7 +164,17 @@ def main() -> None:
         help="ray: also run the Ray engine (one encoder actor) and compare its rate with the local one",
     )
     parser.add_argument("--keep", type=Path, default=None, help="keep sources and shards in this folder")
+    parser.add_argument(
+        "--store",
+        choices=["local", "s3"],
+        default="local",
+        help="s3: run again with videos and shards in S3 and report its rate beside local disk's",
+    )
+    parser.add_argument("--moto", action="store_true", help="with --store s3: a moto S3 server on localhost")
+    parser.add_argument("--s3-url", default=None, help="with --store s3 and no --moto: s3://bucket/prefix")
     args = parser.parse_args()
+    if args.store == "s3" and not (args.moto or args.s3_url):
+        parser.error("--store s3 needs --moto or --s3-url")
 
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -129,7 +194,7 @@ def main() -> None:
     enc = factory.build(device, dtype)
     vae_rate = vae_only_rate(enc, frames, height, width, repeats=max(2, clips // 4), device=device)
 
-    def run_prep(videos: Path, out: Path, engine: str = "local") -> prep.PrepStats:
+    def run_prep(videos: Path | str, out: Path | str, engine: str = "local") -> prep.PrepStats:
         cfg = PrepConfig(
             str(videos),
             str(out),
@@ -142,6 +207,7 @@ def main() -> None:
             text_embeds=text_encoder != "none",
             engine=engine,
             ray_encoders=1,
+            staging_dir=str(root / "staging"),
         )
         return prep.run_shard(cfg, encoders=enc if engine == "local" else factory)
 
@@ -172,6 +238,19 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if args.store == "s3":
+        with moto_server() if args.moto else nullcontext(args.s3_url.rstrip("/")) as url:
+            upload_sources(root / "videos", f"{url}/videos")
+            s3_stats = run_prep(f"{url}/videos", f"{url}/shards")
+        s3_rate = s3_stats.written / s3_stats.wall_seconds
+        result["s3"] = {
+            "endpoint": "moto on localhost" if args.moto else os.environ.get("AWS_ENDPOINT_URL_S3", "AWS"),
+            "clips": s3_stats.written,
+            "end_to_end_clips_per_s": round(s3_rate, 4),
+            "ratio_to_local": round(s3_rate / e2e_rate, 3),
+            "gpu_busy": round(s3_stats.encode_seconds / s3_stats.wall_seconds, 3),
+            "wall_s": round(s3_stats.wall_seconds, 2),
+        }
     if args.engine == "ray":
         del enc  # the actor builds its own copy on the same GPU
         if device.type == "cuda":

@@ -8,13 +8,13 @@ to check the script itself (every mode has one).
 Modes (combine freely with ``--attention`` and ``--compile``):
 
 - ``--distill``: the distilled schedule, 16 steps without guidance (the distill LoRA's setting).
-- ``--merged-loras N``: N random LoRAs of rank ``--lora-rank`` merged into the base weights first (the
-  merged model costs what the base does per step; the number to check).
+- ``--merged-loras N``: after the base sample, N random LoRAs of rank ``--lora-rank`` are merged into the
+  weights (``load_loras(merge=True)``) and the same sample is timed again in the same process.
 - ``--refine``: the 720p refinement of a random 480p video, end to end (upsampling, VAE encoding,
   the steps below sigma 0.5, decoding), block-sparse attention unless ``--attention`` says otherwise;
   a 5-frame refinement first warms the kernels up.
 
-    python benchmarks/sample.py                                         # H100: the numbers for RESULTS.md
+    python benchmarks/sample.py                                         # the numbers for RESULTS.md
     python benchmarks/sample.py --distill --attention block_sparse      # distilled, sparse
     python benchmarks/sample.py --distill --merged-loras 3              # three merged LoRAs
     python benchmarks/sample.py --refine                                # 720p refinement
@@ -46,7 +46,8 @@ from longcat_data.defaults import (
 )
 from longcat_data.encode import decode_latents, tiny_vae
 from longcat_train.config import RefineSettings, TrainConfig
-from longcat_train.lora import apply_lora
+from longcat_train.lora import load_loras, matching_linears
+from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
 from longcat_train.refine import refine_videos
 from longcat_train.sampling import denoise
@@ -66,18 +67,26 @@ def build_dit(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> Lo
     return model.eval().requires_grad_(False)
 
 
-def merge_random_loras(model: LongCatVideoTransformer, count: int, rank: int) -> LongCatVideoTransformer:
-    """``model`` with ``count`` random rank-``rank`` LoRAs on every block linear merged into its weights,
-    one after the other (peft's merge; the multi-LoRA loader's merge replaces it once it lands)."""
+def random_loras(model: LongCatVideoTransformer, count: int, rank: int) -> list[tuple[LowRankSet, float]]:
+    """``count`` random rank-``rank`` LoRAs on every block linear, as ``load_loras`` takes them."""
     g = torch.Generator().manual_seed(1)
+    linears = matching_linears(model, TrainConfig().lora_targets)
+    loras = []
     for _ in range(count):
-        peft_model = apply_lora(model, rank=rank, targets=TrainConfig().lora_targets)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=g).to(param) * 0.01)
-        model = peft_model.merge_and_unload()
-    return model.eval().requires_grad_(False)
+        deltas = {
+            name: LowRankDelta(
+                (
+                    LowRankPiece(
+                        torch.randn(rank, linear.in_features, generator=g) * 0.01,
+                        torch.randn(linear.out_features, rank, generator=g) * 0.01,
+                    ),
+                ),
+                1.0,
+            )
+            for name, linear in linears.items()
+        }
+        loras.append((LowRankSet(deltas, "random"), 1.0))
+    return loras
 
 
 def sync(device: torch.device) -> None:
@@ -109,13 +118,24 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
+def report_header(benchmark: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """What every report of this script starts with: the run, the machine, the settings shared by modes."""
+    return {
+        "benchmark": benchmark,
+        "mode": "quick" if args.quick else "full",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": args.attention,
+        "compile": args.compile,
+    }
+
+
 def build_sampling_dit(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> LongCatVideoTransformer:
     config = DiTConfig.tiny() if args.quick else DiTConfig.full()
     model = build_dit(config, device, dtype)
-    if args.merged_loras:
-        model = merge_random_loras(model, args.merged_loras, args.lora_rank)
     model.attention_implementation = args.attention
     if args.compile:
         # Per-block compile: one graph shared by 48 blocks, far quicker to build than the whole model's.
@@ -146,6 +166,22 @@ def run(args: argparse.Namespace) -> dict:
     latents = denoise(model, cond, [prompt], negative, steps=args.steps, **settings)
     sync(device)
     denoise_s = time.perf_counter() - start
+    merged: dict = {}
+    if args.merged_loras:
+        # The same sample again in this process once the LoRAs are merged: the per-step cost of merging.
+        start = time.perf_counter()
+        load_loras(model, random_loras(model, args.merged_loras, args.lora_rank), merge=True, device=device)
+        sync(device)
+        merge_s = time.perf_counter() - start
+        start = time.perf_counter()
+        denoise(model, cond, [prompt], negative, steps=args.steps, **settings)
+        sync(device)
+        merged_s = time.perf_counter() - start
+        merged = {
+            "seconds_merge": merge_s,
+            "seconds_denoise_merged": merged_s,
+            "merged_over_base": merged_s / denoise_s,
+        }
     dit_peak = peak_memory_gb(device)
 
     del model
@@ -163,13 +199,7 @@ def run(args: argparse.Namespace) -> dict:
     decode_s = time.perf_counter() - start
 
     return {
-        "benchmark": "sample_i2v",
-        "mode": "quick" if args.quick else "full",
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "attention": args.attention,
-        "compile": args.compile,
+        **report_header("sample_i2v", args, device, dtype),
         "distill": args.distill,
         "merged_loras": args.merged_loras,
         "lora_rank": args.lora_rank if args.merged_loras else None,
@@ -182,6 +212,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds_denoise": denoise_s,
         "seconds_decode": decode_s,
         "seconds_per_video": denoise_s + decode_s,
+        **merged,
         "peak_memory_gb_dit": dit_peak,
         "peak_memory_gb_decode": peak_memory_gb(device),
     }
@@ -225,14 +256,7 @@ def run_refine(args: argparse.Namespace) -> dict:
     total_s = time.perf_counter() - start
     steps = len(step_times)
     return {
-        "benchmark": "refine_720p",
-        "mode": "quick" if args.quick else "full",
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "attention": args.attention,
-        "compile": args.compile,
-        "merged_loras": args.merged_loras,
+        **report_header("refine_720p", args, device, dtype),
         "size": [args.height, args.width, args.frames],
         "refine_area": list(args.refine_area),
         "temporal": args.refine_temporal,
@@ -267,7 +291,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--distill", action="store_true", help="the distilled schedule (16 steps, no guidance)"
     )
-    parser.add_argument("--merged-loras", type=int, default=0, help="random LoRAs merged into the base first")
+    parser.add_argument(
+        "--merged-loras", type=int, default=0, help="then merge N random LoRAs and time the sample again"
+    )
     parser.add_argument("--lora-rank", type=int, default=128, help="rank of each merged LoRA")
     parser.add_argument("--refine", action="store_true", help="time the 720p refinement instead")
     parser.add_argument("--refine-temporal", action="store_true", help="refine to twice the frames too")
@@ -283,6 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.refine and args.merged_loras:
+        parser.error("--merged-loras times the I2V sample; leave it out with --refine")
     args.attention = args.attention or ("block_sparse" if args.refine else "sdpa")
     args.refine_area = DEFAULT_REFINE_AREA
     if args.quick:

@@ -1,7 +1,9 @@
-"""The trainer's step, fed by the real shard loader, against a naive step in the same run.
+"""The trainer's step, fed by the real shard loader, against the peer-style step and a naive one in the same run.
 
-    python benchmarks/train_step.py [--steps 5] [--warmup 2] [--checkpointing selective] [--out FILE]
+    LONGCAT_OFFICIAL_DIR=/path/to/LongCat-Video python benchmarks/train_step.py [--steps 5] [--warmup 2]
+        [--checkpointing selective] [--no-naive] [--out FILE]
     python benchmarks/train_step.py --quick      # CPU smoke run: tiny model, 9 frames at 64x64
+    python benchmarks/train_step.py --conditioning continuation   # 13 clean leading frames (4 latents)
 
 Full config with random bf16 weights at 480x832x93 (24 latent frames of 60x104: 37,440 tokens), image-to-
 video, rank-8 LoRA on the default targets, batch 1, fused AdamW, bf16 autocast. Data: a temporary shard of
@@ -9,9 +11,15 @@ random full-size samples (latents, start-frame latents, 120-token umT5-sized tex
 through ``ShardStream`` + ``DataLoader`` exactly as ``longcat-train`` reads it; ``data_wait`` is the time
 ``train_step`` spent blocked on ``next(loader)``.
 
-Variants, one model, same batches:
+Variants, one set of frozen weights, same batches:
 - ``ours``: ``longcat_train.trainer.train_step`` as configured (``--checkpointing``, default ``selective``:
   self-attention outputs kept, the rest recomputed); frozen base weights get no weight gradients.
+- ``peer`` (the baseline, with ``LONGCAT_OFFICIAL_DIR``): what other LongCat trainers run: the official
+  ``LongCatVideoTransformer3DModel`` on the same weight tensors, a peft LoRA on the same targets, its own
+  diffusers gradient checkpointing, eager, its attention kernels (flash-attn / xformers where installed,
+  else SDPA), fed as the official pipeline feeds it, through the same ``train_step`` (loss, clipping,
+  AdamW). ``same_loss`` compares both models' loss on one batch and noise before training (LoRA B is zero,
+  so they compute the same function); ``speedup_vs_peer`` is the ratio of the step times.
 - ``naive``: ``full`` recompute and every base weight requiring a gradient (computed in backward, then
   freed by a post-accumulate hook so that both variants fit in memory; the optimizer still updates the
   LoRA only).
@@ -25,6 +33,7 @@ where a step goes. Prints one JSON document (``--out`` also writes it).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -32,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from _peer import base_state, build_peer  # benchmarks/_peer.py
 from _shared import build_model, write_report, write_shard  # benchmarks/_shared.py
 
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
@@ -94,7 +104,16 @@ def make_naive(model: torch.nn.Module) -> None:
 
 
 def measure(
-    name: str, model, batches, optimizer, params, cfg: TrainConfig, d: Dist, steps: int, warmup: int
+    name: str,
+    model,
+    batches,
+    optimizer,
+    params,
+    cfg: TrainConfig,
+    d: Dist,
+    steps: int,
+    warmup: int,
+    checkpointing: str,
 ) -> dict:
     cuda = d.device.type == "cuda"
     generator = torch.Generator(d.device).manual_seed(0)
@@ -120,11 +139,23 @@ def measure(
         "step_seconds_max": max(times),
         "data_wait_seconds_mean": statistics.mean(waits),
         "data_wait_fraction": sum(waits) / sum(times),
-        "checkpointing": model.get_base_model().gradient_checkpointing,
+        "checkpointing": checkpointing,
     }
     if cuda:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
     return out
+
+
+def compare_losses(ours, peer, batch: dict, cfg: TrainConfig, d: Dist) -> dict:
+    """Both models' loss on one batch with the same noise and sigmas, before any update."""
+    losses = {}
+    for name, model in (("ours", ours), ("peer", peer)):
+        generator = torch.Generator(d.device).manual_seed(0)
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=d.device.type == "cuda")
+        with torch.no_grad(), autocast:
+            losses[name] = trainer.training_loss(model, batch, cfg, generator, None, d.device).item()
+    losses["relative_difference"] = abs(losses["ours"] - losses["peer"]) / abs(losses["peer"])
+    return losses
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,6 +166,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpointing", default="selective", choices=("selective", "full", "none"))
     parser.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument(
+        "--conditioning",
+        default="i2v",
+        choices=("i2v", "t2v", "continuation"),
+        help="what the clips are conditioned on (the trainer's --conditioning)",
+    )
+    parser.add_argument(
+        "--cond-frames",
+        type=int,
+        default=None,
+        help="continuation: clean leading frames (default 13; 5 quick)",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -148,7 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--profile", action="store_true", help="one more step of ours under the torch profiler"
     )
-    parser.add_argument("--no-naive", dest="naive", action="store_false", help="measure ours only")
+    parser.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive step")
+    parser.add_argument(
+        "--peer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the peer-style baseline (default: on where LONGCAT_OFFICIAL_DIR is set)",
+    )
     parser.add_argument(
         "--fp8-matmuls",
         action="store_true",
@@ -167,11 +216,14 @@ def main(argv: list[str] | None = None) -> dict:
         num_workers=args.num_workers,
         mixed_precision="bf16",
         attention=args.attention,
+        conditioning=args.conditioning,
+        cond_frames=args.cond_frames or (5 if args.quick else 13),
     )
     d = Dist(device=device)
     dtype = trainer.weight_dtype(cfg, device)
 
     model = build_model(config, device, dtype)
+    state = base_state(model)  # the frozen tensors, shared with the peer model
     model.get_base_model().attention_implementation = args.attention
     if args.fp8_matmuls:
         from longcat_train.quant import use_fp8_matmuls
@@ -190,13 +242,39 @@ def main(argv: list[str] | None = None) -> dict:
         shard = write_shard(Path(tmp) / "bench-000000.tar", config, latent_shape, samples=min(total, 16))
         stream = ShardStream([str(shard)], StreamConfig(shuffle_buffer=4, resampled=True))
         batches = iter(make_loader(stream, args.num_workers, pin_memory=device.type == "cuda"))
-        ours = measure("ours", model, batches, optimizer, params, cfg, d, args.steps, args.warmup)
+        mode = args.checkpointing
+        ours = measure("ours", model, batches, optimizer, params, cfg, d, args.steps, args.warmup, mode)
         if args.profile and device.type == "cuda":
             ours["profile"] = profile_step(model, batches, optimizer, params, cfg, d)
+        peer = same_loss = None
+        if args.peer is None:
+            args.peer = bool(os.environ.get("LONGCAT_OFFICIAL_DIR"))
+        if args.peer:
+            peer_model, kernel = build_peer(state, config, rank=8, targets=list(cfg.lora_targets))
+            peer_model.train()
+            same_loss = compare_losses(model, peer_model, next(batches), cfg, d)
+            peer_params = [p for p in peer_model.parameters() if p.requires_grad]
+            peer_optimizer = trainer.build_optimizer(peer_params, cfg, device)
+            peer = measure(
+                "peer",
+                peer_model,
+                batches,
+                peer_optimizer,
+                peer_params,
+                cfg,
+                d,
+                args.steps,
+                args.warmup,
+                "full",
+            )
+            peer["attention_kernel"] = kernel
+            del peer_model, peer_optimizer, peer_params
         naive = None
         if args.naive:
             make_naive(model)
-            naive = measure("naive", model, batches, optimizer, params, cfg, d, args.steps, args.warmup)
+            naive = measure(
+                "naive", model, batches, optimizer, params, cfg, d, args.steps, args.warmup, "full"
+            )
 
     T, H, W = latent_shape
     report = {
@@ -210,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
             "batch": 1,
             "lora_rank": 8,
             "attention": args.attention,
+            "conditioning": args.conditioning,
+            "cond_frames": cfg.cond_frames if args.conditioning == "continuation" else None,
             "weights": str(dtype).removeprefix("torch."),
             "num_workers": args.num_workers,
             "steps": args.steps,
@@ -220,6 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "ours": ours,
     }
+    if peer is not None:
+        report["peer"] = peer
+        report["speedup_vs_peer"] = peer["step_seconds_mean"] / ours["step_seconds_mean"]
+        report["same_loss"] = same_loss
     if naive is not None:
         report["naive"] = naive
         report["speedup"] = naive["step_seconds_mean"] / ours["step_seconds_mean"]

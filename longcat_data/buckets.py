@@ -7,7 +7,11 @@ temporal stride: F frames become ``1 + (F - 1) // 4`` latent frames, so F is alw
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+
+log = logging.getLogger(__name__)
 
 # The VAE downsamples 8x and the DiT patchifies 2x2, so any side must divide by 16.
 MODEL_SIDE_MULTIPLE = 16
@@ -96,7 +100,30 @@ def trim_to_4k_plus_1(available: int, max_frames: int = 93) -> int:
     usable = min(available, max_frames)
     if usable < MIN_FRAMES:
         raise InputTooSmall(f"only {available} frames; a clip needs at least {MIN_FRAMES}")
-    return usable - (usable - 1) % VAE_TEMPORAL_STRIDE
+    return floor_4k_plus_1(usable)
+
+
+def floor_4k_plus_1(frames: int) -> int:
+    """The largest 4k+1 frame count <= ``frames`` (``frames`` >= 1)."""
+    return frames - (frames - 1) % VAE_TEMPORAL_STRIDE
+
+
+def clip_frames(frames: int, setting: str = "frames") -> int:
+    """``frames`` as a clip length, the one rule of every command: a count that is not 4k+1 is rounded
+    down to one (a clip cannot gain frames its video does not have), with one warning line naming
+    ``setting``. Counts below MIN_FRAMES are returned unchanged for the caller's check to refuse."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < MIN_FRAMES:
+        return frames
+    rounded = floor_4k_plus_1(frames)
+    if rounded != frames:
+        _warn_once(f"{setting} must be 4k+1 for the VAE: using {rounded} instead of {frames}")
+    return rounded
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    # Configs are rebuilt several times while one command parses (a config file, the resumed run's).
+    log.warning(message)
 
 
 def clip_starts(available: int, clip_frames: int, max_clips: int = 1, stride: int | None = None) -> list[int]:

@@ -25,7 +25,7 @@ from longcat_data.video import InputError
 log = logging.getLogger(__name__)
 
 # Both the strategy asked for and the source recorded per sample.
-CaptionSource = Literal["textfile", "mapping", "filename", "captioner"]
+CaptionSource = Literal["textfile", "mapping", "filename", "captioner", "prompt"]
 
 # Column / field names accepted in mapping files; Hugging Face's metadata.jsonl uses file_name + text.
 FILE_FIELDS = ("file_name", "file", "filename", "path", "video")
@@ -113,18 +113,22 @@ def resolve_caption(
     mapping: Mapping[str, str] | None = None,
     captioner: Captioner | None = None,
     filename_fallback: bool = False,
+    prompt: str | None = None,
 ) -> tuple[str, CaptionSource]:
     """The caption for ``video`` and its source.
 
     ``strategy`` picks the primary source: ``textfile`` (sidecar .txt), ``mapping`` (captions by the
     path relative to ``videos_dir``, as ``match_captions`` gives them for a listing; with or without
-    extension; without ``videos_dir``, the file name), ``filename``, or ``captioner`` (always caption). When
+    extension; without ``videos_dir``, the file name), ``filename``, ``captioner`` (always caption), or
+    ``prompt`` (the one caption ``prompt`` for every video: SimpleTuner's instanceprompt). When
     the primary source has nothing for this video, ``captioner`` then ``filename_fallback`` are tried;
     otherwise CaptionError says what is missing. An unreadable sidecar is an error, never skipped.
     """
     video = Path(video)
     if strategy == "captioner":
         return _run_captioner(video, captioner), "captioner"
+    if strategy == "prompt":
+        return _non_empty(video, clean_caption(prompt or ""), "the prompt is empty"), "prompt"
     if strategy == "filename":
         return _non_empty(video, caption_from_filename(video), "its file name has no words"), "filename"
 

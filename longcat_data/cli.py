@@ -45,7 +45,24 @@ def run_shard(cfg: PrepConfig) -> None:
     from longcat_data import prep
 
     prep.limit_encoding_threads(cfg)
-    print(prep.run_shard(cfg).summary())
+    if cfg.simpletuner is not None:
+        run_simpletuner_datasets(cfg)
+        return
+    stats = prep.run_shard(cfg)
+    print(stats.summary())
+    failure = stats.failure()
+    if failure:
+        raise prep.NothingWritten(f"{cfg.videos_dir}: {failure}")
+
+
+def run_simpletuner_datasets(cfg: PrepConfig) -> None:
+    from longcat_data import prep
+    from longcat_data.simpletuner import report, run_simpletuner
+
+    lines, failure = report(run_simpletuner(cfg, prep.run_shard), Path(str(cfg.out_dir)))
+    print("\n".join(lines))
+    if failure:
+        raise prep.NothingWritten(failure)
 
 
 def run_inspect(cfg: InspectConfig) -> None:
@@ -118,7 +135,9 @@ def run_push(cfg: PushConfig) -> None:
     except HfHubHTTPError as err:
         # The hub's own message says what failed; the usual cause is a missing or read-only token.
         raise hub.PushError(f"{err} (log in with `hf auth login` or set HF_TOKEN to a write token)") from err
-    card = Path(cfg.out_dir) / hub.CARD
+    from longcat_data.storage import join
+
+    card = join(cfg.out_dir, hub.CARD)
     if cfg.dry_run:
         print(f"wrote {card}; a push would upload {len(files)} files to datasets/{cfg.repo_id}")
         return
@@ -135,11 +154,20 @@ examples:
   longcat-prep shard videos/ shards/ --captions jsonl:metadata.jsonl --fps 16 --clips-per-video 3
   torchrun --nproc-per-node 8 -m longcat_data.cli shard videos/ shards/    # one slice per GPU
   longcat-prep shard videos/ shards/ --rank 1 --world-size 4   # by hand, e.g. one per machine; then merge
+  longcat-prep shard --simpletuner config.json --output-dir shards/   # SimpleTuner datasets -> shards/<id>/
+  longcat-prep shard s3://bucket/videos s3://bucket/shards --staging-dir /scratch/stage   # any fsspec URL
+
+Remote folders (s3://, gs://, hf://, ...; credentials from the store's usual environment, e.g. AWS_*
+and ~/.aws for s3) are read and written in place: videos are fetched one at a time per decode worker,
+each shard is staged locally and uploaded whole under its name, manifest.json last; reruns resume from
+the bucket. One writer per stream there too: a lock object OUT_DIR/.prep/STREAM.lock.
 
 Captions: 'sidecar' reads VIDEO.txt beside each video (SimpleTuner's textfile), falling back to the
 file name with a warning; jsonl/csv map file names to captions (file_name + caption/text columns);
 'qwen' captions every video with Qwen-2.5-VL first (cached in OUT_DIR/.prep, so reruns skip it).
-Rerunning into the same OUT_DIR resumes: finished shards are kept and their videos skipped. A different
+--frames is rounded down to 4k+1; shorter videos are kept at their own length (counted in the summary).
+A run that rejects every video exits 2 with the most common reason and its fix. --simpletuner: see the
+README ("SimpleTuner datasets") for how its keys map. Rerunning into the same OUT_DIR resumes: finished shards are kept and their videos skipped. A different
 --model or content setting is refused. Bad inputs are reported, listed in manifest.json, and skipped.
 SIGTERM/SIGHUP (a scheduler stopping the job) act like Ctrl-C: the shard in progress is closed with its
 whole clips and the state saved; the exit code is 128 + the signal. One writer per output stream: a
@@ -167,11 +195,39 @@ longcat-prep inspect made one. Refused when the folder is unfinished or mixes en
 an interruption resumes the upload. Then: longcat-train --shards hf://datasets/me/my-clips
 """
 
+DEMO_EPILOG = f"""\
+example:
+  longcat-prep demo demo_videos     # then: longcat-prep shard demo_videos shards --model tiny --area \
+{DEMO_AREA[0]}x{DEMO_AREA[1]} --frames {DEMO_FRAMES}
+"""
+
+INSPECT_EPILOG = """\
+example:
+  longcat-prep inspect shards/ --sheet sheet.png --max-images 24
+
+Checks every shard the manifest lists (size, sample count) and exits 2 naming the first that differs.
+"""
+
+MERGE_EPILOG = """\
+example:
+  longcat-prep merge shards/     # after copying the ranks' outputs of several machines into one folder
+"""
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], None], str, str]] = {
-    "demo": (DemoConfig, run_demo, "write a few generated demo clips with captions", ""),
+    "demo": (DemoConfig, run_demo, "write a few generated demo clips with captions", DEMO_EPILOG),
     "shard": (PrepConfig, run_shard, "encode a folder of videos into WebDataset shards", SHARD_EPILOG),
-    "inspect": (InspectConfig, run_inspect, "counts, bucket table and a contact sheet of a shard folder", ""),
-    "merge": (MergeConfig, run_merge, "write one manifest.json for shards written by several ranks", ""),
+    "inspect": (
+        InspectConfig,
+        run_inspect,
+        "counts, bucket table and a contact sheet of a shard folder",
+        INSPECT_EPILOG,
+    ),
+    "merge": (
+        MergeConfig,
+        run_merge,
+        "write one manifest.json for shards written by several ranks",
+        MERGE_EPILOG,
+    ),
     "caption": (
         CaptionConfig,
         run_caption,

@@ -4,6 +4,10 @@ Each stage is a generator over plain dict samples (webdataset style)::
 
     inputs -> probe_inputs -> choose_clips -> caption_inputs -> load_start_frames -> decode_clips
 
+Remote videos (``s3://``, ...) are first copied into a local staging mirror by ``fetch_inputs`` (with
+their sidecar caption and start frame) and removed once decoded, so the stages read local files and at
+most the inputs in flight are staged.
+
 An input sample is ``{"__key__", "source"}`` (``assign_keys``); the stages fill it in, and
 ``decode_clips`` gives it its ``clips``, each ``{"__key__", "input", "source", "frames", "cond_image",
 "caption", "meta"}``. A sample that fails a stage becomes a rejection record (``rejection``) that later
@@ -28,6 +32,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from longcat_data import storage
 from longcat_data.buckets import Bucket, InputTooSmall, choose_bucket, clip_starts, trim_to_4k_plus_1
 from longcat_data.captions import Captioner, CaptionError, CaptionSource, resolve_caption
 from longcat_data.interrupts import ignore_stop_signals
@@ -39,6 +44,7 @@ from longcat_data.video import (
     probe,
     read_frames,
     resize_center_crop,
+    start_frame_candidates,
 )
 
 log = logging.getLogger(__name__)
@@ -151,6 +157,27 @@ def list_videos(videos_dir: Path, exclude: Path | None = None) -> list[str]:
     return sorted(found)
 
 
+def list_remote_videos(url: str, exclude: str | None = None) -> list[str]:
+    """``list_videos`` of a remote folder: relative paths of files with a video extension, sorted, hidden
+    files and folders and ``exclude`` (the output folder, when it is inside) left out."""
+    try:
+        files = storage.list_files(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"videos folder {url} does not exist or holds no files") from None
+    except OSError as err:
+        raise ValueError(f"cannot list the videos folder: {storage.describe_remote_error(err, url)}") from err
+    inside = exclude.rstrip("/") + "/" if exclude else None
+    base = url.rstrip("/") + "/"
+    skip = inside[len(base) :] if inside is not None and inside.startswith(base) else None
+    return [
+        name
+        for name in files
+        if PurePosixPath(name).suffix.lower() in VIDEO_EXTENSIONS
+        and not any(part.startswith(".") for part in PurePosixPath(name).parts)
+        and not (skip and name.startswith(skip))
+    ]
+
+
 # ---------------------------------------------------------------- per-input stages (worker processes)
 
 
@@ -168,7 +195,13 @@ class ClipSpec:
     conditioning_dir: Path | None
     done_keys: set[str]
     captioner: Captioner | None = None
+    caption_prompt: str | None = None  # the caption of every video (--captions prompt:TEXT)
     decode_threads: int = 0  # per worker; 0: one per core (the decoder's default)
+    # Remote inputs: the videos' URL (``videos_dir`` is then their local staging mirror), and the start
+    # frames' URL with the names in it (``conditioning_dir`` their mirror).
+    videos_url: str | None = None
+    conditioning_url: str | None = None
+    conditioning_names: frozenset[str] = frozenset()
 
 
 Stage = Callable[[Iterable[dict], ClipSpec], Iterator[dict]]
@@ -205,6 +238,44 @@ def _attempt(step: Callable[[dict, ClipSpec], None], sample: dict, spec: ClipSpe
     return sample
 
 
+def _staged_files(source: str, spec: ClipSpec) -> list[tuple[str, Path]]:
+    """(URL, mirror path) of what ``fetch_inputs`` may copy for an input: the video, its sidecar, its
+    start frame."""
+    assert spec.videos_url is not None
+    sidecar = PurePosixPath(source).with_suffix(".txt").as_posix()
+    files = [(source, spec.videos_dir / source)]
+    if spec.caption_strategy == "textfile":
+        files.append((sidecar, spec.videos_dir / sidecar))
+    staged = [(storage.join(spec.videos_url, name), path) for name, path in files]
+    if spec.conditioning_url is not None and spec.conditioning_dir is not None:
+        stem = PurePosixPath(source).with_suffix("").as_posix()
+        found = next((n for n in start_frame_candidates(stem) if n in spec.conditioning_names), None)
+        if found is not None:
+            staged.append((storage.join(spec.conditioning_url, found), spec.conditioning_dir / found))
+    return staged
+
+
+@stage("unreadable")
+def fetch_inputs(sample: dict, spec: ClipSpec) -> None:
+    """A remote input copied into the staging mirror, with its sidecar caption and start frame."""
+    if spec.videos_url is None:
+        return
+    (video_url, video_path), *others = _staged_files(sample["source"], spec)
+    if not storage.fetch(video_url, video_path):
+        raise VideoError(video_url, "is no longer in its folder (deleted after the listing?)")
+    for url, path in others:
+        storage.fetch(url, path)  # a missing sidecar or start frame is the later stages' to report
+
+
+def remove_fetched(samples: Iterable[dict], spec: ClipSpec) -> Iterator[dict]:
+    """Each input's staged copies deleted once its stages are done (rejected or not)."""
+    for sample in samples:
+        if spec.videos_url is not None:
+            for _, path in _staged_files(sample["source"], spec):
+                path.unlink(missing_ok=True)
+        yield sample
+
+
 @stage("unreadable")
 def probe_inputs(sample: dict, spec: ClipSpec) -> None:
     info = probe(spec.videos_dir / sample["source"])
@@ -238,6 +309,7 @@ def caption_inputs(sample: dict, spec: ClipSpec) -> None:
         mapping=spec.caption_mapping,
         captioner=spec.captioner,
         filename_fallback=spec.caption_strategy == "textfile",
+        prompt=spec.caption_prompt,
     )
     if spec.caption_strategy == "textfile" and sample["caption_source"] == "filename":
         warning = f"{sample['source']}: no sidecar caption, using its file name; add {path.stem}.txt"
@@ -296,6 +368,7 @@ def decode_clips(sample: dict, spec: ClipSpec) -> None:
 
 
 INPUT_STAGES: tuple[Stage, ...] = (
+    fetch_inputs,
     probe_inputs,
     choose_clips,
     caption_inputs,
@@ -310,7 +383,7 @@ def prepare_inputs(inputs: Iterable[dict], spec: ClipSpec) -> Iterator[dict]:
     samples: Iterator[dict] = (dict(sample) for sample in inputs)
     for run in INPUT_STAGES:
         samples = run(samples, spec)
-    return samples
+    return remove_fetched(samples, spec)
 
 
 def prepare_input(sample: dict, spec: ClipSpec) -> dict:

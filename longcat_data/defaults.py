@@ -31,6 +31,10 @@ DEFAULT_GUIDANCE = 4.0
 DEFAULT_SHIFT = 12.0
 DEFAULT_FPS = 15
 
+# Video continuation, as the official pipeline: the last 13 frames (4 latent frames) of a video condition
+# the next segment.
+DEFAULT_COND_FRAMES = 13
+
 # Distilled sampling (the official distill LoRA): its steps, and no guidance (it was trained without CFG).
 DISTILL_STEPS = 16
 DISTILL_GUIDANCE = 1.0

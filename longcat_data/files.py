@@ -90,13 +90,20 @@ def read_json(path: Path) -> Any | None:
     """The parsed file, or None when it does not exist; FileFormatError when it is not JSON, OutputError
     when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
-    except UnicodeDecodeError as err:
-        raise FileFormatError(f"{path} is not UTF-8 text (bad byte at offset {err.start})") from err
     except OSError as err:
         raise OutputError(describe_os_error(err, path)) from err
+    return parse_json(data, str(path))
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """The parsed bytes of a JSON file; FileFormatError naming ``where`` when they are not JSON."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FileFormatError(f"{where} is not UTF-8 text (bad byte at offset {err.start})") from err
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -105,7 +112,7 @@ def read_json(path: Path) -> Any | None:
             if not text.strip()
             else f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
         )
-        raise FileFormatError(f"{path} is {what}") from err
+        raise FileFormatError(f"{where} is {what}") from err
 
 
 class NotWritable(ValueError):

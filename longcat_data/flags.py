@@ -65,6 +65,7 @@ def option(
     simpletuner: str | None = None,
     group: str | None = None,
     check: Check | None = None,
+    switch: tuple[str, Any, Any] | None = None,
 ) -> Any:
     """A config field that is also a flag.
 
@@ -82,6 +83,8 @@ def option(
         simpletuner: the key of this setting in a SimpleTuner ``config.json``.
         group: the heading the flag is listed under in ``--help``.
         check: the values allowed beyond the type (:class:`Check`); :func:`config_errors` applies it.
+        switch: ``(name, on, off)``: an older boolean spelling of two of the values: ``--name`` sets
+            ``on``, ``--no-name`` sets ``off``, and a file's ``name = true / false`` does the same.
     """
     metadata = {
         "help": help,
@@ -96,6 +99,7 @@ def option(
         "simpletuner": simpletuner,
         "group": group,
         "check": check,
+        "switch": switch,
     }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -209,7 +213,19 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         kind, is_list = _value_type(hints[field.name])
         convert = _flag_type(meta["parse"]) if meta.get("parse") else kind
         if meta.get("positional"):
-            target.add_argument(field.name, metavar=field.name.upper(), type=convert, help=text)
+            # A positional with a default may be left out, and its aliases give it as a flag instead.
+            optional = field.default is not dataclasses.MISSING
+            left_out = {"nargs": "?", "default": argparse.SUPPRESS} if optional else {}
+            target.add_argument(field.name, metavar=field.name.upper(), type=convert, help=text, **left_out)
+            if optional and meta.get("aliases"):
+                target.add_argument(
+                    *meta["aliases"],
+                    dest=field.name,
+                    type=convert,
+                    default=argparse.SUPPRESS,
+                    metavar=field.name.upper(),
+                    help=f"the same as {field.name.upper()}",
+                )
             continue
         names = flag_names(field)
         common: dict[str, Any] = {"dest": field.name, "help": text, "default": argparse.SUPPRESS}
@@ -224,6 +240,17 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             target.add_argument(*names, nargs="?", const=meta["const"], type=convert, **common)
         else:
             target.add_argument(*names, type=convert, choices=meta.get("choices"), **common)
+        if meta.get("switch"):
+            name, on, off = meta["switch"]
+            for spelling, value in ((f"--{name}", on), (f"--no-{name}", off)):
+                target.add_argument(
+                    spelling,
+                    action="store_const",
+                    const=value,
+                    dest=field.name,
+                    default=argparse.SUPPRESS,
+                    help=f"the same as {names[0]} {value}",
+                )
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -235,7 +262,7 @@ def parse(cls: type, args: argparse.Namespace, base: Mapping[str, Any] | None = 
     """An instance of ``cls``: typed flags over ``base`` (e.g. a config file's values) over the defaults,
     checked with :func:`check_config`."""
     typed = given(args, cls)
-    config = cls(**{**(base or {}), **typed})
+    config = cls(**{**canonical_keys(cls, base or {}), **typed})
     check_config(config, typed=typed.keys())
     return config
 
@@ -423,13 +450,33 @@ def key_names(cls: type) -> dict[str, str]:
         for alias in field.metadata.get("aliases", ()):
             if alias.startswith("--"):
                 names.setdefault(alias[2:].replace("-", "_"), field.name)
+        if field.metadata.get("switch"):
+            names.setdefault(field.metadata["switch"][0], field.name)
     return names
 
 
+def _switches(cls: type) -> dict[str, tuple[Any, Any]]:
+    """A switch's key -> (its on value, its off value)."""
+    return {
+        f.metadata["switch"][0]: f.metadata["switch"][1:]
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("switch")
+    }
+
+
 def canonical_keys(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` with alias keys renamed to their fields (keys ``cls`` does not know are kept)."""
-    names = key_names(cls)
-    return {names.get(key, key): value for key, value in values.items()}
+    """``values`` with alias keys renamed to their fields and a switch's ``true`` / ``false`` turned into
+    its values (keys ``cls`` does not know are kept). A switch that is not true or false is a ConfigError
+    naming it."""
+    names, switches = key_names(cls), _switches(cls)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in switches and key != names[key]:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} = {value!r}: must be true or false (or set {names[key]})")
+            value = switches[key][0] if value else switches[key][1]
+        out[names.get(key, key)] = value
+    return out
 
 
 def known_keys(cls: type, values: Mapping[str, Any], source: str = "config") -> dict[str, Any]:

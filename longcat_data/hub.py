@@ -31,7 +31,7 @@ from typing import Any
 from huggingface_hub import DatasetCardData, HfApi, get_token, hf_hub_url
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-from longcat_data.files import write_atomic
+from longcat_data import storage
 from longcat_data.manifest import (
     CONTACT_SHEET,
     MANIFEST,
@@ -180,8 +180,9 @@ def load_finished_manifest(out_dir: str | Path) -> dict:
     other shard sits beside them, the writers' resume states agree on encoders and settings, and every
     sample was encoded by the manifest's encoders.
     """
-    out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
+    store = storage.folder(out_dir)
+    out_dir = store.url()
+    manifest = read_manifest(store)
     if manifest is None:
         raise PushError(f"{out_dir}: no {MANIFEST}; run longcat-prep shard to the end first")
     if not manifest.get("complete", False):
@@ -196,16 +197,16 @@ def load_finished_manifest(out_dir: str | Path) -> dict:
     names = [shard["name"] for shard in manifest.get("shards", [])]
     if not names:
         raise PushError(f"{out_dir}: {MANIFEST} lists no shards; nothing to push")
-    problems = verify_shards(out_dir, manifest["shards"], count_samples=False)
+    problems = verify_shards(store, manifest["shards"], count_samples=False)
     if problems:
         raise PushError(f"{problems[0]}; {repair_hint(out_dir)}")
-    strays = sorted(p.name for p in out_dir.glob("*.tar") if p.name not in set(names))
+    strays = [name for name in store.names("*.tar") if name not in set(names)]
     if strays:
         raise PushError(
             f"{out_dir}: {len(strays)} shard(s) not in {MANIFEST} (first: {strays[0]}), possibly from another "
             "prep run with other encoders; move them out or prep into a fresh dir"
         )
-    states = read_states(out_dir)
+    states = read_states(store)
     if states:
         try:
             build_manifest(states)
@@ -214,17 +215,18 @@ def load_finished_manifest(out_dir: str | Path) -> dict:
                 f"{out_dir}: this dir mixes encoders or settings ({err}); re-run prep into a fresh dir"
             ) from err
     for name in names:
-        _check_shard_encoders(out_dir / name, manifest["encoders"])
+        _check_shard_encoders(store, name, manifest["encoders"])
     return manifest
 
 
-def _check_shard_encoders(shard: Path, encoders: dict) -> None:
-    """PushError when a sample of ``shard`` was encoded by other encoders than the manifest's.
+def _check_shard_encoders(store: storage.Folder, name: str, encoders: dict) -> None:
+    """PushError when a sample of shard ``name`` was encoded by other encoders than the manifest's.
 
     Only the small ``.json`` members are read; the tar index lets the reader seek past the latents.
     """
+    shard = store.url(name)
     try:
-        with tarfile.open(shard) as tar:
+        with store.open(name) as f, tarfile.open(fileobj=f) as tar:
             metas = [(m.name, json.load(tar.extractfile(m))) for m in tar if m.name.endswith(f".{META}")]
     except (tarfile.TarError, ValueError) as err:
         raise PushError(f"{shard} is damaged ({err}); run longcat-prep inspect on its folder") from err
@@ -342,10 +344,10 @@ Latents and text embeddings were made by these encoders; train with the same one
     return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
-def upload_patterns(manifest: dict, out_dir: Path) -> list[str]:
+def upload_patterns(manifest: dict, out_dir: str | Path | storage.Folder) -> list[str]:
     """The files a push uploads: the manifest, the card, exactly the shards the manifest lists, and the
     contact sheet when there is one. Partial shards and prep's resume state stay local."""
-    sheet = [CONTACT_SHEET] if (out_dir / CONTACT_SHEET).is_file() else []
+    sheet = [CONTACT_SHEET] if storage.folder(out_dir).is_file(CONTACT_SHEET) else []
     return [MANIFEST, CARD, *sheet, *(shard["name"] for shard in manifest["shards"])]
 
 
@@ -361,19 +363,26 @@ def push_dataset(
     """Write the card and upload the output dir to the dataset repo ``repo_id``; return the uploaded names.
 
     ``dry_run`` writes and checks the card only. The upload is resumable: run the same command again
-    after an interruption and files already on the hub are not sent again.
+    after an interruption and files already on the hub are not sent again. A remote output folder
+    (``s3://...``) is checked and gets its card, but only ``dry_run`` is done from there.
     """
     if not re.fullmatch(_REPO_ID, repo_id):
         raise PushError(f"{repo_id!r} is not a dataset repo id; write user/name")
-    out_dir = Path(out_dir)
-    manifest = load_finished_manifest(out_dir)
-    card = out_dir / CARD
-    sheet = (out_dir / CONTACT_SHEET).is_file()
-    write_atomic(card, dataset_card(manifest, repo_id, license=license, contact_sheet=sheet))
-    patterns = upload_patterns(manifest, out_dir)
+    store = storage.folder(out_dir)
+    if store.local is None and not dry_run:
+        raise PushError(
+            f"{store.url()}: push uploads a local folder; copy this one to a local disk first "
+            "(e.g. `aws s3 sync`), then push that copy (--dry-run checks it where it is)"
+        )
+    manifest = load_finished_manifest(store)
+    sheet = store.is_file(CONTACT_SHEET)
+    store.write_atomic(CARD, dataset_card(manifest, repo_id, license=license, contact_sheet=sheet))
+    card = store.url(CARD)
+    patterns = upload_patterns(manifest, store)
     if dry_run:
         log.info("dry run: wrote %s; would upload %d files to datasets/%s", card, len(patterns), repo_id)
         return patterns
+    out_dir = store.local
     api = api or HfApi()
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     # Older huggingface_hub releases resume big uploads only through upload_large_folder; newer ones

@@ -6,13 +6,13 @@ summary, raised as a ShardError naming the shard and the fix."""
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from longcat_data import storage
 from longcat_data.config import InspectConfig
-from longcat_data.files import OutputError, describe_os_error
+from longcat_data.files import OutputError
 from longcat_data.manifest import CONTACT_SHEET, MANIFEST, read_manifest, repair_hint, verify_shards
 from longcat_data.shards import COND_IMAGE, ShardError, ShardSample
 from longcat_data.stream import SkipCounter, read_tars
@@ -54,16 +54,29 @@ def start_frames(urls: list[str], limit: int) -> list[tuple[np.ndarray, str]]:
     return items
 
 
+def save_sheet(sheet: Image.Image, location: str) -> None:
+    """The sheet as a PNG at a local path or a URL (uploaded whole); OutputError naming it."""
+    try:
+        if storage.is_remote(location):
+            parent, name = location.rstrip("/").rsplit("/", 1)
+            storage.folder(parent).write_file_atomic(name, lambda path: sheet.save(path, format="PNG"))
+        else:
+            sheet.save(storage.local_path(location))
+    except OSError as err:
+        raise OutputError(storage.describe_error(err, location)) from err
+
+
 def run_inspect(cfg: InspectConfig) -> None:
     """Print the summary of ``cfg.out_dir`` and write its contact sheet."""
-    out = Path(cfg.out_dir)
-    manifest = read_manifest(out)
+    store = storage.folder(cfg.out_dir)
+    out = store.url()
+    manifest = read_manifest(store)
     if manifest is None:
         raise FileNotFoundError(f"{out}/{MANIFEST} not found: not a shard folder (or run longcat-prep merge)")
     shards, rejected = manifest.get("shards", []), manifest.get("rejected", [])
     total = sum(s.get("samples", 0) for s in shards)
     size = sum(s.get("bytes", 0) for s in shards)
-    problems = verify_shards(out, shards, count_samples=True)
+    problems = verify_shards(store, shards, count_samples=True)
     state = "DAMAGED" if problems else "complete" if manifest.get("complete") else "INCOMPLETE"
     print(f"{out}: {total} samples in {len(shards)} shards ({size / 1e6:.1f} MB), {state}")
     print(f"encoders: {manifest.get('encoders', {}).get('model')}  settings: {manifest.get('settings')}")
@@ -74,12 +87,9 @@ def run_inspect(cfg: InspectConfig) -> None:
         print(f"rejected {len(rejected)}:")
         for entry in rejected:
             print(f"  {entry.get('source')}: {entry.get('reason')}")
-    items = start_frames([str(out / s["name"]) for s in shards], cfg.max_images)
-    sheet_path = Path(cfg.sheet) if cfg.sheet else out / CONTACT_SHEET
-    try:
-        contact_sheet(items).save(sheet_path)
-    except OSError as err:
-        raise OutputError(describe_os_error(err, sheet_path)) from err
+    items = start_frames([store.url(s["name"]) for s in shards], cfg.max_images)
+    sheet_path = cfg.sheet or store.url(CONTACT_SHEET)
+    save_sheet(contact_sheet(items), sheet_path)
     print(f"contact sheet: {sheet_path}")
     for problem in problems:
         print(f"  {problem}")

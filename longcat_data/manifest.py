@@ -19,18 +19,25 @@ the fix.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longcat_data.files import FileFormatError, read_json, stray_temporaries, write_json_atomic
+from longcat_data import storage
+from longcat_data.buckets import MIN_FRAMES, floor_4k_plus_1
+from longcat_data.files import FileFormatError
+from longcat_data.locks import STALE_SECONDS, Holder
+from longcat_data.object_locks import ObjectLock
 from longcat_data.shards import ShardError
-from longcat_data.tars import shard_keys
+from longcat_data.storage import Folder
+from longcat_data.tars import stream_keys
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +170,16 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
     return diffs
 
 
-def read_manifest(out_dir: str | Path) -> dict | None:
+def read_manifest(out_dir: str | Path | Folder) -> dict | None:
     """``manifest.json`` (None when there is none); RecordError when it is unreadable or misshapen.
 
     Fields a reader needs are type-checked; missing ones are allowed (hand-written or older manifests).
     """
-    path = Path(out_dir) / MANIFEST
+    store = storage.folder(out_dir)
+    path = store.url(MANIFEST)
+    out_dir = store.url()
     try:
-        manifest = read_json(path)
+        manifest = storage.read_json_in(store, MANIFEST)
         if manifest is not None:
             _check_fields(manifest, MANIFEST_FIELDS, str(path), required=False)
             for i, shard in enumerate(manifest.get("shards", [])):
@@ -185,35 +194,49 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     return manifest
 
 
+def state_name(stream: str) -> str:
+    """One writer's state, relative to the output folder."""
+    return f"{STATE_DIR}/{stream}.json"
+
+
 def state_path(out_dir: Path, stream: str) -> Path:
-    return out_dir / STATE_DIR / f"{stream}.json"
+    return out_dir / state_name(stream)
+
+
+def captions_cache_name(stream: str) -> str:
+    """Where ``--captions qwen`` keeps the captions of one stream's videos, relative to the output."""
+    return f"{STATE_DIR}/captions-{stream}.jsonl"
 
 
 def captions_cache_path(out_dir: Path, stream: str) -> Path:
-    """Where ``--captions qwen`` keeps the captions of one stream's videos."""
-    return out_dir / STATE_DIR / f"captions-{stream}.jsonl"
+    return out_dir / captions_cache_name(stream)
 
 
-def read_state(path: Path) -> StreamState | None:
-    """One writer's state (None when there is none); RecordError when it is unreadable or misshapen."""
+def read_state(out_dir: str | Path | Folder, name: str) -> StreamState | None:
+    """The state ``name`` (``state_name``) of an output folder (None when there is none); RecordError
+    when it is unreadable or misshapen."""
+    store = storage.folder(out_dir)
     try:
-        data = read_json(path)
-        return None if data is None else StreamState.from_dict(data, str(path))
+        data = storage.read_json_in(store, name)
+        return None if data is None else StreamState.from_dict(data, store.url(name))
     except FileFormatError as err:
         raise RecordError(
-            f"{err}; move it out of {path.parent} and re-run the longcat-prep shard command that wrote it "
-            "(the shards it finished are read back from disk, nothing is encoded twice)"
+            f"{err}; move it out of {store.url(STATE_DIR)} and re-run the longcat-prep shard command that "
+            "wrote it (the shards it finished are read back from disk, nothing is encoded twice)"
         ) from err
 
 
-def read_states(out_dir: str | Path) -> list[StreamState]:
-    paths = sorted((Path(out_dir) / STATE_DIR).glob("*.json"))
-    return [state for state in map(read_state, paths) if state is not None]
+def read_states(out_dir: str | Path | Folder) -> list[StreamState]:
+    store = storage.folder(out_dir)
+    names = store.names(f"{STATE_DIR}/*.json")
+    return [state for state in (read_state(store, name) for name in names) if state is not None]
 
 
-def check_compatible(out_dir: str | Path, settings: Mapping[str, Any], encoders: Mapping[str, Any]) -> None:
+def check_compatible(
+    out_dir: str | Path | Folder, settings: Mapping[str, Any], encoders: Mapping[str, Any]
+) -> None:
     """Refuse to add to an output directory whose shards came from other encoders or settings."""
-    out_dir = Path(out_dir)
+    out_dir = storage.folder(out_dir)
     existing = [(MANIFEST, read_manifest(out_dir))]
     existing += [(f"{STATE_DIR}/{s.stream}.json", s.to_dict()) for s in read_states(out_dir)]
     for source, old in existing:
@@ -225,7 +248,7 @@ def check_compatible(out_dir: str | Path, settings: Mapping[str, Any], encoders:
         )
         if diffs:
             raise OutputMismatch(
-                f"{out_dir} already holds shards made differently ({source}): {'; '.join(diffs)}. "
+                f"{out_dir.url()} already holds shards made differently ({source}): {'; '.join(diffs)}. "
                 f"Use a new output directory, or rerun with the original --model and settings."
             )
 
@@ -277,27 +300,33 @@ def build_manifest(states: list[StreamState]) -> dict[str, Any]:
     }
 
 
-def verify_shards(directory: Path, shards: Sequence[Mapping[str, Any]], *, count_samples: bool) -> list[str]:
+def verify_shards(
+    directory: str | Path | Folder, shards: Sequence[Mapping[str, Any]], *, count_samples: bool
+) -> list[str]:
     """One line per listed shard that is missing or differs from its record: size always, the sample
     count too with ``count_samples`` (reads every tar header, so meant for the end of a run)."""
+    store = storage.folder(directory)
+    # A remote folder is listed once: a request per shard, after every shard of a long run, would not scale.
+    listed = store.top_sizes() if isinstance(store, storage.RemoteFolder) and shards else None
     problems = []
     for shard in shards:
-        path = directory / shard["name"]
+        path = store.url(shard["name"])
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            problems.append(f"{path} is listed in {MANIFEST} but not on disk")
-            continue
+            size = listed.get(shard["name"]) if listed is not None else store.size(shard["name"])
         except OSError as err:
-            problems.append(f"{path} cannot be read ({err.strerror})")
+            problems.append(f"{path} cannot be read ({err.strerror or err})")
+            continue
+        if size is None:
+            problems.append(f"{path} is listed in {MANIFEST} but not on disk")
             continue
         if "bytes" in shard and size != shard["bytes"]:
             problems.append(f"{path} is {size} bytes, {MANIFEST} records {shard['bytes']}")
         elif count_samples and "samples" in shard:
             try:
-                keys, damage = shard_keys(path)
+                with store.open(shard["name"]) as f:
+                    keys, damage = stream_keys(f)
             except OSError as err:
-                problems.append(f"{path} cannot be read ({err.strerror})")
+                problems.append(f"{path} cannot be read ({err.strerror or err})")
                 continue
             if damage:
                 problems.append(f"{path} is damaged ({damage[0].describe()})")
@@ -306,55 +335,75 @@ def verify_shards(directory: Path, shards: Sequence[Mapping[str, Any]], *, count
     return problems
 
 
-def repair_hint(out_dir: str | Path) -> str:
+def repair_hint(out_dir: str | Path | Folder) -> str:
+    out_dir = storage.folder(out_dir).url()
     return (
         f"re-run longcat-prep shard into {out_dir} to encode its clips again, or `longcat-prep merge "
         f"{out_dir}` if the shards were replaced after the manifest was written"
     )
 
 
-def merge_manifest(out_dir: str | Path, *, count_samples: bool = True) -> dict[str, Any]:
+@contextlib.contextmanager
+def merge_lock(store: Folder) -> Iterator[None]:
+    """Held while a manifest is merged: ``.prep/merge.lock``, an flock (local) or a lock object."""
+    if store.local is None:
+        lock = ObjectLock(store, Holder.me("merge", 0, ""))
+        # A merge takes seconds; only a killed merger's lock (taken over once stale) waits longer.
+        lock.acquire(STALE_SECONDS + 60, refuse_other_runs=False)
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    lock_path = store.local / STATE_DIR / "merge.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        yield
+
+
+def merge_manifest(out_dir: str | Path | Folder, *, count_samples: bool = True) -> dict[str, Any]:
     """Fold every stream's state into ``manifest.json``; the lock orders concurrent finishing ranks.
 
     ``complete`` is true only when the shards on disk match the records (``verify_shards``; with
     ``count_samples`` False only their sizes are compared, for the merges in the middle of a run).
+    The manifest is written last, after the shards and states it lists.
     """
-    out_dir = Path(out_dir)
-    lock_path = out_dir / STATE_DIR / "merge.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        states = read_states(out_dir)
+    store = storage.folder(out_dir)
+    with merge_lock(store):
+        states = read_states(store)
         if not states:
             raise RecordError(
-                f"no prep state in {out_dir / STATE_DIR}; run longcat-prep shard into {out_dir}"
+                f"no prep state in {store.url(STATE_DIR)}; run longcat-prep shard into {store.url()}"
             )
         manifest = build_manifest(states)
         problems = verify_shards(
-            out_dir, manifest["shards"], count_samples=count_samples and manifest["complete"]
+            store, manifest["shards"], count_samples=count_samples and manifest["complete"]
         )
         if problems:
-            log.warning("%s (and %d more); %s", problems[0], len(problems) - 1, repair_hint(out_dir))
+            log.warning("%s (and %d more); %s", problems[0], len(problems) - 1, repair_hint(store))
             manifest["complete"] = False
         # Every writer of the manifest holds this lock, so a temporary of it now is a killed run's.
-        for stray in stray_temporaries(out_dir / MANIFEST):
-            stray.unlink(missing_ok=True)
-        write_json_atomic(out_dir / MANIFEST, manifest)
+        for stray in store.temporaries(MANIFEST):
+            store.remove(stray)
+        store.write_atomic(MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest
 
 
 # ---------------------------------------------------------------- reading side
 
 
-def manifest_shards(directory: Path, *, allow_missing: bool = False) -> list[str] | None:
-    """Paths of the shards ``directory``'s manifest lists, or None without a manifest. A listed shard
-    that is not there is a ShardError naming it, or with ``allow_missing`` a warning and left out."""
+def manifest_shards(directory: str | Path | Folder, *, allow_missing: bool = False) -> list[str] | None:
+    """Paths (URLs) of the shards ``directory``'s manifest lists, or None without a manifest. A listed
+    shard that is not there is a ShardError naming it, or with ``allow_missing`` a warning and left out."""
     # The manifest lists finished shards; a half-written one from a running prep must not be read.
-    manifest = read_manifest(directory)
+    store = storage.folder(directory)
+    directory = store.url()
+    manifest = read_manifest(store)
     if manifest is None:
         return None
     names = [s["name"] for s in manifest.get("shards", [])]
-    missing = [n for n in names if not (directory / n).is_file()]
+    missing = [n for n in names if not store.is_file(n)]
     if missing:
         what = f"{directory}/{MANIFEST} lists {len(names)} shards, {len(missing)} of them missing"
         first = f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
@@ -364,15 +413,76 @@ def manifest_shards(directory: Path, *, allow_missing: bool = False) -> list[str
                 f"(it encodes the missing shards' clips again), or train on the rest with --allow-missing-shards"
             )
         log.warning("%s (%s): training on the other %d", what, first, len(names) - len(missing))
-    return [str(directory / n) for n in names if n not in missing]
+    return [store.url(n) for n in names if n not in missing]
+
+
+def manifest_folder(url: str) -> str | None:
+    """The folder whose ``manifest.json`` describes shard ``url``: its parent, for a local path or a
+    URL of a store fsspec can list; None for ``pipe:`` commands and plain web URLs."""
+    if url.startswith("pipe:") or url.startswith(("http://", "https://")):
+        return None
+    if storage.is_remote(url) and not storage.knows_protocol(url):
+        return None
+    return storage.parent(url)
 
 
 def find_manifest(urls: Sequence[str]) -> dict | None:
-    """The ``manifest.json`` beside the first local shard, or None for remote shards without one."""
-    first = urls[0]
-    if "://" in first or first.startswith("pipe:"):
-        return None
-    return read_manifest(Path(first).expanduser().parent)
+    """The ``manifest.json`` beside the first shard, or None where there is none (or cannot be)."""
+    where = manifest_folder(urls[0])
+    return None if where is None else read_manifest(where)
+
+
+def short_clips(manifest: dict, directory: str | Path, min_frames: int) -> list[tuple[str | None, int, int]]:
+    """``(shard, frames, clips)`` for the clips of fewer than ``min_frames`` frames the manifest's buckets
+    count, each shard named from the prep states beside it (``None`` where no state records the bucket,
+    e.g. shards copied without their ``.prep`` folder)."""
+
+    def frames(bucket: str) -> int:
+        return int(bucket.rsplit("x", 1)[-1])
+
+    short = {k: n for k, n in manifest.get("buckets", {}).items() if frames(k) < min_frames}
+    if not short:
+        return []
+    records = sorted((r for s in read_states(directory) for r in s.shards), key=lambda r: r.name)
+    found: list[tuple[str | None, int, int]] = [
+        (r.name, frames(k), n) for r in records for k, n in sorted(r.buckets.items()) if k in short
+    ]
+    recorded = {k for r in records for k in r.buckets}
+    return found + [(None, frames(k), n) for k, n in sorted(short.items()) if k not in recorded]
+
+
+def check_shard_folders(
+    urls: Sequence[str], *, encoders: dict | None, frames: int | None, allow_missing: bool
+) -> list[tuple[str, dict]]:
+    """``check_manifest`` for the manifest of every folder ``urls`` come from (local or in a store), not
+    only the first's: folders made with other frame counts or encoders do not train together. Returns
+    (folder, manifest) of those that have one."""
+    checked = []
+    for directory in dict.fromkeys(d for d in map(manifest_folder, urls) if d is not None):
+        manifest = read_manifest(directory)
+        if manifest is not None:
+            check_manifest(
+                manifest,
+                encoders=encoders,
+                frames=frames,
+                where=str(directory),
+                directory=directory,
+                allow_missing=allow_missing,
+            )
+            checked.append((directory, manifest))
+    return checked
+
+
+def made_frames(manifest: dict) -> int | None:
+    """The clip length prep made the shards with: its ``--frames`` as a 4k+1 count (shards written before
+    prep rounded it stored the value typed), else the longest bucket; None when the manifest has neither.
+    Shorter clips (short videos, kept at their own length) are in buckets of their own."""
+    made = manifest.get("settings", {}).get("frames")
+    if isinstance(made, int) and made >= MIN_FRAMES:
+        return floor_4k_plus_1(made)
+    if manifest.get("buckets"):
+        return max(int(k.rsplit("x", 1)[-1]) for k in manifest["buckets"])
+    return None
 
 
 def check_manifest(
@@ -381,16 +491,17 @@ def check_manifest(
     encoders: dict | None,
     frames: int | None,
     where: str = "shards",
-    directory: Path | None = None,
+    directory: str | Path | Folder | None = None,
     allow_missing: bool = False,
 ) -> None:
     """Raise ShardError when the shards were made with other encoders or another frame count, or (given
     the manifest's ``directory``) when a listed shard is not the size recorded, or missing (unless
     ``allow_missing``: ``manifest_shards`` has warned about those and left them out)."""
     if directory is not None:
+        store = storage.folder(directory)
         shards = manifest.get("shards", [])
         if allow_missing:
-            shards = [s for s in shards if (directory / s["name"]).is_file()]
+            shards = [s for s in shards if store.is_file(s["name"])]
         problems = verify_shards(directory, shards, count_samples=False)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -402,14 +513,11 @@ def check_manifest(
             f"{where} were encoded with other encoders than --model (differ in {', '.join(diff)}: "
             f"{made_by.get(diff[0])!r} vs {encoders.get(diff[0])!r}); re-run longcat-prep shard"
         )
-    # Prep trims short videos to fewer frames (their own buckets); what must match is its --frames.
-    made = manifest.get("settings", {}).get("frames")
-    if made is None and manifest.get("buckets"):
-        made = max(int(k.rsplit("x", 1)[-1]) for k in manifest["buckets"])
+    made = made_frames(manifest)
     if frames is not None and made is not None and made != frames:
         raise ShardError(
-            f"{where} were made with --frames {made} but the config trains on {frames} frames; "
-            f"set frames = {made} or re-run longcat-prep shard --frames {frames}"
+            f"{where} were made with --frames {made} but the config trains on {frames} frames; leave "
+            f"frames unset to train on their {made}, or re-run longcat-prep shard --frames {frames}"
         )
     if manifest.get("complete") is False:
         log.warning("%s: manifest says prep did not finish; training on the shards written so far", where)

@@ -42,15 +42,14 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from longcat_data import encode
+from longcat_data import encode, storage
 from longcat_data.buckets import make_buckets
-from longcat_data.captions import Captioner, load_caption_mapping, match_captions
+from longcat_data.captions import Captioner
 from longcat_data.clips import (
     ClipSpec,
     assign_keys,
     decoded_inputs,
     is_rejection,
-    list_videos,
     rejection,
 )
 from longcat_data.config import PrepConfig, parse_captions
@@ -59,6 +58,7 @@ from longcat_data.files import OutputError
 from longcat_data.flags import parse_area, parse_size
 from longcat_data.interrupts import StopSignals, stop_signals
 from longcat_data.manifest import captions_cache_path, check_compatible, listing_digest, read_states
+from longcat_data.prep_inputs import caption_mapping, check_paths, list_inputs, remote_inputs, staging_folder
 from longcat_data.qwen_captions import QwenCaptioner, precompute_captions
 from longcat_data.shards import ShardSample, bucket_name
 from longcat_data.writer import ShardWriter
@@ -91,6 +91,10 @@ def limit_encoding_threads(cfg: PrepConfig) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
 
 
+class NothingWritten(ValueError):
+    """A prep run that leaves nothing to train on; the message names the most common reason and its fix."""
+
+
 @dataclass
 class PrepStats:
     written: int = 0
@@ -100,6 +104,10 @@ class PrepStats:
     encode_seconds: float = 0.0
     wall_seconds: float = 0.0
     shards: int = 0
+    frames: int = 0  # --frames: the clip length asked for
+    listed: int = 0  # videos in the whole listing (every rank's)
+    short_clips: Counter[int] = field(default_factory=Counter)  # frames -> clips kept shorter than asked
+    first_reason: dict[str, str] = field(default_factory=dict)  # rejection kind -> its first reason
     # perf_counter of the first and the last clip written: the steady rate leaves start-up out.
     first_write: float | None = None
     last_write: float | None = None
@@ -118,9 +126,30 @@ class PrepStats:
 
     def summary(self) -> str:
         rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
-        return (
+        line = (
             f"written {self.written} clips from {self.inputs_written} videos ({rate:.2f} clips/s), "
             f"skipped {self.skipped} already done, {self.rejected_line()}"
+        )
+        if self.short_clips:
+            lengths = ", ".join(f"{n} of {f}" for f, n in sorted(self.short_clips.items()))
+            line += (
+                f"; {sum(self.short_clips.values())} clips from videos shorter than --frames {self.frames} "
+                f"kept at their own length ({lengths} frames)"
+            )
+        return line
+
+    def failure(self) -> str | None:
+        """Why the run is a failure: the folder holds no video, or every input of this rank was rejected
+        (with the most common rejection's reason and fix); None otherwise, also for a rank whose slice
+        of the listing is empty (more ranks than videos)."""
+        if not self.listed:
+            return "no videos to prep: the folder holds no video file (searched recursively)"
+        if self.written or self.skipped or self.inputs_written or not self.rejected:
+            return None
+        kind, count = self.rejected.most_common(1)[0]
+        return (
+            f"every video was rejected, nothing was written; most common ({count}, {kind}): "
+            f"{self.first_reason[kind]}"
         )
 
 
@@ -321,6 +350,7 @@ def write_clips(
         writer.reject(r["source"], r["reason"])
         stats.rejected[r["rejected"]] += 1
         bar.set_postfix_str(stats.rejected_line(), refresh=False)
+        stats.first_reason.setdefault(r["rejected"], f"{r['source']}: {r['reason']}")
 
     def settle(written: Future[list[tuple[dict, str | None]]]) -> None:
         for clip, error in written.result():
@@ -329,6 +359,9 @@ def write_clips(
                 stats.last_write = time.perf_counter()
                 stats.first_write = stats.first_write or stats.last_write
                 bar.update(1)
+                frames = clip["meta"]["bucket"][2]
+                if frames < stats.frames:
+                    stats.short_clips[frames] += 1
             else:
                 reject(rejection(clip, "duplicate key", error))
             if clip.get("last"):
@@ -379,16 +412,6 @@ def qwen_captions(cfg: PrepConfig, videos_dir: Path, sources: list[str], stream:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return captions
-
-
-def caption_mapping(mapping_file: Path, sources: list[str], videos_dir: Path, report: bool) -> dict[str, str]:
-    """The mapping file's caption for each video of the listing (``captions.match_captions``); entries
-    that match no video are reported once (``report``: by rank 0)."""
-    matched = match_captions(load_caption_mapping(mapping_file), sources, mapping_file, videos_dir)
-    warning = matched.report(mapping_file)
-    if report and warning:
-        log.warning("%s", warning)
-    return matched.captions
 
 
 def local_batches(
@@ -445,14 +468,6 @@ def ray_batches(
     return ([sample] for sample in clips_of(stop.between(timed(records))))
 
 
-def check_paths(cfg: PrepConfig) -> None:
-    videos_dir, out_dir = Path(cfg.videos_dir), Path(cfg.out_dir)
-    if not videos_dir.is_dir():
-        raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir} is a file, not a folder: choose another output folder")
-
-
 def run_shard(
     cfg: PrepConfig, encoders: Encoders | EncoderFactory | None = None, captioner: Captioner | None = None
 ) -> PrepStats:
@@ -465,29 +480,37 @@ def run_shard(
     started = time.perf_counter()
     check_paths(cfg)
     with ExitStack() as session:
+        staging = session.enter_context(staging_folder(cfg))
         if cfg.engine == "ray":
             from longcat_data import ray_engine  # ConfigError naming the extra to install without Ray
 
             # Before the stop signals are ours: ray.init sets a SIGTERM handler of its own.
             cfg = session.enter_context(ray_engine.connected(cfg))
-        stats = _run_shard(cfg, encoders, captioner)
+        stats = _run_shard(cfg, encoders, captioner, staging)
     stats.wall_seconds = time.perf_counter() - started
     return stats
 
 
 def _run_shard(
-    cfg: PrepConfig, encoders: Encoders | EncoderFactory | None, captioner: Captioner | None
+    cfg: PrepConfig, encoders: Encoders | EncoderFactory | None, captioner: Captioner | None, staging: Path
 ) -> PrepStats:
     rank, world = cfg.resolved_rank
-    videos_dir, out_dir = Path(cfg.videos_dir), Path(cfg.out_dir)
+    remote_out = storage.is_remote(cfg.out_dir)
+    out_dir: str | Path = cfg.out_dir.rstrip("/") if remote_out else storage.local_path(cfg.out_dir)
+    videos_dir = (
+        Path(cfg.videos_dir) if storage.is_remote(cfg.videos_dir) else storage.local_path(cfg.videos_dir)
+    )
     strategy, mapping_file = parse_captions(cfg.captions)
     settings = prep_settings(cfg)
     ids = encoders.ids if encoders is not None else encode.encoder_ids(cfg.model)
     # Checked before loading the models: a refusal should come in seconds, not after a download.
-    check_compatible(out_dir, settings, ids)
+    try:
+        check_compatible(out_dir, settings, ids)
+    except OSError as err:  # a store that cannot be reached, credentials refused
+        raise OutputError(storage.describe_error(err, str(out_dir))) from err
 
-    sources = list_videos(videos_dir, exclude=out_dir)
-    mapping = caption_mapping(mapping_file, sources, videos_dir, rank == 0) if mapping_file else None
+    sources = list_inputs(cfg)
+    mapping = caption_mapping(mapping_file, sources, videos_dir, rank == 0, staging) if mapping_file else None
     prior = {key: src for s in read_states(out_dir) for r in s.shards for key, src in r.inputs.items()}
     all_inputs, duplicates = assign_keys(sources, prior)
     mine = all_inputs[rank::world]
@@ -501,16 +524,17 @@ def _run_shard(
             rank=rank,
             world_size=world,
             max_bytes=parse_size(cfg.shard_size),
+            staging_dir=staging / "shards" if remote_out else None,
         )
         finished = False
         cleanup: list[Callable[[], None]] = []
         try:
-            stats = PrepStats()
+            stats = PrepStats(frames=cfg.frames, listed=len(all_inputs) + len(duplicates))
             todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
             stats.skipped = len(mine) - len(todo)
             log.info(
                 "%s: %d videos (%d for rank %d of %d), %d already done",
-                videos_dir,
+                cfg.videos_dir,
                 len(all_inputs) + len(duplicates),
                 len(mine),
                 rank,
@@ -527,13 +551,15 @@ def _run_shard(
                 clips_per_video=cfg.clips_per_video,
                 caption_strategy=strategy,
                 caption_mapping=mapping,
-                conditioning_dir=Path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
+                conditioning_dir=storage.local_path(cfg.conditioning_dir) if cfg.conditioning_dir else None,
                 done_keys=writer.done_keys,
                 captioner=captioner,
+                caption_prompt=cfg.captions.partition(":")[2] if strategy == "prompt" else None,
                 # Each decoder left to its default starts a thread per core: 8 workers then oversubscribe
                 # the CPU and slow the kernel launches of the encoding process, which the GPU waits on.
                 decode_threads=max(1, (os.cpu_count() or 2) // cfg.workers) if cfg.workers else 0,
             )
+            spec = remote_inputs(cfg, spec, staging, writer.stream)
             clips = len(todo) * cfg.clips_per_video
             with logging_redirect_tqdm(), progress_bar(clips, rank, world, cfg.engine) as bar:
 

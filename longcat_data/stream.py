@@ -38,13 +38,16 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, group_by_keys, url_opener
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
+from longcat_data import storage
 from longcat_data.defaults import STOP_SIGNALS
 from longcat_data.encode import pad_text_embeds
+from longcat_data.files import OutputError
 from longcat_data.hub import is_hf_spec, resolve_hf_shards
-from longcat_data.manifest import find_manifest, manifest_shards
+from longcat_data.manifest import find_manifest, manifest_shards, read_manifest
 from longcat_data.shards import CAPTION, META, TEXT_EMBEDS, ShardError, ShardSample, decode_tensors
 from longcat_data.tars import Damage, tar_members
 from longcat_data.video import VIDEO_EXTENSIONS
@@ -56,9 +59,10 @@ log = logging.getLogger(__name__)
 
 def expand_shard_spec(spec: str | Sequence[str], *, allow_missing: bool = False) -> list[str]:
     """URLs webdataset can open from: a directory of ``*.tar``, a brace pattern or glob, a list, ``a::b``,
-    ``pipe:cmd`` (braces expand to one command per shard), or a Hugging Face dataset
-    (``hf://datasets/user/name`` or ``user/name``). A directory's manifest listing shards that are not
-    there is a ShardError unless ``allow_missing`` (``manifest.manifest_shards``)."""
+    ``pipe:cmd`` (braces expand to one command per shard), a Hugging Face dataset
+    (``hf://datasets/user/name`` or ``user/name``), or a folder (or shard URLs) of a store fsspec reads
+    (``s3://bucket/shards``, ``gs://...``), streamed from there. A directory's manifest listing shards
+    that are not there is a ShardError unless ``allow_missing`` (``manifest.manifest_shards``)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in specs:
@@ -68,14 +72,49 @@ def expand_shard_spec(spec: str | Sequence[str], *, allow_missing: bool = False)
     return urls
 
 
+def _remote_folder(spec: str, allow_missing: bool) -> list[str] | None:
+    """The shards of a remote folder (its manifest's, else its ``*.tar``); None when ``spec`` is not a
+    folder there (a shard URL, a pattern)."""
+    store = storage.folder(spec.rstrip("/"))
+    try:
+        listed = manifest_shards(store, allow_missing=allow_missing)
+        if listed is not None:
+            return listed
+        tars = [store.url(n) for n in store.names("*.tar")]
+    except OSError as err:
+        raise ShardError(f"cannot read the shards: {storage.describe_remote_error(err, spec)}") from err
+    except OutputError as err:  # the manifest could not be read
+        raise ShardError(str(err)) from err
+    return tars or None
+
+
 def _expand_one(spec: str, allow_missing: bool) -> list[str]:
-    path = Path(spec).expanduser()
+    if storage.is_remote(spec) and storage.knows_protocol(spec) and not is_hf_spec(spec):
+        if not any(c in spec for c in "*?[{") and not spec.endswith(".tar"):
+            found = _remote_folder(spec, allow_missing)
+            if found is None:
+                raise ShardError(f"no shards (*.tar) in {spec}")
+            return found
+        if any(c in spec for c in "*?["):
+            fs, _ = storage.remote_fs(spec)
+            protocol = spec.split("://", 1)[0]
+            return sorted(
+                f"{protocol}://{p}" for u in expand_urls(spec) for p in fs.glob(u.split("://", 1)[1])
+            )
+    path = storage.local_path(spec) if spec.startswith("file://") else Path(spec).expanduser()
     if path.is_dir():
         listed = manifest_shards(path, allow_missing=allow_missing)
         tars = listed if listed is not None else sorted(str(p) for p in path.glob("*.tar"))
         if not tars:
             raw = any(p.suffix.lower() in VIDEO_EXTENSIONS for p in path.iterdir())
             hint = f"; it holds videos: run `longcat-prep shard {spec} OUT_DIR` first" if raw else ""
+            rejected = read_manifest(path).get("rejected", []) if listed is not None else []
+            if rejected:
+                first = rejected[0]
+                hint = (
+                    f"; longcat-prep rejected all {len(rejected)} videos (manifest.json 'rejected'), "
+                    f"e.g. {first['source']}: {first['reason']}"
+                )
             raise ShardError(f"no shards (*.tar) in directory {spec}{hint}")
         return tars
     if is_hf_spec(spec):
@@ -104,6 +143,7 @@ class StreamConfig:
     shuffle_buffer: int = 64  # samples held for shuffling in each worker
     need_cond: bool = True  # image-to-video: every sample must carry cond.safetensors
     max_latent_frames: int | None = None  # refuse samples longer than the configured clip length
+    min_latent_frames: int | None = None  # refuse samples shorter (continuation: its condition + 1)
     encoders: dict | None = None  # refuse samples whose json names other encoders
 
 
@@ -139,12 +179,17 @@ def expected_samples(urls: Sequence[str]) -> dict[str, int]:
     manifest = find_manifest(urls) if urls else None
     if manifest is None:
         return {}
-    directory = Path(urls[0]).expanduser().parent
+    directory = storage.parent(urls[0])
     return {
-        os.path.abspath(directory / s["name"]): s["samples"]
+        _shard_id(storage.join(directory, s["name"])): s["samples"]
         for s in manifest.get("shards", [])
         if "samples" in s
     }
+
+
+def _shard_id(url: str) -> str:
+    """How ``expected_samples`` names a shard: a local one by its absolute path, a remote one by URL."""
+    return url if storage.is_remote(url) else os.path.abspath(storage.local_path(url))
 
 
 # ---------------------------------------------------------------- stages
@@ -180,10 +225,32 @@ def read_tars(
     return group_by_keys(_tar_files(sources, handler, expected or {}), handler=handler)
 
 
+def open_shard(url: str):
+    """A shard opened for sequential reading: a store fsspec reads (``s3://``, ``gs://``, ...) by
+    ranged requests as it is read, everything else (a path, ``pipe:``, ``http(s)://``) by webdataset."""
+    if storage.is_remote(url) and storage.knows_protocol(url) and not url.startswith(("http://", "https://")):
+        return storage.open_input(url)
+    return gopen(url)
+
+
+def _opened(sources: Iterable[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    """webdataset's ``url_opener`` with ``open_shard``: a shard that cannot be opened goes to ``handler``."""
+    for source in sources:
+        url = source["url"]
+        try:
+            source.update(stream=open_shard(url))
+        except Exception as exn:
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            break
+        yield source
+
+
 def _tar_files(
     sources: Iterable[dict], handler: Callable[[BaseException], bool], expected: dict[str, int]
 ) -> Iterator[dict]:
-    for source in url_opener(sources, handler=handler):
+    for source in _opened(sources, handler):
         url, stream = source["url"], source["stream"]
         damage: list[Damage] = []
         keys: set[str] = set()
@@ -205,11 +272,7 @@ def _tar_files(
                 log.debug("closing %s: %s", url, exn)
         yield {}  # the end of a tar: group_by_keys never joins samples across it
         if damage:
-            known = (
-                expected.get(os.path.abspath(url))
-                if "://" not in url and not url.startswith("pipe:")
-                else None
-            )
+            known = expected.get(_shard_id(url)) if not url.startswith("pipe:") else None
             lost = max(0, known - len(keys)) if known is not None else len(damage)
             count = f"{lost} samples lost" if known is not None else f"at least {lost} sample(s) lost"
             handler(DamagedShard(f"{url}: {damage[0].describe()}; {count}", lost))
@@ -244,6 +307,12 @@ def check_samples(
             raise ShardError(
                 f"{where} has {shape[1]} latent frames, more than the config's {cfg.max_latent_frames}; "
                 f"set frames to match the shards or re-run longcat-prep shard"
+            )
+        if cfg.min_latent_frames is not None and shape[1] < cfg.min_latent_frames:
+            raise ShardError(
+                f"{where} has {shape[1]} latent frames, fewer than the {cfg.min_latent_frames} the config "
+                "needs (continuation: the cond_frames condition plus one); lower cond_frames or re-run "
+                "longcat-prep shard without clips this short"
             )
         found = meta.get("encoders")
         if cfg.encoders is not None and found is not None and found != cfg.encoders:

@@ -167,11 +167,16 @@ def _ustar_name(block: bytes) -> str:
 
 def shard_keys(path: Path) -> tuple[list[str], list[Damage]]:
     """The sample keys of a local shard, in order, from its headers alone, and the damage found."""
+    with open(path, "rb") as f:
+        return stream_keys(f)
+
+
+def stream_keys(stream: IO[bytes]) -> tuple[list[str], list[Damage]]:
+    """``shard_keys`` of a shard opened for reading (a local or a remote file)."""
     keys: list[str] = []
     damage: list[Damage] = []
-    with open(path, "rb") as f:
-        for name, _ in tar_members(f, damage.append, skip_data=True):
-            key, _ = base_plus_ext(name)
-            if key is not None and (not keys or keys[-1] != key):
-                keys.append(key)
+    for name, _ in tar_members(stream, damage.append, skip_data=True):
+        key, _ = base_plus_ext(name)
+        if key is not None and (not keys or keys[-1] != key):
+            keys.append(key)
     return keys, damage

@@ -64,12 +64,13 @@ class InputError(Exception):
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = Path(path)
+        self.where = str(path) if "://" in str(path) else str(self.path)  # a Path folds a URL's '//'
         self.reason = " ".join(reason.split())
-        super().__init__(f"{self.path}: {self.reason}")
+        super().__init__(f"{self.where}: {self.reason}")
 
-    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
         # Prep decodes in worker processes; the default pickling would call __init__ with the message only.
-        return type(self), (self.path, self.reason)
+        return type(self), (self.where, self.reason)
 
 
 class VideoError(InputError):
@@ -241,16 +242,22 @@ def find_start_frame(video: str | Path, videos_dir: str | Path, frames_dir: str 
     """
     video, frames_dir = Path(video), Path(frames_dir)
     relative = video.relative_to(videos_dir).with_suffix("")
-    for stem in dict.fromkeys((relative, Path(relative.name))):
-        for ext in IMAGE_EXTENSIONS:
-            candidate = frames_dir / stem.with_name(stem.name + ext)
-            if candidate.is_file():
-                return candidate
+    for name in start_frame_candidates(relative.as_posix()):
+        candidate = frames_dir / name
+        if candidate.is_file():
+            return candidate
     raise VideoError(
         video,
         f"no start frame in {frames_dir} (looked for {relative}{{{','.join(IMAGE_EXTENSIONS)}}}); "
         "add one with the same name or leave out the start-frame folder",
     )
+
+
+def start_frame_candidates(stem: str) -> list[str]:
+    """The names ``find_start_frame`` tries for a video whose relative path without extension is
+    ``stem``, in order: the same relative path, then the bare name at the top, each image extension."""
+    name = stem.rsplit("/", 1)[-1]
+    return [f"{s}{ext}" for s in dict.fromkeys((stem, name)) for ext in IMAGE_EXTENSIONS]
 
 
 def load_start_frame(image: str | Path, height: int, width: int) -> tuple[np.ndarray, CropBox]:

@@ -7,6 +7,10 @@ On disk, in the output directory::
     *.tar.partial                 the shard being written; renamed to its final name once complete
     *.tar.unlisted                a shard file set aside because it is not what its record says
 
+A remote output folder (``s3://``, ``gs://``, ... through ``longcat_data.storage``) holds the same names
+but no partials: the shard in progress is written in a local staging folder (one shard at a time) and
+uploaded to its final name once its state is saved; the store shows it only once the upload is whole.
+
 A writer owns one stream, under that stream's lock (``longcat_data.locks``), so two runs can never write
 one stream at once and ranks never touch each other's files. Its state (``longcat_data.manifest``) lists
 every finished shard with the clip keys and input keys inside it; it is rewritten (atomically) *before*
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -32,20 +37,23 @@ from typing import IO, Any
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys
 
-from longcat_data.files import OutputError, describe_os_error, stray_temporaries, write_json_atomic
+from longcat_data import storage
+from longcat_data.files import OutputError, describe_os_error
 from longcat_data.locks import Holder, StreamLock, try_lock, unlock
 from longcat_data.manifest import (
     STATE_DIR,
     ShardRecord,
     StreamState,
-    captions_cache_path,
+    captions_cache_name,
     check_compatible,
     merge_manifest,
     read_state,
     read_states,
-    state_path,
+    state_name,
 )
+from longcat_data.object_locks import ObjectLock
 from longcat_data.shards import META, ShardSample, bucket_name
+from longcat_data.storage import Folder, describe_error
 from longcat_data.tars import tar_members
 
 log = logging.getLogger(__name__)
@@ -99,47 +107,64 @@ def open_output_dir(out_dir: Path) -> None:
         raise OutputError(f"{out_dir}: cannot write into it; check its permissions or choose another one")
 
 
-def set_aside(path: Path, why: str) -> None:
-    os.replace(path, path.with_name(path.name + UNLISTED))
-    log.warning("%s %s; set aside as %s%s (delete it once checked)", path, why, path.name, UNLISTED)
+def set_aside(store: Folder, name: str, why: str) -> None:
+    store.rename(name, name + UNLISTED)
+    log.warning("%s %s; set aside as %s%s (delete it once checked)", store.url(name), why, name, UNLISTED)
 
 
-def recover_stream(out_dir: Path, stream: str, records: list[ShardRecord]) -> list[ShardRecord]:
+def recover_stream(
+    store: Folder, stream: str, records: list[ShardRecord], staging: Path | None = None
+) -> list[ShardRecord]:
     """Make the folder agree with one stream's records after a crash; the records still true.
 
-    Only call it while holding the stream's lock: it renames and deletes that stream's files.
+    ``staging``: where the stream's partial shards are (the folder itself when it is local). Only call
+    it while holding the stream's lock: it renames and deletes that stream's files.
     """
+    staging = staging if staging is not None else store.local
     kept = []
     for record in records:
-        final = out_dir / record.name
-        partial = final.with_name(final.name + PARTIAL)
-        if not final.exists() and partial.is_file() and partial.stat().st_size == record.bytes:
-            os.replace(partial, final)  # the crash fell between saving state and renaming
-        if not final.is_file():
-            log.warning("%s is recorded but missing; its clips will be encoded again", final)
-        elif final.stat().st_size != record.bytes:
-            set_aside(final, f"is {final.stat().st_size} bytes but recorded as {record.bytes}")
+        partial = staging / (record.name + PARTIAL) if staging is not None else None
+        size = store.size(record.name)
+        if size is None and partial is not None and partial.is_file():
+            if partial.stat().st_size == record.bytes:
+                store.publish(partial, record.name)  # the crash fell between saving state and renaming
+                size = record.bytes
+        if size is None:
+            log.warning("%s is recorded but missing; its clips will be encoded again", store.url(record.name))
+        elif size != record.bytes:
+            set_aside(store, record.name, f"is {size} bytes but recorded as {record.bytes}")
         else:
             kept.append(record)
-    for partial in stream_shards(out_dir, stream, PARTIAL):
+    partials = stream_shards(staging, stream, PARTIAL) if staging is not None else []
+    for partial in partials:
         log.info("removing %s, left by an interrupted run; its clips will be encoded again", partial.name)
         partial.unlink(missing_ok=True)
-    for owned in (state_path(out_dir, stream), captions_cache_path(out_dir, stream)):
-        for stray in stray_temporaries(owned):
-            stray.unlink(missing_ok=True)
+    for name in (state_name(stream), captions_cache_name(stream)):
+        for stray in store.temporaries(name):
+            store.remove(stray)
+    if store.local is None:
+        # Shards go up under their own names on object stores, through temporaries elsewhere.
+        shard = re.compile(rf"\.?{re.escape(stream)}-\d{{6}}\.tar(\.\d+\.tmp)?")
+        for stray in store.names(f".{stream}-*.tar.*.tmp"):
+            if shard.fullmatch(stray):
+                store.remove(stray)
+        aborted = store.abort_uploads(lambda name: bool(shard.fullmatch(name)))
+        if aborted:
+            log.info("aborted %d unfinished upload(s) of %s, left by an interrupted run", aborted, stream)
     return kept
 
 
 def adopt_shard(
-    path: Path, encoders: Mapping[str, Any], taken: set[str], single_clip: bool
+    store: Folder, name: str, encoders: Mapping[str, Any], taken: set[str], single_clip: bool
 ) -> ShardRecord | str:
     """The record of a finished shard no state lists (its state was lost or moved away), read back
     from the tar; or why it cannot be adopted. ``taken``: keys recorded elsewhere. With one clip per
     video (``single_clip``) a clip is its whole input, so its input counts as done too; otherwise the
     inputs are probed again on the next run (their written clips are still skipped)."""
     damage: list[Any] = []
-    with open(path, "rb") as f:
-        members = ({"fname": n, "data": d, "__url__": str(path)} for n, d in tar_members(f, damage.append))
+    url = store.url(name)
+    with store.open(name) as f:
+        members = ({"fname": n, "data": d, "__url__": url} for n, d in tar_members(f, damage.append))
         samples = list(group_by_keys(members))
     if damage:
         return f"is damaged ({damage[0].describe()})"
@@ -162,7 +187,7 @@ def adopt_shard(
         buckets[bucket] += 1
         if single_clip and isinstance(meta.get("source"), str):
             inputs[key] = meta["source"]
-    return ShardRecord(path.name, len(keys), path.stat().st_size, keys, inputs, dict(buckets))
+    return ShardRecord(name, len(keys), store.size(name) or 0, keys, inputs, dict(buckets))
 
 
 class ShardWriter:
@@ -174,7 +199,8 @@ class ShardWriter:
     progress is still finished when every sample in it was written whole (Ctrl-C keeps its work), and
     discarded otherwise or when the disk failed. Safe to call from several threads (a background thread
     may write while the main thread records rejections). Holds the stream's lock until ``close``;
-    OutputLocked when another live process has it.
+    OutputLocked when another live process has it. ``out_dir`` may be a remote URL; its shard in
+    progress is then written in ``staging_dir`` (required) and uploaded once finished.
     """
 
     def __init__(
@@ -187,21 +213,32 @@ class ShardWriter:
         rank: int = 0,
         world_size: int = 1,
         max_bytes: int = DEFAULT_SHARD_BYTES,
+        staging_dir: str | Path | None = None,
     ) -> None:
-        self.out_dir = Path(out_dir)
-        open_output_dir(self.out_dir)
+        self.store = storage.folder(out_dir)
+        if self.store.local is None and staging_dir is None:
+            raise ValueError(f"{self.store.url()} is remote: a local staging folder is needed for its shards")
+        self.staging = self.store.local or Path(staging_dir or "")
+        if self.store.local is not None:
+            open_output_dir(self.store.local)  # an object store has no folders: the lock is the first write
+        self.staging.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.stream = stream_name(rank, world_size)
-        self._stream_lock = StreamLock(self.out_dir / STATE_DIR, Holder.me(self.stream, world_size, listing))
+        holder = Holder.me(self.stream, world_size, listing)
+        self._stream_lock: StreamLock | ObjectLock = (
+            StreamLock(self.store.local / STATE_DIR, holder)
+            if self.store.local is not None
+            else ObjectLock(self.store, holder)
+        )
         self._stream_lock.acquire()
+        self._state_name = state_name(self.stream)
         try:
-            check_compatible(self.out_dir, settings, encoders)
-            self._path = state_path(self.out_dir, self.stream)
+            check_compatible(self.store, settings, encoders)
             self.state = StreamState(self.stream, rank, world_size, listing, dict(settings), dict(encoders))
             self._tidy(settings, encoders)
         except OSError as err:
             self._stream_lock.release()
-            raise OutputError(describe_os_error(err, err.filename or self.out_dir)) from err
+            raise OutputError(describe_error(err, err.filename or self.store.url())) from err
         except BaseException:
             self._stream_lock.release()
             raise
@@ -226,7 +263,7 @@ class ShardWriter:
                 self._write(sample, bucket)
             except OSError as err:
                 self._failed = OutputError(
-                    f"{describe_os_error(err, err.filename or self._partial_path())}, then re-run the same "
+                    f"{describe_error(err, err.filename or self._partial_path())}, then re-run the same "
                     "command to continue (the shards finished so far are kept; the one in progress is "
                     "dropped and encoded again)"
                 )
@@ -256,16 +293,15 @@ class ShardWriter:
                     self._finish_shard()
                 self.state.complete = complete and self._failed is None
                 self._save_state()
-                return merge_manifest(self.out_dir)
+                return merge_manifest(self.store)
             except OSError as err:
                 self._discard_shard()
                 if self._failed is not None:
-                    log.error(
-                        "could not save the prep state after the failed write: %s", describe_os_error(err)
-                    )
+                    log.error("could not save the prep state after the failed write: %s", describe_error(err))
                     return None
+                where = err.filename or self.store.url(self._state_name)
                 raise OutputError(
-                    f"{describe_os_error(err, err.filename or self._path)}, then re-run the same command "
+                    f"{describe_error(err, where)}, then re-run the same command "
                     "to continue (the shards finished so far are kept)"
                 ) from err
             finally:
@@ -282,28 +318,30 @@ class ShardWriter:
     def _tidy(self, settings: Mapping[str, Any], encoders: Mapping[str, Any]) -> None:
         """After a killed run: this stream's files made to agree with its state, other streams' too
         where their writer no longer runs; finished shards no state lists are read back."""
-        previous = read_state(self._path)
-        self.state.shards = recover_stream(self.out_dir, self.stream, previous.shards if previous else [])
-        for other in read_states(self.out_dir):
+        previous = read_state(self.store, self._state_name)
+        self.state.shards = recover_stream(
+            self.store, self.stream, previous.shards if previous else [], self.staging
+        )
+        for other in read_states(self.store):
             if other.stream != self.stream:
                 self._tidy_other(other)
         taken = {
             key
-            for s in read_states(self.out_dir)
+            for s in read_states(self.store)
             if s.stream != self.stream
             for r in s.shards
             for key in r.keys
         }
         taken.update(key for r in self.state.shards for key in r.keys)
         recorded = {r.name for r in self.state.shards}
-        for path in stream_shards(self.out_dir, self.stream):
-            if path.name in recorded:
+        for name in self.store.names(f"{self.stream}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            if name in recorded:
                 continue
-            adopted = adopt_shard(path, encoders, taken, settings.get("clips_per_video", 1) == 1)
+            adopted = adopt_shard(self.store, name, encoders, taken, settings.get("clips_per_video", 1) == 1)
             if isinstance(adopted, str):
-                set_aside(path, f"is not in any prep state and {adopted}")
+                set_aside(self.store, name, f"is not in any prep state and {adopted}")
                 continue
-            log.warning("%s is not in the prep state; read back its %d samples", path.name, adopted.samples)
+            log.warning("%s is not in the prep state; read back its %d samples", name, adopted.samples)
             self.state.shards.append(adopted)
             taken.update(adopted.keys)
         self.state.shards.sort(key=lambda r: r.name)
@@ -311,26 +349,36 @@ class ShardWriter:
 
         self.done_keys: set[str] = set()
         self.done_inputs: dict[str, str] = {}
-        for state in [*(s for s in read_states(self.out_dir) if s.stream != self.stream), self.state]:
+        for state in [*(s for s in read_states(self.store) if s.stream != self.stream), self.state]:
             for record in state.shards:
                 self.done_keys.update(record.keys)
                 self.done_inputs.update(record.inputs)
 
     def _tidy_other(self, other: StreamState) -> None:
-        fd = try_lock(self.out_dir / STATE_DIR, other.stream)
-        if fd is None:
-            return  # its writer runs: its files are its own
+        if self.store.local is None:
+            lock = ObjectLock(self.store, Holder.me(other.stream, other.world_size, other.listing))
+            if not lock.take_if_free():
+                return  # its writer runs: its files are its own
+            release = lock.release
+        else:
+            fd = try_lock(self.store.local / STATE_DIR, other.stream)
+            if fd is None:
+                return
+            release = lambda: unlock(fd)  # noqa: E731
         try:
-            kept = recover_stream(self.out_dir, other.stream, other.shards)
+            # Another stream's partials are in its own run's staging folder, not in this one.
+            kept = recover_stream(self.store, other.stream, other.shards, self.store.local)
             if kept != other.shards:
                 other.shards = kept
-                write_json_atomic(state_path(self.out_dir, other.stream), other.to_dict())
+                self.store.write_atomic(
+                    state_name(other.stream), json.dumps(other.to_dict(), indent=1, ensure_ascii=False)
+                )
         finally:
-            unlock(fd)
+            release()
 
     def _write(self, sample: Mapping[str, bytes | str], bucket: str) -> None:
         if self._broken:
-            raise RuntimeError(f"{self._current_path().name}: an earlier write failed mid-sample")
+            raise RuntimeError(f"{self._current_name()}: an earlier write failed mid-sample")
         key = str(sample["__key__"])
         if key in self.done_keys or key in self._keys:
             raise KeyError(f"sample key {key!r} was already written")
@@ -357,11 +405,11 @@ class ShardWriter:
         self._buckets: Counter[str] = Counter()
         self._bytes = 0
 
-    def _current_path(self) -> Path:
-        return self.out_dir / shard_filename(self.stream, self._next_index)
+    def _current_name(self) -> str:
+        return shard_filename(self.stream, self._next_index)
 
     def _partial_path(self) -> Path:
-        return self._current_path().with_name(self._current_path().name + PARTIAL)
+        return self.staging / (self._current_name() + PARTIAL)
 
     def _open(self) -> None:
         self._file = open(self._partial_path(), "wb")
@@ -381,9 +429,9 @@ class ShardWriter:
             # Inputs can finish without writing a clip (all clips were done by an earlier run).
             return
         self._close_file()
-        final, partial = self._current_path(), self._partial_path()
+        final, partial = self._current_name(), self._partial_path()
         record = ShardRecord(
-            final.name,
+            final,
             len(self._keys),
             partial.stat().st_size,
             list(self._keys),
@@ -396,10 +444,10 @@ class ShardWriter:
         except BaseException:
             self.state.shards.pop()  # not on disk, so not recorded: the partial is dropped
             raise
-        os.replace(partial, final)
-        log.debug("finished %s (%d samples)", final.name, len(self._keys))
+        self.store.publish(partial, final)
+        log.debug("finished %s (%d samples)", final, len(self._keys))
         # Readers and `inspect` can use finished shards while the run goes on.
-        merge_manifest(self.out_dir, count_samples=False)
+        merge_manifest(self.store, count_samples=False)
         self.done_keys.update(self._keys)
         self.done_inputs.update(self._inputs)
         self._next_index += 1
@@ -414,7 +462,7 @@ class ShardWriter:
                 pass
             log.warning(
                 "discarded the unfinished %s; its clips will be encoded again on the next run",
-                self._current_path().name,
+                self._current_name(),
             )
         self._tar = self._file = None
         self._partial_path().unlink(missing_ok=True)
@@ -422,4 +470,6 @@ class ShardWriter:
         self._broken = False
 
     def _save_state(self) -> None:
-        write_json_atomic(self._path, self.state.to_dict())
+        self.store.write_atomic(
+            self._state_name, json.dumps(self.state.to_dict(), indent=1, ensure_ascii=False)
+        )

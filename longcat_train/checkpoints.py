@@ -286,7 +286,7 @@ def _load(path: Path, d: Dist) -> tuple[Resumed | None, str | None]:
             return None, problem
         state = TrainState(**json.loads((path / STATE_FILE).read_text()))
         json.loads((path / CONFIG_FILE).read_text())  # check_resumable compares it next
-        lora_set = lora.read_lora_file(path / LORA_FILE)
+        lora_set = lora_formats.read_file(path / LORA_FILE)
         optim = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
         rng = torch.load(path / rng_file(d.rank), map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged file fails in its reader's own way

@@ -39,6 +39,10 @@ CLIP_FRAMES = Check(
     lambda f: f >= MIN_FRAMES and (f - 1) % VAE_TEMPORAL_STRIDE == 0,
     f"4k+1 and at least {MIN_FRAMES} (the VAE's {VAE_TEMPORAL_STRIDE}x time stride): 5, 9, ..., 93",
 )
+COND_FRAMES = Check(
+    lambda f: f >= 1 and (f - 1) % VAE_TEMPORAL_STRIDE == 0,
+    f"4k+1 (whole latent frames of the VAE's {VAE_TEMPORAL_STRIDE}x time stride): 1, 5, 9, 13, ...",
+)
 AREA_ON_GRID = Check(
     _area_on_grid,
     f"HxW with both sides multiples of {MODEL_SIDE_MULTIPLE} (the model's pixel grid), e.g. 480x832",
@@ -47,7 +51,7 @@ AREA_ON_GRID = Check(
 SEED = Check(lambda s: 0 <= s < 2**31, "in [0, 2**31)")
 CREATABLE_FOLDER = Check(_creatable_folder, "a folder that exists or can be created, and is writable")
 VALIDATION_SOURCE = Check(
-    _local_source_exists, "an existing folder of image + .txt pairs, or eval shards, or unset"
+    _local_source_exists, "an existing folder of images or videos + .txt captions, or eval shards, or unset"
 )
 RESUME_FROM = Check(
     lambda v: v == "latest" or Path(v).expanduser().exists(),

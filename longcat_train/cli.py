@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from longcat_data.flags import ConfigError, add_flags, from_dict, known_keys, parse, read_config_file
 from longcat_train.config import SampleConfig, TrainConfig
-from longcat_train.runs import resume_base
+from longcat_train.runs import CONFIG_FILE, resume_base, resume_candidates
 from longcat_train.simpletuner import from_simpletuner, is_simpletuner
 from longcat_train.stopping import TrainingStopped
 from longcat_train.techniques import check_techniques
@@ -36,10 +38,34 @@ def load_config(path: str | Path) -> TrainConfig:
     return from_dict(TrainConfig, config_file_values(path), str(path))
 
 
+TRAIN_EPILOG = """\
+examples:
+  longcat-train --model tiny --shards shards/ --max-train-steps 30 --output-dir run/   # CPU, no downloads
+  longcat-train --shards shards/ --output-dir run/ --validation-source val_shards/ --validation-every 250
+  longcat-train --config config.json            # a SimpleTuner config.json + its multidatabackend.json
+  longcat-train --resume latest --output-dir run/   # continue a stopped run (its saved settings)
+  torchrun --nproc-per-node 8 -m longcat_train.cli --shards shards/ --fsdp
+
+frames, validation_frames and validation_area default to what the shards were made with. Quantised bases
+(--base-model-precision int8-quanto / fp8-torchao) need pip install -e ".[quant]".
+"""
+
+SAMPLE_EPILOG = """\
+examples:
+  longcat-sample --model tiny --image start.png --prompt "a cat walks" -o cat.mp4        # CPU, no downloads
+  longcat-sample --image start.png --prompt "waves roll in" --lora run/lora.safetensors:0.8 --gif
+  longcat-sample --image start.png --prompt "..." --distill --lora cfg_step_lora.safetensors
+  longcat-sample --serve --lora run/lora.safetensors --port 7860   # the preview page (pip install -e ".[web]")
+"""
+
+
 def train_parser(prog: str = "longcat-train") -> argparse.ArgumentParser:
     """A flag per TrainConfig field, plus ``--config``."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train a LongCat-Video LoRA from longcat-prep shards."
+        prog=prog,
+        description="Train a LongCat-Video LoRA from longcat-prep shards.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", default=argparse.SUPPRESS, help="TOML/JSON config, or a SimpleTuner config.json"
@@ -69,6 +95,8 @@ def sample_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longcat-sample",
         description="Image-to-video with LongCat-Video (and a LoRA): one MP4 per prompt, or --serve a preview page.",
+        epilog=SAMPLE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flags(parser, SampleConfig)
     return parser
@@ -117,8 +145,15 @@ def train_main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    cfg: TrainConfig | None = None
     try:
         cfg = parse_train_args(argv)
+        if cfg.plan:
+            from longcat_train.planning import plan_report
+
+            for line in plan_report(cfg, sys.argv[1:] if argv is None else argv):
+                print(line)
+            return 0
         # Imported after parsing, so that --help and flag errors answer at once, without the model and data
         # stack's imports (diffusers, peft, torchao) and their warnings.
         from longcat_train.trainer import train
@@ -135,12 +170,21 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"longcat-train: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "longcat-train: interrupted; resume with --resume latest (from the last checkpoint)",
-            file=sys.stderr,
-        )
+        print(f"longcat-train: interrupted; {resume_hint(cfg)}", file=sys.stderr)
         return 130
     return 0
+
+
+def resume_hint(cfg: TrainConfig | None) -> str:
+    """The command that continues an interrupted run: ``--resume latest`` once its output folder holds
+    what a resume reads (a checkpoint or the saved config), else the same command again."""
+    if (
+        cfg is None
+        or not (Path(cfg.output_dir) / CONFIG_FILE).is_file()
+        and not resume_candidates(replace(cfg, resume="latest"))
+    ):
+        return "nothing was saved yet: run the same command again"
+    return f"continue with: longcat-train --resume latest --output-dir {shlex.quote(cfg.output_dir)}"
 
 
 def sample_main(argv: list[str] | None = None) -> int:
@@ -155,6 +199,8 @@ def sample_main(argv: list[str] | None = None) -> int:
             print(f"longcat-sample: error: {line}", file=sys.stderr)
         return 2
     # After parsing, as in train_main: --help answers without the model stack's imports.
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from longcat_train.sampler import run_sample
     from longcat_train.sampling import SampleInputError
 
@@ -164,7 +210,9 @@ def sample_main(argv: list[str] | None = None) -> int:
 
             serve_sampler(config)
         else:
-            for path in run_sample(config):
+            with logging_redirect_tqdm():
+                paths = run_sample(config)
+            for path in paths:
                 print(path)
     except (SampleInputError, ConfigError, FileNotFoundError) as err:
         print(f"longcat-sample: error: {_one_line(err)}", file=sys.stderr)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcat_data.buckets import MIN_FRAMES
+from longcat_data.buckets import MIN_FRAMES, clip_frames
 from longcat_data.defaults import (
     DEFAULT_AREA,
+    DEFAULT_COND_FRAMES,
     DEFAULT_FPS,
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
@@ -48,12 +49,20 @@ from longcat_train.architecture import ATTENTION_BACKENDS, BLOCK_LINEARS, CHECKP
 from longcat_train.checks import (
     AREA_ON_GRID,
     CLIP_FRAMES,
+    COND_FRAMES,
     CREATABLE_FOLDER,
     RESUME_FROM,
     SEED,
     VALIDATION_SOURCE,
 )
-from longcat_train.lora_spec import LORA_SPECS, STRENGTH_RANGE
+from longcat_train.conditioning import (
+    CONDITIONING_MIX,
+    CONDITIONINGS,
+    DEFAULT_MIX,
+    VALIDATION_CONDITIONINGS,
+    task_weights,
+)
+from longcat_train.lora_spec import LORA_SPEC, LORA_SPECS, STRENGTH_RANGE
 from longcat_train.video_settings import RefineSettings, VideoSettings
 
 __all__ = ["ConfigError", "RefineSettings", "SampleConfig", "TrainConfig", "VideoSettings", "save_config"]
@@ -62,6 +71,18 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = BLOCK_LINEARS
 BASE_PRECISIONS = ("no_change", "bf16", "int8-quanto", "fp8-torchao")
+
+
+def _memory_budget(value: str | None) -> bool:
+    if value is None or value == "auto":
+        return True
+    try:
+        return 0 < float(value) < float("inf")
+    except ValueError:
+        return False
+
+
+MEMORY_BUDGET = Check(_memory_budget, "a number of GB (e.g. 24) or auto")
 
 
 @dataclass
@@ -74,15 +95,30 @@ class TrainConfig:
         check=NOT_EMPTY,
     )
     shards: list[str] = option(
-        [], "shard spec(s): directory, brace pattern, pipe:cmd, hf://datasets/user/name"
+        [], "shard spec(s): directory, brace pattern, pipe:cmd, hf://datasets/user/name, s3://bucket/shards"
     )
-    frames: int = option(
-        DEFAULT_FRAMES,
-        "video frames per clip (4k+1); the shards must have been made with this count",
+    frames: int | None = option(
+        None,
+        f"video frames per clip (4k+1; others are rounded down); default: what the shards were made with "
+        f"(their manifest.json), else {DEFAULT_FRAMES} ({default_frames('tiny')} for tiny); a count the shards do not hold is refused",
         check=CLIP_FRAMES,
     )
-    i2v: bool = option(
-        True, "image-to-video: latent frame 0 is the clean start frame; --no-i2v trains text-to-video"
+    conditioning: str = option(
+        "i2v",
+        "what each clip is conditioned on: i2v (the start frame), t2v (nothing), continuation (its "
+        "first --cond-frames frames), mixed (a task drawn per clip with --conditioning-mix)",
+        choices=CONDITIONINGS,
+        switch=("i2v", "i2v", "t2v"),
+    )
+    cond_frames: int = option(
+        DEFAULT_COND_FRAMES,
+        "continuation: clean leading frames of each clip (4k+1; 13 -> 4 latent frames), fewer than frames",
+        check=COND_FRAMES,
+    )
+    conditioning_mix: str = option(
+        DEFAULT_MIX,
+        "mixed: TASK=WEIGHT,... over i2v, continuation, t2v (weights normalised; 0 or left out: never)",
+        check=CONDITIONING_MIX,
     )
     output_dir: str = option(
         "output",
@@ -252,6 +288,32 @@ class TrainConfig:
         "float8 matmuls for the frozen base linears, weights kept in bf16 (GPUs with compute capability "
         "8.9+: Ada, Hopper); faster steps, LoRA gradients as close to float32 as bf16's",
     )
+    memory_budget: str | None = option(
+        None,
+        "GB of GPU memory a step may use, or auto (the GPU's): checkpointing is then chosen per block so "
+        "that the step fits and recomputes least (the other flags as given; see --plan)",
+        metavar="GB|auto",
+        check=MEMORY_BUDGET,
+    )
+    plan: bool = option(
+        False,
+        "print the predicted peak memory and step time of these flags and the fastest flags that fit "
+        "(--gpu-memory, else this GPU), as a command line; loads no weights, trains nothing",
+        group="memory plan",
+    )
+    gpu_memory: float | None = option(
+        None,
+        "with --plan: plan for a GPU of this many GB instead of this machine's",
+        metavar="GB",
+        check=number(0, low_open=True),
+        group="memory plan",
+    )
+    area: str = option(
+        format_area(DEFAULT_AREA),
+        "HxW of the clips --plan plans for (--memory-budget takes the largest bucket the manifest lists)",
+        check=AREA_ON_GRID,
+        group="memory plan",
+    )
     # -- data loading
     num_workers: int = option(
         2,
@@ -306,15 +368,17 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
     # -- validation
     validation_source: str | None = option(
-        None, "eval shards or a folder of image + .txt pairs; unset: no validation", check=VALIDATION_SOURCE
+        None,
+        "eval shards or a folder of images (or videos) + .txt captions; unset: no validation",
+        check=VALIDATION_SOURCE,
     )
     validation_every: int = option(
         0, "validate every N steps (0: only at the end)", simpletuner="validation_steps", check=at_least(0)
     )
     validation_limit: int = option(2, "validation pairs to sample", check=at_least(1))
-    validation_frames: int = option(
-        DEFAULT_FRAMES,
-        "frames of each validation video",
+    validation_frames: int | None = option(
+        None,
+        "frames of each validation video (4k+1; others are rounded down); default: frames",
         simpletuner="validation_num_video_frames",
         check=CLIP_FRAMES,
     )
@@ -327,14 +391,22 @@ class TrainConfig:
         simpletuner="validation_guidance",
         check=number(0),
     )
-    validation_area: str = option(
-        format_area(DEFAULT_AREA),
-        "HxW area the start images are fitted to (their nearest bucket)",
+    validation_area: str | None = option(
+        None,
+        f"HxW area the start images are fitted to (their nearest bucket); default: the shards' --area "
+        f"(their manifest.json), else {format_area(DEFAULT_AREA)} ({format_area(default_area('tiny'))} for tiny)",
         aliases=("--validation-resolution", "--validation_resolution"),
         simpletuner="validation_resolution",
         check=AREA_ON_GRID,
     )
     validation_seed: int = option(0, "sampler seed", simpletuner="validation_seed", check=SEED)
+    validation_conditioning: str = option(
+        "auto",
+        "what validation samples: i2v (from the start image), continuation (of the validation clip's "
+        "first --cond-frames frames: eval shards or a folder of videos + .txt); auto: continuation "
+        "when --conditioning continuation, else i2v",
+        choices=VALIDATION_CONDITIONINGS,
+    )
     validation_lora: list[str] = option(
         [],
         "PATH[:STRENGTH] of a LoRA validation samples with besides the one training; repeat for several",
@@ -342,10 +414,20 @@ class TrainConfig:
         check=LORA_SPECS,
     )
 
+    validation_distill_lora: str | None = option(
+        None,
+        "the distill LoRA (the official checkpoint's lora/cfg_step_lora.safetensors): validation samples "
+        f"with it on and the distilled schedule, {DISTILL_STEPS} steps without guidance unless "
+        "--validation-inference-steps / --validation-guidance say otherwise",
+        check=LORA_SPEC,
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.gradient_checkpointing, bool):
             # SimpleTuner and TOML say true/false: true keeps attention outputs where memory allows.
             self.gradient_checkpointing = "selective" if self.gradient_checkpointing else "none"
+        self.frames = clip_frames(self.frames, "frames")
+        self.validation_frames = clip_frames(self.validation_frames, "validation_frames")
         # A file may name one shard spec, target or LoRA as a plain string.
         for name in ("shards", "lora_targets", "base_lora", "validation_lora"):
             value = getattr(self, name)
@@ -356,7 +438,9 @@ class TrainConfig:
         """ConfigError with one line per value no run can use: each field's type, choices and declared
         check (``flags.config_errors``), then the rules between fields (``VALUE_RULES``). Settings that
         do not combine are ``longcat_train.techniques.check_techniques``'s to refuse."""
-        errors = config_errors(self) or [message for clashes, message in VALUE_RULES if clashes(self)]
+        errors = config_errors(self) or [
+            message.format(**self.to_dict()) for clashes, message in VALUE_RULES if clashes(self)
+        ]
         if errors:
             raise ConfigError("\n".join(errors))
 
@@ -364,17 +448,66 @@ class TrainConfig:
     def alpha(self) -> float:
         return self.lora_alpha or float(self.lora_rank)
 
+    def take_shard_settings(self, manifest: dict | None) -> None:
+        """Fill ``frames``, ``validation_frames`` and ``validation_area`` left unset from what the shards
+        were made with (their manifest; ``None``: remote shards without one), else the model's defaults.
+        Set values stay: the trainer's manifest check refuses a ``frames`` the shards do not hold."""
+        from longcat_data.manifest import made_frames  # torch, through the shard schema: not at --help
+
+        settings = (manifest or {}).get("settings", {})
+        if self.frames is None:
+            made = made_frames(manifest) if manifest else None
+            self.frames = made or default_frames(self.model)
+            log.info("frames = %d (%s)", self.frames, "the shards'" if made else "the default")
+        if self.validation_frames is None:
+            self.validation_frames = self.frames
+        if self.validation_area is None:
+            area = settings.get("area")
+            self.validation_area = format_area(area or default_area(self.model))
+
+    @property
+    def i2v(self) -> bool:
+        """Every clip trains image-to-video (``--i2v``, the default)."""
+        return self.conditioning == "i2v"
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        """The tasks this run trains -> their weights (> 0)."""
+        return task_weights(self.conditioning, self.conditioning_mix)
+
+    @property
+    def validation_task(self) -> str:
+        """The task validation samples: ``validation_conditioning``, where ``auto`` follows a
+        continuation run and is i2v otherwise."""
+        if self.validation_conditioning != "auto":
+            return self.validation_conditioning
+        return "continuation" if self.conditioning == "continuation" else "i2v"
+
     @property
     def validation_settings(self) -> VideoSettings:
-        """The settings every validation video is sampled with."""
+        """The settings every validation video is sampled with (after ``take_shard_settings``); with
+        ``validation_distill_lora`` the distilled schedule, and its steps and guidance where the run keeps
+        the plain defaults."""
+        distill = self.validation_distill_lora is not None
+        steps, guidance = self.validation_inference_steps, self.validation_guidance
+        if distill and steps == DEFAULT_STEPS:
+            steps = DISTILL_STEPS
+        if distill and guidance == DEFAULT_GUIDANCE:
+            guidance = DISTILL_GUIDANCE
         return VideoSettings(
-            frames=self.validation_frames,
-            steps=self.validation_inference_steps,
-            guidance=self.validation_guidance,
+            frames=self.validation_frames or self.frames or default_frames(self.model),
+            steps=steps,
+            guidance=guidance,
             shift=self.flow_schedule_shift,
             seed=self.validation_seed,
-            area=parse_area(self.validation_area),
+            area=parse_area(self.validation_area or default_area(self.model)),
+            distill=distill,
         )
+
+    @property
+    def validation_loras(self) -> list[str]:
+        """PATH[:STRENGTH] of every frozen LoRA validation samples with (the distill LoRA last)."""
+        return self.validation_lora + ([self.validation_distill_lora] if self.validation_distill_lora else [])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -390,6 +523,20 @@ VALUE_RULES: tuple[tuple[Callable[[TrainConfig], bool], str], ...] = (
         lambda c: c.overwrite and c.resume is not None,
         "overwrite and resume exclude each other: resume continues the run in output_dir, overwrite "
         "deletes it; drop one",
+    ),
+    (
+        lambda c: "continuation" in c.tasks and c.cond_frames >= c.frames,
+        "cond_frames = {cond_frames}: continuation needs fewer than frames = {frames} (at least one latent "
+        "frame to train); lower cond_frames",
+    ),
+    (
+        lambda c: (
+            c.validation_source is not None
+            and c.validation_task == "continuation"
+            and c.cond_frames >= c.validation_frames
+        ),
+        "cond_frames = {cond_frames}: a continuation validation needs fewer than validation_frames = "
+        "{validation_frames}; raise validation_frames or lower cond_frames",
     ),
 )
 
@@ -422,6 +569,7 @@ SAMPLE_LIMITS: dict[str, tuple[float, float]] = {
     "seed": (0, 2**63 - 1),
     "fps": (1, 240),
     "port": (0, 65535),
+    "segments": (1, 100),
 }
 
 
@@ -446,9 +594,36 @@ class SampleConfig:
     image: str | None = option(
         None, "start frame (PNG, JPEG or WebP); resized and cropped to the nearest bucket"
     )
+    video: str | None = option(
+        None,
+        "a video to continue instead of --image: its last --cond-frames frames (at --fps), fitted to the "
+        "nearest bucket, are the condition",
+        group="continuation and long video",
+    )
+    cond_frames: int = option(
+        DEFAULT_COND_FRAMES,
+        "frames of the video (or of the previous segment) a continuation is conditioned on; 4k+1, "
+        "fewer than --frames",
+        check=COND_FRAMES,
+        group="continuation and long video",
+    )
+    segments: int = option(
+        1,
+        "chain this many segments into one video, each continuing the last --cond-frames frames of the "
+        "one before: --frames + (segments - 1) * (--frames - --cond-frames) frames; --prompt once, or "
+        "once per segment",
+        check=_within_limits("segments"),
+        group="continuation and long video",
+    )
+    kv_cache: bool = option(
+        True,
+        "compute the condition frames' keys and values once per segment instead of at every step",
+        group="continuation and long video",
+    )
     prompts: list[str] = option(
         [],
-        "what happens in the video; repeat for several videos of the same start frame (seeds seed, seed+1, ...)",
+        "what happens in the video; repeat for several videos of the same start frame (seeds seed, seed+1, ...), "
+        "or with --segments for one prompt per segment",
         flag="--prompt",
         repeat=True,
         check=UTF8_TEXT,

@@ -2,8 +2,9 @@
 
 Pure tensor functions, no model and no I/O. Conventions (those of the official LongCat-Video code):
 ``x_t = (1 - s) * x0 + s * eps`` with sigma ``s`` in [0, 1], timestep ``1000 * s``, and the DiT's raw
-output is trained towards ``x0 - eps``. For image-to-video the first latent frame of ``x_t`` is the clean
-condition latent and is left out of the loss.
+output is trained towards ``x0 - eps``. With a condition (image-to-video: one latent frame; video
+continuation: several) the first latent frames of ``x_t`` are the clean condition latents and are left
+out of the loss.
 """
 
 from __future__ import annotations
@@ -119,9 +120,10 @@ def noisy_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """One training example set from clean latents x0 [B, C, T, h, w] (float32).
 
-    Returns (x_t, timestep [B] in [0, 1000], target, num_cond_latents). With ``cond`` [B, C, 1, h, w]
-    (image-to-video) the first latent frame of x_t is the clean condition and num_cond_latents is 1;
-    with ``cond=None`` (text-to-video) every frame is noised. Sigmas are drawn before the noise, so a
+    Returns (x_t, timestep [B] in [0, 1000], target, num_cond_latents). With ``cond`` [B, C, n, h, w]
+    (image-to-video: n = 1; continuation: the clip's own first n latents) the first n latent frames of
+    x_t are the clean condition and num_cond_latents is n; with ``cond=None`` (text-to-video) every
+    frame is noised. Sigmas are drawn before the noise, so a
     seeded generator gives the same pair on every run.
     """
     sigmas = sample_sigmas(

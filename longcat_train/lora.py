@@ -1,5 +1,5 @@
-"""The LoRA that trains (peft on the DiT linears), the two files it is saved as, and reading any LoRA
-file into a :class:`~longcat_train.lowrank.LowRankSet` (applying those: ``longcat_train.lora_apply``).
+"""The LoRA that trains (peft on the DiT linears) and the two files it is saved as (reading any LoRA
+file: ``longcat_train.lora_formats``; applying frozen ones: ``longcat_train.lora_apply``).
 
 In memory the trained adapter is a peft ``PeftModel`` (so ``model.disable_adapter()`` gives the base
 model back). On disk and between functions here, its weights use one *canonical* naming, the module path
@@ -13,38 +13,33 @@ the layer adds ``lora_B(lora_A(x)) * alpha / r``.
   ``lora___lorahyphen___``; ``.lora_down.weight`` (= lora_A), ``.lora_up.weight`` (= lora_B) and a
   scalar ``.alpha_scale`` (= alpha / r). The official loader takes the rank as ``lora_network_dim``.
 
-:func:`read_lora_file` reads those, peft's ``adapter_model.safetensors``, DiffSynth's files and the
-official ones whose modules are split in row blocks (``lora_up.blocks.{i}``); :data:`LORA_FORMATS` lists
-the layouts it knows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from longcat_data.files import replace_atomic
 from longcat_train.config import ConfigError
-from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
+from longcat_train.lora_apply import load_loras
+from longcat_train.lora_formats import DIFFUSERS_PREFIX, METADATA_KEY, from_peft_weights, write
+from longcat_train.lora_pieces import one_piece
+from longcat_train.lowrank import LowRankSet
+
+__all__ = ["load_loras"]  # the Python API for frozen LoRAs, several at once (longcat_train.lora_apply)
 
 log = logging.getLogger(__name__)
 
-DIFFUSERS_PREFIX = "transformer."
 PEFT_PREFIX = "base_model.model."
-OFFICIAL_PREFIX = "lora___lorahyphen___"
-OFFICIAL_HYPHEN = "___lorahyphen___"
-METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry for the adapter config
 ADAPTER = "default"
 
 # Wrappers that prefix parameter names: DDP, torch.compile, peft's model and its adapter name.
@@ -141,202 +136,16 @@ def save_diffusers(weights: dict[str, torch.Tensor], path: str | Path, settings:
         "format": "pt",
         METADATA_KEY: json.dumps({f"{DIFFUSERS_PREFIX}{k}": v for k, v in settings.items()}),
     }
-    tensors = {DIFFUSERS_PREFIX + k: v.contiguous() for k, v in weights.items()}
-    return _save(tensors, path, metadata)
+    tensors = {DIFFUSERS_PREFIX + k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    path = Path(path)
+    replace_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return path
 
 
 def save_official(weights: dict[str, torch.Tensor], path: str | Path, settings: dict) -> Path:
     """``lora_longcat.safetensors`` for the official ``load_lora(path, key, lora_network_dim=r)``."""
-    scale = torch.tensor(settings["lora_alpha"] / settings["r"], dtype=torch.float32)
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        module, matrix = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        name = OFFICIAL_PREFIX + module.replace(".", OFFICIAL_HYPHEN)
-        tensors[f"{name}.{'lora_down' if matrix == 'lora_A' else 'lora_up'}.weight"] = value.contiguous()
-        tensors[f"{name}.alpha_scale"] = scale.clone()
-    metadata = {
-        "format": "pt",
-        "lora_network_dim": str(settings["r"]),
-        "lora_network_alpha": str(settings["lora_alpha"]),
-    }
-    return _save(tensors, path, metadata)
-
-
-def _save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
-
-
-# ---------------------------------------------------------------- reading any LoRA file
-
-
-# Tensor names: peft's after canonical_name (ours, diffusers, peft, DiffSynth); official as written.
-_CANONICAL_KEY = re.compile(r"\.lora_[AB]\.weight$")
-_OFFICIAL_KEY = re.compile(
-    rf"({re.escape(OFFICIAL_PREFIX)}.+?)\.(lora_down\.weight|lora_up\.weight|lora_up\.blocks\.\d+\.weight|alpha_scale)"
-)
-
-
-@dataclass(frozen=True)
-class LoraFormat:
-    """A layout of LoRA files: the tensor names it uses, and how its tensors become a LowRankSet.
-
-    Attributes:
-        name: what the format is called in messages (``LowRankSet.format``).
-        knows: whether a tensor name is one this format writes; a file is in the format when it knows
-            every name (checked from the header alone).
-        read: ``(tensors, header metadata, the file) -> LowRankSet``; ValueError naming the file and the
-            module for a file it cannot read.
-    """
-
-    name: str
-    knows: Callable[[str], bool]
-    read: Callable[[dict[str, torch.Tensor], dict[str, str], Path], LowRankSet]
-
-
-def _official_module(name: str) -> str:
-    return name.removeprefix(OFFICIAL_PREFIX).replace(OFFICIAL_HYPHEN, ".")
-
-
-def _read_official(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> LowRankSet:
-    """The official layout: ``lora_down`` ``[n*r, in]``; ``lora_up`` ``[out, r]`` or, for a module whose
-    output the official loader splits in n (``n_seperate``), ``lora_up.blocks.{i}`` ``[out/n, r]``, row
-    block i computed from down rows ``i*r:(i+1)*r`` (block-diagonal); a scalar ``alpha_scale``."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, part = _OFFICIAL_KEY.fullmatch(key).group(1, 2)
-        parts.setdefault(name, {})[part] = value
-    deltas: dict[str, LowRankDelta] = {}
-    for name, found in sorted(parts.items()):
-        down = found.get("lora_down.weight")
-        blocks = {int(k.split(".")[2]): v for k, v in found.items() if k.startswith("lora_up.blocks.")}
-        ups = [found["lora_up.weight"]] if "lora_up.weight" in found else []
-        if down is None:
-            raise ValueError(f"{path}: {name} has no lora_down weights")
-        if not ups and not blocks:
-            raise ValueError(f"{path}: {name} has lora_down but no lora_up weights")
-        if ups and blocks:
-            raise ValueError(f"{path}: {name} has both lora_up.weight and lora_up.blocks: one or the other")
-        if blocks and sorted(blocks) != list(range(len(blocks))):
-            raise ValueError(
-                f"{path}: {name} has lora_up.blocks {sorted(blocks)}; 0 to n-1 must all be there"
-            )
-        if "alpha_scale" not in found or found["alpha_scale"].numel() != 1:
-            raise ValueError(f"{path}: {name} has no scalar alpha_scale (alpha / rank), as official files do")
-        ups = ups or [blocks[i] for i in range(len(blocks))]
-        rank = ups[0].shape[1]
-        if down.shape[0] != rank * len(ups):
-            raise ValueError(
-                f"{path}: {name}: lora_down is {tuple(down.shape)} for {len(ups)} lora_up of rank {rank}; "
-                f"it must have {rank * len(ups)} rows"
-            )
-        pieces = tuple(LowRankPiece(d, u) for d, u in zip(down.split(rank), ups, strict=True))
-        try:
-            deltas[_official_module(name)] = LowRankDelta(pieces, found["alpha_scale"].float().item())
-        except ValueError as err:
-            raise ValueError(f"{path}: {name}: {err}") from None
-    return LowRankSet(deltas, "official", metadata)
-
-
-def _peft_settings(metadata: dict[str, str], path: Path) -> dict:
-    """The adapter config of a peft-style file: diffusers' header entry, else peft's
-    ``adapter_config.json`` beside the file; {} when neither says (alpha = rank)."""
-    beside = path.with_name("adapter_config.json")
-    where, text = (path, metadata[METADATA_KEY]) if METADATA_KEY in metadata else (beside, None)
-    try:
-        if text is not None:
-            return {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in json.loads(text).items()}
-        return json.loads(beside.read_text()) if beside.is_file() else {}
-    except (ValueError, AttributeError) as err:
-        raise ValueError(f"{where}: its adapter config is not a JSON object ({err})") from None
-
-
-def _peft_scale(module: str, rank: int, settings: dict) -> float:
-    """alpha / rank (or / sqrt(rank) for rsLoRA), alpha as peft picks it: the longest ``alpha_pattern``
-    matching the module's path, else ``lora_alpha``, else the rank."""
-    patterns = [p for p in settings.get("alpha_pattern") or {} if re.fullmatch(rf"(.*\.)?({p})", module)]
-    alpha = settings["alpha_pattern"][max(patterns, key=len)] if patterns else settings.get("lora_alpha")
-    alpha = float(rank if alpha is None else alpha)
-    return alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
-
-
-def _read_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> LowRankSet:
-    """Ours, diffusers, peft and DiffSynth: ``<module>.lora_A.weight`` ``[r, in]`` and ``lora_B``
-    ``[out, r]`` under any wrapper prefix, scale alpha / r from the adapter config."""
-    weights = {canonical_name(k.removeprefix(DIFFUSERS_PREFIX)): v for k, v in tensors.items()}
-    settings = _peft_settings(metadata, path)
-    deltas: dict[str, LowRankDelta] = {}
-    for module in sorted({k.rsplit(".", 2)[0] for k in weights}):
-        down, up = weights.get(f"{module}.lora_A.weight"), weights.get(f"{module}.lora_B.weight")
-        if down is None or up is None:
-            has, lacks = ("lora_A", "lora_B") if up is None else ("lora_B", "lora_A")
-            raise ValueError(f"{path}: {module} has {has} but no {lacks} weights")
-        if up.shape[1] != down.shape[0]:
-            raise ValueError(
-                f"{path}: {module}: lora_A shape {tuple(down.shape)} and lora_B shape {tuple(up.shape)} "
-                "do not fit together (their ranks differ)"
-            )
-        deltas[module] = LowRankDelta((LowRankPiece(down, up),), _peft_scale(module, down.shape[0], settings))
-    return LowRankSet(deltas, "peft", metadata)
-
-
-# The layouts read_lora_file knows, tried in order: a file is read by the first that knows all its
-# tensor names. Other layouts (kohya, ComfyUI, ...) are one LoraFormat each, added here.
-LORA_FORMATS: tuple[LoraFormat, ...] = (
-    LoraFormat("official", lambda key: bool(_OFFICIAL_KEY.fullmatch(key)), _read_official),
-    LoraFormat(
-        "peft",
-        lambda key: bool(_CANONICAL_KEY.search(canonical_name(key.removeprefix(DIFFUSERS_PREFIX)))),
-        _read_peft,
-    ),
-)
-
-
-def check_lora_file(path: str | Path) -> LoraFormat:
-    """The format of the LoRA file at ``path``, or ValueError (one line naming the file) unless it is a
-    safetensors file of LoRA weights in a format of :data:`LORA_FORMATS`. Reads the header alone, so a
-    command can refuse a wrong file before any model loads."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            flat = [k for k in keys if k.endswith("weight") and len(f.get_slice(k).get_shape()) != 2]
-    except (SafetensorError, OSError) as err:
-        raise ValueError(
-            f"{path}: not a safetensors file; LoRAs are read from .safetensors only "
-            "(convert a .ckpt or .bin with safetensors.torch.save_file)"
-        ) from err
-    if not keys:
-        raise ValueError(f"{path}: holds no tensors, so no LoRA weights")
-    # The format that knows most of the names reads the file, or names the first it does not know.
-    known = [[k for k in keys if fmt.knows(k)] for fmt in LORA_FORMATS]
-    best = max(range(len(LORA_FORMATS)), key=lambda i: len(known[i]))
-    if len(known[best]) < len(keys):
-        unexpected = next(k for k in keys if k not in set(known[best]))
-        raise ValueError(f"{path}: not a LoRA file (unexpected key {unexpected})")
-    if flat:
-        raise ValueError(f"{path}: not a LoRA file ({flat[0]} is not a matrix)")
-    return LORA_FORMATS[best]
-
-
-def read_lora_file(path: str | Path) -> LowRankSet:
-    """Any LoRA file (a format of :data:`LORA_FORMATS`) as a LowRankSet on the CPU, in the file's dtype;
-    ValueError naming the file for one that is not a LoRA, is incomplete or holds non-finite values."""
-    fmt = check_lora_file(path)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    lora_set = fmt.read(tensors, metadata, Path(path))
-    for module, delta in lora_set.deltas.items():
-        finite = math.isfinite(delta.scale) and all(
-            bool(torch.isfinite(t).all()) for p in delta.pieces for t in (p.down, p.up)
-        )
-        if not finite:
-            raise ValueError(f"{path}: the LoRA of {module} holds values that are not finite (NaN or inf)")
-    return lora_set
+    write(from_peft_weights(weights, settings), path, "official")
+    return Path(path)
 
 
 # ---------------------------------------------------------------- into the trained adapter (resume)
@@ -357,8 +166,7 @@ def load_lora_weights(model: PeftModel, lora_set: LowRankSet) -> None:
         )
     with torch.no_grad():
         for module, delta in lora_set.deltas.items():
-            if len(delta.pieces) != 1:
-                raise ValueError(f"LoRA {module} is split in {len(delta.pieces)} blocks; the adapter has one")
+            delta = one_piece(delta)  # a block-diagonal split is the same update as one pair
             rescale = delta.scale / own_scale
             for matrix, value in (("lora_A", delta.pieces[0].down), ("lora_B", delta.pieces[0].up)):
                 param = params[f"{module}.{matrix}.weight"]

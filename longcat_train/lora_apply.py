@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from longcat_train.lora import read_lora_file
+from longcat_train.lora_formats import read_file
 from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
 from longcat_train.model import FP32Linear, transformer_of
 
@@ -55,7 +55,7 @@ class NamedLora:
 
 
 def named_loras(loras: Sequence[tuple[LoraSource, float] | NamedLora]) -> list[NamedLora]:
-    """Files read (``lora.read_lora_file``), sets named by their place in the list, NamedLoras kept;
+    """Files read (``lora_formats.read_file``), sets named by their place in the list, NamedLoras kept;
     ValueError for a strength that is not finite."""
     named = []
     for i, item in enumerate(loras):
@@ -66,7 +66,7 @@ def named_loras(loras: Sequence[tuple[LoraSource, float] | NamedLora]) -> list[N
             name = f"#{i + 1} ({source.format})" if isinstance(source, LowRankSet) else str(source)
         if not math.isfinite(strength):
             raise ValueError(f"LoRA {name}: strength {strength} is not a finite number")
-        lora_set = source if isinstance(source, LowRankSet) else read_lora_file(source)
+        lora_set = source if isinstance(source, LowRankSet) else read_file(source)
         named.append(NamedLora(name, lora_set, float(strength)))
     return named
 

@@ -29,13 +29,31 @@ def _convert(cfg: ConvertLoraConfig) -> None:
         print(f"longcat-lora convert: warning: {note}", file=sys.stderr)
 
 
-COMMANDS: dict[str, tuple[type, Callable[[Any], None], str]] = {
+INSPECT_EPILOG = """\
+examples:
+  longcat-lora inspect run/lora.safetensors
+  longcat-lora inspect some_lora.safetensors --model tiny     # does it fit the tiny DiT's shapes?
+"""
+
+CONVERT_EPILOG = """\
+examples:
+  longcat-lora convert run/lora.safetensors lora_comfyui.safetensors --to comfyui
+  longcat-lora convert kohya_lora.safetensors lora.safetensors --to peft --alpha rank
+"""
+
+COMMANDS: dict[str, tuple[type, Callable[[Any], None], str, str]] = {
     "inspect": (
         InspectLoraConfig,
         _inspect,
         "layout, modules, ranks, alpha, split modules, the model it fits, what ComfyUI would drop",
+        INSPECT_EPILOG,
     ),
-    "convert": (ConvertLoraConfig, _convert, "rewrite a LoRA in another layout (peft, official, comfyui)"),
+    "convert": (
+        ConvertLoraConfig,
+        _convert,
+        "rewrite a LoRA in another layout (peft, official, comfyui)",
+        CONVERT_EPILOG,
+    ),
 }
 
 
@@ -46,8 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="e.g. longcat-lora convert out/lora.safetensors lora_comfyui.safetensors --to comfyui",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (cls, _, help_text) in COMMANDS.items():
-        add_flags(sub.add_parser(name, help=help_text, description=help_text), cls)
+    for name, (cls, _, help_text, epilog) in COMMANDS.items():
+        command = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_flags(command, cls)
     return parser
 
 
@@ -62,7 +87,7 @@ def _is_user_error(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cls, run, _ = COMMANDS[args.command]
+    cls, run, _, _ = COMMANDS[args.command]
     try:
         run(parse(cls, args))
     except KeyboardInterrupt:

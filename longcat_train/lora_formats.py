@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ _OFFICIAL_ROLE = re.compile(
     r"^(?:lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(?P<block>\d+)\.weight|alpha_scale)$"
 )
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+
+_NOT_A_MATRIX_PAIR = "not a matrix pair (a convolution LoRA?)"
 
 
 class LoraFormatError(ValueError):
@@ -153,19 +157,22 @@ def _why_unread(key: str, tensor: torch.Tensor) -> str:
     return f"not a LoRA tensor (shape {tuple(tensor.shape)})"
 
 
-def _adapter_config(metadata: dict[str, str]) -> dict:
-    """The peft adapter config a diffusers-style header holds (keys with or without ``transformer.``)."""
-    text = metadata.get(METADATA_KEY)
+def _adapter_config(metadata: dict[str, str], path: str | Path) -> dict:
+    """The peft adapter config of a file: a diffusers-style header entry (keys with or without
+    ``transformer.``), else peft's ``adapter_config.json`` beside it; {} when neither is there."""
+    text, where = metadata.get(METADATA_KEY), f"the {METADATA_KEY} header entry of {path}"
+    beside = Path(path).with_name("adapter_config.json") if path else None
+    if not text and beside is not None and beside.is_file():
+        text, where = beside.read_text(errors="replace"), str(beside)
     if not text:
         return {}
     try:
         stored = json.loads(text)
     except json.JSONDecodeError:
-        log.warning("the %s header entry is not JSON; its alpha is not used", METADATA_KEY)
-        return {}
-    return (
-        {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in stored.items()} if isinstance(stored, dict) else {}
-    )
+        stored = None
+    if not isinstance(stored, dict):
+        raise LoraFormatError(f"{where}: the adapter config is not a JSON object; fix or remove it")
+    return {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in stored.items()}
 
 
 def _stated_alpha(config: dict, module: str) -> float | None:
@@ -187,13 +194,16 @@ def _pieces(name: str, roles: dict[str, torch.Tensor], path: str) -> tuple[LowRa
     down = roles.get("down")
     blocks = sorted((int(r[3:]), t) for r, t in roles.items() if r.startswith("up."))
     ups = [t for _, t in blocks] if blocks else [roles["up"]] if "up" in roles else []
+    if blocks and "up" in roles:
+        raise LoraFormatError(f"{path}: {name} has both lora_up.weight and lora_up blocks: one or the other")
     if down is None or not ups:
         raise LoraFormatError(
             f"{path}: {name} has {'no down' if down is None else 'no up'} matrix, so it is not a whole LoRA"
         )
     if blocks and [i for i, _ in blocks] != list(range(len(blocks))):
         raise LoraFormatError(
-            f"{path}: {name} has lora_up blocks {[i for i, _ in blocks]}, not 0..{len(blocks) - 1}"
+            f"{path}: {name} has lora_up blocks {[i for i, _ in blocks]}; blocks 0 to "
+            f"{blocks[-1][0]} must all be there"
         )
     if down.shape[0] % len(ups):
         raise LoraFormatError(f"{path}: {name}: lora_down has {down.shape[0]} rows for {len(ups)} up blocks")
@@ -238,7 +248,7 @@ def parse_file(
         "official" if "official" in styles else "comfyui" if wrapper else "kohya" if "kohya" in styles
         else "diffsynth" if adapter_named else "peft"
     )  # fmt: skip
-    config = _adapter_config(metadata)
+    config = _adapter_config(metadata, path)
     rslora = bool(config.get("use_rslora"))
     modules = []
     for (style, name), roles in grouped.items():
@@ -246,7 +256,7 @@ def parse_file(
             unread.extend((key, "an alpha without LoRA matrices") for key in keys[(style, name)])
             continue
         if any(t.ndim != 2 for r, t in roles.items() if r not in ("alpha", "alpha_scale")):
-            unread.extend((key, "not a matrix pair (a convolution LoRA?)") for key in keys[(style, name)])
+            unread.extend((key, _NOT_A_MATRIX_PAIR) for key in keys[(style, name)])
             continue
         pieces = _pieces(name, roles, str(path))
         rank = pieces[0].rank
@@ -349,6 +359,13 @@ def read_any(
     return resolve(parsed, path, alpha)
 
 
+def _not_safetensors(path: str | Path) -> LoraFormatError:
+    return LoraFormatError(
+        f"{path}: not a safetensors file; LoRAs are read from .safetensors only "
+        "(convert a .ckpt or .bin with safetensors.torch.save_file)"
+    )
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor and the header metadata of a safetensors file (LoraFormatError when it is not one)."""
     path = Path(path)
@@ -359,20 +376,51 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             keys = tqdm(f.keys(), desc=f"reading {path.name}", unit="tensor", leave=False, disable=None)
             return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
-        raise LoraFormatError(
-            f"{path}: not a safetensors file ({err}); LoRAs are read from .safetensors only"
-        ) from None
+        raise _not_safetensors(path) from err
+
+
+def _not_a_lora(path: str | Path, keys: list[str]) -> LoraFormatError:
+    what = f"e.g. key {keys[0]}" if keys else "it holds no tensors"
+    return LoraFormatError(f"{path}: not a LongCat-Video LoRA in any layout this tool reads ({what})")
 
 
 def read_file(path: str | Path, *, alpha: float | str | None = None) -> LowRankSet:
-    """The LowRankSet of a LoRA file in any layout :func:`read_any` reads, or LoraFormatError."""
+    """The LowRankSet of a LoRA file in any layout :func:`read_any` reads, or LoraFormatError (also for
+    values that are not finite)."""
     tensors, metadata = load_tensors(path)
     lora = read_any(tensors, metadata, path, alpha=alpha)
     if lora is None:
-        sample = next(iter(tensors), None)
-        what = f"e.g. key {sample}" if sample else "it holds no tensors"
-        raise LoraFormatError(f"{path}: not a LongCat-Video LoRA in any layout this tool reads ({what})")
+        raise _not_a_lora(path, list(tensors))
+    for module, delta in lora.deltas.items():
+        finite = math.isfinite(delta.scale) and all(
+            bool(torch.isfinite(t).all()) for p in delta.pieces for t in (p.down, p.up)
+        )
+        if not finite:
+            raise LoraFormatError(
+                f"{path}: the LoRA of {module} holds values that are not finite (NaN or inf)"
+            )
     return lora
+
+
+def check_file(path: str | Path) -> None:
+    """LoraFormatError unless ``path`` is a safetensors file holding LoRA matrices of LongCat-Video
+    modules in a layout :func:`read_file` reads. The header alone is read, so a command refuses a
+    wrong file (a ``.ckpt``, a full model, another model's LoRA) before any model loads."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFormatError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise _not_safetensors(path) from err
+    matrices = [k for k in shapes if (found := _key_roles(k)) and found[2] not in ("alpha", "alpha_scale")]
+    if not matrices:
+        raise _not_a_lora(path, list(shapes))
+    if not any(len(shapes[k]) == 2 for k in matrices):
+        raise LoraFormatError(
+            f"{path}: none of its LoRA modules can be applied (e.g. {matrices[0]}: {_NOT_A_MATRIX_PAIR})"
+        )
 
 
 def from_peft_weights(weights: dict[str, torch.Tensor], settings: dict) -> LowRankSet:

@@ -54,3 +54,7 @@ LORA_SPECS = Check(
     _specs_allowed,
     f"PATH or PATH:STRENGTH, STRENGTH a finite number in [{STRENGTH_RANGE[0]:g}, {STRENGTH_RANGE[1]:g}]",
 )
+LORA_SPEC = Check(
+    lambda value: value is None or _specs_allowed([value]),
+    f"PATH or PATH:STRENGTH, STRENGTH a finite number in [{STRENGTH_RANGE[0]:g}, {STRENGTH_RANGE[1]:g}]",
+)

@@ -8,7 +8,8 @@ loads with ``strict=True``; the arithmetic follows the official model, including
 Image-to-video: the first ``num_cond_latents`` latent frames are the clean condition. Their timestep is
 forced to 0 (``LongCatVideoTransformer._frame_timesteps``); in self-attention they attend only to each
 other while noisy tokens attend to all tokens (``longcat_train.attention.attention``, called with the grid
-by :class:`SelfAttention`); they get no text cross-attention (:class:`LongCatBlock`).
+by :class:`SelfAttention`); they get no text cross-attention (:class:`LongCatBlock`). So their keys and
+values never change over the steps: ``longcat_train.kv_cache`` computes them once per video.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from longcat_train.architecture import BLOCK_LINEARS, CHECKPOINT_MODES, OFFICIAL_CLASS_NAME
 from longcat_train.attention import BACKENDS, SAVED_OPS, attention, warn_if_unavailable
+from longcat_train.kv_cache import ConditionCache, LayerKV, block_caches
 
 log = logging.getLogger(__name__)
 
@@ -324,12 +326,20 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         latent_shape: tuple[int, int, int],
         num_cond_latents: int,
+        cond_kv: LayerKV | None = None,
     ) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # [B, N, H, D] views
         # Norm and rotation in fp32 in one pass each (the official rounds between them; this is as exact).
         q = apply_rope(self.q_norm(q), rope).to(x.dtype)
         k = apply_rope(self.k_norm(k), rope).to(x.dtype)
+        if cond_kv is not None:
+            out = cond_kv.attend(
+                *(t.transpose(1, 2) for t in (q, k, v)),
+                implementation=self.attention_implementation,
+                block_sparse_params=self.block_sparse_params,
+            )
+            return self.proj(out.transpose(1, 2).reshape(B, N, C))
         # The I2V visibility rule (condition tokens see only the condition, noisy tokens see everything)
         # is applied inside attention(), where the block-sparse kernel needs the whole sequence at once.
         out = attention(
@@ -401,8 +411,9 @@ class LongCatBlock(nn.Module):
         self.attn = SelfAttention(config)
         self.cross_attn = CrossAttention(config)
         self.ffn = FeedForward(C, config.ffn_hidden_size)
-        # Set through LongCatVideoTransformer.feed_forward_chunks.
+        # Set through LongCatVideoTransformer.feed_forward_chunks and .gradient_checkpointing.
         self.feed_forward_chunks = 1
+        self.checkpointing: CheckpointMode = "full"
 
     def forward(
         self,
@@ -413,6 +424,7 @@ class LongCatBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         latent_shape: tuple[int, int, int],
         num_cond_latents: int,
+        cond_kv: LayerKV | None = None,
     ) -> torch.Tensor:
         """x ``[B, N, C]``, temb ``[B, T, C_t]`` fp32, text ``[B, L, C]`` -> ``[B, N, C]``."""
         B, N, C = x.shape
@@ -423,14 +435,14 @@ class LongCatBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
 
         frames = x.view(B, T, -1, C)  # [B, T, H*W, C]: modulation is per latent frame
-        h = self.attn(
-            _modulate(frames, shift_msa, scale_msa).view(B, N, C), rope, latent_shape, num_cond_latents
-        )
+        modulated = _modulate(frames, shift_msa, scale_msa).view(B, N, C)
+        h = self.attn(modulated, rope, latent_shape, num_cond_latents, cond_kv)
         x = _gated_residual(frames, gate_msa, h.view(B, T, -1, C)).view(B, N, C)
 
         # Condition tokens take no text: only the noisy tokens go through cross-attention.
-        h = self.cross_attn(self.pre_crs_attn_norm(x[:, n_cond:]), text, text_mask)  # [B, N - n_cond, C]
-        x = torch.cat([x[:, :n_cond], x[:, n_cond:] + h], dim=1) if n_cond else x + h
+        if n_cond < N:
+            h = self.cross_attn(self.pre_crs_attn_norm(x[:, n_cond:]), text, text_mask)  # [B, N - n_cond, C]
+            x = torch.cat([x[:, :n_cond], x[:, n_cond:] + h], dim=1) if n_cond else x + h
 
         frames = x.view(B, T, -1, C)
         chunks = min(self.feed_forward_chunks, T)
@@ -513,8 +525,8 @@ class LongCatVideoTransformer(nn.Module):
         self.final_layer = FinalLayer(
             config.hidden_size, math.prod(config.patch_size), config.out_channels, config.adaln_tembed_dim
         )
-        self._gradient_checkpointing: CheckpointMode = "full"
         self._block_step = _block_step
+        self.gradient_checkpointing = "full"
         self.attention_implementation = "sdpa"
         self.block_sparse_params = config.official_block_sparse_params
 
@@ -551,19 +563,32 @@ class LongCatVideoTransformer(nn.Module):
                 module.block_sparse_params = params
 
     @property
-    def gradient_checkpointing(self) -> CheckpointMode:
-        """Per-block activation checkpointing while gradients are enabled.
+    def gradient_checkpointing(self) -> CheckpointMode | tuple[CheckpointMode, ...]:
+        """Activation checkpointing while gradients are enabled: one mode for every block, or one per block.
 
-        ``full`` recomputes each block in backward; ``selective`` keeps the self-attention outputs and
-        recomputes the rest (more memory, no second attention forward); ``none`` stores everything.
+        ``full`` recomputes a block in backward; ``selective`` keeps the self-attention outputs and
+        recomputes the rest (more memory, no second attention forward); ``none`` stores everything. A
+        tuple (one mode per block, e.g. a memory plan's) reads back as a tuple unless all modes agree.
+        Every mode computes the same loss and gradients: only what is kept differs.
         """
-        return self._gradient_checkpointing
+        modes = self.block_checkpointing
+        return modes[0] if modes and all(m == modes[0] for m in modes) else modes
 
     @gradient_checkpointing.setter
-    def gradient_checkpointing(self, mode: CheckpointMode) -> None:
-        if mode not in CHECKPOINT_MODES:
-            raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINT_MODES}, got {mode!r}")
-        self._gradient_checkpointing = mode
+    def gradient_checkpointing(self, mode: CheckpointMode | Sequence[CheckpointMode]) -> None:
+        modes = (mode,) * len(self.blocks) if isinstance(mode, str) else tuple(mode)
+        if len(modes) != len(self.blocks):
+            raise ValueError(f"gradient_checkpointing: {len(modes)} modes for {len(self.blocks)} blocks")
+        for m in modes:
+            if m not in CHECKPOINT_MODES:
+                raise ValueError(f"gradient_checkpointing must be one of {CHECKPOINT_MODES}, got {m!r}")
+        for block, m in zip(self.blocks, modes, strict=True):
+            block.checkpointing = m
+
+    @property
+    def block_checkpointing(self) -> tuple[CheckpointMode, ...]:
+        """The checkpointing mode of each block, in order."""
+        return tuple(block.checkpointing for block in self.blocks)
 
     @property
     def feed_forward_chunks(self) -> int:
@@ -599,8 +624,8 @@ class LongCatVideoTransformer(nn.Module):
         self._block_step = torch.compile(_block_step, **{"fullgraph": True, **compile_kwargs})
 
     def run_block(self, block: LongCatBlock, *args: Any) -> torch.Tensor:
-        """``block(*args)`` under the model's checkpointing mode (compiled after :meth:`compile_blocks`)."""
-        checkpointing = self._gradient_checkpointing if torch.is_grad_enabled() else "none"
+        """``block(*args)`` under its checkpointing mode (compiled after :meth:`compile_blocks`)."""
+        checkpointing = block.checkpointing if torch.is_grad_enabled() else "none"
         return self._block_step(block, checkpointing, *args)
 
     def forward(
@@ -610,6 +635,7 @@ class LongCatVideoTransformer(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         num_cond_latents: int = 0,
+        cond_cache: ConditionCache | None = None,
     ) -> torch.Tensor:
         """Predict ``x0 - eps``.
 
@@ -620,6 +646,9 @@ class LongCatVideoTransformer(nn.Module):
             encoder_hidden_states: text-encoder states ``[B, L, caption_channels]``, padded or not.
             encoder_attention_mask: ``[B, L]``, 1 for real tokens, 0 for padding; None = all real.
             num_cond_latents: leading latent frames that are the clean condition (1 for image-to-video).
+            cond_cache: their keys and values (``kv_cache.cache_condition``). Empty: ``hidden_states`` are
+                the ``num_cond_latents`` condition frames alone, and it is filled. Filled: they are the noisy
+                frames alone, after the cached ones (the output too).
 
         Returns:
             ``[B, C_out, T, H, W]`` float32.
@@ -633,23 +662,26 @@ class LongCatVideoTransformer(nn.Module):
         _, ph, pw = config.patch_size
         if H % ph or W % pw:
             raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {ph}x{pw}")
-        if not 0 <= num_cond_latents < T:
-            raise ValueError(f"num_cond_latents={num_cond_latents} must be in [0, {T}) for {T} latent frames")
         latent_shape = (T, H // ph, W // pw)
+        # cached: condition frames the cache holds in place of the input's
+        cached, layers = block_caches(cond_cache, num_cond_latents, T, len(self.blocks), latent_shape[1:])
         dtype = self.x_embedder.proj.weight.dtype
 
         x = self.x_embedder(hidden_states.to(dtype))  # [B, N, C]
         # The official model casts timesteps to the weight dtype before embedding them; so do we.
         temb = self.t_embedder(
-            self._frame_timesteps(timestep, B, T, num_cond_latents).to(dtype)
+            self._frame_timesteps(timestep, B, T, num_cond_latents - cached).to(dtype)
         )  # [B, T, C_t]
         text, text_mask = self._embed_text(
             encoder_hidden_states.to(dtype), encoder_attention_mask
         )  # [B, L, C]
-        rope = rope_tables(latent_shape, config.head_dim, x.device)
+        rope = rope_tables((cached + T, *latent_shape[1:]), config.head_dim, x.device)
+        rope = tuple(table[cached * latent_shape[1] * latent_shape[2] :] for table in rope)  # noisy positions
 
-        for block in self.blocks:
-            x = self.run_block(block, x, temb, text, text_mask, rope, latent_shape, num_cond_latents)
+        for block, kv in zip(self.blocks, layers, strict=True):
+            x = self.run_block(
+                block, x, temb, text, text_mask, rope, latent_shape, num_cond_latents - cached, kv
+            )
 
         x = self.final_layer(x, temb, T)  # [B, N, ph*pw*C_out] fp32
         return self._unpatchify(x, latent_shape)

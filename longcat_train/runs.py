@@ -59,6 +59,9 @@ RESUMABLE_CHANGES = frozenset(
         "allow_missing_shards",
     }
     | {"report_to", "wandb_project", "progress", "pin_memory"}
+    # The memory plan's settings choose what is kept for backward, not what is computed: a run stopped for
+    # memory resumes under another budget.
+    | {"memory_budget", "plan", "gpu_memory", "area"}
     | {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("validation_")}
 )
 
@@ -125,9 +128,13 @@ def read_saved_config(checkpoint: Path) -> dict[str, Any] | None:
 def resume_base(cfg: TrainConfig) -> dict[str, Any] | None:
     """The values a resumed run starts from: the saved config of the newest checkpoint ``cfg.resume``
     names whose config reads (its own invocation settings and keys unknown today left out), or None
-    when there is none (a fresh start). For ``latest`` the output folder is the one searched."""
+    when there is none (a fresh start). For ``latest`` the output folder is the one searched, and its
+    own ``train_config.json`` is the base when no checkpoint has one."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for checkpoint in resume_candidates(cfg):
+    # Stopped before its first checkpoint, a run has only the config it saved at the start: resuming
+    # it starts it again with those settings (what the refusal of a used output_dir suggests).
+    run_config = [Path(cfg.output_dir)] if cfg.resume == "latest" else []
+    for checkpoint in [*resume_candidates(cfg), *run_config]:
         saved = read_saved_config(checkpoint)
         if saved is None:
             continue

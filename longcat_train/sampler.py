@@ -23,9 +23,16 @@ from longcat_data.flags import check_config
 from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
 from longcat_train.config import RefineSettings, SampleConfig, VideoSettings
+from longcat_train.continuation import (
+    SegmentCallback,
+    check_cond_frames,
+    generate_long_video,
+    read_condition_video,
+    segment_prompts,
+)
 from longcat_train.loading import load_dit
-from longcat_train.lora import check_lora_file, read_lora_file
 from longcat_train.lora_apply import LoadedLoras, NamedLora, load_loras, lora_targets
+from longcat_train.lora_formats import check_file, read_file
 from longcat_train.lora_spec import STRENGTH_RANGE, parse_lora_spec, strength_allowed
 from longcat_train.lowrank import LowRankSet
 from longcat_train.offload import BlockSwap, apply_block_swap
@@ -135,9 +142,12 @@ class Sampler:
         if path not in self._files:
             check_lora(path)
             try:
-                lora = read_lora_file(path)
-                lora_targets(self.dit, NamedLora(path, lora, 1.0))
+                lora = read_file(path)
             except (ValueError, OSError) as err:
+                raise SampleInputError(f"LoRA {err}") from err
+            try:
+                lora_targets(self.dit, NamedLora(path, lora, 1.0))
+            except ValueError as err:
                 detail = str(err).removeprefix(f"LoRA {path}: ").removeprefix(f"{path}: ")
                 raise SampleInputError(
                     f"LoRA {path} does not fit the DiT of --model {self.model}: {detail}"
@@ -169,17 +179,7 @@ class Sampler:
     ) -> np.ndarray:
         """uint8 [B, F, H, W, 3]: one video per prompt from the same start image; prompt i uses
         ``settings.seed + i``."""
-        prompts = [p.strip() for p in prompts]
-        if not prompts or not all(prompts):
-            raise SampleInputError("the prompt is empty: describe what should happen in the video")
-        use_cfg = settings.guidance > 1.0
-        with self._visiting(self.text_encoder) as text_encoder:
-            embeds = encode_text(
-                self.tokenizer, text_encoder, prompts + ([negative_prompt] if use_cfg else [])
-            )
-        negative = embeds.pop() if use_cfg else None
-        if self.block_swap and self.swap is None:
-            self.swap = apply_block_swap(self.dit, self.block_swap, "cpu", compute_device=self.device)
+        embeds, negative = self._prompt_embeds(prompts, settings, negative_prompt)
         return generate_videos(
             self.dit,
             self.vae,
@@ -192,6 +192,54 @@ class Sampler:
             visiting=self._visiting,
             tiled_decode=self.vae_tiling,
         )
+
+    def generate_long(
+        self,
+        prompts: Sequence[str],
+        settings: VideoSettings,
+        *,
+        image: np.ndarray | None = None,
+        video: np.ndarray | None = None,
+        negative_prompt: str = "",
+        on_step: StepCallback | None = None,
+        on_segment: SegmentCallback | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """uint8 [F', H, W, 3]: ``len(prompts)`` segments chained into one video
+        (``continuation.generate_long_video``), from a start ``image`` or continuing ``video`` (its
+        condition frames, ``continuation.read_condition_video``); segment s uses prompt s."""
+        embeds, negative = self._prompt_embeds(prompts, settings, negative_prompt)
+        return generate_long_video(
+            self.dit,
+            self.vae,
+            embeds,
+            negative,
+            settings,
+            image=image,
+            video=video,
+            on_step=on_step,
+            on_segment=on_segment,
+            progress=progress,
+            visiting=self._visiting,
+            tiled_decode=self.vae_tiling,
+        )
+
+    def _prompt_embeds(
+        self, prompts: Sequence[str], settings: VideoSettings, negative_prompt: str
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The prompts' embeddings and, with guidance, the negative prompt's; block swap set up on first use."""
+        prompts = [p.strip() for p in prompts]
+        if not prompts or not all(prompts):
+            raise SampleInputError("the prompt is empty: describe what should happen in the video")
+        use_cfg = settings.guidance > 1.0
+        with self._visiting(self.text_encoder) as text_encoder:
+            embeds = encode_text(
+                self.tokenizer, text_encoder, prompts + ([negative_prompt] if use_cfg else [])
+            )
+        negative = embeds.pop() if use_cfg else None
+        if self.block_swap and self.swap is None:
+            self.swap = apply_block_swap(self.dit, self.block_swap, "cpu", compute_device=self.device)
+        return embeds, negative
 
     def refine(
         self,
@@ -226,9 +274,9 @@ class Sampler:
 
 
 def check_sample_config(config: SampleConfig) -> np.ndarray | None:
-    """Refuse bad input before any model loads: values, the device, LoRA files, the start image, every
-    path the command writes; when serving, the page's folder and address. Returns the start image (None
-    when serving)."""
+    """Refuse bad input before any model loads: values, the device, LoRA files, the start image or the
+    video to continue, every path the command writes; when serving, the page's folder and address.
+    Returns the start image, or with ``--video`` its condition frames (None when serving)."""
     check_config(config)  # as parsing the flags did: a config built in Python gets the same checks
     _check_device(config.device)
     for spec in config.lora:
@@ -247,21 +295,30 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
     elif config.refine_lora or config.refine_temporal:
         flag = "--refine-lora" if config.refine_lora else "--refine-temporal"
         raise SampleInputError(f"{flag} is a setting of --refine: add --refine, or leave {flag} out")
+    chaining = config.video is not None or config.segments > 1
+    if chaining:
+        _check_chaining(config)
     if config.serve:
         _check_output("--serve-dir", config.serve_dir, folder=True)
         _check_address(config.host, config.port)
         return None
-    if config.image is None:
-        raise SampleInputError("--image is required: the start frame of the video")
-    image = read_start_image(config.image)
-    stage = fit_start_image(image, config.area).shape[:2]
-    if config.refine:
-        refine_bucket(*stage, config.refine_area)
     if not config.prompts or not all(p.strip() for p in config.prompts):
         raise SampleInputError("--prompt is empty: describe what should happen in the video")
+    if chaining:
+        segment_prompts(config.prompts, config.segments)
+    if config.video is not None:
+        start = read_condition_video(config.video, config.cond_frames, config.fps, config.area)
+        stage = start.shape[1:3]
+    elif config.image is None:
+        raise SampleInputError("--image is required: the start frame of the video (or --video to continue)")
+    else:
+        start = read_start_image(config.image)
+        stage = fit_start_image(start, config.area).shape[:2]
+    if config.refine:
+        refine_bucket(*stage, config.refine_area)
     if Path(config.output).suffix.lower() != ".mp4":
         raise SampleInputError(f"-o {config.output}: the output must be an .mp4 file")
-    for path in output_paths(config.output, len(config.prompts)):
+    for path in output_paths(config.output, 1 if chaining else len(config.prompts)):
         _check_output("-o", path)
         if config.gif:
             _check_output("--gif", path.with_suffix(".gif"))
@@ -269,7 +326,19 @@ def check_sample_config(config: SampleConfig) -> np.ndarray | None:
             _check_output("--save-frames", path.with_suffix(""), folder=True)
         if config.refine:
             _check_output("--refine", stage_path(path, stage))
-    return image
+    return start
+
+
+def _check_chaining(config: SampleConfig) -> None:
+    """The settings of a continuation (``--video``) or a long video (``--segments`` > 1)."""
+    flag = "--video" if config.video is not None else "--segments"
+    if config.video is not None and config.image is not None:
+        raise SampleInputError("--image and --video: a video starts from one of them; leave out the other")
+    if config.video is not None and config.serve:
+        raise SampleInputError("--video with --serve: upload the video to continue on the page instead")
+    if config.refine:
+        raise SampleInputError(f"--refine with {flag}: continuations are not refined; leave out --refine")
+    check_cond_frames(config.cond_frames, config.frames)
 
 
 def lora_entries(config: SampleConfig) -> list[tuple[str, float]]:
@@ -298,7 +367,7 @@ def check_lora(path: str, flag: str = "--lora") -> None:
     if not Path(path).is_file():
         raise SampleInputError(f"LoRA file not found: {path}")
     try:
-        check_lora_file(path)
+        check_file(path)
     except ValueError as err:
         raise SampleInputError(f"{flag} {err}") from None
 
@@ -362,6 +431,8 @@ def run_sample(config: SampleConfig) -> list[Path]:
     sampler = Sampler.from_config(config)
     # Hooked when a refinement follows: it takes the LoRAs off again and puts its own on.
     sampler.use_loras(lora_entries(config), merge=not config.refine)
+    if config.video is not None or config.segments > 1:
+        return _run_long(sampler, config, image)
     videos = sampler.generate(
         image,
         config.prompts,
@@ -378,6 +449,26 @@ def run_sample(config: SampleConfig) -> list[Path]:
     refined = sampler.refine(videos, image, config.prompts, config.refine_settings)
     fps = config.fps * (2 if config.refine_temporal else 1)
     return written + _write_videos(refined, paths, config, fps)
+
+
+def _run_long(sampler: Sampler, config: SampleConfig, start: np.ndarray) -> list[Path]:
+    """A continuation or long video: the MP4 (re)written after every segment, so a failure in a later
+    segment keeps the ones before; the GIF and frames once the last segment is done."""
+    path = Path(config.output)
+
+    def write_so_far(frames: np.ndarray) -> None:
+        write_mp4(frames, path, fps=config.fps)
+        log.info("wrote %s (%d frames so far)", path, len(frames))
+
+    video = sampler.generate_long(
+        segment_prompts(config.prompts, config.segments),
+        config.video_settings,
+        image=None if config.video is not None else start,
+        video=start if config.video is not None else None,
+        negative_prompt=config.negative_prompt,
+        on_segment=write_so_far,
+    )
+    return _write_videos(video[None], [path], config, config.fps)
 
 
 def _write_videos(

@@ -31,6 +31,7 @@ from longcat_data.buckets import (
     InputTooSmall,
     aspect_distance,
     choose_bucket,
+    clip_frames,
     cover_scale,
     latent_frames,
     make_buckets,
@@ -45,6 +46,7 @@ from longcat_data.defaults import (
 from longcat_data.encode import decode_latents, encode_image, pad_text_embeds
 from longcat_data.video import ImageTooLarge, VideoError, read_image, resize_center_crop
 from longcat_train.config import VideoSettings
+from longcat_train.kv_cache import cache_condition
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ Visiting = Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]
 
 # The distilled model learnt sigmas on a grid of this many points, 1/50 apart (1.0, 0.98, ..., 0.02).
 DISTILL_GRID = 50
+# The official continuation's high-frequency tail: below this timestep the plain schedule is replaced by
+# this many evenly spaced steps down to (not including) 0, spending more steps on fine detail.
+HF_TAIL_START = 500.0
+HF_TAIL_STEPS = 10
 
 
 class SampleInputError(ValueError):
@@ -117,6 +123,18 @@ def refine_scheduler(steps: int, shift: float, strength: float) -> FlowMatchEule
     return scheduler
 
 
+def high_frequency_tail(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMatchEulerDiscreteScheduler:
+    """``scheduler``'s timesteps above ``HF_TAIL_START``, then ``HF_TAIL_STEPS`` evenly spaced ones from
+    it towards 0 (500, 450, ..., 50), then sigma 0: the official continuation's schedule
+    (``enhance_hf``) for the plain, undistilled model."""
+    kept = scheduler.timesteps[scheduler.timesteps > HF_TAIL_START]
+    tail = np.linspace(HF_TAIL_START, 0.0, HF_TAIL_STEPS, endpoint=False, dtype=np.float32)
+    timesteps = torch.cat([kept, torch.from_numpy(tail)])
+    scheduler.timesteps = timesteps
+    scheduler.sigmas = torch.cat([timesteps / 1000, torch.zeros(1)])
+    return scheduler
+
+
 def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
     """CFG-Zero*: ``st * u + g * (c - st * u)`` with ``st = <c, u> / ||u||^2`` per sample.
 
@@ -133,14 +151,11 @@ def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> 
 
 
 def round_frames(frames: int) -> int:
-    """A 4k+1 frame count (the VAE's temporal stride): others are rounded to the nearest, with a warning."""
+    """A 4k+1 frame count (the VAE's temporal stride): others are rounded down, with a warning, as every
+    command does (``buckets.clip_frames``); fewer than 5 frames are refused."""
     if frames < 1 + VAE_TEMPORAL_STRIDE:
         raise SampleInputError(f"frames must be at least {1 + VAE_TEMPORAL_STRIDE}, got {frames}")
-    k = max(1, round((frames - 1) / VAE_TEMPORAL_STRIDE))
-    rounded = 1 + VAE_TEMPORAL_STRIDE * k
-    if rounded != frames:
-        log.warning("frames must be 4k+1 for the VAE: using %d instead of %d", rounded, frames)
-    return rounded
+    return clip_frames(frames, "frames")
 
 
 # ---------------------------------------------------------------- start image
@@ -165,16 +180,21 @@ def read_start_image(source: str | Path | bytes, name: str = "upload") -> np.nda
 
 def fit_start_image(image: np.ndarray, area: tuple[int, int] = DEFAULT_AREA) -> np.ndarray:
     """Resize and centre-crop a start image to the bucket of ``area`` nearest its aspect ratio."""
-    h, w = image.shape[:2]
+    return resize_center_crop(image, *fitting_bucket(*image.shape[:2], area, "start image"))[0]
+
+
+def fitting_bucket(h: int, w: int, area: tuple[int, int], what: str) -> tuple[int, int]:
+    """The bucket of ``area`` nearest ``h x w`` pixels (``what``: the start image, a video), refused
+    (SampleInputError naming ``what``) when it would crop away most of it or need over 2x upscaling."""
     buckets = make_buckets(area)
     try:
         bucket = choose_bucket(h, w, buckets, allow_upscale=True)
     except InputTooSmall as err:  # raised only for sizes that are not positive
-        raise SampleInputError(f"start image: {err}") from err
+        raise SampleInputError(f"{what}: {err}") from err
     kept = math.exp(-aspect_distance(h, w, bucket))
     if kept < MIN_KEPT_FRACTION:
         raise SampleInputError(
-            f"start image {w}x{h} (WxH) has an extreme aspect ratio {max(w, h) / min(w, h):.1f}:1; its nearest "
+            f"{what} {w}x{h} (WxH) has an extreme aspect ratio {max(w, h) / min(w, h):.1f}:1; its nearest "
             f"bucket {bucket[1]}x{bucket[0]} would crop away {1 - kept:.0%} of it. Crop it to at most "
             f"{max(bucket) / min(bucket):.0f}:1 first"
         )
@@ -182,13 +202,13 @@ def fit_start_image(image: np.ndarray, area: tuple[int, int] = DEFAULT_AREA) -> 
     if scale > MAX_UPSCALE:
         least_w, least_h = math.ceil(bucket[1] / MAX_UPSCALE), math.ceil(bucket[0] / MAX_UPSCALE)
         raise SampleInputError(
-            f"start image {w}x{h} (WxH) is too small for --size {area[0]}x{area[1]}: its bucket {bucket[1]}x{bucket[0]} "
+            f"{what} {w}x{h} (WxH) is too small for --size {area[0]}x{area[1]}: its bucket {bucket[1]}x{bucket[0]} "
             f"would need {scale:.1f}x upscaling (at most {MAX_UPSCALE:g}x, so at least {least_w}x{least_h}). "
-            f"Use a larger image or a smaller --size"
+            f"Use a larger {what} or a smaller --size"
         )
     if scale > 1.0:
-        log.info("start image %dx%d upscaled %.2fx to its bucket %dx%d", w, h, scale, bucket[1], bucket[0])
-    return resize_center_crop(image, *bucket)[0]
+        log.info("%s %dx%d upscaled %.2fx to its bucket %dx%d", what, w, h, scale, bucket[1], bucket[0])
+    return bucket
 
 
 # ---------------------------------------------------------------- denoising
@@ -222,17 +242,22 @@ def denoise(
     shift: float = DEFAULT_SHIFT,
     seeds: Sequence[int] = (0,),
     distill: bool = False,
+    hf_tail: bool = False,
+    kv_cache: bool = False,
+    desc: str = "sampling",
     on_step: StepCallback | None = None,
     on_latents: LatentsCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Latents [B, 16, T, h, w] (normalised, fp32) for B start frames and prompts.
+    """Latents [B, 16, T, h, w] (normalised, fp32) for B conditions and prompts.
 
-    ``cond_latents`` [B, 16, 1, h, w] are the encoded start frames; ``prompt_embeds`` B real-token
-    embeddings [L_i, D]; ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1.
-    ``distill``: the distilled model's sigma schedule. ``on_step(i, steps)`` is called after each step;
-    ``on_latents(i, latents)`` sees the full latents (condition frame included) the model is given at
-    step i.
+    ``cond_latents`` [B, 16, C, h, w] are the encoded condition: the start frame (C = 1) or the last
+    frames of a video to continue; ``prompt_embeds`` B real-token embeddings [L_i, D];
+    ``negative_embeds`` [L, D] is the empty prompt's, required when guidance > 1. ``distill``: the
+    distilled model's sigma schedule; ``hf_tail``: :func:`high_frequency_tail` on the plain one;
+    ``kv_cache``: the condition's keys and values computed once (``euler_loop``). ``on_step(i, steps)``
+    is called after each step; ``on_latents(i, latents)`` sees the full latents (condition included)
+    at step i.
     """
     batch = cond_latents.shape[0]
     if len(prompt_embeds) != batch or len(seeds) != batch:
@@ -251,8 +276,15 @@ def denoise(
     texts = ([negative_embeds] * batch if use_cfg else []) + list(prompt_embeds)
     text, mask = pad_text_embeds([t.to(device, torch.float32) for t in texts])
 
-    noisy = initial_noise((channels, latent_frames(frames) - 1, h, w), seeds).to(device)
+    noisy_frames = latent_frames(frames) - cond.shape[2]
+    if noisy_frames < 1:
+        raise SampleInputError(
+            f"{frames} frames leave no latent frame to generate after {cond.shape[2]} condition latents"
+        )
+    noisy = initial_noise((channels, noisy_frames, h, w), seeds).to(device)
     scheduler = flow_scheduler(steps, shift, distill=distill)
+    if hf_tail:
+        scheduler = high_frequency_tail(scheduler)
     noisy = euler_loop(
         model,
         cond,
@@ -261,6 +293,8 @@ def denoise(
         mask,
         scheduler,
         guidance=guidance,
+        kv_cache=kv_cache,
+        desc=desc,
         on_step=on_step,
         on_latents=on_latents,
         progress=progress,
@@ -277,6 +311,7 @@ def euler_loop(
     scheduler: FlowMatchEulerDiscreteScheduler,
     *,
     guidance: float = 1.0,
+    kv_cache: bool = False,
     desc: str = "sampling",
     on_step: StepCallback | None = None,
     on_latents: LatentsCallback | None = None,
@@ -287,16 +322,22 @@ def euler_loop(
 
     ``text`` / ``mask`` are the padded prompt embeddings; with guidance > 1 they hold the B
     unconditional rows first, then the B conditional ones, and both halves run as one batch.
+    ``kv_cache``: the condition's keys and values are computed once (``kv_cache.cache_condition``) and
+    the model is given the noisy frames alone; CFG-Zero* then weighs the noisy frames' predictions only,
+    as the official cached loop does.
     """
     use_cfg = guidance > 1.0
     steps = len(scheduler.timesteps)
     num_cond = cond.shape[2]
+    cache = cache_condition(model, cond, text[-cond.shape[0] :], mask) if kv_cache and num_cond else None
+    cached = {} if cache is None else {"cond_cache": cache}
     for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress)):
         # The clean condition frames are put back in front of the noisy frames at every step.
         latents = torch.cat([cond, noisy], dim=2)
         if on_latents is not None:
             on_latents(i, latents)
-        x = torch.cat([latents, latents]) if use_cfg else latents
+        given = noisy if cache is not None else latents
+        x = torch.cat([given, given]) if use_cfg else given
         timestep = t.to(x.device).expand(x.shape[0])  # the model sets the condition frames' to 0
         pred = model(
             hidden_states=x,
@@ -304,12 +345,13 @@ def euler_loop(
             encoder_hidden_states=text,
             encoder_attention_mask=mask,
             num_cond_latents=num_cond,
+            **cached,
         ).float()
         if use_cfg:
             uncond, pred = pred.chunk(2)
             pred = cfg_zero_star(pred, uncond, guidance)
         # The DiT predicts x0 - eps; the Euler step wants d x / d sigma = eps - x0.
-        noisy = scheduler.step(-pred[:, :, num_cond:], t, noisy).prev_sample
+        noisy = scheduler.step(-pred[:, :, pred.shape[2] - noisy.shape[2] :], t, noisy).prev_sample
         if on_step is not None:
             on_step(i + 1, steps)
     return noisy

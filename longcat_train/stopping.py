@@ -13,6 +13,7 @@ the same step even when only one was signalled. Imports no torch: the command li
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ class TrainingStopped(Exception):
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
         super().__init__(
             f"stopped at step {step} ({signal.Signals(signum).name}): checkpoint saved to {checkpoint}; "
-            f"resume with --resume latest --output-dir {output_dir}"
+            f"resume with --resume latest --output-dir {shlex.quote(str(output_dir))}"
         )
 
     @property

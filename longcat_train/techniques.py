@@ -85,11 +85,26 @@ RULES: tuple[Rule, ...] = (
         {"fsdp": True, "block_swap": 2},
     ),
     Rule(
+        ("memory_budget", "fsdp"),
+        lambda c: c.memory_budget is not None and c.fsdp,
+        "memory_budget plans one GPU holding the whole base; fsdp shards it: drop memory_budget (set "
+        "gradient_checkpointing) or fsdp",
+        {"memory_budget": "80", "fsdp": True},
+    ),
+    Rule(
         ("block_swap", "gradient_checkpointing"),
         lambda c: c.block_swap > 0 and c.gradient_checkpointing == "none",
         "block_swap trains only under gradient_checkpointing (selective or full): without it autograd keeps "
         "views of the swap buffers, which are refilled before backward",
         {"block_swap": 2, "gradient_checkpointing": "none"},
+    ),
+    Rule(
+        ("conditioning", "fsdp"),
+        lambda c: c.fsdp and len(c.tasks) > 1 and c.train_batch_size > 1,
+        "conditioning = mixed with train_batch_size > 1 runs one forward per task drawn in a batch, so "
+        "ranks would make different numbers of the calls fsdp takes together: set train_batch_size = 1 "
+        "(raise gradient_accumulation_steps instead) or turn off fsdp",
+        {"conditioning": "mixed", "train_batch_size": 2, "fsdp": True},
     ),
 )
 
@@ -110,7 +125,12 @@ def load_device(cfg: TrainConfig, device: torch.device) -> torch.device:
 
 
 def apply_techniques(
-    base: LongCatVideoTransformer, cfg: TrainConfig, d: Dist, *, lora_weights: LowRankSet | None = None
+    base: LongCatVideoTransformer,
+    cfg: TrainConfig,
+    d: Dist,
+    *,
+    lora_weights: LowRankSet | None = None,
+    checkpointing: tuple[str, ...] | None = None,
 ) -> tuple[nn.Module, PeftModel]:
     """The training techniques of ``cfg`` on the loaded ``base``, in the order they compose in.
 
@@ -121,7 +141,8 @@ def apply_techniques(
     4. LoRA (seeded: the same adapter on every rank), then ``lora_weights`` when resuming, before anything
        places or shards the model;
     5. float8 matmuls: the frozen base layers under LoRA, after the GPU's capability check;
-    6. gradient checkpointing and feed-forward chunks;
+    6. gradient checkpointing (``checkpointing``, one mode per block, where a memory plan chose them; else
+       ``cfg.gradient_checkpointing`` on every block) and feed-forward chunks;
     7. compile (of the per-block step, traced at the first forward);
     8. placement: block swap (it refuses blocks that change after it, so no module changes later) or the
        compute device, then activation offload's hooks;
@@ -160,7 +181,7 @@ def apply_techniques(
         quant.check_fp8_matmuls(d.device)
         quant.use_fp8_matmuls(model)
 
-    base.gradient_checkpointing = cfg.gradient_checkpointing
+    base.gradient_checkpointing = checkpointing or cfg.gradient_checkpointing
     base.feed_forward_chunks = cfg.feed_forward_chunks
     if cfg.compile:
         base.compile_blocks(tune=cfg.compile_tune)

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from longcat_data.buckets import latent_frames
-from longcat_data.manifest import check_manifest, find_manifest
+from longcat_data.manifest import check_shard_folders, find_manifest
 from longcat_data.stream import (
     ShardStream,
     StreamConfig,
@@ -38,7 +39,7 @@ from longcat_data.stream import (
     make_loader,
     write_text_cache,
 )
-from longcat_train import flow, parallel
+from longcat_train import conditioning, flow, parallel
 from longcat_train.checkpoints import (
     CheckpointError,
     TrainState,
@@ -50,9 +51,11 @@ from longcat_train.checkpoints import (
     set_rng_state,
 )
 from longcat_train.config import ConfigError, TrainConfig, save_config
-from longcat_train.lora import check_lora_file
+from longcat_train.lora_formats import check_file
 from longcat_train.lora_spec import parse_lora_spec
+from longcat_train.loss_curve import write_loss_curve
 from longcat_train.parallel import Dist
+from longcat_train.planning import budget_checkpointing
 from longcat_train.runs import (
     CHECKPOINTS,
     COMFYUI_LORA_FILE,
@@ -125,10 +128,13 @@ def training_loss(
     generator: torch.Generator,
     empty_embeds: torch.Tensor | None,
     device: torch.device,
+    task: str | None = None,
 ) -> torch.Tensor:
-    """Flow-matching loss of one batch: noise, condition on the start frame (I2V), predict x0 - eps."""
+    """Flow-matching loss of one batch as ``task`` (default: the config's one task): predict x0 - eps."""
+    (task,) = [task] if task is not None else cfg.tasks
     x0 = batch["latents"].to(device, torch.float32, non_blocking=True)
-    cond = batch["cond_latents"].to(device, torch.float32, non_blocking=True) if cfg.i2v else None
+    cond = conditioning.condition_latents(task, {**batch, "latents": x0}, cfg.cond_frames)
+    cond = cond.to(device, torch.float32, non_blocking=True) if cond is not None else None
     embeds = batch["embeds"].to(device, non_blocking=True)
     mask = batch["embeds_mask"].to(device, non_blocking=True)
     if empty_embeds is not None:
@@ -185,13 +191,18 @@ def train_step(
         start = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - start
-        samples += batch["latents"].shape[0]
-        last = micro == cfg.gradient_accumulation_steps - 1
-        with parallel.grad_sync(train_model, last), autocast:
-            loss = training_loss(train_model, batch, cfg, generator, empty_embeds, d.device)
-        (loss / cfg.gradient_accumulation_steps).backward()
-        total += loss.detach()
-        micro_losses.append((list(batch.get("keys", [])), loss.detach()))
+        size = batch["latents"].shape[0]
+        samples += size
+        # Each sample draws its task; a model call has one condition length, so one call per task.
+        groups = conditioning.task_groups(conditioning.draw_tasks(cfg.tasks, size, generator))
+        for group, (task, indices) in enumerate(groups):
+            piece, share = conditioning.sub_batch(batch, indices), len(indices) / size
+            last = micro == cfg.gradient_accumulation_steps - 1 and group == len(groups) - 1
+            with parallel.grad_sync(train_model, last), autocast:
+                loss = training_loss(train_model, piece, cfg, generator, empty_embeds, d.device, task)
+            (loss * share / cfg.gradient_accumulation_steps).backward()
+            total += loss.detach() * share
+            micro_losses.append((list(piece.get("keys", [])), loss.detach()))
     loss = parallel.mean_across(total / cfg.gradient_accumulation_steps, d)
     grad_norm = parallel.total_grad_norm(params, cfg.max_grad_norm)
     # Every rank sees the same reduced loss and gradients, so all take the same branch.
@@ -313,8 +324,9 @@ def build_loader(
         world_size=d.world_size,
         resampled=cfg.resampled,
         shuffle_buffer=cfg.shuffle_buffer,
-        need_cond=cfg.i2v,
+        need_cond=conditioning.needs_start_frame(cfg.tasks),
         max_latent_frames=latent_frames(cfg.frames),
+        min_latent_frames=conditioning.min_latent_frames(cfg.tasks, cfg.cond_frames),
         encoders=encoders,
     )
     stream = ShardStream(urls, stream_cfg, start_batch=start_batch, text_cache=text_cache)
@@ -339,7 +351,8 @@ class TrainResult:
 
 def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     """Shard URLs, the manifest (None for remote shards without one) and the model's encoder ids;
-    ShardError when the shards were made for other encoders or another frame count."""
+    ShardError when the shards were made for other encoders or another frame count. Fills the
+    frames and validation settings left unset from the manifest (``TrainConfig.take_shard_settings``)."""
     from longcat_data.encode import encoder_ids
 
     if not cfg.shards:
@@ -349,16 +362,12 @@ def shard_checks(cfg: TrainConfig) -> tuple[list[str], dict | None, dict]:
     urls = expand_shard_spec(cfg.shards, allow_missing=cfg.allow_missing_shards)
     manifest = find_manifest(urls)
     encoders = encoder_ids(cfg.model)
-    if manifest is not None:
-        directory = Path(urls[0]).expanduser().parent
-        check_manifest(
-            manifest,
-            encoders=encoders,
-            frames=cfg.frames,
-            where=str(directory),
-            directory=directory,
-            allow_missing=cfg.allow_missing_shards,
-        )
+    cfg.take_shard_settings(manifest)
+    folders = check_shard_folders(
+        urls, encoders=encoders, frames=cfg.frames, allow_missing=cfg.allow_missing_shards
+    )
+    for directory, folder_manifest in folders:
+        conditioning.check_clip_lengths(cfg.tasks, cfg.cond_frames, folder_manifest, directory)
     return urls, manifest, encoders
 
 
@@ -366,9 +375,12 @@ def check_frozen_loras(cfg: TrainConfig) -> None:
     """ConfigError unless every ``base_lora`` and ``validation_lora`` names a LoRA file (its header is
     read) other than the one this run trains (its exports and checkpoints, rewritten and pruned)."""
     out = Path(cfg.output_dir).resolve()
-    trained = {out / LORA_FILE, out / OFFICIAL_LORA_FILE}
-    for setting in ("base_lora", "validation_lora"):
-        for path in (parse_lora_spec(spec).path for spec in getattr(cfg, setting)):
+    trained = {out / LORA_FILE, out / OFFICIAL_LORA_FILE, out / COMFYUI_LORA_FILE}
+    for setting in ("base_lora", "validation_lora", "validation_distill_lora"):
+        specs = getattr(cfg, setting)
+        for path in (
+            parse_lora_spec(spec).path for spec in ([specs] if isinstance(specs, str) else specs or [])
+        ):
             if not Path(path).is_file():
                 raise ConfigError(f"{setting} {path}: no such LoRA file")
             real = Path(path).resolve()
@@ -378,7 +390,7 @@ def check_frozen_loras(cfg: TrainConfig) -> None:
                     "elsewhere to train a new one on top of it"
                 )
             try:
-                check_lora_file(path)
+                check_file(path)
             except ValueError as err:
                 raise ConfigError(f"{setting} {err}") from None
 
@@ -414,6 +426,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             "num_train_epochs needs the sample count: set epoch_samples (no manifest found) or max_train_steps"
         )
 
+    checkpointing = budget_checkpointing(cfg, manifest, d.device) if cfg.memory_budget is not None else None
     validation = Validation(cfg, d, weight_dtype(cfg, d.device))
     # Only now, with every check passed, does the folder change.
     if d.main:
@@ -434,7 +447,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         digests = base_lora_digests([parse_lora_spec(spec).path for spec in cfg.base_lora])
         state = TrainState(world_size=d.world_size, base_lora_sha256=digests)
     base = load_dit(cfg.model, dtype=weight_dtype(cfg, d.device), device=load_device(cfg, d.device))
-    train_model, model = apply_techniques(base, cfg, d, lora_weights=resumed.lora if resumed else None)
+    train_model, model = apply_techniques(
+        base, cfg, d, lora_weights=resumed.lora if resumed else None, checkpointing=checkpointing
+    )
     validation.attach(train_model)
     params = [p for p in train_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, d.device)
@@ -451,7 +466,6 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         resumed = None  # the optimizer state and LoRA weights are in the model now
     train_model.train()
     result = TrainResult(skipped_steps=state.skipped_steps)
-    metrics = Metrics(cfg, d, state.step, total_steps)
     corrupt: dict[int, int] = {}
     log.info(
         "training %d steps of %d samples (%d per GPU x %d accumulation x %d GPUs) from step %d",
@@ -462,6 +476,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         d.world_size,
         state.step,
     )
+    metrics = Metrics(cfg, d, state.step, total_steps)  # its bar starts after the lines above
 
     def counted(it: Iterator[dict]) -> Iterator[dict]:
         for batch in it:
@@ -482,7 +497,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     data = counted(batches)
     start_step = state.step
-    with StopSignals() as stop:
+    # Validation's bars and log lines print between the training bar's updates without tearing it.
+    with StopSignals() as stop, logging_redirect_tqdm():
         try:
             while state.step < total_steps:
                 start = time.perf_counter()
@@ -531,6 +547,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if result.corrupt_samples:
         log.warning("skipped %d corrupt sample(s) or shard read(s) in this run", result.corrupt_samples)
     if d.main:
+        try:
+            curve = write_loss_curve(out)
+            if curve is not None:
+                log.info("loss per step: %s", curve)
+        except OSError as err:  # a chart is worth less than the run's exit status
+            log.warning("loss curve not written: %s", err)
         log.info(
             "done: LoRA in %s, %s (official) and %s (ComfyUI-WanVideoWrapper)",
             out / LORA_FILE,

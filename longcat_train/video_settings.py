@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from longcat_data.defaults import (
     DEFAULT_AREA,
+    DEFAULT_COND_FRAMES,
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
     DEFAULT_REFINE_AREA,
@@ -27,7 +28,9 @@ class VideoSettings:
     """What a sampled video depends on besides the model, the start image and the prompt: its length,
     the Euler steps, the guidance scale, the sigma shift, the noise seed, the bucket area the start
     image is fitted to, and the sigma schedule (``distill``: the distilled model's, else the plain one).
-    The same settings and inputs make the same frames."""
+    A continuation (``longcat_train.continuation``) also takes the last ``cond_frames`` frames of the video
+    it continues, and with ``kv_cache`` computes their keys and values once (guidance then weighs the new
+    frames only, as the official cached loop). The same settings and inputs make the same frames."""
 
     frames: int = DEFAULT_FRAMES
     steps: int = DEFAULT_STEPS
@@ -36,6 +39,8 @@ class VideoSettings:
     seed: int = 0
     area: tuple[int, int] = DEFAULT_AREA
     distill: bool = False
+    cond_frames: int = DEFAULT_COND_FRAMES
+    kv_cache: bool = True
 
 
 @dataclass(frozen=True)

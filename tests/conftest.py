@@ -27,6 +27,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """Each test sees the one-time warnings (a frame count rounded to 4k+1) as a fresh command would."""
+    from longcat_data.buckets import _warn_once
+
+    _warn_once.cache_clear()
+
+
 def _gradient_image(h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     return np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1).astype(

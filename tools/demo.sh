@@ -30,3 +30,6 @@ PY
 longcat-sample --model tiny --lora "$out/run/lora.safetensors" --image "$out/start.png" \
   --prompt "a bright square drifts to the right" --frames 17 --steps 8 --size 192x320 -o "$out/sample.mp4"
 echo "demo done: shards in $out/shards, LoRA in $out/run, video in $out/sample.mp4"
+echo "The tiny models are random (no downloads): every video here is noise, and the sheets' base and LoRA"
+echo "rows look alike. What the run changes is the loss: $out/run/validation/loss_curve.png (train loss per"
+echo "step), beside the sheets (validation/step_*/*_sheet.png). Real videos need --model meituan-longcat/LongCat-Video."

@@ -83,6 +83,29 @@ def test_encode_video_shape_and_causal_start_frame(tiny) -> None:
     assert torch.equal(encode.encode_video(vae, clip.numpy()), latents)
 
 
+@pytest.mark.parametrize("cond_frames", [1, 5, 9, 13])
+def test_the_first_latents_are_the_first_frames_encoded_alone(tiny, cond_frames) -> None:
+    # Continuation training takes a clip's first (N-1)/4+1 latents as its condition: they must equal
+    # the first N frames encoded on their own (what the continuation sampler encodes), exactly.
+    clip = video(batch=2, frames=17)
+    latents = encode.encode_video(tiny[0], clip)
+    n = 1 + (cond_frames - 1) // 4
+    alone = encode.encode_video(tiny[0], clip[:, :cond_frames])
+    assert alone.shape[2] == n
+    assert torch.equal(alone, latents[:, :, :n])
+
+
+@pytest.mark.gpu
+def test_first_latents_are_the_first_frames_alone_on_cuda_bf16() -> None:
+    torch.backends.cudnn.benchmark = True
+    vae = encode.tiny_vae().to("cuda", torch.bfloat16)
+    clip = video(batch=1, frames=25, h=64, w=96)
+    latents = encode.encode_video(vae, clip)
+    torch.testing.assert_close(
+        encode.encode_video(vae, clip[:, :13]), latents[:, :, :4], rtol=1e-2, atol=1e-2
+    )
+
+
 @pytest.mark.gpu
 def test_causal_start_frame_on_cuda_bf16() -> None:
     # What prep relies on where it runs for real: frame 0 of the clip's latents stands in for the start

@@ -140,15 +140,31 @@ class OfficialFacing(torch.nn.Module):
         self.inputs: list[torch.Tensor] = []  # hidden_states of every call
 
     def forward(
-        self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, num_cond_latents
+        self,
+        hidden_states,
+        timestep,
+        encoder_hidden_states,
+        encoder_attention_mask=None,
+        num_cond_latents=0,
+        return_kv=False,
+        kv_cache_dict=None,
+        skip_crs_attn=False,
+        offload_kv_cache=False,
     ):
+        from longcat_train.kv_cache import cache_condition
+
+        if return_kv:  # the official continuation's condition pass: our cache stands in for its dict
+            cache = cache_condition(self.model, hidden_states, encoder_hidden_states.squeeze(1), None)
+            return None, {"ours": cache}
         self.inputs.append(hidden_states.clone())
+        cached = {"cond_cache": kv_cache_dict["ours"]} if kv_cache_dict else {}
         return self.model(
             hidden_states,
             timestep,
             encoder_hidden_states.squeeze(1),
             encoder_attention_mask,
             num_cond_latents,
+            **cached,
         )
 
 

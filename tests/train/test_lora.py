@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from longcat_train import lora
+from longcat_train import lora, lora_formats
 from longcat_train.config import DEFAULT_LORA_TARGETS, ConfigError
 from longcat_train.lora_apply import load_loras
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
@@ -86,7 +86,7 @@ def test_save_load_round_trip(tmp_path, fmt):
     save = lora.save_diffusers if fmt == "diffusers" else lora.save_official
     path = save(weights, tmp_path / "lora.safetensors", settings)
 
-    read = lora.read_lora_file(path)
+    read = lora_formats.read_file(path)
     modules = {k.rsplit(".", 2)[0] for k in weights}
     assert set(read.deltas) == modules and all(d.rank == 4 and d.scale == 2.0 for d in read.deltas.values())
     if fmt == "diffusers":
@@ -128,10 +128,10 @@ def test_wrong_shapes_are_refused(tmp_path):
     )
     other = lora.apply_lora(tiny(), rank=2, targets=["attn.qkv"])
     with pytest.raises(ValueError, match="shape"):
-        lora.load_lora_weights(other, lora.read_lora_file(path))
+        lora.load_lora_weights(other, lora_formats.read_file(path))
     narrower = lora.apply_lora(tiny(), rank=4, targets=["attn.qkv", "ffn.w1"])
     with pytest.raises(ValueError, match="missing"):
-        lora.load_lora_weights(narrower, lora.read_lora_file(path))
+        lora.load_lora_weights(narrower, lora_formats.read_file(path))
 
 
 NOT_SAFETENSORS = (
@@ -154,21 +154,26 @@ O_QKV = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorah
             lambda path: path.write_bytes(b"\x00\x01 not a header"),
             NOT_SAFETENSORS,
         ),
-        ("empty.safetensors", lambda path: save_file({}, path), "holds no tensors, so no LoRA weights"),
+        (
+            "empty.safetensors",
+            lambda path: save_file({}, path),
+            "not a LongCat-Video LoRA in any layout this tool reads (it holds no tensors)",
+        ),
         (
             "model.safetensors",
             lambda path: save_file({"blocks.0.attn.qkv.weight": torch.zeros(4, 4)}, path),
-            "not a LoRA file (unexpected key blocks.0.attn.qkv.weight)",
+            "not a LongCat-Video LoRA in any layout this tool reads (e.g. key blocks.0.attn.qkv.weight)",
         ),
         (
             "flat.safetensors",
             lambda path: save_file({"transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(4)}, path),
-            "not a LoRA file (transformer.blocks.0.attn.qkv.lora_A.weight is not a matrix)",
+            "none of its LoRA modules can be applied (e.g. transformer.blocks.0.attn.qkv.lora_A.weight: "
+            "not a matrix pair (a convolution LoRA?))",
         ),
         (
             "half.safetensors",
             lambda path: save_file({f"{O_QKV}.lora_down.weight": torch.zeros(2, 128)}, path),
-            f"{O_QKV} has lora_down but no lora_up weights",
+            "blocks.0.attn.qkv has no up matrix, so it is not a whole LoRA",
         ),
     ],
 )
@@ -176,11 +181,11 @@ def test_files_that_are_not_loras_are_one_line_errors(tmp_path, name, content, r
     path = tmp_path / name
     content(path)
     with pytest.raises(ValueError) as err:
-        lora.read_lora_file(path)
+        lora_formats.read_file(path)
     assert str(err.value) == f"{path}: {reason}"
     if name != "half.safetensors":  # needs the tensors; the rest is known from the header alone
         with pytest.raises(ValueError) as err:
-            lora.check_lora_file(path)
+            lora_formats.check_file(path)
         assert str(err.value) == f"{path}: {reason}"
 
 

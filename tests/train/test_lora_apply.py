@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from longcat_train import lora
+from longcat_train import lora, lora_formats
 from longcat_train.config import ConfigError, TrainConfig
 from longcat_train.lora_apply import load_loras
 from longcat_train.lora_spec import LORA_SPECS, LoraSpec, parse_lora_spec
@@ -205,7 +205,7 @@ def test_official_split_file_reads_as_block_diagonal_pieces(tmp_path) -> None:
         f"{ada}.alpha_scale": torch.tensor(2.0),
     }
     save_file(tensors, str(tmp_path / "o.safetensors"))
-    read = lora.read_lora_file(tmp_path / "o.safetensors")
+    read = lora_formats.read_file(tmp_path / "o.safetensors")
     assert read.format == "official" and set(read.deltas) == {
         "blocks.0.attn.qkv",
         "final_layer.adaLN_modulation.1",
@@ -219,10 +219,10 @@ def test_official_split_file_reads_as_block_diagonal_pieces(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("drop", "add", "reason"),
     [
-        ("lora_up.blocks.1.weight", {}, "has lora_up.blocks [0, 2]; 0 to n-1 must all be there"),
-        ("alpha_scale", {}, "has no scalar alpha_scale (alpha / rank), as official files do"),
-        (None, {"lora_up.weight": torch.zeros(384, 4)}, "has both lora_up.weight and lora_up.blocks"),
-        (None, {"lora_down.weight": torch.zeros(8, 128)}, "lora_down is (8, 128) for 3 lora_up of rank 4"),
+        ("lora_up.blocks.1.weight", {}, "has lora_up blocks [0, 2]; blocks 0 to 2 must all be there"),
+        ("alpha_scale", {}, "the file states no alpha (e.g. for blocks.0.attn.qkv)"),
+        (None, {"lora_up.weight": torch.zeros(384, 4)}, "has both lora_up.weight and lora_up blocks"),
+        (None, {"lora_down.weight": torch.zeros(8, 128)}, "lora_down has 8 rows for 3 up blocks"),
         (None, {"alpha_scale": torch.tensor(float("nan"))}, "holds values that are not finite"),
     ],
 )
@@ -234,7 +234,7 @@ def test_broken_official_files_are_one_line_errors(tmp_path, drop, add, reason) 
     path = tmp_path / "broken.safetensors"
     save_file({f"{name}.{k}": v for k, v in parts.items()}, str(path))
     with pytest.raises(ValueError) as err:
-        lora.read_lora_file(path)
+        lora_formats.read_file(path)
     assert str(err.value).startswith(f"{path}: ") and reason in str(err.value) and "\n" not in str(err.value)
 
 
@@ -249,11 +249,12 @@ def test_peft_alpha_comes_from_the_adapter_config_beside_the_file(tmp_path) -> N
         },
         str(tmp_path / "adapter_model.safetensors"),
     )
-    assert lora.read_lora_file(tmp_path / "adapter_model.safetensors").deltas[module].scale == 1.0
+    with pytest.raises(ValueError, match="the file states no alpha"):  # peft's own default is no rule
+        lora_formats.read_file(tmp_path / "adapter_model.safetensors")
     (tmp_path / "adapter_config.json").write_text(
         json.dumps({"r": 4, "lora_alpha": 2, "alpha_pattern": {"ffn.w1": 8}})
     )
-    assert lora.read_lora_file(tmp_path / "adapter_model.safetensors").deltas[module].scale == 2.0
+    assert lora_formats.read_file(tmp_path / "adapter_model.safetensors").deltas[module].scale == 2.0
 
 
 # ---------------------------------------------------------------- refusals, one line each
@@ -289,7 +290,9 @@ def test_refusals_name_the_lora_the_module_and_the_shapes(tmp_path) -> None:
     not_lora = tmp_path / "model.safetensors"
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(4, 4)}, str(not_lora))
     with pytest.raises(
-        ValueError, match=r"model.safetensors: not a LoRA file \(unexpected key blocks.0.attn.qkv.weight\)$"
+        ValueError,
+        match=r"model.safetensors: not a LongCat-Video LoRA in any layout this tool reads "
+        r"\(e.g. key blocks.0.attn.qkv.weight\)$",
     ):
         load_loras(model, [(not_lora, 1.0)], merge=False)
     assert torch.equal(run(model), run(tiny()))  # every refusal left the model as it was

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -368,6 +369,52 @@ def test_gradient_checkpointing_gives_the_same_gradients(zero_pad: bool) -> None
     # selective keeps self-attention. Zero-padded text has more keys (512) than this tiny video has
     # tokens, so that cross-attention counts as kept too (cheap either way).
     assert recomputed == {"none": 0, "full": 3 * depth, "selective": 0 if zero_pad else depth}
+
+
+def _loss_and_gradients(
+    model: LongCatVideoTransformer, x: dict, backward_mode: TorchDispatchMode | None = None
+) -> list[torch.Tensor]:
+    model.zero_grad()
+    latents = x["hidden_states"].clone().requires_grad_()
+    loss = model(**(x | {"hidden_states": latents}), num_cond_latents=1).square().mean()
+    with backward_mode or contextlib.nullcontext():
+        loss.backward()
+    return [loss.detach(), latents.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "modes",
+    [
+        ("none", "selective", "full", "none"),
+        ("full", "none", "none", "selective"),
+        ("selective", "selective", "full", "full"),
+    ],
+)
+def test_per_block_checkpointing_is_bit_identical_to_none(modes: tuple[str, ...]) -> None:
+    """A memory plan's mix of modes, one per block, changes what is kept, never a bit of the result."""
+    torch.manual_seed(0)
+    model = LongCatVideoTransformer(DiTConfig(**{**DiTConfig.tiny().__dict__, "depth": 4})).train()
+    x = _inputs()
+    model.gradient_checkpointing = "none"
+    reference = _loss_and_gradients(model, x)
+    model.gradient_checkpointing = modes
+    assert model.gradient_checkpointing == modes == model.block_checkpointing
+    counter = _CountAttentionForwards()
+    mixed = _loss_and_gradients(model, x, counter)
+    assert all(torch.equal(a, b) for a, b in zip(mixed, reference, strict=True))
+    # Each fully checkpointed block recomputes its self-attention (twice: condition, noisy) and its
+    # cross-attention in backward; the others recompute none of them here (zero-padded text keeps it).
+    assert counter.count == 3 * modes.count("full")
+
+
+def test_per_block_checkpointing_refuses_a_wrong_length_or_mode() -> None:
+    model = tiny_dit()
+    with pytest.raises(ValueError, match="3 modes for 2 blocks"):
+        model.gradient_checkpointing = ("none", "full", "full")
+    with pytest.raises(ValueError, match="must be one of"):
+        model.gradient_checkpointing = ("none", "partial")
+    model.gradient_checkpointing = ["full", "full"]
+    assert model.gradient_checkpointing == "full"
 
 
 def test_checkpointing_works_with_a_frozen_base_and_input_gradients() -> None:

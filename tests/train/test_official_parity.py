@@ -200,3 +200,26 @@ def test_split_official_loras_together_match_the_official_forward(
         print(f"official LoRA parity ({'+'.join(keys)}, merge={merge}): max rel error {error:.2e}")
         assert error < TOLERANCE and _max_error(base, expected) > 100 * TOLERANCE
     torch.testing.assert_close(_forward(ours, x, official=False), base, rtol=1e-6, atol=1e-6)
+
+
+def test_condition_cache_matches_the_official_kv_cache(official_module) -> None:
+    """Our DiT with its condition cache against the official DiT's ``return_kv`` condition pass and
+    ``kv_cache_dict`` forward (the official ``use_kv_cache``), on the same weights."""
+    from longcat_train.kv_cache import cache_condition
+
+    official, ours = _pair(official_module, zero_pad=True)
+    x = _inputs(ours.config, lengths=[5, 9], frames=4)
+    latents, text, mask = x["latents"], x["text"], x["mask"]
+    with torch.no_grad():
+        _, kv = official(
+            latents[:, :, :2], torch.zeros(2, 2), text[:, None], mask, return_kv=True, skip_crs_attn=True
+        )
+        t_frames = x["timestep"][:, None].repeat(1, 2)
+        expected = official(
+            latents[:, :, 2:], t_frames, text[:, None], mask, num_cond_latents=2, kv_cache_dict=kv
+        )
+        cache = cache_condition(ours, latents[:, :, :2], text, mask)
+        got = ours(latents[:, :, 2:], x["timestep"], text, mask, num_cond_latents=2, cond_cache=cache)
+    error = _max_error(got, expected)
+    print(f"official parity (condition cache): max rel error {error:.2e}")
+    assert error < TOLERANCE

@@ -104,6 +104,23 @@ def test_cli_samples_with_several_loras_at_their_strengths(
     assert used == [([(str(style), 0.5), (lora_file, -0.25)], {"merge": True})]
 
 
+def _wider_model_lora(path) -> str:
+    """A LoRA with LongCat-Video's module names for a wider DiT than the tiny one."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file(
+        {
+            "transformer.blocks.0.attn.qkv.lora_A.weight": torch.zeros(4, 320),
+            "transformer.blocks.0.attn.qkv.lora_B.weight": torch.zeros(960, 4),
+        },
+        str(path),
+        metadata={"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": 4})},
+    )
+    return str(path)
+
+
 def test_lora_of_another_model_is_refused(tmp_path) -> None:
     from safetensors.torch import save_file
 
@@ -116,8 +133,13 @@ def test_lora_of_another_model_is_refused(tmp_path) -> None:
         },
         str(other),
     )
-    with pytest.raises(SampleInputError, match="does not fit the DiT of --model tiny.*match no Linear"):
+    with pytest.raises(SampleInputError, match="not a LongCat-Video LoRA in any layout this tool reads"):
         sampler.use_loras([(str(other), 1.0)])
+    wider = _wider_model_lora(tmp_path / "wider.safetensors")
+    with pytest.raises(
+        SampleInputError, match=r"does not fit the DiT of --model tiny.*\[960, 320\] in the LoRA"
+    ):
+        sampler.use_loras([(wider, 1.0)])
     wrong_rank = tmp_path / "wrong_rank.safetensors"
     save_file(
         {
@@ -126,7 +148,7 @@ def test_lora_of_another_model_is_refused(tmp_path) -> None:
         },
         str(wrong_rank),
     )
-    with pytest.raises(SampleInputError, match="does not fit.*shape"):
+    with pytest.raises(SampleInputError, match=r"wrong_rank.safetensors: .*down \(4, 128\) up \(384, 8\)"):
         sampler.use_loras([(str(wrong_rank), 1.0)])
     with pytest.raises(SampleInputError, match="not found"):
         sampler.use_loras([(str(tmp_path / "missing.safetensors"), 1.0)])
@@ -259,18 +281,10 @@ def test_cli_refine_keeps_the_first_video_and_writes_the_refined_one(
 
 
 def test_cli_refine_failing_keeps_the_first_video(tmp_path, make_image, capsys, single_thread) -> None:
-    from safetensors.torch import save_file
 
     from longcat_train.cli import sample_main
 
-    other = tmp_path / "sdxl.safetensors"
-    save_file(
-        {
-            "transformer.down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 320),
-            "transformer.down_blocks.0.to_q.lora_B.weight": torch.zeros(320, 4),
-        },
-        str(other),
-    )
+    other = _wider_model_lora(tmp_path / "wider.safetensors")
     out = tmp_path / "cat.mp4"
     image = _png(tmp_path / "start.png", make_image(32, 32))
     argv = ["--model", "tiny", "--image", image, "--prompt", "a cat walks", "-o", str(out), "--frames", "5"]
@@ -304,7 +318,8 @@ def test_cli_refine_failing_keeps_the_first_video(tmp_path, make_image, capsys, 
         ({"--image": "strip.png"}, "extreme aspect ratio"),
         ({"--prompt": " "}, "--prompt is empty"),
         ({"-o": "out.avi"}, "must be an .mp4"),
-        ({"--lora": "sdxl.safetensors"}, "does not fit the DiT of --model tiny"),
+        ({"--lora": "sdxl.safetensors"}, "not a LongCat-Video LoRA in any layout this tool reads"),
+        ({"--lora": "wider.safetensors"}, "does not fit the DiT of --model tiny"),
         ({"--lora": "nowhere.safetensors"}, "LoRA file not found"),
         ({"--model": "no/such/dir", "--size": "192x320"}, "no such directory"),
     ],
@@ -328,6 +343,7 @@ def test_cli_bad_input_is_one_clear_line(
         },
         "sdxl.safetensors",
     )
+    _wider_model_lora(tmp_path / "wider.safetensors")
     args = {
         "--model": "tiny",
         "--image": "start.png",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longcat_train import lora, offload, parallel, quant
+from longcat_train import lora, lora_formats, offload, parallel, quant
 from longcat_train.cli import parse_train_args
 from longcat_train.config import ConfigError, TrainConfig
 from longcat_train.loading import tiny_dit
@@ -96,7 +96,7 @@ def _adapter_file(folder: Path) -> LowRankSet:
         model = lora.apply_lora(tiny_dit(), rank=2, targets=list(TrainConfig().lora_targets))
     weights = {k: torch.ones_like(v) for k, v in lora.lora_weights(model).items()}
     path = lora.save_diffusers(weights, folder / "lora.safetensors", lora.adapter_settings(model))
-    return lora.read_lora_file(path)
+    return lora_formats.read_file(path)
 
 
 def test_quantised_base_lora_resume_swap_offload_then_ddp(calls: list[str], tmp_path: Path) -> None:

@@ -350,8 +350,8 @@ BAD_FLAGS = [
     ("checkpoints_total_limit", ["--checkpoints-total-limit", "-2"]),
     ("lr_warmup_steps", ["--lr-warmup-steps", "-1"]),
     ("seed", ["--seed", "-1"]),
-    ("frames", ["--frames", "10"]),
-    ("validation_frames", ["--validation-frames", "12"]),
+    ("frames", ["--frames", "3"]),  # 4k+1 counts are rounded down (issue 19): too few is refused
+    ("validation_frames", ["--validation-frames", "4"]),
     ("validation_inference_steps", ["--validation-inference-steps", "0"]),
     ("validation_guidance", ["--validation-guidance", "inf"]),
     ("validation_guidance", ["--validation-guidance", "-1"]),

@@ -123,7 +123,7 @@ def test_target_sign_model_predicting_x0_minus_eps_has_zero_loss(tiny_shards, tm
 @pytest.mark.parametrize("i2v", [True, False])
 def test_condition_frame_is_the_clean_start_frame_and_not_in_the_loss(tiny_shards, tmp_path, i2v):
     batch = one_batch(tiny_shards)
-    cfg = tiny_config(tiny_shards, tmp_path, i2v=i2v)
+    cfg = tiny_config(tiny_shards, tmp_path, conditioning="i2v" if i2v else "t2v")
     oracle = Oracle(batch["latents"].float(), frame0=1e3)  # garbage on frame 0
     loss = training_loss(oracle, batch, cfg, torch.Generator().manual_seed(0), None, CPU)
     call = oracle.calls[0]
@@ -164,12 +164,20 @@ def test_loss_falls_when_overfitting_two_clips(tiny_shards, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 30
 
 
-def test_resume_matches_an_uninterrupted_run_bit_for_bit(tiny_shards, tmp_path):
+# mixed: each sample of a batch of two draws one of three tasks, so the batches split into per-task calls.
+MIXED = dict(
+    conditioning="mixed", cond_frames=5, conditioning_mix="i2v=1,continuation=1,t2v=1", train_batch_size=2
+)
+
+
+@pytest.mark.parametrize("conditioning", [{}, MIXED], ids=["i2v", "mixed"])
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(tiny_shards, tmp_path, conditioning):
     """Stop at step 3 (the checkpoint an interrupted run leaves) and resume: steps 4-7 equal the
     uninterrupted run exactly. Two loader workers (resuming at batch 9 rotates them), gradient
     accumulation, LoRA dropout (global RNG), caption dropout (noise generator + text encoder), warmup +
-    cosine (schedule)."""
+    cosine (schedule); mixed conditioning (the task draws)."""
     kw = dict(
+        **conditioning,
         max_train_steps=7,
         checkpointing_steps=3,
         num_workers=2,
@@ -330,21 +338,22 @@ def test_user_errors_are_one_line(tiny_shards, shard_copy, tmp_path, capsys):
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(4, 4)}, str(not_lora))
     save_file(
         {
-            "down_blocks.0.to_q.lora_A.weight": torch.zeros(4, 32),
-            "down_blocks.0.to_q.lora_B.weight": torch.zeros(32, 4),
+            "blocks.0.attn.qkv.lora_A.weight": torch.zeros(4, 32),
+            "blocks.0.attn.qkv.lora_B.weight": torch.zeros(96, 4),
+            "blocks.0.attn.qkv.alpha": torch.tensor(4.0),
         },
         str(other),
     )
     assert run("--shards", str(tiny_shards), "--base-lora", f"{not_lora}:0.5") == (
-        f"longcat-train: error: base_lora {not_lora}: not a LoRA file (unexpected key blocks.0.attn.qkv.weight)"
+        f"longcat-train: error: base_lora {not_lora}: not a LongCat-Video LoRA in any layout this tool reads (e.g. key blocks.0.attn.qkv.weight)"
     )
     assert run("--shards", str(tiny_shards), "--validation-lora", "x.safetensors:inf") == (
         "longcat-train: error: --validation-lora 'x.safetensors:inf': must be PATH or PATH:STRENGTH, "
         "STRENGTH a finite number in [-4, 4]"
     )
     assert run("--shards", str(tiny_shards), "--base-lora", str(other)) == (
-        f"longcat-train: error: base_lora: LoRA {other}: 1 of its modules match no Linear layer of the DiT: "
-        "down_blocks.0.to_q (a LoRA for another model?)"
+        f"longcat-train: error: base_lora: LoRA {other}: blocks.0.attn.qkv is [96, 32] in the LoRA but "
+        "[384, 128] in the DiT (a LoRA for another model?)"
     )
 
     manifest = json.loads((shard_copy / "manifest.json").read_text())
@@ -519,7 +528,7 @@ def test_base_lora_trains_underneath_and_stacks_at_inference(
     training; a changed base_lora is refused on resume."""
     from longcat_train import validation as validation_module
     from longcat_train.architecture import BLOCK_LINEARS
-    from longcat_train.lora import read_lora_file
+    from longcat_train.lora_formats import read_file
 
     tiny = load_dit("tiny", torch.float32)
     base_lora = official_lora_file(
@@ -548,7 +557,7 @@ def test_base_lora_trains_underneath_and_stacks_at_inference(
         tiny_shards, tmp_path / "run", validation_lora=[f"{extra}:-1.5"], **common, **validating
     )
     result = train(cfg)
-    saved = read_lora_file(result.lora_path)
+    saved = read_file(result.lora_path)
     assert set(saved.deltas) == {f"blocks.{i}.{name}" for i in range(2) for name in BLOCK_LINEARS}
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["base_lora"] == cfg.base_lora
 
@@ -577,3 +586,89 @@ def test_base_lora_trains_underneath_and_stacks_at_inference(
     same = tiny_config(tiny_shards, tmp_path / "run", **{**common, "max_train_steps": 3}, resume="latest")
     with pytest.raises(ConfigError, match=f"base_lora {base_lora} is not the file it trained on"):
         train(same)
+
+
+def test_memory_budget_applies_the_plan_for_the_shards_bucket(tiny_shards, tmp_path, monkeypatch):
+    """--memory-budget: the trainer plans per-block checkpointing for the manifest's bucket (64x64 here,
+    not the 480x832 --area default) and trains bit for bit what no checkpointing trains (fp32)."""
+    from dataclasses import replace
+
+    from longcat_train import memory_plan, planning
+    from longcat_train import trainer as trainer_module
+    from longcat_train.model import DiTConfig, transformer_of
+
+    cfg = tiny_config(tiny_shards, tmp_path / "plain", gradient_checkpointing="none", max_train_steps=2)
+    shape = planning.model_shape(DiTConfig.tiny(), list(cfg.lora_targets))
+    work, cal = planning.workload(cfg, (64, 64)), planning.calibration()
+
+    def peak(*modes: str) -> float:
+        flags = replace(planning.flags_of(cfg, shape.depth), checkpointing=modes)
+        return memory_plan.predict(shape, work, flags, cal).peak_bytes * cal.reserve
+
+    budget_gb = (peak("none", "selective") + peak("none", "none")) / 2 / memory_plan.GB
+    applied = []
+    apply = trainer_module.apply_techniques
+
+    def recording(base, *args, **kwargs):
+        out = apply(base, *args, **kwargs)
+        applied.append(transformer_of(out[0]).block_checkpointing)
+        return out
+
+    monkeypatch.setattr(trainer_module, "apply_techniques", recording)
+    plain = train(cfg)
+    planned = train(
+        replace(
+            cfg,
+            output_dir=str(tmp_path / "planned"),
+            memory_budget=str(budget_gb),
+            gradient_checkpointing="full",
+        )
+    )
+    assert applied == [("none", "none"), ("none", "selective")]
+    assert planned.losses == plain.losses
+    with pytest.raises(ConfigError, match="memory_budget = 1e-06: even full checkpointing"):
+        train(replace(cfg, output_dir=str(tmp_path / "small"), memory_budget="1e-06"))
+
+
+def test_validation_distill_lora_samples_distilled_with_the_lora_on(
+    tiny_shards, tmp_path, monkeypatch, official_lora_file
+):
+    """--validation-distill-lora: the validation videos use the distilled schedule at its 16 steps and
+    guidance 1 (where the run keeps the plain defaults), with the LoRA on for both rows; training does
+    not see it."""
+    from longcat_train import validation as validation_module
+
+    tiny = load_dit("tiny", torch.float32)
+    distill = official_lora_file(tmp_path / "distill.safetensors", tiny, {"blocks.0.attn.qkv": 3}, 2, 3)
+    seen: dict = {}
+
+    def probe(model, vae, pairs, embeds, settings, *, step, **kw):
+        seen["settings"], seen["prompts"] = settings, sorted(embeds)
+        with torch.no_grad(), model.disable_adapter():
+            seen["base"] = model(**_fixed_inputs())
+        return []
+
+    monkeypatch.setattr(validation_module, "run_validation", probe)
+    validating = dict(validation_source=str(tiny_shards), validation_limit=1, validation_area="64x64")
+    cfg = tiny_config(
+        tiny_shards, tmp_path / "run", max_train_steps=1, validation_distill_lora=distill, **validating
+    )
+    assert cfg.validation_loras == [distill]
+    train(cfg)
+    settings = seen["settings"]
+    assert settings.distill and (settings.steps, settings.guidance) == (16, 1.0)
+    assert "" not in seen["prompts"]  # no negative pass without guidance
+    with_distill = load_dit("tiny", torch.float32)
+    load_loras(with_distill, [(distill, 1.0)], merge=False)
+    with torch.no_grad():
+        torch.testing.assert_close(with_distill(**_fixed_inputs()), seen["base"], rtol=1e-5, atol=1e-5)
+    kept = tiny_config(
+        tiny_shards,
+        tmp_path / "b",
+        validation_distill_lora=distill,
+        validation_inference_steps=8,
+        **validating,
+    )
+    assert (kept.validation_settings.steps, kept.validation_settings.guidance) == (8, 1.0)
+    with pytest.raises(ConfigError, match="validation_distill_lora .*no such LoRA file"):
+        train(tiny_config(tiny_shards, tmp_path / "c", validation_distill_lora="none.safetensors"))

@@ -161,3 +161,89 @@ def test_sharded_models_do_not_use_the_base_cache(tiny: dict, tmp_path, make_ima
         assert len(calls) == 4
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- continuation validation
+
+
+def _write_clips(folder, sizes: dict[str, tuple[int, int, int]]) -> None:
+    from longcat_data.demo import synthetic_frames
+    from longcat_data.video import write_mp4
+
+    folder.mkdir(exist_ok=True)
+    for i, (name, (frames, h, w)) in enumerate(sizes.items()):
+        write_mp4(synthetic_frames(h, w, frames, seed=i), folder / f"{name}.mp4", fps=15)
+        (folder / f"{name}.txt").write_text(f"the {name} clip\n")
+
+
+def test_continuation_pairs_from_a_folder_of_videos(tmp_path, make_image) -> None:
+    _write_clips(tmp_path / "v", {"a": (9, 64, 96), "b": (12, 64, 64)})
+    pairs = load_validation_pairs(str(tmp_path / "v"), limit=5, cond_frames=5)
+    assert [(p.key, p.prompt, p.frames.shape) for p in pairs] == [
+        ("a", "the a clip", (5, 64, 96, 3)),
+        ("b", "the b clip", (5, 64, 64, 3)),
+    ]
+    assert all(np.array_equal(p.image, p.frames[0]) and p.continues for p in pairs)
+    # Image-to-video from the same folder: the first frames are the start images.
+    plain = load_validation_pairs(str(tmp_path / "v"), limit=5)
+    assert not any(p.continues for p in plain) and np.array_equal(plain[0].image, pairs[0].frames[0])
+    with pytest.raises(SampleInputError, match=r"a.mp4 has 9 frames, fewer than cond_frames = 13"):
+        load_validation_pairs(str(tmp_path / "v"), limit=5, cond_frames=13)
+    (tmp_path / "i").mkdir()
+    Image.fromarray(make_image(64, 64)).save(tmp_path / "i" / "cat.png")
+    (tmp_path / "i" / "cat.txt").write_text("a cat")
+    with pytest.raises(SampleInputError, match="holds images: a continuation validation continues videos"):
+        load_validation_pairs(str(tmp_path / "i"), limit=5, cond_frames=5)
+
+
+def test_continuation_pairs_from_eval_shards_hold_the_clips_first_latents(tmp_path, make_image) -> None:
+    import webdataset as wds
+
+    from longcat_data.shards import ShardSample
+
+    latents = torch.randn(16, 3, 8, 8)
+    with wds.TarWriter(str(tmp_path / "eval-000000.tar")) as tar:
+        tar.write(ShardSample("clip", latents, latents[:, :1], make_image(64, 64), "a clip", {}).to_members())
+    (pair,) = load_validation_pairs(str(tmp_path), limit=2, cond_frames=5)
+    assert torch.equal(pair.latents, latents[:, :2].bfloat16().float()) and pair.frames is None
+    with pytest.raises(SampleInputError, match="has 3 latent frames, fewer than the 4 of cond_frames = 13"):
+        load_validation_pairs(str(tmp_path), limit=2, cond_frames=13)
+
+
+def test_continuation_latents_are_the_pairs_own_or_its_frames_fitted_and_encoded(
+    tiny: dict, make_image
+) -> None:
+    from longcat_data.demo import synthetic_frames
+    from longcat_data.encode import encode_video
+    from longcat_data.video import resize_center_crop
+
+    vae = tiny["vae"]
+    frames = synthetic_frames(64, 96, 5)
+    own = encode_video(vae, frames[None])[0]
+    shard_pair = ValidationPair("s", frames[0], "p", latents=own)
+    assert torch.equal(validation.continuation_latents(vae, shard_pair, (64, 96)), own[None])
+    folder_pair = ValidationPair("f", frames[0], "p", frames=frames)
+    fitted, _ = resize_center_crop(frames, 64, 64)
+    expected = encode_video(vae, fitted[None])
+    assert torch.equal(validation.continuation_latents(vae, folder_pair, (64, 64)), expected)
+    # At another bucket the shard pair's latents are decoded to its frames, then fitted the same way.
+    assert validation.continuation_latents(vae, shard_pair, (64, 64)).shape == (1, 16, 2, 8, 8)
+
+
+def test_a_continuation_validation_continues_its_condition(tiny: dict, tmp_path, monkeypatch) -> None:
+    from longcat_data.demo import synthetic_frames
+    from longcat_train.loading import tiny_dit
+
+    seen: list[torch.Tensor] = []
+    real = validation.denoise
+    monkeypatch.setattr(
+        validation, "denoise", lambda m, cond, *a, **k: seen.append(cond) or real(m, cond, *a, **k)
+    )
+    frames = synthetic_frames(64, 64, 5)
+    pairs = [ValidationPair("clip", frames[0], "a clip", frames=frames)]
+    settings = VideoSettings(frames=9, steps=2, guidance=1.0, area=(64, 64))
+    (video_path, _) = run_validation(
+        tiny_dit(), tiny["vae"], pairs, {"a clip": tiny["prompt"]}, settings, step=1, output_dir=tmp_path
+    )
+    assert len(read_mp4(video_path)) == 9
+    assert len(seen) == 1 and seen[0].shape == (1, 16, 2, 8, 8)

@@ -622,3 +622,91 @@ def test_the_page_samples_distilled_under_distill() -> None:
     )
     assert seen[0].distill and (seen[0].steps, seen[0].seed, seen[0].guidance) == (8, 3, 1.0)
     assert (config.video_settings.steps, config.video_settings.guidance) == (16, 1.0)  # the page's defaults
+
+
+# ---------------------------------------------------------------- continuation and long videos
+
+
+def clip_bytes(tmp_path: Path, frames: int, name: str = "clip.mp4") -> bytes:
+    from longcat_data.demo import synthetic_frames
+    from longcat_data.video import write_mp4
+
+    return write_mp4(synthetic_frames(256, 256, frames), tmp_path / name, fps=15).read_bytes()
+
+
+@pytest.fixture
+def continuing(tmp_path) -> Iterator[tuple[str, list[GenerationRequest]]]:
+    asked: list[GenerationRequest] = []
+
+    def generate(request: GenerationRequest, on_step) -> np.ndarray:
+        asked.append(request)
+        return np.zeros((9, 64, 64, 3), np.uint8)
+
+    app = create_app(generate, output_dir=tmp_path / "videos", defaults=VideoSettings(area=AREA, frames=17))
+    with running(app) as url:
+        yield url, asked
+
+
+def test_a_video_upload_is_continued_from_its_last_frames(continuing, tmp_path: Path) -> None:
+    url, asked = continuing
+    files = {"video": ("clip.mp4", clip_bytes(tmp_path, 20))}
+    status, job = post(f"{url}/api/jobs", {"prompt": "a cat walks", "segments": "3"}, files)
+    assert status == 202, job
+    assert wait_done(url, job["id"])["state"] == "done"
+    assert asked[0].image is None and asked[0].segments == 3
+    assert asked[0].video.shape == (13, 256, 256, 3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "files", "error"),
+    [
+        (
+            {},
+            {"video": "short"},
+            "video short.mp4 has 8 frames at 15 fps, fewer than --cond-frames 13: give a longer video or a "
+            "smaller --cond-frames",
+        ),
+        ({}, {"video": "garbage"}, "video bad.mp4: not a readable video"),
+        ({}, {"video": "clip", "image": "png"}, "choose a start image or a video to continue, not both"),
+        ({"frames": "9", "segments": "2"}, {"image": "png"}, "--cond-frames 13 is not fewer than --frames 9"),
+        ({"segments": "0"}, {"image": "png"}, "segments must be between 1 and 100, got 0"),
+        ({"segments": "2.5"}, {"image": "png"}, "segments must be a number, got '2.5'"),
+    ],
+)
+def test_refused_continuations_are_400_with_one_line(
+    continuing, tmp_path: Path, fields: dict, files: dict, error: str
+) -> None:
+    url, asked = continuing
+    uploads = {
+        "short": ("short.mp4", clip_bytes(tmp_path, 8, "short.mp4")),
+        "garbage": ("bad.mp4", b"\x00\x00\x00\x18ftypmp42"),
+        "clip": ("clip.mp4", clip_bytes(tmp_path, 20)),
+        "png": ("start.png", png_bytes(256, 256)),
+    }
+    chosen = {field: uploads[kind] for field, kind in files.items()}
+    status, body = post(f"{url}/api/jobs", {"prompt": "a cat walks", **fields}, chosen)
+    assert status == 400 and body["error"].startswith(error) and "\n" not in body["error"], body
+    assert str(tmp_path) not in body["error"] and "/tmp" not in body["error"]
+    assert not asked
+
+
+def test_the_real_tiny_sampler_chains_segments_behind_the_page(tmp_path) -> None:
+    from longcat_train.config import SampleConfig
+    from longcat_train.sampler import Sampler
+    from longcat_train.webui import sampler_generate
+
+    config = SampleConfig(model="tiny", area=(64, 64), frames=9, cond_frames=5, steps=1, distill=True)
+    app = create_app(
+        sampler_generate(Sampler("tiny", device="cpu"), config, {}),
+        output_dir=tmp_path / "videos",
+        defaults=config.video_settings,
+    )
+    with running(app) as url:
+        fields = {"prompt": "a cat walks", "segments": "2", "steps": "1"}
+        status, job = post(f"{url}/api/jobs", fields, {"image": ("start.png", png_bytes(64, 64))})
+        assert status == 202, job
+        done = wait_done(url, job["id"])
+    assert done["state"] == "done", done["error"]
+    assert done["steps"] == done["step"] == 2
+    with av_open(tmp_path / "videos" / f"longcat_{job['id']}.mp4") as container:
+        assert len(list(container.decode(video=0))) == 9 + (9 - 5)

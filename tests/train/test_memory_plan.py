@@ -1,0 +1,209 @@
+"""The memory plan: the cost model against its measurements, per-block checkpointing under a budget, the
+plans it proposes (allowed, fitting), ``longcat-train --plan`` and ``--memory-budget`` in the trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from dataclasses import replace
+
+import pytest
+import torch
+
+from longcat_train import lora, planning
+from longcat_train import memory_plan as mp
+from longcat_train.cli import parse_train_args, train_main
+from longcat_train.config import TrainConfig
+from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.techniques import check_techniques
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def full() -> mp.ModelShape:
+    return planning.model_shape(DiTConfig.full(), list(TrainConfig().lora_targets))
+
+
+@pytest.fixture(scope="module")
+def cal() -> mp.Calibration:
+    return planning.calibration()
+
+
+CLIP = mp.Workload(93, 480, 832)
+
+
+def uniform(mode: str, **kw) -> mp.Flags:
+    return mp.Flags(checkpointing=(mode,) * 48, **kw)
+
+
+def test_the_meta_model_shape_counts_the_released_dit(full):
+    assert full.depth * full.block_params + full.outer_params == pytest.approx(13.58e9, rel=0.01)
+    assert CLIP.tokens(full) == mp.REFERENCE_TOKENS == 37_440
+    # rank-8 LoRA on the eight block linears: 8 * (16 C + 3 F) per block
+    assert full.lora_params_per_rank == (16 * 4096 + 3 * 11008, 0)
+
+
+def test_predictions_reproduce_the_measurements_they_are_fitted_on(full, cal):
+    measured = {k: v.value for k, v in mp.MEASURED.items()}
+    cells = {
+        "step_eager_selective": uniform("selective"),
+        "step_eager_full": uniform("full"),
+        "step_compiled_selective": uniform("selective", compile=True),
+        "step_compiled_fp8_selective": uniform("selective", compile=True, fp8_matmuls=True),
+        "step_compiled_fp8_selective_sparse": uniform(
+            "selective", compile=True, fp8_matmuls=True, attention="block_sparse"
+        ),
+    }
+    for name, flags in cells.items():
+        assert mp.predict(full, CLIP, flags, cal).step_seconds == pytest.approx(measured[name], rel=1e-6)
+    recipe = uniform(
+        "full",
+        base_model_precision="fp8-torchao",
+        block_swap=40,
+        offload_activations=True,
+        feed_forward_chunks=4,
+    )
+    assert mp.predict(full, CLIP, recipe, cal).peak_bytes / mp.GB == pytest.approx(15.5, rel=1e-6)
+    assert mp.predict(full, CLIP, uniform("selective"), cal).peak_bytes / GiB == pytest.approx(67.9, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags, peak_gb",
+    [
+        # benchmarks/results/m-bf16.json, m-int8.json, m-fp8.json (H100, full checkpointing): not fitted on
+        (uniform("full"), 60.2),
+        (uniform("full", block_swap=20), 50.1),
+        (uniform("full", block_swap=40), 38.8),
+        (uniform("full", base_model_precision="int8-quanto"), 48.2),
+        (uniform("full", base_model_precision="fp8-torchao"), 47.8),
+        (uniform("full", base_model_precision="fp8-torchao", block_swap=40), 36.6),
+        (uniform("selective", compile=True, fp8_matmuls=True), 65.4 * GiB / mp.GB),
+    ],
+)
+def test_peaks_the_model_was_not_fitted_on_are_within_ten_percent(full, cal, flags, peak_gb):
+    assert mp.predict(full, CLIP, flags, cal).peak_bytes / mp.GB == pytest.approx(peak_gb, rel=0.10)
+
+
+def _saved_bytes_per_token(config: DiTConfig, mode: str, chunks: int, latent: tuple[int, int, int]) -> float:
+    """What autograd saves inside one block (weights and the tensors shared by all blocks left out)."""
+    torch.manual_seed(0)
+    model = lora.apply_lora(
+        LongCatVideoTransformer(config).to(torch.bfloat16), rank=8, targets=list(TrainConfig().lora_targets)
+    )
+    base = model.get_base_model()
+    base.gradient_checkpointing, base.feed_forward_chunks = mode, chunks
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    run_block = base.run_block
+
+    def counted(block, x, temb, text, *rest):
+        shared = {t.untyped_storage().data_ptr() for t in (temb, text, *rest[1]) if t is not None}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run_block(block, x, temb, text, *rest)
+        for ptr in shared:
+            storages.pop(ptr, None)
+        return out
+
+    base.run_block = counted
+    T, H, W = latent
+    with torch.autocast("cpu", torch.bfloat16):
+        model(
+            torch.randn(1, 16, T, 2 * H, 2 * W),
+            torch.tensor([500.0]),
+            torch.randn(1, 20, 64),
+            num_cond_latents=1,
+        )
+    return sum(storages.values()) / (T * H * W)
+
+
+@pytest.mark.parametrize("hidden, mlp_ratio, chunks", [(256, 4, 1), (256, 8, 1), (512, 4, 1), (256, 4, 2)])
+def test_activation_bytes_are_what_autograd_saves(hidden, mlp_ratio, chunks):
+    """The per-token counts of a block without checkpointing (bf16 autocast) match saved_tensors_hooks."""
+    config = dataclasses.replace(
+        DiTConfig.tiny(), hidden_size=hidden, num_heads=hidden // 128, mlp_ratio=mlp_ratio, depth=1
+    )
+    shape = planning.model_shape(config, list(TrainConfig().lora_targets))
+    latent = (4, 16, 16)
+    work = mp.Workload(frames=13, height=16 * latent[1], width=16 * latent[2])
+    predicted = mp.kept_bytes(shape, work, "none", chunks) / work.tokens(shape)
+    rope = 2 * 4 * config.head_dim  # the RoPE tables, shared by every block, are not the block's
+    assert _saved_bytes_per_token(config, "none", chunks, latent) == pytest.approx(predicted + rope, rel=0.12)
+    full_input = mp.kept_bytes(shape, work, "full", chunks) / work.tokens(shape)
+    assert _saved_bytes_per_token(config, "full", chunks, latent) == pytest.approx(full_input, rel=0.01)
+
+
+def test_a_bigger_budget_recomputes_less(full, cal):
+    flags = uniform("full", compile=True, fp8_matmuls=True)
+    plans = {gb: mp.plan_checkpointing(full, CLIP, flags, gb * mp.GB, cal) for gb in (80, 100, 141)}
+    recompute = {
+        gb: mp.predict(full, CLIP, replace(flags, checkpointing=modes), cal).time["recompute"]
+        for gb, modes in plans.items()
+    }
+    assert recompute[80] > recompute[100] > recompute[141]
+    assert "full" in plans[80] and "none" in plans[141]
+    for gb, modes in plans.items():
+        assert (
+            mp.predict(full, CLIP, replace(flags, checkpointing=modes), cal).peak_bytes * cal.reserve
+            <= gb * mp.GB
+        )
+    assert mp.plan_checkpointing(full, CLIP, flags, 30 * mp.GB, cal) is None
+
+
+def test_swapped_and_offloaded_blocks_stay_checkpointed(full, cal):
+    swapped = mp.plan_checkpointing(full, CLIP, uniform("full", block_swap=10), 141 * mp.GB, cal)
+    assert "none" in swapped[:38] and "none" not in swapped[38:]
+    offloaded = mp.plan_checkpointing(full, CLIP, uniform("full", offload_activations=True), 141 * mp.GB, cal)
+    assert "none" not in offloaded
+
+
+@pytest.mark.parametrize("budget", [16, 24, 48, 80, 141])
+@pytest.mark.parametrize("attention", ["sdpa", "block_sparse"])
+def test_the_fastest_plan_fits_and_is_allowed_by_the_rules(full, cal, budget, attention):
+    cfg = TrainConfig(attention=attention)
+    flags, prediction = mp.fastest_plan(
+        full,
+        CLIP,
+        planning.flags_of(cfg, full.depth),
+        budget * mp.GB,
+        allowed=lambda f: planning.allowed(cfg, f),
+        cal=cal,
+    )
+    assert prediction.peak_bytes * cal.reserve <= budget * mp.GB
+    check_techniques(planning.config_with(cfg, flags))
+    # only measured paths are proposed: no float8 matmuls without compile
+    assert not (flags.fp8_matmuls and not flags.compile)
+    if budget == 16:  # the 16 GB recipe: peak <= 15 GB at 480x832x93
+        assert prediction.peak_bytes <= 15 * mp.GB
+
+
+def test_plan_prints_a_command_line_that_parses_and_runs_allowed_flags(capsys, tmp_path):
+    argv = ["--plan", "--gpu-memory", "24", "--shards", "/data/shards", "--output-dir", str(tmp_path / "o")]
+    argv += ["--compile", "--gradient-checkpointing", "none", "--lora-rank", "16"]
+    assert train_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "current flags: peak" in out and "does not fit" in out.split("\n")[1]
+    command = shlex.split(next(line for line in out.splitlines() if line.startswith("run: "))[5:])
+    assert command[0] == "longcat-train" and "--plan" not in command and "--gpu-memory" not in command
+    assert command[command.index("--lora-rank") + 1] == "16" and "--compile" not in command
+    cfg = parse_train_args(command[1:])
+    assert cfg.memory_budget == "24" and cfg.block_swap > 0 and not cfg.compile
+
+
+def test_plan_without_a_gpu_or_gpu_memory_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_main(["--plan", "--model", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpu-memory" in err[0]
+
+
+def test_largest_bucket_reads_the_manifest():
+    manifest = {"buckets": {"480x832x93": 3, "544x960x93": 1, "720x1280x45": 2, "garbage": 1}}
+    assert planning.largest_bucket(manifest, 93) == (544, 960)
+    assert planning.largest_bucket(manifest, 17) is None and planning.largest_bucket(None, 93) is None
