@@ -176,10 +176,10 @@ def test_resume_across_engines(
 def test_the_command_stops_cleanly_on_a_sigterm_to_its_process_group(videos: Path, tmp_path: Path) -> None:
     """The CLI starts a local Ray instance of its own; a scheduler's SIGTERM reaches the whole group,
     Ray's processes included: the run still closes its shard, exits 143 with one line, and leaves no
-    Ray process behind; the local engine then finishes the set."""
+    Ray process behind (the next run resuming it: test_resume_across_engines)."""
     many = tmp_path / "videos"
     many.mkdir()
-    for copy in range(3):
+    for copy in range(2):
         for clip in DEMO_CLIPS[:4]:
             (many / f"{clip.name}_{copy}.mp4").hardlink_to(videos / f"{clip.name}.mp4")
     out = tmp_path / "out"
@@ -208,13 +208,13 @@ def test_the_command_stops_cleanly_on_a_sigterm_to_its_process_group(videos: Pat
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted (SIGTERM); re-run the same command to continue"
-    assert not list(out.glob("*.partial")) and contents(out)[0]
+    samples, _, manifest = contents(out)
+    assert not list(out.glob("*.partial")) and not manifest["complete"]
+    assert 0 < len(samples) < 8 and set(samples) <= {
+        f"{c.name}_{i}" for i in range(2) for c in DEMO_CLIPS[:4]
+    }
     ray_left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout
     assert ray_left == "", "Ray processes of the stopped run are still there"
-    prep.run_shard(config(many, out, "local"))
-    samples, rejected, manifest = contents(out)
-    assert manifest["complete"] and rejected == []
-    assert sorted(samples) == sorted(f"{c.name}_{i}" for i in range(3) for c in DEMO_CLIPS[:4])
 
 
 @pytest.mark.gpu
