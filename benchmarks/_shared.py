@@ -1,5 +1,5 @@
-"""Shared by the benchmarks: modules created in place (device and dtype), a randomly initialised DiT with its
-LoRA, and a shard of synthetic full-size samples in the layout ``longcat-prep shard`` writes (read back
+"""Shared by the benchmarks: modules created in place (device and dtype), random prep encoders, a randomly
+initialised DiT with its LoRA, and a shard of synthetic full-size samples in the layout ``longcat-prep shard`` writes (read back
 through ``ShardStream``).
 
 Imported as ``from _shared import ...``: ``python benchmarks/X.py`` puts ``benchmarks/`` on ``sys.path``.
@@ -16,14 +16,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from transformers import UMT5Config, UMT5EncoderModel
 from webdataset import TarWriter
 
+from longcat_data import encode
+from longcat_data.prep import Encoders
 from longcat_data.shards import ShardSample
 from longcat_train import lora
 from longcat_train.config import TrainConfig
 from longcat_train.model import DiTConfig, LongCatVideoTransformer
 
 TEXT_TOKENS = 120
+
+# umT5-XXL, the encoder half (what LongCat-Video's text_encoder/ holds).
+UMT5_XXL = {
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+}
 
 
 @contextmanager
@@ -37,6 +53,25 @@ def created_on(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]
             yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def prep_encoders(
+    small: bool, text_encoder: str, cudnn_benchmark: bool, device: torch.device, dtype: torch.dtype
+) -> Encoders:
+    """Random prep encoders (benchmarks/prep.py): the full Wan2.1 VAE config or the tiny VAE, and umT5
+    ``full`` (XXL), ``tiny`` or ``none``, with the tiny tokenizer. Here rather than in prep.py so a Ray
+    actor can import it (a function of ``__main__`` would travel by value)."""
+    # Set where the encoders are built: a Ray actor is a process of its own.
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    tokenizer = encode.tiny_tokenizer()
+    model = None
+    with created_on(device, dtype):
+        vae = (encode.tiny_vae() if small else AutoencoderKLWan()).eval().requires_grad_(False)
+        if text_encoder != "none":
+            tiny = dict(encode.TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
+            config = UMT5Config(**(tiny if text_encoder == "tiny" else UMT5_XXL))
+            model = UMT5EncoderModel(config).eval().requires_grad_(False)
+    return Encoders(vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"})
 
 
 def build_model(

@@ -2,6 +2,7 @@
 
     python benchmarks/prep.py --device cuda [--clips 24] [--workers 8] [--text-encoder full|tiny|none]
     python benchmarks/prep.py --small --compile-backend aot_eager   # a CPU smoke run with the tiny encoders
+    python benchmarks/prep.py --device cuda --engine ray   # + the Ray engine, one GPU actor
     python benchmarks/prep.py ... --store s3 --moto   # also through S3 (a local moto server), vs local disk
 
 Writes synthetic H.264 source videos (larger than the bucket, so decode, resize and crop are real work),
@@ -14,6 +15,10 @@ tokenizer is the tiny local one, whose ids are valid for the real vocabulary). T
   writing), after a warm-up run; clips/s over the whole run including start-up.
 - gpu_busy: share of the end-to-end wall time the main process spent in encoding calls (which end in a
   device sync), i.e. how well decoding and writing hide behind the VAE. Target: ratio >= 0.9.
+- with `--engine ray`: the same prep on the Ray engine (a local Ray instance, one encoder actor on one
+  GPU, decode tasks on the other cores) after the single-process run, and both steady rates (first
+  clip written to last, so Ray's start-up and the actor's model build are left out of both).
+  Target: ray_to_local >= 0.95. Needs `pip install -e ".[ray]"`.
 - with ``--store s3``: the same run again with the videos read from and the shards written to S3
   (``s3://.../videos`` -> ``s3://.../shards``, through ``longcat_data.storage``): its clips/s and its ratio
   to the local-disk run, the cost of the store. ``--moto`` starts a moto S3 server on localhost (a
@@ -40,29 +45,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
-from _shared import created_on  # benchmarks/_shared.py
-from diffusers import AutoencoderKLWan
-from transformers import UMT5Config, UMT5EncoderModel
+from _shared import prep_encoders  # benchmarks/_shared.py
 
 from longcat_data import encode, prep, storage
 from longcat_data.config import PrepConfig
 from longcat_data.demo import CLIP_ENCODING, synthetic_frames
 from longcat_data.video import write_mp4
-
-# umT5-XXL, the encoder half (what LongCat-Video's text_encoder/ holds).
-UMT5_XXL = {
-    "vocab_size": 256384,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "feed_forward_proj": "gated-gelu",
-    "dropout_rate": 0.0,
-}
 
 
 def write_sources(
@@ -82,20 +74,6 @@ def write_sources(
         source = originals[i % len(originals)]
         (directory / f"clip_{i:04d}.mp4").hardlink_to(source)
         (directory / f"clip_{i:04d}.txt").hardlink_to(source.with_suffix(".txt"))
-
-
-def build_encoders(small: bool, text_encoder: str, device: torch.device, dtype: torch.dtype) -> prep.Encoders:
-    tokenizer = encode.tiny_tokenizer()
-    model = None
-    with created_on(device, dtype):
-        vae = (encode.tiny_vae() if small else AutoencoderKLWan()).eval().requires_grad_(False)
-        if text_encoder != "none":
-            tiny = dict(encode.TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
-            config = UMT5Config(**(tiny if text_encoder == "tiny" else UMT5_XXL))
-            model = UMT5EncoderModel(config).eval().requires_grad_(False)
-    return prep.Encoders(
-        vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"}
-    )
 
 
 def sync(device: torch.device) -> None:
@@ -195,6 +173,12 @@ def main() -> None:
         default="inductor",
         help="torch.compile backend of the compiled mode (aot_eager: a CPU smoke run without inductor's build)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="ray: also run the Ray engine (one encoder actor) and compare its rate with the local one",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep sources and shards in this folder")
     parser.add_argument(
         "--store",
@@ -221,9 +205,13 @@ def main() -> None:
 
     write_sources(root / "videos", clips, *source_hw, frames + 4)
     write_sources(root / "warmup", 2, *source_hw, frames + 4)
-    enc = build_encoders(args.small, text_encoder, device, dtype)
+    factory = prep.EncoderFactory(
+        partial(prep_encoders, args.small, text_encoder, args.cudnn_benchmark),
+        {"model": f"random-{text_encoder}"},
+    )
+    enc = factory.build(device, dtype)
 
-    def run_prep(videos: Path | str, out: Path | str) -> prep.PrepStats:
+    def run_prep(videos: Path | str, out: Path | str, engine: str = "local") -> prep.PrepStats:
         cfg = PrepConfig(
             str(videos),
             str(out),
@@ -234,9 +222,11 @@ def main() -> None:
             batch_size=args.batch_size,
             device=str(device),
             text_embeds=text_encoder != "none",
+            engine=engine,
+            ray_encoders=1,
             staging_dir=str(root / "staging"),
         )
-        return prep.run_shard(cfg, encoders=enc)
+        return prep.run_shard(cfg, encoders=enc if engine == "local" else factory)
 
     modes: dict[str, dict] = {}
     for mode in args.modes:
@@ -295,6 +285,21 @@ def main() -> None:
             "ratio_to_local": round(s3_rate / e2e_rate, 3),
             "gpu_busy": round(s3_stats.encode_seconds / s3_stats.wall_seconds, 3),
             "wall_s": round(s3_stats.wall_seconds, 2),
+        }
+    if args.engine == "ray":
+        del enc  # the actor builds its own copy on the same GPU
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        ray_stats = run_prep(root / "videos", root / "ray_shards", engine="ray")
+        local_rate, ray_rate = stats.steady_rate, ray_stats.steady_rate
+        result["ray"] = {
+            "encoder_actors": 1,
+            "clips": ray_stats.written,
+            "local_steady_clips_per_s": round(local_rate, 4),
+            "ray_steady_clips_per_s": round(ray_rate, 4),
+            "ray_to_local": round(ray_rate / local_rate, 3) if local_rate else None,
+            "ray_end_to_end_clips_per_s": round(ray_stats.written / ray_stats.wall_seconds, 4),
+            "ray_wall_s": round(ray_stats.wall_seconds, 2),
         }
     print(json.dumps(result, indent=1))
     if args.keep is None:

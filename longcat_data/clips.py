@@ -386,6 +386,12 @@ def prepare_inputs(inputs: Iterable[dict], spec: ClipSpec) -> Iterator[dict]:
     return remove_fetched(samples, spec)
 
 
+def prepare_input(sample: dict, spec: ClipSpec) -> dict:
+    """One input through the per-input stages (what a Ray task of ``--engine ray`` runs)."""
+    (prepared,) = prepare_inputs([sample], spec)
+    return prepared
+
+
 class _InputStream(IterableDataset):
     """Worker w of W prepares inputs w, w + W, ...; the DataLoader takes one result from each worker in
     turn, so the prepared inputs come out in input order."""

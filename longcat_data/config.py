@@ -17,6 +17,7 @@ from longcat_data.flags import ConfigError, format_area, option, parse_area, par
 from longcat_data.storage import is_remote, local_path
 
 ENCODER_DTYPES = ("auto", "bf16", "fp32")
+ENGINES = ("local", "ray")
 CAPTION_SOURCES = (
     "sidecar (VIDEO.txt, else the file name) | filename | jsonl:FILE | csv:FILE | prompt:TEXT (one caption "
     "for every video) | qwen"
@@ -105,6 +106,13 @@ class PrepConfig:
     )
     rank: int | None = option(None, "this process's slice of the inputs (default: $RANK or 0)")
     world_size: int | None = option(None, "number of slices (default: $WORLD_SIZE or 1)")
+    engine: str = option(
+        "local",
+        "local: decode workers + one encoding process; ray: a Ray Data pipeline on the Ray instance in "
+        "$RAY_ADDRESS, else a local one (pip install -e '.[ray]')",
+        choices=ENGINES,
+    )
+    ray_encoders: int = option(1, "--engine ray: encoder actors, one GPU each where the cluster has GPUs")
     simpletuner: str | None = option(
         None,
         "a SimpleTuner multidatabackend.json (or the config.json naming it): prep each video dataset into "
@@ -130,6 +138,13 @@ class PrepConfig:
         if self.conditioning_dir is not None and self.clips_per_video != 1:
             raise ConfigError(
                 "--conditioning-dir pairs one start frame with one clip: use --clips-per-video 1"
+            )
+        if self.ray_encoders < 1:
+            raise ConfigError(f"--ray-encoders must be >= 1, got {self.ray_encoders}")
+        if self.engine == "ray" and self.resolved_rank[1] > 1:
+            raise ConfigError(
+                "--engine ray spreads the work over the Ray cluster itself: drop --world-size and "
+                "torchrun (or use --engine local for a slice per rank)"
             )
         if self.captions == "qwen" and (is_remote(self.videos_dir) or is_remote(self.out_dir)):
             raise ConfigError(

@@ -7,6 +7,10 @@ The pipeline is a chain of stages, each a generator over plain dict samples (web
     [main process]        clips_of_inputs -> same_shape_batches -> encode_batches (VAE, umT5)
     [writer thread]       write_clips: each clip packed as a ShardSample and written by the ShardWriter
 
+That is the local engine (``--engine local``). ``--engine ray`` (``longcat_data.ray_engine``) runs the
+same stage functions elsewhere: the per-input stages in Ray tasks, ``same_shape_batches`` +
+``encode_batch`` in encoder actors, and ``clips_of_inputs`` + ``write_clips`` here, streamed.
+
 Encoding adds ``latents``, ``cond_latents`` and ``text_embeds`` to each clip sample. Rejection records
 (an input a stage failed on) pass every stage untouched and end in the writer's reject list. Decoding
 runs in worker processes and tar writing in a background thread, so the main process keeps the GPU busy
@@ -19,17 +23,16 @@ finished or dropped, the shard in progress is closed with its whole samples, the
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -41,22 +44,21 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from longcat_data import encode, storage
 from longcat_data.buckets import make_buckets
-from longcat_data.captions import Captioner, CaptionError, load_caption_mapping, match_captions
+from longcat_data.captions import Captioner
 from longcat_data.clips import (
     ClipSpec,
     assign_keys,
     decoded_inputs,
     is_rejection,
-    list_remote_videos,
-    list_videos,
     rejection,
 )
 from longcat_data.config import PrepConfig, parse_captions
 from longcat_data.defaults import TEXT_MAX_LENGTH
 from longcat_data.files import OutputError
 from longcat_data.flags import parse_area, parse_size
-from longcat_data.interrupts import stop_signals
+from longcat_data.interrupts import StopSignals, stop_signals
 from longcat_data.manifest import captions_cache_path, check_compatible, listing_digest, read_states
+from longcat_data.prep_inputs import caption_mapping, check_paths, list_inputs, remote_inputs, staging_folder
 from longcat_data.qwen_captions import QwenCaptioner, precompute_captions
 from longcat_data.shards import ShardSample, bucket_name
 from longcat_data.writer import ShardWriter
@@ -106,14 +108,27 @@ class PrepStats:
     listed: int = 0  # videos in the whole listing (every rank's)
     short_clips: Counter[int] = field(default_factory=Counter)  # frames -> clips kept shorter than asked
     first_reason: dict[str, str] = field(default_factory=dict)  # rejection kind -> its first reason
+    # perf_counter of the first and the last clip written: the steady rate leaves start-up out.
+    first_write: float | None = None
+    last_write: float | None = None
+
+    @property
+    def steady_rate(self) -> float:
+        """Clips/s from the first clip written to the last (0 with fewer than two)."""
+        if self.first_write is None or self.last_write is None or self.last_write <= self.first_write:
+            return 0.0
+        return (self.written - 1) / (self.last_write - self.first_write)
+
+    def rejected_line(self) -> str:
+        """``rejected 3 (2 unreadable, 1 too small)``: the progress bar's tail and the summary's."""
+        reasons = ", ".join(f"{n} {kind}" for kind, n in self.rejected.most_common())
+        return f"rejected {sum(self.rejected.values())}" + (f" ({reasons})" if reasons else "")
 
     def summary(self) -> str:
         rate = self.written / self.wall_seconds if self.wall_seconds else 0.0
-        reasons = ", ".join(f"{n} {kind}" for kind, n in self.rejected.most_common())
-        rejected = sum(self.rejected.values())
         line = (
             f"written {self.written} clips from {self.inputs_written} videos ({rate:.2f} clips/s), "
-            f"skipped {self.skipped} already done, rejected {rejected}" + (f" ({reasons})" if reasons else "")
+            f"skipped {self.skipped} already done, {self.rejected_line()}"
         )
         if self.short_clips:
             lengths = ", ".join(f"{n} of {f}" for f, n in sorted(self.short_clips.items()))
@@ -196,17 +211,33 @@ class Encoders:
     ids: dict[str, str]
 
 
-def load_encoders(cfg: PrepConfig) -> Encoders:
-    device, dtype = encoding_device(cfg), encoding_dtype(cfg)
-    vae = encode.load_vae(cfg.model, device, dtype)
-    if cfg.vae_tiling:
+@dataclass(frozen=True)
+class EncoderFactory:
+    """How to build the encoders on a device, and their ids: what a Ray encoder actor is given, so the
+    models are built where they run. ``build`` must pickle (a module-level function or a partial)."""
+
+    build: Callable[[torch.device, torch.dtype], Encoders]
+    ids: dict[str, str]
+
+
+def _build_encoders(
+    model: str, vae_tiling: bool, text_embeds: bool, device: torch.device, dtype: torch.dtype
+) -> Encoders:
+    vae = encode.load_vae(model, device, dtype)
+    if vae_tiling:
         vae.enable_tiling()
     if cfg.compile_vae and vae.device.type == "cuda":
         encode.compile_vae_encoder(vae)
     tokenizer = text_encoder = None
-    if cfg.text_embeds:
-        tokenizer, text_encoder = encode.load_text_encoder(cfg.model, device, dtype)
-    return Encoders(vae, tokenizer, text_encoder, encode.encoder_ids(cfg.model))
+    if text_embeds:
+        tokenizer, text_encoder = encode.load_text_encoder(model, device, dtype)
+    return Encoders(vae, tokenizer, text_encoder, encode.encoder_ids(model))
+
+
+def encoder_factory(cfg: PrepConfig) -> EncoderFactory:
+    """The encoders ``--model`` names, with the settings of ``cfg``."""
+    build = partial(_build_encoders, cfg.model, cfg.vae_tiling, cfg.text_embeds)
+    return EncoderFactory(build, encode.encoder_ids(cfg.model))
 
 
 def encode_batch(batch: list[dict], enc: Encoders) -> list[dict]:
@@ -260,6 +291,23 @@ def encode_batches(batches: Iterable[list[dict]], enc: Encoders, stats: PrepStat
         yield batch
 
 
+def encode_inputs(records: list[dict], enc: Encoders, batch_size: int) -> list[dict]:
+    """Prepared inputs -> the same inputs with their clips encoded, ``same_shape_batches`` and
+    ``encode_batches`` over all their clips (a Ray encoder actor's work on one batch of inputs). Each
+    input gets its share of the encoding time as ``encode_seconds``; rejections pass untouched."""
+    stats = PrepStats()
+    clips = [clip for record in records if not is_rejection(record) for clip in record["clips"]]
+    batches = encode_batches(same_shape_batches(clips, batch_size), enc, stats)
+    encoded = {clip["__key__"]: clip for batch in batches for clip in batch}
+    share = stats.encode_seconds / max(1, len(records))
+    return [
+        record
+        if is_rejection(record)
+        else {**record, "clips": [encoded[c["__key__"]] for c in record["clips"]], "encode_seconds": share}
+        for record in records
+    ]
+
+
 # ---------------------------------------------------------------- write stage (background thread)
 
 
@@ -303,12 +351,15 @@ def write_clips(
         log.warning("skipped %s: %s", r["source"], r["reason"])
         writer.reject(r["source"], r["reason"])
         stats.rejected[r["rejected"]] += 1
+        bar.set_postfix_str(stats.rejected_line(), refresh=False)
         stats.first_reason.setdefault(r["rejected"], f"{r['source']}: {r['reason']}")
 
     def settle(written: Future[list[tuple[dict, str | None]]]) -> None:
         for clip, error in written.result():
             if error is None:
                 stats.written += 1
+                stats.last_write = time.perf_counter()
+                stats.first_write = stats.first_write or stats.last_write
                 bar.update(1)
                 frames = clip["meta"]["bucket"][2]
                 if frames < stats.frames:
@@ -337,11 +388,13 @@ def write_clips(
 # ---------------------------------------------------------------- the command
 
 
-def progress_bar(clips: int, rank: int, world: int) -> tqdm:
+def progress_bar(clips: int, rank: int, world: int, engine: str = "local") -> tqdm:
+    """One line for the whole run (with ``--engine ray``, the whole cluster): clips/s, ETA, rejections."""
     return tqdm(
         total=clips,
         unit="clip",
-        desc=f"rank {rank}" if world > 1 else "encoding",
+        desc=f"rank {rank}" if world > 1 else ("ray" if engine == "ray" else "encoding"),
+        postfix="rejected 0",
         # In a terminal, live; in a batch job's log, a line a minute rather than nothing for hours.
         dynamic_ncols=True,
         mininterval=0.1 if sys.stderr.isatty() else 60,
@@ -363,101 +416,89 @@ def qwen_captions(cfg: PrepConfig, videos_dir: Path, sources: list[str], stream:
     return captions
 
 
-def caption_mapping(
-    mapping_file: Path | str, sources: list[str], videos_dir: Path, report: bool, staging: Path
-) -> dict[str, str]:
-    """The mapping file's caption for each video of the listing (``captions.match_captions``); entries
-    that match no video are reported once (``report``: by rank 0). A remote file is copied into
-    ``staging`` first; messages name it by its URL."""
-    if isinstance(mapping_file, str):
-        local = staging / f"captions-{os.getpid()}" / Path(mapping_file.rstrip("/").rsplit("/", 1)[-1])
-        try:
-            if not storage.fetch(mapping_file, local):
-                raise CaptionError(mapping_file, "caption mapping file not found")
-            mapping = load_caption_mapping(local)
-        except CaptionError as err:
-            raise CaptionError(mapping_file, err.reason) from None
-        finally:
-            local.unlink(missing_ok=True)
-    else:
-        mapping = load_caption_mapping(mapping_file)
-    matched = match_captions(mapping, sources, mapping_file, videos_dir)
-    warning = matched.report(mapping_file)
-    if report and warning:
-        log.warning("%s", warning)
-    return matched.captions
+def local_batches(
+    cfg: PrepConfig,
+    todo: list[dict],
+    spec: ClipSpec,
+    encoders: Encoders | EncoderFactory,
+    stats: PrepStats,
+    stop: StopSignals,
+    clips_of: Callable[[Iterable[dict]], Iterator[dict]],
+    cleanup: list[Callable[[], None]],
+) -> Iterator[list[dict]]:
+    """``--engine local``: decode workers prepare the inputs, this process encodes them."""
+    enc = (
+        encoders
+        if isinstance(encoders, Encoders)
+        else encoders.build(encoding_device(cfg), encoding_dtype(cfg))
+    )
+    records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")
+    # Stops the decode workers after the writer is closed rather than whenever the generator is
+    # collected: they ignore stop signals, so only this tells them to go.
+    cleanup.append(records.close)
+    # A signal while an input is being received waits for it: cut short, the transfer from the decode
+    # worker would fail noisily on both sides.
+    samples = clips_of(stop.between(records))
+    return encode_batches(same_shape_batches(samples, cfg.batch_size), enc, stats)
 
 
-@contextlib.contextmanager
-def staging_folder(cfg: PrepConfig) -> Iterator[Path]:
-    """``--staging-dir``, else a temporary folder removed at the end: where a remote output's shard in
-    progress and remote videos being decoded wait on the local disk. Inside ``--staging-dir`` each
-    output folder has a subfolder of its own, so runs into different outputs can share it."""
-    if cfg.staging_dir is not None:
-        output = hashlib.sha256(cfg.out_dir.rstrip("/").encode()).hexdigest()[:16]
-        path = storage.local_path(cfg.staging_dir) / output
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"--staging-dir {storage.describe_error(err, path)}") from err
-        yield path
-        return
-    path = Path(tempfile.mkdtemp(prefix="longcat-staging-"))
-    try:
-        yield path
-    finally:
-        storage.remove_tree(path)
+def ray_batches(
+    cfg: PrepConfig,
+    todo: list[dict],
+    spec: ClipSpec,
+    encoders: Encoders | EncoderFactory,
+    stats: PrepStats,
+    stop: StopSignals,
+    clips_of: Callable[[Iterable[dict]], Iterator[dict]],
+    cleanup: list[Callable[[], None]],
+) -> Iterator[list[dict]]:
+    """``--engine ray``: Ray tasks prepare the inputs and Ray actors encode them (``ray_engine``)."""
+    from longcat_data.ray_engine import EncodeJob, encoded_inputs
 
+    if isinstance(encoders, Encoders):
+        raise TypeError("--engine ray builds its encoders in its actors: pass an EncoderFactory")
+    job = EncodeJob(encoders, encoding_device(cfg).type, encoding_dtype(cfg), cfg.batch_size, encode_inputs)
+    records = encoded_inputs(todo, spec, job, cfg.ray_encoders)
+    cleanup.append(records.close)
 
-def remote_inputs(cfg: PrepConfig, spec: ClipSpec, staging: Path, stream: str) -> ClipSpec:
-    """``spec`` reading remote videos (and start frames) through mirrors in ``staging``."""
-    if storage.is_remote(cfg.videos_dir):
-        spec.videos_url = cfg.videos_dir.rstrip("/")
-        spec.videos_dir = staging / f"videos-{stream}"
-    if cfg.conditioning_dir is not None and storage.is_remote(cfg.conditioning_dir):
-        spec.conditioning_url = cfg.conditioning_dir.rstrip("/")
-        try:
-            spec.conditioning_names = frozenset(storage.list_files(spec.conditioning_url))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"start-frame folder {spec.conditioning_url} holds no files") from None
-        spec.conditioning_dir = staging / f"start-frames-{stream}"
-    return spec
+    def timed(records: Iterable[dict]) -> Iterator[dict]:
+        for record in records:
+            stats.encode_seconds += record.pop("encode_seconds", 0.0)
+            yield record
 
-
-def list_inputs(cfg: PrepConfig) -> list[str]:
-    """The videos of ``cfg.videos_dir`` (local or remote), the output folder left out."""
-    if storage.is_remote(cfg.videos_dir):
-        return list_remote_videos(
-            cfg.videos_dir, exclude=cfg.out_dir if storage.is_remote(cfg.out_dir) else None
-        )
-    videos_dir = storage.local_path(cfg.videos_dir)
-    if not videos_dir.is_dir():
-        raise FileNotFoundError(f"videos folder {videos_dir} does not exist")
-    out = None if storage.is_remote(cfg.out_dir) else storage.local_path(cfg.out_dir)
-    return list_videos(videos_dir, exclude=out)
+    # Every clip of an input arrives encoded at once: each goes to the writer as it is.
+    return ([sample] for sample in clips_of(stop.between(timed(records))))
 
 
 def run_shard(
-    cfg: PrepConfig, encoders: Encoders | None = None, captioner: Captioner | None = None
+    cfg: PrepConfig, encoders: Encoders | EncoderFactory | None = None, captioner: Captioner | None = None
 ) -> PrepStats:
-    """The whole shard command; ``encoders``/``captioner`` let callers (benchmarks, tests) inject models.
+    """The whole shard command; ``encoders``/``captioner`` let callers (benchmarks, tests) inject models
+    (the Ray engine takes an ``EncoderFactory``: its actors build the models).
 
     Stop signals raise ``interrupts.Interrupted`` after the shard in progress is closed and the state
     saved; a failing disk raises OutputError after the same (the shard in progress is dropped then).
     """
-    with staging_folder(cfg) as staging:
-        return _run_shard(cfg, encoders, captioner, staging)
+    started = time.perf_counter()
+    check_paths(cfg)
+    with ExitStack() as session:
+        staging = session.enter_context(staging_folder(cfg))
+        if cfg.engine == "ray":
+            from longcat_data import ray_engine  # ConfigError naming the extra to install without Ray
+
+            # Before the stop signals are ours: ray.init sets a SIGTERM handler of its own.
+            cfg = session.enter_context(ray_engine.connected(cfg))
+        stats = _run_shard(cfg, encoders, captioner, staging)
+    stats.wall_seconds = time.perf_counter() - started
+    return stats
 
 
 def _run_shard(
-    cfg: PrepConfig, encoders: Encoders | None, captioner: Captioner | None, staging: Path
+    cfg: PrepConfig, encoders: Encoders | EncoderFactory | None, captioner: Captioner | None, staging: Path
 ) -> PrepStats:
-    started = time.perf_counter()
     rank, world = cfg.resolved_rank
     remote_out = storage.is_remote(cfg.out_dir)
     out_dir: str | Path = cfg.out_dir.rstrip("/") if remote_out else storage.local_path(cfg.out_dir)
-    if isinstance(out_dir, Path) and out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir} is a file, not a folder: choose another output folder")
     videos_dir = (
         Path(cfg.videos_dir) if storage.is_remote(cfg.videos_dir) else storage.local_path(cfg.videos_dir)
     )
@@ -488,7 +529,7 @@ def _run_shard(
             staging_dir=staging / "shards" if remote_out else None,
         )
         finished = False
-        records: Iterator[dict] | None = None
+        cleanup: list[Callable[[], None]] = []
         try:
             stats = PrepStats(frames=cfg.frames, listed=len(all_inputs) + len(duplicates))
             todo = [s for s in mine if writer.done_inputs.get(s["__key__"]) != s["source"]]
@@ -504,7 +545,6 @@ def _run_shard(
             )
             if strategy == "captioner" and captioner is None:
                 captioner = qwen_captions(cfg, videos_dir, [s["source"] for s in todo], writer.stream)
-            enc = encoders or load_encoders(cfg)
             spec = ClipSpec(
                 videos_dir=videos_dir,
                 buckets=make_buckets(parse_area(cfg.area)),
@@ -523,17 +563,18 @@ def _run_shard(
             )
             spec = remote_inputs(cfg, spec, staging, writer.stream)
             clips = len(todo) * cfg.clips_per_video
-            with logging_redirect_tqdm(), progress_bar(clips, rank, world) as bar:
-                records = decoded_inputs(todo, spec, cfg.workers, pin_memory=enc.vae.device.type == "cuda")
-                # A signal while an input is being received waits for it: cut short, the transfer from
-                # the decode worker would fail noisily on both sides.
-                prepared = stop.between(records)
-                # Duplicate keys are the listing's, so one rank reports them.
-                samples = chain(
-                    duplicates if rank == 0 else [],
-                    clips_of_inputs(prepared, writer, bar, cfg.clips_per_video),
-                )
-                batches = encode_batches(same_shape_batches(samples, cfg.batch_size), enc, stats)
+            with logging_redirect_tqdm(), progress_bar(clips, rank, world, cfg.engine) as bar:
+
+                def clips_of(records: Iterable[dict]) -> Iterator[dict]:
+                    # Duplicate keys are the listing's, so one rank reports them.
+                    return chain(
+                        duplicates if rank == 0 else [],
+                        clips_of_inputs(records, writer, bar, cfg.clips_per_video),
+                    )
+
+                engine = ray_batches if cfg.engine == "ray" else local_batches
+                factory = encoders if encoders is not None else encoder_factory(cfg)
+                batches = engine(cfg, todo, spec, factory, stats, stop, clips_of, cleanup)
                 write_clips(batches, writer, ids, stats, bar)
             finished = True
         finally:
@@ -542,10 +583,7 @@ def _run_shard(
                 with stop.deferred(raise_after=finished):
                     writer.close(complete=finished)
             finally:
-                if records is not None:
-                    # Stops the decode workers now rather than whenever the generator is collected: they
-                    # ignore stop signals, so only this tells them to go.
-                    records.close()
+                for close in cleanup:
+                    close()
     stats.shards = len(writer.state.shards)
-    stats.wall_seconds = time.perf_counter() - started
     return stats

@@ -53,3 +53,29 @@ def test_demo_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["demo", str(tmp_path / "demo")]) == 0
     assert len(list((tmp_path / "demo").glob("*.mp4"))) == len(DEMO_CLIPS)
     assert "longcat-prep shard" in capsys.readouterr().out
+
+
+def test_engine_ray_without_ray_says_which_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import longcat_data
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as where it is not installed
+    monkeypatch.delitem(sys.modules, "longcat_data.ray_engine", raising=False)
+    monkeypatch.delattr(longcat_data, "ray_engine", raising=False)
+    (tmp_path / "videos").mkdir()
+    argv = ["shard", str(tmp_path / "videos"), str(tmp_path / "out"), "--model", "tiny", "--engine", "ray"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -e '.[ray]'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_ray_is_not_sliced_by_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="--engine ray spreads the work"):
+        PrepConfig("v", "o", engine="ray", world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="torchrun"):
+        PrepConfig("v", "o", engine="ray")
+    with pytest.raises(ValueError, match="ray-encoders"):
+        PrepConfig("v", "o", engine="ray", ray_encoders=0)

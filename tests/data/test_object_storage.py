@@ -227,6 +227,55 @@ def test_captions_mapping_and_start_frames_from_the_bucket(bucket, demo_videos, 
         prep.run_shard(missing)
 
 
+def test_ray_engine_reads_and_writes_the_bucket(bucket, demo_videos, tmp_path, make_image):
+    """Ray tasks fetch the remote videos, sidecars and start frames into the staging folder themselves;
+    the command's process uploads the shards: the same samples as the local engine, nothing left over."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    from PIL import Image
+
+    from longcat_data.shards import ShardSample
+    from longcat_data.stream import SkipCounter, read_tars
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for clip in CLIPS:
+        Image.fromarray(make_image(128, 192)).save(frames / f"{clip.name}.png")
+    upload(demo_videos, f"s3://{bucket}/videos")
+    upload(frames, f"s3://{bucket}/frames")
+    staging = tmp_path / "staging"
+
+    def run(engine: str) -> dict[str, ShardSample]:
+        out = f"s3://{bucket}/{engine}"
+        cfg = config(
+            f"s3://{bucket}/videos",
+            out,
+            engine=engine,
+            conditioning_dir=f"s3://{bucket}/frames",
+            staging_dir=str(staging),
+        )
+        assert prep.run_shard(cfg).written == len(CLIPS)
+        assert read_manifest(out)["complete"] and read_manifest(out)["rejected"] == []
+        urls = ({"url": u} for u in expand_shard_spec(out))
+        return {m["__key__"]: ShardSample.from_members(m) for m in read_tars(urls, SkipCounter())}
+
+    local = run("local")
+    # The workers inherit the store's AWS_* variables from this process, so Ray starts after they are set.
+    ray.init(
+        num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, logging_level=logging.WARNING
+    )
+    try:
+        remote = run("ray")
+    finally:
+        ray.shutdown()
+    assert sorted(remote) == sorted(local) == EXPECTED
+    for key, sample in remote.items():
+        assert (sample.caption, sample.meta) == (local[key].caption, local[key].meta), key
+        assert sample.meta["cond_source"] == f"{key}.png"
+        assert sample.latents.equal(local[key].latents) and sample.text_embeds.equal(local[key].text_embeds)
+    assert not [p for p in staging.rglob("*") if p.is_file()], "every staged video deleted once decoded"
+    assert not [o for o in objects(bucket) if o.startswith("ray/") and o.endswith((".lock", ".tmp"))]
+
+
 def _prep_command(videos: str, out: str, staging: Path) -> list[str]:
     return [
         sys.executable,
