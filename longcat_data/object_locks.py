@@ -92,7 +92,7 @@ class ObjectLock:
             if self._holder() == self.holder:
                 self.store.remove(self.name)
         except OSError as err:
-            log.warning("releasing %s: %s", self.store.url(self.name), describe_remote_error(err, ""))
+            log.warning("releasing %s: %s (delete it if no run holds it)", self.store.url(self.name), err)
 
     def beat(self) -> None:
         if not self._held:

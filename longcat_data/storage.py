@@ -18,7 +18,6 @@ temporary name ``.NAME.PID.tmp`` and moved into place.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
 import time
@@ -36,8 +35,6 @@ from longcat_data.files import (
     stray_temporaries,
     write_atomic,
 )
-
-log = logging.getLogger(__name__)
 
 # Stores whose put shows the object only once all of it has arrived (one request, or a multipart
 # upload completed at the end): nothing there is ever half written.
