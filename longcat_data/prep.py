@@ -221,12 +221,17 @@ class EncoderFactory:
 
 
 def _build_encoders(
-    model: str, vae_tiling: bool, text_embeds: bool, device: torch.device, dtype: torch.dtype
+    model: str,
+    vae_tiling: bool,
+    text_embeds: bool,
+    compile_vae: bool,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Encoders:
     vae = encode.load_vae(model, device, dtype)
     if vae_tiling:
         vae.enable_tiling()
-    if cfg.compile_vae and vae.device.type == "cuda":
+    if compile_vae and vae.device.type == "cuda":
         encode.compile_vae_encoder(vae)
     tokenizer = text_encoder = None
     if text_embeds:
@@ -236,7 +241,7 @@ def _build_encoders(
 
 def encoder_factory(cfg: PrepConfig) -> EncoderFactory:
     """The encoders ``--model`` names, with the settings of ``cfg``."""
-    build = partial(_build_encoders, cfg.model, cfg.vae_tiling, cfg.text_embeds)
+    build = partial(_build_encoders, cfg.model, cfg.vae_tiling, cfg.text_embeds, cfg.compile_vae)
     return EncoderFactory(build, encode.encoder_ids(cfg.model))
 
 

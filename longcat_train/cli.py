@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from longcat_data.flags import ConfigError, add_flags, from_dict, known_keys, parse, read_config_file
-from longcat_train.config import SampleConfig, TrainConfig
+from longcat_train.config import TrainConfig
 from longcat_train.runs import CONFIG_FILE, resume_base, resume_candidates
+from longcat_train.sample_config import SampleConfig
 from longcat_train.simpletuner import from_simpletuner, is_simpletuner
 from longcat_train.stopping import TrainingStopped
 from longcat_train.techniques import check_techniques

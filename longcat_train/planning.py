@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from longcat_data.defaults import DEFAULT_MODEL, TINY
+from longcat_data.defaults import DEFAULT_MODEL, TINY, default_frames
 from longcat_data.flags import ConfigError, flag_names, parse_area
 from longcat_train import memory_plan as mp
 from longcat_train.config import TrainConfig
@@ -136,7 +136,7 @@ def allowed(cfg: TrainConfig, flags: Flags) -> bool:
 def workload(cfg: TrainConfig, area: tuple[int, int] | None = None) -> Workload:
     height, width = area or parse_area(cfg.area)
     return Workload(
-        frames=cfg.frames,
+        frames=cfg.frames or default_frames(cfg.model),  # unset: the shards' frames are not known here
         height=height,
         width=width,
         batch=cfg.train_batch_size,

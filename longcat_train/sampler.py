@@ -22,7 +22,7 @@ from longcat_data.files import NotWritable, check_writable
 from longcat_data.flags import check_config
 from longcat_data.video import write_frames, write_gif, write_mp4
 from longcat_train.attention import warn_if_unavailable
-from longcat_train.config import ConfigError, RefineSettings, SampleConfig, VideoSettings
+from longcat_train.config import ConfigError, RefineSettings, VideoSettings
 from longcat_train.continuation import (
     SegmentCallback,
     check_cond_frames,
@@ -38,6 +38,7 @@ from longcat_train.lowrank import LowRankSet
 from longcat_train.offload import BlockSwap, apply_block_swap
 from longcat_train.quant import check_fp8_matmuls
 from longcat_train.refine import refine_bucket, refine_videos
+from longcat_train.sample_config import SampleConfig
 from longcat_train.sampling import (
     SampleInputError,
     StepCallback,

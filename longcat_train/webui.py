@@ -39,8 +39,9 @@ from starlette.routing import Route
 
 from longcat_data.defaults import DEFAULT_FPS
 from longcat_data.video import write_mp4
-from longcat_train.config import SAMPLE_LIMITS, SampleConfig, VideoSettings
+from longcat_train.config import VideoSettings
 from longcat_train.continuation import check_cond_frames, read_condition_video, segment_prompts
+from longcat_train.sample_config import SAMPLE_LIMITS, SampleConfig
 from longcat_train.sampler import Sampler, check_sample_config, lora_entries
 from longcat_train.sampling import (
     SampleInputError,

@@ -341,6 +341,7 @@ def test_the_vae_encoder_is_compiled_on_cuda_unless_turned_off(tmp_path, device,
     compiled: list[torch.nn.Module] = []
     monkeypatch.setattr(encode, "compile_vae_encoder", lambda vae: compiled.append(vae) or vae)
     for flag in (True, False):
-        enc = prep.load_encoders(config(tmp_path, tmp_path / "out", device=device, compile_vae=flag))
+        cfg = config(tmp_path, tmp_path / "out", device=device, compile_vae=flag)
+        enc = prep.encoder_factory(cfg).build(prep.encoding_device(cfg), prep.encoding_dtype(cfg))
         assert (enc.vae in compiled) == (flag and device == "cuda")
     assert cli.build_parser().parse_args(["shard", "v", "o", "--no-compile-vae"]).compile_vae is False

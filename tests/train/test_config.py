@@ -6,7 +6,8 @@ import pytest
 from longcat_train import config as C
 from longcat_train import runs
 from longcat_train.cli import load_config, parse_train_args
-from longcat_train.config import ConfigError, SampleConfig, TrainConfig, VideoSettings
+from longcat_train.config import ConfigError, TrainConfig, VideoSettings
+from longcat_train.sample_config import SampleConfig
 from longcat_train.simpletuner import from_simpletuner
 from longcat_train.techniques import check_techniques
 

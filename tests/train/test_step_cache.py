@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from longcat_data.flags import ConfigError
-from longcat_train.config import SampleConfig, VideoSettings
+from longcat_train.config import VideoSettings
 from longcat_train.loading import tiny_dit
+from longcat_train.sample_config import SampleConfig
 from longcat_train.sampling import denoise, generate_videos
 from longcat_train.step_cache import StepCache, step_cache
 

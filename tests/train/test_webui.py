@@ -403,7 +403,7 @@ def test_lora_names_are_stems_made_unique_in_order() -> None:
 def test_no_answer_names_a_path_of_the_server(tmp_path: Path, lora_path: str) -> None:
     """Every answer the app gives (page, submissions, polls, videos, errors) is free of server paths: LoRAs
     by name, failures with their paths cut, however the failure arose."""
-    from longcat_train.config import SampleConfig
+    from longcat_train.sample_config import SampleConfig
     from longcat_train.sampler import check_lora
     from longcat_train.webui import lora_names, sampler_generate
 
@@ -576,7 +576,7 @@ def test_choosing_a_lora_on_the_page_suggests_its_strength(tmp_path: Path, brows
 
 
 def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None:
-    from longcat_train.config import SampleConfig
+    from longcat_train.sample_config import SampleConfig
     from longcat_train.sampler import Sampler
     from longcat_train.webui import lora_names, sampler_generate
 
@@ -601,7 +601,7 @@ def test_the_real_tiny_sampler_behind_the_page(tmp_path, lora_path: str) -> None
 
 
 def test_the_page_samples_distilled_under_distill() -> None:
-    from longcat_train.config import SampleConfig
+    from longcat_train.sample_config import SampleConfig
     from longcat_train.webui import sampler_generate
 
     seen: list[VideoSettings] = []
@@ -691,7 +691,7 @@ def test_refused_continuations_are_400_with_one_line(
 
 
 def test_the_real_tiny_sampler_chains_segments_behind_the_page(tmp_path) -> None:
-    from longcat_train.config import SampleConfig
+    from longcat_train.sample_config import SampleConfig
     from longcat_train.sampler import Sampler
     from longcat_train.webui import sampler_generate
 
@@ -713,7 +713,7 @@ def test_the_real_tiny_sampler_chains_segments_behind_the_page(tmp_path) -> None
 
 
 def test_page_jobs_keep_the_commands_step_cache(make_image) -> None:
-    from longcat_train.config import SampleConfig
+    from longcat_train.sample_config import SampleConfig
     from longcat_train.webui import sampler_generate
 
     seen: list[VideoSettings] = []
