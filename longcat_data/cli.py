@@ -25,7 +25,7 @@ from longcat_data.config import (
     PushConfig,
 )
 from longcat_data.defaults import DEMO_AREA, DEMO_FRAMES
-from longcat_data.flags import add_flags, parse
+from longcat_data.flags import add_commands, parse
 from longcat_data.interrupts import Interrupted
 
 
@@ -251,16 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (cls, _, help_text, epilog) in COMMANDS.items():
-        command = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        add_flags(command, cls)
+    add_commands(parser, COMMANDS)
     return parser
 
 

@@ -522,3 +522,18 @@ def simpletuner_keys(cls: type) -> dict[str, str]:
     return {
         f.metadata["simpletuner"]: f.name for f in dataclasses.fields(cls) if f.metadata.get("simpletuner")
     }
+
+
+def add_commands(parser: argparse.ArgumentParser, commands: Mapping[str, tuple[type, Any, str, str]]) -> None:
+    """One subcommand of ``parser`` per ``name: (config class, runner, help, epilog)``, its flags from the
+    config class."""
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (cls, _, help_text, epilog) in commands.items():
+        command = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_flags(command, cls)

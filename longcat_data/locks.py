@@ -219,11 +219,8 @@ class StreamLock:
             other, heartbeat = read_holder(path)
             if other is None or not other.is_alive(heartbeat):
                 continue
-            if other.world_size != self.holder.world_size:
-                why = f"with --world-size {other.world_size}, this one with {self.holder.world_size}"
-            elif other.listing != self.holder.listing:
-                why = "over another list of videos (videos were added or removed since it started)"
-            else:
+            why = other_run_difference(other, self.holder)
+            if why is None:
                 continue
             raise OutputLocked(
                 f"{self.path.parent.parent} is being written by another run, {other.describe()} (stream "
@@ -278,3 +275,13 @@ def unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def other_run_difference(other: Holder, holder: Holder) -> str | None:
+    """How the writer ``other`` belongs to another run than ``holder`` (another world size or listing of
+    the videos), or None when both are streams of one run."""
+    if other.world_size != holder.world_size:
+        return f"with --world-size {other.world_size}, this one with {holder.world_size}"
+    if other.listing != holder.listing:
+        return "over another list of videos (videos were added or removed since it started)"
+    return None

@@ -33,6 +33,7 @@ from longcat_data.locks import (
     WAIT_SECONDS,
     Holder,
     OutputLocked,
+    other_run_difference,
 )
 from longcat_data.storage import RemoteFolder, describe_remote_error
 
@@ -165,11 +166,8 @@ class ObjectLock:
             other = self._holder(name)
             if other is None or other.stream == "merge" or not other.is_alive(self._heartbeat_of(name)):
                 continue
-            if other.world_size != self.holder.world_size:
-                why = f"with --world-size {other.world_size}, this one with {self.holder.world_size}"
-            elif other.listing != self.holder.listing:
-                why = "over another list of videos (videos were added or removed since it started)"
-            else:
+            why = other_run_difference(other, self.holder)
+            if why is None:
                 continue
             raise OutputLocked(
                 f"{self.store.url()} is being written by another run, {other.describe()} (stream "

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from longcat_data.flags import ConfigError, add_flags, parse
+from longcat_data.flags import ConfigError, add_commands, parse
 from longcat_train.lora_config import ConvertLoraConfig, InspectLoraConfig
 
 
@@ -63,16 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LongCat-Video LoRA files: ours, the official one, ComfyUI-WanVideoWrapper's, other trainers'.",
         epilog="e.g. longcat-lora convert out/lora.safetensors lora_comfyui.safetensors --to comfyui",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (cls, _, help_text, epilog) in COMMANDS.items():
-        command = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        add_flags(command, cls)
+    add_commands(parser, COMMANDS)
     return parser
 
 
