@@ -28,7 +28,7 @@ from longcat_train.lora_formats import LoraFormatError, read_file, write
 from longcat_train.lora_pieces import one_piece, split_block_diagonal
 from longcat_train.lora_tool import module_shapes
 from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
-from longcat_train.model import DiTConfig
+from longcat_train.model import DiTConfig, FP32Linear
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -159,7 +159,13 @@ def test_official_loader_reads_our_split_file_strictly_and_computes_our_update(t
     write(source, tmp_path / "c.safetensors", "comfyui")
     write(read_file(tmp_path / "c.safetensors"), tmp_path / "o.safetensors", "official")
     state = load_file(str(tmp_path / "o.safetensors"))
-    network = official.create_lora_network(tiny_dit(), state, 1.0, 4, 64)
+    model = tiny_dit()
+    for (
+        module
+    ) in model.modules():  # the official model's fp32 layers are plain nn.Linear, as its loader expects
+        if isinstance(module, FP32Linear):
+            module.__class__ = torch.nn.Linear
+    network = official.create_lora_network(model, state, 1.0, 4, 64)
     network.load_state_dict(state, strict=True)
     assert len(network.loras) == len(source.deltas)
     for module in network.loras:
