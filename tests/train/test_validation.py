@@ -93,7 +93,7 @@ def test_run_validation_writes_videos_sheets_and_tensorboard(
     assert [p.name for p in second] == ["cat.mp4", "cat_sheet.png"]
     assert len(read_mp4(first[0])) == 5
     with Image.open(first[1]) as sheet:  # label column, start frame, four frames; base and LoRA rows
-        assert sheet.size == (72 + 5 * 164, 18 + 2 * 164)
+        assert sheet.size == (72 + 5 * 164, 34 + 2 * 164)  # the title line (step, LoRA) above the header
     assert len(list((tmp_path / "validation" / "base").glob("cat_*.mp4"))) == 1
     assert len(calls) == 3  # LoRA at both steps, the base model once
     assert model.training  # the trainer's mode comes back
