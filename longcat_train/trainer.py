@@ -13,7 +13,6 @@ a run stopped at step k and resumed reproduces the uninterrupted losses bit for 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import random
@@ -25,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from longcat_data.buckets import latent_frames
@@ -54,6 +52,7 @@ from longcat_train.config import ConfigError, TrainConfig, save_config
 from longcat_train.lora_formats import check_file
 from longcat_train.lora_spec import parse_lora_spec
 from longcat_train.loss_curve import write_loss_curve
+from longcat_train.metrics import Metrics
 from longcat_train.parallel import Dist
 from longcat_train.planning import budget_checkpointing
 from longcat_train.runs import (
@@ -61,7 +60,6 @@ from longcat_train.runs import (
     COMFYUI_LORA_FILE,
     CONFIG_FILE,
     LORA_FILE,
-    METRICS_FILE,
     OFFICIAL_LORA_FILE,
     clear_run,
     drop_after,
@@ -255,59 +253,6 @@ def encode_texts(model: str, texts: list[str], device: torch.device) -> dict[str
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
-
-
-# ---------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Progress bar, tensorboard, optional wandb and ``metrics.jsonl``; everything on rank 0 only."""
-
-    def __init__(self, cfg: TrainConfig, d: Dist, start: int, total: int) -> None:
-        self.active = d.main
-        self.tb = self.wandb = None
-        self.bar = tqdm(
-            total=total, initial=start, disable=not (d.main and cfg.progress), unit="step", dynamic_ncols=True
-        )
-        if not self.active:
-            return
-        out = Path(cfg.output_dir)
-        self.jsonl = open(out / METRICS_FILE, "a", encoding="utf-8")
-        if cfg.report_to != "none":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        if cfg.report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                log.warning("report_to wandb, but wandb is not installed: tensorboard only")
-            else:
-                self.wandb = wandb.init(
-                    project=cfg.wandb_project, config=cfg.to_dict(), dir=str(out), resume="allow"
-                )
-
-    def log(self, step: int, values: dict[str, float], postfix: dict[str, str]) -> None:
-        self.bar.update(1)
-        if not self.active:
-            return
-        self.bar.set_postfix(postfix, refresh=False)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for key, value in values.items():
-                self.tb.add_scalar(f"train/{key}", value, step)
-        if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.active:
-            self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()
-            if self.wandb is not None:
-                self.wandb.finish()
 
 
 # ---------------------------------------------------------------- the run
