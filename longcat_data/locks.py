@@ -143,7 +143,7 @@ class StreamLock:
             raise
         self._stop = threading.Event()
         self._beat = threading.Thread(
-            target=_heartbeat,
+            target=beat_until_stopped,
             args=(weakref.ref(self), self._stop),
             name=f"lock-{self.holder.stream}",
             daemon=True,
@@ -241,7 +241,9 @@ class StreamLock:
                 log.debug("heartbeat of %s: %s", self.path, err)
 
 
-def _heartbeat(lock: weakref.ref[StreamLock], stop: threading.Event) -> None:
+def beat_until_stopped(lock: weakref.ref, stop: threading.Event) -> None:
+    """A lock's heartbeat thread: ``lock().beat()`` every HEARTBEAT_SECONDS until ``stop`` is set or the
+    lock is gone (a StreamLock or an object_locks.ObjectLock)."""
     # Holds the lock weakly, so that dropping the writer still closes (and so frees) it.
     while not stop.wait(HEARTBEAT_SECONDS):
         held = lock()

@@ -27,12 +27,12 @@ from dataclasses import asdict
 
 from longcat_data.files import OutputError
 from longcat_data.locks import (
-    HEARTBEAT_SECONDS,
     LOCK_SUFFIX,
     STALE_SECONDS,
     WAIT_SECONDS,
     Holder,
     OutputLocked,
+    beat_until_stopped,
     other_run_difference,
 )
 from longcat_data.storage import RemoteFolder, describe_remote_error
@@ -72,7 +72,10 @@ class ObjectLock:
                 raise
         self._stop = threading.Event()
         beat = threading.Thread(
-            target=_heartbeat, args=(weakref.ref(self), self._stop), name=f"lock-{self.name}", daemon=True
+            target=beat_until_stopped,
+            args=(weakref.ref(self), self._stop),
+            name=f"lock-{self.name}",
+            daemon=True,
         )
         beat.start()
 
@@ -173,12 +176,3 @@ class ObjectLock:
                 f"{self.store.url()} is being written by another run, {other.describe()} (stream "
                 f"{other.stream}) {why}: both would write the same clips; wait for it to finish, then re-run"
             )
-
-
-def _heartbeat(lock: weakref.ref[ObjectLock], stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_SECONDS):
-        held = lock()
-        if held is None:
-            return
-        held.beat()
-        del held
