@@ -10,7 +10,7 @@ the transposed selection. With LONGCAT_OFFICIAL_DIR set to a checkout that holds
 official kernel runs on the 36,864-token grid at the same density in the same process.
 
 --sweep first times launch configurations of each Triton kernel and uses the fastest for the rest of
-the run (copy them into `CONFIGS` in kernels/block_sparse.py). Prints one JSON document; --out also
+the run (copy them into `CONFIGS` in longcat_kernels/block_sparse.py). Prints one JSON document; --out also
 writes it after every case, so a run cut short keeps what it measured.
 """
 
@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 import triton
 from _shared import write_report  # benchmarks/_shared.py
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from longcat_kernels import block_selection, block_sparse_attention
 from longcat_kernels.block_sparse import (
     CONFIGS,
@@ -37,8 +40,6 @@ from longcat_kernels.block_sparse import (
     sparse_backward,
     sparse_forward,
 )
-from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GRIDS = {"480x832x93": (24, 30, 52), "24x32x48": (24, 32, 48)}
 HEADS, HEAD_DIM = 32, 128

@@ -7,7 +7,11 @@ Random weights cost the same time as real ones and need no download.
 
 A full segment runs minutes, so the DiT steps are timed over ``--timed-steps`` steps (after a warm-up
 step) with the cache and without, and a segment's seconds are computed from them: the condition pass
-(cached only) + all its steps + the VAE encode and decode, which are timed once. The long video
+(cached only) + all its steps + the VAE encode and decode, which are timed once. The image-to-video
+sample of the same size (one condition latent frame: the start image) is timed the same way in the
+same run, so that a cached segment can be set beside it: at the segment's steps, and at the I2V
+sampler's own schedule (``--steps``, no tail). ``--profile`` adds one step of each mode under the torch
+profiler: GPU seconds of the costliest kernels, to say where a difference comes from. The long video
 (``--segments``, 5) is then run end to end, every segment a continuation of the one before, at
 ``--long-steps`` distilled steps without guidance (the chaining, encodes and decodes as they run), and
 also given at the full step count from the per-step times. ``--quick`` runs the tiny model on the CPU at a
@@ -56,6 +60,27 @@ def timed(device: torch.device, work: Callable[[], object]) -> tuple[float, obje
     return time.perf_counter() - start, result
 
 
+def profile_step(device: torch.device, work: Callable[[], object], top: int = 12) -> dict:
+    """GPU seconds of one call of ``work`` under the torch profiler: the total and the ``top`` costliest
+    kernels (empty off CUDA)."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        work()
+        sync(device)
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {
+        "gpu_seconds": sum(e.self_device_time_total for e in events) / 1e6,
+        "kernels": [
+            {"name": e.key[:120], "seconds": e.self_device_time_total / 1e6, "calls": e.count}
+            for e in events[:top]
+        ],
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     device, dtype = device_of(args)
     model = build_dit(DiTConfig.tiny() if args.quick else DiTConfig.full(), device, dtype)
@@ -68,32 +93,45 @@ def run(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     cond = torch.randn(1, 16, cond_latents, h, w, generator=g).to(device)
     noise = torch.randn(1, 16, noisy_latents, h, w, generator=g).to(device)
+    # image-to-video: the start image's latent frame, then the rest of the clip
+    i2v_cond, i2v_noise = (
+        cond[:, :, :1],
+        torch.randn(1, 16, noisy_latents + cond_latents - 1, h, w, generator=g).to(device),
+    )
     channels = model.config.caption_channels
     text = torch.randn(2, PROMPT_TOKENS, channels, generator=g).to(device)  # unconditional row first
     mask = torch.ones(2, PROMPT_TOKENS, dtype=torch.long, device=device)
     schedule = high_frequency_tail(flow_scheduler(args.steps, DEFAULT_SHIFT))
     segment_steps = len(schedule.timesteps)
 
-    def steps(count: int, kv_cache: bool) -> None:
+    modes = {
+        "uncached": (cond, noise, False),
+        "kv_cache": (cond, noise, True),
+        "i2v": (i2v_cond, i2v_noise, False),
+    }
+
+    def steps(count: int, mode: str) -> None:
+        first, rest, kv_cache = modes[mode]
         scheduler = high_frequency_tail(flow_scheduler(args.steps, DEFAULT_SHIFT))
         scheduler.timesteps = scheduler.timesteps[:count]
         euler_loop(
-            model, cond, noise.clone(), text, mask, scheduler, guidance=args.guidance, kv_cache=kv_cache,
+            model, first, rest.clone(), text, mask, scheduler, guidance=args.guidance, kv_cache=kv_cache,
             progress=not args.quiet,
         )  # fmt: skip
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    per_step = {}
-    for kv_cache in (False, True):
-        steps(1, kv_cache)  # warm-up: kernel selection at these shapes
-        seconds, _ = timed(device, lambda kv_cache=kv_cache: steps(1 + args.timed_steps, kv_cache))
-        condition_s = (
-            timed(device, lambda: cache_condition(model, cond, text[1:], mask[1:]))[0] if kv_cache else 0
-        )
+    per_step, profiles = {}, {}
+    condition_s = 0.0
+    for mode in modes:
+        steps(1, mode)  # warm-up: kernel selection at these shapes
+        seconds, _ = timed(device, lambda mode=mode: steps(1 + args.timed_steps, mode))
+        if mode == "kv_cache":
+            condition_s = timed(device, lambda: cache_condition(model, cond, text[1:], mask[1:]))[0]
         # The timed loop ran one step more than it counts and, cached, one condition pass.
-        per_step[kv_cache] = (seconds - condition_s) / (1 + args.timed_steps)
-        per_step[f"condition_{kv_cache}"] = condition_s
+        per_step[mode] = (seconds - (condition_s if mode == "kv_cache" else 0.0)) / (1 + args.timed_steps)
+        if args.profile:
+            profiles[mode] = profile_step(device, lambda mode=mode: steps(1, mode))
     dit_peak = peak_memory_gb(device)
 
     pixels = torch.randint(
@@ -106,7 +144,15 @@ def run(args: argparse.Namespace) -> dict:
     decode_s, _ = timed(device, lambda: decode_latents(vae, latents))
     vae_s = encode_s + decode_s
 
-    segment = {kv: per_step[f"condition_{kv}"] + segment_steps * per_step[kv] + vae_s for kv in (False, True)}
+    segment = {
+        "uncached": segment_steps * per_step["uncached"] + vae_s,
+        "kv_cache": condition_s + segment_steps * per_step["kv_cache"] + vae_s,
+    }
+    # the I2V sample encodes one image frame instead of the condition clip: its VAE time is about the decode
+    i2v = {
+        "at_segment_steps": segment_steps * per_step["i2v"] + decode_s,
+        "at_its_own_steps": args.steps * per_step["i2v"] + decode_s,
+    }
     long_settings = VideoSettings(
         frames=args.frames, steps=args.long_steps, guidance=1.0, area=(args.height, args.width),
         distill=True, cond_frames=args.cond_frames, kv_cache=True,
@@ -134,12 +180,16 @@ def run(args: argparse.Namespace) -> dict:
         "steps_with_high_frequency_tail": segment_steps,
         "guidance": args.guidance,
         "timed_steps": args.timed_steps,
-        "seconds_per_step": {"uncached": per_step[False], "kv_cache": per_step[True]},
-        "seconds_condition_pass": per_step["condition_True"],
+        "seconds_per_step": per_step,
+        "seconds_condition_pass": condition_s,
         "seconds_vae_encode_condition": encode_s,
         "seconds_vae_decode_segment": decode_s,
-        "seconds_per_segment": {"uncached": segment[False], "kv_cache": segment[True]},
-        "kv_cache_speedup": segment[False] / segment[True],
+        "seconds_per_segment": segment,
+        "kv_cache_speedup": segment["uncached"] / segment["kv_cache"],
+        "seconds_i2v_sample": i2v,
+        # the issue's bound: a cached segment costs no more than the I2V sample plus the condition pass
+        "kv_cache_segment_over_i2v_plus_condition": segment["kv_cache"]
+        / (i2v["at_segment_steps"] + condition_s),
         "peak_memory_gb_dit": dit_peak,
         "long_video": {
             "segments": args.segments,
@@ -147,8 +197,9 @@ def run(args: argparse.Namespace) -> dict:
             "frames_expected": args.frames + (args.segments - 1) * (args.frames - args.cond_frames),
             "measured_steps_per_segment": args.long_steps,
             "measured_seconds": long_s,
-            "seconds_at_full_steps_kv_cache": args.segments * segment[True],
+            "seconds_at_full_steps_kv_cache": args.segments * segment["kv_cache"],
         },
+        **({"profile_one_step": profiles} if profiles else {}),
     }
 
 
@@ -172,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--profile", action="store_true", help="one step of each mode under the torch profiler (CUDA)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.height, args.width, args.frames, args.cond_frames = 64, 64, 17, 9

@@ -269,8 +269,8 @@ def encode_video(vae: AutoencoderKLWan, video: torch.Tensor | np.ndarray) -> tor
     return encode_pixels(vae, x.to(vae.dtype) / 127.5 - 1.0)
 
 
-# no_grad, not inference_mode: the refinement writes into these latents and hands them to the DiT, whose
-# block-sparse custom op then fails on the CPU ("vector::reserve") on memory inference mode handed out.
+# no_grad, not inference_mode: the refinement writes into these latents in place outside inference mode,
+# which inference tensors do not allow.
 @torch.no_grad()
 def encode_pixels(vae: AutoencoderKLWan, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels [B, 3, F, H, W] in [-1, 1] (any float dtype, any device) -> normalised posterior mean,

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+
 from longcat_kernels import block_selection, block_sparse_attention, dense_attention, masked_attention
 from longcat_kernels.selection import selection_mask
 
@@ -252,3 +253,45 @@ def test_compiled_torch_path_matches_eager():
         results.append([out.detach()] + [x.grad for x in inputs])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_second_copy_of_the_package_is_refused_before_it_breaks_the_first(tmp_path) -> None:
+    # Another copy registering the op again would free the first copy's registration under it.
+    import longcat_kernels
+
+    package = os.path.dirname(longcat_kernels.__file__)
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, sys, torch
+        import longcat_kernels
+        spec = importlib.util.spec_from_file_location(
+            "kernels", {os.path.join(package, "__init__.py")!r}, submodule_search_locations=[{package!r}]
+        )
+        copy = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = copy
+        try:
+            spec.loader.exec_module(copy)
+        except ImportError as err:
+            print("refused:", err)
+        q = k = v = torch.randn(1, 2, 60, 16)
+        longcat_kernels.block_sparse_attention(q, k, v, (4, 3, 5), density=1.0, block=(2, 2, 2))
+        print("first copy works")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: kernels.dispatch (" in out.stdout and "already registered" in out.stdout
+    assert "first copy works" in out.stdout
+
+
+def test_hugging_face_kernels_lookup_does_not_import_this_package() -> None:
+    # transformers looks for the hub's `kernels` package by that name: ours must not answer to it, even
+    # from the repository root (on sys.path when running `python -m ...` there).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys, importlib.util; spec = importlib.util.find_spec('kernels'); "
+        "print(spec.origin if spec else None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert root not in out.stdout

@@ -197,6 +197,22 @@ def _rows_major(x: Tensor) -> Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def _refuse_a_second_copy() -> None:
+    """Registering a custom op a second time frees the first registration while the first copy of this
+    module still calls it: later calls then read freed memory (errors such as ``vector::reserve`` or
+    ``std::bad_alloc``, or a crash, far from the cause). A second copy is this file imported under
+    another module name, as when a folder on ``sys.path`` shadows a package of the same name."""
+    if hasattr(torch.ops.longcat, "block_sparse_attention"):
+        raise ImportError(
+            f"{__name__} ({__file__}): the custom op longcat::block_sparse_attention is already "
+            "registered by another copy of longcat_kernels in this process; import it once, as "
+            "longcat_kernels (is a second checkout, or a folder of that name, on sys.path?)"
+        )
+
+
+_refuse_a_second_copy()
+
+
 # Outputs: the attention output and what the backward needs: the base-2 log-sum-exp per tile slot
 # ([B, H, n_tiles, tile] float32; empty on the torch path, whose backward does not use it), and the
 # selection (indices [B, H, n_tiles, K], counts [B, H, n_tiles], int32).
