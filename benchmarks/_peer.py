@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from longcat_train.model import DiTConfig
+from longcat_train.dit_config import DiTConfig
 
 # The official attention kernels, first installed wins; with none, SDPA stands in (the same math).
 _KERNELS = (

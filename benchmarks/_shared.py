@@ -25,7 +25,8 @@ from longcat_data.prep import Encoders
 from longcat_data.shards import ShardSample
 from longcat_train import lora
 from longcat_train.config import TrainConfig
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.dit_config import DiTConfig
+from longcat_train.model import LongCatVideoTransformer
 
 TEXT_TOKENS = 120
 

@@ -45,8 +45,8 @@ from longcat_data.defaults import (
 from longcat_data.encode import decode_latents, encode_video
 from longcat_train.config import VideoSettings
 from longcat_train.continuation import generate_long_video
+from longcat_train.dit_config import DiTConfig
 from longcat_train.kv_cache import cache_condition
-from longcat_train.model import DiTConfig
 from longcat_train.sampling import euler_loop, flow_scheduler, high_frequency_tail
 
 log = logging.getLogger("benchmarks.continuation")

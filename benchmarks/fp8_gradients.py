@@ -23,7 +23,7 @@ from _shared import build_model, smooth_latents, write_report  # benchmarks/_sha
 
 from longcat_train import trainer
 from longcat_train.config import TrainConfig
-from longcat_train.model import DiTConfig
+from longcat_train.dit_config import DiTConfig
 from longcat_train.quant import use_fp8_matmuls
 
 

@@ -64,7 +64,7 @@ from _shared import build_model, write_report, write_shard  # benchmarks/_shared
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
 from longcat_train import lora, trainer
 from longcat_train.config import TrainConfig
-from longcat_train.model import DiTConfig
+from longcat_train.dit_config import DiTConfig
 from longcat_train.parallel import Dist
 from longcat_train.quant import use_fp8_matmuls
 

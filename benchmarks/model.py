@@ -45,7 +45,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longcat_train.architecture import BLOCK_LINEARS
-from longcat_train.model import DiTConfig, LongCatBlock, LongCatVideoTransformer, rope_tables
+from longcat_train.dit_config import DiTConfig
+from longcat_train.model import LongCatBlock, LongCatVideoTransformer, rope_tables
 
 OUR_ADAPTER_TARGETS = list(BLOCK_LINEARS)
 NAIVE_ADAPTER_TARGETS = r".*(self_[qkv]|self_proj|cross_[qkv]|cross_proj|w[123])"

@@ -35,7 +35,8 @@ from _shared import created_on, write_report  # benchmarks/_shared.py
 from longcat_train import memory_plan as mp
 from longcat_train import planning
 from longcat_train.config import TrainConfig
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.dit_config import DiTConfig
+from longcat_train.model import LongCatVideoTransformer
 
 ATTENTION = {"dense": "sdpa", "sparse": "block_sparse"}
 TARGETS = {"peak": 0.10, "step": 0.15}

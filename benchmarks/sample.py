@@ -56,10 +56,11 @@ from longcat_data.defaults import (
 )
 from longcat_data.encode import decode_latents, tiny_vae
 from longcat_train.config import RefineSettings, TrainConfig
+from longcat_train.dit_config import DiTConfig
 from longcat_train.loading import load_dit
 from longcat_train.lora import load_loras, matching_linears
 from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.model import LongCatVideoTransformer
 from longcat_train.refine import refine_videos
 from longcat_train.sampling import denoise
 from longcat_train.step_cache import StepCache

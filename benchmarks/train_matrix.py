@@ -116,8 +116,9 @@ def build(cell: Cell, setup: Setup):
     from _shared import created_on  # benchmarks/_shared.py
 
     from longcat_train.config import DEFAULT_LORA_TARGETS
+    from longcat_train.dit_config import DiTConfig
     from longcat_train.lora import apply_lora
-    from longcat_train.model import DiTConfig, LongCatVideoTransformer
+    from longcat_train.model import LongCatVideoTransformer
     from longcat_train.offload import apply_activation_offload, apply_block_swap
     from longcat_train.quant import quantize_base
 

@@ -6,7 +6,7 @@ Optional backends are imported lazily and fall back to SDPA with a one-time warn
 for ``xformers`` or ``block_sparse`` still runs on a machine without them.
 
 Each backend also names the dispatcher ops its kernels run as (:attr:`AttentionBackend.saved_ops`):
-selective activation checkpointing (``longcat_train.model``) keeps the outputs of exactly these, so a
+selective activation checkpointing (``longcat_train.block_step``) keeps the outputs of exactly these, so a
 backend whose ops are not declared here would silently have its attention recomputed in backward.
 """
 

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from longcat_data.defaults import TINY, TINY_SEED
 from longcat_data.encode import resolve_checkpoint, save_tiny_encoders
 from longcat_data.flags import parse_size
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.dit_config import DiTConfig
+from longcat_train.model import LongCatVideoTransformer
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from torch import nn
 from longcat_data.files import check_writable
 from longcat_data.flags import ConfigError
 from longcat_train import lora_layouts as layouts
+from longcat_train.dit_config import DiTConfig
 from longcat_train.lora_comfyui import WrapperLoad, emulate_load
 from longcat_train.lora_config import ConvertLoraConfig, InspectLoraConfig
 from longcat_train.lora_formats import (
@@ -28,7 +29,7 @@ from longcat_train.lora_formats import (
     write,
 )
 from longcat_train.lowrank import LowRankSet
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.model import LongCatVideoTransformer
 
 log = logging.getLogger(__name__)
 

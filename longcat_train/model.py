@@ -1,9 +1,11 @@
 """The LongCat-Video DiT (13.6B, single stream), with image-to-video conditioning.
 
-One file, bottom-up: config, rotary tables, numerics helpers, embedders, attention, feed-forward, the block,
-the final layer, the model. Parameter names and shapes are those of the official ``dit/`` checkpoint, so it
-loads with ``strict=True``; the arithmetic follows the official model, including where it runs in fp32
-(timestep embedding, adaLN modulation, the modulated LayerNorms, q/k RMSNorm and RoPE, the output layer).
+One file, bottom-up: rotary tables, numerics helpers, embedders, attention, feed-forward, the block, the
+final layer, the model. Its hyper-parameters and config.json are ``longcat_train.dit_config``; how a
+block runs under activation checkpointing and torch.compile is ``longcat_train.block_step``. Parameter
+names and shapes are those of the official ``dit/`` checkpoint, so it loads with ``strict=True``; the
+arithmetic follows the official model, including where it runs in fp32 (timestep embedding, adaLN
+modulation, the modulated LayerNorms, q/k RMSNorm and RoPE, the output layer).
 
 Image-to-video: the first ``num_cond_latents`` latent frames are the clean condition. Their timestep is
 forced to 0 (``LongCatVideoTransformer._frame_timesteps``); in self-attention they attend only to each
@@ -14,142 +16,23 @@ values never change over the steps: ``longcat_train.kv_cache`` computes them onc
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
-from longcat_train.architecture import BLOCK_LINEARS, CHECKPOINT_MODES, OFFICIAL_CLASS_NAME
-from longcat_train.attention import BACKENDS, SAVED_OPS, attention, warn_if_unavailable
+from longcat_train.architecture import BLOCK_LINEARS, CHECKPOINT_MODES
+from longcat_train.attention import BACKENDS, attention, warn_if_unavailable
+from longcat_train.block_step import CheckpointMode, block_step, compile_block_step
+from longcat_train.dit_config import DiTConfig
 from longcat_train.kv_cache import ConditionCache, LayerKV, block_caches
 
 if TYPE_CHECKING:
     from longcat_train.step_cache import StepCache
-
-log = logging.getLogger(__name__)
-
-CheckpointMode = Literal["none", "full", "selective"]
-
-# Official config keys that select kernels or multi-GPU layout in the official code. They do not change
-# what the model computes; we keep them so a saved config.json still loads in the official code.
-_OFFICIAL_RUNTIME_KEYS = frozenset(
-    {"enable_flashattn3", "enable_flashattn2", "enable_xformers", "enable_bsa", "bsa_params", "cp_split_hw"}
-)
-# Our runtime settings, written into config.json by earlier versions: now attributes of the model
-# (LongCatVideoTransformer.attention_implementation, .block_sparse_params), not read from the file.
-_OUR_RUNTIME_KEYS = frozenset({"attention_implementation", "block_sparse_params"})
-
-
-# ----------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class DiTConfig:
-    """Hyper-parameters of the DiT. Field names follow the official ``dit/config.json``."""
-
-    hidden_size: int = 4096
-    depth: int = 48
-    num_heads: int = 32
-    in_channels: int = 16
-    out_channels: int = 16
-    caption_channels: int = 4096
-    mlp_ratio: float = 4
-    adaln_tembed_dim: int = 512
-    frequency_embedding_size: int = 256
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    # Official: padded text positions are zeroed after the caption embedder and still attended to.
-    text_tokens_zero_pad: bool = True
-    # Length the official pipeline pads every prompt to (tokenizer max_length).
-    text_max_length: int = 512
-    # Official keys read from a config.json that do not affect the computation, written back on save.
-    official_extras: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.patch_size = tuple(self.patch_size)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.head_dim % 8:
-            raise ValueError(f"head dim {self.head_dim} must be a multiple of 8 for the 3D RoPE split")
-        if len(self.patch_size) != 3 or self.patch_size[0] != 1:
-            # Timesteps and modulation are per latent frame, so patches must not merge frames.
-            raise ValueError(f"patch_size must be (1, ph, pw), got {self.patch_size}")
-        if self.frequency_embedding_size % 2:
-            raise ValueError("frequency_embedding_size must be even (cos and sin halves)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def ffn_hidden_size(self) -> int:
-        """SwiGLU width: 2/3 of ``mlp_ratio * hidden``, rounded up to a multiple of 256 (11008 for full)."""
-        hidden = int(2 * int(self.hidden_size * self.mlp_ratio) / 3)
-        return 256 * math.ceil(hidden / 256)
-
-    @classmethod
-    def full(cls) -> DiTConfig:
-        """The released 13.6B model."""
-        return cls()
-
-    @classmethod
-    def tiny(cls) -> DiTConfig:
-        """A few-hundred-thousand-parameter model with the same structure, for tests and ``--model tiny``."""
-        return cls(hidden_size=128, depth=2, num_heads=2, caption_channels=64, adaln_tembed_dim=64)
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> DiTConfig:
-        """Read an official ``dit/config.json`` (or one written by :meth:`to_dict`)."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"official_extras"}
-        kwargs = {k: v for k, v in config.items() if k in known}
-        ours = sorted(k for k in config if k in _OUR_RUNTIME_KEYS)
-        if ours:
-            log.info(
-                "DiT config: %s from an earlier save not read; they are runtime settings of the model now "
-                "(model.attention_implementation, model.block_sparse_params)",
-                ", ".join(f"{k}={config[k]}" for k in ours),
-            )
-        # _class_name is always written by to_dict; other keys the model does not use are kept for it.
-        skipped = {"_class_name", *_OUR_RUNTIME_KEYS}
-        extras = {k: v for k, v in config.items() if k not in known and k not in skipped}
-        unknown = sorted(k for k in extras if k not in _OFFICIAL_RUNTIME_KEYS and not k.startswith("_"))
-        if unknown:
-            log.warning("DiT config: unknown keys kept but unused: %s", ", ".join(unknown))
-        runtime = sorted(k for k in extras if k in _OFFICIAL_RUNTIME_KEYS)
-        if runtime:
-            log.info(
-                "DiT config: official runtime keys recorded, not used (%s); the attention kernel is the "
-                "model's attention_implementation",
-                ", ".join(f"{k}={extras[k]}" for k in runtime),
-            )
-        return cls(**kwargs, official_extras=extras)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A config.json the official ``LongCatVideoTransformer3DModel`` and :meth:`from_dict` both read."""
-        out: dict[str, Any] = {"_class_name": OFFICIAL_CLASS_NAME, **self.official_extras}
-        for f in dataclasses.fields(self):
-            if f.name == "official_extras":
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @property
-    def official_block_sparse_params(self) -> dict[str, Any] | None:
-        """Keyword arguments for ``longcat_kernels.block_sparse_attention`` (density, block) that the
-        official ``bsa_params`` of this config ask for; None when it has none (the kernel's defaults)."""
-        bsa = self.official_extras.get("bsa_params")
-        if not bsa:
-            return None
-        # Official: drop `sparsity` of the key blocks per query block, blocks of chunk_3d_shape tokens.
-        return {"density": 1.0 - bsa["sparsity"], "block": tuple(bsa["chunk_3d_shape_k"])}
 
 
 # ------------------------------------------------------------------------------------------ 3D RoPE
@@ -486,35 +369,6 @@ class FinalLayer(nn.Module):
 # ------------------------------------------------------------------------------------------ model
 
 
-def _keep_self_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Selective checkpointing: keep self-attention outputs, recompute everything else.
-
-    The attention ops are those the backends declare (``longcat_train.attention.SAVED_OPS``, matched by
-    name: optional packages register some of them). Self-attention is recognised by shape, which works
-    eagerly and under torch.compile: its queries are a subset of the video tokens and its keys all of them
-    (keys >= queries), while cross-attention puts every noisy video token against at most
-    ``text_max_length`` text keys. Saving is always correct; a cross-attention this rule also keeps (fewer
-    video tokens than text tokens) only costs its small output.
-    """
-    tokens = SAVED_OPS.get(str(op))
-    if tokens is not None and args[1].shape[tokens] >= args[0].shape[tokens]:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _keep_self_attention)
-
-
-def _block_step(block: LongCatBlock, checkpointing: CheckpointMode, *args: Any) -> torch.Tensor:
-    """One block under a checkpointing mode: the unit that :meth:`LongCatVideoTransformer.compile_blocks`
-    compiles, so that checkpointing sits inside the compiled region (the supported order)."""
-    if checkpointing == "full":
-        return checkpoint(block, *args, use_reentrant=False)
-    if checkpointing == "selective":
-        return checkpoint(block, *args, use_reentrant=False, context_fn=_SELECTIVE_CONTEXT)
-    return block(*args)
-
-
 class LongCatVideoTransformer(nn.Module):
     """The LongCat-Video DiT. Outputs the flow ``x0 - eps`` for latents ``[B, 16, T, H, W]``."""
 
@@ -528,7 +382,7 @@ class LongCatVideoTransformer(nn.Module):
         self.final_layer = FinalLayer(
             config.hidden_size, math.prod(config.patch_size), config.out_channels, config.adaln_tembed_dim
         )
-        self._block_step = _block_step
+        self._block_step = block_step
         self.gradient_checkpointing = "full"
         self.attention_implementation = "sdpa"
         self.block_sparse_params = config.official_block_sparse_params
@@ -612,20 +466,10 @@ class LongCatVideoTransformer(nn.Module):
             block.feed_forward_chunks = chunks
 
     def compile_blocks(self, tune: bool = False, **compile_kwargs: Any) -> None:
-        """torch.compile the per-block step, checkpointing included.
-
-        Fuses the elementwise fp32 work around the matmuls (modulation, norms, RoPE, gated residuals) that
-        eager mode runs as separate memory passes. All blocks share one graph per checkpointing mode.
-        ``tune`` adds inductor's coordinate-descent tuning of the fused kernels (longer compilation, cached;
-        slightly faster steps). ``compile_kwargs`` go to :func:`torch.compile` (default ``fullgraph=True``).
-        """
+        """torch.compile the per-block step, checkpointing included (``block_step.compile_block_step``:
+        ``tune``, ``compile_kwargs``)."""
         warn_if_unavailable(self.attention_implementation)
-        if tune:
-            compile_kwargs["options"] = {
-                "coordinate_descent_tuning": True,
-                **compile_kwargs.get("options", {}),
-            }
-        self._block_step = torch.compile(_block_step, **{"fullgraph": True, **compile_kwargs})
+        self._block_step = compile_block_step(tune, **compile_kwargs)
 
     def run_block(self, block: LongCatBlock, *args: Any) -> torch.Tensor:
         """``block(*args)`` under its checkpointing mode (compiled after :meth:`compile_blocks`)."""

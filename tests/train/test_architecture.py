@@ -16,10 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_train import attention, lora
 from longcat_train.architecture import ATTENTION_BACKENDS, BLOCK_LINEARS
+from longcat_train.dit_config import DiTConfig
 from longcat_train.loading import tiny_dit
 from longcat_train.model import (
     CrossAttention,
-    DiTConfig,
     LongCatBlock,
     LongCatVideoTransformer,
     SelfAttention,
@@ -87,11 +87,21 @@ def test_config_json_of_earlier_saves_still_reads(caplog: pytest.LogCaptureFixtu
     saved = DiTConfig.tiny().to_dict()
     assert "attention_implementation" not in saved and "block_sparse_params" not in saved
     earlier = {**saved, "attention_implementation": "block_sparse", "block_sparse_params": {"density": 0.5}}
-    with caplog.at_level(logging.INFO, logger="longcat_train.model"):
+    with caplog.at_level(logging.INFO, logger="longcat_train.dit_config"):
         config = DiTConfig.from_dict(earlier)
     assert config == DiTConfig.tiny() and config.to_dict() == saved
     assert "attention_implementation=block_sparse" in caplog.text
     assert "unknown keys" not in caplog.text
+
+
+def test_the_dit_config_reads_and_writes_config_json_without_torch() -> None:
+    code = (
+        "import sys\nfrom longcat_train.dit_config import DiTConfig\n"
+        "c = DiTConfig.from_dict(DiTConfig.full().to_dict())\n"
+        "print(c.ffn_hidden_size, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["11008", "False"], proc.stderr
 
 
 # ------------------------------------------------------------------------------------ attention backends

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longcat_data.flags import parse_size
+from longcat_train.dit_config import DiTConfig
 from longcat_train.loading import (
     INDEX_NAME,
     load_dit,
@@ -18,7 +19,6 @@ from longcat_train.loading import (
     save_tiny_checkpoint,
     tiny_dit,
 )
-from longcat_train.model import DiTConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 
 from longcat_train import lora, lora_formats
 from longcat_train.config import DEFAULT_LORA_TARGETS, ConfigError
+from longcat_train.dit_config import DiTConfig
 from longcat_train.lora_apply import load_loras
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.model import LongCatVideoTransformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

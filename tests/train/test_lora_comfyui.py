@@ -18,11 +18,11 @@ from lora_files import (
 from safetensors.torch import load_file, save_file
 
 from longcat_train import lora_cli
+from longcat_train.dit_config import DiTConfig
 from longcat_train.loading import tiny_dit
 from longcat_train.lora_comfyui import emulate_load
 from longcat_train.lora_formats import read_file, write
 from longcat_train.lora_tool import inspect_lora, module_shapes, report_lines, wrapper_weights
-from longcat_train.model import DiTConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

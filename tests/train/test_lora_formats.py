@@ -23,12 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from longcat_train import checkpoints, lora, lora_formats, lora_layouts
 from longcat_train.config import DEFAULT_LORA_TARGETS
+from longcat_train.dit_config import DiTConfig
 from longcat_train.loading import tiny_dit
 from longcat_train.lora_formats import LoraFormatError, read_file, write
 from longcat_train.lora_pieces import one_piece, split_block_diagonal
 from longcat_train.lora_tool import module_shapes
 from longcat_train.lowrank import LowRankDelta, LowRankPiece, LowRankSet
-from longcat_train.model import DiTConfig, FP32Linear
+from longcat_train.model import FP32Linear
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -14,7 +14,8 @@ from longcat_train import lora, planning
 from longcat_train import memory_plan as mp
 from longcat_train.cli import parse_train_args, train_main
 from longcat_train.config import TrainConfig
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.dit_config import DiTConfig
+from longcat_train.model import LongCatVideoTransformer
 from longcat_train.techniques import check_techniques
 
 GiB = 2**30

@@ -11,8 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_train.attention import _xformers_attention, attention
+from longcat_train.dit_config import DiTConfig
 from longcat_train.loading import tiny_dit
-from longcat_train.model import DiTConfig, LongCatVideoTransformer, apply_rope, rope_split, rope_tables
+from longcat_train.model import LongCatVideoTransformer, apply_rope, rope_split, rope_tables
 
 # The official checkpoint layout of the full model, from the official module structure: name -> shape.
 OFFICIAL_TOP_LEVEL = {
@@ -121,7 +122,7 @@ def test_full_model_on_meta_has_the_official_layout() -> None:
 
 
 def test_config_reads_the_official_config_json(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="longcat_train.model"):
+    with caplog.at_level(logging.INFO, logger="longcat_train.dit_config"):
         config = DiTConfig.from_dict(OFFICIAL_CONFIG)
     full = DiTConfig.full()
     assert (config.hidden_size, config.depth, config.num_heads, config.ffn_hidden_size) == (

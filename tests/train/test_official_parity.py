@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.dit_config import DiTConfig
+from longcat_train.model import LongCatVideoTransformer
 
 OFFICIAL_DIR = os.environ.get("LONGCAT_OFFICIAL_DIR")
 pytestmark = pytest.mark.skipif(not OFFICIAL_DIR, reason="set LONGCAT_OFFICIAL_DIR to an official checkout")

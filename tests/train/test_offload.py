@@ -14,7 +14,8 @@ import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.dit_config import DiTConfig
+from longcat_train.model import LongCatVideoTransformer
 from longcat_train.offload import ActivationOffload, BlockSwap, apply_activation_offload, apply_block_swap
 
 LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2"]

@@ -10,7 +10,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from longcat_train.config import ConfigError
-from longcat_train.model import DiTConfig, LongCatVideoTransformer
+from longcat_train.dit_config import DiTConfig
+from longcat_train.model import LongCatVideoTransformer
 from longcat_train.quant import Fp8MatmulLinear, check_fp8_matmuls, quantize_base, use_fp8_matmuls
 
 LORA_TARGETS = ["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2"]

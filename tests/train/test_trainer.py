@@ -595,7 +595,8 @@ def test_memory_budget_applies_the_plan_for_the_shards_bucket(tiny_shards, tmp_p
 
     from longcat_train import memory_plan, planning
     from longcat_train import trainer as trainer_module
-    from longcat_train.model import DiTConfig, transformer_of
+    from longcat_train.dit_config import DiTConfig
+    from longcat_train.model import transformer_of
 
     cfg = tiny_config(tiny_shards, tmp_path / "plain", gradient_checkpointing="none", max_train_steps=2)
     shape = planning.model_shape(DiTConfig.tiny(), list(cfg.lora_targets))
