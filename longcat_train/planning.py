@@ -275,7 +275,9 @@ def _fp8_applies(cfg: TrainConfig, gpu: Gpu) -> bool:
     """Auto float8 matmuls: compiled (the path with a measured step), on float8 tensor cores, from bf16
     weights of an unquantised base."""
     candidate = replace(cfg, fp8_matmuls=True)
-    return bool(cfg.compile) and gpu.fp8 and cfg.mixed_precision == "bf16" and _accepts(candidate, "fp8_matmuls")
+    return (
+        bool(cfg.compile) and gpu.fp8 and cfg.mixed_precision == "bf16" and _accepts(candidate, "fp8_matmuls")
+    )
 
 
 def resolve_auto(
@@ -320,7 +322,9 @@ def resolve_auto(
         if cfg.fp8_matmuls is None:
             one = replace(one, fp8_matmuls=_fp8_applies(one, gpu))
         flags = flags_of(one, shape.depth)
-        modes = flags.checkpointing if budget is None else mp.plan_checkpointing(shape, work, flags, budget, cal)
+        modes = (
+            flags.checkpointing if budget is None else mp.plan_checkpointing(shape, work, flags, budget, cal)
+        )
         uniform = replace(flags, checkpointing=modes or ("full",) * shape.depth)
         return one, modes, mp.predict(shape, work, uniform, cal).step_seconds
 
