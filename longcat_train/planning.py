@@ -266,6 +266,19 @@ def is_auto(cfg: TrainConfig, name: str) -> bool:
 AUTO_FIELDS = ("compile", "fp8_matmuls", "gradient_checkpointing")
 
 
+def with_saved_autos(cfg: TrainConfig, saved: dict | None) -> TrainConfig:
+    """``cfg`` resuming a run that saved ``saved``: each auto takes the value the run resolved it to (and
+    an auto checkpointing the run's memory budget too), so the resumed run computes what it did."""
+    values = {
+        name: saved[name]
+        for name in AUTO_FIELDS
+        if is_auto(cfg, name) and saved and saved.get(name) not in (None, AUTO)
+    }
+    if "gradient_checkpointing" in values and cfg.memory_budget is None:
+        values["memory_budget"] = saved.get("memory_budget")
+    return replace(cfg, **values)
+
+
 def _accepts(cfg: TrainConfig, setting: str) -> bool:
     """Whether no rule of ``techniques.RULES`` about ``setting`` clashes in ``cfg``."""
     return not any(rule.clashes(cfg) for rule in RULES if setting in rule.settings)

@@ -54,7 +54,7 @@ from longcat_train.lora_spec import parse_lora_spec
 from longcat_train.loss_curve import write_loss_curve
 from longcat_train.metrics import Metrics
 from longcat_train.parallel import Dist
-from longcat_train.planning import device_gpu, largest_bucket, resolve_auto
+from longcat_train.planning import device_gpu, largest_bucket, resolve_auto, with_saved_autos
 from longcat_train.runs import (
     CHECKPOINTS,
     COMFYUI_LORA_FILE,
@@ -63,6 +63,7 @@ from longcat_train.runs import (
     OFFICIAL_LORA_FILE,
     clear_run,
     drop_after,
+    read_saved_config,
     resume_candidates,
     used_output,
 )
@@ -378,6 +379,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     resumed = load_checkpoint(candidates, d) if candidates else None
     overwritten = used_output(cfg, resuming=cfg.resume is not None)
     if resumed is not None:
+        cfg = with_saved_autos(cfg, read_saved_config(resumed.path))
         check_resumable(resumed.path, cfg, d)
 
     urls, manifest, encoders = shard_checks(cfg)

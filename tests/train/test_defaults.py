@@ -267,6 +267,9 @@ def test_the_trainer_resolves_the_autos_and_saves_their_values(tiny_shards, tmp_
     assert (resumed.compile, resumed.fp8_matmuls, resumed.memory_budget) == (False, False, AUTO)
     result = trainer_module.train(resumed)
     assert applied[-1] == ("none", "none") and sorted(result.losses) == [2]
+    # A config left auto (not read through the command line) resumes with what the run resolved.
+    again = trainer_module.train(replace(cfg, resume="latest", max_train_steps=3))
+    assert applied[-1] == ("none", "none") and sorted(again.losses) == [3]
 
 
 def test_the_trainer_on_the_cpu_saves_off_and_selective(tiny_shards, tmp_path):
@@ -308,3 +311,26 @@ def test_the_step_benchmark_resolves_the_trainer_defaults_on_the_cpu(tmp_path):
     )
     assert defaults["line"].startswith("auto flags without a CUDA device")
     assert data["ours"]["checkpointing"] == "selective" and len(data["ours"]["warmup_seconds"]) == 1
+
+
+def test_a_resume_takes_the_values_the_run_resolved_its_autos_to():
+    saved = TrainConfig(
+        compile=True, fp8_matmuls=True, gradient_checkpointing="selective", memory_budget=AUTO
+    )
+    cfg = planning.with_saved_autos(TrainConfig(), saved.to_dict())
+    assert (cfg.compile, cfg.fp8_matmuls, cfg.gradient_checkpointing, cfg.memory_budget) == (
+        True,
+        True,
+        "selective",
+        AUTO,
+    )
+    typed = planning.with_saved_autos(
+        TrainConfig(compile=False, gradient_checkpointing="full"), saved.to_dict()
+    )
+    assert (typed.compile, typed.fp8_matmuls, typed.gradient_checkpointing, typed.memory_budget) == (
+        False,
+        True,
+        "full",
+        None,
+    )
+    assert planning.with_saved_autos(TrainConfig(), None) == TrainConfig()
