@@ -1,5 +1,6 @@
-"""``longcat-train --plan`` and ``--memory-budget``: the memory plan (``memory_plan``) fed with the model's
-shape (a meta-device DiT: no weights load), the clip, the GPU, and the techniques' rules.
+"""``longcat-train --plan``, ``--memory-budget`` and the auto defaults: the memory plan (``memory_plan``)
+fed with the model's shape (a meta-device DiT: no weights load), the clip, the GPU, and the techniques'
+rules; :func:`resolve_auto` turns the defaults left to the device into values for it.
 """
 
 from __future__ import annotations
@@ -319,14 +320,17 @@ def resolve_auto(
     if planned and _accepts(replace(base, memory_budget=AUTO), "memory_budget"):
         base = replace(base, memory_budget=AUTO)
     elif planned:
-        notes.append("selective checkpointing: fsdp shards the base, which the per-block plan does not model")
+        notes.append("no per-block plan with " + _clash(replace(base, memory_budget=AUTO), "memory_budget"))
 
     compile_options = [cfg.compile]
     if cfg.compile is None:
+        # FSDP2 all-gathers each block's weights around its call, which the compiled block step has not
+        # been measured with.
         can = not base.fsdp and _accepts(replace(base, compile=True), "compile")
         compile_options = [False, True] if can else [False]
         if not can:
-            notes.append("no compile with " + ("fsdp" if base.fsdp else _clash(replace(base, compile=True))))
+            with_ = "fsdp" if base.fsdp else _clash(replace(base, compile=True), "compile")
+            notes.append(f"no compile with {with_}")
     shape, work, cal = shape_of(base), workload(base, area), calibration()
     budget = budget_bytes(base, gpu) if base.memory_budget is not None else None
 
@@ -367,10 +371,10 @@ def _no_fp8(cfg: TrainConfig, gpu: Gpu) -> str:
     return f"no float8 matmuls with base_model_precision = {cfg.base_model_precision}"
 
 
-def _clash(cfg: TrainConfig) -> str:
-    """The other setting of the first rule about ``compile`` that clashes in ``cfg``."""
-    rule = next(r for r in RULES if "compile" in r.settings and r.clashes(cfg))
-    return next(s for s in rule.settings if s != "compile")
+def _clash(cfg: TrainConfig, setting: str) -> str:
+    """The other setting of the first rule about ``setting`` that clashes in ``cfg``."""
+    rule = next(r for r in RULES if setting in r.settings and r.clashes(cfg))
+    return next(s for s in rule.settings if s != setting)
 
 
 def _with_plan(
