@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from longcat_kernels.selection import (
     block_layout,
     cond_block_shape,

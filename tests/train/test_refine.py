@@ -307,9 +307,8 @@ def test_the_kernel_runs_every_720p_bucket_a_480p_video_refines_at() -> None:
     """The refinement's block-sparse attention on each 720p bucket's token grid (4 condition latent
     frames, as the refinement has) equals dense attention with the condition rows kept to themselves
     when every tile is chosen: the kernel handles each grid, partial edge tiles included."""
-    from longcat_kernels import block_sparse_attention
-
     from longcat_data.defaults import DEFAULT_AREA, DEFAULT_REFINE_AREA
+    from longcat_kernels import block_sparse_attention
 
     targets = {refine_bucket(*b, DEFAULT_REFINE_AREA) for b in make_buckets(DEFAULT_AREA)}
     g = torch.Generator(device="cuda").manual_seed(0)
