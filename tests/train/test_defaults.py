@@ -334,3 +334,20 @@ def test_a_resume_takes_the_values_the_run_resolved_its_autos_to():
         None,
     )
     assert planning.with_saved_autos(TrainConfig(), None) == TrainConfig()
+
+
+@pytest.mark.gpu
+def test_the_defaults_on_this_gpu_compile_and_use_float8_where_it_has_float8_tensor_cores():
+    import torch
+
+    from longcat_train.quant import check_fp8_matmuls
+
+    gpu = planning.device_gpu(torch.device("cuda"))
+    assert gpu.capability == torch.cuda.get_device_capability(0)
+    assert gpu.memory_bytes == torch.cuda.get_device_properties(0).total_memory
+    resolved = resolve_auto(TrainConfig(), gpu, steps=1000)
+    if gpu.memory_bytes >= 80 * mp.GB:
+        assert resolved.cfg.compile and resolved.cfg.memory_budget == AUTO
+        assert resolved.cfg.fp8_matmuls == gpu.fp8
+    if resolved.cfg.fp8_matmuls:
+        check_fp8_matmuls(torch.device("cuda"))  # what apply_techniques runs: passes
