@@ -4,6 +4,7 @@
         [--checkpointing selective] [--no-naive] [--out FILE]
     python benchmarks/train_step.py --quick      # CPU smoke run: tiny model, 9 frames at 64x64
     python benchmarks/train_step.py --conditioning continuation   # 13 clean leading frames (4 latents)
+    python benchmarks/train_step.py --trainer-defaults --no-naive  # ours as longcat-train's defaults set it up
 
 Full config with random bf16 weights at 480x832x93 (24 latent frames of 60x104: 37,440 tokens), image-to-
 video, rank-8 LoRA on the default targets, batch 1, fused AdamW, bf16 autocast. Data: a temporary shard of
@@ -13,7 +14,11 @@ through ``ShardStream`` + ``DataLoader`` exactly as ``longcat-train`` reads it; 
 
 Variants, one set of frozen weights, same batches:
 - ``ours``: ``longcat_train.trainer.train_step`` as configured (``--checkpointing``, default ``selective``:
-  self-attention outputs kept, the rest recomputed); frozen base weights get no weight gradients.
+  self-attention outputs kept, the rest recomputed); frozen base weights get no weight gradients. With
+  ``--trainer-defaults``: configured as ``longcat-train`` with its default flags is on this device
+  (``planning.resolve_auto`` for a run of the default ``max_train_steps`` at this clip, with its per-block
+  checkpointing plan; ``--compile`` / ``--fp8-matmuls`` / ``--checkpointing`` given count as typed flags);
+  the JSON's ``config.trainer_defaults`` records what they resolved to.
 - ``peer`` (the baseline, with ``LONGCAT_OFFICIAL_DIR``): what other LongCat trainers run: the official
   ``LongCatVideoTransformer3DModel`` on the same weight tensors, a peft LoRA on the same targets, its own
   diffusers gradient checkpointing, eager, its attention kernels (flash-attn / xformers where installed,
@@ -38,18 +43,23 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from _peer import base_state, build_peer  # benchmarks/_peer.py
 from _shared import build_model, write_report, write_shard  # benchmarks/_shared.py
 
+from longcat_data.defaults import DEFAULT_MODEL, TINY
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
 from longcat_train import trainer
-from longcat_train.architecture import ATTENTION_BACKENDS
-from longcat_train.config import TrainConfig
+from longcat_train.architecture import ATTENTION_BACKENDS, CHECKPOINT_MODES
+from longcat_train.config import AUTO, TrainConfig
+from longcat_train.memory_plan import mode_counts
 from longcat_train.model import DiTConfig
 from longcat_train.parallel import Dist
+from longcat_train.planning import device_gpu, resolve_auto
+from longcat_train.techniques import apply_fast_paths
 
 # Kernel-name fragments per family, first match wins (cuDNN/flash/our Triton attention, cuBLAS/CUTLASS GEMMs).
 KERNEL_FAMILIES = (
@@ -117,7 +127,7 @@ def measure(
 ) -> dict:
     cuda = d.device.type == "cuda"
     generator = torch.Generator(d.device).manual_seed(0)
-    times, waits = [], []
+    times, waits, warmups = [], [], []
     for i in range(warmup + steps):
         if cuda and i == warmup:
             torch.cuda.synchronize()
@@ -129,6 +139,8 @@ def measure(
         if i >= warmup:
             times.append(time.perf_counter() - start)
             waits.append(result.data_wait)
+        else:  # the first one compiles, where compiled
+            warmups.append(time.perf_counter() - start)
         print(
             f"{name} step {i + 1}/{warmup + steps}: {time.perf_counter() - start:.3f} s, loss {result.loss:.4f}",
             file=sys.stderr,
@@ -139,6 +151,7 @@ def measure(
         "step_seconds_max": max(times),
         "data_wait_seconds_mean": statistics.mean(waits),
         "data_wait_fraction": sum(waits) / sum(times),
+        "warmup_seconds": warmups,
         "checkpointing": checkpointing,
     }
     if cuda:
@@ -158,12 +171,54 @@ def compare_losses(ours, peer, batch: dict, cfg: TrainConfig, d: Dist) -> dict:
     return losses
 
 
+def trainer_defaults(
+    cfg: TrainConfig, args: argparse.Namespace, device: torch.device
+) -> tuple[TrainConfig, str | tuple[str, ...], dict]:
+    """``cfg`` as ``longcat-train`` resolves its defaults on ``device`` for this clip (the benchmark's
+    flags that were given count as typed), the blocks' checkpointing and what the autos became."""
+    typed = replace(
+        cfg,
+        compile=True if args.compile else None,
+        fp8_matmuls=True if args.fp8_matmuls else None,
+        gradient_checkpointing=args.checkpointing or AUTO,
+    )
+    height, width = (int(x) for x in cfg.area.split("x"))
+    resolved = resolve_auto(typed, device_gpu(device), steps=typed.max_train_steps, area=(height, width))
+    if resolved.problem:
+        raise SystemExit(resolved.problem)
+    for line in (resolved.line, resolved.plan, resolved.warning):
+        if line:
+            print(line, file=sys.stderr)
+    out = resolved.cfg
+    modes = resolved.checkpointing or out.gradient_checkpointing
+    record = {
+        "line": resolved.line,
+        "planned_steps": typed.max_train_steps,
+        "compile": out.compile,
+        "fp8_matmuls": out.fp8_matmuls,
+        "gradient_checkpointing": out.gradient_checkpointing,
+        "memory_budget": out.memory_budget,
+        "checkpointing_per_block": mode_counts(resolved.checkpointing) if resolved.checkpointing else None,
+        "warning": resolved.warning,
+    }
+    return out, modes, record
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run with the tiny model")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    parser.add_argument("--checkpointing", default="selective", choices=("selective", "full", "none"))
+    parser.add_argument(
+        "--checkpointing",
+        choices=CHECKPOINT_MODES,
+        help="ours on every block (default: selective; with --trainer-defaults: the trainer's auto plan)",
+    )
+    parser.add_argument(
+        "--trainer-defaults",
+        action="store_true",
+        help="ours as longcat-train's default flags resolve on this device (planning.resolve_auto)",
+    )
     parser.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument(
@@ -210,9 +265,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cpu" if args.quick else "cuda")
     config = DiTConfig.tiny() if args.quick else DiTConfig.full()
     latent_shape = (3, 8, 8) if args.quick else (24, 60, 104)
+    T, H, W = latent_shape
     cfg = TrainConfig(
-        model="benchmark",
-        gradient_checkpointing=args.checkpointing,
+        model=TINY if args.quick else DEFAULT_MODEL,  # its shape is what the memory plan reads
+        frames=4 * (T - 1) + 1,
+        area=f"{8 * H}x{8 * W}",
+        gradient_checkpointing=args.checkpointing or "selective",
+        compile=args.compile,
+        fp8_matmuls=args.fp8_matmuls,
         num_workers=args.num_workers,
         mixed_precision="bf16",
         attention=args.attention,
@@ -220,19 +280,20 @@ def main(argv: list[str] | None = None) -> dict:
         cond_frames=args.cond_frames or (5 if args.quick else 13),
     )
     d = Dist(device=device)
+    checkpointing: str | tuple[str, ...] = cfg.gradient_checkpointing
+    defaults = None
+    if args.trainer_defaults:
+        cfg, checkpointing, defaults = trainer_defaults(cfg, args, device)
     dtype = trainer.weight_dtype(cfg, device)
 
     model = build_model(config, device, dtype)
     state = base_state(model)  # the frozen tensors, shared with the peer model
-    model.get_base_model().attention_implementation = args.attention
-    if args.fp8_matmuls:
-        from longcat_train.quant import use_fp8_matmuls
-
-        use_fp8_matmuls(model)
+    base = model.get_base_model()
+    base.attention_implementation = args.attention
+    base.gradient_checkpointing = checkpointing
+    apply_fast_paths(model, device, fp8_matmuls=cfg.fp8_matmuls, compile=cfg.compile, tune=args.compile_tune)
+    if cfg.fp8_matmuls:
         args.naive = False  # the naive step's base weight gradients do not exist with float8 matmuls
-    model.get_base_model().gradient_checkpointing = args.checkpointing
-    if args.compile:
-        model.get_base_model().compile_blocks(tune=args.compile_tune)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = trainer.build_optimizer(params, cfg, device)
@@ -242,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         shard = write_shard(Path(tmp) / "bench-000000.tar", config, latent_shape, samples=min(total, 16))
         stream = ShardStream([str(shard)], StreamConfig(shuffle_buffer=4, resampled=True))
         batches = iter(make_loader(stream, args.num_workers, pin_memory=device.type == "cuda"))
-        mode = args.checkpointing
+        mode = checkpointing if isinstance(checkpointing, str) else str(mode_counts(checkpointing))
         ours = measure("ours", model, batches, optimizer, params, cfg, d, args.steps, args.warmup, mode)
         if args.profile and device.type == "cuda":
             ours["profile"] = profile_step(model, batches, optimizer, params, cfg, d)
@@ -276,7 +337,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "naive", model, batches, optimizer, params, cfg, d, args.steps, args.warmup, "full"
             )
 
-    T, H, W = latent_shape
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -294,9 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
             "num_workers": args.num_workers,
             "steps": args.steps,
             "warmup": args.warmup,
-            "compiled": args.compile,
+            "compiled": cfg.compile,
             "compile_tune": args.compile_tune,
-            "fp8_matmuls": args.fp8_matmuls,
+            "fp8_matmuls": cfg.fp8_matmuls,
+            "trainer_defaults": defaults,
         },
         "ours": ours,
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,9 @@ def _memory_budget(value: str | None) -> bool:
 
 
 MEMORY_BUDGET = Check(_memory_budget, "a number of GB (e.g. 24) or auto")
+# The value of gradient_checkpointing left to the device (compile and fp8_matmuls: None), resolved by
+# planning.resolve_auto before a run builds its model.
+AUTO = "auto"
 
 
 @dataclass
@@ -223,9 +227,10 @@ class TrainConfig:
     )
     # -- memory and speed
     gradient_checkpointing: str = option(
-        "selective",
-        "selective (keep attention outputs), full, or none",
-        choices=CHECKPOINT_MODES,
+        AUTO,
+        "selective (keep attention outputs), full, none, or auto: on CUDA checkpointing planned per block "
+        "under the GPU's memory (what --memory-budget auto does), elsewhere (or with --fsdp) selective",
+        choices=(AUTO, *CHECKPOINT_MODES),
         simpletuner="gradient_checkpointing",
     )
     mixed_precision: str = option(
@@ -241,8 +246,11 @@ class TrainConfig:
         aliases=("--attention-implementation", "--attention_implementation"),
         simpletuner="attention_implementation",
     )
-    compile: bool = option(
-        False, "torch.compile each DiT block step: fuses the fp32 elementwise work (not with block swap)"
+    compile: bool | None = option(
+        None,
+        "torch.compile each DiT block step: fuses the fp32 elementwise work (not with block swap); "
+        "default auto: on CUDA without block swap, activation offload or fsdp when the run's steps save "
+        "more time than compiling takes (predicted by the memory plan's cost model), else off",
     )
     compile_tune: bool = option(
         False,
@@ -280,10 +288,11 @@ class TrainConfig:
         choices=BASE_PRECISIONS,
         simpletuner="base_model_precision",
     )
-    fp8_matmuls: bool = option(
-        False,
+    fp8_matmuls: bool | None = option(
+        None,
         "float8 matmuls for the frozen base linears, weights kept in bf16 (GPUs with compute capability "
-        "8.9+: Ada, Hopper); faster steps, LoRA gradients as close to float32 as bf16's",
+        "8.9+: Ada, Hopper); faster steps, LoRA gradients as close to float32 as bf16's; default auto: "
+        "on with compile on such a GPU for a bf16 run with an unquantised base, else off",
     )
     memory_budget: str | None = option(
         None,
@@ -461,6 +470,12 @@ class TrainConfig:
         if self.validation_area is None:
             area = settings.get("area")
             self.validation_area = format_area(area or default_area(self.model))
+
+    def total_steps(self, epoch_samples: int, world_size: int = 1) -> int:
+        """The optimizer steps the run trains: ``max_train_steps``, else ``num_train_epochs`` of
+        ``epoch_samples`` (0 when the sample count is not known)."""
+        per_step = self.train_batch_size * self.gradient_accumulation_steps * world_size
+        return self.max_train_steps or math.ceil(self.num_train_epochs * epoch_samples / per_step)
 
     @property
     def i2v(self) -> bool:

@@ -55,6 +55,9 @@ MEASURED: dict[str, Measured] = {
     "step_compiled_selective": Measured(11.69, "s", _ISSUE),
     "step_compiled_fp8_selective": Measured(10.36, "s", _ISSUE),
     "step_compiled_fp8_selective_sparse": Measured(4.72, "s", _ISSUE),
+    # the one-time compilation: the first step of a compiled run against its later ones
+    "first_step_compiled_tuned": Measured(264.0, "s", _STEP + ", block-sparse float8 tuned row, first step"),
+    "step_compiled_tuned": Measured(4.90, "s", _STEP + ", block-sparse float8 tuned row"),
     "forward_compiled": Measured(3.36, "s", _ISSUE),
     "forward_eager": Measured(3.952, "s", _FORWARD),
     "attention_dense_fwd_bwd": Measured(0.1465, "s", _ATTENTION + ", SDPA cuDNN"),
@@ -216,6 +219,9 @@ class Calibration:
     compiled_full_extra_bytes: float  # compiled full checkpointing's larger working set (same unit)
     reserve: float  # reserved over allocated: the budget a plan may fill is budget / reserve
     host_to_device: float  # bytes per second
+    # seconds compile_blocks takes once per graph (a checkpointing mode), from a tuned compilation: an
+    # upper bound for an untuned one
+    compile_seconds: float
     derived: tuple[str, ...]  # paths with no step measured of their own
 
 
@@ -301,6 +307,7 @@ def calibrate(shape: ModelShape, measured: dict[str, Measured] = MEASURED) -> Ca
         / (n * shape.hidden),
         reserve=m["reserved_over_allocated"],
         host_to_device=m["host_to_device"] * GB,
+        compile_seconds=m["first_step_compiled_tuned"] - m["step_compiled_tuned"],
         derived=("fp8 matmuls without compile: scaled from the compiled float8 step",),
     )
 
@@ -489,6 +496,11 @@ def fastest_plan(
         if best is None or prediction.step_seconds < best[1].step_seconds - 1e-9:
             best = planned, prediction
     return best
+
+
+def compile_cost(modes: Sequence[str], cal: Calibration) -> float:
+    """Seconds ``compile_blocks`` spends once: a graph per checkpointing mode the blocks use."""
+    return cal.compile_seconds * len(set(modes))
 
 
 def mode_counts(modes: Sequence[str]) -> dict[str, int]:

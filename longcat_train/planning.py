@@ -1,14 +1,17 @@
-"""``longcat-train --plan`` and ``--memory-budget``: the memory plan (``memory_plan``) fed with the model's
-shape (a meta-device DiT: no weights load), the clip, the GPU, and the techniques' rules.
+"""``longcat-train --plan``, ``--memory-budget`` and the auto defaults: the memory plan (``memory_plan``)
+fed with the model's shape (a meta-device DiT: no weights load), the clip, the GPU, and the techniques'
+rules; :func:`resolve_auto` turns the defaults left to the device into values for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
 import shlex
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,9 +20,10 @@ import torch
 from longcat_data.defaults import DEFAULT_MODEL, TINY, default_frames
 from longcat_data.flags import ConfigError, flag_names, parse_area
 from longcat_train import memory_plan as mp
-from longcat_train.config import TrainConfig
+from longcat_train.config import AUTO, TrainConfig
 from longcat_train.memory_plan import GB, Flags, ModelShape, Options, Prediction, Workload
 from longcat_train.model import DiTConfig, LongCatVideoTransformer, block_linears
+from longcat_train.quant import FP8_CAPABILITY
 from longcat_train.techniques import RULES
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,16 @@ def model_shape(config: DiTConfig, lora_targets: list[str]) -> ModelShape:
     )
 
 
+@functools.cache
+def _shape_of(model: str, lora_targets: tuple[str, ...]) -> ModelShape:
+    return model_shape(dit_config(model), list(lora_targets))
+
+
+def shape_of(cfg: TrainConfig) -> ModelShape:
+    """The model shape of ``cfg``'s model and LoRA targets (built once per pair)."""
+    return _shape_of(cfg.model, tuple(cfg.lora_targets))
+
+
 _REFERENCE: mp.Calibration | None = None
 
 
@@ -102,8 +116,8 @@ def flags_of(cfg: TrainConfig, depth: int) -> Flags:
     return Flags(
         checkpointing=(cfg.gradient_checkpointing,) * depth,
         attention=cfg.attention,
-        compile=cfg.compile,
-        fp8_matmuls=cfg.fp8_matmuls,
+        compile=bool(cfg.compile),
+        fp8_matmuls=bool(cfg.fp8_matmuls),
         base_model_precision=cfg.base_model_precision,
         block_swap=cfg.block_swap,
         offload_activations=cfg.offload_activations,
@@ -150,23 +164,35 @@ def workload(cfg: TrainConfig, area: tuple[int, int] | None = None) -> Workload:
 
 @dataclass(frozen=True)
 class Gpu:
+    """A CUDA device as the plan and the auto flags see it."""
+
     name: str
     memory_bytes: float
-    fp8: bool  # float8 tensor cores (compute capability 8.9+)
+    capability: tuple[int, int] = (9, 0)  # CUDA compute capability (major, minor)
+
+    @property
+    def fp8(self) -> bool:
+        """Float8 tensor cores: where ``quant.check_fp8_matmuls`` passes."""
+        return self.capability >= FP8_CAPABILITY
 
 
 def detect_gpu(gpu_memory_gb: float | None, device: torch.device | None = None) -> Gpu:
     """The GPU the plan is for: ``gpu_memory_gb`` given (a Hopper-class card of that memory), else the CUDA
     ``device`` (default: the first); neither is a ConfigError naming the flag."""
     if gpu_memory_gb is not None:
-        return Gpu(f"a {gpu_memory_gb:g} GB GPU", gpu_memory_gb * GB, fp8=True)
+        return Gpu(f"a {gpu_memory_gb:g} GB GPU", gpu_memory_gb * GB)
     if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         raise ConfigError(
             "no CUDA device to plan for: give its memory (--gpu-memory GB with --plan, a number with "
             "--memory-budget)"
         )
     props = torch.cuda.get_device_properties(device or 0)
-    return Gpu(props.name, float(props.total_memory), fp8=(props.major, props.minor) >= (8, 9))
+    return Gpu(props.name, float(props.total_memory), (props.major, props.minor))
+
+
+def device_gpu(device: torch.device) -> Gpu | None:
+    """The CUDA ``device`` as a :class:`Gpu`; None for any other device."""
+    return detect_gpu(None, device) if device.type == "cuda" else None
 
 
 def budget_bytes(cfg: TrainConfig, gpu: Gpu | None = None) -> float:
@@ -188,35 +214,222 @@ def options(gpu: Gpu) -> Options:
 
 def planned_checkpointing(
     cfg: TrainConfig, area: tuple[int, int] | None, gpu: Gpu | None = None
-) -> tuple[str, ...]:
+) -> tuple[str, ...] | None:
     """``--memory-budget``: the per-block checkpointing for ``cfg``'s other flags at the clip ``area``
-    (the largest bucket the shards hold), or a ConfigError naming what to change when nothing fits."""
-    shape = model_shape(dit_config(cfg.model), list(cfg.lora_targets))
-    work = workload(cfg, area)
-    budget = budget_bytes(cfg, gpu)
-    modes = mp.plan_checkpointing(shape, work, flags_of(cfg, shape.depth), budget, calibration())
-    if modes is None:
-        raise ConfigError(
-            f"memory_budget = {cfg.memory_budget}: even full checkpointing on every block is predicted not "
-            f"to fit {budget / GB:.0f} GB at {work.height}x{work.width}x{work.frames}; run longcat-train --plan "
-            "with the same flags for settings that do"
-        )
-    log.info(
-        "memory budget %.0f GB at %dx%dx%d: checkpointing per block %s",
-        budget / GB,
-        work.height,
-        work.width,
-        work.frames,
-        ", ".join(f"{mode} x{n}" for mode, n in mp.mode_counts(modes).items()),
+    (the largest bucket the shards hold); None when not even full checkpointing fits."""
+    shape = shape_of(cfg)
+    return mp.plan_checkpointing(
+        shape, workload(cfg, area), flags_of(cfg, shape.depth), budget_bytes(cfg, gpu), calibration()
     )
-    return modes
 
 
-def budget_checkpointing(cfg: TrainConfig, manifest: dict | None, device: torch.device) -> tuple[str, ...]:
-    """What the trainer applies under ``memory_budget``: the plan for the largest bucket of the manifest
-    (else ``cfg.area``) on ``device``."""
-    gpu = detect_gpu(None, device) if cfg.memory_budget == "auto" else None
-    return planned_checkpointing(cfg, largest_bucket(manifest, cfg.frames), gpu)
+def _nothing_fits(cfg: TrainConfig, area: tuple[int, int] | None, gpu: Gpu | None, *, auto: bool) -> str:
+    work = workload(cfg, area)
+    budget = "the GPU's memory" if auto else f"memory_budget = {cfg.memory_budget}"
+    return (
+        f"{budget}: even full checkpointing on every block is predicted not to fit "
+        f"{budget_bytes(cfg, gpu) / GB:.0f} GB at {work.height}x{work.width}x{work.frames}; run "
+        "longcat-train --plan with the same flags for settings that do"
+    )
+
+
+# ------------------------------------------------------------------------------------------ the defaults
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What ``resolve_auto`` made of a config for a device.
+
+    Attributes:
+        cfg: the config with every auto replaced by its value (what a run saves and resumes with).
+        checkpointing: the per-block modes under ``cfg.memory_budget`` (None: ``cfg.gradient_checkpointing``
+            on every block).
+        line: the values the autos took, as flags, and why (None: the config had no auto).
+        plan: the per-block plan's summary (None: no plan).
+        warning: the auto memory plan found nothing that fits (it falls back to full checkpointing).
+        problem: an explicit ``memory_budget`` nothing fits (the trainer refuses it with this line).
+    """
+
+    cfg: TrainConfig
+    checkpointing: tuple[str, ...] | None = None
+    line: str | None = None
+    plan: str | None = None
+    warning: str | None = None
+    problem: str | None = None
+
+
+def is_auto(cfg: TrainConfig, name: str) -> bool:
+    """Whether the field ``name`` is left to the device (``compile`` and ``fp8_matmuls``: None,
+    ``gradient_checkpointing``: auto)."""
+    return getattr(cfg, name) in (None, AUTO)
+
+
+AUTO_FIELDS = ("compile", "fp8_matmuls", "gradient_checkpointing")
+
+
+def with_saved_autos(cfg: TrainConfig, saved: dict | None) -> TrainConfig:
+    """``cfg`` resuming a run that saved ``saved``: each auto takes the value the run resolved it to (and
+    an auto checkpointing the run's memory budget too), so the resumed run computes what it did."""
+    values = {
+        name: saved[name]
+        for name in AUTO_FIELDS
+        if is_auto(cfg, name) and saved and saved.get(name) not in (None, AUTO)
+    }
+    if "gradient_checkpointing" in values and cfg.memory_budget is None:
+        values["memory_budget"] = saved.get("memory_budget")
+    return replace(cfg, **values)
+
+
+def _accepts(cfg: TrainConfig, setting: str) -> bool:
+    """Whether no rule of ``techniques.RULES`` about ``setting`` clashes in ``cfg``."""
+    return not any(rule.clashes(cfg) for rule in RULES if setting in rule.settings)
+
+
+def _fp8_applies(cfg: TrainConfig, gpu: Gpu) -> bool:
+    """Auto float8 matmuls: compiled (the path with a measured step), on float8 tensor cores, from bf16
+    weights of an unquantised base."""
+    candidate = replace(cfg, fp8_matmuls=True)
+    return (
+        bool(cfg.compile) and gpu.fp8 and cfg.mixed_precision == "bf16" and _accepts(candidate, "fp8_matmuls")
+    )
+
+
+def resolve_auto(
+    cfg: TrainConfig, gpu: Gpu | None, *, steps: int | None = None, area: tuple[int, int] | None = None
+) -> Resolved:
+    """The values of ``cfg``'s autos on ``gpu`` (None: no CUDA device) for a run of ``steps`` optimizer
+    steps (None: not known, counted as long enough) at the clip ``area`` (default ``cfg.area``); explicit
+    values stay as they are. An auto never takes a value that a rule of ``techniques.RULES`` refuses.
+
+    - ``gradient_checkpointing``: on CUDA, without ``fsdp`` or an explicit ``memory_budget``, the memory
+      plan under the GPU's memory (``memory_budget = auto``; nothing fitting: full on every block, with a
+      warning); else selective.
+    - ``compile``: off without CUDA and with block swap, activation offload or fsdp; else on when the run's
+      steps save more than compiling costs (``memory_plan.compile_cost``), each way with its own
+      checkpointing plan, and it fits where eager does.
+    - ``fp8_matmuls``: on where compiled on a GPU with float8 tensor cores, bf16, unquantised base.
+    """
+    autos = [name for name in AUTO_FIELDS if is_auto(cfg, name)]
+    base = replace(cfg, gradient_checkpointing="selective") if is_auto(cfg, "gradient_checkpointing") else cfg
+    notes: list[str] = []
+    if gpu is None:
+        chosen = replace(base, compile=bool(cfg.compile), fp8_matmuls=bool(cfg.fp8_matmuls))
+        return _with_plan(cfg, chosen, autos, area, gpu, [])
+
+    planned = is_auto(cfg, "gradient_checkpointing") and cfg.memory_budget is None
+    if planned and _accepts(replace(base, memory_budget=AUTO), "memory_budget"):
+        base = replace(base, memory_budget=AUTO)
+    elif planned:
+        notes.append("no per-block plan with " + _clash(replace(base, memory_budget=AUTO), "memory_budget"))
+
+    compile_options = [cfg.compile]
+    if cfg.compile is None:
+        # FSDP2 all-gathers each block's weights around its call, which the compiled block step has not
+        # been measured with.
+        can = not base.fsdp and _accepts(replace(base, compile=True), "compile")
+        compile_options = [False, True] if can else [False]
+        if not can:
+            with_ = "fsdp" if base.fsdp else _clash(replace(base, compile=True), "compile")
+            notes.append(f"no compile with {with_}")
+    shape, work, cal = shape_of(base), workload(base, area), calibration()
+    budget = budget_bytes(base, gpu) if base.memory_budget is not None else None
+
+    def candidate(compile_: bool) -> tuple[TrainConfig, tuple[str, ...] | None, float]:
+        one = replace(base, compile=compile_)
+        if cfg.fp8_matmuls is None:
+            one = replace(one, fp8_matmuls=_fp8_applies(one, gpu))
+        flags = flags_of(one, shape.depth)
+        modes = (
+            flags.checkpointing if budget is None else mp.plan_checkpointing(shape, work, flags, budget, cal)
+        )
+        uniform = replace(flags, checkpointing=modes or ("full",) * shape.depth)
+        return one, modes, mp.predict(shape, work, uniform, cal).step_seconds
+
+    options = [candidate(bool(c)) for c in compile_options]
+    chosen, modes, seconds = options[0]
+    if len(options) == 2:
+        compiled, compiled_modes, compiled_seconds = options[1]
+        saved = (seconds - compiled_seconds) * cfg.gradient_accumulation_steps * (steps or 0)
+        cost = mp.compile_cost(compiled_modes or ("full",), cal)
+        pays = steps is None or saved > cost
+        fits = compiled_modes is not None or budget is None or modes is None
+        if pays and fits:
+            chosen = compiled
+        why = "steps not known" if steps is None else f"{steps} steps save ~{saved:.0f} s"
+        notes.append(f"{why}, compiling takes ~{cost:.0f} s" + ("" if fits else ", does not fit compiled"))
+    if cfg.fp8_matmuls is None and chosen.compile and not chosen.fp8_matmuls:
+        notes.append(_no_fp8(chosen, gpu))
+    return _with_plan(cfg, chosen, autos, area, gpu, notes)
+
+
+def _no_fp8(cfg: TrainConfig, gpu: Gpu) -> str:
+    """Why auto float8 matmuls are off for the compiled ``cfg``."""
+    if not gpu.fp8:
+        return f"no float8 tensor cores (compute capability {gpu.capability[0]}.{gpu.capability[1]})"
+    if cfg.mixed_precision != "bf16":
+        return f"no float8 matmuls in {cfg.mixed_precision}"
+    return f"no float8 matmuls with base_model_precision = {cfg.base_model_precision}"
+
+
+def _clash(cfg: TrainConfig, setting: str) -> str:
+    """The other setting of the first rule about ``setting`` that clashes in ``cfg``."""
+    rule = next(r for r in RULES if setting in r.settings and r.clashes(cfg))
+    return next(s for s in rule.settings if s != setting)
+
+
+def _with_plan(
+    original: TrainConfig,
+    chosen: TrainConfig,
+    autos: list[str],
+    area: tuple[int, int] | None,
+    gpu: Gpu | None,
+    notes: list[str],
+) -> Resolved:
+    """``chosen`` with its per-block checkpointing under its memory budget, and the line naming what the
+    autos became; an auto budget nothing fits falls back to full checkpointing on every block."""
+    modes = planned_checkpointing(chosen, area, gpu) if chosen.memory_budget is not None else None
+    plan = warning = problem = None
+    auto_budget = chosen.memory_budget is not None and original.memory_budget is None
+    if auto_budget:
+        gb = f"{budget_bytes(chosen, gpu) / GB:.0f} GB"
+        fitted = f"checkpointing planned per block under {gb}"
+        notes = [fitted if modes is not None else f"nothing fits {gb}: full on every block", *notes]
+    if chosen.memory_budget is not None and modes is None:
+        if auto_budget:
+            warning = _nothing_fits(chosen, area, gpu, auto=True)
+            chosen = replace(chosen, memory_budget=None, gradient_checkpointing="full")
+        else:
+            problem = _nothing_fits(chosen, area, gpu, auto=False)
+    if modes is not None:
+        work = workload(chosen, area)
+        plan = (
+            f"memory budget {budget_bytes(chosen, gpu) / GB:.0f} GB at {work.height}x{work.width}x"
+            f"{work.frames}: checkpointing per block {counts(modes)}"
+        )
+    line = None
+    if autos:
+        where = f"on {gpu.name}" if gpu is not None else "without a CUDA device"
+        flags = " ".join(_auto_flags(chosen, autos, planned=auto_budget and modes is not None))
+        line = f"auto flags {where}: {flags}" + (f" ({'; '.join(notes)})" if notes else "")
+    return Resolved(chosen, modes, line, plan, warning, problem)
+
+
+def counts(modes: tuple[str, ...]) -> str:
+    """``none x5, selective x43``."""
+    return ", ".join(f"{mode} x{n}" for mode, n in mp.mode_counts(modes).items())
+
+
+def _auto_flags(cfg: TrainConfig, autos: list[str], *, planned: bool) -> list[str]:
+    """The flags that set the resolved autos of ``cfg`` explicitly (``planned``: checkpointing is the
+    memory plan's under the GPU's memory)."""
+    flags = []
+    for name in autos:
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            flags += ["--memory-budget", AUTO] if planned else [flag, value]
+    return flags
 
 
 def largest_bucket(manifest: dict | None, frames: int) -> tuple[int, int] | None:
@@ -253,14 +466,20 @@ def plan_report(cfg: TrainConfig, argv: list[str]) -> list[str]:
     """The lines ``longcat-train --plan`` prints: the current flags' prediction, the fastest flags that fit
     and the command line that runs them (``argv`` without the plan's own flags, plus the plan's)."""
     gpu = detect_gpu(cfg.gpu_memory)
-    budget = gpu.memory_bytes if cfg.memory_budget in (None, "auto") else budget_bytes(cfg, gpu)
-    shape = model_shape(dit_config(cfg.model), list(cfg.lora_targets))
+    budget = gpu.memory_bytes if cfg.memory_budget in (None, AUTO) else budget_bytes(cfg, gpu)
+    # What the defaults give on this GPU: the trainer's resolution for the same steps and clip.
+    resolved = resolve_auto(cfg, gpu, steps=cfg.total_steps(cfg.epoch_samples) or None)
+    cfg = resolved.cfg
+    shape = shape_of(cfg)
     work = workload(cfg)
     cal = calibration()
     current = flags_of(cfg, shape.depth)
+    if resolved.checkpointing is not None:
+        current = replace(current, checkpointing=resolved.checkpointing)
     clip = f"{work.height}x{work.width}x{work.frames}, batch {work.batch}"
     lines = [f"plan for {gpu.name} ({budget / GB:.0f} GB budget), {clip}, LoRA rank {work.lora_rank}"]
     lines.append("current flags: " + _summary(mp.predict(shape, work, current, cal), budget, cal))
+    lines += [f"  {text}" for text in (resolved.line, resolved.plan, resolved.warning) if text]
     best = mp.fastest_plan(
         shape, work, current, budget, allowed=lambda f: allowed(cfg, f), cal=cal, options=options(gpu)
     )
@@ -269,10 +488,7 @@ def plan_report(cfg: TrainConfig, argv: list[str]) -> list[str]:
         return lines
     flags, prediction = best
     lines.append("fastest that fits: " + _summary(prediction, budget, cal))
-    lines.append(
-        "  checkpointing per block: "
-        + ", ".join(f"{m} x{n}" for m, n in mp.mode_counts(flags.checkpointing).items())
-    )
+    lines.append("  checkpointing per block: " + counts(flags.checkpointing))
     lines.append("  memory: " + ", ".join(f"{k} {_size(v)}" for k, v in prediction.memory.items()))
     lines.append("  step: " + ", ".join(f"{k} {v:.2f} s" for k, v in prediction.time.items()))
     command = ["longcat-train", *_kept_args(argv), *_flag_args(cfg, config_with(cfg, flags))]
@@ -311,10 +527,11 @@ _TECHNIQUE_FIELDS = (
 def _replaced_flags() -> dict[str, bool]:
     """Every spelling of the flags the plan's command line sets itself -> whether it takes a value."""
     spellings: dict[str, bool] = {}
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _PLAN_FIELDS + _TECHNIQUE_FIELDS:
             continue
-        boolean = isinstance(f.default, bool)
+        boolean = bool in (hints[f.name], *typing.get_args(hints[f.name]))
         for name in flag_names(f):
             spellings[name] = not boolean and f.name != "plan"
             if boolean:

@@ -31,6 +31,9 @@ from longcat_train.model import block_linears, transformer_of
 
 logger = logging.getLogger(__name__)
 
+# The first CUDA compute capability with float8 tensor cores (Ada, Hopper).
+FP8_CAPABILITY = (8, 9)
+
 _PACKAGES = {"int8-quanto": ("optimum.quanto", "optimum-quanto"), "fp8-torchao": ("torchao", "torchao")}
 
 
@@ -158,7 +161,7 @@ def check_fp8_matmuls(device: torch.device) -> None:
     if device.type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
+    if (major, minor) < FP8_CAPABILITY:
         raise ConfigError(
             f"fp8_matmuls needs float8 tensor cores (compute capability 8.9+); "
             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: turn fp8_matmuls off"

@@ -132,7 +132,8 @@ def apply_techniques(
     lora_weights: LowRankSet | None = None,
     checkpointing: tuple[str, ...] | None = None,
 ) -> tuple[nn.Module, PeftModel]:
-    """The training techniques of ``cfg`` on the loaded ``base``, in the order they compose in.
+    """The training techniques of ``cfg`` on the loaded ``base``, in the order they compose in (autos
+    still in ``cfg`` are resolved for ``d.device`` first, ``planning.resolve_auto``, steps not known).
 
     1. the attention backend (a runtime choice of the model);
     2. ``base_lora``: merged into the base weights (computed on the compute device), while they are
@@ -153,9 +154,12 @@ def apply_techniques(
     """
     import torch
 
-    from longcat_train import lora, lora_apply, offload, parallel, quant
+    from longcat_train import lora, lora_apply, offload, parallel, planning, quant
     from longcat_train.lora_spec import parse_lora_spec
 
+    if any(planning.is_auto(cfg, name) for name in planning.AUTO_FIELDS):
+        resolved = planning.resolve_auto(cfg, planning.device_gpu(d.device))
+        cfg, checkpointing = resolved.cfg, checkpointing or resolved.checkpointing
     base.attention_implementation = cfg.attention
     # FSDP all-gathers in the model's compute dtype (that of its input projection, as forward uses).
     compute_dtype = base.x_embedder.proj.weight.dtype

@@ -54,7 +54,7 @@ from longcat_train.lora_spec import parse_lora_spec
 from longcat_train.loss_curve import write_loss_curve
 from longcat_train.metrics import Metrics
 from longcat_train.parallel import Dist
-from longcat_train.planning import budget_checkpointing
+from longcat_train.planning import device_gpu, largest_bucket, resolve_auto, with_saved_autos
 from longcat_train.runs import (
     CHECKPOINTS,
     COMFYUI_LORA_FILE,
@@ -63,6 +63,7 @@ from longcat_train.runs import (
     OFFICIAL_LORA_FILE,
     clear_run,
     drop_after,
+    read_saved_config,
     resume_candidates,
     used_output,
 )
@@ -341,6 +342,23 @@ def check_frozen_loras(cfg: TrainConfig) -> None:
                 raise ConfigError(f"{setting} {err}") from None
 
 
+def resolve_defaults(
+    cfg: TrainConfig, d: Dist, total_steps: int, area: tuple[int, int] | None
+) -> tuple[TrainConfig, tuple[str, ...] | None]:
+    """``cfg`` with its autos resolved for this device and run (``planning.resolve_auto``, logged once),
+    checked again by the rules, and the per-block checkpointing its memory budget plans (None: none)."""
+    resolved = resolve_auto(cfg, device_gpu(d.device), steps=total_steps, area=area)
+    if resolved.problem:
+        raise ConfigError(resolved.problem)
+    for line in (resolved.line, resolved.plan):
+        if line and d.main:
+            log.info("%s", line)
+    if resolved.warning and d.main:
+        log.warning("%s", resolved.warning)
+    check_techniques(resolved.cfg)
+    return resolved.cfg, resolved.checkpointing
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     check_techniques(cfg)
@@ -361,18 +379,19 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     resumed = load_checkpoint(candidates, d) if candidates else None
     overwritten = used_output(cfg, resuming=cfg.resume is not None)
     if resumed is not None:
+        cfg = with_saved_autos(cfg, read_saved_config(resumed.path))
         check_resumable(resumed.path, cfg, d)
 
     urls, manifest, encoders = shard_checks(cfg)
     epoch_samples = cfg.epoch_samples or (sum(s["samples"] for s in manifest["shards"]) if manifest else 0)
     per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * d.world_size
-    total_steps = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * epoch_samples / per_step)
+    total_steps = cfg.total_steps(epoch_samples, d.world_size)
     if total_steps <= 0:
         raise ConfigError(
             "num_train_epochs needs the sample count: set epoch_samples (no manifest found) or max_train_steps"
         )
 
-    checkpointing = budget_checkpointing(cfg, manifest, d.device) if cfg.memory_budget is not None else None
+    cfg, checkpointing = resolve_defaults(cfg, d, total_steps, largest_bucket(manifest, cfg.frames))
     validation = Validation(cfg, d, weight_dtype(cfg, d.device))
     # Only now, with every check passed, does the folder change.
     if d.main:
