@@ -55,8 +55,8 @@ from longcat_data.stream import ShardStream, StreamConfig, make_loader
 from longcat_train import trainer
 from longcat_train.architecture import ATTENTION_BACKENDS, CHECKPOINT_MODES
 from longcat_train.config import AUTO, TrainConfig
+from longcat_train.dit_config import DiTConfig
 from longcat_train.memory_plan import mode_counts
-from longcat_train.model import DiTConfig
 from longcat_train.parallel import Dist
 from longcat_train.planning import device_gpu, resolve_auto
 from longcat_train.techniques import apply_fast_paths

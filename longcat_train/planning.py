@@ -21,8 +21,9 @@ from longcat_data.defaults import DEFAULT_MODEL, TINY, default_frames
 from longcat_data.flags import ConfigError, flag_names, parse_area
 from longcat_train import memory_plan as mp
 from longcat_train.config import AUTO, TrainConfig
+from longcat_train.dit_config import DiTConfig
 from longcat_train.memory_plan import GB, Flags, ModelShape, Options, Prediction, Workload
-from longcat_train.model import DiTConfig, LongCatVideoTransformer, block_linears
+from longcat_train.model import LongCatVideoTransformer, block_linears
 from longcat_train.quant import FP8_CAPABILITY
 from longcat_train.techniques import RULES
 
