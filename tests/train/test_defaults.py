@@ -225,9 +225,9 @@ def test_plan_prints_the_resolution_of_the_defaults_and_the_fastest_command(caps
 
 def test_plan_counts_the_steps_of_the_run(capsys, tmp_path):
     argv = ["--plan", "--gpu-memory", "141", "--shards", "/d", "--output-dir", str(tmp_path / "o")]
-    assert train_main([*argv, "--max-train-steps", "20"]) == 0
+    assert train_main([*argv, "--max-train-steps", "3"]) == 0
     out = capsys.readouterr().out
-    assert "--no-compile --no-fp8-matmuls --memory-budget auto" in out and "20 steps save" in out
+    assert "--no-compile --no-fp8-matmuls --memory-budget auto" in out and "3 steps save" in out
     assert "run: longcat-train" in out
 
 
@@ -255,9 +255,10 @@ def test_the_trainer_resolves_the_autos_and_saves_their_values(tiny_shards, tmp_
         first = trainer_module.train(cfg)
     assert applied == [("none", "none")]  # all of the tiny model's activations fit
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto flags")]
+    compiling = planning.calibration().compile_seconds  # one graph: every block keeps "none"
     assert lines == [
         "auto flags on NVIDIA H200: --no-compile --no-fp8-matmuls --memory-budget auto (checkpointing "
-        "planned per block under 141 GB; 1 steps save ~0 s, compiling takes ~259 s)"
+        f"planned per block under 141 GB; 1 steps save ~0 s, compiling takes ~{compiling:.0f} s)"
     ]
     for saved in (out / "train_config.json", first.checkpoint / "train_config.json"):
         values = json.loads(saved.read_text())
