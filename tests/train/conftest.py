@@ -73,6 +73,25 @@ def _make_tiny_shards(root: Path) -> Path:
 
 
 @pytest.fixture
+def applied_checkpointing(monkeypatch) -> list[tuple[str, ...]]:
+    """The per-block checkpointing modes of every model the trainer builds, in order (it records what
+    ``apply_techniques`` applied)."""
+    from longcat_train import trainer
+    from longcat_train.model import transformer_of
+
+    applied: list[tuple[str, ...]] = []
+    apply = trainer.apply_techniques
+
+    def recording(base, *args, **kwargs):
+        out = apply(base, *args, **kwargs)
+        applied.append(transformer_of(out[0]).block_checkpointing)
+        return out
+
+    monkeypatch.setattr(trainer, "apply_techniques", recording)
+    return applied
+
+
+@pytest.fixture
 def tiny_frames() -> int:
     return TINY_FRAMES
 

@@ -231,21 +231,14 @@ def test_plan_counts_the_steps_of_the_run(capsys, tmp_path):
     assert "run: longcat-train" in out
 
 
-def test_the_trainer_resolves_the_autos_and_saves_their_values(tiny_shards, tmp_path, monkeypatch, caplog):
+def test_the_trainer_resolves_the_autos_and_saves_their_values(
+    tiny_shards, tmp_path, monkeypatch, caplog, applied_checkpointing
+):
     """On a (fake) GPU the defaults plan checkpointing per block for the shards' bucket; the saved config
     holds the resolved values, and a resume takes them over."""
     from longcat_train import trainer as trainer_module
-    from longcat_train.model import transformer_of
 
-    applied = []
-    apply = trainer_module.apply_techniques
-
-    def recording(base, *args, **kwargs):
-        out = apply(base, *args, **kwargs)
-        applied.append(transformer_of(out[0]).block_checkpointing)
-        return out
-
-    monkeypatch.setattr(trainer_module, "apply_techniques", recording)
+    applied = applied_checkpointing
     monkeypatch.setattr(trainer_module, "device_gpu", lambda device: H200)
     out = tmp_path / "run"
     common = dict(model="tiny", shards=[str(tiny_shards)], output_dir=str(out), num_workers=0)

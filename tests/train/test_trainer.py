@@ -588,15 +588,15 @@ def test_base_lora_trains_underneath_and_stacks_at_inference(
         train(same)
 
 
-def test_memory_budget_applies_the_plan_for_the_shards_bucket(tiny_shards, tmp_path, monkeypatch):
+def test_memory_budget_applies_the_plan_for_the_shards_bucket(
+    tiny_shards, tmp_path, monkeypatch, applied_checkpointing
+):
     """--memory-budget: the trainer plans per-block checkpointing for the manifest's bucket (64x64 here,
     not the 480x832 --area default) and trains bit for bit what no checkpointing trains (fp32)."""
     from dataclasses import replace
 
     from longcat_train import memory_plan, planning
-    from longcat_train import trainer as trainer_module
     from longcat_train.dit_config import DiTConfig
-    from longcat_train.model import transformer_of
 
     cfg = tiny_config(tiny_shards, tmp_path / "plain", gradient_checkpointing="none", max_train_steps=2)
     shape = planning.model_shape(DiTConfig.tiny(), list(cfg.lora_targets))
@@ -607,15 +607,7 @@ def test_memory_budget_applies_the_plan_for_the_shards_bucket(tiny_shards, tmp_p
         return memory_plan.predict(shape, work, flags, cal).peak_bytes * cal.reserve
 
     budget_gb = (peak("none", "selective") + peak("none", "none")) / 2 / memory_plan.GB
-    applied = []
-    apply = trainer_module.apply_techniques
-
-    def recording(base, *args, **kwargs):
-        out = apply(base, *args, **kwargs)
-        applied.append(transformer_of(out[0]).block_checkpointing)
-        return out
-
-    monkeypatch.setattr(trainer_module, "apply_techniques", recording)
+    applied = applied_checkpointing
     plain = train(cfg)
     planned = train(
         replace(
