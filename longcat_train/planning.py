@@ -10,7 +10,9 @@ import functools
 import importlib.util
 import json
 import logging
+import os
 import shlex
+import shutil
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -170,6 +172,7 @@ class Gpu:
     name: str
     memory_bytes: float
     capability: tuple[int, int] = (9, 0)  # CUDA compute capability (major, minor)
+    no_compile: str | None = None  # why torch.compile cannot build kernels on this machine (None: it can)
 
     @property
     def fp8(self) -> bool:
@@ -188,7 +191,19 @@ def detect_gpu(gpu_memory_gb: float | None, device: torch.device | None = None) 
             "--memory-budget)"
         )
     props = torch.cuda.get_device_properties(device or 0)
-    return Gpu(props.name, float(props.total_memory), (props.major, props.minor))
+    return Gpu(props.name, float(props.total_memory), (props.major, props.minor), compile_unavailable())
+
+
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot build the block step's CUDA kernels on this machine (None: it can).
+    Inductor writes them in Triton, and Triton builds its kernel launchers with the system's C compiler the
+    first time: without either, a compiled run would fail at its first step, after the model loaded."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    compilers = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    if not any(shutil.which(c) for c in compilers):
+        return f"no C compiler ({', '.join(compilers)}) for Triton's kernel launchers"
+    return None
 
 
 def device_gpu(device: torch.device) -> Gpu | None:
@@ -305,7 +320,8 @@ def resolve_auto(
     - ``gradient_checkpointing``: on CUDA, without ``fsdp`` or an explicit ``memory_budget``, the memory
       plan under the GPU's memory (``memory_budget = auto``; nothing fitting: full on every block, with a
       warning); else selective.
-    - ``compile``: off without CUDA and with block swap, activation offload or fsdp; else on when the run's
+    - ``compile``: off without CUDA, where it cannot build kernels (``Gpu.no_compile``) and with block swap,
+      activation offload or fsdp; else on when the run's
       steps save more than compiling costs (``memory_plan.compile_cost``), each way with its own
       checkpointing plan, and it fits where eager does.
     - ``fp8_matmuls``: on where compiled on a GPU with float8 tensor cores, bf16, unquantised base.
@@ -327,9 +343,11 @@ def resolve_auto(
     if cfg.compile is None:
         # FSDP2 all-gathers each block's weights around its call, which the compiled block step has not
         # been measured with.
-        can = not base.fsdp and _accepts(replace(base, compile=True), "compile")
+        can = not base.fsdp and gpu.no_compile is None and _accepts(replace(base, compile=True), "compile")
         compile_options = [False, True] if can else [False]
-        if not can:
+        if gpu.no_compile is not None:
+            notes.append(f"no compile: {gpu.no_compile}")
+        elif not can:
             with_ = "fsdp" if base.fsdp else _clash(replace(base, compile=True), "compile")
             notes.append(f"no compile with {with_}")
     shape, work, cal = shape_of(base), workload(base, area), calibration()

@@ -91,6 +91,32 @@ def test_on_an_a100_the_defaults_compile_in_bf16():
     assert "no float8 tensor cores (compute capability 8.0)" in resolved.line
 
 
+def test_where_kernels_cannot_be_built_the_default_does_not_compile():
+    # A compiled run without Triton or a C compiler would fail at its first step, after the model loaded.
+    bare = replace(H200, no_compile="no C compiler (cc, gcc, clang) for Triton's kernel launchers")
+    resolved = resolve_auto(TrainConfig(), bare, steps=1000)
+    assert (resolved.cfg.compile, resolved.cfg.fp8_matmuls) == (False, False)
+    assert "--no-compile --no-fp8-matmuls" in resolved.line
+    assert "no compile: no C compiler (cc, gcc, clang) for Triton's kernel launchers" in resolved.line
+    assert resolve_auto(TrainConfig(compile=True), bare, steps=1000).cfg.compile  # typed: the user's call
+
+
+def test_what_compiling_needs_is_read_from_the_machine(monkeypatch):
+    installed = {"triton": True}
+    monkeypatch.setattr(planning.importlib.util, "find_spec", lambda name: installed.get(name) or None)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(planning.shutil, "which", lambda name: None)
+    assert planning.compile_unavailable() == "no C compiler (cc, gcc, clang) for Triton's kernel launchers"
+    monkeypatch.setenv("CC", "my-cc")
+    assert planning.compile_unavailable() == "no C compiler (my-cc) for Triton's kernel launchers"
+    monkeypatch.setattr(
+        planning.shutil, "which", lambda name: f"/opt/bin/{name}" if name == "my-cc" else None
+    )
+    assert planning.compile_unavailable() is None
+    installed["triton"] = False
+    assert planning.compile_unavailable() == "triton is not installed"
+
+
 def test_on_a_24gb_card_with_block_swap_nothing_compiles_and_swapped_blocks_stay_checkpointed():
     recipe = dict(base_model_precision="fp8-torchao", feed_forward_chunks=4, offload_activations=True)
     resolved = resolve_auto(TrainConfig(block_swap=40, **recipe), RTX_4090, steps=1000)
