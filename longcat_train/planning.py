@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import shutil
+import sysconfig
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -196,13 +197,17 @@ def detect_gpu(gpu_memory_gb: float | None, device: torch.device | None = None) 
 
 def compile_unavailable() -> str | None:
     """Why ``torch.compile`` cannot build the block step's CUDA kernels on this machine (None: it can).
-    Inductor writes them in Triton, and Triton builds its kernel launchers with the system's C compiler the
-    first time: without either, a compiled run would fail at its first step, after the model loaded."""
+    Inductor writes them in Triton, and Triton builds its kernel launchers with the system's C compiler and
+    Python's headers the first time: without them, a compiled run would fail at its first step, after the
+    model loaded."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     compilers = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
     if not any(shutil.which(c) for c in compilers):
         return f"no C compiler ({', '.join(compilers)}) for Triton's kernel launchers"
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if not headers.is_file():
+        return f"no Python headers ({headers}; the python3-dev package) for Triton's kernel launchers"
     return None
 
 

@@ -113,6 +113,10 @@ def test_what_compiling_needs_is_read_from_the_machine(monkeypatch):
         planning.shutil, "which", lambda name: f"/opt/bin/{name}" if name == "my-cc" else None
     )
     assert planning.compile_unavailable() is None
+    monkeypatch.setattr(planning.sysconfig, "get_paths", lambda: {"include": "/nowhere"})
+    assert planning.compile_unavailable() == (
+        "no Python headers (/nowhere/Python.h; the python3-dev package) for Triton's kernel launchers"
+    )
     installed["triton"] = False
     assert planning.compile_unavailable() == "triton is not installed"
 
