@@ -249,8 +249,9 @@ class TrainConfig:
     compile: bool | None = option(
         None,
         "torch.compile each DiT block step: fuses the fp32 elementwise work (not with block swap); "
-        "default auto: on CUDA without block swap, activation offload or fsdp when the run's steps save "
-        "more time than compiling takes (predicted by the memory plan's cost model), else off",
+        "default auto: on CUDA where Triton can build kernels, without block swap, activation offload or "
+        "fsdp, when the run's steps save more time than compiling takes (predicted by the memory plan's "
+        "cost model), else off",
     )
     compile_tune: bool = option(
         False,
