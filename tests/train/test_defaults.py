@@ -59,8 +59,8 @@ def test_help_says_what_auto_resolves_to():
         in text
     )
     assert (
-        "default auto: on CUDA without block swap, activation offload or fsdp when the run's steps save"
-        in text
+        "default auto: on CUDA where Triton can build kernels, without block swap, activation offload or "
+        "fsdp, when the run's steps save" in text
     )
     assert "default auto: on with compile on such a GPU" in text
 
