@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,3 +147,46 @@ def write_report(report: dict, out: str | Path | None = None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
+
+
+# Kernel-name fragments per family, first match wins (cuDNN/flash/our Triton attention, cuBLAS/CUTLASS GEMMs).
+KERNEL_FAMILIES = (
+    ("attention", ("attn", "flash", "fmha", "sdpa", "_bsa_", "block_sparse", "cudnn_generated")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "splitk")),
+    ("copy", ("memcpy", "memset", "copy_", "cat")),
+    ("elementwise", ("triton", "elementwise", "reduce", "vectorized", "norm", "softmax")),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, keys in KERNEL_FAMILIES if any(k in lowered for k in keys)), "other")
+
+
+def kernel_profile(work: Callable[[], object], top: int = 20) -> dict:
+    """One call of ``work`` on the GPU under the torch profiler: GPU milliseconds per kernel family and
+    the ``top`` costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        work()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    families: dict[str, float] = {}
+    for e in kernels:
+        family = kernel_family(e.key)
+        families[family] = families.get(family, 0.0) + e.device_time_total / 1e3
+    costliest = sorted(kernels, key=lambda e: e.device_time_total, reverse=True)[:top]
+    return {
+        "gpu_ms_by_family": {k: round(v, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+        "gpu_ms_total": round(sum(families.values()), 1),
+        "top_kernels": [
+            {
+                "name": e.key[:120],
+                "family": kernel_family(e.key),
+                "ms": round(e.device_time_total / 1e3, 1),
+                "calls": e.count,
+            }
+            for e in costliest
+        ],
+    }

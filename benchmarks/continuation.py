@@ -11,10 +11,11 @@ step) with the cache and without, and a segment's seconds are computed from them
 sample of the same size (one condition latent frame: the start image) is timed the same way in the
 same run, so that a cached segment can be set beside it: at the segment's steps, and at the I2V
 sampler's own schedule (``--steps``, no tail). ``--profile`` adds one step of each mode under the torch
-profiler: GPU seconds of the costliest kernels, to say where a difference comes from. The long video
-(``--segments``, 5) is then run end to end, every segment a continuation of the one before, at
-``--long-steps`` distilled steps without guidance (the chaining, encodes and decodes as they run), and
-also given at the full step count from the per-step times. ``--quick`` runs the tiny model on the CPU at a
+profiler (GPU milliseconds per kernel family and of the costliest kernels, ``_shared.kernel_profile``),
+to say where a difference comes from. The long video (``--segments``, 5) is then run end to end, every
+segment a continuation of the one before, at ``--long-steps`` distilled steps without guidance (the
+chaining, encodes and decodes as they run), and also given at the full step count from the per-step
+times. ``--quick`` runs the tiny model on the CPU at a
 small size, to check the script itself.
 
     python benchmarks/continuation.py --output benchmarks/results/continuation.json   # GPU
@@ -30,7 +31,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from _shared import write_report  # benchmarks/_shared.py
+from _shared import kernel_profile, write_report  # benchmarks/_shared.py
 from sample import PROMPT_TOKENS, build_dit, build_vae, device_name, device_of, peak_memory_gb, sync
 
 from longcat_data.buckets import latent_frames
@@ -58,27 +59,6 @@ def timed(device: torch.device, work: Callable[[], object]) -> tuple[float, obje
     result = work()
     sync(device)
     return time.perf_counter() - start, result
-
-
-def profile_step(device: torch.device, work: Callable[[], object], top: int = 12) -> dict:
-    """GPU seconds of one call of ``work`` under the torch profiler: the total and the ``top`` costliest
-    kernels (empty off CUDA)."""
-    if device.type != "cuda":
-        return {}
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        work()
-        sync(device)
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    return {
-        "gpu_seconds": sum(e.self_device_time_total for e in events) / 1e6,
-        "kernels": [
-            {"name": e.key[:120], "seconds": e.self_device_time_total / 1e6, "calls": e.count}
-            for e in events[:top]
-        ],
-    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -130,8 +110,8 @@ def run(args: argparse.Namespace) -> dict:
             condition_s = timed(device, lambda: cache_condition(model, cond, text[1:], mask[1:]))[0]
         # The timed loop ran one step more than it counts and, cached, one condition pass.
         per_step[mode] = (seconds - (condition_s if mode == "kv_cache" else 0.0)) / (1 + args.timed_steps)
-        if args.profile:
-            profiles[mode] = profile_step(device, lambda mode=mode: steps(1, mode))
+        if args.profile and device.type == "cuda":
+            profiles[mode] = kernel_profile(lambda mode=mode: steps(1, mode), top=12)
     dit_peak = peak_memory_gb(device)
 
     pixels = torch.randint(

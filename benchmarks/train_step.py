@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 from _peer import base_state, build_peer  # benchmarks/_peer.py
-from _shared import build_model, write_report, write_shard  # benchmarks/_shared.py
+from _shared import build_model, kernel_profile, write_report, write_shard  # benchmarks/_shared.py
 
 from longcat_data.defaults import DEFAULT_MODEL, TINY
 from longcat_data.stream import ShardStream, StreamConfig, make_loader
@@ -61,47 +61,13 @@ from longcat_train.parallel import Dist
 from longcat_train.planning import device_gpu, resolve_auto
 from longcat_train.techniques import apply_fast_paths
 
-# Kernel-name fragments per family, first match wins (cuDNN/flash/our Triton attention, cuBLAS/CUTLASS GEMMs).
-KERNEL_FAMILIES = (
-    ("attention", ("attn", "flash", "fmha", "sdpa", "_bsa_", "block_sparse", "cudnn_generated")),
-    ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "splitk")),
-    ("copy", ("memcpy", "memset", "copy_", "cat")),
-    ("elementwise", ("triton", "elementwise", "reduce", "vectorized", "norm", "softmax")),
-)
-
-
-def kernel_family(name: str) -> str:
-    lowered = name.lower()
-    return next((family for family, keys in KERNEL_FAMILIES if any(k in lowered for k in keys)), "other")
-
 
 def profile_step(model, batches, optimizer, params, cfg: TrainConfig, d: Dist) -> dict:
     """One step under the torch profiler: GPU milliseconds per kernel family and the costliest kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
     generator = torch.Generator(d.device).manual_seed(0)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        trainer.train_step(model, batches, optimizer, params, cfg, generator, None, d)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-    families: dict[str, float] = {}
-    for e in kernels:
-        family = kernel_family(e.key)
-        families[family] = families.get(family, 0.0) + e.device_time_total / 1e3
-    top = sorted(kernels, key=lambda e: e.device_time_total, reverse=True)[:20]
-    return {
-        "gpu_ms_by_family": {k: round(v, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
-        "gpu_ms_total": round(sum(families.values()), 1),
-        "top_kernels": [
-            {
-                "name": e.key[:120],
-                "family": kernel_family(e.key),
-                "ms": round(e.device_time_total / 1e3, 1),
-                "calls": e.count,
-            }
-            for e in top
-        ],
-    }
+    return kernel_profile(
+        lambda: trainer.train_step(model, batches, optimizer, params, cfg, generator, None, d)
+    )
 
 
 def make_naive(model: torch.nn.Module) -> None:
