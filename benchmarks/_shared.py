@@ -57,11 +57,17 @@ def created_on(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]
 
 
 def prep_encoders(
-    small: bool, text_encoder: str, cudnn_benchmark: bool, device: torch.device, dtype: torch.dtype
+    small: bool,
+    text_encoder: str,
+    cudnn_benchmark: bool,
+    compile_backend: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Encoders:
     """Random prep encoders (benchmarks/prep.py): the full Wan2.1 VAE config or the tiny VAE, and umT5
-    ``full`` (XXL), ``tiny`` or ``none``, with the tiny tokenizer. Here rather than in prep.py so a Ray
-    actor can import it (a function of ``__main__`` would travel by value)."""
+    ``full`` (XXL), ``tiny`` or ``none``, with the tiny tokenizer; the VAE encoder compiled with
+    ``compile_backend`` unless None. Here rather than in prep.py so a Ray actor can import it (a function
+    of ``__main__`` would travel by value)."""
     # Set where the encoders are built: a Ray actor is a process of its own.
     torch.backends.cudnn.benchmark = cudnn_benchmark
     tokenizer = encode.tiny_tokenizer()
@@ -72,6 +78,8 @@ def prep_encoders(
             tiny = dict(encode.TINY_TEXT_CONFIG, vocab_size=len(tokenizer))
             config = UMT5Config(**(tiny if text_encoder == "tiny" else UMT5_XXL))
             model = UMT5EncoderModel(config).eval().requires_grad_(False)
+    if compile_backend is not None:
+        encode.compile_vae_encoder(vae, backend=compile_backend)
     return Encoders(vae, tokenizer if model is not None else None, model, {"model": f"random-{text_encoder}"})
 
 
@@ -151,7 +159,24 @@ def write_report(report: dict, out: str | Path | None = None) -> None:
 
 # Kernel-name fragments per family, first match wins (cuDNN/flash/our Triton attention, cuBLAS/CUTLASS GEMMs).
 KERNEL_FAMILIES = (
-    ("attention", ("attn", "flash", "fmha", "sdpa", "_bsa_", "block_sparse", "cudnn_generated")),
+    # inductor names a fused kernel after every op in it: "amax" marks the float8 row scaling, wherever
+    # it was fused
+    ("fp8_scaling", ("amax",)),
+    (
+        "attention",
+        (
+            "attn",
+            "flash",
+            "fmha",
+            "sdpa",
+            "_bsa_",
+            "block_sparse",
+            "cudnn_generated",
+            "_fwd_kernel",
+            "_dq_kernel",
+            "_dkdv_kernel",
+        ),
+    ),
     ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "splitk")),
     ("copy", ("memcpy", "memset", "copy_", "cat")),
     ("elementwise", ("triton", "elementwise", "reduce", "vectorized", "norm", "softmax")),

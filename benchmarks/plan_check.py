@@ -2,6 +2,7 @@
 print, run as the trainer runs them, predicted vs measured peak memory and step time.
 
     python benchmarks/plan_check.py [--budgets 24 48 80 141] [--attention dense sparse] [--out FILE]
+    python benchmarks/plan_check.py --patterns full48 selective24+full24 none5+selective43
     python benchmarks/plan_check.py --quick      # CPU smoke run: tiny model, 64x64x9, budgets around it
     python benchmarks/plan_check.py --dry-run    # the cells' plans and predictions, nothing run
 
@@ -10,10 +11,15 @@ Each cell: ``memory_plan.fastest_plan`` for the budget (what ``--plan --gpu-memo
 then ``techniques.apply_techniques`` with those flags and the planned per-block checkpointing, under a cap
 of the budget (``torch.cuda.set_per_process_memory_fraction``), and ``trainer.train_step`` for one untimed
 step (compilation, allocator warm-up) and ``--steps`` timed ones. Peak = ``torch.cuda.max_memory_allocated``
-over the timed steps. Targets: peak within 10%, step within 15% of the prediction.
+over every step, the first (compiling) one included: a run has to live through it too (``steady_peak_gb``
+leaves it out). Targets: peak within 10%, step within 15% of the prediction.
 
-Cells whose flags agree but for the attention and the per-block modes share one process and one model
-(smallest budget first, the cap raised between them, compiled graphs reused); each group runs in a fresh
+``--patterns`` measures given per-block modes instead (``none5+selective43``: the first 5 blocks without
+checkpointing, the other 43 selective), with the flags the plan picks for the largest budget and no cap:
+the probe the memory model's per-mode terms are calibrated on.
+
+Cells whose flags agree but for the per-block modes share one process and one model (smallest budget
+first, the cap raised between them, compiled graphs reused: a graph per mode); each group runs in a fresh
 process with a time limit, an OOM or a crash is a result. Prints one JSON document (``--out`` also writes it).
 """
 
@@ -98,8 +104,57 @@ def plan_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     return cells
 
 
+def parse_pattern(text: str, depth: int) -> tuple[str, ...]:
+    """``none5+selective43`` -> the per-block modes, first blocks first; the counts must add up to depth."""
+    modes: list[str] = []
+    for part in text.split("+"):
+        mode = part.rstrip("0123456789")
+        count = part[len(mode) :]
+        if mode not in mp.MODES or not count:
+            raise ValueError(f"pattern {text!r}: parts are MODE+COUNT with MODE one of {', '.join(mp.MODES)}")
+        modes += [mode] * int(count)
+    if len(modes) != depth:
+        raise ValueError(f"pattern {text!r} covers {len(modes)} blocks; the model has {depth}")
+    return tuple(modes)
+
+
+def pattern_cells(args: argparse.Namespace, planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The largest budget's plan per attention with its modes replaced by each of ``args.patterns``."""
+    config, cfg, area = setup(args.quick)
+    shape = planning.model_shape(config, list(cfg.lora_targets))
+    work, cal = planning.workload(cfg, area), planning.calibration()
+    cells = []
+    for attention in args.attention:
+        found = [c for c in planned if c["attention"] == attention and "flags" in c]
+        if not found:
+            continue
+        top = max(found, key=lambda c: c["budget_gb"])
+        for text in args.patterns:
+            flags = mp.Flags(**{**top["flags"], "checkpointing": parse_pattern(text, shape.depth)})
+            prediction = mp.predict(shape, work, flags, cal)
+            cells.append(
+                {
+                    "budget_gb": top["budget_gb"],
+                    "pattern": text,
+                    "attention": attention,
+                    "flags": asdict(flags),
+                    "modes": mp.mode_counts(flags.checkpointing),
+                    "predicted_peak_gb": prediction.peak_bytes / mp.GB,
+                    "predicted_step_s": prediction.step_seconds,
+                    "predicted_memory_gb": {k: v / mp.GB for k, v in prediction.memory.items()},
+                    "predicted_time_s": prediction.time,
+                }
+            )
+    return cells
+
+
+def cell_name(cell: dict[str, Any]) -> tuple[Any, ...]:
+    return cell["budget_gb"], cell["attention"], cell.get("pattern")
+
+
 def group_key(cell: dict[str, Any]) -> str:
-    flags = {k: v for k, v in cell["flags"].items() if k not in ("checkpointing", "attention")}
+    # The attention too: a compiled process that switched it would recompile every mode's graph again.
+    flags = {k: v for k, v in cell["flags"].items() if k != "checkpointing"}
     return json.dumps(flags, sort_keys=True)
 
 
@@ -154,9 +209,11 @@ def worker(cells: list[dict[str, Any]], quick: bool, steps: int) -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, cell["budget_gb"] * mp.GB / total), index)
         generator = torch.Generator(device).manual_seed(0)
         times: list[float] = []
+        peaks: list[float] = []  # GB per step, reset before each
+        reserved = 0.0
         try:
-            for step in range(1 + steps):
-                if cuda and step == 1:
+            for _ in range(1 + steps):
+                if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 begin = time.perf_counter()
@@ -165,14 +222,21 @@ def worker(cells: list[dict[str, Any]], quick: bool, steps: int) -> None:
                 )
                 if cuda:
                     torch.cuda.synchronize()
+                    peaks.append(torch.cuda.max_memory_allocated(device) / mp.GB)
+                    reserved = max(reserved, torch.cuda.max_memory_reserved(device) / mp.GB)
                 times.append(time.perf_counter() - begin)
             timed = times[1:]
             result.update(status="ok", step_s=times, measured_step_s=sum(timed) / len(timed), loss=out.loss)
         except torch.OutOfMemoryError as err:
             result.update(status="oom", step_s=times, error=str(err).splitlines()[0])
+            if cuda:  # the step that ran out: as high as the cap let it go
+                peaks.append(torch.cuda.max_memory_allocated(device) / mp.GB)
         if cuda:
-            result["measured_peak_gb"] = torch.cuda.max_memory_allocated(device) / mp.GB
-            result["reserved_gb"] = torch.cuda.max_memory_reserved(device) / mp.GB
+            result["step_peak_gb"] = peaks
+            result["measured_peak_gb"] = max(peaks)
+            if len(peaks) > 1 and result["status"] == "ok":
+                result["steady_peak_gb"] = max(peaks[1:])
+            result["reserved_gb"] = max(reserved, torch.cuda.max_memory_reserved(device) / mp.GB)
             torch.cuda.empty_cache()
         optimizer.zero_grad(set_to_none=True)
         print(MARK + json.dumps(result), flush=True)
@@ -193,11 +257,9 @@ def run_group(cells: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
         stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else err.stderr or ""
         status = f"timeout after {args.timeout:g} s"
     done = [json.loads(line[len(MARK) :]) for line in stdout.splitlines() if line.startswith(MARK)]
-    seen = {(c["budget_gb"], c["attention"]) for c in done}
+    seen = {cell_name(c) for c in done}
     tail = stderr.strip().splitlines()[-3:]
-    missing = [
-        {**c, "status": status, "error": tail} for c in cells if (c["budget_gb"], c["attention"]) not in seen
-    ]
+    missing = [{**c, "status": status, "error": tail} for c in cells if cell_name(c) not in seen]
     return done + missing
 
 
@@ -220,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, budgets around it")
     parser.add_argument("--budgets", nargs="+", type=float, default=[24, 48, 80, 141], help="GB")
     parser.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=list(ATTENTION))
+    parser.add_argument(
+        "--patterns",
+        nargs="+",
+        help="measure these per-block modes (e.g. full48 none5+selective43) with the largest budget's "
+        "flags, uncapped, instead of the budgets' plans",
+    )
     parser.add_argument("--steps", type=int, default=1, help="timed steps per cell, after one untimed")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per group of cells")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -233,14 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(json.loads(args.worker), args.quick, args.steps)
         return 0
+    cells = plan_cells(args)
+    if args.patterns:
+        try:
+            cells = pattern_cells(args, cells)
+        except ValueError as err:
+            parser.error(str(err))
     if args.dry_run:
-        write_report({"cells": plan_cells(args)}, args.out)
+        write_report({"cells": cells}, args.out)
         return 0
     if not args.quick and not torch.cuda.is_available():
         print("no CUDA device: run with --quick for the CPU smoke run", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    cells = plan_cells(args)
     groups: dict[str, list[dict[str, Any]]] = {}
     for cell in cells:
         if "flags" in cell:
@@ -252,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     for cell in results:
         cell.update(errors(cell))
         cell["flags"] = {k: v for k, v in cell.get("flags", {}).items() if k != "checkpointing"}
-    results.sort(key=lambda c: (c["attention"], c["budget_gb"]))
+    results.sort(key=lambda c: (c["attention"], c["budget_gb"], c.get("pattern") or ""))
     checked = [c for c in results if "peak_within_target" in c or "step_within_target" in c]
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",

@@ -17,7 +17,8 @@ tokenizer is the tiny local one, whose ids are valid for the real vocabulary). T
   device sync), i.e. how well decoding and writing hide behind the VAE. Target: ratio >= 0.9.
 - with `--engine ray`: the same prep on the Ray engine (a local Ray instance, one encoder actor on one
   GPU, decode tasks on the other cores) after the single-process run, and both steady rates (first
-  clip written to last, so Ray's start-up and the actor's model build are left out of both).
+  clip written to last, so Ray's start-up and the actor's model build are left out of both). The actor
+  builds its encoders itself, compiled when the last of `--modes` is, like the local run it is set beside.
   Target: ray_to_local >= 0.95. Needs `pip install -e ".[ray]"`.
 - with ``--store s3``: the same run again with the videos read from and the shards written to S3
   (``s3://.../videos`` -> ``s3://.../shards``, through ``longcat_data.storage``): its clips/s and its ratio
@@ -205,11 +206,12 @@ def main() -> None:
 
     write_sources(root / "videos", clips, *source_hw, frames + 4)
     write_sources(root / "warmup", 2, *source_hw, frames + 4)
-    factory = prep.EncoderFactory(
-        partial(prep_encoders, args.small, text_encoder, args.cudnn_benchmark),
-        {"model": f"random-{text_encoder}"},
-    )
-    enc = factory.build(device, dtype)
+
+    def factory(compile_backend: str | None) -> prep.EncoderFactory:
+        build = partial(prep_encoders, args.small, text_encoder, args.cudnn_benchmark, compile_backend)
+        return prep.EncoderFactory(build, {"model": f"random-{text_encoder}"})
+
+    enc = factory(None).build(device, dtype)
 
     def run_prep(videos: Path | str, out: Path | str, engine: str = "local") -> prep.PrepStats:
         cfg = PrepConfig(
@@ -226,7 +228,9 @@ def main() -> None:
             ray_encoders=1,
             staging_dir=str(root / "staging"),
         )
-        return prep.run_shard(cfg, encoders=enc if engine == "local" else factory)
+        # The Ray actor builds its own encoders: compiled as the local run it is compared with was.
+        ray_factory = factory(args.compile_backend if args.modes[-1] == "compiled" else None)
+        return prep.run_shard(cfg, encoders=enc if engine == "local" else ray_factory)
 
     modes: dict[str, dict] = {}
     for mode in args.modes:
