@@ -46,6 +46,7 @@ _STEP = "benchmarks/RESULTS.md, Training step (H100 80GB)"
 _FORWARD = "benchmarks/RESULTS.md, DiT forward / backward (H100 80GB)"
 _ATTENTION = "benchmarks/RESULTS.md, Attention (H100 80GB, 37,440 tokens)"
 _ISSUE = "issue 17, measured on one H200 (train_step.py, 480x832x93 I2V)"
+_PLAN_CHECK = "benchmarks/RESULTS.md, The memory plan against the GPU (H200, plan_check.py)"
 _DEFAULTS = (
     "benchmarks/RESULTS.md, Training step with the default flags (H200, train_step.py --trainer-defaults)"
 )
@@ -78,6 +79,15 @@ MEASURED: dict[str, Measured] = {
     "peak_24gb_recipe": Measured(15.5, "GB", _MATRIX + ", fp8-torchao swap 40, act. offload, FFN in 4"),
     "peak_forward_full_eager": Measured(51.1 * 2**30 / GB, "GB", _FORWARD + ", 48 blocks, full (51.1 GiB)"),
     "peak_forward_full_compiled": Measured(54.8 * 2**30 / GB, "GB", _FORWARD + ", compiled (54.8 GiB)"),
+    # compiled float8, dense, no cap, by block modes (plan_check.py --patterns): what a block without
+    # checkpointing keeps over a selective one, compiled
+    "peak_compiled_fp8_selective48": Measured(70.2, "GB", _PLAN_CHECK + ", --patterns selective48"),
+    "peak_compiled_fp8_none5_selective43": Measured(
+        105.2, "GB", _PLAN_CHECK + ", --patterns none5+selective43"
+    ),
+    # eager steps of this code on the H200 (the eager anchors above are older code or the H100): the
+    # 48 GB block-sparse plan, every block swapped, selective x30 + full x18
+    "step_eager_swap48_sparse": Measured(9.49, "s", _PLAN_CHECK + ", the 48 GB block-sparse cell"),
     "reserved_over_allocated": Measured(
         17.98 / 15.53, "x", "benchmarks/results/m-fp8.json, the 24 GB cap cell"
     ),
@@ -221,6 +231,9 @@ class Calibration:
     working_factor: float  # the backward working set over the saved intermediates it recomputes
     overhead_bytes: float  # per token and hidden channel: the embedders', final layer's and loss's tensors
     compiled_full_extra_bytes: float  # compiled full checkpointing's larger working set (same unit)
+    # compiled: the share of what a block without checkpointing keeps beyond a selective one, against
+    # the eager count (inductor's fused kernels save fewer intermediates)
+    compiled_none_share: float
     reserve: float  # reserved over allocated: the budget a plan may fill is budget / reserve
     host_to_device: float  # bytes per second
     # seconds compile_blocks takes once per graph (a checkpointing mode), untuned (compile_tune takes
@@ -296,7 +309,13 @@ def calibrate(shape: ModelShape, measured: dict[str, Measured] = MEASURED) -> Ca
     w1, w4 = n * working_bytes_per_token(shape, 1), n * working_bytes_per_token(shape, 4)
     p1, p4 = m["peak_eager_selective"] * GB - selective_fixed, m["peak_24gb_recipe"] * GB - recipe_fixed
     factor = (p1 - p4) / (w1 - w4)
-    return Calibration(
+    compiled_none_share = (
+        (m["peak_compiled_fp8_none5_selective43"] - m["peak_compiled_fp8_selective48"])
+        * GB
+        / 5
+        / (kept_bytes(shape, reference, "none", 1) - kept_bytes(shape, reference, "selective", 1))
+    )
+    cal = Calibration(
         attention_fwd={"dense": attn_f, "sparse": sparse_f},
         attention_fwd_bwd={"dense": attn_fb, "sparse": sparse_fb},
         rest_fwd=rest_f,
@@ -311,8 +330,27 @@ def calibrate(shape: ModelShape, measured: dict[str, Measured] = MEASURED) -> Ca
         / (n * shape.hidden),
         reserve=m["reserved_over_allocated"],
         host_to_device=m["host_to_device"] * GB,
+        compiled_none_share=compiled_none_share,
         compile_seconds=(m["first_step_compiled_two_graphs"] - m["step_compiled_two_graphs"]) / 2,
         derived=("fp8 matmuls without compile: scaled from the compiled float8 step",),
+    )
+    return _eager_rest_from_step(shape, cal, m["step_eager_swap48_sparse"])
+
+
+def _eager_rest_from_step(shape: ModelShape, cal: Calibration, measured: float) -> Calibration:
+    """``cal`` with the eager blocks' work but attention scaled so that the eager step measured on this
+    code (the 48 GB block-sparse plan: every block swapped, selective x30 + full x18) comes out as
+    measured; the other terms of that step stay as ``cal`` has them."""
+    depth = shape.depth
+    modes = ("selective",) * 30 + ("full",) * 18
+    flags = Flags(checkpointing=modes, attention="block_sparse", block_swap=depth)
+    terms = step_time(shape, Workload(93, 480, 832), flags, cal)
+    rest = depth * (cal.rest_fwd[False, False] * 2 + cal.rest_bwd[False, False])
+    scale = (measured - (sum(terms.values()) - rest)) / rest
+    return replace(
+        cal,
+        rest_fwd={k: v * (scale if not k[0] else 1.0) for k, v in cal.rest_fwd.items()},
+        rest_bwd={k: v * (scale if not k[0] else 1.0) for k, v in cal.rest_bwd.items()},
     )
 
 
@@ -332,6 +370,12 @@ def predict(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration) -
     )
     lora = lora_bytes(shape, work)
     kept = [kept_bytes(shape, work, mode, chunks) for mode in modes]
+    if flags.compile:
+        selective = kept_bytes(shape, work, "selective", chunks)
+        kept = [
+            selective + cal.compiled_none_share * (k - selective) if mode == "none" else k
+            for k, mode in zip(kept, modes, strict=True)
+        ]
     if flags.offload_activations:
         kept = [k - offloaded_bytes(shape, work, mode, chunks) for k, mode in zip(kept, modes, strict=True)]
     n = work.tokens(shape) * work.batch
@@ -342,9 +386,7 @@ def predict(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration) -
     activations, held = 0.0, 0.0
     for i, mode in enumerate(modes):
         held += kept[i]
-        own = (
-            kept_bytes(shape, work, mode, chunks) if mode == "none" and not flags.offload_activations else 0.0
-        )
+        own = kept[i] if mode == "none" and not flags.offload_activations else 0.0
         activations = max(activations, held + max(working - own, 0.0))
     overhead = cal.overhead_bytes + (
         cal.compiled_full_extra_bytes if flags.compile and "full" in modes else 0.0
@@ -409,11 +451,18 @@ class Options:
     derived_paths: bool = False
 
 
+def floor_mode(flags: Flags) -> str:
+    """The mode of most recompute ``flags`` can train under: selective for compiled float8 matmuls, whose
+    full checkpointing ran out of memory where it should have needed least (techniques.RULES refuses
+    it); full otherwise."""
+    return "selective" if flags.compile and flags.fp8_matmuls else "full"
+
+
 def plan_checkpointing(
     shape: ModelShape, work: Workload, flags: Flags, budget_bytes: float, cal: Calibration
 ) -> tuple[str, ...] | None:
     """Per-block modes for ``flags`` (its other settings as they are) that fit ``budget_bytes`` and
-    recompute least; None when not even full checkpointing everywhere fits.
+    recompute least; None when not even :func:`floor_mode` everywhere fits.
 
     Selective on as many blocks as fit (full -> selective saves an attention forward for one attention
     output kept: the most time per byte), then, once every block is selective, none on as many resident
@@ -423,16 +472,17 @@ def plan_checkpointing(
     does not change the peak.
     """
     depth, limit = shape.depth, budget_bytes / cal.reserve
+    floor = floor_mode(flags)
 
     def modes(selective: int, none: int) -> tuple[str, ...]:
-        return ("none",) * none + ("selective",) * (selective - none) + ("full",) * (depth - selective)
+        return ("none",) * none + ("selective",) * (selective - none) + (floor,) * (depth - selective)
 
     def fits(candidate: tuple[str, ...]) -> bool:
         return predict(shape, work, replace(flags, checkpointing=candidate), cal).peak_bytes <= limit
 
     if not fits(modes(0, 0)):
         return None
-    selective = _most(lambda k: fits(modes(k, 0)), depth)
+    selective = depth if floor == "selective" else _most(lambda k: fits(modes(k, 0)), depth)
     if selective < depth or flags.offload_activations:
         return modes(selective, 0)
     resident = depth - min(flags.block_swap, depth)
@@ -488,7 +538,7 @@ def fastest_plan(
     says whether a combination is accepted (``techniques.RULES``). None when nothing fits."""
     best: tuple[Flags, Prediction] | None = None
     for flags in candidate_flags(base, shape, options):
-        if not allowed(replace(flags, checkpointing=("full",) * shape.depth)):
+        if not allowed(replace(flags, checkpointing=(floor_mode(flags),) * shape.depth)):
             continue
         modes = plan_checkpointing(shape, work, flags, budget_bytes, cal)
         if modes is None:

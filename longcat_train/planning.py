@@ -366,7 +366,13 @@ def resolve_auto(
         modes = (
             flags.checkpointing if budget is None else mp.plan_checkpointing(shape, work, flags, budget, cal)
         )
-        uniform = replace(flags, checkpointing=modes or ("full",) * shape.depth)
+        if modes is None and cfg.fp8_matmuls is None and one.fp8_matmuls:
+            # compiled float8 trains under selective at most (memory_plan.floor_mode): without float8
+            # the plan may fall back on full checkpointing
+            one = replace(one, fp8_matmuls=False)
+            flags = flags_of(one, shape.depth)
+            modes = mp.plan_checkpointing(shape, work, flags, budget, cal)
+        uniform = replace(flags, checkpointing=modes or (mp.floor_mode(flags),) * shape.depth)
         return one, modes, mp.predict(shape, work, uniform, cal).step_seconds
 
     options = [candidate(bool(c)) for c in compile_options]
@@ -392,7 +398,9 @@ def _no_fp8(cfg: TrainConfig, gpu: Gpu) -> str:
         return f"no float8 tensor cores (compute capability {gpu.capability[0]}.{gpu.capability[1]})"
     if cfg.mixed_precision != "bf16":
         return f"no float8 matmuls in {cfg.mixed_precision}"
-    return f"no float8 matmuls with base_model_precision = {cfg.base_model_precision}"
+    if cfg.base_model_precision not in ("no_change", "bf16"):
+        return f"no float8 matmuls with base_model_precision = {cfg.base_model_precision}"
+    return "no float8 matmuls: compiled, they train under selective checkpointing at most, which does not fit"
 
 
 def _clash(cfg: TrainConfig, setting: str) -> str:

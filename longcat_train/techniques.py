@@ -79,6 +79,14 @@ RULES: tuple[Rule, ...] = (
         {"fp8_matmuls": True, "base_model_precision": "int8-quanto"},
     ),
     Rule(
+        ("fp8_matmuls", "gradient_checkpointing"),
+        lambda c: c.compile and c.fp8_matmuls and c.gradient_checkpointing == "full",
+        "compiled float8 matmuls under full checkpointing run out of memory (the compiled recompute holds "
+        "far more than the block inputs; benchmarks/RESULTS.md): use gradient_checkpointing = selective, "
+        "or turn off compile or fp8_matmuls",
+        {"compile": True, "fp8_matmuls": True, "gradient_checkpointing": "full"},
+    ),
+    Rule(
         ("fsdp", "block_swap"),
         lambda c: bool(c.fsdp and c.block_swap),
         "fsdp and block_swap do not combine: shard or swap, not both",

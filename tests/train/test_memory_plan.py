@@ -47,9 +47,11 @@ def test_the_meta_model_shape_counts_the_released_dit(full):
 
 def test_predictions_reproduce_the_measurements_they_are_fitted_on(full, cal):
     measured = {k: v.value for k, v in mp.MEASURED.items()}
+    swap_cell = mp.Flags(
+        checkpointing=("selective",) * 30 + ("full",) * 18, attention="block_sparse", block_swap=48
+    )
     cells = {
-        "step_eager_selective": uniform("selective"),
-        "step_eager_full": uniform("full"),
+        "step_eager_swap48_sparse": swap_cell,
         "step_compiled_selective": uniform("selective", compile=True),
         "step_compiled_fp8_selective": uniform("selective", compile=True, fp8_matmuls=True),
         "step_compiled_fp8_selective_sparse": uniform(
@@ -67,6 +69,18 @@ def test_predictions_reproduce_the_measurements_they_are_fitted_on(full, cal):
     )
     assert mp.predict(full, CLIP, recipe, cal).peak_bytes / mp.GB == pytest.approx(15.5, rel=1e-6)
     assert mp.predict(full, CLIP, uniform("selective"), cal).peak_bytes / GiB == pytest.approx(67.9, rel=1e-6)
+    # the eager anchors keep their difference, full over selective: the attention forward a full block
+    # recomputes
+    eager = {mode: mp.predict(full, CLIP, uniform(mode), cal).step_seconds for mode in ("full", "selective")}
+    assert eager["full"] - eager["selective"] == pytest.approx(
+        measured["step_eager_full"] - measured["step_eager_selective"], rel=1e-6
+    )
+    compiled = mp.Flags(checkpointing=("none",) * 5 + ("selective",) * 43, compile=True, fp8_matmuls=True)
+    five_none = mp.predict(full, CLIP, compiled, cal).peak_bytes
+    selective = mp.predict(full, CLIP, replace(compiled, checkpointing=("selective",) * 48), cal).peak_bytes
+    assert (five_none - selective) / mp.GB == pytest.approx(
+        measured["peak_compiled_fp8_none5_selective43"] - measured["peak_compiled_fp8_selective48"], rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -141,7 +155,7 @@ def test_activation_bytes_are_what_autograd_saves(hidden, mlp_ratio, chunks):
 
 
 def test_a_bigger_budget_recomputes_less(full, cal):
-    flags = uniform("full", compile=True, fp8_matmuls=True)
+    flags = uniform("full", compile=True)
     plans = {gb: mp.plan_checkpointing(full, CLIP, flags, gb * mp.GB, cal) for gb in (80, 100, 141)}
     recompute = {
         gb: mp.predict(full, CLIP, replace(flags, checkpointing=modes), cal).time["recompute"]
@@ -155,6 +169,19 @@ def test_a_bigger_budget_recomputes_less(full, cal):
             <= gb * mp.GB
         )
     assert mp.plan_checkpointing(full, CLIP, flags, 30 * mp.GB, cal) is None
+
+
+def test_compiled_float8_plans_never_use_full_checkpointing(full, cal):
+    """Compiled float8 under full checkpointing ran out of memory (techniques.RULES refuses it): its
+    plans start from selective on every block, and where that does not fit there is no plan."""
+    flags = uniform("full", compile=True, fp8_matmuls=True)
+    assert mp.floor_mode(flags) == "selective" and mp.floor_mode(replace(flags, fp8_matmuls=False)) == "full"
+    selective = mp.predict(full, CLIP, replace(flags, checkpointing=("selective",) * 48), cal).peak_bytes
+    assert mp.plan_checkpointing(full, CLIP, flags, 0.99 * selective * cal.reserve, cal) is None
+    for gb in (selective * cal.reserve / mp.GB, 100, 141):
+        modes = mp.plan_checkpointing(full, CLIP, flags, gb * mp.GB, cal)
+        assert modes is not None and "full" not in modes
+    assert "none" in mp.plan_checkpointing(full, CLIP, flags, 141 * mp.GB, cal)
 
 
 def test_swapped_and_offloaded_blocks_stay_checkpointed(full, cal):
