@@ -5,6 +5,7 @@ print, run as the trainer runs them, predicted vs measured peak memory and step 
     python benchmarks/plan_check.py --patterns full48 selective24+full24 none5+selective43
     python benchmarks/plan_check.py --quick      # CPU smoke run: tiny model, 64x64x9, budgets around it
     python benchmarks/plan_check.py --dry-run    # the cells' plans and predictions, nothing run
+    python benchmarks/plan_check.py --repredict results/plan_check_h200.json   # old cells, current model
 
 Full config with random bf16 weights at 480x832x93 (37,440 tokens), image-to-video, rank-8 LoRA, batch 1.
 Each cell: ``memory_plan.fastest_plan`` for the budget (what ``--plan --gpu-memory BUDGET`` proposes),
@@ -277,6 +278,40 @@ def errors(cell: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def repredict(paths: list[Path]) -> dict[str, Any]:
+    """The measured cells of earlier runs (their JSON) against the current model's predictions."""
+    config, cfg, area = setup(False)
+    shape = planning.model_shape(config, list(cfg.lora_targets))
+    work, cal = planning.workload(cfg, area), planning.calibration()
+    cells = []
+    for path in paths:
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell.get("status") != "ok":
+                continue
+            # plan order: the first blocks least checkpointed (memory_plan.plan_checkpointing)
+            modes = parse_pattern(cell["pattern"], shape.depth) if cell.get("pattern") else ()
+            if not modes:
+                modes = tuple(m for m in mp.MODES for _ in range(cell["modes"].get(m, 0)))
+            prediction = mp.predict(shape, work, mp.Flags(**{**cell["flags"], "checkpointing": modes}), cal)
+            again = {
+                **{k: cell[k] for k in ("budget_gb", "attention", "modes", "measured_step_s") if k in cell},
+                "pattern": cell.get("pattern"),
+                "measured_peak_gb": cell["measured_peak_gb"],
+                "predicted_peak_gb": prediction.peak_bytes / mp.GB,
+                "predicted_step_s": prediction.step_seconds,
+                "from": path.name,
+            }
+            cells.append({**again, **errors(again)})
+    checked = [c for c in cells if "peak_within_target" in c]
+    return {
+        "repredicted": True,
+        "targets": TARGETS,
+        "cells": cells,
+        "all_within_targets": bool(checked)
+        and all(c["peak_within_target"] and c.get("step_within_target", True) for c in checked),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, budgets around it")
@@ -296,8 +331,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="print the cells' plans and predictions only (no device needed)",
     )
+    parser.add_argument(
+        "--repredict",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="no run: the measured cells of these earlier outputs against the current model's predictions",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repredict:
+        write_report(repredict(args.repredict), args.out)
+        return 0
     if args.worker:
         worker(json.loads(args.worker), args.quick, args.steps)
         return 0
