@@ -91,18 +91,20 @@ def plan_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                 cells.append({**cell, "status": "nothing fits"})
                 continue
             flags, prediction = found
-            cells.append(
-                {
-                    **cell,
-                    "flags": asdict(flags),
-                    "modes": mp.mode_counts(flags.checkpointing),
-                    "predicted_peak_gb": prediction.peak_bytes / mp.GB,
-                    "predicted_step_s": prediction.step_seconds,
-                    "predicted_memory_gb": {k: v / mp.GB for k, v in prediction.memory.items()},
-                    "predicted_time_s": prediction.time,
-                }
-            )
+            cells.append({**cell, **predicted(flags, prediction)})
     return cells
+
+
+def predicted(flags: mp.Flags, prediction: mp.Prediction) -> dict[str, Any]:
+    """A cell's flags and what the model predicts for them."""
+    return {
+        "flags": asdict(flags),
+        "modes": mp.mode_counts(flags.checkpointing),
+        "predicted_peak_gb": prediction.peak_bytes / mp.GB,
+        "predicted_step_s": prediction.step_seconds,
+        "predicted_memory_gb": {k: v / mp.GB for k, v in prediction.memory.items()},
+        "predicted_time_s": prediction.time,
+    }
 
 
 def parse_pattern(text: str, depth: int) -> tuple[str, ...]:
@@ -132,20 +134,8 @@ def pattern_cells(args: argparse.Namespace, planned: list[dict[str, Any]]) -> li
         top = max(found, key=lambda c: c["budget_gb"])
         for text in args.patterns:
             flags = mp.Flags(**{**top["flags"], "checkpointing": parse_pattern(text, shape.depth)})
-            prediction = mp.predict(shape, work, flags, cal)
-            cells.append(
-                {
-                    "budget_gb": top["budget_gb"],
-                    "pattern": text,
-                    "attention": attention,
-                    "flags": asdict(flags),
-                    "modes": mp.mode_counts(flags.checkpointing),
-                    "predicted_peak_gb": prediction.peak_bytes / mp.GB,
-                    "predicted_step_s": prediction.step_seconds,
-                    "predicted_memory_gb": {k: v / mp.GB for k, v in prediction.memory.items()},
-                    "predicted_time_s": prediction.time,
-                }
-            )
+            cell = {"budget_gb": top["budget_gb"], "pattern": text, "attention": attention}
+            cells.append({**cell, **predicted(flags, mp.predict(shape, work, flags, cal))})
     return cells
 
 
