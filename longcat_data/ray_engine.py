@@ -7,7 +7,8 @@ is connected to, else the cluster in ``$RAY_ADDRESS``, else a local instance sta
 
 The stages are the local engine's own functions; Ray only decides where they run. An encoder actor
 takes a GPU where the cluster has GPUs, a CPU otherwise. Records travel pickled in one column, so Ray
-Data never converts frames or latents to Arrow. Only this process writes: the output folder, its lock
+Data never converts their fields to Arrow; only the decoded frames travel as a tensor column of their
+own, which the actor reads in place. Only this process writes: the output folder, its lock
 and its resume state are the local engine's, so either engine continues the other's run.
 
 A task whose worker dies (a crash, a lost node) is retried, and a dead encoder actor is restarted and
@@ -86,10 +87,41 @@ def _pickled(record: dict) -> bytes:
     return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _prepare(row: dict[str, Any], spec: ClipSpec) -> dict[str, bytes]:
+# A prepared input's frames travel beside its pickled record as a tensor column: the object store holds
+# them as one buffer the encoder actor reads in place, where a pickled record would be copied out of the
+# store and again by unpickling, on the actor's side of the pipeline. An input without clips (a
+# rejection, or every clip written already) has none.
+_NO_FRAMES = np.empty((0, 1, 1, 1, 3), np.uint8)
+
+
+def _frames_apart(record: dict) -> dict[str, Any]:
+    """A prepared input as a row: the record without its clips' frames, and the frames stacked (an
+    input's clips share its bucket)."""
+    clips = record.get("clips") or []
+    if not clips:
+        return {"record": _pickled(record), "frames": _NO_FRAMES}
+    frames = np.stack([clip["frames"].numpy() for clip in clips])
+    return {
+        "record": _pickled({**record, "clips": [{**clip, "frames": None} for clip in clips]}),
+        "frames": frames,
+    }
+
+
+def _frames_back(data: bytes, frames: np.ndarray) -> dict:
+    """:func:`_frames_apart` undone, the frames left where Ray keeps them (read only: encoding only
+    reads them)."""
+    record = pickle.loads(data)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for clip, clip_frames in zip(record.get("clips") or [], frames, strict=True):
+            clip["frames"] = torch.from_numpy(clip_frames)
+    return record
+
+
+def _prepare(row: dict[str, Any], spec: ClipSpec) -> dict[str, Any]:
     sample = pickle.loads(row["record"])
     _fault_point("decode", sample["__key__"])
-    return {"record": _pickled(prepare_input(sample, spec))}
+    return _frames_apart(prepare_input(sample, spec))
 
 
 class InputEncoder:
@@ -100,7 +132,9 @@ class InputEncoder:
         self.encoders = job.factory.build(torch.device(job.device), job.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        records = [pickle.loads(data) for data in batch["record"]]
+        records = [
+            _frames_back(data, frames) for data, frames in zip(batch["record"], batch["frames"], strict=True)
+        ]
         for record in records:
             _fault_point("encode", record["__key__"])
         encoded = self.job.encode(records, self.encoders, self.job.batch_size)

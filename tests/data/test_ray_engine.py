@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -229,3 +231,39 @@ def test_gpu_actors_give_the_local_engines_samples(faults: Path, videos: Path, t
     assert sorted(samples) == sorted(want) and rejected == want_rejected
     for key, sample in samples.items():
         torch.testing.assert_close(sample.latents, want[key].latents, rtol=1.6e-2, atol=1e-2)
+
+
+def test_frames_travel_beside_the_records_in_batches_of_mixed_shapes(faults: Path) -> None:
+    """Two buckets and an input without clips in one actor batch: every clip gets its own frames back."""
+    generator = torch.Generator().manual_seed(0)
+
+    def round_trip(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What an encoder actor does with its batch's columns, without the encoders (defined here so
+        that Ray ships it by value: its workers cannot import this module)."""
+        column = np.empty(len(batch["record"]), dtype=object)
+        column[:] = [
+            pickle.dumps(ray_engine._frames_back(data, frames))
+            for data, frames in zip(batch["record"], batch["frames"], strict=True)
+        ]
+        return {"record": column}
+
+    def prepared(key: str, clips: int, shape: tuple[int, ...]) -> dict:
+        frames = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator) for _ in range(clips)]
+        return {
+            "__key__": key,
+            "clips": [{"__key__": f"{key}_{i}", "frames": f} for i, f in enumerate(frames)],
+        }
+
+    records = [
+        prepared("a", 2, (5, 8, 12, 3)),
+        prepared("b", 1, (9, 16, 8, 3)),
+        {"__key__": "c", "clips": []},
+    ]
+    rows = [ray_engine._frames_apart(r) for r in records]
+    out = ray.data.from_items(rows).map_batches(round_trip, batch_size=3).take_all()
+    back = {r["__key__"]: r for r in (pickle.loads(row["record"]) for row in out)}
+    for record in records:
+        clips = back[record["__key__"]]["clips"]
+        assert [c["__key__"] for c in clips] == [c["__key__"] for c in record["clips"]]
+        for clip, want in zip(clips, record["clips"], strict=True):
+            assert torch.equal(clip["frames"], want["frames"])
