@@ -61,12 +61,16 @@ def setup(quick: bool) -> tuple[DiTConfig, TrainConfig, tuple[int, int]]:
     return DiTConfig.full(), TrainConfig(), (480, 832)
 
 
+def model_terms(quick: bool) -> tuple[TrainConfig, mp.ModelShape, mp.Workload, mp.Calibration]:
+    """What a prediction takes: the trainer config, the model's shape, the workload, the calibration."""
+    config, cfg, area = setup(quick)
+    shape = planning.model_shape(config, list(cfg.lora_targets))
+    return cfg, shape, planning.workload(cfg, area), planning.calibration()
+
+
 def plan_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One cell per budget and attention: the plan's flags and its prediction."""
-    config, cfg, area = setup(args.quick)
-    shape = planning.model_shape(config, list(cfg.lora_targets))
-    work = planning.workload(cfg, area)
-    cal = planning.calibration()
+    cfg, shape, work, cal = model_terms(args.quick)
     options = mp.Options(compile=False, fp8_matmuls=False, quantised=()) if args.quick else mp.Options()
     budgets = args.budgets
     if args.quick:  # budgets (bytes) spread from all-full checkpointing to all-none on the tiny model
@@ -123,9 +127,7 @@ def parse_pattern(text: str, depth: int) -> tuple[str, ...]:
 
 def pattern_cells(args: argparse.Namespace, planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The largest budget's plan per attention with its modes replaced by each of ``args.patterns``."""
-    config, cfg, area = setup(args.quick)
-    shape = planning.model_shape(config, list(cfg.lora_targets))
-    work, cal = planning.workload(cfg, area), planning.calibration()
+    _, shape, work, cal = model_terms(args.quick)
     cells = []
     for attention in args.attention:
         found = [c for c in planned if c["attention"] == attention and "flags" in c]
@@ -270,9 +272,7 @@ def errors(cell: dict[str, Any]) -> dict[str, Any]:
 
 def repredict(paths: list[Path]) -> dict[str, Any]:
     """The measured cells of earlier runs (their JSON) against the current model's predictions."""
-    config, cfg, area = setup(False)
-    shape = planning.model_shape(config, list(cfg.lora_targets))
-    work, cal = planning.workload(cfg, area), planning.calibration()
+    _, shape, work, cal = model_terms(False)
     cells = []
     for path in paths:
         for cell in json.loads(path.read_text())["cells"]:

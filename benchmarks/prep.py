@@ -212,6 +212,8 @@ def main() -> None:
         return prep.EncoderFactory(build, {"model": f"random-{text_encoder}"})
 
     enc = factory(None).build(device, dtype)
+    # The Ray actor builds its own encoders: compiled as the local run it is compared with was.
+    ray_factory = factory(args.compile_backend if args.modes[-1] == "compiled" else None)
 
     def run_prep(videos: Path | str, out: Path | str, engine: str = "local") -> prep.PrepStats:
         cfg = PrepConfig(
@@ -228,8 +230,6 @@ def main() -> None:
             ray_encoders=1,
             staging_dir=str(root / "staging"),
         )
-        # The Ray actor builds its own encoders: compiled as the local run it is compared with was.
-        ray_factory = factory(args.compile_backend if args.modes[-1] == "compiled" else None)
         return prep.run_shard(cfg, encoders=enc if engine == "local" else ray_factory)
 
     modes: dict[str, dict] = {}

@@ -334,17 +334,19 @@ def calibrate(shape: ModelShape, measured: dict[str, Measured] = MEASURED) -> Ca
         compile_seconds=(m["first_step_compiled_two_graphs"] - m["step_compiled_two_graphs"]) / 2,
         derived=("fp8 matmuls without compile: scaled from the compiled float8 step",),
     )
-    return _eager_rest_from_step(shape, cal, m["step_eager_swap48_sparse"])
+    return _eager_rest_from_step(shape, reference, cal, m["step_eager_swap48_sparse"])
 
 
-def _eager_rest_from_step(shape: ModelShape, cal: Calibration, measured: float) -> Calibration:
+def _eager_rest_from_step(
+    shape: ModelShape, reference: Workload, cal: Calibration, measured: float
+) -> Calibration:
     """``cal`` with the eager blocks' work but attention scaled so that the eager step measured on this
     code (the 48 GB block-sparse plan: every block swapped, selective x30 + full x18) comes out as
     measured; the other terms of that step stay as ``cal`` has them."""
     depth = shape.depth
     modes = ("selective",) * 30 + ("full",) * 18
     flags = Flags(checkpointing=modes, attention="block_sparse", block_swap=depth)
-    terms = step_time(shape, Workload(93, 480, 832), flags, cal)
+    terms = step_time(shape, reference, flags, cal)
     rest = depth * (cal.rest_fwd[False, False] * 2 + cal.rest_bwd[False, False])
     scale = (measured - (sum(terms.values()) - rest)) / rest
     return replace(

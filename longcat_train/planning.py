@@ -398,8 +398,10 @@ def _no_fp8(cfg: TrainConfig, gpu: Gpu) -> str:
         return f"no float8 tensor cores (compute capability {gpu.capability[0]}.{gpu.capability[1]})"
     if cfg.mixed_precision != "bf16":
         return f"no float8 matmuls in {cfg.mixed_precision}"
-    if cfg.base_model_precision not in ("no_change", "bf16"):
-        return f"no float8 matmuls with base_model_precision = {cfg.base_model_precision}"
+    candidate = replace(cfg, fp8_matmuls=True)
+    if not _accepts(candidate, "fp8_matmuls"):
+        setting = _clash(candidate, "fp8_matmuls")
+        return f"no float8 matmuls with {setting} = {getattr(cfg, setting)}"
     return "no float8 matmuls: compiled, they train under selective checkpointing at most, which does not fit"
 
 

@@ -207,6 +207,15 @@ def test_float8_needs_bf16_and_an_unquantised_base():
     assert resolve_auto(TrainConfig(base_model_precision="bf16"), H200, steps=1000).cfg.fp8_matmuls
 
 
+def test_auto_float8_says_why_it_is_off_under_full_checkpointing_or_a_tight_budget():
+    full = resolve_auto(TrainConfig(gradient_checkpointing="full"), H200, steps=1000)
+    assert full.cfg.compile and not full.cfg.fp8_matmuls
+    assert "no float8 matmuls with gradient_checkpointing = full" in full.line
+    tight = resolve_auto(TrainConfig(), Gpu("an 80 GB GPU", 80 * mp.GB), steps=1000)
+    assert tight.cfg.compile and not tight.cfg.fp8_matmuls
+    assert "which does not fit" in tight.line
+
+
 def test_fsdp_keeps_selective_checkpointing_and_eager_blocks():
     resolved = resolve_auto(TrainConfig(fsdp=True), H200, steps=1000)
     assert (resolved.cfg.gradient_checkpointing, resolved.cfg.memory_budget, resolved.cfg.compile) == (
