@@ -302,6 +302,28 @@ def repredict(paths: list[Path]) -> dict[str, Any]:
     }
 
 
+def report_of(results: list[dict[str, Any]], args: argparse.Namespace, start: float) -> dict[str, Any]:
+    """The cells measured so far with their errors against the prediction, as one JSON document."""
+    cells = []
+    for cell in results:
+        cell = {**cell, **errors(cell)}
+        cell["flags"] = {k: v for k, v in cell.get("flags", {}).items() if k != "checkpointing"}
+        cells.append(cell)
+    cells.sort(key=lambda c: (c["attention"], c["budget_gb"], c.get("pattern") or ""))
+    checked = [c for c in cells if "peak_within_target" in c or "step_within_target" in c]
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "clip": "64x64x9" if args.quick else "480x832x93",
+        "targets": TARGETS,
+        "cells": cells,
+        "all_within_targets": bool(checked)
+        and all(c.get("peak_within_target", True) and c.get("step_within_target", True) for c in checked),
+        "wall_s": time.perf_counter() - start,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, budgets around it")
@@ -357,22 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     for group in groups.values():
         results += run_group(group, args)
         print(f"{len(results)}/{len(cells)} cells ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    for cell in results:
-        cell.update(errors(cell))
-        cell["flags"] = {k: v for k, v in cell.get("flags", {}).items() if k != "checkpointing"}
-    results.sort(key=lambda c: (c["attention"], c["budget_gb"], c.get("pattern") or ""))
-    checked = [c for c in results if "peak_within_target" in c or "step_within_target" in c]
-    report = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
-        "torch": torch.__version__,
-        "quick": args.quick,
-        "clip": "64x64x9" if args.quick else "480x832x93",
-        "targets": TARGETS,
-        "cells": results,
-        "all_within_targets": bool(checked)
-        and all(c.get("peak_within_target", True) and c.get("step_within_target", True) for c in checked),
-        "wall_s": time.perf_counter() - start,
-    }
+        if args.out:  # what is measured so far survives a run cut short
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            partial = args.out.with_name(args.out.name + ".partial")
+            partial.write_text(json.dumps(report_of(results, args, start), indent=2) + "\n")
+            partial.replace(args.out)
+    report = report_of(results, args, start)
     write_report(report, args.out)
     return 0 if all(c.get("status") in ("ok", "oom") for c in results) else 1
 
