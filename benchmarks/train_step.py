@@ -30,7 +30,7 @@ Variants, one set of frozen weights, same batches:
   LoRA only).
 
 Warm-up steps are dropped; reported: mean/min/max seconds per step, peak allocated memory, data wait per
-step (and as a fraction of the step). ``--profile`` adds one step of ours under the torch profiler: GPU
+step (and as a fraction of the step). ``--profile`` adds one step of ours (and of the peer) under the torch profiler: GPU
 time per kernel family (attention, GEMM, fused elementwise, copies) and the 20 costliest kernels, to say
 where a step goes. Prints one JSON document (``--out`` also writes it).
 """
@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="with --compile: coordinate-descent tuning of the fused kernels (the trainer's compile_tune)",
     )
     parser.add_argument(
-        "--profile", action="store_true", help="one more step of ours under the torch profiler"
+        "--profile",
+        action="store_true",
+        help="one more step of ours (and of the peer) under the torch profiler",
     )
     parser.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive step")
     parser.add_argument(
@@ -295,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "full",
             )
             peer["attention_kernel"] = kernel
+            if args.profile and device.type == "cuda":
+                peer["profile"] = profile_step(peer_model, batches, peer_optimizer, peer_params, cfg, d)
             del peer_model, peer_optimizer, peer_params
         naive = None
         if args.naive:
