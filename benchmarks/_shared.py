@@ -149,12 +149,19 @@ def write_shard(
 
 def write_report(report: dict, out: str | Path | None = None) -> None:
     """Print ``report`` as JSON on stdout and, with ``out``, write the same text there."""
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     sys.stdout.flush()
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        save_report(report, out)
+
+
+def save_report(report: dict, out: str | Path) -> None:
+    """``report`` as JSON in ``out``, replaced whole (a run cut short mid-write leaves the previous one)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(out)
 
 
 # Kernel-name fragments per family, first match wins (cuDNN/flash/our Triton attention, cuBLAS/CUTLASS GEMMs).

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _shared import created_on, write_report  # benchmarks/_shared.py
+from _shared import created_on, save_report, write_report  # benchmarks/_shared.py
 
 from longcat_train import memory_plan as mp
 from longcat_train import planning
@@ -270,6 +270,14 @@ def errors(cell: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def within_targets(cells: list[dict[str, Any]]) -> bool:
+    """Whether some cell has an error to check and every checked error is within its target."""
+    checked = [c for c in cells if "peak_within_target" in c or "step_within_target" in c]
+    return bool(checked) and all(
+        c.get("peak_within_target", True) and c.get("step_within_target", True) for c in checked
+    )
+
+
 def repredict(paths: list[Path]) -> dict[str, Any]:
     """The measured cells of earlier runs (their JSON) against the current model's predictions."""
     _, shape, work, cal = model_terms(False)
@@ -292,13 +300,11 @@ def repredict(paths: list[Path]) -> dict[str, Any]:
                 "from": path.name,
             }
             cells.append({**again, **errors(again)})
-    checked = [c for c in cells if "peak_within_target" in c]
     return {
         "repredicted": True,
         "targets": TARGETS,
         "cells": cells,
-        "all_within_targets": bool(checked)
-        and all(c["peak_within_target"] and c.get("step_within_target", True) for c in checked),
+        "all_within_targets": within_targets(cells),
     }
 
 
@@ -310,7 +316,6 @@ def report_of(results: list[dict[str, Any]], args: argparse.Namespace, start: fl
         cell["flags"] = {k: v for k, v in cell.get("flags", {}).items() if k != "checkpointing"}
         cells.append(cell)
     cells.sort(key=lambda c: (c["attention"], c["budget_gb"], c.get("pattern") or ""))
-    checked = [c for c in cells if "peak_within_target" in c or "step_within_target" in c]
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else "cpu",
         "torch": torch.__version__,
@@ -318,8 +323,7 @@ def report_of(results: list[dict[str, Any]], args: argparse.Namespace, start: fl
         "clip": "64x64x9" if args.quick else "480x832x93",
         "targets": TARGETS,
         "cells": cells,
-        "all_within_targets": bool(checked)
-        and all(c.get("peak_within_target", True) and c.get("step_within_target", True) for c in checked),
+        "all_within_targets": within_targets(cells),
         "wall_s": time.perf_counter() - start,
     }
 
@@ -380,10 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         results += run_group(group, args)
         print(f"{len(results)}/{len(cells)} cells ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
         if args.out:  # what is measured so far survives a run cut short
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            partial = args.out.with_name(args.out.name + ".partial")
-            partial.write_text(json.dumps(report_of(results, args, start), indent=2) + "\n")
-            partial.replace(args.out)
+            save_report(report_of(results, args, start), args.out)
     report = report_of(results, args, start)
     write_report(report, args.out)
     return 0 if all(c.get("status") in ("ok", "oom") for c in results) else 1
