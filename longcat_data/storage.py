@@ -340,6 +340,8 @@ class RemoteFolder:
         except FileExistsError:
             return False
         except (NotImplementedError, TypeError):
+            # the store has no conditional put: its pipe_file refuses mode="create" (NotImplementedError)
+            # or takes no mode at all (TypeError)
             self.fs.invalidate_cache(path)
             if self.fs.exists(path):
                 return False
