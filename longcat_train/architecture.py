@@ -27,5 +27,6 @@ BLOCK_LINEARS = (
 ATTENTION_BACKENDS = ("sdpa", "xformers", "block_sparse")
 
 # Activation checkpointing per block: keep the self-attention outputs and recompute the rest, recompute
-# everything, or keep everything.
-CHECKPOINT_MODES = ("selective", "full", "none")
+# everything, keep every matmul and attention output and recompute only the elementwise work, or keep
+# everything.
+CHECKPOINT_MODES = ("selective", "full", "elementwise", "none")

@@ -2,7 +2,9 @@
 
 Not the architecture (``longcat_train.model``): every mode computes the same output and gradients, only
 what backward keeps differs. ``full`` recomputes the whole block in backward; ``selective`` keeps the
-self-attention outputs and recomputes the rest; ``none`` stores everything. :func:`block_step` is the
+self-attention outputs and recomputes the rest; ``elementwise`` keeps every attention and matmul output
+and recomputes only the elementwise work between them (norms, RoPE, modulation, SwiGLU, residuals), which
+costs little time once compiled and keeps about half of what ``none`` does; ``none`` stores everything. :func:`block_step` is the
 unit ``LongCatVideoTransformer.run_block`` calls and :func:`compile_block_step` compiles, so that the
 checkpoint sits inside the compiled region (the order torch supports).
 """
@@ -10,6 +12,7 @@ checkpoint sits inside the compiled region (the order torch supports).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,7 +22,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from longcat_train.attention import SAVED_OPS
 
-CheckpointMode = Literal["none", "full", "selective"]
+CheckpointMode = Literal["none", "elementwise", "selective", "full"]
 
 
 def keep_self_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -38,15 +41,45 @@ def keep_self_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpo
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, keep_self_attention)
+# Matmul ops as they reach the checkpoint's dispatch mode (nn.Linear lowers to mm/addmm, the float8
+# matmuls to _scaled_mm), with the argument that holds the left operand.
+MATMUL_OPS = {
+    "aten.mm.default": 0,
+    "aten.bmm.default": 0,
+    "aten.addmm.default": 1,
+    "aten.baddbmm.default": 1,
+    "aten._scaled_mm.default": 0,
+}
+# Below this contraction width a matmul is cheaper to recompute than its output is to keep: LoRA's
+# up-projection contracts over the rank and writes a full-width output.
+MIN_KEPT_CONTRACTION = 64
+
+
+def keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """``elementwise`` checkpointing: keep every attention output and every matmul output that contracts
+    over at least :data:`MIN_KEPT_CONTRACTION` channels; recompute the rest, which is elementwise."""
+    name = str(op)
+    if name in SAVED_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    left = MATMUL_OPS.get(name)
+    if left is not None and args[left].shape[-1] >= MIN_KEPT_CONTRACTION:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_CONTEXTS = {
+    "selective": functools.partial(create_selective_checkpoint_contexts, keep_self_attention),
+    "elementwise": functools.partial(create_selective_checkpoint_contexts, keep_matmuls),
+}
 
 
 def block_step(block: nn.Module, checkpointing: CheckpointMode, *args: Any) -> torch.Tensor:
     """``block(*args)`` under a checkpointing mode."""
     if checkpointing == "full":
         return checkpoint(block, *args, use_reentrant=False)
-    if checkpointing == "selective":
-        return checkpoint(block, *args, use_reentrant=False, context_fn=_SELECTIVE_CONTEXT)
+    context = _CONTEXTS.get(checkpointing)
+    if context is not None:
+        return checkpoint(block, *args, use_reentrant=False, context_fn=context)
     return block(*args)
 
 
@@ -55,9 +88,16 @@ def compile_block_step(tune: bool = False, **compile_kwargs: Any) -> Callable[..
 
     Fuses the elementwise fp32 work around the matmuls (modulation, norms, RoPE, gated residuals) that
     eager mode runs as separate memory passes. All blocks share one graph per checkpointing mode.
+    On GPUs inductor also builds the persistent variant of each wide row reduction (the float8 row
+    scaling of 4,096- and 11,008-wide rows is past its 1,024-wide threshold for one) and keeps whichever
+    runs faster on the first calls (``triton.multi_kernel``; ``benchmarks/RESULTS.md`` has the gain).
     ``tune`` adds inductor's coordinate-descent tuning of the fused kernels (longer compilation, cached;
     slightly faster steps). ``compile_kwargs`` go to :func:`torch.compile` (default ``fullgraph=True``).
     """
-    if tune:
-        compile_kwargs["options"] = {"coordinate_descent_tuning": True, **compile_kwargs.get("options", {})}
+    # torch 2.11 keeps each multi-kernel choice in a file keyed by a hash of the kernels, which fails
+    # (TypeError) for kernels a warm FX graph cache loads: a second run on a machine would crash. Without
+    # that file each process benchmarks its choices again, on the first calls.
+    os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
+    options = {"triton.multi_kernel": 1, **({"coordinate_descent_tuning": True} if tune else {})}
+    compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
     return torch.compile(block_step, **{"fullgraph": True, **compile_kwargs})

@@ -228,8 +228,10 @@ class TrainConfig:
     # -- memory and speed
     gradient_checkpointing: str = option(
         AUTO,
-        "selective (keep attention outputs), full, none, or auto: on CUDA checkpointing planned per block "
-        "under the GPU's memory (what --memory-budget auto does), elsewhere (or with --fsdp) selective",
+        "selective (keep attention outputs, recompute the rest), full (recompute everything), elementwise "
+        "(keep every matmul and attention output, recompute only the elementwise work: fast compiled, "
+        "half of none's memory), none, or auto: on CUDA checkpointing planned per block under the GPU's "
+        "memory (what --memory-budget auto does), elsewhere (or with --fsdp) selective",
         choices=(AUTO, *CHECKPOINT_MODES),
         simpletuner="gradient_checkpointing",
     )

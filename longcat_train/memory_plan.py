@@ -11,7 +11,8 @@ The model of a step (one GPU, LoRA, batch B of N tokens each):
   working set of the block whose backward runs + a fixed overhead. Backward frees a block's keepings once
   it is done, so the peak is the largest "keepings of blocks 0..i + working set of block i".
 - time = per block: attention forward+backward, the rest of the block forward+backward, what its mode
-  recomputes (full: the whole forward; selective: all but attention; none: nothing), plus the costs of a
+  recomputes (full: the whole forward; selective: all but attention; elementwise: the elementwise work
+  between the matmuls, a measured share of the rest; none: nothing), plus the costs of a
   quantised base, block swap, activation offload and feed-forward chunks.
 
 Per-token byte counts per block (:data:`ACTIVATION_BYTES`) are the tensors autograd saves, counted from the
@@ -29,8 +30,9 @@ from dataclasses import dataclass, field, replace
 GB = 1e9
 # Every step anchor was measured at 480x832x93: 24 latent frames of 30x52 patches.
 REFERENCE_TOKENS = 24 * 30 * 52
-MODES = ("none", "selective", "full")  # architecture.CHECKPOINT_MODES, least recompute first
+MODES = ("none", "elementwise", "selective", "full")  # architecture.CHECKPOINT_MODES, least recompute first
 QUANTISED = ("int8-quanto", "fp8-torchao")
+KEEPS_MATMULS = ("none", "elementwise")  # the modes whose backward recomputes no matmul
 FEED_FORWARD_CHUNKS = (1, 2, 4, 8)
 
 
@@ -84,6 +86,18 @@ MEASURED: dict[str, Measured] = {
     "peak_compiled_fp8_selective48": Measured(70.2, "GB", _PLAN_CHECK + ", --patterns selective48"),
     "peak_compiled_fp8_none5_selective43": Measured(
         105.2, "GB", _PLAN_CHECK + ", --patterns none5+selective43"
+    ),
+    # compiled float8, elementwise checkpointing on the first 12 blocks (plan_check.py --patterns, block-
+    # sparse, uncapped, inductor's multi-kernel reductions): its keepings over selective, and the step
+    # beside selective x48 in the same run
+    "peak_compiled_fp8_elementwise12_selective36": Measured(
+        115.55, "GB", _PLAN_CHECK + ", --patterns elementwise12+selective36"
+    ),
+    "step_compiled_fp8_selective48_sparse_run": Measured(
+        4.567, "s", _PLAN_CHECK + ", --patterns selective48, block-sparse, multi-kernel"
+    ),
+    "step_compiled_fp8_elementwise12_selective36_sparse": Measured(
+        4.418, "s", _PLAN_CHECK + ", --patterns elementwise12+selective36, block-sparse, multi-kernel"
     ),
     # eager steps of this code on the H200 (the eager anchors above are older code or the H100): the
     # 48 GB block-sparse plan, every block swapped, selective x30 + full x18
@@ -174,9 +188,13 @@ ACTIVATION_BYTES = {
     "attention_part": ActivationBytes(32),  # adaLN-modulated self-attention and cross-attention
     "feed_forward_part": ActivationBytes(12, 8),  # modulation, SwiGLU, gated residual
     "feed_forward_chunk_input": ActivationBytes(2),  # what a chunked feed-forward keeps instead
+    # what elementwise checkpointing keeps besides the input and the self-attention output: the matmul
+    # outputs (qkv, projection, cross-attention query, output and projection, w2; w1 and w3 F-wide)
+    "matmul_outputs": ActivationBytes(16, 4),
 }
-# Cross-attention keeps its key/value projections per text token (C-wide multiples) in "none" mode.
-TEXT_BYTES_PER_TOKEN = ActivationBytes(13)
+# Cross-attention keeps its key/value projections per text token (C-wide multiples) in "none" mode; the
+# key and value outputs alone in "elementwise" mode.
+TEXT_BYTES_PER_TOKEN = {"none": ActivationBytes(13), "elementwise": ActivationBytes(4)}
 
 
 def feed_forward_share(shape: ModelShape) -> float:
@@ -197,12 +215,15 @@ def kept_bytes(shape: ModelShape, work: Workload, mode: str, chunks: int) -> flo
     scale = work.activation_bytes / 2
     if mode == "full":
         return scale * n * ab["input"].per_token(shape)
+    selective = ab["input"].per_token(shape) + ab["attention_output"].per_token(shape) + 4 * shape.heads
     if mode == "selective":
-        kept = ab["input"].per_token(shape) + ab["attention_output"].per_token(shape) + 4 * shape.heads
-        return scale * n * kept
-    ffn = ab["feed_forward_part"] if chunks == 1 else ab["feed_forward_chunk_input"]
-    per_token = ab["attention_part"].per_token(shape) + ffn.per_token(shape)
-    text = work.batch * shape.text_tokens * TEXT_BYTES_PER_TOKEN.per_token(shape)
+        return scale * n * selective
+    if mode == "elementwise":
+        per_token = selective + ab["matmul_outputs"].per_token(shape)
+    else:
+        ffn = ab["feed_forward_part"] if chunks == 1 else ab["feed_forward_chunk_input"]
+        per_token = ab["attention_part"].per_token(shape) + ffn.per_token(shape)
+    text = work.batch * shape.text_tokens * TEXT_BYTES_PER_TOKEN[mode].per_token(shape)
     return scale * (n * per_token + text)
 
 
@@ -234,6 +255,10 @@ class Calibration:
     # compiled: the share of what a block without checkpointing keeps beyond a selective one, against
     # the eager count (inductor's fused kernels save fewer intermediates)
     compiled_none_share: float
+    # the same for elementwise checkpointing, against its count (the matmul and attention outputs)
+    compiled_elementwise_share: float
+    # the share of a block's forward but attention that elementwise checkpointing recomputes, compiled
+    elementwise_recompute: float
     reserve: float  # reserved over allocated: the budget a plan may fill is budget / reserve
     host_to_device: float  # bytes per second
     # seconds compile_blocks takes once per graph (a checkpointing mode), untuned (compile_tune takes
@@ -315,6 +340,22 @@ def calibrate(shape: ModelShape, measured: dict[str, Measured] = MEASURED) -> Ca
         / 5
         / (kept_bytes(shape, reference, "none", 1) - kept_bytes(shape, reference, "selective", 1))
     )
+    elementwise_extra = kept_bytes(shape, reference, "elementwise", 1) - kept_bytes(
+        shape, reference, "selective", 1
+    )
+    compiled_elementwise_share = (
+        (m["peak_compiled_fp8_elementwise12_selective36"] - m["peak_compiled_fp8_selective48"])
+        * GB
+        / 12
+        / elementwise_extra
+    )
+    # Both steps of one run, so that the machine's speed cancels: what a block saves going selective ->
+    # elementwise is the part of its forward recompute that elementwise checkpointing does not redo.
+    saved_per_block = (
+        m["step_compiled_fp8_selective48_sparse_run"]
+        - m["step_compiled_fp8_elementwise12_selective36_sparse"]
+    ) / 12
+    elementwise_recompute = max(0.0, 1.0 - saved_per_block / rest_f[True, True])
     cal = Calibration(
         attention_fwd={"dense": attn_f, "sparse": sparse_f},
         attention_fwd_bwd={"dense": attn_fb, "sparse": sparse_fb},
@@ -331,6 +372,8 @@ def calibrate(shape: ModelShape, measured: dict[str, Measured] = MEASURED) -> Ca
         reserve=m["reserved_over_allocated"],
         host_to_device=m["host_to_device"] * GB,
         compiled_none_share=compiled_none_share,
+        compiled_elementwise_share=compiled_elementwise_share,
+        elementwise_recompute=elementwise_recompute,
         compile_seconds=(m["first_step_compiled_two_graphs"] - m["step_compiled_two_graphs"]) / 2,
         derived=("fp8 matmuls without compile: scaled from the compiled float8 step",),
     )
@@ -374,8 +417,9 @@ def predict(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration) -
     kept = [kept_bytes(shape, work, mode, chunks) for mode in modes]
     if flags.compile:
         selective = kept_bytes(shape, work, "selective", chunks)
+        shares = {"none": cal.compiled_none_share, "elementwise": cal.compiled_elementwise_share}
         kept = [
-            selective + cal.compiled_none_share * (k - selective) if mode == "none" else k
+            selective + shares[mode] * (k - selective) if mode in shares else k
             for k, mode in zip(kept, modes, strict=True)
         ]
     if flags.offload_activations:
@@ -388,7 +432,8 @@ def predict(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration) -
     activations, held = 0.0, 0.0
     for i, mode in enumerate(modes):
         held += kept[i]
-        own = kept[i] if mode == "none" and not flags.offload_activations else 0.0
+        # Without recompute of its matmuls a block's backward works on what it kept.
+        own = kept[i] if mode in KEEPS_MATMULS and not flags.offload_activations else 0.0
         activations = max(activations, held + max(working - own, 0.0))
     overhead = cal.overhead_bytes + (
         cal.compiled_full_extra_bytes if flags.compile and "full" in modes else 0.0
@@ -413,7 +458,12 @@ def step_time(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration)
     path = (flags.compile, flags.fp8_matmuls)
     attn_f, attn_fb = cal.attention_fwd[kind] * quadratic, cal.attention_fwd_bwd[kind] * quadratic
     rest_f, rest_b = cal.rest_fwd[path] * linear, cal.rest_bwd[path] * linear
-    recompute = {"full": attn_f + rest_f, "selective": rest_f, "none": 0.0}
+    recompute = {
+        "full": attn_f + rest_f,
+        "selective": rest_f,
+        "elementwise": cal.elementwise_recompute * rest_f,
+        "none": 0.0,
+    }
     modes = flags.checkpointing
     terms = {
         "attention": len(modes) * attn_fb,
@@ -421,7 +471,7 @@ def step_time(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration)
         "recompute": sum(recompute[m] for m in modes),
     }
     if flags.base_model_precision in QUANTISED:
-        passes = sum(2 + (m != "none") for m in modes)
+        passes = sum(2 + (m not in KEEPS_MATMULS) for m in modes)
         terms["dequantise"] = passes * cal.dequantise_pass[flags.base_model_precision] * linear
     if flags.feed_forward_chunks > 1:
         terms["feed_forward_chunks"] = len(modes) * feed_forward_share(shape) * rest_f
@@ -467,28 +517,44 @@ def plan_checkpointing(
     recompute least; None when not even :func:`floor_mode` everywhere fits.
 
     Selective on as many blocks as fit (full -> selective saves an attention forward for one attention
-    output kept: the most time per byte), then, once every block is selective, none on as many resident
-    blocks as fit. Swapped blocks stay checkpointed (block swap refills their weights before backward);
-    with activation offload no block goes without checkpointing (its whole forward would cross to host).
-    The blocks changed first are the first ones: their keepings are freed last, so the choice of blocks
-    does not change the peak.
+    output kept: the most time per byte), then, once every block is selective, blocks that keep their
+    matmul outputs on as many resident blocks as fit: compiled, elementwise first (it saves nearly all of a
+    block's recompute for about half of what none keeps), and once every resident block is elementwise,
+    none on as many of them as fit; eager, none (elementwise's recompute is measured compiled only).
+    Swapped blocks stay checkpointed (block swap refills their weights before backward); with activation
+    offload every block keeps its recompute (its whole forward would cross to host). The blocks changed
+    first are the first ones: their keepings are freed last, so the choice of blocks does not change the
+    peak.
     """
     depth, limit = shape.depth, budget_bytes / cal.reserve
     floor = floor_mode(flags)
 
-    def modes(selective: int, none: int) -> tuple[str, ...]:
-        return ("none",) * none + ("selective",) * (selective - none) + (floor,) * (depth - selective)
+    def modes(selective: int, kept: int = 0, none: int = 0) -> tuple[str, ...]:
+        """The first ``kept`` blocks keep their matmul outputs (the first ``none`` of them everything),
+        the rest up to ``selective`` are selective, the others ``floor``."""
+        return (
+            ("none",) * none
+            + ("elementwise",) * (kept - none)
+            + ("selective",) * (selective - kept)
+            + (floor,) * (depth - selective)
+        )
 
     def fits(candidate: tuple[str, ...]) -> bool:
         return predict(shape, work, replace(flags, checkpointing=candidate), cal).peak_bytes <= limit
 
-    if not fits(modes(0, 0)):
+    if not fits(modes(0)):
         return None
-    selective = depth if floor == "selective" else _most(lambda k: fits(modes(k, 0)), depth)
+    selective = depth if floor == "selective" else _most(lambda k: fits(modes(k)), depth)
     if selective < depth or flags.offload_activations:
-        return modes(selective, 0)
+        return modes(selective)
     resident = depth - min(flags.block_swap, depth)
-    return modes(depth, _most(lambda k: fits(modes(depth, k)), resident))
+    if not flags.compile:
+        none = _most(lambda k: fits(modes(depth, k, k)), resident)
+        return modes(depth, none, none)
+    kept = _most(lambda k: fits(modes(depth, k)), resident)
+    if kept < resident:
+        return modes(depth, kept)
+    return modes(depth, kept, _most(lambda k: fits(modes(depth, kept, k)), kept))
 
 
 def _most(fits, high: int) -> int:

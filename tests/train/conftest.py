@@ -28,6 +28,15 @@ def _threads(n: int):
         torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles as a fresh process would: the compiled block step is one code object, and the
+    graphs earlier tests built (a mode, a backend, a shape each) would count toward dynamo's recompile
+    limit."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for tiny models: on a small shared machine torch's spinning pool threads and the

@@ -53,7 +53,7 @@ def test_config_files_set_or_leave_the_autos(tmp_path):
 
 def test_help_says_what_auto_resolves_to():
     text = " ".join(train_parser().format_help().split())
-    assert "--gradient-checkpointing {auto,selective,full,none}" in text
+    assert "--gradient-checkpointing {auto,selective,full,elementwise,none}" in text
     assert (
         "under the GPU's memory (what --memory-budget auto does), elsewhere (or with --fsdp) selective [default: auto]"
         in text
@@ -74,13 +74,15 @@ def test_on_an_h200_the_defaults_compile_use_float8_and_plan_checkpointing_per_b
         "selective",
         AUTO,
     )
-    assert len(resolved.checkpointing) == 48 and "none" in resolved.checkpointing
+    assert len(resolved.checkpointing) == 48 and "elementwise" in resolved.checkpointing
     assert _fits(resolved, H200)
     assert resolved.line.startswith(
         "auto flags on NVIDIA H200: --compile --fp8-matmuls --memory-budget auto ("
     )
     assert "checkpointing planned per block under 141 GB" in resolved.line
-    assert resolved.plan.startswith("memory budget 141 GB at 480x832x93: checkpointing per block none x")
+    assert resolved.plan.startswith(
+        "memory budget 141 GB at 480x832x93: checkpointing per block elementwise x"
+    )
     assert resolved.warning is None and resolved.problem is None
 
 

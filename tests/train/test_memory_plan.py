@@ -153,8 +153,10 @@ def _saved_bytes_per_token(
 def _compiled_float8_keepings(device: str) -> tuple[dict[str, float], dict[str, float]]:
     """Per token, what compiled float8 blocks keep under each checkpointing mode, and the eager counts
     the plan starts from. Checks what holds on every device: selective keeps what the plan counts (it
-    is the plan's floor for compiled float8), and no checkpointing keeps more than the block input but
-    less than the eager count (``compiled_none_share`` of it beyond selective, fitted on the GPU)."""
+    is the plan's floor for compiled float8), elementwise keeps the matmul and attention outputs the plan
+    counts (the count takes cross-attention over every token, the condition frame's too: an upper
+    bound), and no checkpointing keeps more than the block input but less than the eager count
+    (``compiled_none_share`` of it beyond selective, fitted on the GPU)."""
     config = dataclasses.replace(DiTConfig.tiny(), hidden_size=256, num_heads=2, depth=1)
     shape = planning.model_shape(config, list(TrainConfig().lora_targets))
     latent = (4, 16, 16)
@@ -164,6 +166,8 @@ def _compiled_float8_keepings(device: str) -> tuple[dict[str, float], dict[str, 
         mode: _saved_bytes_per_token(config, mode, 1, latent, fast=True, device=device) for mode in mp.MODES
     }
     assert saved["selective"] == pytest.approx(counted["selective"], rel=0.05)
+    assert 0.85 * counted["elementwise"] < saved["elementwise"] <= counted["elementwise"]
+    assert saved["elementwise"] < saved["none"]
     assert counted["full"] < saved["none"] < counted["none"]
     return saved, counted
 
@@ -214,7 +218,7 @@ def test_a_bigger_budget_recomputes_less(full, cal):
         for gb, modes in plans.items()
     }
     assert recompute[80] > recompute[100] > recompute[141]
-    assert "full" in plans[80] and "none" in plans[141]
+    assert "full" in plans[80] and "elementwise" in plans[141]
     for gb, modes in plans.items():
         assert (
             mp.predict(full, CLIP, replace(flags, checkpointing=modes), cal).peak_bytes * cal.reserve
@@ -233,14 +237,42 @@ def test_compiled_float8_plans_never_use_full_checkpointing(full, cal):
     for gb in (selective * cal.reserve / mp.GB, 100, 141):
         modes = mp.plan_checkpointing(full, CLIP, flags, gb * mp.GB, cal)
         assert modes is not None and "full" not in modes
-    assert "none" in mp.plan_checkpointing(full, CLIP, flags, 141 * mp.GB, cal)
+    assert "elementwise" in mp.plan_checkpointing(full, CLIP, flags, 141 * mp.GB, cal)
+
+
+def test_compiled_plans_keep_matmul_outputs_before_everything_and_eager_ones_never_elementwise(full, cal):
+    """Compiled, blocks go selective -> elementwise, and none only once every resident block is
+    elementwise; eager plans (elementwise's recompute is measured compiled) go selective -> none."""
+    compiled = uniform("full", compile=True, fp8_matmuls=True)
+    for gb in (100, 141, 250):
+        modes = mp.plan_checkpointing(full, CLIP, compiled, gb * mp.GB, cal)
+        assert "elementwise" in modes and ("none" not in modes or "selective" not in modes)
+        assert list(modes) == sorted(modes, key=mp.MODES.index)  # the first blocks keep the most
+    assert set(mp.plan_checkpointing(full, CLIP, compiled, 1000 * mp.GB, cal)) == {"none"}
+    eager = mp.plan_checkpointing(full, CLIP, uniform("full"), 141 * mp.GB, cal)
+    assert "none" in eager and "elementwise" not in eager
+
+
+def test_elementwise_blocks_cost_less_time_than_selective_and_less_memory_than_none(full, cal):
+    flags = uniform("selective", compile=True, fp8_matmuls=True, attention="block_sparse")
+    predicted = {
+        mode: mp.predict(full, CLIP, replace(flags, checkpointing=(mode,) * 4 + ("selective",) * 44), cal)
+        for mode in ("none", "elementwise", "selective")
+    }
+    seconds = {mode: p.step_seconds for mode, p in predicted.items()}
+    peaks = {mode: p.peak_bytes for mode, p in predicted.items()}
+    assert seconds["none"] <= seconds["elementwise"] < seconds["selective"]
+    assert peaks["selective"] < peaks["elementwise"] < peaks["none"]
 
 
 def test_swapped_and_offloaded_blocks_stay_checkpointed(full, cal):
-    swapped = mp.plan_checkpointing(full, CLIP, uniform("full", block_swap=10), 141 * mp.GB, cal)
-    assert "none" in swapped[:38] and "none" not in swapped[38:]
+    for compile_ in (False, True):
+        flags = uniform("full", block_swap=10, compile=compile_)
+        swapped = mp.plan_checkpointing(full, CLIP, flags, 141 * mp.GB, cal)
+        kept = [mode in mp.KEEPS_MATMULS for mode in swapped]
+        assert any(kept[:38]) and not any(kept[38:])
     offloaded = mp.plan_checkpointing(full, CLIP, uniform("full", offload_activations=True), 141 * mp.GB, cal)
-    assert "none" not in offloaded
+    assert not set(offloaded) & set(mp.KEEPS_MATMULS)
 
 
 @pytest.mark.parametrize("budget", [16, 24, 48, 80, 141])

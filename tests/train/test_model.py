@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_train.attention import _xformers_attention, attention
+from longcat_train.block_step import MATMUL_OPS, MIN_KEPT_CONTRACTION
 from longcat_train.dit_config import DiTConfig
 from longcat_train.loading import tiny_dit
 from longcat_train.model import LongCatVideoTransformer, apply_rope, rope_split, rope_tables
@@ -430,7 +431,7 @@ def test_checkpointing_works_with_a_frozen_base_and_input_gradients() -> None:
         model.gradient_checkpointing = "some"
 
 
-@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+@pytest.mark.parametrize("mode", ["none", "elementwise", "full", "selective"])
 def test_feed_forward_chunks_give_the_same_output_and_gradients(mode: str) -> None:
     model = tiny_dit().train()
     model.gradient_checkpointing = mode
@@ -529,7 +530,7 @@ def test_selective_checkpointing_keeps_block_sparse_attention() -> None:
     model = _block_sparse_dit()
     x = _inputs(frames=5)
     gradients, recomputed = {}, {}
-    for mode in ("none", "full", "selective"):
+    for mode in ("none", "elementwise", "full", "selective"):
         model.gradient_checkpointing = mode
         model.zero_grad()
         out = model(**x, num_cond_latents=1)
@@ -538,12 +539,46 @@ def test_selective_checkpointing_keeps_block_sparse_attention() -> None:
             out.square().mean().backward()
         recomputed[mode] = counter.count
         gradients[mode] = [p.grad for p in model.parameters()]
-    for mode in ("full", "selective"):
+    for mode in ("elementwise", "full", "selective"):
         assert all(_close(a, b, 1e-6) for a, b in zip(gradients[mode], gradients["none"], strict=True))
-    assert recomputed == {"none": 0, "full": model.config.depth, "selective": 0}
+    assert recomputed == {"none": 0, "elementwise": 0, "full": model.config.depth, "selective": 0}
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+class _CountMatmuls(TorchDispatchMode):
+    """Matmul calls (block_step.MATMUL_OPS) that contract over at least MIN_KEPT_CONTRACTION channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        left = MATMUL_OPS.get(str(func))
+        if left is not None and args[left].shape[-1] >= MIN_KEPT_CONTRACTION:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_elementwise_checkpointing_recomputes_no_matmul() -> None:
+    """Its backward runs the matmuls of none's backward (the gradients) and no more, where selective
+    also recomputes the forward's (what each keeps: tests/train/test_memory_plan.py)."""
+    model = tiny_dit().train()
+    x = _inputs(frames=5, batch=1)
+    matmuls, gradients = {}, {}
+    for mode in ("none", "elementwise", "selective"):
+        model.gradient_checkpointing = mode
+        model.zero_grad()
+        latents = x["hidden_states"].clone().requires_grad_()
+        out = model(**(x | {"hidden_states": latents}), num_cond_latents=1)
+        counter = _CountMatmuls()
+        with counter:
+            out.square().mean().backward()
+        matmuls[mode] = counter.count
+        gradients[mode] = [latents.grad] + [p.grad for p in model.parameters()]
+    assert matmuls["elementwise"] == matmuls["none"] < matmuls["selective"]
+    assert all(_close(a, b, 1e-6) for a, b in zip(gradients["elementwise"], gradients["none"], strict=True))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective", "elementwise"])
 def test_compiled_blocks_with_block_sparse_match_eager(mode: str) -> None:
     model = _block_sparse_dit()
     x = _inputs(frames=5, batch=1)

@@ -491,7 +491,9 @@ def test_compile_tune_reaches_torch_compile(tiny_shards, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     train(tiny_config(tiny_shards, tmp_path, compile=True, compile_tune=True, max_train_steps=1))
-    assert seen == [{"fullgraph": True, "options": {"coordinate_descent_tuning": True}}]
+    assert seen == [
+        {"fullgraph": True, "options": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}}
+    ]
 
 
 @pytest.mark.parametrize(
