@@ -3,10 +3,11 @@
 Not the architecture (``longcat_train.model``): every mode computes the same output and gradients, only
 what backward keeps differs. ``full`` recomputes the whole block in backward; ``selective`` keeps the
 self-attention outputs and recomputes the rest; ``elementwise`` keeps every attention and matmul output
-and recomputes only the elementwise work between them (norms, RoPE, modulation, SwiGLU, residuals), which
-costs little time once compiled and keeps about half of what ``none`` does; ``none`` stores everything. :func:`block_step` is the
-unit ``LongCatVideoTransformer.run_block`` calls and :func:`compile_block_step` compiles, so that the
-checkpoint sits inside the compiled region (the order torch supports).
+and recomputes only the elementwise work between them (norms, RoPE, modulation, SwiGLU, residuals):
+compiled, it saves most of selective's recompute for about half of what ``none`` keeps; ``none`` stores
+everything. :func:`block_step` is the unit ``LongCatVideoTransformer.run_block`` calls and
+:func:`compile_block_step` compiles, so that the checkpoint sits inside the compiled region (the order
+torch supports).
 """
 
 from __future__ import annotations

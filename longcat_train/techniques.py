@@ -102,8 +102,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("block_swap", "gradient_checkpointing"),
         lambda c: c.block_swap > 0 and c.gradient_checkpointing == "none",
-        "block_swap trains only under gradient_checkpointing (selective or full): without it autograd keeps "
-        "views of the swap buffers, which are refilled before backward",
+        "block_swap trains only under gradient_checkpointing (selective, elementwise or full): without it "
+        "autograd keeps views of the swap buffers, which are refilled before backward",
         {"block_swap": 2, "gradient_checkpointing": "none"},
     ),
     Rule(

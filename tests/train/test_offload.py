@@ -54,7 +54,7 @@ def frozen_tensors(block: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())
 
 
-@pytest.mark.parametrize("checkpointing", ["full", "selective"])
+@pytest.mark.parametrize("checkpointing", ["full", "selective", "elementwise"])
 def test_training_matches_unswapped(checkpointing: str) -> None:
     ref = make_model()
     model = copy.deepcopy(ref)
