@@ -336,15 +336,22 @@ def test_zero_pad_mode_rejects_too_many_tokens(model: LongCatVideoTransformer) -
 # ------------------------------------------------------------------------------------ checkpointing
 
 
-class _CountAttentionForwards(TorchDispatchMode):
+class _CountRecomputable(TorchDispatchMode):
+    """Attention forwards, and matmuls (block_step.MATMUL_OPS) that contract over at least
+    MIN_KEPT_CONTRACTION channels: a backward runs the latter for its gradients too."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.attention = 0
+        self.matmuls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         name = str(func)
         if "scaled_dot_product" in name and "backward" not in name:
-            self.count += 1
+            self.attention += 1
+        left = MATMUL_OPS.get(name)
+        if left is not None and args[left].shape[-1] >= MIN_KEPT_CONTRACTION:
+            self.matmuls += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -353,24 +360,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(zero_pad: bool) -> None
     model = tiny_dit().train()
     model.config.text_tokens_zero_pad = zero_pad
     x = _inputs()
-    gradients, recomputed = {}, {}
-    for mode in ("none", "full", "selective"):
+    gradients, recomputed, matmuls = {}, {}, {}
+    for mode in ("none", "elementwise", "full", "selective"):
         model.gradient_checkpointing = mode
         model.zero_grad()
         latents = x["hidden_states"].clone().requires_grad_()
         out = model(**(x | {"hidden_states": latents}), num_cond_latents=1)
-        counter = _CountAttentionForwards()
+        counter = _CountRecomputable()
         with counter:
             out.square().mean().backward()
-        recomputed[mode] = counter.count
+        recomputed[mode], matmuls[mode] = counter.attention, counter.matmuls
         gradients[mode] = [latents.grad] + [p.grad for p in model.parameters()]
-    for mode in ("full", "selective"):
+    for mode in ("elementwise", "full", "selective"):
         assert all(_close(a, b, 1e-6) for a, b in zip(gradients[mode], gradients["none"], strict=True))
     depth = model.config.depth
     # full recomputes both self-attention calls (condition, noisy) and the cross-attention per block;
     # selective keeps self-attention. Zero-padded text has more keys (512) than this tiny video has
     # tokens, so that cross-attention counts as kept too (cheap either way).
-    assert recomputed == {"none": 0, "full": 3 * depth, "selective": 0 if zero_pad else depth}
+    assert recomputed == {
+        "none": 0,
+        "elementwise": 0,
+        "full": 3 * depth,
+        "selective": 0 if zero_pad else depth,
+    }
+    # elementwise runs the gradients' matmuls and no forward one; selective and full recompute the forward's
+    assert matmuls["elementwise"] == matmuls["none"] < matmuls["selective"] == matmuls["full"]
 
 
 def _loss_and_gradients(
@@ -390,6 +404,7 @@ def _loss_and_gradients(
         ("none", "selective", "full", "none"),
         ("full", "none", "none", "selective"),
         ("selective", "selective", "full", "full"),
+        ("elementwise", "elementwise", "selective", "full"),
     ],
 )
 def test_per_block_checkpointing_is_bit_identical_to_none(modes: tuple[str, ...]) -> None:
@@ -401,12 +416,12 @@ def test_per_block_checkpointing_is_bit_identical_to_none(modes: tuple[str, ...]
     reference = _loss_and_gradients(model, x)
     model.gradient_checkpointing = modes
     assert model.gradient_checkpointing == modes == model.block_checkpointing
-    counter = _CountAttentionForwards()
+    counter = _CountRecomputable()
     mixed = _loss_and_gradients(model, x, counter)
     assert all(torch.equal(a, b) for a, b in zip(mixed, reference, strict=True))
     # Each fully checkpointed block recomputes its self-attention (twice: condition, noisy) and its
     # cross-attention in backward; the others recompute none of them here (zero-padded text keeps it).
-    assert counter.count == 3 * modes.count("full")
+    assert counter.attention == 3 * modes.count("full")
 
 
 def test_per_block_checkpointing_refuses_a_wrong_length_or_mode() -> None:
@@ -542,40 +557,6 @@ def test_selective_checkpointing_keeps_block_sparse_attention() -> None:
     for mode in ("elementwise", "full", "selective"):
         assert all(_close(a, b, 1e-6) for a, b in zip(gradients[mode], gradients["none"], strict=True))
     assert recomputed == {"none": 0, "elementwise": 0, "full": model.config.depth, "selective": 0}
-
-
-class _CountMatmuls(TorchDispatchMode):
-    """Matmul calls (block_step.MATMUL_OPS) that contract over at least MIN_KEPT_CONTRACTION channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        left = MATMUL_OPS.get(str(func))
-        if left is not None and args[left].shape[-1] >= MIN_KEPT_CONTRACTION:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_elementwise_checkpointing_recomputes_no_matmul() -> None:
-    """Its backward runs the matmuls of none's backward (the gradients) and no more, where selective
-    also recomputes the forward's (what each keeps: tests/train/test_memory_plan.py)."""
-    model = tiny_dit().train()
-    x = _inputs(frames=5, batch=1)
-    matmuls, gradients = {}, {}
-    for mode in ("none", "elementwise", "selective"):
-        model.gradient_checkpointing = mode
-        model.zero_grad()
-        latents = x["hidden_states"].clone().requires_grad_()
-        out = model(**(x | {"hidden_states": latents}), num_cond_latents=1)
-        counter = _CountMatmuls()
-        with counter:
-            out.square().mean().backward()
-        matmuls[mode] = counter.count
-        gradients[mode] = [latents.grad] + [p.grad for p in model.parameters()]
-    assert matmuls["elementwise"] == matmuls["none"] < matmuls["selective"]
-    assert all(_close(a, b, 1e-6) for a, b in zip(gradients["elementwise"], gradients["none"], strict=True))
 
 
 @pytest.mark.parametrize("mode", ["full", "selective", "elementwise"])
