@@ -68,6 +68,11 @@ def keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPoli
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# The block step compiles a graph per checkpointing mode, grad mode (validation runs without) and
+# condition length a run meets (mixed tasks, new bucket shapes): more than dynamo's default of 8, which
+# fullgraph turns into an error mid-run.
+RECOMPILE_LIMIT = 64
+
 _CONTEXTS = {
     "selective": functools.partial(create_selective_checkpoint_contexts, keep_self_attention),
     "elementwise": functools.partial(create_selective_checkpoint_contexts, keep_matmuls),
@@ -99,6 +104,8 @@ def compile_block_step(tune: bool = False, **compile_kwargs: Any) -> Callable[..
     # (TypeError) for kernels a warm FX graph cache loads: a second run on a machine would crash. Without
     # that file each process benchmarks its choices again, on the first calls.
     os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
+    # Dynamo's limit is per code object, and this one is shared by every block.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     options = {"triton.multi_kernel": 1, **({"coordinate_descent_tuning": True} if tune else {})}
     compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
     return torch.compile(block_step, **{"fullgraph": True, **compile_kwargs})

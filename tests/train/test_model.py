@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from longcat_train.architecture import CHECKPOINT_MODES
 from longcat_train.attention import _xformers_attention, attention
 from longcat_train.block_step import MATMUL_OPS, MIN_KEPT_CONTRACTION
 from longcat_train.dit_config import DiTConfig
@@ -675,3 +676,18 @@ def test_cuda_bf16_compiled_block_sparse_matches_eager() -> None:
     for key, (out, grads) in results.items():
         assert (out - out_ref).norm() / out_ref.norm() < 1e-2, key
         assert (grads - grad_ref).norm() / grad_ref.norm() < 2e-2, key
+
+
+def test_compiled_blocks_survive_every_mode_task_and_grad_mode_in_one_run() -> None:
+    """One compiled block step serves every checkpointing mode, with and without gradients, for each
+    number of condition latents a mixed-task run draws: more graphs than dynamo's default limit of 8
+    recompiles, which fullgraph turns into an error mid-run."""
+    model = tiny_dit().train()
+    model.compile_blocks(backend="aot_eager")
+    x = _inputs(frames=5, batch=1)
+    for num_cond in (0, 1, 2):
+        for mode in CHECKPOINT_MODES:
+            model.gradient_checkpointing = mode
+            model(**x, num_cond_latents=num_cond).square().mean().backward()
+        with torch.no_grad():
+            model(**x, num_cond_latents=num_cond)
