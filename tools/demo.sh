@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole job end to end on the embedded tiny default, on the CPU, with no downloads:
 # generated clips -> shards -> LoRA training (with validation) -> an image-to-video sample with that LoRA.
-# Usage: bash tools/demo.sh [OUT_DIR]        (default: demo_out)
+# Usage: bash tools/demo.sh [OUT_DIR]        (default: demo_out; a rerun trains again from the start)
 set -euo pipefail
 out="${1:-demo_out}"
 export HF_HUB_OFFLINE=1
@@ -10,7 +10,7 @@ longcat-prep demo "$out/videos"
 longcat-prep shard "$out/videos" "$out/shards" --model tiny --area 192x320 --frames 17 --workers 1
 longcat-prep inspect "$out/shards"
 longcat-train --model tiny --shards "$out/shards" --frames 17 --max-train-steps 30 \
-  --learning-rate 1e-3 --checkpointing-steps 10 --num-workers 1 --output-dir "$out/run" \
+  --learning-rate 1e-3 --checkpointing-steps 10 --num-workers 1 --output-dir "$out/run" --overwrite \
   --validation-source "$out/shards" --validation-limit 1 --validation-frames 17 \
   --validation-inference-steps 8 --validation-resolution 192x320
 
