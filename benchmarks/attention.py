@@ -10,7 +10,8 @@ the transposed selection. With LONGCAT_OFFICIAL_DIR set to a checkout that holds
 official kernel runs on the 36,864-token grid at the same density in the same process.
 
 --sweep first times launch configurations of each Triton kernel and uses the fastest for the rest of
-the run (copy them into `CONFIGS` in longcat_kernels/block_sparse.py). Prints one JSON document; --out also
+the run (copy them into `CONFIGS` in longcat_kernels/block_sparse.py); --sweep-cond-latents 1 sweeps with
+the condition frame's keys in every selection, as image-to-video training runs. Prints one JSON document; --out also
 writes it after every case, so a run cut short keeps what it measured.
 """
 
@@ -82,12 +83,15 @@ def candidate_configs() -> list[KernelConfig]:
     return [KernelConfig(4, stages) for stages in (1, 2, 3, 4)]
 
 
-def sweep(shape: tuple[int, int, int], density: float) -> dict:
-    """Time each kernel under each candidate configuration; return the fastest and all timings."""
+def sweep(shape: tuple[int, int, int], density: float, cond_latents: int = 0) -> dict:
+    """Time each kernel under each candidate configuration, with ``cond_latents`` condition frames (whose
+    keys every query tile reads: image-to-video training has 1); return the fastest and all timings."""
     q, k, v = (
         torch.randn(1, HEADS, math.prod(shape), HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in "qkv"
     )
-    layout, indices, counts = block_selection(q, k, shape, density=density, use_triton=True)
+    layout, indices, counts = block_selection(
+        q, k, shape, density=density, num_cond_latents=cond_latents, use_triton=True
+    )
     scale = HEAD_DIM**-0.5
     out, lse = sparse_forward(q, k, v, layout, indices, counts, scale, CONFIGS["fwd"])
     grad = torch.randn_like(q)
@@ -226,6 +230,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--density", type=float, default=1 / 16)
     parser.add_argument("--sweep", action="store_true", help="tune kernel launch configs first")
+    parser.add_argument(
+        "--sweep-cond-latents",
+        type=int,
+        default=0,
+        help="condition latent frames in the sweep's selection (1: what image-to-video training runs)",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here, after every case")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of 24x32x48 first")
     args = parser.parse_args()
@@ -251,7 +261,7 @@ def main() -> None:
     if args.profile:
         report["profile"] = profile(GRIDS["24x32x48"], args.density, official)
     if args.sweep:
-        tuned = sweep(GRIDS["480x832x93"], args.density)
+        tuned = sweep(GRIDS["480x832x93"], args.density, args.sweep_cond_latents)
         CONFIGS.update(tuned.pop("configs"))
         report["sweep"] = tuned
     report["configs"] = {name: vars(cfg) for name, cfg in CONFIGS.items()}

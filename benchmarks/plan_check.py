@@ -2,7 +2,7 @@
 print, run as the trainer runs them, predicted vs measured peak memory and step time.
 
     python benchmarks/plan_check.py [--budgets 24 48 80 141] [--attention dense sparse] [--out FILE]
-    python benchmarks/plan_check.py --patterns full48 selective24+full24 none5+selective43
+    python benchmarks/plan_check.py --patterns full48 selective24+full24 none5+selective43 elementwise12+selective36
     python benchmarks/plan_check.py --quick      # CPU smoke run: tiny model, 64x64x9, budgets around it
     python benchmarks/plan_check.py --dry-run    # the cells' plans and predictions, nothing run
     python benchmarks/plan_check.py --repredict results/plan_check_h200.json   # old cells, current model
