@@ -196,8 +196,10 @@ def kernel_family(name: str) -> str:
 
 
 def kernel_profile(work: Callable[[], object], top: int = 20) -> dict:
-    """One call of ``work`` on the GPU under the torch profiler: GPU milliseconds per kernel family and
-    the ``top`` costliest kernels."""
+    """One call of ``work`` on the GPU under the torch profiler: GPU milliseconds per kernel family, the
+    ``top`` costliest kernels by name, and every kernel of at least a millisecond in all (its name in
+    full, so that fused kernels of one family can be told apart)."""
+    from torch.autograd.profiler_util import FunctionEventAvg
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -208,17 +210,19 @@ def kernel_profile(work: Callable[[], object], top: int = 20) -> dict:
     for e in kernels:
         family = kernel_family(e.key)
         families[family] = families.get(family, 0.0) + e.device_time_total / 1e3
-    costliest = sorted(kernels, key=lambda e: e.device_time_total, reverse=True)[:top]
+    by_time = sorted(kernels, key=lambda e: e.device_time_total, reverse=True)
+
+    def described(e: FunctionEventAvg, name_chars: int | None) -> dict:
+        return {
+            "name": e.key[:name_chars],
+            "family": kernel_family(e.key),
+            "ms": round(e.device_time_total / 1e3, 1),
+            "calls": e.count,
+        }
+
     return {
         "gpu_ms_by_family": {k: round(v, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
         "gpu_ms_total": round(sum(families.values()), 1),
-        "top_kernels": [
-            {
-                "name": e.key[:120],
-                "family": kernel_family(e.key),
-                "ms": round(e.device_time_total / 1e3, 1),
-                "calls": e.count,
-            }
-            for e in costliest
-        ],
+        "top_kernels": [described(e, 120) for e in by_time[:top]],
+        "kernels_over_1ms": [described(e, None) for e in by_time if e.device_time_total >= 1e3],
     }
