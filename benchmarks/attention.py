@@ -10,9 +10,9 @@ the transposed selection. With LONGCAT_OFFICIAL_DIR set to a checkout that holds
 official kernel runs on the 36,864-token grid at the same density in the same process.
 
 --sweep first times launch configurations of each Triton kernel and uses the fastest for the rest of
-the run (copy them into `CONFIGS` in longcat_kernels/block_sparse.py); --sweep-cond-latents 1 sweeps with
-the condition frame's keys in every selection, as image-to-video training runs. Prints one JSON document; --out also
-writes it after every case, so a run cut short keeps what it measured.
+the run (copy them into `CONFIGS` in longcat_kernels/block_sparse.py); --sweep-cond-latents 1 sweeps
+with the condition frame's keys in every selection, as image-to-video training runs. Prints one JSON
+document; --out also writes it after every case, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ Variants, one set of frozen weights, same batches:
 Warm-up steps are dropped; reported: mean/min/max seconds per step, peak allocated memory, data wait per
 step (and as a fraction of the step). ``--profile`` adds one step of ours (and of the peer) under the
 torch profiler: GPU time per kernel family (attention, GEMM, fused elementwise, copies), the 20
-costliest kernels and every kernel of a millisecond or more, to say where a step goes. Prints one JSON document (``--out`` also writes it).
+costliest kernels and every kernel of a millisecond or more, to say where a step goes. Prints one JSON
+document (``--out`` also writes it).
 """
 
 from __future__ import annotations

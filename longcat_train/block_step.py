@@ -82,6 +82,7 @@ _CONTEXTS = {
 def block_step(block: nn.Module, checkpointing: CheckpointMode, *args: Any) -> torch.Tensor:
     """``block(*args)`` under a checkpointing mode."""
     if checkpointing == "full":
+        # context_fn left out: dynamo cannot trace torch's noop_context_fn passed explicitly
         return checkpoint(block, *args, use_reentrant=False)
     context = _CONTEXTS.get(checkpointing)
     if context is not None:
