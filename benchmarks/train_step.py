@@ -256,11 +256,21 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = trainer.weight_dtype(cfg, device)
 
     model = build_model(config, device, dtype)
-    state = base_state(model)  # the frozen tensors, shared with the peer model
+    if args.peer is None:
+        args.peer = bool(os.environ.get("LONGCAT_OFFICIAL_DIR"))
+    # The frozen bf16 tensors, shared with the peer model (ours may store float8 copies instead).
+    state = base_state(model) if args.peer else None
     base = model.get_base_model()
     base.attention_implementation = args.attention
     base.gradient_checkpointing = checkpointing
-    apply_fast_paths(model, device, fp8_matmuls=cfg.fp8_matmuls, compile=cfg.compile, tune=args.compile_tune)
+    apply_fast_paths(
+        model,
+        device,
+        fp8_matmuls=cfg.fp8_matmuls,
+        compile=cfg.compile,
+        tune=args.compile_tune,
+        store_fp8=True,
+    )
     if cfg.fp8_matmuls:
         args.naive = False  # the naive step's base weight gradients do not exist with float8 matmuls
     model.train()
@@ -277,8 +287,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.profile and device.type == "cuda":
             ours["profile"] = profile_step(model, batches, optimizer, params, cfg, d)
         peer = same_loss = None
-        if args.peer is None:
-            args.peer = bool(os.environ.get("LONGCAT_OFFICIAL_DIR"))
         if args.peer:
             peer_model, kernel = build_peer(state, config, rank=8, targets=list(cfg.lora_targets))
             peer_model.train()

@@ -56,16 +56,35 @@ MATMUL_OPS = {
 MIN_KEPT_CONTRACTION = 64
 
 
-def keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """``elementwise`` checkpointing: keep every attention output and every matmul output that contracts
-    over at least :data:`MIN_KEPT_CONTRACTION` channels; recompute the rest, which is elementwise."""
-    name = str(op)
-    if name in SAVED_OPS:
-        return CheckpointPolicy.MUST_SAVE
-    left = MATMUL_OPS.get(name)
-    if left is not None and args[left].shape[-1] >= MIN_KEPT_CONTRACTION:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+class KeepMatmuls:
+    """``elementwise`` checkpointing's policy: keep every attention output and every matmul output that
+    contracts over at least :data:`MIN_KEPT_CONTRACTION` channels; recompute the rest, which is
+    elementwise.
+
+    Under torch.compile it also keeps the sum LoRA adds to a linear's output (the first add after a
+    narrower matmul: the up-projection), which is what backward reads (norms, RoPE, the SwiGLU). The
+    partitioner saves only what backward reads, so the base output it no longer needs is dropped: the
+    same bytes, and no up-projection recomputed. Eagerly every kept output is stored, both would be,
+    so there the up-projection and its add are recomputed. One instance per checkpointed call (it
+    follows the ops in order).
+    """
+
+    def __init__(self) -> None:
+        self._after_narrow_matmul = False
+
+    def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        name = str(op)
+        if name in SAVED_OPS:
+            return CheckpointPolicy.MUST_SAVE
+        left = MATMUL_OPS.get(name)
+        if left is not None:
+            if args[left].shape[-1] >= MIN_KEPT_CONTRACTION:
+                return CheckpointPolicy.MUST_SAVE
+            self._after_narrow_matmul = torch.compiler.is_compiling()
+        elif self._after_narrow_matmul and name == "aten.add.Tensor":
+            self._after_narrow_matmul = False
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # The block step compiles a graph per checkpointing mode, grad mode (validation runs without) and
@@ -75,7 +94,7 @@ RECOMPILE_LIMIT = 64
 
 _CONTEXTS = {
     "selective": functools.partial(create_selective_checkpoint_contexts, keep_self_attention),
-    "elementwise": functools.partial(create_selective_checkpoint_contexts, keep_matmuls),
+    "elementwise": lambda: create_selective_checkpoint_contexts(KeepMatmuls()),
 }
 
 

@@ -32,6 +32,9 @@ GB = 1e9
 REFERENCE_TOKENS = 24 * 30 * 52
 MODES = ("none", "elementwise", "selective", "full")  # architecture.CHECKPOINT_MODES, least recompute first
 QUANTISED = ("int8-quanto", "fp8-torchao")
+# The block linears' weights as float8 matmuls store them (quant.use_fp8_matmuls(store=True), what the
+# trainer does on one GPU): one byte a weight and a float32 scale a row, like a quantised base.
+FP8_STORED = "fp8-matmuls"
 KEEPS_MATMULS = ("none", "elementwise")  # the modes whose backward recomputes no matmul
 FEED_FORWARD_CHUNKS = (1, 2, 4, 8)
 
@@ -272,9 +275,14 @@ def _weights(shape: ModelShape, precision: str, resident: int, pooled: int, weig
     return (resident + pooled) * block + shape.outer_params * weight_bytes
 
 
+def stored_precision(flags: Flags) -> str:
+    """How ``flags`` store the block linears' weights: a base precision, or :data:`FP8_STORED`."""
+    return FP8_STORED if flags.fp8_matmuls else flags.base_model_precision
+
+
 def block_bytes(shape: ModelShape, precision: str, weight_bytes: int = 2) -> float:
     """One block's frozen weights as stored: quantised linears at one byte plus a float32 scale a row."""
-    if precision in QUANTISED:
+    if precision in (*QUANTISED, FP8_STORED):
         rest = shape.block_params - shape.block_linear_params
         return shape.block_linear_params + 4 * shape.block_linear_rows + weight_bytes * rest
     return weight_bytes * shape.block_params
@@ -411,7 +419,7 @@ def predict(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration) -
     depth, modes, chunks = shape.depth, flags.checkpointing, flags.feed_forward_chunks
     swapped = min(flags.block_swap, depth)
     weights = _weights(
-        shape, flags.base_model_precision, depth - swapped, min(swapped, 2), work.activation_bytes
+        shape, stored_precision(flags), depth - swapped, min(swapped, 2), work.activation_bytes
     )
     lora = lora_bytes(shape, work)
     kept = [kept_bytes(shape, work, mode, chunks) for mode in modes]
@@ -478,7 +486,7 @@ def step_time(shape: ModelShape, work: Workload, flags: Flags, cal: Calibration)
     swapped = min(flags.block_swap, shape.depth)
     if swapped:
         # A swapped block's copy hides behind the block before it, unless the copy takes longer.
-        copy = block_bytes(shape, flags.base_model_precision, work.activation_bytes) / cal.host_to_device
+        copy = block_bytes(shape, stored_precision(flags), work.activation_bytes) / cal.host_to_device
         exposed = max(0.0, copy - (attn_f + rest_f))
         terms["block_swap"] = swapped * (cal.swap_per_block + 2 * exposed)
     if flags.offload_activations:

@@ -151,7 +151,8 @@ def apply_techniques(
        places or shards the model;
     5. gradient checkpointing (``checkpointing``, one mode per block, where a memory plan chose them; else
        ``cfg.gradient_checkpointing`` on every block) and feed-forward chunks;
-    6. :func:`apply_fast_paths`: float8 matmuls for the frozen base layers under LoRA, then compile;
+    6. :func:`apply_fast_paths`: float8 matmuls for the frozen base layers under LoRA (their weights
+       stored in float8 unless FSDP shards them), then compile;
     7. placement: block swap (it refuses blocks that change after it, so no module changes later) or the
        compute device, then activation offload's hooks;
     8. DDP or FSDP2 around the placed model.
@@ -190,7 +191,15 @@ def apply_techniques(
 
     base.gradient_checkpointing = checkpointing or cfg.gradient_checkpointing
     base.feed_forward_chunks = cfg.feed_forward_chunks
-    apply_fast_paths(model, d.device, fp8_matmuls=cfg.fp8_matmuls, compile=cfg.compile, tune=cfg.compile_tune)
+    # FSDP shards the bf16 weights; float8 ones would sit whole on every rank.
+    apply_fast_paths(
+        model,
+        d.device,
+        fp8_matmuls=cfg.fp8_matmuls,
+        compile=cfg.compile,
+        tune=cfg.compile_tune,
+        store_fp8=not cfg.fsdp,
+    )
 
     if cfg.block_swap > 0:
         offload.apply_block_swap(model, cfg.block_swap, cfg.block_swap_device, compute_device=d.device)
@@ -208,18 +217,25 @@ def apply_techniques(
 
 
 def apply_fast_paths(
-    model: nn.Module, device: torch.device, *, fp8_matmuls: bool, compile: bool, tune: bool = False
+    model: nn.Module,
+    device: torch.device,
+    *,
+    fp8_matmuls: bool,
+    compile: bool,
+    tune: bool = False,
+    store_fp8: bool = False,
 ) -> None:
     """The speed techniques training and sampling share, in place on the DiT inside ``model`` (bare, or
     under LoRA: its frozen base layers): float8 matmuls for the block linears once ``device`` is known
-    to run them (``quant.check_fp8_matmuls``), then the compiled block step (``compile_blocks``, traced
-    at the first forward; ``tune``: with coordinate-descent tuning). Call it before block swap places
-    the model and before LoRA hooks go on: both hold the modules it replaces."""
+    to run them (``quant.check_fp8_matmuls``; ``store_fp8``: their weights quantised once, on
+    ``device``, and kept in float8), then the compiled block step (``compile_blocks``, traced at the
+    first forward; ``tune``: with coordinate-descent tuning). Call it before block swap places the model
+    and before LoRA hooks go on: both hold the modules it replaces."""
     from longcat_train import quant
     from longcat_train.model import transformer_of
 
     if fp8_matmuls:
         quant.check_fp8_matmuls(device)
-        quant.use_fp8_matmuls(model)
+        quant.use_fp8_matmuls(model, store=store_fp8, device=device)
     if compile:
         transformer_of(model).compile_blocks(tune=tune)

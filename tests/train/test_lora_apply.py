@@ -299,11 +299,16 @@ def test_refusals_name_the_lora_the_module_and_the_shapes(tmp_path) -> None:
     assert torch.equal(run(model), run(tiny()))  # every refusal left the model as it was
 
 
-def test_merging_into_quantised_weights_is_refused_and_hooks_still_work() -> None:
-    pytest.importorskip("optimum.quanto")
-    from longcat_train.quant import quantize_base
+@pytest.mark.parametrize("base", ["int8-quanto", "fp8-matmuls-stored"])
+def test_merging_into_quantised_weights_is_refused_and_hooks_still_work(base: str) -> None:
+    from longcat_train.quant import quantize_base, use_fp8_matmuls
 
-    model = quantize_base(tiny(), "int8-quanto")
+    if base == "int8-quanto":
+        pytest.importorskip("optimum.quanto")
+        model = quantize_base(tiny(), "int8-quanto")
+    else:
+        model = tiny().requires_grad_(False)
+        use_fp8_matmuls(model, store=True)
     lora_set = random_lora(model, {"blocks.0.attn.qkv": 3}, 2, seed=1)
     with pytest.raises(
         ValueError, match="cannot be merged into blocks.0.attn.qkv: its weight is a .*quantised"

@@ -97,6 +97,9 @@ def test_predictions_reproduce_the_measurements_they_are_fitted_on(full, cal):
     ],
 )
 def test_peaks_the_model_was_not_fitted_on_are_within_ten_percent(full, cal, flags, peak_gb):
+    if flags.fp8_matmuls:  # measured before the trainer stored float8 matmuls' weights in float8
+        stored = mp.block_bytes(full, "no_change") - mp.block_bytes(full, mp.FP8_STORED)
+        peak_gb -= full.depth * stored / mp.GB
     assert mp.predict(full, CLIP, flags, cal).peak_bytes / mp.GB == pytest.approx(peak_gb, rel=0.10)
 
 
@@ -114,13 +117,13 @@ def _saved_bytes_per_token(
     torch.manual_seed(0)
     model = LongCatVideoTransformer(config).to(device, torch.bfloat16).requires_grad_(False)
     if fast:
-        quant.use_fp8_matmuls(model)
+        quant.use_fp8_matmuls(model, store=True)
     model = lora.apply_lora(model, rank=8, targets=list(TrainConfig().lora_targets))
     base = model.get_base_model()
     if fast:
         base.compile_blocks()
     base.gradient_checkpointing, base.feed_forward_chunks = mode, chunks
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

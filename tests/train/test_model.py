@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_train.architecture import CHECKPOINT_MODES
@@ -518,6 +520,65 @@ def test_compiled_blocks_match_eager() -> None:
     model.feed_forward_chunks = 2  # nested checkpoints inside the compiled, checkpointed block step
     chunked = run("full")
     assert all(_close(a, b, 1e-5) for a, b in zip(chunked, reference, strict=True))
+
+
+def _backward_graphs(model: LongCatVideoTransformer, mode: str, x: dict) -> tuple[list, list[torch.Tensor]]:
+    """The compiled blocks' backward graphs under ``mode`` (traced as inductor gets them), and the
+    gradients of one backward."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep_backward(gm: torch.fx.GraphModule, inputs: list) -> Callable:
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    forward = aot_autograd(
+        fw_compiler=lambda gm, inputs: make_boxed_func(gm.forward), bw_compiler=keep_backward
+    )
+    model.compile_blocks(backend=forward)
+    model.gradient_checkpointing = mode
+    model.zero_grad()
+    latents = x["hidden_states"].clone().requires_grad_()
+    model(**(x | {"hidden_states": latents}), num_cond_latents=1).square().mean().backward()
+    return graphs, [latents.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def test_compiled_elementwise_backward_runs_only_the_matmuls_none_runs() -> None:
+    """Compiled, elementwise checkpointing keeps the sums LoRA adds to the kept matmul outputs, so its
+    backward recomputes no up-projection: the same matmuls as without checkpointing."""
+    from longcat_train import lora
+    from longcat_train.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = lora.apply_lora(
+        tiny_dit().requires_grad_(False), rank=8, targets=list(TrainConfig().lora_targets)
+    )
+    for p in model.parameters():
+        if p.requires_grad:  # LoRA B starts at zero: give every factor a gradient
+            p.data.normal_(std=0.02)
+    base = model.get_base_model()
+    g = torch.Generator().manual_seed(1)
+    x = dict(
+        hidden_states=torch.randn(1, 16, 3, 16, 16, generator=g),  # 192 tokens: wider than the rank
+        timestep=torch.tensor([700.0]),
+        encoder_hidden_states=torch.randn(1, 7, 64, generator=g),
+    )
+    matmuls, saved, gradients = {}, {}, {}
+    for mode in ("none", "elementwise"):
+        graphs, gradients[mode] = _backward_graphs(base, mode, x)
+        nodes = [n for gm in graphs for n in gm.graph.nodes]
+        matmuls[mode] = sum(n.op == "call_function" and str(n.target) in MATMUL_OPS for n in nodes)
+        saved[mode] = sum(
+            n.meta["val"].nbytes
+            for n in nodes
+            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+        )
+    torch._dynamo.reset()
+    assert matmuls["elementwise"] == matmuls["none"] > 0
+    assert saved["elementwise"] < saved["none"]
+    assert all(_close(a, b, 1e-5) for a, b in zip(gradients["elementwise"], gradients["none"], strict=True))
 
 
 class _CountBlockSparseForwards(TorchDispatchMode):

@@ -132,6 +132,9 @@ def test_changes_after_swap_are_refused() -> None:
             model(*make_inputs())
 
 
+PACKAGES = {"int8-quanto": "optimum.quanto", "fp8-torchao": "torchao"}
+
+
 def test_swap_all_or_none_and_bad_counts() -> None:
     ref = make_model(depth=3)
     for n in (0, 3):
@@ -143,18 +146,23 @@ def test_swap_all_or_none_and_bad_counts() -> None:
         apply_block_swap(copy.deepcopy(ref), 4, "cpu", compute_device="cpu")
 
 
-@pytest.mark.parametrize("precision", ["int8-quanto", "fp8-torchao"])
+@pytest.mark.parametrize("precision", ["int8-quanto", "fp8-torchao", "fp8-matmuls-stored"])
 def test_quantised_blocks_swap_at_their_size(precision: str) -> None:
-    pytest.importorskip("optimum.quanto" if precision == "int8-quanto" else "torchao")
-    from longcat_train.quant import quantize_base
+    if precision in PACKAGES:
+        pytest.importorskip(PACKAGES[precision])
+    from longcat_train.quant import quantize_base, use_fp8_matmuls
 
     def quantised_model() -> torch.nn.Module:  # quanto tensors cannot be deep-copied: build twice
         torch.manual_seed(0)
         config = dataclasses.replace(DiTConfig.tiny(), depth=4)
         model = LongCatVideoTransformer(config).to(torch.bfloat16).requires_grad_(False)
-        quantize_base(model, precision)
+        if precision in PACKAGES:
+            quantize_base(model, precision)
         lora = LoraConfig(r=4, target_modules=LORA_TARGETS, init_lora_weights=False)
-        return inject_adapter_in_model(lora, model)
+        model = inject_adapter_in_model(lora, model)
+        if precision not in PACKAGES:  # float8 matmuls go under LoRA, their weights stored in float8
+            use_fp8_matmuls(model, store=True)
+        return model
 
     ref, model = quantised_model(), quantised_model()
     swap = apply_block_swap(model, 2, "cpu", compute_device="cpu")

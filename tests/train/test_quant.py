@@ -161,6 +161,59 @@ def test_fp8_matmul_linear_forward_and_input_gradient() -> None:
         Fp8MatmulLinear.replacing(torch.nn.Linear(64, 48))
 
 
+def test_fp8_matmul_linear_stored_weights_compute_the_same() -> None:
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    per_call, stored = Fp8MatmulLinear.replacing(linear), Fp8MatmulLinear.replacing(linear)
+    stored.store_fp8()
+    stored.store_fp8()  # once is enough: a second call changes nothing
+    assert stored.weight.dtype == torch.float8_e4m3fn and not stored.weight.requires_grad
+    assert stored.weight_scale.shape == (48, 1) and per_call.weight is linear.weight  # bf16 kept there
+    assert stored.weight.nbytes * 2 == linear.weight.nbytes
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    grads = []
+    for layer in (per_call, stored):
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.backward(torch.ones_like(out))
+        grads.append((out, xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_fp8_matmul_input_gradient_is_that_of_the_float8_forward() -> None:
+    # The backward multiplies by the weight the forward did (its float8 rows). A one-hot gradient row
+    # quantises exactly, so the input gradient is then that row of the float8 weight, dequantised.
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(256, 128, bias=False).requires_grad_(False)
+    fp8 = Fp8MatmulLinear.replacing(linear)
+    fp8.store_fp8()
+    dequantised = fp8.weight.float() * fp8.weight_scale
+    x = torch.randn(64, 256, requires_grad=True)
+    rows = torch.randint(0, 128, (64,))
+    fp8(x).backward(torch.nn.functional.one_hot(rows, 128).float())
+    assert rel_error(x.grad, dequantised[rows]) < 1e-6
+    assert rel_error(x.grad, linear.weight[rows]) > 0.01  # not the bf16 weight's
+
+
+def test_fp8_matmuls_store_weights_in_float8_under_lora() -> None:
+    per_call, stored = add_lora(make_model()), add_lora(make_model())
+    use_fp8_matmuls(per_call)
+    names = sorted(n for n, _ in stored.named_parameters())
+    weights = sum(p.nbytes for n, p in stored.named_parameters() if "lora_" not in n)
+    use_fp8_matmuls(stored, store=True)
+    assert sorted(n for n, _ in stored.named_parameters()) == names
+    linears = [m for m in stored.modules() if isinstance(m, Fp8MatmulLinear)]
+    assert len(linears) == 8 * 3 and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert sum(p.nbytes for n, p in stored.named_parameters() if "lora_" not in n) < 0.7 * weights
+    out, reference = run(stored), run(per_call)
+    assert torch.equal(out, reference)
+    out.float().square().mean().backward()
+    reference.float().square().mean().backward()
+    for (name, a), (_, b) in zip(stored.named_parameters(), per_call.named_parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.equal(a.grad, b.grad), name
+
+
 def test_fp8_matmuls_under_lora() -> None:
     model = make_model()
     reference = run(add_lora(make_model())).detach()
