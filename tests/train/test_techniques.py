@@ -141,7 +141,20 @@ def test_fp8_matmuls_under_lora_then_compile_then_ddp(calls: list[str]) -> None:
     assert calls == ["quantize_base", "apply_lora", "use_fp8_matmuls", "compile_blocks", "apply_ddp"]
     qkv = base.blocks[0].attn.qkv
     assert isinstance(qkv.base_layer, quant.Fp8MatmulLinear) and "default" in qkv.lora_A  # fp8 under LoRA
+    assert qkv.base_layer.stores_fp8  # the trainer keeps the float8 weights only
     assert base.gradient_checkpointing == "selective"
+
+
+def test_fsdp_keeps_the_float8_matmuls_weights_in_bf16(calls: list[str], monkeypatch) -> None:
+    """FSDP shards the bf16 weights; stored float8 ones would sit whole on every rank."""
+    monkeypatch.setattr(parallel, "apply_fsdp", lambda model, d, dtype: calls.append("apply_fsdp") or model)
+    cfg = TrainConfig(model="tiny", fp8_matmuls=True, fsdp=True, lora_rank=2)
+    cfg.validate()
+    base = tiny_dit().requires_grad_(False)
+    apply_techniques(base, cfg, Dist(world_size=2, device=CPU))
+    assert calls[-1] == "apply_fsdp"
+    linear = base.blocks[0].attn.qkv.base_layer
+    assert isinstance(linear, quant.Fp8MatmulLinear) and not linear.stores_fp8
 
 
 def test_single_process_trains_the_peft_model_itself(calls: list[str]) -> None:
