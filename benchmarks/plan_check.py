@@ -279,9 +279,14 @@ def within_targets(cells: list[dict[str, Any]]) -> bool:
 
 
 def repredict(paths: list[Path]) -> dict[str, Any]:
-    """The measured cells of earlier runs (their JSON) against the current model's predictions."""
+    """The measured cells of earlier runs (their JSON) against the current model's predictions.
+
+    A cell whose weights the code of its day stored otherwise than the current code would (its recorded
+    prediction of them differs by more than 5%: float8 matmuls kept bf16 weights before they were
+    stored in float8) measured a run that no longer exists: it is listed as superseded, not checked.
+    """
     _, shape, work, cal = model_terms(False)
-    cells = []
+    cells, superseded = [], []
     for path in paths:
         for cell in json.loads(path.read_text())["cells"]:
             if cell.get("status") != "ok":
@@ -291,6 +296,12 @@ def repredict(paths: list[Path]) -> dict[str, Any]:
             if not modes:
                 modes = tuple(m for m in mp.MODES for _ in range(cell["modes"].get(m, 0)))
             prediction = mp.predict(shape, work, mp.Flags(**{**cell["flags"], "checkpointing": modes}), cal)
+            then = cell.get("predicted_memory_gb", {}).get("weights")
+            now = prediction.memory["weights"] / mp.GB
+            if then is not None and abs(then / now - 1) > 0.05:
+                why = f"weights stored as {then:.1f} GB then, {now:.1f} GB now"
+                superseded.append({"from": path.name, "budget_gb": cell["budget_gb"], "why": why})
+                continue
             again = {
                 **{k: cell[k] for k in ("budget_gb", "attention", "modes", "measured_step_s") if k in cell},
                 "pattern": cell.get("pattern"),
@@ -304,6 +315,7 @@ def repredict(paths: list[Path]) -> dict[str, Any]:
         "repredicted": True,
         "targets": TARGETS,
         "cells": cells,
+        "superseded": superseded,
         "all_within_targets": within_targets(cells),
     }
 
