@@ -64,9 +64,9 @@ class KeepMatmuls:
     Under torch.compile it also keeps the sum LoRA adds to a linear's output (the first add after a
     narrower matmul: the up-projection), which is what backward reads (norms, RoPE, the SwiGLU). The
     partitioner saves only what backward reads, so the base output it no longer needs is dropped: the
-    same bytes, and no up-projection recomputed. Eagerly every kept output is stored, both would be,
-    so there the up-projection and its add are recomputed. One instance per checkpointed call (it
-    follows the ops in order).
+    same bytes, and no up-projection recomputed. Eagerly every kept output is stored, so keeping the sum
+    would keep both: there the up-projection and its add are recomputed instead. One instance per
+    checkpointed call (it follows the ops in order).
     """
 
     def __init__(self) -> None:
