@@ -247,11 +247,12 @@ def test_fp8_matmuls_refuse_a_gpu_without_float8_tensor_cores(monkeypatch) -> No
 
 
 @pytest.mark.gpu
-def test_gpu_fp8_matmuls() -> None:
+@pytest.mark.parametrize("store", [False, True], ids=["per_call", "stored"])
+def test_gpu_fp8_matmuls(store: bool) -> None:
     # torch._scaled_mm on CUDA is stricter than on the CPU (operand layouts, scale shapes, sm89+).
     reference = run(add_lora(make_model("cuda")), "cuda").detach()
     model = add_lora(make_model("cuda"))
-    use_fp8_matmuls(model)
+    use_fp8_matmuls(model, store=store)
     out = run(model, "cuda")
     assert 0 < rel_error(out, reference) < 0.05
     out.float().square().mean().backward()
