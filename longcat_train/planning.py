@@ -185,7 +185,7 @@ def detect_gpu(gpu_memory_gb: float | None, device: torch.device | None = None) 
     """The GPU the plan is for: ``gpu_memory_gb`` given (a Hopper-class card of that memory), else the CUDA
     ``device`` (default: the first); neither is a ConfigError naming the flag."""
     if gpu_memory_gb is not None:
-        return Gpu(f"a {gpu_memory_gb:g} GB GPU", gpu_memory_gb * GB)
+        return Gpu(f"a GPU with {gpu_memory_gb:g} GB", gpu_memory_gb * GB)
     if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         raise ConfigError(
             "no CUDA device to plan for: give its memory (--gpu-memory GB with --plan, a number with "

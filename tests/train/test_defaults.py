@@ -214,7 +214,7 @@ def test_auto_float8_says_why_it_is_off_under_full_checkpointing_or_a_tight_budg
     assert full.cfg.compile and not full.cfg.fp8_matmuls
     assert "no float8 matmuls with gradient_checkpointing = full" in full.line
     # 64 GB: compiled float8 under selective on every block (float8 weights, ~60 GB) does not fit
-    tight = resolve_auto(TrainConfig(), Gpu("a 64 GB GPU", 64 * mp.GB), steps=1000)
+    tight = resolve_auto(TrainConfig(), Gpu("a GPU with 64 GB", 64 * mp.GB), steps=1000)
     assert tight.cfg.compile and not tight.cfg.fp8_matmuls
     assert "which does not fit" in tight.line
 
@@ -256,7 +256,7 @@ def test_plan_prints_the_resolution_of_the_defaults_and_the_fastest_command(caps
     argv = ["--plan", "--gpu-memory", "141", "--shards", "/data/shards", "--output-dir", str(tmp_path / "o")]
     assert train_main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    expected = resolve_auto(parse_train_args(argv), Gpu("a 141 GB GPU", 141 * mp.GB), steps=1000)
+    expected = resolve_auto(parse_train_args(argv), Gpu("a GPU with 141 GB", 141 * mp.GB), steps=1000)
     assert lines[1].startswith("current flags: peak") and "(fits)" in lines[1]
     assert lines[2] == f"  {expected.line}" and lines[3] == f"  {expected.plan}"
     assert "--compile --fp8-matmuls --memory-budget auto" in lines[2]
