@@ -239,7 +239,7 @@ def test_gpu_activation_offload_same_gradients_less_memory() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["int8-quanto", "fp8-torchao"])
 def test_gpu_quantised_swap_with_activation_offload(precision: str) -> None:
-    pytest.importorskip("optimum.quanto" if precision == "int8-quanto" else "torchao")
+    pytest.importorskip(PACKAGES[precision])
     from longcat_train.quant import quantize_base
 
     def build() -> torch.nn.Module:
