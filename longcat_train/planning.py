@@ -244,13 +244,16 @@ def planned_checkpointing(
     )
 
 
+# Where a run's plan finds nothing that fits, what to do next; --plan itself answers it on the next line.
+PLAN_HINT = "; run longcat-train --plan with the same flags for settings that do"
+
+
 def _nothing_fits(cfg: TrainConfig, area: tuple[int, int] | None, gpu: Gpu | None, *, auto: bool) -> str:
     work = workload(cfg, area)
     budget = "the GPU's memory" if auto else f"memory_budget = {cfg.memory_budget}"
     return (
         f"{budget}: even full checkpointing on every block is predicted not to fit "
-        f"{budget_bytes(cfg, gpu) / GB:.0f} GB at {work.height}x{work.width}x{work.frames}; run "
-        "longcat-train --plan with the same flags for settings that do"
+        f"{budget_bytes(cfg, gpu) / GB:.0f} GB at {work.height}x{work.width}x{work.frames}{PLAN_HINT}"
     )
 
 
@@ -513,7 +516,8 @@ def plan_report(cfg: TrainConfig, argv: list[str]) -> list[str]:
     clip = f"{work.height}x{work.width}x{work.frames}, batch {work.batch}"
     lines = [f"plan for {gpu.name} ({budget / GB:.0f} GB budget), {clip}, LoRA rank {work.lora_rank}"]
     lines.append("current flags: " + _summary(mp.predict(shape, work, current, cal), budget, cal))
-    lines += [f"  {text}" for text in (resolved.line, resolved.plan, resolved.warning) if text]
+    warning = resolved.warning and resolved.warning.removesuffix(PLAN_HINT)
+    lines += [f"  {text}" for text in (resolved.line, resolved.plan, warning) if text]
     best = mp.fastest_plan(
         shape, work, current, budget, allowed=lambda f: allowed(cfg, f), cal=cal, options=options(gpu)
     )

@@ -387,3 +387,14 @@ def test_the_defaults_on_this_gpu_compile_and_use_float8_where_it_has_float8_ten
         assert resolved.cfg.fp8_matmuls == gpu.fp8
     if resolved.cfg.fp8_matmuls:
         check_fp8_matmuls(torch.device("cuda"))  # what apply_techniques runs: passes
+
+
+def test_plan_on_a_small_gpu_answers_instead_of_sending_back_to_the_plan(capsys, tmp_path):
+    """Where the defaults fit nothing, a run says to ask --plan; --plan itself gives the answer instead."""
+    argv = ["--plan", "--gpu-memory", "24", "--shards", "/d", "--output-dir", str(tmp_path / "o")]
+    assert train_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "predicted not to fit 24 GB" in out and "fastest that fits: " in out
+    assert "--plan" not in out
+    warning = resolve_auto(parse_train_args(argv), Gpu("a GPU with 24 GB", 24 * mp.GB), steps=1000).warning
+    assert warning and warning.endswith("run longcat-train --plan with the same flags for settings that do")
