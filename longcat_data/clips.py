@@ -37,6 +37,7 @@ from longcat_data.buckets import Bucket, InputTooSmall, choose_bucket, clip_star
 from longcat_data.captions import Captioner, CaptionError, CaptionSource, resolve_caption
 from longcat_data.interrupts import ignore_stop_signals
 from longcat_data.video import (
+    IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     VideoError,
     find_start_frame,
@@ -108,7 +109,13 @@ def assign_keys(sources: Iterable[str], done: dict[str, str]) -> tuple[list[dict
 
 
 def list_videos(videos_dir: Path, exclude: Path | None = None) -> list[str]:
-    """Relative paths of files with a video extension, sorted, through symlinked folders too.
+    """Relative paths of files with a video extension, sorted (:func:`list_media`)."""
+    return list_media(videos_dir, exclude)[0]
+
+
+def list_media(videos_dir: Path, exclude: Path | None = None) -> tuple[list[str], list[str]]:
+    """Relative paths of the files with a video extension and of those with an image extension, each
+    sorted, through symlinked folders too.
 
     Hidden files and folders (e.g. macOS ._ forks) are left out, and so is ``exclude`` (the output
     folder). A folder reached twice (a symlink loop, a link to a folder listed already) is listed once:
@@ -116,6 +123,7 @@ def list_videos(videos_dir: Path, exclude: Path | None = None) -> list[str]:
     A folder that cannot be read is left out with a warning naming it.
     """
     found: list[str] = []
+    images: list[str] = []
     seen: set[Path] = set()
     excluded = exclude.resolve() if exclude is not None else None
     folders: list[tuple[Path, PurePosixPath]] = [(videos_dir, PurePosixPath())]
@@ -154,12 +162,15 @@ def list_videos(videos_dir: Path, exclude: Path | None = None) -> list[str]:
                 (links if is_link else folders).append((Path(entry.path), relative / entry.name))
             elif Path(entry.name).suffix.lower() in VIDEO_EXTENSIONS:
                 found.append((relative / entry.name).as_posix())
-    return sorted(found)
+            elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                images.append((relative / entry.name).as_posix())
+    return sorted(found), sorted(images)
 
 
-def list_remote_videos(url: str, exclude: str | None = None) -> list[str]:
-    """``list_videos`` of a remote folder: relative paths of files with a video extension, sorted, hidden
-    files and folders and ``exclude`` (the output folder, when it is inside) left out."""
+def list_remote_media(url: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
+    """``list_media`` of a remote folder: relative paths of the files with a video extension and of those
+    with an image extension, sorted, hidden files and folders and ``exclude`` (the output folder, when it
+    is inside) left out."""
     try:
         files = storage.list_files(url)
     except FileNotFoundError:
@@ -169,13 +180,17 @@ def list_remote_videos(url: str, exclude: str | None = None) -> list[str]:
     inside = exclude.rstrip("/") + "/" if exclude else None
     base = url.rstrip("/") + "/"
     skip = inside[len(base) :] if inside is not None and inside.startswith(base) else None
-    return [
+    kept = [
         name
         for name in files
-        if PurePosixPath(name).suffix.lower() in VIDEO_EXTENSIONS
-        and not any(part.startswith(".") for part in PurePosixPath(name).parts)
+        if not any(part.startswith(".") for part in PurePosixPath(name).parts)
         and not (skip and name.startswith(skip))
     ]
+    suffixes = [PurePosixPath(name).suffix.lower() for name in kept]
+    return (
+        [name for name, suffix in zip(kept, suffixes, strict=True) if suffix in VIDEO_EXTENSIONS],
+        [name for name, suffix in zip(kept, suffixes, strict=True) if suffix in IMAGE_EXTENSIONS],
+    )
 
 
 # ---------------------------------------------------------------- per-input stages (worker processes)

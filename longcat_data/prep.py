@@ -516,7 +516,7 @@ def _run_shard(
     except OSError as err:  # a store that cannot be reached, credentials refused
         raise OutputError(storage.describe_error(err, str(out_dir))) from err
 
-    sources = list_inputs(cfg)
+    sources = list_inputs(cfg, report=rank == 0)
     mapping = caption_mapping(mapping_file, sources, videos_dir, rank == 0, staging) if mapping_file else None
     prior = {key: src for s in read_states(out_dir) for r in s.shards for key, src in r.inputs.items()}
     all_inputs, duplicates = assign_keys(sources, prior)

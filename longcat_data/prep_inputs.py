@@ -18,7 +18,7 @@ from pathlib import Path
 
 from longcat_data import storage
 from longcat_data.captions import CaptionError, load_caption_mapping, match_captions
-from longcat_data.clips import ClipSpec, list_remote_videos, list_videos
+from longcat_data.clips import ClipSpec, list_media, list_remote_media
 from longcat_data.config import PrepConfig
 from longcat_data.files import OutputError
 
@@ -72,15 +72,26 @@ def remote_inputs(cfg: PrepConfig, spec: ClipSpec, staging: Path, stream: str) -
     return spec
 
 
-def list_inputs(cfg: PrepConfig) -> list[str]:
+def list_inputs(cfg: PrepConfig, report: bool = True) -> list[str]:
     """The videos of ``cfg.videos_dir`` (local or remote), the output folder left out; ``check_paths``
-    first."""
+    first. Images among them are left out with one warning (``report``: by rank 0)."""
     if storage.is_remote(cfg.videos_dir):
-        return list_remote_videos(
-            cfg.videos_dir, exclude=cfg.out_dir if storage.is_remote(cfg.out_dir) else None
+        out = cfg.out_dir if storage.is_remote(cfg.out_dir) else None
+        videos, images = list_remote_media(cfg.videos_dir, exclude=out)
+    else:
+        local_out = None if storage.is_remote(cfg.out_dir) else storage.local_path(cfg.out_dir)
+        videos, images = list_media(storage.local_path(cfg.videos_dir), exclude=local_out)
+    if images and report:
+        examples = ", ".join(images[:3]) + (", ..." if len(images) > 3 else "")
+        log.warning(
+            "%s: left out %d image%s (%s): clips are made from videos only; turn a still into a short "
+            "video to train on it, or give start frames with --conditioning-dir",
+            cfg.videos_dir,
+            len(images),
+            "" if len(images) == 1 else "s",
+            examples,
         )
-    out = None if storage.is_remote(cfg.out_dir) else storage.local_path(cfg.out_dir)
-    return list_videos(storage.local_path(cfg.videos_dir), exclude=out)
+    return videos
 
 
 def caption_mapping(

@@ -147,6 +147,21 @@ def test_symlinked_folders_are_followed_once_and_loops_not_at_all(tmp_path: Path
     )
 
 
+def test_images_are_listed_apart_from_videos_locally_and_in_a_store(tmp_path: Path) -> None:
+    import fsspec
+
+    names = ("a.mp4", "b.PNG", ".hidden/c.mp4", "out/d.mp4", "sub/e.webp", "sub/f.jpeg", "t.txt")
+    memory = fsspec.filesystem("memory")
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+        memory.pipe(f"/listing/{name}", b"")
+    expected = (["a.mp4"], ["b.PNG", "sub/e.webp", "sub/f.jpeg"])
+    assert clips.list_media(tmp_path, exclude=tmp_path / "out") == expected
+    assert clips.list_remote_media("memory://listing", exclude="memory://listing/out") == expected
+    assert clips.list_videos(tmp_path, exclude=tmp_path / "out") == ["a.mp4"]
+
+
 def test_an_unreadable_subfolder_is_reported_not_skipped_silently(
     tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from longcat_data import cli
 from longcat_data.config import PrepConfig
@@ -82,6 +83,26 @@ def test_a_folder_without_videos_fails(tmp_path, capsys):
     (tmp_path / "empty" / "notes.txt").write_text("not a video")
     assert cli.main(["shard", str(tmp_path / "empty"), str(tmp_path / "out"), *TINY]) == 2
     assert f"{tmp_path / 'empty'}: no videos to prep" in capsys.readouterr().err
+
+
+def test_images_in_the_videos_folder_are_named_once_and_left_out(two_videos, tmp_path, capsys, caplog):
+    videos = tmp_path / "videos"
+    shutil.copytree(two_videos, videos)
+    (videos / "stills").mkdir()
+    for name in ("b.png", "a.JPG", ".hidden.png"):
+        Image.new("RGB", (64, 64)).save(videos / "stills" / name, format="PNG")
+    assert cli.main(["shard", str(videos), str(tmp_path / "out"), *TINY]) == 0
+    assert "written 2 clips from 2 videos" in capsys.readouterr().out
+    [warning] = [r.getMessage() for r in caplog.records if "image" in r.getMessage()]
+    assert (
+        f"{videos}: left out 2 images (stills/a.JPG, stills/b.png): clips are made from videos only"
+        in warning
+    )
+    # Only images: the run fails, and the line before its error says where the images went.
+    caplog.clear()
+    assert cli.main(["shard", str(videos / "stills"), str(tmp_path / "out2"), *TINY]) == 2
+    assert "no videos to prep" in capsys.readouterr().err
+    assert any("left out 2 images" in r.getMessage() for r in caplog.records)
 
 
 def test_a_rank_whose_slice_is_empty_is_no_failure(two_videos, tmp_path, capsys):
