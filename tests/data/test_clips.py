@@ -162,6 +162,20 @@ def test_images_are_listed_apart_from_videos_locally_and_in_a_store(tmp_path: Pa
     assert clips.list_videos(tmp_path, exclude=tmp_path / "out") == ["a.mp4"]
 
 
+def test_only_images_outside_the_start_frame_folder_are_reported(caplog) -> None:
+    import fsspec
+
+    from longcat_data.config import PrepConfig
+    from longcat_data.prep_inputs import list_inputs
+
+    memory = fsspec.filesystem("memory")
+    for name in ("v.mp4", "frames/v.png", "stray.jpg"):
+        memory.pipe(f"/reported/{name}", b"")
+    cfg = PrepConfig("memory://reported", "memory://out", conditioning_dir="memory://reported/frames")
+    assert list_inputs(cfg) == ["v.mp4"]
+    assert "left out 1 image (stray.jpg)" in caplog.text and "frames/v.png" not in caplog.text
+
+
 def test_an_unreadable_subfolder_is_reported_not_skipped_silently(
     tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -98,6 +98,16 @@ def test_images_in_the_videos_folder_are_named_once_and_left_out(two_videos, tmp
         f"{videos}: left out 2 images (stills/a.JPG, stills/b.png): clips are made from videos only"
         in warning
     )
+    # Start frames kept beside the videos (--conditioning-dir the same folder) are no stray images.
+    beside = tmp_path / "beside"
+    shutil.copytree(two_videos, beside)
+    for name in ("beach_waves", "spinning_top"):
+        Image.new("RGB", (64, 64)).save(beside / f"{name}.png")
+    caplog.clear()
+    out3 = str(tmp_path / "out3")
+    assert cli.main(["shard", str(beside), out3, *TINY, "--conditioning-dir", str(beside)]) == 0
+    assert "written 2 clips from 2 videos" in capsys.readouterr().out
+    assert not any("left out" in r.getMessage() for r in caplog.records)
     # Only images: the run fails, and the line before its error says where the images went.
     caplog.clear()
     assert cli.main(["shard", str(videos / "stills"), str(tmp_path / "out2"), *TINY]) == 2
