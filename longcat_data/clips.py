@@ -123,7 +123,6 @@ def list_media(videos_dir: Path, exclude: Path | None = None) -> tuple[list[str]
     A folder that cannot be read is left out with a warning naming it.
     """
     found: list[str] = []
-    images: list[str] = []
     seen: set[Path] = set()
     excluded = exclude.resolve() if exclude is not None else None
     folders: list[tuple[Path, PurePosixPath]] = [(videos_dir, PurePosixPath())]
@@ -160,11 +159,22 @@ def list_media(videos_dir: Path, exclude: Path | None = None) -> tuple[list[str]
                 continue
             if is_dir:
                 (links if is_link else folders).append((Path(entry.path), relative / entry.name))
-            elif Path(entry.name).suffix.lower() in VIDEO_EXTENSIONS:
+            else:
                 found.append((relative / entry.name).as_posix())
-            elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-                images.append((relative / entry.name).as_posix())
-    return sorted(found), sorted(images)
+    return split_media(found)
+
+
+def split_media(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``names`` with a video extension and those with an image extension, each sorted; others dropped."""
+    videos: list[str] = []
+    images: list[str] = []
+    for name in sorted(names):
+        suffix = PurePosixPath(name).suffix.lower()
+        if suffix in VIDEO_EXTENSIONS:
+            videos.append(name)
+        elif suffix in IMAGE_EXTENSIONS:
+            images.append(name)
+    return videos, images
 
 
 def list_remote_media(url: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
@@ -180,16 +190,11 @@ def list_remote_media(url: str, exclude: str | None = None) -> tuple[list[str], 
     inside = exclude.rstrip("/") + "/" if exclude else None
     base = url.rstrip("/") + "/"
     skip = inside[len(base) :] if inside is not None and inside.startswith(base) else None
-    kept = [
+    return split_media(
         name
         for name in files
         if not any(part.startswith(".") for part in PurePosixPath(name).parts)
         and not (skip and name.startswith(skip))
-    ]
-    suffixes = [PurePosixPath(name).suffix.lower() for name in kept]
-    return (
-        [name for name, suffix in zip(kept, suffixes, strict=True) if suffix in VIDEO_EXTENSIONS],
-        [name for name, suffix in zip(kept, suffixes, strict=True) if suffix in IMAGE_EXTENSIONS],
     )
 
 

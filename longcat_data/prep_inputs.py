@@ -82,7 +82,7 @@ def list_inputs(cfg: PrepConfig, report: bool = True) -> list[str]:
         local_out = None if storage.is_remote(cfg.out_dir) else storage.local_path(cfg.out_dir)
         videos, images = list_media(storage.local_path(cfg.videos_dir), exclude=local_out)
     if cfg.conditioning_dir is not None:  # start frames kept beside or among the videos are no stray images
-        images = [name for name in images if not _inside(cfg.videos_dir, name, cfg.conditioning_dir)]
+        images = _outside(images, cfg.videos_dir, cfg.conditioning_dir)
     if images and report:
         examples = ", ".join(images[:3]) + (", ..." if len(images) > 3 else "")
         log.warning(
@@ -96,12 +96,13 @@ def list_inputs(cfg: PrepConfig, report: bool = True) -> list[str]:
     return videos
 
 
-def _inside(videos_dir: str, name: str, folder: str) -> bool:
-    """Whether the listed file ``name`` of ``videos_dir`` lies in ``folder`` (both local, or both URLs)."""
+def _outside(names: list[str], videos_dir: str, folder: str) -> list[str]:
+    """The listed files ``names`` of ``videos_dir`` that do not lie in ``folder`` (a store's URL or local)."""
     if storage.is_remote(videos_dir) or storage.is_remote(folder):
-        return f"{videos_dir.rstrip('/')}/{name}".startswith(folder.rstrip("/") + "/")
-    path = (storage.local_path(videos_dir) / name).resolve()
-    return path.is_relative_to(storage.local_path(folder).resolve())
+        inside = folder.rstrip("/") + "/"
+        return [name for name in names if not f"{videos_dir.rstrip('/')}/{name}".startswith(inside)]
+    root, within = storage.local_path(videos_dir), storage.local_path(folder).resolve()
+    return [name for name in names if not (root / name).resolve().is_relative_to(within)]
 
 
 def caption_mapping(
